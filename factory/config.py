@@ -1,0 +1,320 @@
+"""Typed configuration: YAML in, validated pydantic models out.
+
+Every section is a strict model: an unknown key, a wrong type or a missing required
+field is an error that names the key path. `--set a.b=c` overrides are applied to the
+raw mapping before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- storage -------------------------------------------------------------------------
+
+
+class StorageConfig(Section):
+    root: str = "./factory-data"
+    endpoint_url: str | None = None
+    region: str | None = None
+    multipart_threshold_mb: int = Field(64, ge=5)
+    multipart_chunk_mb: int = Field(16, ge=5)
+    max_attempts: int = Field(8, ge=1, description="botocore retry budget per S3 call")
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+
+
+# --- stages --------------------------------------------------------------------------
+
+
+class ActorPool(Section):
+    """How a model stage is spread over the cluster (Ray Data actor pool)."""
+
+    concurrency: int = Field(1, ge=1, description="number of actors")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a card")
+    num_cpus: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, ge=1, description="candidates per model forward pass")
+
+
+class ReferenceSource(Section):
+    kind: Literal["folder", "s3", "webdataset", "generated"]
+    path: str | None = None
+    subject: str | None = Field(None, description="subject class, e.g. 'dog' or 'person'")
+    domain: Literal["human", "object"] = "object"
+    prompts: list[str] = Field(default_factory=list, description="class prompts for kind=generated")
+    per_prompt: int = Field(1, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _needs_input(self) -> "ReferenceSource":
+        if self.kind == "generated" and not self.prompts:
+            raise ValueError("a 'generated' source needs a non-empty 'prompts' list")
+        if self.kind != "generated" and not self.path:
+            raise ValueError(f"a '{self.kind}' source needs 'path'")
+        return self
+
+
+class ReferencesConfig(ActorPool):
+    set: str = "demo"
+    sources: list[ReferenceSource] = Field(default_factory=list)
+    max_pixels: int = Field(40_000_000, ge=1, description="refuse larger images before decoding")
+    min_side: int = Field(32, ge=1)
+    store_size: int = Field(512, ge=8, description="longest side of the stored reference")
+    sd_model: str | None = Field(None, description="Stable Diffusion pipeline for generated references")
+    sd_steps: int = Field(30, ge=1)
+    sd_size: int = Field(512, ge=8)
+
+
+class PlanConfig(Section):
+    instructions: str | None = Field(None, description="instruction bank YAML; default: the shipped bank")
+    jobs_per_reference: int | None = Field(4, ge=1)
+    total_jobs: int | None = Field(None, ge=1)
+    unit_size: int = Field(16, ge=1, description="jobs per work unit")
+    generator: str = "profusion"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_count(self) -> "PlanConfig":
+        if self.total_jobs is not None:
+            self.__dict__["jobs_per_reference"] = None
+        if self.jobs_per_reference is None and self.total_jobs is None:
+            raise ValueError("set either 'jobs_per_reference' or 'total_jobs'")
+        return self
+
+
+class GeneratorSpec(Section):
+    """A named generator: `kind` picks the implementation, the rest is its settings."""
+
+    kind: Literal["profusion", "cafe", "ip_adapter"]
+    model: str = Field(..., description="base pipeline path or hub id")
+    checkpoint: str | None = Field(None, description="extra weights (PromptNet, trained G)")
+    image_size: int = Field(512, ge=8)
+    steps: int = Field(50, ge=1)
+    guidance_scale: float = 7.5
+    options: dict[str, Any] = Field(default_factory=dict, description="implementation-specific")
+
+
+class GenerateConfig(ActorPool):
+    generators: dict[str, GeneratorSpec] = Field(default_factory=dict)
+    jpeg_quality: int = Field(95, ge=50, le=100)
+
+
+FILTER_THRESHOLDS = {"clip_t": 0.3, "dino": 0.6}  # the paper's filter (section 3.2)
+
+
+class FilterConfig(ActorPool):
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str | None = Field(
+        "openai", description="open_clip pretrained tag or checkpoint path; null: random weights (benchmarks)"
+    )
+    clip_model_config: str | None = Field(
+        None, description="open_clip model config JSON (file or folder) to register, for a model not built in"
+    )
+    clip_quick_gelu: bool | None = Field(
+        None, description="null: follow the pretrained tag (OpenAI weights need QuickGELU); true for a local OpenAI checkpoint"
+    )
+    dino_model: str = "facebook/dino-vits16"
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: dict(FILTER_THRESHOLDS), description="rule -> minimum score (>=); unset rules keep the default"
+    )
+    max_pixels: int = Field(40_000_000, ge=1)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    @model_validator(mode="after")
+    def _known_rules(self) -> "FilterConfig":
+        unknown = set(self.thresholds) - set(FILTER_THRESHOLDS)
+        if unknown:
+            raise ValueError(f"unknown threshold rule(s) {sorted(unknown)}; rules are {sorted(FILTER_THRESHOLDS)}")
+        self.__dict__["thresholds"] = {**FILTER_THRESHOLDS, **self.thresholds}
+        return self
+
+
+class DialogueConfig(ActorPool):
+    """The chat LLM that drafts (user, assistant) text for accepted candidates (paper 3.2).
+
+    Defaults are the paper's setup: Llama-2-70B-chat on vLLM, tensor-parallel over 4 GPUs of
+    one node (one actor holds the whole TP group, so `num_gpus >= tensor_parallel_size`).
+    """
+
+    engine: Literal["transformers", "vllm", "openai"] = "vllm"
+    model: str = Field("meta-llama/Llama-2-70b-chat-hf", description="hub id or local path (served model name for openai)")
+    prompt_file: str | None = Field(None, description="prompt YAML (system, user, styles); default: stages/dialogue_prompt.yaml")
+    styles: dict[str, float] = Field(
+        default_factory=lambda: {"command": 0.4, "question": 0.3, "ambiguous": 0.3},
+        description="share of each user-text style; each needs a description in the prompt file",
+    )
+    max_attempts: int = Field(3, ge=1, description="tries per sample, each with a new seed")
+    constrained: bool = Field(True, description="JSON-schema constrained decoding")
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(512, ge=8)
+    seed: int = 0
+    min_user_chars: int = Field(3, ge=2)
+    max_user_chars: int = Field(400, ge=2)
+    min_assistant_chars: int = Field(10, ge=2)
+    max_assistant_chars: int = Field(1200, ge=2)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    num_gpus: float = Field(4.0, ge=0, description="GPUs per actor; for vllm the whole TP group")
+    batch_size: int = Field(64, ge=1, description="prompts per engine call")
+    # vllm
+    tensor_parallel_size: int = Field(4, ge=1)
+    max_model_len: int | None = Field(None, ge=64, description="vllm context length; default: the model's")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    # openai (any OpenAI-compatible /v1/chat/completions server, e.g. `vllm serve`)
+    endpoint_url: str | None = Field(None, description="base URL, e.g. http://llm:8000/v1")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="env var holding the API key (never the key itself)")
+    request_timeout_s: float = Field(120.0, gt=0)
+    max_concurrency: int = Field(16, ge=1, description="requests in flight per actor")
+    max_retries: int = Field(4, ge=0, description="retries on 429, 5xx, timeouts and connection errors")
+    retry_backoff_s: float = Field(1.0, ge=0, description="first backoff; doubles per retry")
+    structured_output: Literal["response_format", "structured_outputs", "guided_json", "none"] = Field(
+        "response_format", description="request field that carries the JSON schema"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DialogueConfig":
+        if not self.styles or any(share < 0 for share in self.styles.values()) or sum(self.styles.values()) <= 0:
+            raise ValueError("'styles' needs non-negative shares with a positive sum")
+        if self.min_user_chars > self.max_user_chars or self.min_assistant_chars > self.max_assistant_chars:
+            raise ValueError("a min_*_chars bound is above its max_*_chars")
+        if self.engine == "openai" and not self.endpoint_url:
+            raise ValueError("engine 'openai' needs 'endpoint_url'")
+        if self.engine == "vllm" and self.num_gpus < self.tensor_parallel_size:
+            raise ValueError("engine 'vllm' needs num_gpus >= tensor_parallel_size (one actor holds the TP group)")
+        return self
+
+
+class PublishConfig(Section):
+    version: str | None = Field(None, description="version name; default: the run id")
+    shard_max_bytes: int = Field(256 * 2**20, ge=1024)
+    shard_max_samples: int = Field(10_000, ge=1)
+
+
+class TrainConfig(Section):
+    version: str | None = Field(None, description="dataset version to train on; default: latest")
+    model: Literal["generator", "assistant"] = "generator"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SidConfig(Section):
+    rounds: int = Field(1, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalConfig(Section):
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="cluster address; default: $RAY_ADDRESS or local")
+    num_cpus: int | None = Field(None, ge=1, description="for a local cluster only")
+
+
+class FactoryConfig(Section):
+    dataset: str = Field("demo", pattern=r"^[A-Za-z0-9_-]+$")
+    run_id: str = Field("demo", pattern=r"^[A-Za-z0-9_-]+$")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    references: ReferencesConfig = Field(default_factory=ReferencesConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    dialogue: DialogueConfig = Field(default_factory=DialogueConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sid: SidConfig = Field(default_factory=SidConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The resolved config as plain JSON data (what goes into manifests)."""
+        return self.model_dump(mode="json")
+
+    def sha256(self) -> str:
+        return config_sha256(self.snapshot())
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def config_sha256(snapshot: dict[str, Any]) -> str:
+    canonical = json.dumps(snapshot, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("factory") / "demo" / "demo.yaml"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FactoryConfig:
+    """Load a YAML config (the embedded demo when `path` is None) and apply `k=v` overrides."""
+    source = Path(path) if path else demo_config_path()
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {source}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {source} must hold a mapping at the top level")
+    for override in overrides or []:
+        apply_override(raw, override)
+    return validate_config(raw, origin=str(source))
+
+
+def validate_config(raw: dict[str, Any], origin: str = "config") -> FactoryConfig:
+    try:
+        return FactoryConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"invalid {origin}:\n" + describe_errors(err)) from None
+
+
+def describe_errors(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif problem["type"] == "missing":
+            message = "required field is missing"
+        else:
+            message = problem["msg"]
+            if "input" in problem and problem["type"] not in ("value_error",):
+                message += f" (got {problem['input']!r})"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (`1`, `true`, `[a, b]`)."""
+    if "=" not in override:
+        raise ConfigError(f"--set expects key=value, got {override!r}")
+    dotted, value_text = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set has an empty key segment in {dotted!r}")
+    try:
+        value = yaml.safe_load(value_text) if value_text else ""
+    except yaml.YAMLError:
+        value = value_text
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value

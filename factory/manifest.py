@@ -1,0 +1,303 @@
+"""Dataset versions: publish (shards, index, manifest last), load, list, union, verify.
+
+A version exists iff its `manifest.json` does. The manifest is written create-only, so a
+published version is never overwritten and of two concurrent publishers exactly one wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+import factory
+from factory.shards import Sample, ShardInfo, read_shard_bytes, write_shards
+from factory.storage import AlreadyExists, Storage, StorageError
+
+SCHEMA = "factory.manifest/1"
+KINDS = ("bootstrap", "sid", "union", "rethreshold")
+INDEX_COLUMNS = ("key", "shard", "reference_id", "subject", "domain", "instruction", "round", "alpha", "clip_t", "dino")
+
+
+class VersionError(RuntimeError):
+    """A version is missing, exists already, or does not verify."""
+
+
+def version_dir(dataset: str, version: str) -> str:
+    return f"datasets/{dataset}/{version}"
+
+
+def manifest_key(dataset: str, version: str) -> str:
+    return f"{version_dir(dataset, version)}/manifest.json"
+
+
+def shard_key(manifest: dict[str, Any], shard_path: str) -> str:
+    """Storage key of a shard listed in a manifest (paths are version- or root-relative)."""
+    if shard_path.startswith("datasets/"):
+        return shard_path
+    return f"{version_dir(manifest['dataset'], manifest['version'])}/{shard_path}"
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(factory.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{factory.__version__}+{sha}" if sha else factory.__version__
+
+
+def load_manifest(storage: Storage, dataset: str, version: str) -> dict[str, Any]:
+    key = manifest_key(dataset, version)
+    try:
+        return json.loads(storage.read_bytes(key))
+    except StorageError:
+        raise VersionError(f"version {dataset}/{version} does not exist (no {storage.url(key)})") from None
+
+
+def version_exists(storage: Storage, dataset: str, version: str) -> bool:
+    return storage.exists(manifest_key(dataset, version))
+
+
+def list_versions(storage: Storage, dataset: str) -> list[dict[str, Any]]:
+    manifests = []
+    for key in storage.list(f"datasets/{dataset}"):
+        parts = key.split("/")
+        if len(parts) == 4 and parts[3] == "manifest.json":
+            manifests.append(json.loads(storage.read_bytes(key)))
+    return sorted(manifests, key=lambda m: (m["created"], m["version"]))
+
+
+def latest_version(storage: Storage, dataset: str, kinds: Iterable[str] = KINDS) -> str | None:
+    wanted = [m for m in list_versions(storage, dataset) if m["kind"] in tuple(kinds)]
+    return wanted[-1]["version"] if wanted else None
+
+
+def score_stats(values: Iterable[float]) -> dict[str, float]:
+    array = np.asarray([v for v in values if v is not None and not np.isnan(v)], dtype=float)
+    if array.size == 0:
+        return {}
+    quantiles = np.quantile(array, [0.1, 0.5, 0.9])
+    return {
+        "mean": round(float(array.mean()), 6),
+        "min": round(float(array.min()), 6),
+        "p10": round(float(quantiles[0]), 6),
+        "p50": round(float(quantiles[1]), 6),
+        "p90": round(float(quantiles[2]), 6),
+        "max": round(float(array.max()), 6),
+    }
+
+
+def index_row(sample: Sample, shard_path: str) -> dict[str, Any]:
+    meta = sample.meta
+    scores = meta.get("scores", {})
+    return {
+        "key": sample.key,
+        "shard": shard_path,
+        "reference_id": meta.get("reference_id"),
+        "subject": meta.get("subject"),
+        "domain": meta.get("domain"),
+        "instruction": meta.get("instruction"),
+        "round": meta.get("round"),
+        "alpha": meta.get("generator", {}).get("alpha"),
+        "clip_t": scores.get("clip_t"),
+        "dino": scores.get("dino"),
+    }
+
+
+def index_table(rows: list[dict[str, Any]]) -> pa.Table:
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("shard", pa.string()),
+            ("reference_id", pa.string()),
+            ("subject", pa.string()),
+            ("domain", pa.string()),
+            ("instruction", pa.string()),
+            ("round", pa.int64()),
+            ("alpha", pa.float64()),
+            ("clip_t", pa.float64()),
+            ("dino", pa.float64()),
+        ]
+    )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+@dataclass
+class VersionSpec:
+    """Everything a manifest says besides the shards."""
+
+    dataset: str
+    version: str
+    kind: str
+    parents: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    config_sha256: str = ""
+    models: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    funnel: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+
+
+def _claim(storage: Storage, spec: VersionSpec) -> None:
+    """Take the version's publish lock, or fail clearly if another publisher holds it.
+
+    The lock names its owner (the config hash): the same run resuming after a crash takes
+    its own lock back; a different run is refused, so no version is ever mixed.
+    """
+    if version_exists(storage, spec.dataset, spec.version):
+        raise VersionError(f"version {spec.dataset}/{spec.version} already exists; publishing never overwrites")
+    lock = f"{version_dir(spec.dataset, spec.version)}/_publishing.json"
+    owner = json.dumps({"config_sha256": spec.config_sha256, "kind": spec.kind}, sort_keys=True).encode()
+    try:
+        storage.write_bytes(lock, owner, create_only=True)
+    except AlreadyExists:
+        if storage.read_bytes(lock) != owner:
+            raise VersionError(
+                f"version {spec.dataset}/{spec.version} is being published by another run "
+                f"(lock {storage.url(lock)}); choose another version name, or delete the lock if that run is dead"
+            ) from None
+
+
+def _manifest(spec: VersionSpec, shards: list[dict[str, Any]], index: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "dataset": spec.dataset,
+        "version": spec.version,
+        "kind": spec.kind,
+        "parents": list(spec.parents),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+        "config": spec.config,
+        "config_sha256": spec.config_sha256,
+        "models": spec.models,
+        "thresholds": spec.thresholds,
+        "funnel": spec.funnel,
+        "cost": spec.cost,
+        "shards": shards,
+        "samples": len(index),
+        "score_stats": {name: score_stats(row[name] for row in index) for name in ("clip_t", "dino")},
+        **spec.extra,
+    }
+
+
+def _commit(storage: Storage, spec: VersionSpec, shards: list[dict[str, Any]], index: list[dict[str, Any]]) -> dict[str, Any]:
+    folder = version_dir(spec.dataset, spec.version)
+    storage.write_parquet(f"{folder}/index.parquet", index_table(index))
+    manifest = _manifest(spec, shards, index)
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+    try:
+        storage.write_bytes(manifest_key(spec.dataset, spec.version), body, create_only=True)
+    except AlreadyExists:
+        raise VersionError(f"version {spec.dataset}/{spec.version} was published by another run first") from None
+    storage.delete(f"{folder}/_publishing.json")
+    return manifest
+
+
+def publish_version(
+    storage: Storage,
+    spec: VersionSpec,
+    samples: list[Sample],
+    shard_max_bytes: int = 256 * 2**20,
+    shard_max_samples: int = 10_000,
+) -> dict[str, Any]:
+    """Write a version from samples: shards in key order (first of a key wins), index, manifest."""
+    _claim(storage, spec)
+    unique: dict[str, Sample] = {}
+    for sample in samples:
+        unique.setdefault(sample.key, sample)
+    ordered = [unique[key] for key in sorted(unique)]
+    folder = version_dir(spec.dataset, spec.version)
+    infos = write_shards(storage, folder, spec.version, ordered, shard_max_bytes, shard_max_samples)
+    by_key = {s.key: s for s in ordered}
+    index = [index_row(by_key[key], info.path) for info in infos for key in info.keys]
+    return _commit(storage, spec, [_shard_entry(info) for info in infos], index)
+
+
+def _shard_entry(info: ShardInfo) -> dict[str, Any]:
+    return {"path": info.path, "samples": info.samples, "bytes": info.bytes, "sha256": info.sha256}
+
+
+def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:
+    """A version whose shards are its parents' shards, listed by root-relative path; nothing is copied."""
+    if len(spec.parents) < 1:
+        raise VersionError("a union needs at least one parent version")
+    _claim(storage, spec)
+    shards, index, funnel_totals = [], [], {}
+    for parent in spec.parents:
+        manifest = load_manifest(storage, spec.dataset, parent)
+        for shard in manifest["shards"]:
+            shards.append({**shard, "path": shard_key(manifest, shard["path"])})
+        parent_index = storage.read_parquet(f"{version_dir(spec.dataset, parent)}/index.parquet").to_pylist()
+        for row in parent_index:
+            row["shard"] = shard_key(manifest, row["shard"])
+        index.extend(parent_index)
+        funnel_totals[parent] = manifest["samples"]
+    duplicates = len(index) - len({row["key"] for row in index})
+    if duplicates:
+        raise VersionError(f"parents {spec.parents} share {duplicates} sample keys; a union must not repeat a sample")
+    spec.funnel = spec.funnel or {"written": len(index), "from_parents": funnel_totals}
+    return _commit(storage, spec, shards, index)
+
+
+def verify_version(storage: Storage, dataset: str, version: str) -> list[str]:
+    """Re-read every shard; return the problems found (empty when the version is sound)."""
+    manifest = load_manifest(storage, dataset, version)
+    problems: list[str] = []
+    seen: dict[str, str] = {}
+    for shard in manifest["shards"]:
+        key = shard_key(manifest, shard["path"])
+        problems.extend(_verify_shard(storage, key, shard, seen))
+    try:
+        index = storage.read_parquet(f"{version_dir(dataset, version)}/index.parquet").to_pylist()
+    except Exception as err:  # a missing or unreadable index is a finding, not a crash
+        return problems + [f"index.parquet unreadable: {type(err).__name__}: {err}"]
+    for row in index:
+        if row["key"] not in seen:
+            problems.append(f"index row {row['key']} is in no shard")
+    if len(index) != manifest["samples"]:
+        problems.append(f"index has {len(index)} rows, manifest says {manifest['samples']} samples")
+    extra = set(seen) - {row["key"] for row in index}
+    if extra:
+        problems.append(f"{len(extra)} shard samples have no index row (e.g. {sorted(extra)[0]})")
+    return problems
+
+
+def _verify_shard(storage: Storage, key: str, shard: dict[str, Any], seen: dict[str, str]) -> list[str]:
+    try:
+        data = storage.read_bytes(key)
+    except StorageError:
+        return [f"shard {shard['path']}: missing"]
+    problems = []
+    if len(data) != shard["bytes"]:
+        problems.append(f"shard {shard['path']}: {len(data)} bytes, manifest says {shard['bytes']}")
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        problems.append(f"shard {shard['path']}: sha256 mismatch")
+    try:
+        keys = [sample.key for sample in read_shard_bytes(data)]
+    except Exception as err:
+        return problems + [f"shard {shard['path']}: unreadable ({type(err).__name__}: {err})"]
+    if len(keys) != shard["samples"]:
+        problems.append(f"shard {shard['path']}: {len(keys)} samples, manifest says {shard['samples']}")
+    for sample_key in keys:
+        if sample_key in seen:
+            problems.append(f"shard {shard['path']}: key {sample_key} repeats (also in {seen[sample_key]})")
+        seen[sample_key] = shard["path"]
+    return problems

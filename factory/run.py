@@ -1,0 +1,144 @@
+"""`python -m factory.run --stage NAME [--config FILE] [--set key=value ...]`.
+
+With no --config the embedded demo runs on this machine. The process joins the Ray
+cluster named by $RAY_ADDRESS (as under `ray job submit`) or starts a local one; its
+exit code is the job's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from importlib import import_module
+from typing import Any, Callable
+
+from factory.config import ConfigError, FactoryConfig, load_config
+from factory.context import RunContext
+
+log = logging.getLogger("factory.run")
+
+STAGES = ("references", "plan", "generate", "filter", "dialogue", "publish", "all", "train", "sid", "eval")
+NEEDS_RAY = {"generate", "filter", "dialogue", "all", "train", "sid", "eval"}
+EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_BUILT = 1, 2, 3
+
+
+class StageNotBuilt(RuntimeError):
+    pass
+
+
+def stage_entry(name: str) -> Callable[[RunContext], dict[str, Any]]:
+    if name == "all":
+        return run_all
+    try:
+        module = import_module(f"stages.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"stages.{name}":
+            raise StageNotBuilt(f"stage {name!r} is not built yet") from None
+        raise
+    entry = getattr(module, "run", None)
+    if entry is None:
+        raise StageNotBuilt(f"stage {name!r} is not built yet (stages/{name}.py has no run())")
+    return entry
+
+
+def references_exist(ctx: RunContext) -> bool:
+    return bool(ctx.storage.list(f"references/{ctx.config.references.set}"))
+
+
+def run_all(ctx: RunContext) -> dict[str, Any]:
+    """references (when missing) -> plan -> generate/filter/dialogue streamed -> publish."""
+    from factory.pipeline import STEPS, run_steps
+
+    summary: dict[str, Any] = {}
+    if not references_exist(ctx):
+        summary["references"] = timed("references", stage_entry("references"), ctx)
+    summary["plan"] = timed("plan", stage_entry("plan"), ctx)
+    steps = [STEPS["generate"], STEPS["filter"], STEPS["dialogue"]]
+    summary["pipeline"] = timed("generate->filter->dialogue", lambda c: run_steps(c, steps), ctx)
+    summary["publish"] = timed("publish", stage_entry("publish"), ctx)
+    return summary
+
+
+def timed(label: str, entry: Callable[[RunContext], dict[str, Any]], ctx: RunContext) -> dict[str, Any]:
+    started = time.perf_counter()
+    result = entry(ctx) or {}
+    seconds = time.perf_counter() - started
+    print(f"[{label}] done in {seconds:.1f}s: {json.dumps(result, default=str)}", flush=True)
+    return result
+
+
+def init_ray(config: FactoryConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+
+
+def print_outcome(stage: str, result: dict[str, Any]) -> None:
+    publish = result.get("publish") if stage in ("all", "sid") else result if stage == "publish" else None
+    if not publish or "funnel" not in publish:
+        return
+    funnel = publish["funnel"]
+    print("funnel: " + " -> ".join(f"{name} {funnel[name]}" for name in
+                                   ("planned", "generated", "passed_clip", "passed_dino", "dialogue_accepted", "written")))
+    for reason, count in funnel.get("rejections", {}).items():
+        print(f"  rejected {count:>6}  {reason}")
+    print(f"version {publish['version']}: {publish['samples']} samples, manifest at {publish['manifest']}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m factory.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--config", help="YAML config (default: the embedded demo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set storage.root=s3://bucket/prefix")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        entry = stage_entry(args.stage)
+        if args.config is None:
+            from factory.demo import prepare_demo
+
+            prepare_demo(config)
+        ctx = RunContext(config)
+        ctx.storage.check()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StageNotBuilt as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    except Exception as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.stage in NEEDS_RAY:
+        init_ray(config)
+    try:
+        result = timed(args.stage, entry, ctx)
+    except Exception as err:
+        log.exception("stage %s failed", args.stage)
+        print(f"error: stage {args.stage} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print_outcome(args.stage, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

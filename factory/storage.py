@@ -1,0 +1,314 @@
+"""One small storage interface over a local folder and an `s3://bucket/prefix` root.
+
+Paths are relative, `/`-separated keys under the root (`datasets/demo/v1/manifest.json`).
+Every write is atomic: a reader sees the whole object or nothing (local: temp file and
+rename; S3: a single PUT or a completed multipart upload).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from factory.config import StorageConfig
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message never carries credentials."""
+
+
+class AlreadyExists(StorageError):
+    """A create-only write found the object already there."""
+
+
+def clean_key(key: str) -> str:
+    """Normalise a relative key and refuse anything that would leave the root."""
+    if "\x00" in key:
+        raise StorageError(f"storage key contains NUL: {key!r}")
+    norm = posixpath.normpath(key.replace("\\", "/")).lstrip("/")
+    if norm in ("", ".") or norm == ".." or norm.startswith("../"):
+        raise StorageError(f"storage key escapes the root: {key!r}")
+    return norm
+
+
+class Storage:
+    """Interface shared by the local and S3 backends."""
+
+    root: str
+
+    def read_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def write_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        raise NotImplementedError
+
+    def upload_file(self, local_path: str | Path, key: str) -> None:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys under `prefix` (a folder), sorted, relative to the storage root."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def url(self, key: str) -> str:
+        """A location other libraries can open (a local path or an s3:// URL)."""
+        raise NotImplementedError
+
+    def size(self, key: str) -> int:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Fail early, with a clear message, when the root cannot be used."""
+        raise NotImplementedError
+
+    # --- helpers built on the primitives ---------------------------------------------
+
+    def read_parquet(self, key: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(key)))
+
+    def write_parquet(self, key: str, table: pa.Table, **kwargs) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, **kwargs)
+        self.write_bytes(key, buffer.getvalue())
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        data = self.read_bytes(key)
+        for start in range(0, len(data), chunk_size):
+            yield data[start : start + chunk_size]
+
+
+class LocalStorage(Storage):
+    def __init__(self, root: str | Path):
+        self.base = Path(root).expanduser().resolve()
+        self.root = str(self.base)
+
+    def _path(self, key: str) -> Path:
+        return self.base / clean_key(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"not found: {self.url(key)}") from None
+
+    def write_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            self._commit(tmp, target, create_only)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def upload_file(self, local_path: str | Path, key: str) -> None:
+        self.write_bytes(key, Path(local_path).read_bytes())
+
+    @staticmethod
+    def _commit(tmp: str, target: Path, create_only: bool) -> None:
+        if not create_only:
+            os.replace(tmp, target)
+            return
+        try:
+            os.link(tmp, target)  # link() refuses an existing name: an atomic create-only
+        except FileExistsError:
+            raise AlreadyExists(f"already exists: {target}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        folder = self._path(prefix) if prefix.strip("/") else self.base
+        if not folder.is_dir():
+            return []
+        keys = []
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.name.startswith("."):
+                keys.append(path.relative_to(self.base).as_posix())
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def url(self, key: str) -> str:
+        return str(self.base / clean_key(key))
+
+    def size(self, key: str) -> int:
+        return self._path(key).stat().st_size
+
+    def check(self) -> None:
+        try:
+            self.base.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StorageError(f"storage root {self.root} is not usable: {err.strerror}") from None
+
+
+@dataclass
+class S3Location:
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> "S3Location":
+        rest = url[len("s3://") :]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise StorageError(f"no bucket in storage root {url!r}")
+        return cls(bucket, prefix.strip("/"))
+
+
+class S3Storage(Storage):
+    """S3 (or any S3-compatible server) through boto3, with botocore retries."""
+
+    def __init__(self, root: str, config: "StorageConfig | None" = None):
+        try:
+            import boto3
+            from boto3.s3.transfer import TransferConfig
+            from botocore.config import Config
+        except ImportError as err:  # pragma: no cover - boto3 is a core dependency
+            raise StorageError("install boto3 to use an s3:// storage root") from err
+        from factory.config import StorageConfig
+
+        config = config or StorageConfig(root=root)
+        self.root = root.rstrip("/")
+        self.location = S3Location.parse(self.root)
+        client_config = Config(
+            retries={"max_attempts": config.max_attempts, "mode": "standard"},
+            connect_timeout=config.connect_timeout_s,
+            read_timeout=config.read_timeout_s,
+            region_name=config.region,
+        )
+        self.client = boto3.session.Session().client(
+            "s3", endpoint_url=config.endpoint_url, config=client_config
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=config.multipart_threshold_mb * 2**20,
+            multipart_chunksize=config.multipart_chunk_mb * 2**20,
+        )
+
+    def _key(self, key: str) -> str:
+        key = clean_key(key)
+        return f"{self.location.prefix}/{key}" if self.location.prefix else key
+
+    def _call(self, what: str, key: str, fn, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(Bucket=self.location.bucket, **kwargs)
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "?")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise StorageError(f"not found: {self.url(key)}") from None
+            if code == "NoSuchBucket":
+                raise StorageError(f"bucket does not exist: s3://{self.location.bucket}") from None
+            if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise AlreadyExists(f"already exists: {self.url(key)}") from None
+            raise StorageError(f"S3 {what} failed for {self.url(key)}: {code}") from None
+        except BotoCoreError as err:
+            raise StorageError(f"S3 {what} failed for {self.url(key)}: {type(err).__name__}: {err}") from None
+
+    def read_bytes(self, key: str) -> bytes:
+        response = self._call("get", key, self.client.get_object, Key=self._key(key))
+        return response["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        extra = {"IfNoneMatch": "*"} if create_only else {}
+        if len(data) < self.transfer.multipart_threshold or create_only:
+            self._call("put", key, self.client.put_object, Key=self._key(key), Body=data, **extra)
+            return
+        self._upload(key, io.BytesIO(data))
+
+    def upload_file(self, local_path: str | Path, key: str) -> None:
+        with open(local_path, "rb") as handle:
+            self._upload(key, handle)
+
+    def _upload(self, key: str, handle) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+        from boto3.exceptions import S3UploadFailedError
+
+        try:
+            self.client.upload_fileobj(handle, self.location.bucket, self._key(key), Config=self.transfer)
+        except (ClientError, BotoCoreError, S3UploadFailedError) as err:
+            raise StorageError(f"S3 upload failed for {self.url(key)}: {type(err).__name__}") from None
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call("head", key, self.client.head_object, Key=self._key(key))
+        except AlreadyExists:  # pragma: no cover - head never raises it
+            return True
+        except StorageError as err:
+            if str(err).startswith("not found"):
+                return False
+            raise
+        return True
+
+    def list(self, prefix: str) -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        folder = clean_key(prefix) if prefix.strip("/") else ""
+        if folder:
+            full = self._key(folder) + "/"
+        else:
+            full = f"{self.location.prefix}/" if self.location.prefix else ""
+        strip = len(self.location.prefix) + 1 if self.location.prefix else 0
+        keys: list[str] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.location.bucket, Prefix=full
+            ):
+                keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "?")
+            raise StorageError(f"S3 list failed for {self.url(folder or '.')}: {code}") from None
+        except BotoCoreError as err:
+            raise StorageError(f"S3 list failed for {self.url(folder or '.')}: {type(err).__name__}") from None
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self.client.delete_object, Key=self._key(key))
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.location.bucket}/{self._key(key)}"
+
+    def size(self, key: str) -> int:
+        return self._call("head", key, self.client.head_object, Key=self._key(key))["ContentLength"]
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.location.bucket)
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "?")
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(f"bucket does not exist: s3://{self.location.bucket}") from None
+            raise StorageError(f"cannot use bucket s3://{self.location.bucket}: {code}") from None
+        except BotoCoreError as err:
+            raise StorageError(f"cannot reach s3://{self.location.bucket}: {type(err).__name__}") from None
+
+
+def open_storage(config: "StorageConfig") -> Storage:
+    if config.root.startswith("s3://"):
+        return S3Storage(config.root, config)
+    if "://" in config.root:
+        raise StorageError(f"unsupported storage root {config.root!r}: use a local path or s3://bucket/prefix")
+    return LocalStorage(config.root)
+

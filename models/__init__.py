@@ -1,0 +1,1 @@
+"""Model code, apart from orchestration: generators, scorers' backbones, LLM engines."""

@@ -1,0 +1,41 @@
+"""The generator interface every customization model implements.
+
+`generate` (the stage) builds one generator per actor from its named spec in the config
+and calls it once per reference with all that reference's jobs, so per-reference work
+(ProFusion's fine-tuning, SID's feature extraction) is paid once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+
+@dataclass
+class GenJob:
+    """One candidate to draw for a reference."""
+
+    template: str  # instruction template with "{subject}", e.g. "a photo of {subject} on the beach"
+    subject: str  # the subject class word, e.g. "dog"
+    instruction: str  # the template rendered with the subject word (what CLIP-T scores against)
+    seed: int
+    alpha: float | None = None  # SID only: weight of F(w) against F(x)
+    w_image: Image.Image | None = None  # SID only: the reference image for the instruction
+
+
+@dataclass
+class GenResult:
+    image: Image.Image
+    info: dict[str, Any] = field(default_factory=dict)  # per-candidate facts (steps, seed, ...)
+
+
+class Generator(Protocol):
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        """Name, kind, checkpoint and settings: goes into each sample's metadata and the manifest."""
+
+    def generate(self, reference: Image.Image, jobs: list[GenJob]) -> list[GenResult]:
+        """Draw one image per job, in order, all for the same reference."""

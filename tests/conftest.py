@@ -1,0 +1,63 @@
+"""Shared fixtures: storage roots (local and a real S3-protocol server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+S3_TEST_KEYS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {name: os.environ.get(name) for name in [*S3_TEST_KEYS, "AWS_DEFAULT_REGION"]}
+    os.environ.update(S3_TEST_KEYS)
+    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server._server.server_address
+    yield f"http://{host}:{port}"
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the test S3 server; yields (endpoint_url, bucket name)."""
+    import boto3
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return s3_server, bucket
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_config(request, tmp_path):
+    """A StorageConfig for each backend, so a test runs on both."""
+    from factory.config import StorageConfig
+
+    if request.param == "local":
+        return StorageConfig(root=str(tmp_path / "root"))
+    endpoint, bucket = request.getfixturevalue("s3_bucket")
+    return StorageConfig(root=f"s3://{bucket}/factory", endpoint_url=endpoint, max_attempts=2)
+
+
+@pytest.fixture
+def storage(storage_config):
+    from factory.storage import open_storage
+
+    return open_storage(storage_config)

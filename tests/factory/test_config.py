@@ -1,0 +1,61 @@
+import pytest
+
+from factory.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_config_loads_and_hash_is_stable():
+    first, second = load_config(), load_config()
+    assert first.sha256() == second.sha256()
+    assert first.filter.thresholds == {"clip_t": 0.0, "dino": 0.5}
+
+
+def test_production_defaults_are_the_papers():
+    from factory.config import FactoryConfig
+
+    config = FactoryConfig()
+    assert config.filter.thresholds == {"clip_t": 0.3, "dino": 0.6}
+    assert (config.filter.clip_model, config.filter.clip_pretrained) == ("ViT-B-32", "openai")
+    assert config.filter.dino_model == "facebook/dino-vits16"
+
+
+def test_override_changes_value_and_hash():
+    base = load_config()
+    changed = load_config(None, ["filter.thresholds.clip_t=0.25", "storage.root=/tmp/x"])
+    assert changed.filter.thresholds["clip_t"] == 0.25
+    assert changed.storage.root == "/tmp/x"
+    assert changed.sha256() != base.sha256()
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("plan:\n  unit_size: many\n", "plan.unit_size: Input should be a valid integer"),
+        ("plan:\n  unit_sise: 4\n", "plan.unit_sise: unknown key"),
+        ("generate:\n  generators:\n    g:\n      kind: profusion\n", "generate.generators.g.model: required field is missing"),
+        ("plan:\n  unit_size: 0\n", "plan.unit_size: Input should be greater than or equal to 1"),
+        ("dialogue:\n  engine: gpt\n", "dialogue.engine: Input should be 'transformers', 'vllm' or 'openai'"),
+        ("references:\n  sources:\n    - kind: folder\n", "references.sources.0: Value error, a 'folder' source needs 'path'"),
+        ("dataset: my.data\n", "dataset: String should match pattern"),
+        ("- just\n- a list\n", "must hold a mapping at the top level"),
+        ("plan: [unclosed\n", "is not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_key_and_the_problem(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert expected in str(caught.value)
+
+
+def test_missing_file_and_bad_override_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expects key=value"):
+        load_config(None, ["plan.unit_size"])
+    with pytest.raises(ConfigError, match="plan.nonsense: unknown key"):
+        load_config(None, ["plan.nonsense=3"])

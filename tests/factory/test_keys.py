@@ -1,0 +1,29 @@
+import pytest
+
+from factory.keys import safe_id, sample_key
+
+
+def test_same_job_same_key_and_no_dots():
+    fields = dict(reference_id="r1", instruction_id="i1", instruction="a dog", seed=3, generator="profusion",
+                  checkpoint="ck", round=0)
+    key = sample_key(**fields)
+    assert key == sample_key(**fields)
+    assert "." not in key and len(key) == 24
+
+
+@pytest.mark.parametrize("field, value", [("seed", 4), ("alpha", 0.5), ("round", 1), ("checkpoint", "other")])
+def test_each_defining_field_changes_the_key(field, value):
+    base = dict(reference_id="r1", instruction_id="i1", instruction="a dog", seed=3, generator="g", checkpoint="ck", round=0)
+    assert sample_key(**base) != sample_key(**{**base, field: value})
+
+
+def test_unknown_field_is_refused():
+    with pytest.raises(ValueError, match="not a key field"):
+        sample_key(reference_id="r", colour="red")
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "a/b/c.jpg", "nul\x00byte", "ünïcødé.png", "/abs/path"])
+def test_safe_id_never_carries_path_parts(name):
+    ident = safe_id(name)
+    assert "/" not in ident and ".." not in ident and "\x00" not in ident and ident.isascii()
+    assert ident == safe_id(name) and ident != safe_id(name + "x")

@@ -1,0 +1,106 @@
+import json
+
+import pytest
+
+from factory.manifest import (
+    SCHEMA,
+    VersionError,
+    VersionSpec,
+    list_versions,
+    load_manifest,
+    publish_version,
+    union_versions,
+    verify_version,
+    version_exists,
+)
+from tests.factory.conftest import make_samples
+
+
+def spec(version, kind="bootstrap", parents=(), sha="cfg-a"):
+    return VersionSpec(dataset="d", version=version, kind=kind, parents=list(parents), config={"x": 1},
+                       config_sha256=sha, thresholds={"clip_t": 0.3, "dino": 0.6}, funnel={"planned": 20})
+
+
+def test_publish_writes_shards_index_and_manifest_last(storage, samples):
+    manifest = publish_version(storage, spec("v1"), list(reversed(samples)) + samples[:2], shard_max_samples=4)
+    assert manifest["schema"] == SCHEMA and manifest["samples"] == len(samples)
+    assert manifest["thresholds"] == {"clip_t": 0.3, "dino": 0.6}
+    assert [shard["samples"] for shard in manifest["shards"]] == [4, 4, 3]
+    assert load_manifest(storage, "d", "v1") == manifest
+    index = storage.read_parquet("datasets/d/v1/index.parquet").to_pylist()
+    assert [row["key"] for row in index] == sorted(s.key for s in samples)
+    assert index[0]["clip_t"] is not None and index[0]["shard"] == "shards/v1-000000.tar"
+    assert manifest["score_stats"]["dino"]["min"] == pytest.approx(0.6)
+    assert verify_version(storage, "d", "v1") == []
+    assert not storage.exists("datasets/d/v1/_publishing.json")
+
+
+def test_same_input_gives_identical_shards(storage, samples):
+    first = publish_version(storage, spec("a"), samples, shard_max_samples=5)
+    second = publish_version(storage, spec("b"), list(reversed(samples)), shard_max_samples=5)
+    assert len(first["shards"]) == 3
+    assert [(s["sha256"], s["bytes"]) for s in first["shards"]] == [(s["sha256"], s["bytes"]) for s in second["shards"]]
+
+
+def test_never_overwrites_and_other_publisher_is_refused(storage, samples):
+    publish_version(storage, spec("v1"), samples)
+    with pytest.raises(VersionError, match="already exists"):
+        publish_version(storage, spec("v1"), samples[:3])
+    storage.write_bytes("datasets/d/v2/_publishing.json", json.dumps({"config_sha256": "other", "kind": "bootstrap"}).encode())
+    with pytest.raises(VersionError, match="being published by another run"):
+        publish_version(storage, spec("v2"), samples)
+    assert not version_exists(storage, "d", "v2")
+
+
+def test_union_copies_nothing_and_verifies(storage):
+    publish_version(storage, spec("v1"), make_samples(5), shard_max_samples=2)
+    publish_version(storage, spec("r1", kind="sid", parents=["v1"]), make_samples(4, start=100, round_=1))
+    before = set(storage.list("datasets"))
+    union = union_versions(storage, spec("u1", kind="union", parents=["v1", "r1"]))
+    added = set(storage.list("datasets")) - before
+    assert added == {"datasets/d/u1/index.parquet", "datasets/d/u1/manifest.json"}
+    assert union["samples"] == 9 and union["parents"] == ["v1", "r1"]
+    assert all(shard["path"].startswith("datasets/d/") for shard in union["shards"])
+    assert verify_version(storage, "d", "u1") == []
+    assert sorted(m["version"] for m in list_versions(storage, "d")) == ["r1", "u1", "v1"]
+
+
+def test_union_refuses_repeated_samples(storage):
+    publish_version(storage, spec("v1"), make_samples(3))
+    publish_version(storage, spec("v2"), make_samples(3))
+    with pytest.raises(VersionError, match="share 3 sample keys"):
+        union_versions(storage, spec("u", kind="union", parents=["v1", "v2"]))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter", "delete"])
+def test_verify_names_the_damaged_shard(storage, samples, damage):
+    publish_version(storage, spec("v1"), samples, shard_max_samples=4)
+    target = "datasets/d/v1/shards/v1-000001.tar"
+    data = storage.read_bytes(target)
+    if damage == "truncate":
+        storage.write_bytes(target, data[: len(data) // 2])
+    elif damage == "alter":
+        storage.write_bytes(target, data[:700] + bytes([data[700] ^ 0xFF]) + data[701:])
+    else:
+        storage.delete(target)
+    problems = verify_version(storage, "d", "v1")
+    assert problems and all("v1-000001.tar" in p or "is in no shard" in p for p in problems)
+    assert any("shards/v1-000001.tar" in p for p in problems)
+    if damage == "delete":
+        assert "shard shards/v1-000001.tar: missing" in problems
+
+
+def test_verify_reports_missing_index_rows(storage, samples):
+    import pyarrow as pa
+
+    publish_version(storage, spec("v1"), samples)
+    index = storage.read_parquet("datasets/d/v1/index.parquet")
+    storage.write_parquet("datasets/d/v1/index.parquet", index.slice(0, 5))
+    problems = verify_version(storage, "d", "v1")
+    assert any("have no index row" in p for p in problems)
+    assert any("index has 5 rows" in p for p in problems)
+
+
+def test_missing_version_is_a_clear_error(storage):
+    with pytest.raises(VersionError, match="does not exist"):
+        load_manifest(storage, "d", "nope")

@@ -1,0 +1,93 @@
+import threading
+
+import pyarrow as pa
+import pytest
+
+from factory.config import StorageConfig
+from factory.storage import AlreadyExists, StorageError, open_storage
+
+
+def test_write_read_list_delete(storage):
+    storage.write_bytes("a/b/one.bin", b"1")
+    storage.write_bytes("a/two.bin", b"22")
+    assert storage.read_bytes("a/b/one.bin") == b"1"
+    assert storage.list("a") == ["a/b/one.bin", "a/two.bin"]
+    assert storage.exists("a/two.bin") and not storage.exists("a/three.bin")
+    assert storage.size("a/two.bin") == 2
+    storage.delete("a/two.bin")
+    assert storage.list("a") == ["a/b/one.bin"]
+    with pytest.raises(StorageError, match="not found"):
+        storage.read_bytes("a/two.bin")
+
+
+def test_create_only_refuses_an_existing_object(storage):
+    storage.write_bytes("m.json", b"first", create_only=True)
+    with pytest.raises(AlreadyExists):
+        storage.write_bytes("m.json", b"second", create_only=True)
+    assert storage.read_bytes("m.json") == b"first"
+
+
+def test_concurrent_create_only_has_exactly_one_winner(storage):
+    outcomes = []
+
+    def attempt(payload):
+        try:
+            storage.write_bytes("race.json", payload, create_only=True)
+            outcomes.append(("won", payload))
+        except AlreadyExists:
+            outcomes.append(("lost", payload))
+
+    threads = [threading.Thread(target=attempt, args=(bytes([65 + n]) * 10,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [payload for outcome, payload in outcomes if outcome == "won"]
+    assert len(winners) == 1
+    assert storage.read_bytes("race.json") == winners[0]
+
+
+def test_parquet_round_trip(storage):
+    table = pa.table({"key": ["a", "b"], "image": [b"\x00\x01", b""]})
+    storage.write_parquet("t/x.parquet", table)
+    assert storage.read_parquet("t/x.parquet").equals(table)
+
+
+def test_keys_cannot_escape_the_root(storage):
+    for bad in ["../outside", "a/../../outside", "x\x00y"]:
+        with pytest.raises(StorageError):
+            storage.write_bytes(bad, b"x")
+
+
+def test_large_object_goes_multipart_and_reads_back(storage_config, tmp_path):
+    storage_config.multipart_threshold_mb = 5
+    storage_config.multipart_chunk_mb = 5
+    storage = open_storage(storage_config)
+    payload = bytes(range(256)) * (12 * 2**20 // 256)
+    storage.write_bytes("big.bin", payload)
+    local = tmp_path / "big-upload.bin"
+    local.write_bytes(payload[::-1])
+    storage.upload_file(local, "big2.bin")
+    assert storage.read_bytes("big.bin") == payload
+    assert storage.read_bytes("big2.bin") == payload[::-1]
+
+
+def test_local_writes_leave_no_temp_files(tmp_path):
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    for n in range(5):
+        storage.write_bytes("d/f.bin", bytes([n]) * 100)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["f.bin"]
+
+
+def test_missing_bucket_is_a_clear_error_without_secrets(s3_server, monkeypatch):
+    storage = open_storage(StorageConfig(root="s3://no-such-bucket-here/x", endpoint_url=s3_server, max_attempts=1))
+    with pytest.raises(StorageError) as caught:
+        storage.check()
+    message = str(caught.value)
+    assert "bucket does not exist: s3://no-such-bucket-here" in message
+    assert "testing-secret-key" not in message and "testing-key-id" not in message
+
+
+def test_unsupported_scheme_is_refused():
+    with pytest.raises(StorageError, match="unsupported storage root"):
+        open_storage(StorageConfig(root="gs://bucket/x"))
