@@ -52,11 +52,18 @@ class ActorPool(Section):
 
 
 class ReferenceSource(Section):
+    """One place references come from. `path`: a folder, `s3://bucket/prefix`, or tar shards
+    (a glob and/or `{000..009}` braces). With `subject` unset the subject comes from the
+    first subfolder (folder, s3) or the sample's .json/.cls/.txt (webdataset), else 'person'
+    for the human domain."""
+
     kind: Literal["folder", "s3", "webdataset", "generated"]
     path: str | None = None
     subject: str | None = Field(None, description="subject class, e.g. 'dog' or 'person'")
     domain: Literal["human", "object"] = "object"
-    prompts: list[str] = Field(default_factory=list, description="class prompts for kind=generated")
+    prompts: list[str] = Field(
+        default_factory=list, description="kind=generated: class names, each drawn with references.sd_prompt"
+    )
     per_prompt: int = Field(1, ge=1)
     seed: int = 0
 
@@ -66,18 +73,40 @@ class ReferenceSource(Section):
             raise ValueError("a 'generated' source needs a non-empty 'prompts' list")
         if self.kind != "generated" and not self.path:
             raise ValueError(f"a '{self.kind}' source needs 'path'")
+        if self.kind == "s3" and not self.path.startswith("s3://"):
+            raise ValueError("an 's3' source needs a path like 's3://bucket/prefix'")
         return self
 
 
 class ReferencesConfig(ActorPool):
-    set: str = "demo"
+    """Reference ingest. The ActorPool fields size the Stable Diffusion pool for generated
+    references: with num_gpus > 0 or concurrency > 1 it runs as Ray actors, else on the driver."""
+
+    set: str = Field("demo", pattern=r"^[A-Za-z0-9_-]+$")
     sources: list[ReferenceSource] = Field(default_factory=list)
     max_pixels: int = Field(40_000_000, ge=1, description="refuse larger images before decoding")
+    max_file_mb: float = Field(64, gt=0, description="refuse larger files before decoding")
     min_side: int = Field(32, ge=1)
+    min_pixel_std: float = Field(2.0, ge=0, description="flatter images are 'degenerate_image'")
     store_size: int = Field(512, ge=8, description="longest side of the stored reference")
-    sd_model: str | None = Field(None, description="Stable Diffusion pipeline for generated references")
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    part_size: int = Field(256, ge=1, description="references per part file")
+    io_threads: int = Field(8, ge=1, description="threads reading and decoding images")
+    sd_model: str = Field(
+        "stabilityai/stable-diffusion-2-base", description="Stable Diffusion pipeline for generated references"
+    )
+    sd_prompt: str = Field("a photo of a {subject}", description="prompt for generated references")
     sd_steps: int = Field(30, ge=1)
     sd_size: int = Field(512, ge=8)
+    sd_guidance_scale: float = Field(7.5, ge=0)
+
+    @model_validator(mode="after")
+    def _one_subject_slot(self) -> "ReferencesConfig":
+        if self.sd_prompt.count("{subject}") != 1:
+            raise ValueError("'sd_prompt' must contain '{subject}' exactly once")
+        if self.sd_size % 8:
+            raise ValueError("'sd_size' must be a multiple of 8 (the VAE's downsampling)")
+        return self
 
 
 class PlanConfig(Section):
@@ -169,7 +198,7 @@ class DialogueConfig(ActorPool):
     min_assistant_chars: int = Field(10, ge=2)
     max_assistant_chars: int = Field(1200, ge=2)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    num_gpus: float = Field(4.0, ge=0, description="GPUs per actor; for vllm the whole TP group")
+    num_gpus: float = Field(4.0, ge=0, description="GPUs per actor; default: tensor_parallel_size for vllm, else 0")
     batch_size: int = Field(64, ge=1, description="prompts per engine call")
     # vllm
     tensor_parallel_size: int = Field(4, ge=1)
@@ -185,6 +214,15 @@ class DialogueConfig(ActorPool):
     structured_output: Literal["response_format", "structured_outputs", "guided_json", "none"] = Field(
         "response_format", description="request field that carries the JSON schema"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_gpus(cls, data: Any) -> Any:
+        """Unset num_gpus: the whole TP group for vllm, none for the other engines."""
+        if isinstance(data, dict) and "num_gpus" not in data:
+            vllm = data.get("engine", "vllm") == "vllm"
+            data = {**data, "num_gpus": data.get("tensor_parallel_size", 4) if vllm else 0}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "DialogueConfig":
@@ -206,18 +244,99 @@ class PublishConfig(Section):
 
 
 class TrainConfig(Section):
+    """Training G or the assistant heads on a published version (paper sections 3.1, 4.1)."""
+
     version: str | None = Field(None, description="dataset version to train on; default: latest")
     model: Literal["generator", "assistant"] = "generator"
-    options: dict[str, Any] = Field(default_factory=dict)
+    base_model: str = Field("stabilityai/stable-diffusion-2-base", description="SD folder with unet/, vae/, scheduler/")
+    clip_model: str = Field("openai/clip-vit-large-patch14-336", description="F: CLIP image embedding")
+    dino_model: str = Field("facebook/dinov2-giant", description="E: DINOv2 patch features")
+    llm_model: str = Field("meta-llama/Llama-2-13b-chat-hf", description="the assistant's frozen chat LLM")
+    init_from: str | None = Field(None, description="start from this saved G / assistant folder instead of new layers")
+    generator_lr: float = Field(2e-5, gt=0)
+    generator_batch_size: int = Field(64, ge=1, description="global batch, split over workers")
+    generator_trainable: Literal["all", "new_layers"] = Field(
+        "all", description="all: UNet and new layers; new_layers: projections and DINO key/value only"
+    )
+    condition_dropout: float = Field(0.1, ge=0, le=1, description="drop CLIP and DINO independently, for CFG")
+    image_size: int | None = Field(None, ge=8, description="training resolution; default: the UNet's native size")
+    assistant_lr: float = Field(2e-3, gt=0)
+    assistant_batch_size: int = Field(128, ge=1, description="global batch, split over workers")
+    clip_loss_weight: float = Field(0.2, ge=0, description="lambda of equation 2")
+    max_text_tokens: int = Field(256, ge=8, description="prompt and answer are each cut to this many tokens")
+    fsdp: bool = Field(False, description="shard the assistant with FSDP instead of DDP")
+    epochs: int = Field(5, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps in all")
+    weight_decay: float = Field(0.01, ge=0)
+    checkpoint_every: int = Field(1000, ge=1, description="optimizer steps between checkpoints")
+    resume: bool = Field(True, description="continue from checkpoints/<model>/<run-id>/latest.json when present")
+    num_workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each with use_gpu)")
+    use_gpu: bool = True
+    max_failures: int = Field(3, ge=0, description="Ray Train restarts; each resumes from the last checkpoint")
+    seed: int = 0
+    log_sample_keys: bool = Field(False, description="write the keys each worker trained on, per epoch")
 
 
 class SidConfig(Section):
+    """Self-improvement via distillation: x~ = G(E(x), a*F(w) + (1-a)*F(x)), filtered, drafted, published."""
+
     rounds: int = Field(1, ge=1)
-    options: dict[str, Any] = Field(default_factory=dict)
+    parent: str | None = Field(None, description="version G was trained on; default: the newest bootstrap or union")
+    generator: str = Field("cafe", description="name under generate.generators (kind cafe)")
+    checkpoint: str | None = Field(None, description="G checkpoint folder; default: the newest trained one")
+    jobs_per_reference: int = Field(2, ge=1)
+    max_references: int | None = Field(None, ge=1)
+    unit_size: int = Field(16, ge=1)
+    seed: int = 0
+    alphas: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7], min_length=1)
+    alpha_mode: Literal["random", "sweep"] = Field("random", description="sweep: every job at every alpha")
+    w_source: Literal["retrieve", "generate"] = "retrieve"
+    pool: str | None = Field(None, description="image pool name; default: built from the parent's target images")
+    rarity_power: float = Field(1.0, ge=0, description="weight instructions by (1 + category count in parent)^-power")
+    finetune: bool = Field(True, description="fine-tune G on the union to start the next round")
+
+    @model_validator(mode="after")
+    def _alphas_in_unit_interval(self) -> "SidConfig":
+        bad = [alpha for alpha in self.alphas if not 0.0 <= alpha <= 1.0]
+        if bad:
+            raise ValueError(f"alphas must lie in [0, 1], got {bad}")
+        return self
+
+
+class EvalPair(Section):
+    """A DreamBench-style subject: one reference image and the prompts to draw it in."""
+
+    reference: str = Field(..., description="image file, or a key under the storage root")
+    subject: str = Field(..., description="class word put into the prompts' {subject}")
+    prompts: list[str] = Field(..., min_length=1)
 
 
 class EvalConfig(Section):
-    options: dict[str, Any] = Field(default_factory=dict)
+    """DreamBench-style DINO, CLIP-I and CLIP-T of a generator checkpoint."""
+
+    checkpoint: str | None = Field(
+        None, description="G folder (local) or storage key; default: latest of checkpoints/generator/<run-id>"
+    )
+    semantic: Literal["assistant", "clip_text"] = Field(
+        "assistant", description="how a prompt becomes G's CLIP condition: H(s) of the assistant, or CLIP text"
+    )
+    assistant_checkpoint: str | None = Field(
+        None, description="assistant folder or storage key; default: latest of checkpoints/assistant/<run-id>"
+    )
+    pairs: list[EvalPair] = Field(default_factory=list)
+    pairs_file: str | None = Field(None, description="YAML list of pairs (reference, subject, prompts)")
+    images_per_pair: int = Field(4, ge=1)
+    image_size: int = Field(512, ge=8)
+    steps: int = Field(50, ge=1)
+    clip_guidance_scale: float = 7.5
+    dino_guidance_scale: float = 2.0
+    max_new_tokens: int = Field(128, ge=1, description="assistant answer length")
+    clip_model: str | None = Field(None, description="CLIP-I / CLIP-T scorer; default: filter.clip_model")
+    clip_pretrained: str | None = Field(None, description="default: filter.clip_pretrained")
+    clip_model_config: str | None = Field(None, description="default: filter.clip_model_config")
+    dino_model: str | None = Field(None, description="DINO scorer; default: filter.dino_model")
+    use_gpu: bool = True
+    seed: int = 0
 
 
 class RayConfig(Section):

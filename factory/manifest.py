@@ -23,7 +23,8 @@ from factory.storage import AlreadyExists, Storage, StorageError
 
 SCHEMA = "factory.manifest/1"
 KINDS = ("bootstrap", "sid", "union", "rethreshold")
-INDEX_COLUMNS = ("key", "shard", "reference_id", "subject", "domain", "instruction", "round", "alpha", "clip_t", "dino")
+INDEX_COLUMNS = ("key", "shard", "reference_id", "subject", "domain", "instruction_id", "category", "instruction",
+                 "style", "round", "alpha", "clip_t", "dino")
 
 
 class VersionError(RuntimeError):
@@ -109,7 +110,10 @@ def index_row(sample: Sample, shard_path: str) -> dict[str, Any]:
         "reference_id": meta.get("reference_id"),
         "subject": meta.get("subject"),
         "domain": meta.get("domain"),
+        "instruction_id": meta.get("instruction_id"),
+        "category": meta.get("category"),
         "instruction": meta.get("instruction"),
+        "style": meta.get("style"),
         "round": meta.get("round"),
         "alpha": meta.get("generator", {}).get("alpha"),
         "clip_t": scores.get("clip_t"),
@@ -125,7 +129,10 @@ def index_table(rows: list[dict[str, Any]]) -> pa.Table:
             ("reference_id", pa.string()),
             ("subject", pa.string()),
             ("domain", pa.string()),
+            ("instruction_id", pa.string()),
+            ("category", pa.string()),
             ("instruction", pa.string()),
+            ("style", pa.string()),
             ("round", pa.int64()),
             ("alpha", pa.float64()),
             ("clip_t", pa.float64()),

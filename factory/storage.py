@@ -277,9 +277,11 @@ class S3Storage(Storage):
                 keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "?")
-            raise StorageError(f"S3 list failed for {self.url(folder or '.')}: {code}") from None
+            if code == "NoSuchBucket":
+                raise StorageError(f"bucket does not exist: s3://{self.location.bucket}") from None
+            raise StorageError(f"S3 list failed for s3://{self.location.bucket}/{full}: {code}") from None
         except BotoCoreError as err:
-            raise StorageError(f"S3 list failed for {self.url(folder or '.')}: {type(err).__name__}") from None
+            raise StorageError(f"S3 list failed for s3://{self.location.bucket}/{full}: {type(err).__name__}") from None
         return sorted(keys)
 
     def delete(self, key: str) -> None:

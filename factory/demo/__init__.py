@@ -1,9 +1,71 @@
-"""The embedded demo: builds its tiny models on first use."""
+"""The embedded demo: its tiny random-weight models are built on first use.
+
+Each model is built into a temporary folder and renamed into place, so a demo stopped
+half-way through a build starts again cleanly.
+"""
 
 from __future__ import annotations
 
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
 from factory.config import FactoryConfig
+
+log = logging.getLogger(__name__)
+
+MODELS = Path("factory-data/models")
+
+
+def _sd(path: Path) -> None:
+    from factory.tiny.sd import build_tiny_sd
+
+    build_tiny_sd(path)
+
+
+def _promptnet(path: Path) -> None:
+    from factory.tiny.sd import build_tiny_promptnet
+
+    build_tiny_promptnet(path, MODELS / "tiny-sd")
+
+
+def _clip(path: Path) -> None:
+    from factory.tiny.clip import build_tiny_clip
+
+    build_tiny_clip(path)
+
+
+def _dino(path: Path) -> None:
+    from factory.tiny.dino import build_tiny_dino
+
+    build_tiny_dino(path)
+
+
+def _llama(path: Path) -> None:
+    from factory.tiny.llama import build_tiny_llama
+
+    build_tiny_llama(path)
+
+
+BUILDERS: list[tuple[str, Callable[[Path], None]]] = [
+    ("tiny-sd", _sd),
+    ("tiny-promptnet", _promptnet),
+    ("tiny-clip", _clip),
+    ("tiny-dino", _dino),
+    ("tiny-llama", _llama),
+]
 
 
 def prepare_demo(config: FactoryConfig) -> None:
-    """Build any tiny demo model that is not on disk yet (a few seconds, once)."""
+    """Build every tiny demo model that is not on disk yet (seconds, once)."""
+    for name, build in BUILDERS:
+        target = MODELS / name
+        if target.exists():
+            continue
+        log.info("demo: building tiny model %s", target)
+        partial = target.with_name(f".{name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        build(partial)
+        partial.rename(target)

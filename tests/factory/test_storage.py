@@ -91,3 +91,9 @@ def test_missing_bucket_is_a_clear_error_without_secrets(s3_server, monkeypatch)
 def test_unsupported_scheme_is_refused():
     with pytest.raises(StorageError, match="unsupported storage root"):
         open_storage(StorageConfig(root="gs://bucket/x"))
+
+
+def test_listing_a_missing_bucket_names_the_bucket(s3_server):
+    storage = open_storage(StorageConfig(root="s3://missing-bucket-xyz", endpoint_url=s3_server, max_attempts=1))
+    with pytest.raises(StorageError, match="bucket does not exist: s3://missing-bucket-xyz"):
+        storage.list("")

@@ -1,0 +1,182 @@
+"""The `openai` engine: any OpenAI-compatible `/v1/chat/completions` endpoint (`vllm serve`,
+a Ray Serve LLM deployment, a hosted API), over the standard library's HTTP client.
+
+- Up to `max_concurrency` requests in flight (a thread pool), each with `request_timeout_s`.
+- Retries with exponential backoff on 429, 5xx, timeouts and connection errors (honouring a
+  numeric `Retry-After`); other 4xx answers fail that prompt alone, without retry.
+- The API key is read from the environment variable named by `api_key_env` and sent only in
+  the `Authorization` header: never logged, never put into an error.
+- The JSON schema goes into the field named by `structured_output`: OpenAI's
+  `response_format: {"type": "json_schema", ...}` (also understood by vLLM's server), vLLM's
+  `structured_outputs: {"json": ...}` (vLLM >= 0.12) or `guided_json` (older vLLM).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from models.llm import Conversation, EngineError, EngineUnavailable, sampling_settings
+
+if TYPE_CHECKING:
+    from factory.config import DialogueConfig
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+MAX_BACKOFF_S = 60.0
+
+
+class TransientError(EngineError):
+    """Worth retrying: the server was busy, slow, or unreachable."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestRefused(EngineError):
+    """The server refused this request (4xx): retrying the same request will not help."""
+
+
+class OpenAIEngine:
+    name = "openai"
+
+    def __init__(self, config: "DialogueConfig"):
+        if not config.endpoint_url:
+            raise EngineError("engine 'openai' needs dialogue.endpoint_url")
+        self.config = config
+        self.url = config.endpoint_url.rstrip("/") + "/chat/completions"
+        self.safe_url = redact_url(self.url)
+        self._api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
+        if config.api_key_env and not self._api_key:
+            log.info("no API key in $%s; sending requests without one", config.api_key_env)
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "model": self.config.model, "endpoint": self.safe_url, **sampling_settings(self.config)}
+
+    def generate(
+        self, conversations: list[Conversation], seeds: list[int], json_schema: dict[str, Any] | None = None
+    ) -> list[str | None]:
+        if len(conversations) != len(seeds):
+            raise ValueError("one seed per conversation")
+        if not conversations:
+            return []
+        bodies = [self.request_body(chat, seed, json_schema) for chat, seed in zip(conversations, seeds)]
+        workers = min(self.config.max_concurrency, len(bodies))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm-http") as pool:
+            results = list(pool.map(self._complete_or_error, bodies))
+        if all(isinstance(result, TransientError) for result in results):
+            raise EngineUnavailable(f"{self.safe_url}: every request failed; last: {results[-1]}")
+        return [None if isinstance(result, EngineError) else result for result in results]
+
+    def request_body(self, conversation: Conversation, seed: int, json_schema: dict[str, Any] | None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": conversation,
+            "temperature": self.config.temperature,
+            "top_p": self.config.top_p,
+            "max_tokens": self.config.max_new_tokens,
+            "seed": seed,
+        }
+        if json_schema is not None:
+            body.update(structured_output_fields(self.config.structured_output, json_schema))
+        return body
+
+    # --- one request, with retries -------------------------------------------------------
+
+    def _complete_or_error(self, body: dict[str, Any]) -> str | EngineError:
+        try:
+            return self._complete(body)
+        except EngineError as err:
+            log.warning("LLM request to %s failed: %s", self.safe_url, err)
+            return err
+
+    def _complete(self, body: dict[str, Any]) -> str:
+        payload = json.dumps(body).encode("utf-8")
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                return self._post(payload)
+            except TransientError as err:
+                if attempt == self.config.max_retries:
+                    raise
+                delay = err.retry_after if err.retry_after is not None else self._backoff(attempt)
+                log.info("LLM request: %s; retry %d in %.2fs", err, attempt + 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int) -> float:
+        return min(MAX_BACKOFF_S, self.config.retry_backoff_s * 2**attempt) * random.uniform(0.8, 1.2)
+
+    def _post(self, payload: bytes) -> str:
+        request = urllib.request.Request(self.url, data=payload, method="POST", headers=self._headers())
+        try:
+            with urllib.request.urlopen(request, timeout=self.config.request_timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            raise http_failure(err) from None
+        except (TimeoutError, socket.timeout):
+            raise TransientError(f"no answer within {self.config.request_timeout_s}s") from None
+        except (urllib.error.URLError, ConnectionError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TransientError(f"connection failed: {type(reason).__name__}: {reason}") from None
+        return completion_text(raw)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+
+def structured_output_fields(kind: str, json_schema: dict[str, Any]) -> dict[str, Any]:
+    if kind == "response_format":
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "dialogue", "schema": json_schema, "strict": True}}}
+    if kind == "structured_outputs":
+        return {"structured_outputs": {"json": json_schema}}
+    if kind == "guided_json":
+        return {"guided_json": json_schema}
+    return {}
+
+
+def http_failure(err: urllib.error.HTTPError) -> EngineError:
+    status, headers = err.code, err.headers
+    err.close()
+    if status in RETRY_STATUS or status >= 500:
+        return TransientError(f"HTTP {status}", retry_after_seconds(headers.get("Retry-After") if headers else None))
+    return RequestRefused(f"HTTP {status}")
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    try:
+        return min(MAX_BACKOFF_S, max(0.0, float(value))) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+def completion_text(raw: bytes) -> str:
+    """The first choice's message content; a malformed envelope is the server's fault (retry)."""
+    try:
+        content = json.loads(raw)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise TransientError("malformed completion envelope") from None
+    if not isinstance(content, str):
+        raise TransientError("completion content is not a string")
+    return content
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials or query string, safe to log."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

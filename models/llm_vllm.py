@@ -1,0 +1,89 @@
+"""The `vllm` engine: a thin adapter over `vllm.LLM.chat` for GPU nodes.
+
+Written against vLLM 0.12-0.33 (`SamplingParams(structured_outputs=StructuredOutputsParams(
+json=schema))`); on older releases (0.6-0.11) it falls back to `guided_decoding=
+GuidedDecodingParams(json=schema)`. vLLM is an optional extra (`pip install
+'cafe-factory[vllm]'`) that cannot be installed on the CPU test machines, so this module is
+covered by a test against a stand-in `vllm` module only; run it on a GPU node before relying
+on it.
+
+Placement: the Ray Data actor that builds this engine asks for `dialogue.num_gpus >=
+tensor_parallel_size` GPUs, so Ray puts the whole tensor-parallel group on one node, and vLLM
+runs its workers as local processes (`distributed_executor_backend="mp"`) on those GPUs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from models.llm import Conversation, EngineUnavailable, sampling_settings
+
+if TYPE_CHECKING:
+    from factory.config import DialogueConfig
+
+INSTALL_HINT = "install the vllm extra (pip install 'cafe-factory[vllm]') on GPU nodes"
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ImportError as err:
+        raise EngineUnavailable(f"dialogue.engine 'vllm' needs vLLM, which is not importable ({err}): {INSTALL_HINT}") from None
+    return vllm
+
+
+class VllmEngine:
+    name = "vllm"
+
+    def __init__(self, config: "DialogueConfig"):
+        self.config = config
+        self.vllm = import_vllm()
+        self.llm = self.vllm.LLM(**self.engine_kwargs())
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model": self.config.model,
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+            "dtype": self.config.dtype,
+            "seed": self.config.seed,
+            "gpu_memory_utilization": self.config.gpu_memory_utilization,
+        }
+        if self.config.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "mp"
+        if self.config.max_model_len:
+            kwargs["max_model_len"] = self.config.max_model_len
+        return kwargs
+
+    def describe(self) -> dict[str, Any]:
+        version = getattr(self.vllm, "__version__", "unknown")
+        return {"engine": self.name, "model": self.config.model, "vllm": version,
+                "tensor_parallel_size": self.config.tensor_parallel_size, **sampling_settings(self.config)}
+
+    def generate(
+        self, conversations: list[Conversation], seeds: list[int], json_schema: dict[str, Any] | None = None
+    ) -> list[str | None]:
+        if len(conversations) != len(seeds):
+            raise ValueError("one seed per conversation")
+        if not conversations:
+            return []
+        params = [self.sampling_params(seed, json_schema) for seed in seeds]
+        outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=False)
+        return [output.outputs[0].text if output.outputs else None for output in outputs]
+
+    def sampling_params(self, seed: int, json_schema: dict[str, Any] | None):
+        kwargs: dict[str, Any] = {
+            "temperature": self.config.temperature,
+            "top_p": self.config.top_p,
+            "max_tokens": self.config.max_new_tokens,
+            "seed": seed,
+        }
+        if json_schema is not None:
+            kwargs.update(self.structured_kwargs(json_schema))
+        return self.vllm.SamplingParams(**kwargs)
+
+    def structured_kwargs(self, json_schema: dict[str, Any]) -> dict[str, Any]:
+        from vllm import sampling_params
+
+        if hasattr(sampling_params, "StructuredOutputsParams"):  # vLLM >= 0.12 (0.10.2+ has both)
+            return {"structured_outputs": sampling_params.StructuredOutputsParams(json=json_schema)}
+        return {"guided_decoding": sampling_params.GuidedDecodingParams(json=json_schema)}

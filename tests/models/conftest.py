@@ -1,0 +1,149 @@
+"""Fixtures for the LLM engines: a tiny random Llama chat model saved to disk, and a small
+OpenAI-compatible chat server on 127.0.0.1 that answers from a script."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models decode token by token: on a shared 2-core machine two intra-op threads made
+    it ~25x slower than one (Ray actors get OMP_NUM_THREADS=num_cpus anyway)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    from factory.tiny.llama import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    content: str | None = None  # the completion text; None: answer a good dialogue for the prompt
+    delay_s: float = 0.0
+    raw: bytes | None = None  # a whole response body, sent as is
+    retry_after: str | None = None
+
+
+def good_dialogue(body: dict) -> str:
+    """A valid answer built from the prompt's instruction line."""
+    prompt = body["messages"][-1]["content"]
+    line = next((ln for ln in prompt.splitlines() if ln.startswith("Instruction")), "Instruction: a new image")
+    instruction = line.split(":", 1)[1].strip()
+    return json.dumps({
+        "user": f"Could you show me {instruction}, please?",
+        "assistant": f"I drew {instruction}; the subject keeps its own look.",
+    })
+
+
+class ChatServer:
+    """Serves POST /v1/chat/completions. A request whose last message contains a rule's marker
+    gets that rule's next reply (the last one repeats); other requests get a good dialogue."""
+
+    def __init__(self):
+        self.rules: dict[str, list[Reply]] = {}
+        self.calls: dict[str, int] = {}
+        self.requests: list[tuple[dict, dict]] = []  # (headers, body)
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._http.daemon_threads = True
+        self._http.block_on_close = False
+        self._thread = threading.Thread(target=self._http.serve_forever, args=(0.05,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._http.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def rule(self, marker: str, *replies: Reply) -> None:
+        self.rules[marker] = list(replies)
+        self.calls[marker] = 0
+
+    def _reply_for(self, body: dict) -> tuple[str | None, Reply]:
+        prompt = body["messages"][-1]["content"]
+        with self._lock:
+            for marker, replies in self.rules.items():
+                if marker in prompt:
+                    index = min(self.calls[marker], len(replies) - 1)
+                    self.calls[marker] += 1
+                    return marker, replies[index]
+        return None, Reply()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server._lock:
+                    server.requests.append((dict(self.headers), body))
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._answer(body)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def _answer(self, body):
+                if self.path != "/v1/chat/completions":
+                    return self._send(404, b"{}")
+                _, reply = server._reply_for(body)
+                time.sleep(reply.delay_s)
+                if reply.raw is not None:
+                    return self._send(reply.status, reply.raw)
+                if reply.status != 200:
+                    return self._send(reply.status, b'{"error": {"message": "scripted failure"}}', reply.retry_after)
+                content = reply.content if reply.content is not None else good_dialogue(body)
+                answer = {"id": "cmpl-test", "object": "chat.completion", "model": body["model"],
+                          "choices": [{"index": 0, "finish_reason": "stop",
+                                       "message": {"role": "assistant", "content": content}}]}
+                self._send(200, json.dumps(answer).encode())
+
+            def _send(self, status, payload, retry_after=None):
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    if retry_after is not None:
+                        self.send_header("Retry-After", retry_after)
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout test)
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._http.shutdown()
+        self._http.server_close()
+
+
+@pytest.fixture
+def chat_server():
+    with ChatServer() as server:
+        yield server

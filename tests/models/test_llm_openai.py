@@ -1,0 +1,157 @@
+"""The openai engine against a scripted OpenAI-compatible server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+
+import pandas as pd
+import pytest
+
+from factory.config import DialogueConfig, FactoryConfig
+from models.llm import EngineUnavailable, build_engine
+from tests.models.conftest import Reply
+
+KEY_ENV = "FACTORY_TEST_LLM_KEY"
+SECRET = "sk-test-not-for-logs-0123456789"
+SCHEMA = {"type": "object", "properties": {"user": {"type": "string"}, "assistant": {"type": "string"}},
+          "required": ["user", "assistant"], "additionalProperties": False}
+
+
+def dialogue_config(url: str, **overrides) -> DialogueConfig:
+    settings = dict(engine="openai", endpoint_url=url, model="llama-test", num_gpus=0, api_key_env=KEY_ENV,
+                    request_timeout_s=2.0, max_retries=3, retry_backoff_s=0.01, max_concurrency=4)
+    return DialogueConfig(**{**settings, **overrides})
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": text}]
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+
+
+def test_request_carries_model_sampling_seed_schema_and_key(chat_server):
+    engine = build_engine(dialogue_config(chat_server.url, temperature=0.5, top_p=0.8, max_new_tokens=99))
+    texts = engine.generate([chat("first"), chat("second")], [11, 22], SCHEMA)
+
+    assert all(json.loads(text)["user"] for text in texts)
+    by_prompt = {body["messages"][-1]["content"]: (headers, body) for headers, body in chat_server.requests}
+    headers, body = by_prompt["second"]
+    assert headers["Authorization"] == f"Bearer {SECRET}"
+    assert (body["model"], body["seed"], body["temperature"], body["top_p"], body["max_tokens"]) == (
+        "llama-test", 22, 0.5, 0.8, 99)
+    assert body["response_format"]["type"] == "json_schema"
+    assert body["response_format"]["json_schema"]["schema"] == SCHEMA
+    assert SECRET not in json.dumps(engine.describe())
+
+
+@pytest.mark.parametrize("field, expected", [
+    ("structured_outputs", {"structured_outputs": {"json": SCHEMA}}),
+    ("guided_json", {"guided_json": SCHEMA}),
+])
+def test_schema_goes_into_the_configured_field(chat_server, field, expected):
+    engine = build_engine(dialogue_config(chat_server.url, structured_output=field))
+    engine.generate([chat("x")], [1], SCHEMA)
+    body = chat_server.requests[0][1]
+    assert {key: body[key] for key in expected} == expected
+    assert "response_format" not in body
+
+
+def test_unconstrained_request_has_no_schema(chat_server):
+    build_engine(dialogue_config(chat_server.url)).generate([chat("x")], [1], None)
+    assert not {"response_format", "structured_outputs", "guided_json"} & chat_server.requests[0][1].keys()
+
+
+def test_server_errors_are_retried_until_success(chat_server):
+    chat_server.rule("flaky", Reply(status=500), Reply(status=503), Reply(status=429, retry_after="0"), Reply())
+    texts = build_engine(dialogue_config(chat_server.url)).generate([chat("flaky one"), chat("fine")], [1, 2])
+
+    assert all(json.loads(text) for text in texts)
+    assert chat_server.calls["flaky"] == 4
+
+
+def test_slow_answer_times_out_then_retry_succeeds(chat_server):
+    chat_server.rule("slow", Reply(delay_s=3.0), Reply())
+    engine = build_engine(dialogue_config(chat_server.url, request_timeout_s=0.4))
+    started = time.monotonic()
+    [text] = engine.generate([chat("slow one")], [1])
+
+    assert json.loads(text)["assistant"]
+    assert chat_server.calls["slow"] == 2
+    assert time.monotonic() - started < 2.5  # did not wait for the slow answer
+
+
+def test_client_error_fails_that_prompt_only_without_retry(chat_server):
+    chat_server.rule("too long", Reply(status=400))
+    texts = build_engine(dialogue_config(chat_server.url)).generate([chat("too long prompt"), chat("ok")], [1, 2])
+
+    assert texts[0] is None and json.loads(texts[1])
+    assert chat_server.calls["too long"] == 1
+
+
+def test_malformed_envelope_is_retried_then_fails_that_prompt(chat_server):
+    chat_server.rule("broken", Reply(raw=b"<html>bad gateway</html>"))
+    texts = build_engine(dialogue_config(chat_server.url, max_retries=2)).generate([chat("broken"), chat("ok")], [1, 2])
+
+    assert texts[0] is None and texts[1] is not None
+    assert chat_server.calls["broken"] == 3
+
+
+def test_concurrency_is_bounded(chat_server):
+    for n in range(6):
+        chat_server.rule(f"job{n}", Reply(delay_s=0.2))
+    engine = build_engine(dialogue_config(chat_server.url, max_concurrency=2))
+    texts = engine.generate([chat(f"job{n}") for n in range(6)], list(range(6)))
+
+    assert len(texts) == 6 and all(texts)
+    assert 1 <= chat_server.max_in_flight <= 2  # the bound; on a busy machine fewer may overlap
+
+
+def test_unreachable_endpoint_raises_without_leaking_the_key(caplog):
+    with socket.socket() as probe:  # a port with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    engine = build_engine(dialogue_config(f"http://user:pw@127.0.0.1:{port}/v1", max_retries=1))
+    with caplog.at_level(logging.DEBUG), pytest.raises(EngineUnavailable) as failure:
+        engine.generate([chat("a"), chat("b")], [1, 2])
+
+    assert "connection failed" in str(failure.value)
+    for text in (str(failure.value), caplog.text):
+        assert SECRET not in text and "pw@" not in text
+
+
+def test_dialogue_stage_over_openai_retries_and_rejects_malformed(chat_server):
+    from stages.dialogue import Dialogue
+
+    malformed = 'Sure! Here is the conversation: {"user": "Put my dog in the snow", "assistant": "Here'
+    chat_server.rule("in the snow", Reply(content=malformed))
+    chat_server.rule("on the beach", Reply(status=500), Reply(content="```json\n{\"user\": \"x\"}\n```"), Reply())
+    chat_server.rule("as a chef", Reply(content=json.dumps({"user": "a dog as a chef", "assistant": "The dog cooks."})))
+    config = FactoryConfig.model_validate({"dialogue": dialogue_config(chat_server.url, max_attempts=3, batch_size=2).model_dump()})
+    rows = pd.DataFrame({
+        "key": ["k-snow", "k-beach", "k-chef", "k-park", "k-dead"],
+        "subject": ["dog"] * 5,
+        "domain": ["object"] * 5,
+        "instruction": ["a dog in the snow", "a dog on the beach", "a dog as a chef", "a dog in a park", "a dog in space"],
+        "reject_stage": [None, None, None, None, "filter"],
+        "reject_reason": [None, None, None, None, "filter_dino"],
+    })
+
+    out = Dialogue(config)(rows).set_index("key")
+
+    assert len(out) == 5
+    assert out.loc["k-snow", "reject_reason"] == "dialogue_not_json"
+    assert out.loc["k-chef", "reject_reason"] == "dialogue_echoes_instruction"
+    assert chat_server.calls["in the snow"] == 3  # one request per attempt
+    # 500 (engine retry) -> missing_field (stage retry, new seed) -> accepted
+    assert pd.isna(out.loc["k-beach", "reject_reason"]) and out.loc["k-beach", "dialogue_attempts"] == 2
+    assert out.loc["k-park", "dialogue_attempts"] == 1 and out.loc["k-park", "user"].startswith("Could you")
+    assert out.loc["k-dead", "reject_reason"] == "filter_dino" and out.loc["k-dead", "dialogue_attempts"] == 0
+    assert pd.isna(out.loc["k-dead", "user"]) and pd.isna(out.loc["k-dead", "style"])
+    seeds = [body["seed"] for _, body in chat_server.requests if "in the snow" in body["messages"][-1]["content"]]
+    assert len(set(seeds)) == 3  # each attempt draws with a new seed
