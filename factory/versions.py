@@ -1,4 +1,4 @@
-"""`python -m factory.versions {list,show,verify,union,rethreshold}`: manage dataset versions."""
+"""`python -m factory.versions {list,show,verify,union,rethreshold,report}`: manage dataset versions."""
 
 from __future__ import annotations
 
@@ -65,8 +65,19 @@ def cmd_rethreshold(storage, config, args) -> int:
     return 0
 
 
+def cmd_report(storage, config, args) -> int:
+    import time
+
+    from factory.report import write_report
+
+    started = time.perf_counter()
+    path = write_report(storage, config.dataset, args.version, args.out)
+    print(f"version {config.dataset}/{args.version}: report {path} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
 COMMANDS = {"list": cmd_list, "show": cmd_show, "verify": cmd_verify, "union": cmd_union,
-            "rethreshold": cmd_rethreshold}
+            "rethreshold": cmd_rethreshold, "report": cmd_report}
 
 
 def parse_args(argv):
@@ -88,6 +99,9 @@ def parse_args(argv):
     rethreshold.add_argument("name")
     rethreshold.add_argument("--threshold", action="append", required=True, metavar="RULE=VALUE",
                              help="e.g. --threshold clip_t=0.32 --threshold dino=0.65")
+    report = sub.add_parser("report", help="write an HTML report (funnel, scores, cost, lineage, gallery)")
+    report.add_argument("version")
+    report.add_argument("--out", help="output folder (default: reports/<dataset>/<version>/)")
     return parser.parse_args(argv)
 
 

@@ -12,7 +12,7 @@ def write(tmp_path, text):
 def test_demo_config_loads_and_hash_is_stable():
     first, second = load_config(), load_config()
     assert first.sha256() == second.sha256()
-    assert first.filter.thresholds == {"clip_t": 0.0, "dino": 0.5}
+    assert first.filter.thresholds == {"clip_t": -0.1, "dino": 0.9}
 
 
 def test_production_defaults_are_the_papers():

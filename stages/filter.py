@@ -1,0 +1,190 @@
+"""filter: score every live candidate with CLIP-T and DINO, then apply the threshold rules.
+
+`clip_t` is the CLIP cosine between `x~` (target_image) and the instruction; `dino` the DINO
+cosine between `x~` and `x` (input_image). Every scored row keeps both scores and one flag
+per rule, so a version can be re-thresholded later from the stored scores
+(`filters.rules.apply_thresholds`). A candidate that cannot be scored (bad image bytes, an
+unreadable instruction) is rejected with a reason and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from factory.config import FactoryConfig
+from factory.images import ImageRejected, decode_image
+from filters.rules import RULES, first_failure, rule_flags
+
+log = logging.getLogger(__name__)
+
+STAGE = "filter"
+# CLIP resizes the shortest side to its input size, so a 1 x 40M image would grow to
+# billions of pixels: refuse such shapes before preprocessing.
+MAX_ASPECT_RATIO = 50.0
+
+
+@dataclass
+class Prepared:
+    """One micro-batch turned into model inputs (by row position), and the rows that could not be."""
+
+    positions: list[int] = field(default_factory=list)
+    clip_pixels: list = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    dino_targets: list = field(default_factory=list)
+    dino_inputs: list = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+class Filter:
+    """Stage callable: rows in, the same rows out with clip_t, dino and a pass flag per rule."""
+
+    def __init__(self, config: FactoryConfig, device: str | None = None):
+        from filters.clip import ClipScorer
+        from filters.dino import DinoScorer
+
+        self.settings = config.filter
+        self.device = device or pick_device(self.settings.num_gpus)
+        self.clip = ClipScorer(
+            self.settings.clip_model,
+            self.settings.clip_pretrained,
+            device=self.device,
+            dtype=self.settings.dtype,
+            model_config=self.settings.clip_model_config,
+            quick_gelu=self.settings.clip_quick_gelu,
+        )
+        self.dino = DinoScorer(self.settings.dino_model, device=self.device, dtype=self.settings.dtype)
+
+    def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
+        scores = {rule: np.full(len(rows), np.nan) for rule in RULES}
+        reasons = object_column(rows, "reject_reason")
+        alive = np.flatnonzero(pd.isna(reasons))
+        size = self.settings.batch_size
+        for start in range(0, len(alive), size):
+            prepared = self.prepare(rows, alive[start : start + size])
+            for position, reason in prepared.rejected.items():
+                reasons[position] = reason
+            if prepared.positions:
+                scores["clip_t"][prepared.positions], scores["dino"][prepared.positions] = self.score(prepared)
+        out = with_filter_columns(rows, scores, reasons, self.settings.thresholds)
+        log.info("filter: %d rows, %d scored, reasons %s", len(out), np.isfinite(scores["clip_t"]).sum(),
+                 out["reject_reason"].value_counts().to_dict())
+        return out
+
+    def prepare(self, rows: pd.DataFrame, positions: np.ndarray) -> Prepared:
+        """Decode both images and read the instruction of each row; preprocess what is usable.
+
+        Each decoded image goes through the models' own preprocessing at once, so at most
+        two full-size images are held at a time.
+        """
+        prepared = Prepared()
+        columns = [rows[name].to_numpy() for name in ("target_image", "input_image", "instruction")]
+        for position in positions:
+            target_bytes, input_bytes, instruction = (column[position] for column in columns)
+            text = readable_text(instruction)
+            if text is None:
+                prepared.rejected[position] = "bad_instruction"
+                continue
+            try:
+                target = self.decode(target_bytes)
+                reference = self.decode(input_bytes)
+            except ImageRejected as err:
+                prepared.rejected[position] = err.reason
+                continue
+            prepared.positions.append(position)
+            prepared.texts.append(text)
+            prepared.clip_pixels.append(self.clip.preprocess(target))
+            prepared.dino_targets.append(self.dino.image_tensors([target])[0])
+            prepared.dino_inputs.append(self.dino.image_tensors([reference])[0])
+        return prepared
+
+    def decode(self, data: bytes | None):
+        image = decode_image(data, self.settings.max_pixels)
+        if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+            raise ImageRejected("extreme_aspect_ratio", f"{image.width}x{image.height}")
+        return image
+
+    def score(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        """(clip_t, dino) for the prepared rows: one CLIP image, one CLIP text and one DINO pass."""
+        import torch
+
+        from filters.clip import paired_cosines
+
+        image_features = self.clip.embed_pixels(torch.stack(prepared.clip_pixels))
+        text_features = self.clip.embed_texts(prepared.texts)
+        dino_features = self.dino.embed_pixels(torch.stack([*prepared.dino_targets, *prepared.dino_inputs]))
+        count = len(prepared.positions)
+        clip_t = paired_cosines(image_features, text_features)
+        dino = paired_cosines(dino_features[:count], dino_features[count:])
+        return clip_t, dino
+
+
+def pick_device(num_gpus: float) -> str:
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def object_column(rows: pd.DataFrame, name: str) -> np.ndarray:
+    """A column as a fresh object array with None for missing values (all None if absent)."""
+    if name not in rows:
+        return np.full(len(rows), None, dtype=object)
+    values = rows[name].to_numpy(dtype=object, copy=True)
+    values[pd.isna(values)] = None
+    return values
+
+
+def with_filter_columns(
+    rows: pd.DataFrame, scores: dict[str, np.ndarray], reasons: np.ndarray, thresholds: dict[str, float]
+) -> pd.DataFrame:
+    """A shallow copy of `rows` with the scores, a flag per rule and the reject columns.
+
+    `reasons` holds the incoming reasons plus this stage's; every row scored here gets the
+    reason of its first failed rule. Rows newly rejected get reject_stage "filter".
+    """
+    flags = rule_flags(scores, thresholds)
+    scored = ~np.isnan(scores["clip_t"])
+    reasons = np.where(scored, first_failure(flags), reasons)
+    stages = object_column(rows, "reject_stage")
+    stages[pd.isna(object_column(rows, "reject_reason")) & pd.notna(reasons)] = STAGE
+    out = rows.copy(deep=False)
+    for column, values in {**scores, **flags}.items():
+        out[column] = values
+    out["reject_stage"] = pd.Series(stages, index=rows.index, dtype=object)
+    out["reject_reason"] = pd.Series(reasons, index=rows.index, dtype=object)
+    return out
+
+
+def readable_text(value: object) -> str | None:
+    """The instruction as text, or None when it is missing, blank or not valid UTF-8."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
+def clip_scorer_from_config(config: FactoryConfig, device: str = "cpu"):
+    """The filter's CLIP scorer, as configured (also used for SID's text-image retrieval)."""
+    from filters.clip import ClipScorer
+
+    settings = config.filter
+    return ClipScorer(settings.clip_model, settings.clip_pretrained, device=device, dtype=settings.dtype,
+                      model_config=settings.clip_model_config, quick_gelu=settings.clip_quick_gelu)
+
+
+def run(ctx) -> dict:
+    """Score every unit's generated candidates (an actor pool over units)."""
+    from factory.pipeline import STEPS, run_steps
+
+    return run_steps(ctx, [STEPS["filter"]])

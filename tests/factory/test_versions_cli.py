@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from factory.manifest import VersionSpec, load_manifest, publish_version, verify_version
+from factory.versions import main
+from tests.factory.conftest import make_samples
+
+
+@pytest.fixture
+def root(storage_config, storage):
+    publish_version(storage, VersionSpec(dataset="demo", version="v1", kind="bootstrap",
+                                         thresholds={"clip_t": 0.3, "dino": 0.6}, config={"filter": {}}),
+                    make_samples(10), shard_max_samples=4)
+    args = ["--set", f"storage.root={storage_config.root}"]
+    if storage_config.endpoint_url:
+        args += ["--set", f"storage.endpoint_url={storage_config.endpoint_url}"]
+    return args
+
+
+def test_list_show_verify(root, capsys):
+    assert main(root + ["list"]) == 0
+    assert "v1" in capsys.readouterr().out
+    assert main(root + ["show", "v1"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["samples"] == 10 and "config" not in shown
+    assert main(root + ["verify", "v1"]) == 0
+    assert "OK (10 samples, 3 shards)" in capsys.readouterr().out
+
+
+def test_verify_fails_with_exit_code_naming_the_shard(root, storage, capsys):
+    storage.write_bytes("datasets/demo/v1/shards/v1-000002.tar", b"garbage")
+    assert main(root + ["verify", "v1"]) == 1
+    assert "shards/v1-000002.tar" in capsys.readouterr().out
+
+
+def test_union_and_unknown_version(root, capsys):
+    assert main(root + ["union", "u1", "v1"]) == 0
+    assert main(root + ["show", "nope"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_rethreshold_selects_the_stricter_subset(root, storage):
+    assert main(root + ["rethreshold", "v1", "v1-strict", "--threshold", "clip_t=0.305"]) == 0
+    child = load_manifest(storage, "demo", "v1-strict")
+    parent_index = storage.read_parquet("datasets/demo/v1/index.parquet").to_pylist()
+    expected = sorted(row["key"] for row in parent_index if row["clip_t"] >= 0.305)
+    child_index = storage.read_parquet("datasets/demo/v1-strict/index.parquet").to_pylist()
+    assert sorted(row["key"] for row in child_index) == expected and 0 < len(expected) < 10
+    assert child["kind"] == "rethreshold" and child["parents"] == ["v1"]
+    assert child["thresholds"] == {"clip_t": 0.305, "dino": 0.6}
+    assert child["funnel"]["rejections"] == {"rethreshold:clip_t_below_threshold": 10 - len(expected)}
+    assert verify_version(storage, "demo", "v1-strict") == []
+
+
+def test_rethreshold_refuses_looser_thresholds(root, capsys):
+    assert main(root + ["rethreshold", "v1", "v1-loose", "--threshold", "dino=0.5"]) == 2
+    assert "looser" in capsys.readouterr().err

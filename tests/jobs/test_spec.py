@@ -1,0 +1,108 @@
+"""Job specs: the shipped file loads, and a bad spec fails with an error naming the job and key."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from jobs.spec import DEFAULT_SPECS, SpecError, check_cron, get_spec, load_specs
+from jobs.submit import entrypoint_with_overrides, submit_kwargs
+
+
+def write_specs(tmp_path, text: str):
+    path = tmp_path / "specs.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+GOOD_JOB = """
+jobs:
+  - name: hello
+    schedule: "*/15 1-5 * * 1,3"
+    entrypoint: python -c "print(1)"
+    runtime_env: {working_dir: ".", env_vars: {TOKENIZERS_PARALLELISM: "false"}}
+    resources: {entrypoint_num_cpus: 0.5, entrypoint_resources: {a100_40g: 1}}
+"""
+
+
+def test_shipped_specs_load_with_the_scheduled_jobs():
+    specs = load_specs(DEFAULT_SPECS)
+    assert {"bootstrap", "nightly-sid", "weekly-eval"} <= set(specs)
+    assert "--stage sid" in specs["nightly-sid"].entrypoint
+    assert "--stage eval" in specs["weekly-eval"].entrypoint
+    assert specs["nightly-sid"].schedule and specs["weekly-eval"].schedule
+    for spec in specs.values():
+        assert spec.entrypoint.startswith("python -m factory.run --stage ")
+        assert {".git", "factory-data", ".venv"} <= set(spec.runtime_env.excludes)
+
+
+def test_a_good_spec_gives_typed_values(tmp_path):
+    spec = load_specs(write_specs(tmp_path, GOOD_JOB))["hello"]
+    assert spec.resources.entrypoint_num_cpus == 0.5
+    assert spec.resources.entrypoint_resources == {"a100_40g": 1.0}
+    assert spec.runtime_env.working_dir == "."
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (("entrypoint_num_cpus: 0.5", "entrypoint_num_cpu: 0.5"), "job hello: resources.entrypoint_num_cpu: unknown key"),
+        (("*/15 1-5 * * 1,3", "0 25 * * *"), "job hello: schedule: cron hour field '25'"),
+        (("*/15 1-5 * * 1,3", "0 2 * *"), "needs 5 fields"),
+        (("TOKENIZERS_PARALLELISM", "HF_TOKEN"), "'HF_TOKEN' looks like a secret"),
+        (('"false"', '"AKIAABCDEFGHIJKLMNOP"'), "looks like a secret"),
+        (("entrypoint_num_cpus: 0.5", "entrypoint_num_cpus: -1"), "greater than or equal to 0"),
+        (("name: hello", "name: Hello_World"), "job Hello_World: name: String should match pattern"),
+        (('    entrypoint: python -c "print(1)"\n', ""), "job hello: entrypoint: required field is missing"),
+    ],
+)
+def test_a_bad_spec_names_the_job_and_the_key(tmp_path, change, expected):
+    old, new = change
+    assert old in GOOD_JOB
+    with pytest.raises(SpecError) as err:
+        load_specs(write_specs(tmp_path, GOOD_JOB.replace(old, new)))
+    assert expected in str(err.value)
+
+
+def test_repeated_names_and_missing_files_are_errors(tmp_path):
+    doubled = GOOD_JOB + GOOD_JOB.split("jobs:\n", 1)[1]
+    with pytest.raises(SpecError, match="repeated: hello"):
+        load_specs(write_specs(tmp_path, doubled))
+    with pytest.raises(SpecError, match="not found"):
+        load_specs(tmp_path / "absent.yaml")
+    with pytest.raises(SpecError, match="no job named 'nope'; known: hello"):
+        get_spec(load_specs(write_specs(tmp_path, GOOD_JOB)), "nope")
+
+
+@pytest.mark.parametrize("expression", ["0 2 * * *", "*/5 * * * *", "0 0 1,15 * 0-6", "30 4 * 1-12/2 7"])
+def test_valid_cron_expressions(expression):
+    check_cron(expression)
+
+
+@pytest.mark.parametrize("expression", ["60 * * * *", "* * 0 * *", "*/0 * * * *", "5-1 * * * *", "@daily", "a * * * *"])
+def test_invalid_cron_expressions(expression):
+    with pytest.raises(ValueError):
+        check_cron(expression)
+
+
+def test_overrides_are_appended_shell_quoted(tmp_path):
+    spec = load_specs(write_specs(tmp_path, GOOD_JOB))["hello"]
+    line = entrypoint_with_overrides(spec, ["storage.root=s3://b/p", "plan.generator=my gen"])
+    assert line.endswith(" --set storage.root=s3://b/p --set 'plan.generator=my gen'")
+    with pytest.raises(SpecError, match="key=value"):
+        entrypoint_with_overrides(spec, ["no-equals-sign"])
+
+
+def test_submit_kwargs_resolve_the_working_dir(tmp_path, monkeypatch):
+    spec = load_specs(write_specs(tmp_path, GOOD_JOB))["hello"]
+    monkeypatch.chdir(tmp_path)
+    kwargs = submit_kwargs(spec, [])
+    assert kwargs["runtime_env"]["working_dir"] == str(tmp_path.resolve())
+    assert kwargs["entrypoint_resources"] == {"a100_40g": 1.0}
+    assert kwargs["submission_id"].startswith("hello-")
+    assert kwargs["metadata"]["job_spec"] == "hello"
+    monkeypatch.chdir(tmp_path.parent)
+    missing = spec.model_copy(update={"runtime_env": spec.runtime_env.model_copy(update={"working_dir": "nowhere"})})
+    with pytest.raises(SpecError, match="is not a folder"):
+        submit_kwargs(missing, [])
