@@ -1,0 +1,64 @@
+"""The embedded demo, run exactly as the README says: `python -m factory.run --stage all`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from factory.config import StorageConfig
+from factory.manifest import load_manifest, verify_version
+from factory.storage import open_storage
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(cwd, *args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "factory.run", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("demo")
+    result = run_cli(cwd, "--stage", "all")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd, result
+
+
+def test_demo_prints_the_funnel_and_where_the_version_is(demo):
+    cwd, result = demo
+    assert "funnel: planned 18 -> generated 18 -> passed_clip" in result.stdout
+    manifest_path = cwd / "factory-data" / "datasets" / "demo" / "demo" / "manifest.json"
+    assert f"manifest at {manifest_path}" in result.stdout
+
+
+def test_demo_version_is_sound_and_its_funnel_adds_up(demo):
+    cwd, _ = demo
+    storage = open_storage(StorageConfig(root=str(cwd / "factory-data")))
+    assert verify_version(storage, "demo", "demo") == []
+    manifest = load_manifest(storage, "demo", "demo")
+    funnel = manifest["funnel"]
+    assert funnel["planned"] == 18 and funnel["written"] == manifest["samples"] > 0
+    assert funnel["planned"] == funnel["written"] + sum(funnel["rejections"].values())
+    assert funnel["generated"] >= funnel["passed_clip"] >= funnel["passed_dino"] >= funnel["dialogue_accepted"]
+    assert manifest["config_sha256"] and manifest["config"]["dataset"] == "demo"
+    assert set(manifest["cost"]) == {"generate", "filter", "dialogue"}
+    assert manifest["dialogue_prompt"]["sha256"]
+
+
+def test_rerun_publishes_nothing_new_and_says_so(demo):
+    cwd, _ = demo
+    before = json.loads((cwd / "factory-data/datasets/demo/demo/manifest.json").read_text())
+    again = run_cli(cwd, "--stage", "all")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert '"skipped": 3, "ran": 0' in again.stdout
+    after = json.loads((cwd / "factory-data/datasets/demo/demo/manifest.json").read_text())
+    assert after == before
+
+
+def test_unbuilt_or_bad_input_gives_clear_exit_codes(tmp_path):
+    bad = run_cli(tmp_path, "--stage", "plan", "--set", "plan.unit_size=-1")
+    assert bad.returncode == 2 and "plan.unit_size" in bad.stderr
+    missing = run_cli(tmp_path, "--stage", "publish", "--config", str(tmp_path / "none.yaml"))
+    assert missing.returncode == 2 and "config file not found" in missing.stderr
