@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -30,6 +31,13 @@ class Section(BaseModel):
 
 class StorageConfig(Section):
     root: str = "./factory-data"
+
+    @field_validator("root")
+    @classmethod
+    def _absolute_local_root(cls, root: str) -> str:
+        # Ray workers (Ray Train especially) run in other folders: a local root must be absolute
+        return root if "://" in root else os.path.abspath(os.path.expanduser(root))
+
     endpoint_url: str | None = None
     region: str | None = None
     multipart_threshold_mb: int = Field(64, ge=5)
@@ -392,7 +400,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file {source} must hold a mapping at the top level")
     for override in overrides or []:
         apply_override(raw, override)
-    return validate_config(raw, origin=str(source))
+    return validate_config(resolve_relative_paths(raw), origin=str(source))
+
+
+def resolve_relative_paths(node: Any) -> Any:
+    """Make every `./` or `../` path absolute (against the current folder), so the config
+    means the same in Ray workers, which run in folders of their own."""
+    if isinstance(node, dict):
+        return {key: resolve_relative_paths(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [resolve_relative_paths(value) for value in node]
+    if isinstance(node, str) and node.startswith(("./", "../")):
+        return os.path.abspath(node)
+    return node
 
 
 def validate_config(raw: dict[str, Any], origin: str = "config") -> FactoryConfig:

@@ -48,12 +48,26 @@ def _llama(path: Path) -> None:
     build_tiny_llama(path)
 
 
+def _cafe_clip(path: Path) -> None:
+    from factory.tiny.cafe import build_tiny_cafe_clip
+
+    build_tiny_cafe_clip(path)
+
+
+def _dinov2(path: Path) -> None:
+    from factory.tiny.cafe import build_tiny_dinov2
+
+    build_tiny_dinov2(path)
+
+
 BUILDERS: list[tuple[str, Callable[[Path], None]]] = [
     ("tiny-sd", _sd),
     ("tiny-promptnet", _promptnet),
     ("tiny-clip", _clip),
     ("tiny-dino", _dino),
     ("tiny-llama", _llama),
+    ("tiny-cafe-clip", _cafe_clip),
+    ("tiny-dinov2", _dinov2),
 ]
 
 

@@ -59,3 +59,26 @@ def test_missing_file_and_bad_override_are_clear(tmp_path):
         load_config(None, ["plan.unit_size"])
     with pytest.raises(ConfigError, match="plan.nonsense: unknown key"):
         load_config(None, ["plan.nonsense=3"])
+
+
+def test_relative_paths_become_absolute_so_workers_agree(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["storage.root=data", "dialogue.model=./models/llm"])
+    assert config.storage.root == str(tmp_path / "data")
+    assert config.dialogue.model == str(tmp_path / "models" / "llm")
+    assert config.filter.clip_model == "tiny-clip"  # a name, not a path: left alone
+    assert load_config(None, ["storage.root=s3://bucket/x"]).storage.root == "s3://bucket/x"
+
+
+def test_production_config_names_the_papers_checkpoints():
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "production.yaml")
+    assert config.references.sd_model == "stabilityai/stable-diffusion-2-base"
+    assert (config.filter.clip_model, config.filter.clip_pretrained, config.filter.dino_model) == (
+        "ViT-B-32", "openai", "facebook/dino-vits16")
+    assert config.filter.thresholds == {"clip_t": 0.3, "dino": 0.6}
+    assert (config.train.clip_model, config.train.dino_model) == ("openai/clip-vit-large-patch14-336", "facebook/dinov2-giant")
+    assert config.dialogue.engine == "vllm" and config.dialogue.model == "meta-llama/Llama-2-70b-chat-hf"
+    assert config.dialogue.tensor_parallel_size == 4
+    assert config.storage.root.startswith("s3://")

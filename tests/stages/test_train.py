@@ -1,0 +1,251 @@
+"""The train stage on a tiny published version: the data split, loss going down, checkpoints,
+resume at the same step with the same weights, and Ray Train with two CPU workers."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from factory.config import FactoryConfig, StorageConfig
+from factory.manifest import VersionSpec, load_manifest, publish_version, shard_key
+from factory.shards import Sample, read_shard
+from factory.storage import open_storage
+
+SAMPLES = 10
+SHARD_SAMPLES = 3  # 4 shards: shard-wise split for 2-4 workers, sample-wise beyond
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from factory.tiny.cafe import build_tiny_cafe_parts
+    from factory.tiny.llama import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("cafe-train-models")
+    return {**build_tiny_cafe_parts(root), "llm_model": build_tiny_llama(root / "llama")}
+
+
+def jpeg(seed: int, size: int = 32) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def make_samples(count: int = SAMPLES, start: int = 0) -> list[Sample]:
+    return [
+        Sample(f"key{n:03d}", jpeg(n), jpeg(500 + n), f"Can you draw dog {n} on the beach?",
+               f"Here is dog {n} on a sunny beach.", {"key": f"key{n:03d}", "subject": "dog"})
+        for n in range(start, start + count)
+    ]
+
+
+def publish(storage, version: str = "v1", count: int = SAMPLES, start: int = 0) -> dict:
+    return publish_version(storage, VersionSpec("tiny", version, "bootstrap"), make_samples(count, start),
+                           shard_max_samples=SHARD_SAMPLES)
+
+
+def make_config(storage_config: StorageConfig, tiny: dict, run_id: str = "run", **train) -> FactoryConfig:
+    settings = {
+        **tiny,
+        "generator_lr": 1e-3,
+        "assistant_lr": 1e-2,
+        "generator_batch_size": 4,
+        "assistant_batch_size": 4,
+        "checkpoint_every": 2,
+        "use_gpu": False,
+        "num_workers": 1,
+        **train,
+    }
+    return FactoryConfig.model_validate(
+        {"dataset": "tiny", "run_id": run_id, "storage": storage_config.model_dump(), "train": settings}
+    )
+
+
+# --- the split ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_each_epoch_deals_every_sample_to_exactly_one_worker(tmp_path, world):
+    from stages.train import EpochPlan
+
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    manifest = publish(storage)
+    per_worker = 2
+    for epoch in range(2):
+        plans = [EpochPlan.build(manifest, world, epoch, seed=0) for _ in range(world)]
+        assert plans[0].shard_mode == (world <= 4)
+        steps = plans[0].steps(per_worker)
+        per_rank = [list(plan.batches(storage, rank, per_worker, steps)) for rank, plan in enumerate(plans)]
+        assert {len(batches) for batches in per_rank} == {steps}  # same number of steps everywhere
+        keys = [key for batches in per_rank for batch in batches for key in batch.keys]
+        assert sorted(keys) == [f"key{n:03d}" for n in range(SAMPLES)]  # all, none twice
+        for index in range(steps):
+            real = sum(len(batches[index].keys) for batches in per_rank)
+            assert real == plans[0].global_count(index, per_worker)
+            assert all(batches[index].samples for batches in per_rank)  # padding keeps every rank busy
+    orders = [[k for b in EpochPlan.build(manifest, 1, e, 0).batches(storage, 0, 4, 3) for k in b.keys] for e in (0, 1)]
+    assert orders[0] != orders[1]  # reshuffled per epoch
+
+
+def test_a_union_is_read_through_its_parents_shards(tmp_path):
+    from factory.manifest import union_versions
+    from stages.train import EpochPlan
+
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    publish(storage, "v1", count=4)
+    publish(storage, "sid1", count=3, start=100)
+    union = union_versions(storage, VersionSpec("tiny", "union1", "union", parents=["v1", "sid1"]))
+    plans = [EpochPlan.build(union, 2, 0, seed=0) for _ in range(2)]
+    keys = [k for rank, plan in enumerate(plans) for b in plan.batches(storage, rank, 2, plan.steps(2)) for k in b.keys]
+    assert sorted(keys) == [f"key{n:03d}" for n in [0, 1, 2, 3, 100, 101, 102]]
+
+
+# --- training, checkpoints, resume ----------------------------------------------------
+
+
+def fixed_batch_loss(job, folder=None) -> float:
+    """Equation 3 / 2 on the first four samples with fixed noise, timesteps and drops."""
+    from stages.train import build_task, fetch_checkpoint
+
+    storage = open_storage(StorageConfig.model_validate(job.storage))
+    torch.manual_seed(job.settings.seed)
+    task = build_task(job, torch.device("cpu"))
+    if folder is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            task.load(Path(fetch_checkpoint(storage, folder, tmp)))
+    manifest = load_manifest(storage, job.dataset, job.version)
+    shards = [shard_key(manifest, shard["path"]) for shard in manifest["shards"]]
+    samples = [sample for key in shards for sample in read_shard(storage, key)][:4]
+    task.model.eval()
+    with torch.no_grad():
+        return float(task.loss(task.model, samples, torch.Generator().manual_seed(1234)).mean())
+
+
+def trainable_weights(job, folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    storage = open_storage(StorageConfig.model_validate(job.storage))
+    name = "diffusion_pytorch_model.safetensors" if job.model == "generator" else "assistant.safetensors"
+    return load(storage.read_bytes(f"{folder}/model/{name}"))
+
+
+def train_resume_and_compare(storage_config, tiny, model: str, steps: int):
+    from stages.train import checkpoint_prefix, make_job, train_in_process
+
+    storage = open_storage(storage_config)
+    publish(storage)
+    straight_config = make_config(storage_config, tiny, "straight", max_steps=steps, condition_dropout=0.0)
+    straight = train_in_process(make_job(straight_config, "v1", model), storage)
+    assert straight["step"] == steps and straight["checkpoint"].endswith(f"step-{steps:08d}")
+    listed = storage.list(checkpoint_prefix(model, "straight"))
+    assert {f"checkpoints/{model}/straight/step-{n:08d}/meta.json" for n in range(2, steps + 1, 2)} <= set(listed)
+    meta = json.loads(storage.read_bytes(f"{straight['checkpoint']}/meta.json"))
+    assert meta["version"] == "v1" and meta["step"] == steps and meta["dataset"] == "tiny"
+
+    job = make_job(straight_config, "v1", model)
+    assert fixed_batch_loss(job, straight["checkpoint"]) < fixed_batch_loss(job)
+
+    half = make_config(storage_config, tiny, "resumed", max_steps=steps // 2, condition_dropout=0.0)
+    assert train_in_process(make_job(half, "v1", model), storage)["step"] == steps // 2
+    whole = make_config(storage_config, tiny, "resumed", max_steps=steps, condition_dropout=0.0)
+    resumed = train_in_process(make_job(whole, "v1", model), storage)
+    assert resumed["step"] == steps
+    expected = trainable_weights(job, straight["checkpoint"])
+    got = trainable_weights(job, resumed["checkpoint"])
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    return storage
+
+
+def test_generator_trains_checkpoints_and_resumes(tmp_path, tiny):
+    train_resume_and_compare(StorageConfig(root=str(tmp_path / "root")), tiny, "generator", steps=4)
+
+
+def test_assistant_trains_checkpoints_and_resumes_on_s3(s3_bucket, tiny):
+    endpoint, bucket = s3_bucket
+    config = StorageConfig(root=f"s3://{bucket}/factory", endpoint_url=endpoint, max_attempts=2)
+    storage = train_resume_and_compare(config, tiny, "assistant", steps=4)
+    from stages.train import make_job, train_in_process
+
+    publish(storage, "v2", count=4)
+    other = make_config(config, tiny, "resumed", max_steps=6)
+    with pytest.raises(ValueError, match="trained on version 'v1'"):
+        train_in_process(make_job(other, "v2", "assistant"), storage)
+
+
+def test_sid_trains_and_fine_tunes_g_through_the_helpers(tmp_path, tiny):
+    from factory.context import RunContext
+    from models.cafe import CafeUNet
+    from stages.train import latest_generator_checkpoint, train_generator_on
+
+    storage_config = StorageConfig(root=str(tmp_path / "root"))
+    storage = open_storage(storage_config)
+    publish(storage)
+    ctx = RunContext(make_config(storage_config, tiny, "sid", max_steps=1), storage)
+    assert latest_generator_checkpoint(ctx) is None
+    first = train_generator_on(ctx, "v1")
+    assert Path(first).is_dir() and latest_generator_checkpoint(ctx) == first
+    tuned = train_generator_on(ctx, "v1", init_from=first, run_id="sid-round1")
+    assert tuned != first and latest_generator_checkpoint(ctx) == tuned
+    meta = json.loads((Path(tuned).parent / "meta.json").read_text())
+    assert meta["train"]["init_from"] == first and meta["step"] == 1
+    assert CafeUNet.from_pretrained(tuned).config.base_model == tiny["base_model"]
+
+
+def test_resolve_version_takes_the_latest(tmp_path, tiny):
+    from stages.train import resolve_version
+
+    storage_config = StorageConfig(root=str(tmp_path))
+    storage = open_storage(storage_config)
+    config = make_config(storage_config, tiny)
+    with pytest.raises(ValueError, match="no published version"):
+        resolve_version(config, storage)
+    publish(storage, "v1", 3)
+    assert resolve_version(config, storage) == "v1"
+    pinned = make_config(storage_config, tiny, version="v0")
+    assert resolve_version(pinned, storage) == "v0"
+
+
+# --- Ray Train --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_train_on_ray_reads_every_sample_once_per_epoch(ray_cluster, tmp_path, tiny):
+    from stages.train import train_on_ray
+
+    storage_config = StorageConfig(root=str(tmp_path / "root"))
+    storage = open_storage(storage_config)
+    publish(storage)  # 4 shards (3, 3, 3, 1 samples): two whole shards per worker and epoch
+    epochs = 2
+    config = make_config(storage_config, tiny, "ray", model="assistant", num_workers=2, epochs=epochs,
+                         log_sample_keys=True, checkpoint_every=100)
+    result = train_on_ray(config, "v1", ray_storage_path=str(tmp_path / "ray"))
+    assert result["model"] == "assistant" and result["version"] == "v1"
+    logs = [json.loads(storage.read_bytes(k)) for k in storage.list("checkpoints/assistant/ray/data")]
+    every_key = [f"key{n:03d}" for n in range(SAMPLES)]
+    for epoch in range(epochs):
+        by_rank = {log["rank"]: log["keys"] for log in logs if log["epoch"] == epoch}
+        assert set(by_rank) == {0, 1} and all(by_rank.values())
+        assert sorted(by_rank[0] + by_rank[1]) == every_key
+    from stages.train import EpochPlan
+
+    manifest = load_manifest(storage, "tiny", "v1")
+    per_worker = 2  # global batch 4 over 2 workers
+    assert result["step"] == sum(EpochPlan.build(manifest, 2, e, 0).steps(per_worker) for e in range(epochs))
