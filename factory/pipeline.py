@@ -109,10 +109,10 @@ class UnitWorker:
             self._plan = read_plan(self.ctx)
         return self._plan[self._plan["unit"] == unit].reset_index(drop=True)
 
-    def run_unit(self, unit: int) -> float:
-        """Process one unit unless its output exists; return the seconds spent."""
+    def run_unit(self, unit: int) -> tuple[float, int]:
+        """Process one unit unless its output exists; return (seconds spent, rows processed)."""
         if self.ctx.storage.exists(self.ctx.unit_key(self.step.name, unit)):
-            return 0.0
+            return 0.0, 0
         started = time.perf_counter()
         rows = ensure_reject_columns(self.input_rows(unit))
         out = self.stage(rows.copy())
@@ -121,11 +121,15 @@ class UnitWorker:
         seconds = time.perf_counter() - started
         out[f"seconds_{self.step.name}"] = seconds / max(len(out), 1)
         write_unit(self.ctx, self.step.name, unit, out)
-        return seconds
+        return seconds, len(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        seconds = [self.run_unit(int(unit)) for unit in batch["unit"]]
-        return {**batch, f"seconds_{self.step.name}": np.asarray(seconds, dtype=float)}
+        done = [self.run_unit(int(unit)) for unit in batch["unit"]]
+        return {
+            **batch,
+            f"seconds_{self.step.name}": np.asarray([seconds for seconds, _ in done], dtype=float),
+            f"rows_{self.step.name}": np.asarray([rows for _, rows in done], dtype=np.int64),
+        }
 
 
 def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
@@ -154,9 +158,20 @@ def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     results = dataset.take_all()
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     for step in steps:
-        column = f"seconds_{step.name}"
-        summary[f"{step.name}_actor_seconds"] = round(sum(row[column] for row in results), 3)
+        summary[step.name] = stage_summary(step, ctx.config, results, summary["wall_seconds"])
     return summary
+
+
+def stage_summary(step: Step, config: FactoryConfig, results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """Counts, rate and accelerator time of one step, for the per-stage summary line."""
+    rows = int(sum(row[f"rows_{step.name}"] for row in results))
+    actor_seconds = float(sum(row[f"seconds_{step.name}"] for row in results))
+    return {
+        "candidates": rows,
+        "per_second": round(rows / wall, 3) if wall else None,
+        "actor_seconds": round(actor_seconds, 3),
+        "gpu_seconds": round(actor_seconds * step.pool(config).num_gpus, 3),
+    }
 
 
 def run_steps_inline(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
@@ -171,4 +186,5 @@ def run_steps_inline(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
         for worker in workers:
             worker.run_unit(unit)
         ran += 1
+        log.info("unit %d done (%d of %d)", unit, ran, len(units))
     return {"units": len(units), "ran": ran, "wall_seconds": round(time.perf_counter() - started, 3)}

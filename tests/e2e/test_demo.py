@@ -1,29 +1,15 @@
 """The embedded demo, run exactly as the README says: `python -m factory.run --stage all`."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from factory.config import StorageConfig
 from factory.manifest import load_manifest, verify_version
 from factory.storage import open_storage
+from tests.e2e.conftest import run_cli
 
 pytestmark = pytest.mark.slow
-
-
-def run_cli(cwd, *args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "factory.run", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("demo")
-    result = run_cli(cwd, "--stage", "all")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cwd, result
 
 
 def test_demo_prints_the_funnel_and_where_the_version_is(demo):

@@ -50,6 +50,7 @@ def test_killed_actor_is_restarted_and_its_unit_retried(tmp_path, ray_local):
     summary = run_steps(ctx, [STAMP])
     assert not (tmp_path / "KILL_UNIT").exists()  # the actor did die on unit 4
     assert summary["ran"] == 6 and finished_units(ctx, "filter") == set(range(6))
+    assert summary["filter"]["candidates"] == 18 and summary["filter"]["gpu_seconds"] == 0
     out = read_stage(ctx, "filter")
     assert out["key"].is_unique and len(out) == 18 and out["stamped"].notna().all()
 

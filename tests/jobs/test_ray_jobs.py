@@ -80,13 +80,14 @@ def test_without_the_token_the_head_refuses(ray_head, tmp_path):
 
 
 # The stages a `ray job submit` of the factory runs, in order, on the embedded demo.
-FACTORY_STAGES = [("references", "references/demo"), ("plan", "runs/demo/plan.parquet")]
+# the demo's sid publishes the bootstrap version and trains a tiny G first, then runs one round
+FACTORY_STAGES = [("sid", "datasets/demo/demo-sid1/manifest.json")]
 
 
 def ray_job_submit(head, *entrypoint: str) -> subprocess.CompletedProcess:
     command = [str(BIN / "ray"), "job", "submit", "--address", head.url, "--working-dir", str(REPO),
                "--", *entrypoint]
-    return subprocess.run(command, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=900)
 
 
 def submission_id(done: subprocess.CompletedProcess) -> str:
@@ -100,6 +101,7 @@ def test_ray_job_submit_runs_the_factory_from_the_shipped_working_dir(ray_head, 
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert ray_head.client().get_job_status(submission_id(done)).value == "SUCCEEDED"
         assert (root / written).exists(), f"{stage} wrote nothing at {root / written}"
+        assert (root / "datasets/demo/demo-union1/manifest.json").exists()
 
 
 def test_ray_job_submit_with_a_bad_config_fails_with_the_error_in_the_logs(ray_head, tmp_path):

@@ -1,0 +1,258 @@
+"""sid: self-improvement via distillation (paper section 3.3), one or more rounds.
+
+A round: pick references and instructions (rare categories of the parent weighted up),
+find a `w` per job (retrieved from the image pool by CLIP text-image similarity, or drawn
+by Stable Diffusion from the instruction), choose alpha, draw
+`x~ = G(E(x), alpha*F(w) + (1-alpha)*F(x))` with the trained generator, then the same
+filter and dialogue stages; publish the round version `D3_k` (kind sid, parent = the
+version G was trained on), the union of parent and round, and fine-tune G on the union.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from factory.config import FactoryConfig
+from factory.context import RunContext
+from factory.keys import sample_key
+from factory.manifest import (
+    VersionSpec,
+    latest_version,
+    load_manifest,
+    shard_key,
+    union_versions,
+    version_dir,
+    version_exists,
+)
+from factory.shards import read_shard
+
+log = logging.getLogger(__name__)
+
+
+def plan_schema() -> pa.Schema:
+    from stages.plan import PLAN_SCHEMA
+
+    return PLAN_SCHEMA.append(pa.field("w_image", pa.binary()))
+
+
+# --- what the round starts from ------------------------------------------------------
+
+
+def ensure_parent(ctx: RunContext) -> str:
+    """The parent version; on the embedded demo, publish the bootstrap version first."""
+    config = ctx.config
+    parent = config.sid.parent or latest_version(ctx.storage, config.dataset, kinds=("bootstrap", "union"))
+    if parent:
+        return parent
+    if not is_demo(config):
+        raise RuntimeError(f"no bootstrap or union version of dataset {config.dataset!r} to start SID from; "
+                           "run --stage all first or set sid.parent")
+    from factory.run import run_all
+
+    log.info("demo: no bootstrap version yet, running --stage all first")
+    return run_all(ctx)["publish"]["version"]
+
+
+def ensure_checkpoint(ctx: RunContext, parent: str) -> str:
+    """G's checkpoint folder; on the demo, train a tiny G on the parent when none exists."""
+    from stages.train import latest_generator_checkpoint, train_generator_on
+
+    config = ctx.config
+    checkpoint = config.sid.checkpoint or latest_generator_checkpoint(ctx)
+    if checkpoint:
+        return checkpoint
+    if not is_demo(config):
+        raise RuntimeError("no trained generator: set sid.checkpoint or run --stage train first")
+    log.info("demo: no trained generator yet, training a tiny G on %s", parent)
+    return train_generator_on(ctx, parent)
+
+
+def is_demo(config: FactoryConfig) -> bool:
+    return config.dataset == "demo"
+
+
+# --- planning a round ----------------------------------------------------------------
+
+
+def parent_rows(ctx: RunContext, parent: str) -> pd.DataFrame:
+    return ctx.storage.read_parquet(f"{version_dir(ctx.config.dataset, parent)}/index.parquet").to_pandas()
+
+
+def instruction_weights(instructions: pd.DataFrame, parent_index: pd.DataFrame, power: float) -> np.ndarray:
+    """(1 + how often the instruction's category is in the parent)^-power: rare styles come up more."""
+    counts = parent_index["category"].value_counts() if "category" in parent_index else pd.Series(dtype=int)
+    seen = instructions["category"].map(counts).fillna(0).to_numpy(dtype=float)
+    return (1.0 + seen) ** -power
+
+
+def draw_round_jobs(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> pd.DataFrame:
+    from stages.instructions import render
+    from stages.plan import instruction_table, reference_catalog
+
+    sid = ctx.config.sid
+    rng = np.random.default_rng([sid.seed, round_])
+    references = reference_catalog(ctx)
+    if sid.max_references is not None and len(references) > sid.max_references:
+        chosen = np.sort(rng.choice(len(references), size=sid.max_references, replace=False))
+        references = references.iloc[chosen].reset_index(drop=True)
+    instructions = instruction_table(ctx.config.plan.instructions)
+    weights = instruction_weights(instructions, parent_rows(ctx, parent), sid.rarity_power)
+    rows = []
+    for _, reference in references.iterrows():
+        in_domain = np.flatnonzero(instructions["domain"].to_numpy() == reference["domain"])
+        if len(in_domain) == 0:
+            continue
+        p = weights[in_domain] / weights[in_domain].sum()
+        for _ in range(sid.jobs_per_reference):
+            instruction = instructions.iloc[int(rng.choice(in_domain, p=p))]
+            seed = int(rng.integers(0, 2**31 - 1))
+            alphas = sid.alphas if sid.alpha_mode == "sweep" else [float(rng.choice(sid.alphas))]
+            for alpha in alphas:
+                rows.append({
+                    "reference_set": ctx.config.references.set, "reference_part": reference["reference_part"],
+                    "reference_id": reference["reference_id"], "subject": reference["subject"],
+                    "domain": reference["domain"], "instruction_id": instruction["instruction_id"],
+                    "category": instruction["category"], "template": instruction["template"],
+                    "instruction": render(instruction["template"], reference["subject"]), "seed": seed,
+                    "generator": sid.generator, "round": round_, "alpha": float(alpha),
+                })
+    return pd.DataFrame(rows)
+
+
+def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
+    """Give every job its `w`: the pool image closest to the instruction, or an SD drawing of it."""
+    if ctx.config.sid.w_source == "generate":
+        images = draw_w_images(ctx, jobs)
+        jobs["w_id"] = [f"sd:{seed}" for seed in jobs["seed"]]
+        jobs["w_image"] = images
+        return jobs
+    pool = load_or_build_pool(ctx, parent)
+    scorer = clip_scorer(ctx.config)
+    texts = jobs["instruction"].tolist()
+    queries = np.concatenate([scorer.embed_texts(texts[i : i + 256]).cpu().numpy() for i in range(0, len(texts), 256)])
+    best, _ = pool.search(queries, k=1)
+    jobs["w_id"] = [f"pool:{pool.image_ids[i]}" for i in best[:, 0]]
+    jobs["w_image"] = [pool.images[i] for i in best[:, 0]]
+    return jobs
+
+
+def clip_scorer(config: FactoryConfig):
+    from stages.filter import clip_scorer_from_config
+
+    return clip_scorer_from_config(config)
+
+
+def load_or_build_pool(ctx: RunContext, parent: str):
+    from factory.pool import ImagePool, build_pool
+
+    name = ctx.config.sid.pool or f"{ctx.config.dataset}-{parent}"
+    try:
+        return ImagePool.load(ctx.storage, name)
+    except FileNotFoundError:
+        if ctx.config.sid.pool:
+            raise
+    manifest = load_manifest(ctx.storage, ctx.config.dataset, parent)
+    images = ((s.key, s.target_image) for shard in manifest["shards"]
+              for s in read_shard(ctx.storage, shard_key(manifest, shard["path"])))
+    log.info("building image pool %s from the target images of %s", name, parent)
+    build_pool(ctx.storage, name, images, clip_scorer(ctx.config))
+    return ImagePool.load(ctx.storage, name)
+
+
+def draw_w_images(ctx: RunContext, jobs: pd.DataFrame) -> list[bytes]:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from factory.images import encode_jpeg
+
+    refs = ctx.config.references
+    pipe = StableDiffusionPipeline.from_pretrained(refs.sd_model, safety_checker=None, requires_safety_checker=False)
+    images = []
+    for _, job in jobs.iterrows():
+        generator = torch.Generator().manual_seed(int(job["seed"]))
+        image = pipe(job["instruction"], num_inference_steps=refs.sd_steps, height=refs.sd_size, width=refs.sd_size,
+                     generator=generator).images[0]
+        images.append(encode_jpeg(image))
+    return images
+
+
+def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> pa.Table:
+    from stages.plan import cut_units
+
+    jobs = draw_round_jobs(ctx, parent, round_, checkpoint)
+    if jobs.empty:
+        raise RuntimeError("SID round planned no jobs: no reference has instructions in its domain")
+    jobs = attach_w(ctx, jobs, parent)
+    jobs["key"] = [
+        sample_key(reference_id=row.reference_id, instruction_id=row.instruction_id, instruction=row.instruction,
+                   seed=row.seed, generator=row.generator, checkpoint=checkpoint, round=round_,
+                   alpha=row.alpha, w_id=row.w_id)
+        for row in jobs.itertuples()
+    ]
+    jobs = cut_units(jobs, ctx.config.sid.unit_size)
+    return pa.Table.from_pandas(jobs[plan_schema().names], schema=plan_schema(), preserve_index=False)
+
+
+# --- running rounds ------------------------------------------------------------------
+
+
+def round_context(ctx: RunContext, round_: int, checkpoint: str) -> RunContext:
+    """The config a round runs under: its own run id and version, G's checkpoint as the generator."""
+    snapshot = ctx.config.snapshot()
+    name = f"{ctx.config.run_id}-sid{round_}"
+    snapshot["run_id"] = name
+    snapshot["publish"]["version"] = name
+    generator = snapshot["generate"]["generators"].setdefault(ctx.config.sid.generator, {"kind": "cafe"})
+    generator["model"] = checkpoint
+    return RunContext(FactoryConfig.model_validate(snapshot), storage=ctx.storage)
+
+
+def run_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> dict[str, Any]:
+    from factory.pipeline import STEPS, read_stage, run_steps
+    from stages.publish import publish_rows
+
+    rctx = round_context(ctx, round_, checkpoint)
+    plan_key = f"{rctx.run_dir}/plan.parquet"
+    if not rctx.storage.exists(plan_key):
+        rctx.storage.write_parquet(plan_key, plan_round(rctx, parent, round_, checkpoint))
+    run_steps(rctx, [STEPS["generate"], STEPS["filter"], STEPS["dialogue"]])
+    rows = read_stage(rctx, "dialogue")
+    alphas = rows["alpha"].value_counts().sort_index()
+    round_manifest = publish_rows(rctx, rows, kind="sid", parents=[parent], extra={
+        "round": round_, "generator_checkpoint": checkpoint,
+        "alphas": {f"{alpha:g}": int(count) for alpha, count in alphas.items()},
+        "w_source": ctx.config.sid.w_source})
+    union_name = f"{ctx.config.run_id}-union{round_}"
+    if not version_exists(ctx.storage, ctx.config.dataset, union_name):
+        union_versions(ctx.storage, VersionSpec(
+            dataset=ctx.config.dataset, version=union_name, kind="union",
+            parents=[parent, round_manifest["version"]], config=rctx.config.snapshot(),
+            config_sha256=rctx.config.sha256(), extra={"round": round_}))
+    return {"round": round_, "version": round_manifest["version"], "samples": round_manifest["samples"],
+            "funnel": round_manifest["funnel"], "union": union_name,
+            "manifest": ctx.storage.url(f"{version_dir(ctx.config.dataset, round_manifest['version'])}/manifest.json")}
+
+
+def run(ctx: RunContext) -> dict[str, Any]:
+    from stages.train import train_generator_on
+
+    parent = ensure_parent(ctx)
+    checkpoint = ensure_checkpoint(ctx, parent)
+    rounds = []
+    for round_ in range(1, ctx.config.sid.rounds + 1):
+        result = run_round(ctx, parent, round_, checkpoint)
+        rounds.append(result)
+        print(f"[sid] round {round_}: {result['samples']} samples in {result['version']}, union {result['union']}",
+              flush=True)
+        parent = result["union"]
+        if ctx.config.sid.finetune:
+            checkpoint = train_generator_on(ctx, parent, init_from=checkpoint)
+    last = rounds[-1]
+    return {"rounds": rounds, "checkpoint": checkpoint,
+            "publish": {"version": last["version"], "samples": last["samples"], "funnel": last["funnel"],
+                        "manifest": last["manifest"]}}

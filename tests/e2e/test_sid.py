@@ -1,0 +1,55 @@
+"""One SID round on the demo: train G on the bootstrap version, draw with it, publish D3_1 and the union."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from factory.config import StorageConfig
+from factory.manifest import load_manifest, shard_key, verify_version
+from factory.shards import read_shard
+from factory.storage import open_storage
+from tests.e2e.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sid_round(demo):
+    cwd, _ = demo
+    result = run_cli(cwd, "--stage", "sid")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return open_storage(StorageConfig(root=str(cwd / "factory-data"))), result
+
+
+def test_round_and_union_versions_name_the_right_parents(sid_round):
+    storage, result = sid_round
+    round_manifest = load_manifest(storage, "demo", "demo-sid1")
+    union = load_manifest(storage, "demo", "demo-union1")
+    assert round_manifest["kind"] == "sid" and round_manifest["parents"] == ["demo"] and round_manifest["round"] == 1
+    assert union["kind"] == "union" and union["parents"] == ["demo", "demo-sid1"]
+    assert union["samples"] == load_manifest(storage, "demo", "demo")["samples"] + round_manifest["samples"]
+    assert verify_version(storage, "demo", "demo-sid1") == [] and verify_version(storage, "demo", "demo-union1") == []
+    assert "version demo-sid1" in result.stdout
+    assert storage.list("checkpoints/generator"), "G was trained before the round"
+
+
+def test_every_sample_records_alpha_and_w(sid_round):
+    storage, _ = sid_round
+    manifest = load_manifest(storage, "demo", "demo-sid1")
+    samples = [s for shard in manifest["shards"] for s in read_shard(storage, shard_key(manifest, shard["path"]))]
+    assert samples
+    for sample in samples:
+        generator = sample.meta["generator"]
+        assert generator["alpha"] in (0.3, 0.6) and generator["w"].startswith("pool:")
+        assert sample.meta["round"] == 1
+    assert set(manifest["alphas"]) <= {"0.3", "0.6"}
+
+
+def test_funnel_counts_are_consistent(sid_round):
+    storage, _ = sid_round
+    funnel = load_manifest(storage, "demo", "demo-sid1")["funnel"]
+    rows = pd.concat([storage.read_parquet(key).to_pandas() for key in storage.list("runs/demo-sid1/dialogue")])
+    assert funnel["planned"] == len(rows) == funnel["written"] + sum(funnel["rejections"].values())
+    after_generate = sum(n for reason, n in funnel["rejections"].items() if not reason.startswith("generate:"))
+    assert funnel["generated"] == funnel["written"] + after_generate
