@@ -169,18 +169,34 @@ def _claim(storage: Storage, spec: VersionSpec) -> None:
     The lock names its owner (the config hash): the same run resuming after a crash takes
     its own lock back; a different run is refused, so no version is ever mixed.
     """
-    if version_exists(storage, spec.dataset, spec.version):
-        raise VersionError(f"version {spec.dataset}/{spec.version} already exists; publishing never overwrites")
     lock = f"{version_dir(spec.dataset, spec.version)}/_publishing.json"
     owner = json.dumps({"config_sha256": spec.config_sha256, "kind": spec.kind}, sort_keys=True).encode()
-    try:
-        storage.write_bytes(lock, owner, create_only=True)
-    except AlreadyExists:
-        if storage.read_bytes(lock) != owner:
-            raise VersionError(
-                f"version {spec.dataset}/{spec.version} is being published by another run "
-                f"(lock {storage.url(lock)}); choose another version name, or delete the lock if that run is dead"
-            ) from None
+    for _ in range(3):
+        if version_exists(storage, spec.dataset, spec.version):
+            raise _already_exists(spec)
+        try:
+            storage.write_bytes(lock, owner, create_only=True)
+        except AlreadyExists:
+            try:
+                holder = storage.read_bytes(lock)
+            except StorageError:  # released between the two calls: look again
+                continue
+            if holder != owner:
+                raise VersionError(
+                    f"version {spec.dataset}/{spec.version} is being published by another run "
+                    f"(lock {storage.url(lock)}); choose another version name, or delete the lock if that run is dead"
+                ) from None
+        # A publisher that finished just before we took the lock wrote its manifest before
+        # releasing the lock, so one more look sees it: we must not write into its version.
+        if version_exists(storage, spec.dataset, spec.version):
+            storage.delete(lock)
+            raise _already_exists(spec)
+        return
+    raise VersionError(f"could not take the publish lock {storage.url(lock)}: it keeps changing hands")
+
+
+def _already_exists(spec: VersionSpec) -> VersionError:
+    return VersionError(f"version {spec.dataset}/{spec.version} already exists; publishing never overwrites")
 
 
 def _manifest(spec: VersionSpec, shards: list[dict[str, Any]], index: list[dict[str, Any]]) -> dict[str, Any]:
@@ -210,10 +226,13 @@ def _commit(storage: Storage, spec: VersionSpec, shards: list[dict[str, Any]], i
     storage.write_parquet(f"{folder}/index.parquet", index_table(index))
     manifest = _manifest(spec, shards, index)
     body = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
+    key = manifest_key(spec.dataset, spec.version)
     try:
-        storage.write_bytes(manifest_key(spec.dataset, spec.version), body, create_only=True)
+        storage.write_bytes(key, body, create_only=True)
     except AlreadyExists:
-        raise VersionError(f"version {spec.dataset}/{spec.version} was published by another run first") from None
+        # A retried PUT whose first answer was lost meets our own manifest: that is success.
+        if storage.read_bytes(key) != body:
+            raise VersionError(f"version {spec.dataset}/{spec.version} was published by another run first") from None
     storage.delete(f"{folder}/_publishing.json")
     return manifest
 

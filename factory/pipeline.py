@@ -132,6 +132,35 @@ class UnitWorker:
         }
 
 
+class UnitChain:
+    """Consecutive steps that ask for the same resources, run in one actor: one process
+    start and one set of imports instead of several, and no hand-off between them."""
+
+    def __init__(self, steps: list[Step], config_snapshot: dict[str, Any]):
+        self.workers = [UnitWorker(step, config_snapshot) for step in steps]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for worker in self.workers:
+            batch = worker(batch)
+        return batch
+
+
+def pool_groups(steps: list[Step], config: FactoryConfig) -> list[list[Step]]:
+    """Split `steps` into runs of neighbours with identical actor-pool resources."""
+    groups: list[list[Step]] = []
+    for step in steps:
+        if groups and resources(groups[-1][-1], config) == resources(step, config):
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+    return groups
+
+
+def resources(step: Step, config: FactoryConfig) -> tuple[int, float, float]:
+    pool = step.pool(config)
+    return pool.concurrency, pool.num_gpus, pool.num_cpus
+
+
 def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     """Stream every unfinished unit through `steps` on Ray Data; return counts and timing."""
     import ray
@@ -144,15 +173,15 @@ def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
         return summary
     snapshot = ctx.config.snapshot()
     dataset = ray.data.from_items([{"unit": unit} for unit in pending], override_num_blocks=len(pending))
-    for step in steps:
-        pool = step.pool(ctx.config)
+    for group in pool_groups(steps, ctx.config):
+        concurrency, num_gpus, num_cpus = resources(group[0], ctx.config)
         dataset = dataset.map_batches(
-            UnitWorker,
-            fn_constructor_args=(step, snapshot),
+            UnitChain,
+            fn_constructor_args=(group, snapshot),
             batch_size=1,
-            concurrency=pool.concurrency,
-            num_gpus=pool.num_gpus,
-            num_cpus=pool.num_cpus,
+            concurrency=concurrency,
+            num_gpus=num_gpus,
+            num_cpus=num_cpus,
         )  # Ray Data restarts dead actors and retries their units (max_restarts=-1 by default)
     started = time.perf_counter()
     results = dataset.take_all()

@@ -63,11 +63,15 @@ def run_all(ctx: RunContext) -> dict[str, Any]:
     return summary
 
 
+COMPOUND = ("all", "sid")  # their parts print their own summary lines
+
+
 def timed(label: str, entry: Callable[[RunContext], dict[str, Any]], ctx: RunContext) -> dict[str, Any]:
     started = time.perf_counter()
     result = entry(ctx) or {}
     seconds = time.perf_counter() - started
-    print(f"[{label}] done in {seconds:.1f}s: {json.dumps(result, default=str)}", flush=True)
+    detail = "" if label in COMPOUND else f": {json.dumps(result, default=str)}"
+    print(f"[{label}] done in {seconds:.1f}s{detail}", flush=True)
     return result
 
 

@@ -66,3 +66,13 @@ def test_failed_run_resumes_only_missing_units(tmp_path, ray_local):
     assert again["skipped"] == len(done_before) and again["ran"] == 6 - len(done_before)
     out = read_stage(ctx, "filter")
     assert out["key"].is_unique and len(out) == 18
+
+
+def test_neighbouring_steps_with_equal_resources_share_an_actor(tmp_path):
+    from factory.pipeline import STEPS, pool_groups
+
+    ctx = make_ctx(tmp_path, units=1)
+    steps = [STEPS["generate"], STEPS["filter"], STEPS["dialogue"]]
+    assert [[s.name for s in group] for group in pool_groups(steps, ctx.config)] == [["generate", "filter", "dialogue"]]
+    ctx.config.filter.num_gpus = 0.25
+    assert [[s.name for s in group] for group in pool_groups(steps, ctx.config)] == [["generate"], ["filter"], ["dialogue"]]
