@@ -39,3 +39,10 @@ class Generator(Protocol):
 
     def generate(self, reference: Image.Image, jobs: list[GenJob]) -> list[GenResult]:
         """Draw one image per job, in order, all for the same reference."""
+
+
+def pick_device(num_gpus: float) -> str:
+    """CUDA when the actor was given GPUs and one is visible, else the CPU."""
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"

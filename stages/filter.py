@@ -18,6 +18,7 @@ import pandas as pd
 from factory.config import FactoryConfig
 from factory.images import ImageRejected, decode_image
 from filters.rules import RULES, first_failure, rule_flags
+from models.base import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,11 @@ class Filter:
     """Stage callable: rows in, the same rows out with clip_t, dino and a pass flag per rule."""
 
     def __init__(self, config: FactoryConfig, device: str | None = None):
-        from filters.clip import ClipScorer
         from filters.dino import DinoScorer
 
         self.settings = config.filter
         self.device = device or pick_device(self.settings.num_gpus)
-        self.clip = ClipScorer(
-            self.settings.clip_model,
-            self.settings.clip_pretrained,
-            device=self.device,
-            dtype=self.settings.dtype,
-            model_config=self.settings.clip_model_config,
-            quick_gelu=self.settings.clip_quick_gelu,
-        )
+        self.clip = clip_scorer_from_config(config, self.device)
         self.dino = DinoScorer(self.settings.dino_model, device=self.device, dtype=self.settings.dtype)
 
     def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
@@ -120,12 +113,6 @@ class Filter:
         clip_t = paired_cosines(image_features, text_features)
         dino = paired_cosines(dino_features[:count], dino_features[count:])
         return clip_t, dino
-
-
-def pick_device(num_gpus: float) -> str:
-    import torch
-
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
 def object_column(rows: pd.DataFrame, name: str) -> np.ndarray:

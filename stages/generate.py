@@ -17,15 +17,9 @@ import pandas as pd
 from factory.config import FactoryConfig
 from factory.context import RunContext
 from factory.images import ImageRejected, decode_image, encode_jpeg
-from models.base import GenJob
+from models.base import GenJob, pick_device
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(num_gpus: float) -> str:
-    import torch
-
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
 class Generate:
