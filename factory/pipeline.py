@@ -179,7 +179,7 @@ def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
             UnitChain,
             fn_constructor_args=(group, snapshot),
             batch_size=1,
-            concurrency=concurrency,
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_gpus=num_gpus,
             num_cpus=num_cpus,
         )  # Ray Data restarts dead actors and retries their units (max_restarts=-1 by default)
