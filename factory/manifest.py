@@ -163,6 +163,13 @@ class VersionSpec:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
 
 
+def release_stale_lock(storage: Storage, dataset: str, version: str) -> None:
+    """Remove the publish lock of a version whose manifest exists (its publisher died
+    between writing the manifest and releasing the lock)."""
+    if version_exists(storage, dataset, version):
+        storage.delete(f"{version_dir(dataset, version)}/_publishing.json")
+
+
 def _claim(storage: Storage, spec: VersionSpec) -> None:
     """Take the version's publish lock, or fail clearly if another publisher holds it.
 

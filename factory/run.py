@@ -46,7 +46,9 @@ def stage_entry(name: str) -> Callable[[RunContext], dict[str, Any]]:
 
 
 def references_exist(ctx: RunContext) -> bool:
-    return bool(ctx.storage.list(f"references/{ctx.config.references.set}"))
+    from stages.references import set_complete
+
+    return set_complete(ctx.storage, ctx.config.references.set)
 
 
 def run_all(ctx: RunContext) -> dict[str, Any]:

@@ -43,10 +43,13 @@ class PlanError(ValueError):
 
 def reference_catalog(ctx: RunContext) -> pd.DataFrame:
     """Reference ids with their subject, domain and part file, sorted by id."""
-    folder = f"references/{ctx.config.references.set}"
-    parts = [key for key in ctx.storage.list(folder) if key.rsplit("/", 1)[-1].startswith("part-")]
-    if not parts:
-        raise PlanError(f"no references under {ctx.storage.url(folder)}: run --stage references first")
+    from stages.references import list_parts, set_complete
+
+    set_name = ctx.config.references.set
+    parts = list_parts(ctx.storage, set_name)
+    if not parts or not set_complete(ctx.storage, set_name):
+        state = "an unfinished reference set" if parts else "no references"
+        raise PlanError(f"{state} under {ctx.storage.url(f'references/{set_name}')}: run --stage references first")
     frames = []
     for part in parts:
         table = ctx.storage.read_parquet(part).select(["reference_id", "subject", "domain"])

@@ -16,7 +16,14 @@ import pandas as pd
 
 from factory.config import FactoryConfig
 from factory.context import RunContext
-from factory.manifest import VersionError, VersionSpec, load_manifest, publish_version, version_exists
+from factory.manifest import (
+    VersionError,
+    VersionSpec,
+    load_manifest,
+    publish_version,
+    release_stale_lock,
+    version_exists,
+)
 from factory.shards import Sample
 
 log = logging.getLogger(__name__)
@@ -151,6 +158,7 @@ def publish_rows(ctx: RunContext, rows: pd.DataFrame, kind: str = "bootstrap",
         if manifest["config_sha256"] != config.sha256():
             raise VersionError(f"version {config.dataset}/{ctx.version} already exists from another config; "
                                "publishing never overwrites (set publish.version to a new name)")
+        release_stale_lock(ctx.storage, config.dataset, ctx.version)
         log.info("version %s/%s is already published", config.dataset, ctx.version)
         return manifest
     accepted = rows[is_alive(rows)]

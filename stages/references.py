@@ -35,6 +35,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -123,6 +124,7 @@ class Candidate:
 def run(ctx: "RunContext") -> dict:
     """Ingest every configured source into the reference set; return the counts."""
     cfg = ctx.config.references
+    ctx.storage.delete(complete_key(cfg.set))  # the set is incomplete until this run finishes
     with ExitStack() as stack:
         candidates = list_candidates(ctx, stack)
         drawing = any(c.source == "generated" and not c.reject for c in candidates)
@@ -136,9 +138,19 @@ def run(ctx: "RunContext") -> dict:
         "parts": parts.files,
         "rejected": dict(sorted(Counter(r["reason"] for r in rejections).items())),
     }
+    ctx.storage.write_bytes(complete_key(cfg.set), json.dumps(summary, sort_keys=True).encode())
     log.info("references %s: %d stored in %d parts, rejected %s",
              cfg.set, parts.count, parts.files, summary["rejected"])
     return summary
+
+
+def complete_key(set_name: str) -> str:
+    """Written last by a finished ingest: a set is usable iff this exists."""
+    return f"{set_prefix(set_name)}/_complete.json"
+
+
+def set_complete(storage: Storage, set_name: str) -> bool:
+    return storage.exists(complete_key(set_name))
 
 
 def list_candidates(ctx: "RunContext", stack: ExitStack) -> list[Candidate]:

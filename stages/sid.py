@@ -24,6 +24,7 @@ from factory.manifest import (
     VersionSpec,
     latest_version,
     load_manifest,
+    release_stale_lock,
     shard_key,
     union_versions,
     version_dir,
@@ -228,6 +229,7 @@ def run_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> dic
         "alphas": {f"{alpha:g}": int(count) for alpha, count in alphas.items()},
         "w_source": ctx.config.sid.w_source})
     union_name = f"{ctx.config.run_id}-union{round_}"
+    release_stale_lock(ctx.storage, ctx.config.dataset, union_name)
     if not version_exists(ctx.storage, ctx.config.dataset, union_name):
         union_versions(ctx.storage, VersionSpec(
             dataset=ctx.config.dataset, version=union_name, kind="union",
