@@ -51,6 +51,30 @@ def references_exist(ctx: RunContext) -> bool:
     return set_complete(ctx.storage, ctx.config.references.set)
 
 
+def looks_local(value: str | None) -> bool:
+    return bool(value) and value.startswith(("/", "./", "../", "~"))
+
+
+def check_inputs(config: FactoryConfig, stage: str) -> None:
+    """Model paths and the instruction bank, checked before any work; errors name the key."""
+    keys = {"filter.clip_pretrained": config.filter.clip_pretrained,
+            "filter.clip_model_config": config.filter.clip_model_config,
+            "filter.dino_model": config.filter.dino_model, "dialogue.model": config.dialogue.model}
+    if any(source.kind == "generated" for source in config.references.sources):
+        keys["references.sd_model"] = config.references.sd_model
+    for name, spec in config.generate.generators.items():
+        keys[f"generate.generators.{name}.model"] = spec.model
+        keys[f"generate.generators.{name}.checkpoint"] = spec.checkpoint
+    missing = [f"  {key}: {value} does not exist" for key, value in keys.items()
+               if looks_local(value) and not os.path.exists(os.path.expanduser(value))]
+    if missing:
+        raise ConfigError("model paths not found:\n" + "\n".join(missing))
+    if stage in ("plan", "all"):
+        from stages.instructions import load_bank
+
+        load_bank(config.plan.instructions)
+
+
 def run_all(ctx: RunContext) -> dict[str, Any]:
     """references (when missing) -> plan -> generate/filter/dialogue streamed -> publish."""
     from factory.pipeline import STEPS, run_steps
@@ -123,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             from factory.demo import prepare_demo
 
             prepare_demo(config)
+        if args.stage in ("plan", "generate", "filter", "dialogue", "all"):
+            check_inputs(config, args.stage)
         ctx = RunContext(config)
         ctx.storage.check()
     except ConfigError as err:
