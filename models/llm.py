@@ -51,6 +51,26 @@ class Engine(Protocol):
         """Engine name, model and sampling settings: goes into the manifest."""
 
 
+class BatchEngine:
+    """Shared front of the engines: checks the batch, then `_generate` does the work."""
+
+    name: str
+
+    def generate(
+        self, conversations: list[Conversation], seeds: list[int], json_schema: dict[str, Any] | None = None
+    ) -> list[str | None]:
+        if len(conversations) != len(seeds):
+            raise ValueError("one seed per conversation")
+        if not conversations:
+            return []
+        return self._generate(conversations, seeds, json_schema)
+
+    def _generate(
+        self, conversations: list[Conversation], seeds: list[int], json_schema: dict[str, Any] | None
+    ) -> list[str | None]:
+        raise NotImplementedError
+
+
 IMPLEMENTATIONS = {
     "transformers": "models.llm_transformers:TransformersEngine",
     "vllm": "models.llm_vllm:VllmEngine",

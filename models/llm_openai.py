@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from models.llm import Conversation, EngineError, EngineUnavailable, sampling_settings
+from models.llm import BatchEngine, Conversation, EngineError, EngineUnavailable, sampling_settings
 
 if TYPE_CHECKING:
     from factory.config import DialogueConfig
@@ -48,7 +48,7 @@ class RequestRefused(EngineError):
     """The server refused this request (4xx): retrying the same request will not help."""
 
 
-class OpenAIEngine:
+class OpenAIEngine(BatchEngine):
     name = "openai"
 
     def __init__(self, config: "DialogueConfig"):
@@ -64,13 +64,9 @@ class OpenAIEngine:
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "model": self.config.model, "endpoint": self.safe_url, **sampling_settings(self.config)}
 
-    def generate(
-        self, conversations: list[Conversation], seeds: list[int], json_schema: dict[str, Any] | None = None
+    def _generate(
+        self, conversations: list[Conversation], seeds: list[int], json_schema: dict[str, Any] | None
     ) -> list[str | None]:
-        if len(conversations) != len(seeds):
-            raise ValueError("one seed per conversation")
-        if not conversations:
-            return []
         bodies = [self.request_body(chat, seed, json_schema) for chat, seed in zip(conversations, seeds)]
         workers = min(self.config.max_concurrency, len(bodies))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm-http") as pool:

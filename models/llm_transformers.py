@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.llm import Conversation, EngineError, sampling_settings
+from models.llm import BatchEngine, Conversation, EngineError, sampling_settings
 
 if TYPE_CHECKING:
     from factory.config import DialogueConfig
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class TransformersEngine:
+class TransformersEngine(BatchEngine):
     name = "transformers"
 
     def __init__(self, config: "DialogueConfig", device: str | None = None):
@@ -48,13 +48,9 @@ class TransformersEngine:
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "model": self.config.model, **sampling_settings(self.config)}
 
-    def generate(
-        self, conversations: list[Conversation], seeds: list[int], json_schema: dict[str, Any] | None = None
+    def _generate(
+        self, conversations: list[Conversation], seeds: list[int], json_schema: dict[str, Any] | None
     ) -> list[str | None]:
-        if len(conversations) != len(seeds):
-            raise ValueError("one seed per conversation")
-        if not conversations:
-            return []
         prompts = [
             self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
             for chat in conversations

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from models.llm import Conversation, EngineUnavailable, sampling_settings
+from models.llm import BatchEngine, Conversation, EngineUnavailable, sampling_settings
 
 if TYPE_CHECKING:
     from factory.config import DialogueConfig
@@ -32,7 +32,7 @@ def import_vllm():
     return vllm
 
 
-class VllmEngine:
+class VllmEngine(BatchEngine):
     name = "vllm"
 
     def __init__(self, config: "DialogueConfig"):
@@ -59,13 +59,9 @@ class VllmEngine:
         return {"engine": self.name, "model": self.config.model, "vllm": version,
                 "tensor_parallel_size": self.config.tensor_parallel_size, **sampling_settings(self.config)}
 
-    def generate(
-        self, conversations: list[Conversation], seeds: list[int], json_schema: dict[str, Any] | None = None
+    def _generate(
+        self, conversations: list[Conversation], seeds: list[int], json_schema: dict[str, Any] | None
     ) -> list[str | None]:
-        if len(conversations) != len(seeds):
-            raise ValueError("one seed per conversation")
-        if not conversations:
-            return []
         params = [self.sampling_params(seed, json_schema) for seed in seeds]
         outputs = self.llm.chat(conversations, sampling_params=params, use_tqdm=False)
         return [output.outputs[0].text if output.outputs else None for output in outputs]

@@ -96,9 +96,16 @@ class ChatServer:
                     server.requests.append((dict(self.headers), body))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                self._open = True
                 try:
                     self._answer(body)
                 finally:
+                    self._close_request()
+
+            def _close_request(self):
+                # before the answer is written: once the client has it, it may send its next request
+                if self._open:
+                    self._open = False
                     with server._lock:
                         server.in_flight -= 1
 
@@ -118,6 +125,7 @@ class ChatServer:
                 self._send(200, json.dumps(answer).encode())
 
             def _send(self, status, payload, retry_after=None):
+                self._close_request()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")

@@ -109,7 +109,7 @@ def test_concurrency_is_bounded(chat_server):
     texts = engine.generate([chat(f"job{n}") for n in range(6)], list(range(6)))
 
     assert len(texts) == 6 and all(texts)
-    assert 1 <= chat_server.max_in_flight <= 2  # the bound; on a busy machine fewer may overlap
+    assert chat_server.max_in_flight == 2
 
 
 def test_unreachable_endpoint_raises_without_leaking_the_key(caplog):
