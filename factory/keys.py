@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 KEY_FIELDS = ("reference_id", "instruction_id", "instruction", "seed", "generator", "checkpoint", "round", "alpha", "w_id")
@@ -31,3 +32,12 @@ def safe_id(text: str, prefix: str = "") -> str:
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     slug = "".join(ch if (ch.isascii() and ch.isalnum()) else "_" for ch in text)[-40:].strip("_")
     return f"{prefix}{slug}_{digest}" if slug else f"{prefix}{digest}"
+
+
+def portable_ref(ref: str | None) -> str | None:
+    """A model reference as it goes into keys: a local path under the current folder is
+    written relative to it, so a job shipped to another working folder keeps its keys."""
+    if not ref or "://" in ref or not os.path.isabs(ref):
+        return ref
+    relative = os.path.relpath(ref, os.getcwd())
+    return ref if relative.startswith("..") else relative

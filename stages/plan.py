@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from factory.context import RunContext
-from factory.keys import sample_key
+from factory.keys import portable_ref, sample_key
 
 PLAN_SCHEMA = pa.schema(
     [
@@ -91,7 +91,7 @@ def draw_jobs(references: pd.DataFrame, instructions: pd.DataFrame, ctx: RunCont
         text = render(instruction["template"], reference["subject"])
         key = sample_key(reference_id=reference["reference_id"], instruction_id=instruction["instruction_id"],
                          instruction=text, seed=seed, generator=plan_config.generator,
-                         checkpoint=spec.checkpoint or spec.model, round=0)
+                         checkpoint=portable_ref(spec.checkpoint or spec.model), round=0)
         rows.append({
             "key": key, "reference_set": ctx.config.references.set, "reference_part": reference["reference_part"],
             "reference_id": reference["reference_id"], "subject": reference["subject"], "domain": reference["domain"],

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from factory.config import FactoryConfig
 from factory.context import RunContext
-from factory.keys import sample_key
+from factory.keys import portable_ref, sample_key
 from factory.manifest import (
     VersionSpec,
     latest_version,
@@ -191,7 +191,7 @@ def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> pa
     jobs = attach_w(ctx, jobs, parent)
     jobs["key"] = [
         sample_key(reference_id=row.reference_id, instruction_id=row.instruction_id, instruction=row.instruction,
-                   seed=row.seed, generator=row.generator, checkpoint=checkpoint, round=round_,
+                   seed=row.seed, generator=row.generator, checkpoint=portable_ref(checkpoint), round=round_,
                    alpha=row.alpha, w_id=row.w_id)
         for row in jobs.itertuples()
     ]

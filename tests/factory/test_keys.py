@@ -27,3 +27,16 @@ def test_safe_id_never_carries_path_parts(name):
     ident = safe_id(name)
     assert "/" not in ident and ".." not in ident and "\x00" not in ident and ident.isascii()
     assert ident == safe_id(name) and ident != safe_id(name + "x")
+
+
+def test_portable_ref_keeps_keys_across_working_folders(tmp_path, monkeypatch):
+    from factory.keys import portable_ref
+
+    for folder in ("job-a", "job-b"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "job-a")
+    first = portable_ref(str(tmp_path / "job-a" / "models" / "g"))
+    monkeypatch.chdir(tmp_path / "job-b")
+    assert portable_ref(str(tmp_path / "job-b" / "models" / "g")) == first == "models/g"
+    assert portable_ref("/elsewhere/models/g") == "/elsewhere/models/g"
+    assert portable_ref("s3://bucket/g") == "s3://bucket/g" and portable_ref("org/model") == "org/model"
