@@ -91,7 +91,7 @@ def instruction_weights(instructions: pd.DataFrame, parent_index: pd.DataFrame, 
     return (1.0 + seen) ** -power
 
 
-def draw_round_jobs(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> pd.DataFrame:
+def draw_round_jobs(ctx: RunContext, parent: str, round_: int) -> pd.DataFrame:
     from stages.instructions import render
     from stages.plan import instruction_table, reference_catalog
 
@@ -185,7 +185,7 @@ def draw_w_images(ctx: RunContext, jobs: pd.DataFrame) -> list[bytes]:
 def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> pa.Table:
     from stages.plan import cut_units
 
-    jobs = draw_round_jobs(ctx, parent, round_, checkpoint)
+    jobs = draw_round_jobs(ctx, parent, round_)
     if jobs.empty:
         raise RuntimeError("SID round planned no jobs: no reference has instructions in its domain")
     jobs = attach_w(ctx, jobs, parent)
