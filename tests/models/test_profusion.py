@@ -15,13 +15,7 @@ IMAGE_SIZE = 32
 FAST_OPTIONS = {"finetune_steps": 2, "finetune_views": 3, "finetune_batch_size": 1, "batch_size": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine run ~10x faster on one intra-op thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/models/conftest.py
 
 
 @pytest.fixture(scope="module")
