@@ -23,7 +23,6 @@ The last line is `ratio stage/floor: X`. Not a test.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile
@@ -33,9 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
+
+from bench.synthetic import photo_like_jpeg  # noqa: E402
 
 from factory.config import FactoryConfig  # noqa: E402
 from factory.tiny.dino import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -67,15 +66,6 @@ def build_dino_vits16(path: Path) -> str:
     ).save_pretrained(path)
     return str(path)
 
-
-def photo_like_jpeg(seed: int, side: int) -> bytes:
-    """A smooth random picture (low-frequency colour field plus grain), JPEG quality 95."""
-    rng = np.random.default_rng(seed)
-    field = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((side, side), Image.BICUBIC)
-    pixels = np.asarray(field, dtype=np.int16) + rng.integers(-12, 13, (side, side, 3))
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
 
 
 def make_candidates(count: int, side: int) -> pd.DataFrame:

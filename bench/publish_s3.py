@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -41,8 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+
+from bench.synthetic import photo_like_jpeg  # noqa: E402
 
 from factory.shards import Sample, cut_shards, encode_shard  # noqa: E402
 
@@ -74,15 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --- data --------------------------------------------------------------------------------
 
-
-def photo_like_jpeg(seed: int, side: int) -> bytes:
-    """A smooth random picture with grain (compresses like a photo), JPEG quality 95."""
-    rng = np.random.default_rng(seed)
-    field = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((side, side), Image.BICUBIC)
-    pixels = np.asarray(field, dtype=np.int16) + rng.integers(-12, 13, (side, side, 3))
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
 
 
 def make_samples(count: int, side: int) -> list[Sample]:
