@@ -1,0 +1,136 @@
+"""The storage layout: every key the factory reads or writes is named here, and only here.
+
+Mirrors the layout block of docs/architecture.md. Keys are relative to the storage root
+(a local folder or `s3://bucket/prefix`); `factory.storage` turns them into paths or URLs.
+"""
+
+from __future__ import annotations
+
+from factory.storage import clean_key
+
+# --- reference sets --------------------------------------------------------------------
+
+
+def reference_set(set_name: str) -> str:
+    return f"references/{clean_key(set_name)}"
+
+
+def reference_part(set_name: str, index: int) -> str:
+    return f"{reference_set(set_name)}/part-{index:05d}.parquet"
+
+
+def reference_rejections(set_name: str) -> str:
+    return f"{reference_set(set_name)}/rejections.parquet"
+
+
+def reference_complete(set_name: str) -> str:
+    """Written last by a finished ingest: plan uses only complete sets."""
+    return f"{reference_set(set_name)}/_complete.json"
+
+
+# --- runs --------------------------------------------------------------------------------
+
+
+def run_dir(run_id: str) -> str:
+    return f"runs/{run_id}"
+
+
+def plan(run_id: str) -> str:
+    return f"{run_dir(run_id)}/plan.parquet"
+
+
+def stage_dir(run_id: str, stage: str) -> str:
+    return f"{run_dir(run_id)}/{stage}"
+
+
+def unit_file(run_id: str, stage: str, unit: int) -> str:
+    return f"{stage_dir(run_id, stage)}/unit-{unit:06d}.parquet"
+
+
+def unit_number(key: str) -> int | None:
+    """The unit of a `unit-<n>.parquet` key, or None for any other key."""
+    name = key.rsplit("/", 1)[-1]
+    if name.startswith("unit-") and name.endswith(".parquet"):
+        return int(name[len("unit-") : -len(".parquet")])
+    return None
+
+
+# --- dataset versions --------------------------------------------------------------------
+
+
+def dataset_dir(dataset: str) -> str:
+    return f"datasets/{dataset}"
+
+
+def version_dir(dataset: str, version: str) -> str:
+    return f"{dataset_dir(dataset)}/{version}"
+
+
+def manifest(dataset: str, version: str) -> str:
+    """Written last: a version exists iff this does."""
+    return f"{version_dir(dataset, version)}/manifest.json"
+
+
+def index(dataset: str, version: str) -> str:
+    return f"{version_dir(dataset, version)}/index.parquet"
+
+
+def publish_lock(dataset: str, version: str) -> str:
+    return f"{version_dir(dataset, version)}/_publishing.json"
+
+
+def shard_relative(version: str, number: int) -> str:
+    """A shard's path as the manifest lists it: relative to its version's folder."""
+    return f"shards/{version}-{number:06d}.tar"
+
+
+def shard(dataset: str, version: str, listed_path: str) -> str:
+    """The key of a shard as a manifest lists it (version-relative, or root-relative in a union)."""
+    if listed_path.startswith("datasets/"):
+        return listed_path
+    return f"{version_dir(dataset, version)}/{listed_path}"
+
+
+def is_manifest(key: str) -> bool:
+    parts = key.split("/")
+    return len(parts) == 4 and parts[0] == "datasets" and parts[3] == "manifest.json"
+
+
+# --- SID retrieval pools -----------------------------------------------------------------
+
+
+def pool_dir(name: str) -> str:
+    return f"pools/{name}"
+
+
+def pool_part(name: str, index: int) -> str:
+    return f"{pool_dir(name)}/part-{index:05d}.parquet"
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+def checkpoints(model: str) -> str:
+    return f"checkpoints/{model}"
+
+
+def checkpoint_run(model: str, run_id: str) -> str:
+    return f"{checkpoints(model)}/{run_id}"
+
+
+def checkpoint_step(model: str, run_id: str, step: int) -> str:
+    return f"{checkpoint_run(model, run_id)}/step-{step:08d}"
+
+
+def checkpoint_latest(model: str, run_id: str) -> str:
+    """Points at the newest complete step."""
+    return f"{checkpoint_run(model, run_id)}/latest.json"
+
+
+def checkpoint_model(folder: str) -> str:
+    return f"{folder}/model"
+
+
+def checkpoint_meta(folder: str) -> str:
+    """Written last in a step folder: the step is complete iff this exists."""
+    return f"{folder}/meta.json"
