@@ -249,6 +249,9 @@ class PublishConfig(Section):
     version: str | None = Field(None, description="version name; default: the run id")
     shard_max_bytes: int = Field(256 * 2**20, ge=1024)
     shard_max_samples: int = Field(10_000, ge=1)
+    allow_partial: bool = Field(False, description="publish a run whose plan has units without output (--allow-partial)")
+    executor: Literal["ray", "local"] = Field(
+        "ray", description="ray: Ray workers build and upload shards; local: this process, one shard at a time")
 
 
 class TrainConfig(Section):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from factory import layout
 from factory.config import FactoryConfig
 from factory.storage import Storage, open_storage
 
@@ -20,10 +21,10 @@ class RunContext:
 
     @cached_property
     def run_dir(self) -> str:
-        return f"runs/{self.config.run_id}"
+        return layout.run_dir(self.config.run_id)
 
     def unit_key(self, stage: str, unit: int) -> str:
-        return f"{self.run_dir}/{stage}/unit-{unit:06d}.parquet"
+        return layout.unit_file(self.config.run_id, stage, unit)
 
     @property
     def version(self) -> str:

@@ -16,8 +16,11 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 import factory
+from factory import layout
 from factory.shards import Sample, ShardInfo, read_shard_bytes, write_shards
 from factory.storage import AlreadyExists, Storage, StorageError
 
@@ -31,19 +34,13 @@ class VersionError(RuntimeError):
     """A version is missing, exists already, or does not verify."""
 
 
-def version_dir(dataset: str, version: str) -> str:
-    return f"datasets/{dataset}/{version}"
-
-
-def manifest_key(dataset: str, version: str) -> str:
-    return f"{version_dir(dataset, version)}/manifest.json"
+version_dir = layout.version_dir
+manifest_key = layout.manifest
 
 
 def shard_key(manifest: dict[str, Any], shard_path: str) -> str:
     """Storage key of a shard listed in a manifest (paths are version- or root-relative)."""
-    if shard_path.startswith("datasets/"):
-        return shard_path
-    return f"{version_dir(manifest['dataset'], manifest['version'])}/{shard_path}"
+    return layout.shard(manifest["dataset"], manifest["version"], shard_path)
 
 
 def code_version() -> str:
@@ -74,9 +71,8 @@ def version_exists(storage: Storage, dataset: str, version: str) -> bool:
 
 def list_versions(storage: Storage, dataset: str) -> list[dict[str, Any]]:
     manifests = []
-    for key in storage.list(f"datasets/{dataset}"):
-        parts = key.split("/")
-        if len(parts) == 4 and parts[3] == "manifest.json":
+    for key in storage.list(layout.dataset_dir(dataset)):
+        if layout.is_manifest(key):
             manifests.append(json.loads(storage.read_bytes(key)))
     return sorted(manifests, key=lambda m: (m["created"], m["version"]))
 
@@ -87,7 +83,8 @@ def latest_version(storage: Storage, dataset: str, kinds: Iterable[str] = KINDS)
 
 
 def score_stats(values: Iterable[float]) -> dict[str, float]:
-    array = np.asarray([v for v in values if v is not None and not np.isnan(v)], dtype=float)
+    array = np.asarray([np.nan if v is None else v for v in values], dtype=float)
+    array = array[~np.isnan(array)]
     if array.size == 0:
         return {}
     quantiles = np.quantile(array, [0.1, 0.5, 0.9])
@@ -121,8 +118,8 @@ def index_row(sample: Sample, shard_path: str) -> dict[str, Any]:
     }
 
 
-def index_table(rows: list[dict[str, Any]]) -> pa.Table:
-    schema = pa.schema(
+def index_schema() -> pa.Schema:
+    return pa.schema(
         [
             ("key", pa.string()),
             ("shard", pa.string()),
@@ -139,7 +136,14 @@ def index_table(rows: list[dict[str, Any]]) -> pa.Table:
             ("dino", pa.float64()),
         ]
     )
-    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def index_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=index_schema())
+
+
+def read_index(storage: Storage, dataset: str, version: str, columns: list[str] | None = None) -> pa.Table:
+    return storage.read_parquet(layout.index(dataset, version), columns=columns)
 
 
 @dataclass
@@ -167,16 +171,16 @@ def release_stale_lock(storage: Storage, dataset: str, version: str) -> None:
     """Remove the publish lock of a version whose manifest exists (its publisher died
     between writing the manifest and releasing the lock)."""
     if version_exists(storage, dataset, version):
-        storage.delete(f"{version_dir(dataset, version)}/_publishing.json")
+        storage.delete(layout.publish_lock(dataset, version))
 
 
-def _claim(storage: Storage, spec: VersionSpec) -> None:
+def claim_version(storage: Storage, spec: VersionSpec) -> None:
     """Take the version's publish lock, or fail clearly if another publisher holds it.
 
     The lock names its owner (the config hash): the same run resuming after a crash takes
     its own lock back; a different run is refused, so no version is ever mixed.
     """
-    lock = f"{version_dir(spec.dataset, spec.version)}/_publishing.json"
+    lock = layout.publish_lock(spec.dataset, spec.version)
     owner = json.dumps({"config_sha256": spec.config_sha256, "kind": spec.kind}, sort_keys=True).encode()
     for _ in range(3):
         if version_exists(storage, spec.dataset, spec.version):
@@ -206,7 +210,7 @@ def _already_exists(spec: VersionSpec) -> VersionError:
     return VersionError(f"version {spec.dataset}/{spec.version} already exists; publishing never overwrites")
 
 
-def _manifest(spec: VersionSpec, shards: list[dict[str, Any]], index: list[dict[str, Any]]) -> dict[str, Any]:
+def _manifest(spec: VersionSpec, shards: list[dict[str, Any]], index: pa.Table) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "dataset": spec.dataset,
@@ -222,15 +226,22 @@ def _manifest(spec: VersionSpec, shards: list[dict[str, Any]], index: list[dict[
         "funnel": spec.funnel,
         "cost": spec.cost,
         "shards": shards,
-        "samples": len(index),
-        "score_stats": {name: score_stats(row[name] for row in index) for name in ("clip_t", "dino")},
+        "samples": index.num_rows,
+        "score_stats": {name: score_stats(index.column(name).to_numpy(zero_copy_only=False).astype(float))
+                        for name in ("clip_t", "dino")},
         **spec.extra,
     }
 
 
-def _commit(storage: Storage, spec: VersionSpec, shards: list[dict[str, Any]], index: list[dict[str, Any]]) -> dict[str, Any]:
-    folder = version_dir(spec.dataset, spec.version)
-    storage.write_parquet(f"{folder}/index.parquet", index_table(index))
+def commit_version(storage: Storage, spec: VersionSpec, shards: list[dict[str, Any]],
+                   index: pa.Table | str | Path) -> dict[str, Any]:
+    """Write the index (a table, or a local Parquet file), then the manifest, then drop the lock."""
+    key = layout.index(spec.dataset, spec.version)
+    if isinstance(index, pa.Table):
+        storage.write_parquet(key, index)
+    else:
+        storage.upload_file(index, key)
+        index = pq.read_table(index, columns=["clip_t", "dino"])
     manifest = _manifest(spec, shards, index)
     body = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
     key = manifest_key(spec.dataset, spec.version)
@@ -240,7 +251,7 @@ def _commit(storage: Storage, spec: VersionSpec, shards: list[dict[str, Any]], i
         # A retried PUT whose first answer was lost meets our own manifest: that is success.
         if storage.read_bytes(key) != body:
             raise VersionError(f"version {spec.dataset}/{spec.version} was published by another run first") from None
-    storage.delete(f"{folder}/_publishing.json")
+    storage.delete(layout.publish_lock(spec.dataset, spec.version))
     return manifest
 
 
@@ -251,8 +262,10 @@ def publish_version(
     shard_max_bytes: int = 256 * 2**20,
     shard_max_samples: int = 10_000,
 ) -> dict[str, Any]:
-    """Write a version from samples: shards in key order (first of a key wins), index, manifest."""
-    _claim(storage, spec)
+    """Write a version from samples in this process: shards in key order (first of a key wins),
+    index, manifest. For a few samples (tests, tools); a run is published by
+    `factory.publisher.write_version`, which gives the same shards from Ray workers."""
+    claim_version(storage, spec)
     unique: dict[str, Sample] = {}
     for sample in samples:
         unique.setdefault(sample.key, sample)
@@ -261,7 +274,9 @@ def publish_version(
     infos = write_shards(storage, folder, spec.version, ordered, shard_max_bytes, shard_max_samples)
     by_key = {s.key: s for s in ordered}
     index = [index_row(by_key[key], info.path) for info in infos for key in info.keys]
-    return _commit(storage, spec, [_shard_entry(info) for info in infos], index)
+    if "written" in spec.funnel:
+        spec.funnel["written"] = len(index)
+    return commit_version(storage, spec, [_shard_entry(info) for info in infos], index_table(index))
 
 
 def _shard_entry(info: ShardInfo) -> dict[str, Any]:
@@ -272,22 +287,21 @@ def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:
     """A version whose shards are its parents' shards, listed by root-relative path; nothing is copied."""
     if len(spec.parents) < 1:
         raise VersionError("a union needs at least one parent version")
-    _claim(storage, spec)
-    shards, index, funnel_totals = [], [], {}
+    claim_version(storage, spec)
+    shards, indexes, funnel_totals = [], [], {}
     for parent in spec.parents:
         manifest = load_manifest(storage, spec.dataset, parent)
-        for shard in manifest["shards"]:
-            shards.append({**shard, "path": shard_key(manifest, shard["path"])})
-        parent_index = storage.read_parquet(f"{version_dir(spec.dataset, parent)}/index.parquet").to_pylist()
-        for row in parent_index:
-            row["shard"] = shard_key(manifest, row["shard"])
-        index.extend(parent_index)
+        shards.extend({**shard, "path": shard_key(manifest, shard["path"])} for shard in manifest["shards"])
+        index = read_index(storage, spec.dataset, parent).cast(index_schema())
+        paths = pa.array([shard_key(manifest, path) for path in index.column("shard").to_pylist()], pa.string())
+        indexes.append(index.set_column(index.schema.get_field_index("shard"), "shard", paths))
         funnel_totals[parent] = manifest["samples"]
-    duplicates = len(index) - len({row["key"] for row in index})
+    index = pa.concat_tables(indexes)
+    duplicates = index.num_rows - pc.count_distinct(index.column("key")).as_py()
     if duplicates:
         raise VersionError(f"parents {spec.parents} share {duplicates} sample keys; a union must not repeat a sample")
-    spec.funnel = spec.funnel or {"written": len(index), "from_parents": funnel_totals}
-    return _commit(storage, spec, shards, index)
+    spec.funnel = spec.funnel or {"written": index.num_rows, "from_parents": funnel_totals}
+    return commit_version(storage, spec, shards, index)
 
 
 def verify_version(storage: Storage, dataset: str, version: str) -> list[str]:
@@ -299,7 +313,7 @@ def verify_version(storage: Storage, dataset: str, version: str) -> list[str]:
         key = shard_key(manifest, shard["path"])
         problems.extend(_verify_shard(storage, key, shard, seen))
     try:
-        index = storage.read_parquet(f"{version_dir(dataset, version)}/index.parquet").to_pylist()
+        index = read_index(storage, dataset, version, columns=["key"]).to_pylist()
     except Exception as err:  # a missing or unreadable index is a finding, not a crash
         return problems + [f"index.parquet unreadable: {type(err).__name__}: {err}"]
     for row in index:

@@ -3,8 +3,10 @@
 A unit's output is one Parquet file per stage (`runs/<run>/<stage>/unit-<n>.parquet`),
 written atomically when the unit is done. A unit whose file exists is skipped, so a
 stopped run, started again, does only the units still missing, and never writes a
-sample twice. Rows carry everything (rejections included), so the funnel and the cost
-are counted from the files, not from logs.
+sample twice. Rows carry scores, texts and reasons (rejections included) but no copy of an
+image drawn or stored elsewhere (`factory.units.ImageJoin` joins the bytes a stage needs),
+and each file's footer says what made it, so the funnel and the cost are counted from the
+files, not from logs, and a changed config is refused instead of mixed in (`check_made_with`).
 """
 
 from __future__ import annotations
@@ -13,115 +15,111 @@ import logging
 import time
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 
-from factory.config import ActorPool, FactoryConfig
+from factory.config import ActorPool, ConfigError, FactoryConfig, validate_config
 from factory.context import RunContext
+from factory.stage import Stage, changed_keys, fingerprint
+from factory.storage import open_storage
+from factory.units import (
+    ImageJoin,
+    finished_units,
+    plan_units,
+    read_plan_unit,
+    read_unit,
+    unit_meta,
+    without_images,
+    write_unit,
+)
 
 log = logging.getLogger(__name__)
-
-REJECT_COLUMNS = ("reject_stage", "reject_reason")
 
 
 @dataclass(frozen=True)
 class Step:
-    """One model stage in the unit pipeline."""
+    """One model stage in the unit pipeline: its name (also its output folder) and class."""
 
-    name: str  # the stage name, also the output folder
-    target: str  # "module:Class" of the stage callable
-    source: str  # where its input rows come from: "plan" or a previous stage name
+    name: str
+    target: str  # "module:Class", a `factory.stage.Stage` subclass
 
     def pool(self, config: FactoryConfig) -> ActorPool:
         return getattr(config, self.name)
 
+    def stage_class(self) -> type[Stage]:
+        module_name, attribute = self.target.split(":")
+        return getattr(import_module(module_name), attribute)
+
 
 STEPS = {
-    "generate": Step("generate", "stages.generate:Generate", "plan"),
-    "filter": Step("filter", "stages.filter:Filter", "generate"),
-    "dialogue": Step("dialogue", "stages.dialogue:Dialogue", "filter"),
+    "generate": Step("generate", "stages.generate:Generate"),
+    "filter": Step("filter", "stages.filter:Filter"),
+    "dialogue": Step("dialogue", "stages.dialogue:Dialogue"),
 }
 
 
-def load_target(target: str) -> Callable[..., Any]:
-    module_name, attribute = target.split(":")
-    return getattr(import_module(module_name), attribute)
+class RunChanged(ConfigError):
+    """A run's unit files were made with other settings than the config now says."""
 
 
-def read_plan(ctx: RunContext) -> pd.DataFrame:
-    return ctx.storage.read_parquet(f"{ctx.run_dir}/plan.parquet").to_pandas()
-
-
-def plan_units(ctx: RunContext) -> list[int]:
-    table = ctx.storage.read_parquet(f"{ctx.run_dir}/plan.parquet")
-    return sorted(set(table.column("unit").to_pylist()))
-
-
-def finished_units(ctx: RunContext, stage: str) -> set[int]:
-    done = set()
-    for key in ctx.storage.list(f"{ctx.run_dir}/{stage}"):
-        name = key.rsplit("/", 1)[-1]
-        if name.startswith("unit-") and name.endswith(".parquet"):
-            done.add(int(name[len("unit-") : -len(".parquet")]))
-    return done
-
-
-def read_unit(ctx: RunContext, stage: str, unit: int) -> pd.DataFrame:
-    return ctx.storage.read_parquet(ctx.unit_key(stage, unit)).to_pandas()
-
-
-def read_stage(ctx: RunContext, stage: str) -> pd.DataFrame:
-    """All unit outputs of a stage, in unit order."""
-    frames = [read_unit(ctx, stage, unit) for unit in sorted(finished_units(ctx, stage))]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def write_unit(ctx: RunContext, stage: str, unit: int, rows: pd.DataFrame) -> None:
-    table = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
-    ctx.storage.write_parquet(ctx.unit_key(stage, unit), table)
-
-
-def ensure_reject_columns(rows: pd.DataFrame) -> pd.DataFrame:
-    for column in REJECT_COLUMNS:
-        if column not in rows:
-            rows[column] = pd.Series([None] * len(rows), dtype=object)
-    return rows
+def check_made_with(ctx: RunContext, steps: list[Step]) -> None:
+    """Refuse to add units made with one config to units made with another: a version must
+    never state settings its samples were not made with. Names the keys that changed."""
+    for step in steps:
+        done = sorted(finished_units(ctx.storage, ctx.config.run_id, step.name))
+        if not done:
+            continue
+        made_with = unit_meta(ctx.storage, ctx.config.run_id, step.name, done[0]).get("shaped_by")
+        now = fingerprint(ctx.config, step.stage_class().shaped_by)
+        if made_with is not None and made_with != now:
+            changes = "\n  ".join(changed_keys(made_with, now))
+            raise RunChanged(
+                f"run {ctx.config.run_id!r} already has {len(done)} {step.name} units made with other settings:\n  "
+                f"{changes}\nstart a new run (--set run_id=NEW) or restore those settings")
 
 
 class UnitWorker:
     """Runs one stage on whole units inside a Ray actor (or inline, for tests and loops)."""
 
-    def __init__(self, step: Step, config_snapshot: dict[str, Any], plan: pd.DataFrame | None = None):
-        from factory.config import validate_config
-
+    def __init__(self, step: Step, config_snapshot: dict[str, Any]):
+        config = validate_config(config_snapshot)
         self.step = step
-        self.ctx = RunContext(validate_config(config_snapshot))
-        self.stage = load_target(step.target)(self.ctx.config)
-        self._plan = plan
+        self.run_id = config.run_id
+        self.storage = open_storage(config.storage)
+        self.stage = step.stage_class()(config)
+        self.images = ImageJoin(self.storage, self.run_id)
+        self.shaped_by = fingerprint(config, self.stage.shaped_by)
 
-    def input_rows(self, unit: int) -> pd.DataFrame:
-        if self.step.source != "plan":
-            return read_unit(self.ctx, self.step.source, unit)
-        if self._plan is None:
-            self._plan = read_plan(self.ctx)
-        return self._plan[self._plan["unit"] == unit].reset_index(drop=True)
+    def input_rows(self, unit: int):
+        source = self.stage.source
+        if source == "plan":
+            rows = read_plan_unit(self.storage, self.run_id, unit)
+        else:
+            rows = read_unit(self.storage, self.run_id, source, unit)
+        needed = tuple(column for column in self.stage.needs_images if column not in rows)
+        return self.images.add(rows, needed)
 
     def run_unit(self, unit: int) -> tuple[float, int]:
         """Process one unit unless its output exists; return (seconds spent, rows processed)."""
-        if self.ctx.storage.exists(self.ctx.unit_key(self.step.name, unit)):
+        if self.storage.exists(self.unit_key(unit)):
             return 0.0, 0
         started = time.perf_counter()
-        rows = ensure_reject_columns(self.input_rows(unit))
-        out = self.stage(rows.copy())
-        if len(out) != len(rows) or list(out["key"]) != list(rows["key"]):
+        rows = self.input_rows(unit)
+        out = self.stage(rows)
+        if list(out["key"]) != list(rows["key"]):
             raise RuntimeError(f"stage {self.step.name} changed the rows of unit {unit}; stages must keep every row")
         seconds = time.perf_counter() - started
         out[f"seconds_{self.step.name}"] = seconds / max(len(out), 1)
-        write_unit(self.ctx, self.step.name, unit, out)
+        meta = {"stage": self.step.name, "unit": unit, "shaped_by": self.shaped_by,
+                "counters": dict(self.stage.counters), "describe": self.stage.describe()}
+        write_unit(self.storage, self.run_id, self.step.name, unit, without_images(out, self.stage.draws_images), meta)
         return seconds, len(out)
+
+    def unit_key(self, unit: int) -> str:
+        from factory import layout
+
+        return layout.unit_file(self.run_id, self.step.name, unit)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done = [self.run_unit(int(unit)) for unit in batch["unit"]]
@@ -165,9 +163,10 @@ def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     """Stream every unfinished unit through `steps` on Ray Data; return counts and timing."""
     import ray
 
-    units = plan_units(ctx)
+    check_made_with(ctx, steps)
+    units = plan_units(ctx.storage, ctx.config.run_id)
     last = steps[-1].name
-    pending = sorted(set(units) - finished_units(ctx, last))
+    pending = sorted(set(units) - finished_units(ctx.storage, ctx.config.run_id, last))
     summary = {"units": len(units), "skipped": len(units) - len(pending), "ran": len(pending)}
     if not pending:
         return summary
@@ -205,12 +204,13 @@ def stage_summary(step: Step, config: FactoryConfig, results: list[dict[str, Any
 
 def run_steps_inline(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     """The same work as `run_steps` in one process with no Ray: a plain loop over units."""
-    units = plan_units(ctx)
+    check_made_with(ctx, steps)
+    units = plan_units(ctx.storage, ctx.config.run_id)
     workers = [UnitWorker(step, ctx.config.snapshot()) for step in steps]
     started = time.perf_counter()
     ran = 0
     for unit in units:
-        if ctx.storage.exists(ctx.unit_key(steps[-1].name, unit)):
+        if unit in finished_units(ctx.storage, ctx.config.run_id, steps[-1].name):
             continue
         for worker in workers:
             worker.run_unit(unit)

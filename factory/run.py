@@ -22,7 +22,7 @@ from factory.context import RunContext
 log = logging.getLogger("factory.run")
 
 STAGES = ("references", "plan", "generate", "filter", "dialogue", "publish", "all", "train", "sid", "eval")
-NEEDS_RAY = {"generate", "filter", "dialogue", "all", "train", "sid", "eval"}
+NEEDS_RAY = {"generate", "filter", "dialogue", "publish", "all", "train", "sid", "eval"}
 EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_BUILT = 1, 2, 3
 
 
@@ -89,6 +89,17 @@ def run_all(ctx: RunContext) -> dict[str, Any]:
     return summary
 
 
+def bootstrap_demo(ctx: RunContext) -> None:
+    """SID on the embedded demo starts from the demo's bootstrap version: make it when missing."""
+    from factory.manifest import latest_version
+
+    config = ctx.config
+    if config.sid.parent or latest_version(ctx.storage, config.dataset, kinds=("bootstrap", "union")):
+        return
+    log.info("demo: no bootstrap version yet, running --stage all first")
+    timed("all", run_all, ctx)
+
+
 COMPOUND = ("all", "sid")  # their parts print their own summary lines
 
 
@@ -132,6 +143,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m factory.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", required=True, choices=STAGES)
     parser.add_argument("--config", help="YAML config (default: the embedded demo)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="publish even if some planned units have no output (the manifest says so)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set storage.root=s3://bucket/prefix")
     return parser.parse_args(argv)
@@ -141,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        overrides = [*args.overrides, *(["publish.allow_partial=true"] if args.allow_partial else [])]
+        config = load_config(args.config, overrides)
         entry = stage_entry(args.stage)
         if args.config is None:
             from factory.demo import prepare_demo
@@ -160,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.stage in NEEDS_RAY:
+    if args.stage in NEEDS_RAY and not (args.stage == "publish" and config.publish.executor == "local"):
         init_ray(config)
     try:
+        if args.stage == "sid" and args.config is None:
+            bootstrap_demo(ctx)
         result = timed(args.stage, entry, ctx)
     except Exception as err:
         log.exception("stage %s failed", args.stage)

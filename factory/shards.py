@@ -32,6 +32,10 @@ class Sample:
     assistant: str
     meta: dict[str, Any]
 
+    def payload_bytes(self) -> int:
+        """What the shard cut counts for this sample (before `estimated_bytes`' overhead)."""
+        return len(self.input_image) + len(self.target_image) + len(self.user) + len(self.assistant)
+
     def members(self) -> dict[str, Any]:
         if not self.key or "." in self.key or "/" in self.key:
             raise ValueError(f"sample key must be non-empty with no dots or slashes: {self.key!r}")
@@ -62,23 +66,36 @@ def encode_shard(samples: list[Sample]) -> bytes:
     return buffer.getvalue()
 
 
-def _member_bytes(sample: Sample) -> int:
-    return len(sample.input_image) + len(sample.target_image) + len(sample.user) + len(sample.assistant) + 4096
+MEMBER_OVERHEAD = 4096  # tar headers and the metadata member, per sample
+
+
+def estimated_bytes(payload: Any) -> Any:
+    """A sample's estimated size in a shard from its payload bytes (ints or an int array)."""
+    return payload + MEMBER_OVERHEAD
+
+
+def cut_points(sizes: Any, max_bytes: int, max_samples: int) -> list[int]:
+    """Where shards start, for samples in key order with estimated sizes `sizes`: a shard
+    closes before the sample that would take it past `max_samples` or `max_bytes` (a sample
+    larger than `max_bytes` gets a shard of its own). This rule is part of the contract."""
+    starts: list[int] = []
+    count = size = 0
+    for position, estimate in enumerate(int(value) for value in sizes):
+        if count and (count >= max_samples or size + estimate > max_bytes):
+            count = size = 0
+        if count == 0:
+            starts.append(position)
+        count += 1
+        size += estimate
+    return starts
 
 
 def cut_shards(samples: Iterable[Sample], max_bytes: int, max_samples: int) -> Iterator[list[Sample]]:
     """Group samples (already in key order) into shards under both limits."""
-    current: list[Sample] = []
-    size = 0
-    for sample in samples:
-        estimate = _member_bytes(sample)
-        if current and (len(current) >= max_samples or size + estimate > max_bytes):
-            yield current
-            current, size = [], 0
-        current.append(sample)
-        size += estimate
-    if current:
-        yield current
+    ordered = list(samples)
+    starts = cut_points((estimated_bytes(sample.payload_bytes()) for sample in ordered), max_bytes, max_samples)
+    for first, end in zip(starts, [*starts[1:], len(ordered)]):
+        yield ordered[first:end]
 
 
 def write_shards(

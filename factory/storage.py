@@ -13,9 +13,10 @@ import posixpath
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
@@ -77,8 +78,33 @@ class Storage:
 
     # --- helpers built on the primitives ---------------------------------------------
 
-    def read_parquet(self, key: str) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_bytes(key)))
+    def open(self, key: str) -> BinaryIO:
+        """A seekable reader: libraries that read parts of a file (Parquet footers, one
+        column, one row group) fetch only those bytes."""
+        return io.BytesIO(self.read_bytes(key))
+
+    def read_parquet(self, key: str, columns: list[str] | None = None) -> pa.Table:
+        with self.open(key) as handle:
+            return pq.read_table(handle, columns=columns)
+
+    def read_parquet_rows(self, key: str, column: str, value: int) -> pa.Table:
+        """The rows whose `column` equals `value`, reading only the row groups whose
+        statistics can hold it (a plan written one row group per unit reads one unit)."""
+        with self.open(key) as handle:
+            parquet = pq.ParquetFile(handle)
+            position = parquet.schema_arrow.get_field_index(column)
+            groups = []
+            for number in range(parquet.num_row_groups):
+                stats = parquet.metadata.row_group(number).column(position).statistics
+                if stats is None or not stats.has_min_max or stats.min <= value <= stats.max:
+                    groups.append(number)
+            table = parquet.read_row_groups(groups) if groups else parquet.schema_arrow.empty_table()
+        return table.filter(pa.compute.equal(table.column(column), value))
+
+    def parquet_metadata(self, key: str) -> dict[bytes, bytes]:
+        """A Parquet file's key-value metadata, read from its footer alone."""
+        with self.open(key) as handle:
+            return dict(pq.ParquetFile(handle).schema_arrow.metadata or {})
 
     def write_parquet(self, key: str, table: pa.Table, **kwargs) -> None:
         buffer = io.BytesIO()
@@ -118,6 +144,12 @@ class LocalStorage(Storage):
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self._path(key).open("rb")
+        except FileNotFoundError:
+            raise StorageError(f"not found: {self.url(key)}") from None
 
     def upload_file(self, local_path: str | Path, key: str) -> None:
         self.write_bytes(key, Path(local_path).read_bytes())
@@ -229,6 +261,16 @@ class S3Storage(Storage):
         response = self._call("get", key, self.client.get_object, Key=self._key(key))
         return response["Body"].read()
 
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object, in one ranged GET."""
+        if end <= start:
+            return b""
+        response = self._call("get", key, self.client.get_object, Key=self._key(key), Range=f"bytes={start}-{end - 1}")
+        return response["Body"].read()
+
+    def open(self, key: str) -> BinaryIO:
+        return io.BufferedReader(S3RangeReader(self, key, self.size(key)), buffer_size=1 << 20)
+
     def write_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None:
         extra = {"IfNoneMatch": "*"} if create_only else {}
         if len(data) < self.transfer.multipart_threshold or create_only:
@@ -305,6 +347,34 @@ class S3Storage(Storage):
             raise StorageError(f"cannot use bucket s3://{self.location.bucket}: {code}") from None
         except BotoCoreError as err:
             raise StorageError(f"cannot reach s3://{self.location.bucket}: {type(err).__name__}") from None
+
+
+class S3RangeReader(io.RawIOBase):
+    """A seekable, read-only view of one S3 object: each read is a ranged GET."""
+
+    def __init__(self, storage: S3Storage, key: str, size: int):
+        self.storage, self.key, self.length, self.position = storage, key, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        end = min(self.position + len(buffer), self.length)
+        data = self.storage.read_range(self.key, self.position, end)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 def open_storage(config: "StorageConfig") -> Storage:

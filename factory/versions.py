@@ -57,7 +57,10 @@ def cmd_union(storage, config, args) -> int:
 
 def cmd_rethreshold(storage, config, args) -> int:
     from factory.rethreshold import rethreshold_version
+    from factory.run import init_ray
 
+    if config.publish.executor == "ray":
+        init_ray(config)  # the child's shards are written by a Ray job
     thresholds = dict(item.split("=", 1) for item in args.threshold)
     manifest = rethreshold_version(storage, config, args.version, args.name,
                                    {name: float(value) for name, value in thresholds.items()})

@@ -6,8 +6,8 @@ assistant's answer `y~` for every candidate that passed the filter.
 Per alive row (`reject_reason` null): draw the style of `y` from `dialogue.styles`
 (deterministic per sample key and `dialogue.seed`), render the prompt, generate in batches of
 `dialogue.batch_size`, validate, retry the invalid ones with a new seed up to
-`dialogue.max_attempts` times, then reject with `reject_reason = "dialogue_<reason>"`.
-Rows are never dropped; rows rejected earlier pass through untouched.
+`dialogue.max_attempts` times, then reject with the validator's reason (`dialogue:not_json`).
+Rows are never dropped; rows rejected earlier pass through untouched (`factory.stage`).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import pandas as pd
 import yaml
 
 from factory.config import DialogueConfig, FactoryConfig
+from factory.stage import Stage
 
 if TYPE_CHECKING:
     from models.llm import Conversation, Engine
 
 log = logging.getLogger(__name__)
 
-STAGE = "dialogue"
 FIELDS = ("user", "assistant")
 BUILTIN_PROMPT = "dialogue_prompt.yaml"
 PROMPT_PLACEHOLDERS = (
@@ -279,39 +279,39 @@ def attempt_seed(key: str, seed: int, attempt: int) -> int:
 # --- stage ------------------------------------------------------------------------------
 
 
-class Dialogue:
+class Dialogue(Stage):
     """Adds `user`, `assistant`, `style`, `dialogue_attempts`; rejects what stays invalid."""
+
+    name = "dialogue"
+    source = "filter"
+    shaped_by = ("references", "plan", "generate", "filter", "dialogue")
 
     def __init__(self, config: FactoryConfig, engine: "Engine | None" = None):
         from models.llm import build_engine
 
-        self.config = config.dialogue
-        self.limits = DialogueLimits.from_config(self.config)
-        self.prompt = load_prompt(self.config)
-        self.schema = dialogue_schema(self.limits) if self.config.constrained else None
-        self.engine = engine if engine is not None else build_engine(self.config)
+        super().__init__(config)
+        self.settings = config.dialogue
+        self.limits = DialogueLimits.from_config(self.settings)
+        self.prompt = load_prompt(self.settings)
+        self.schema = dialogue_schema(self.limits) if self.settings.constrained else None
+        self.engine = engine if engine is not None else build_engine(self.settings)
 
-    def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
-        out = rows.copy()
-        for column in ("reject_stage", "reject_reason"):
-            out[column] = out[column].astype(object) if column in out else None
-        records = out.to_dict("records")
-        alive = [pos for pos, rec in enumerate(records) if pd.isna(rec["reject_reason"])]
-        styles: list[str | None] = [None] * len(records)
-        for pos in alive:
-            styles[pos] = draw_style(str(records[pos]["key"]), self.config.seed, self.config.styles)
+    def describe(self) -> dict[str, Any]:
+        return {"dialogue_prompt": prompt_fingerprint(self.config)}
+
+    def process(self, rows: pd.DataFrame) -> pd.DataFrame:
+        records = rows.to_dict("records")
+        alive = list(range(len(records)))
+        styles = [draw_style(str(record["key"]), self.settings.seed, self.settings.styles) for record in records]
         attempts = [0] * len(records)
         accepted, failures = self._draft(records, alive, styles, attempts)
-
-        out["style"] = styles
-        out["user"] = [accepted.get(pos, {}).get("user") for pos in range(len(records))]
-        out["assistant"] = [accepted.get(pos, {}).get("assistant") for pos in range(len(records))]
-        out["dialogue_attempts"] = attempts
-        for pos, reason in failures.items():
-            out.iloc[pos, out.columns.get_loc("reject_stage")] = STAGE
-            out.iloc[pos, out.columns.get_loc("reject_reason")] = f"{STAGE}_{reason}"
+        rows["style"] = styles
+        rows["user"] = [accepted.get(pos, {}).get("user") for pos in alive]
+        rows["assistant"] = [accepted.get(pos, {}).get("assistant") for pos in alive]
+        rows["dialogue_attempts"] = attempts
+        rows["reject"] = [failures.get(pos) for pos in alive]
         log.info("dialogue: %d accepted, rejected %s", len(accepted), dict(Counter(failures.values())))
-        return out
+        return rows
 
     def _draft(
         self, records: list[dict[str, Any]], alive: list[int], styles: list, attempts: list[int]
@@ -319,9 +319,9 @@ class Dialogue:
         accepted: dict[int, dict[str, str]] = {}
         failures: dict[int, str] = {}
         pending = list(alive)
-        for attempt in range(1, self.config.max_attempts + 1):
-            for start in range(0, len(pending), self.config.batch_size):
-                chunk = pending[start:start + self.config.batch_size]
+        for attempt in range(1, self.settings.max_attempts + 1):
+            for start in range(0, len(pending), self.settings.batch_size):
+                chunk = pending[start:start + self.settings.batch_size]
                 texts = self._generate([records[pos] for pos in chunk], [styles[pos] for pos in chunk], attempt)
                 for pos, text in zip(chunk, texts):
                     attempts[pos] = attempt
@@ -341,7 +341,7 @@ class Dialogue:
 
     def _generate(self, records: list[dict[str, Any]], styles: list[str], attempt: int) -> list[str | None]:
         conversations = [build_conversation(self.prompt, rec, style, self.limits) for rec, style in zip(records, styles)]
-        seeds = [attempt_seed(str(rec["key"]), self.config.seed, attempt) for rec in records]
+        seeds = [attempt_seed(str(rec["key"]), self.settings.seed, attempt) for rec in records]
         texts = self.engine.generate(conversations, seeds, self.schema)
         if len(texts) != len(records):
             raise RuntimeError(f"engine {self.engine.name} returned {len(texts)} texts for {len(records)} prompts")

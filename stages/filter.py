@@ -18,11 +18,11 @@ import pandas as pd
 from factory.config import FactoryConfig
 from factory.images import ImageRejected, decode_image
 from filters.rules import RULES, first_failure, rule_flags
+from factory.stage import Stage
 from models.base import pick_device
 
 log = logging.getLogger(__name__)
 
-STAGE = "filter"
 # CLIP resizes the shortest side to its input size, so a 1 x 40M image would grow to
 # billions of pixels: refuse such shapes before preprocessing.
 MAX_ASPECT_RATIO = 50.0
@@ -40,32 +40,43 @@ class Prepared:
     rejected: dict[int, str] = field(default_factory=dict)
 
 
-class Filter:
-    """Stage callable: rows in, the same rows out with clip_t, dino and a pass flag per rule."""
+class Filter(Stage):
+    """Adds clip_t, dino and a pass flag per rule; a row under a threshold is rejected with
+    the reason of its first failed rule."""
+
+    name = "filter"
+    source = "generate"
+    needs_images = ("target_image", "input_image")
+    shaped_by = ("references", "plan", "generate", "filter")
 
     def __init__(self, config: FactoryConfig, device: str | None = None):
         from filters.dino import DinoScorer
 
+        super().__init__(config)
         self.settings = config.filter
         self.device = device or pick_device(self.settings.num_gpus)
         self.clip = clip_scorer_from_config(config, self.device)
         self.dino = DinoScorer(self.settings.dino_model, device=self.device, dtype=self.settings.dtype)
 
-    def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
+    def process(self, rows: pd.DataFrame) -> pd.DataFrame:
         scores = {rule: np.full(len(rows), np.nan) for rule in RULES}
-        reasons = object_column(rows, "reject_reason")
-        alive = np.flatnonzero(pd.isna(reasons))
+        reasons = np.full(len(rows), None, dtype=object)
         size = self.settings.batch_size
-        for start in range(0, len(alive), size):
-            prepared = self.prepare(rows, alive[start : start + size])
+        for start in range(0, len(rows), size):
+            prepared = self.prepare(rows, np.arange(start, min(start + size, len(rows))))
             for position, reason in prepared.rejected.items():
                 reasons[position] = reason
             if prepared.positions:
                 scores["clip_t"][prepared.positions], scores["dino"][prepared.positions] = self.score(prepared)
-        out = with_filter_columns(rows, scores, reasons, self.settings.thresholds)
-        log.info("filter: %d rows, %d scored, reasons %s", len(out), np.isfinite(scores["clip_t"]).sum(),
-                 out["reject_reason"].value_counts().to_dict())
-        return out
+        flags = rule_flags(scores, self.settings.thresholds)
+        scored = ~np.isnan(scores["clip_t"])
+        for column, values in {**scores, **flags}.items():
+            rows[column] = values
+        rows["reject"] = np.where(scored, first_failure(flags), reasons)
+        self.count("scored", int(scored.sum()))
+        self.count("passed_clip", int((scored & flags["pass_clip_t"]).sum()))
+        self.count("passed_dino", int((scored & flags["pass_clip_t"] & flags["pass_dino"]).sum()))
+        return rows
 
     def prepare(self, rows: pd.DataFrame, positions: np.ndarray) -> Prepared:
         """Decode both images and read the instruction of each row; preprocess what is usable.
@@ -113,36 +124,6 @@ class Filter:
         clip_t = paired_cosines(image_features, text_features)
         dino = paired_cosines(dino_features[:count], dino_features[count:])
         return clip_t, dino
-
-
-def object_column(rows: pd.DataFrame, name: str) -> np.ndarray:
-    """A column as a fresh object array with None for missing values (all None if absent)."""
-    if name not in rows:
-        return np.full(len(rows), None, dtype=object)
-    values = rows[name].to_numpy(dtype=object, copy=True)
-    values[pd.isna(values)] = None
-    return values
-
-
-def with_filter_columns(
-    rows: pd.DataFrame, scores: dict[str, np.ndarray], reasons: np.ndarray, thresholds: dict[str, float]
-) -> pd.DataFrame:
-    """A shallow copy of `rows` with the scores, a flag per rule and the reject columns.
-
-    `reasons` holds the incoming reasons plus this stage's; every row scored here gets the
-    reason of its first failed rule. Rows newly rejected get reject_stage "filter".
-    """
-    flags = rule_flags(scores, thresholds)
-    scored = ~np.isnan(scores["clip_t"])
-    reasons = np.where(scored, first_failure(flags), reasons)
-    stages = object_column(rows, "reject_stage")
-    stages[pd.isna(object_column(rows, "reject_reason")) & pd.notna(reasons)] = STAGE
-    out = rows.copy(deep=False)
-    for column, values in {**scores, **flags}.items():
-        out[column] = values
-    out["reject_stage"] = pd.Series(stages, index=rows.index, dtype=object)
-    out["reject_reason"] = pd.Series(reasons, index=rows.index, dtype=object)
-    return out
 
 
 def readable_text(value: object) -> str | None:

@@ -9,28 +9,35 @@ from __future__ import annotations
 import json
 import logging
 import time
-from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from factory.config import FactoryConfig
-from factory.context import RunContext
 from factory.images import ImageRejected, decode_image, encode_jpeg
+from factory.stage import Stage
 from models.base import GenJob, pick_device
+
+if TYPE_CHECKING:
+    from factory.context import RunContext
 
 log = logging.getLogger(__name__)
 
 
-class Generate:
-    """Stage callable: rows in, the same rows out with `input_image`, `target_image`, ..."""
+class Generate(Stage):
+    """Adds `target_image` (stored once, here), `generator_info`, `gpu_seconds` and the byte
+    sizes of both images (publish cuts shards from sizes, without the bytes)."""
+
+    name = "generate"
+    source = "plan"
+    needs_images = ("input_image",)
+    draws_images = ("target_image",)
+    shaped_by = ("references", "plan", "generate")
 
     def __init__(self, config: FactoryConfig):
-        self.config = config
-        self.ctx = RunContext(config)
+        super().__init__(config)
         self.device = pick_device(config.generate.num_gpus)
         self._generators: dict[str, Any] = {}
-        self._reference_part = lru_cache(maxsize=4)(self._load_part)
 
     def generator(self, name: str):
         if name not in self._generators:
@@ -42,31 +49,26 @@ class Generate:
             self._generators[name] = build_generator(name, spec, self.device)
         return self._generators[name]
 
-    def _load_part(self, part_key: str) -> dict[str, bytes]:
-        table = self.ctx.storage.read_parquet(part_key).select(["reference_id", "image"])
-        return dict(zip(table.column("reference_id").to_pylist(), table.column("image").to_pylist()))
-
-    def reference_bytes(self, row: pd.Series) -> bytes | None:
-        return self._reference_part(row["reference_part"]).get(row["reference_id"])
-
-    def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
-        for column in ("input_image", "target_image", "generator_info"):
-            rows[column] = pd.Series([None] * len(rows), dtype=object)
+    def process(self, rows: pd.DataFrame) -> pd.DataFrame:
+        for column in ("target_image", "generator_info", "reject"):
+            rows[column] = pd.Series([None] * len(rows), dtype=object, index=rows.index)
         rows["gpu_seconds"] = 0.0
-        alive = rows[rows["reject_reason"].isna()]
-        for (generator_name, _), group in alive.groupby(["generator", "reference_id"], sort=False):
+        rows["input_bytes"] = [len(data) if isinstance(data, bytes) else 0 for data in rows["input_image"]]
+        for (generator_name, _), group in rows.groupby(["generator", "reference_id"], sort=False):
             self._generate_group(rows, group, generator_name)
+        rows["target_bytes"] = [len(data) if isinstance(data, bytes) else 0 for data in rows["target_image"]]
         return rows
 
     def _generate_group(self, rows: pd.DataFrame, group: pd.DataFrame, generator_name: str) -> None:
         first = group.iloc[0]
         try:
-            reference_bytes = self.reference_bytes(first)
-            reference = decode_image(reference_bytes, self.config.references.max_pixels)
+            reference = decode_image(first["input_image"], self.config.references.max_pixels)
             jobs = [self._job(row) for _, row in group.iterrows()]
-        except (ImageRejected, ValueError) as err:
-            reason = getattr(err, "reason", "bad_job")
-            self._reject(rows, group.index, f"reference_{reason}" if isinstance(err, ImageRejected) else reason)
+        except ImageRejected as err:
+            rows.loc[group.index, "reject"] = f"reference_{err.reason}"
+            return
+        except ValueError:
+            rows.loc[group.index, "reject"] = "bad_job"
             return
         generator = self.generator(generator_name)
         started = time.perf_counter()
@@ -74,16 +76,16 @@ class Generate:
             results = generator.generate(reference, jobs)
         except Exception as err:  # one failing reference must not stop the unit
             log.warning("generator %s failed on reference %s: %s", generator_name, first["reference_id"], err)
-            self._reject(rows, group.index, f"generator_error:{type(err).__name__}")
+            rows.loc[group.index, "reject"] = f"generator_error({type(err).__name__})"
             return
         share = (time.perf_counter() - started) / len(jobs)
         gpu_share = share * self.config.generate.num_gpus if self.device == "cuda" else 0.0
         described = generator.describe()
         for index, result in zip(group.index, results):
-            rows.at[index, "input_image"] = reference_bytes
             rows.at[index, "target_image"] = encode_jpeg(result.image, self.config.generate.jpeg_quality)
             rows.at[index, "generator_info"] = json.dumps({**described, **result.info}, sort_keys=True, default=str)
             rows.at[index, "gpu_seconds"] = gpu_share
+        self.count("gpu_seconds", gpu_share * len(jobs))
 
     @staticmethod
     def _job(row: pd.Series) -> GenJob:
@@ -99,11 +101,6 @@ class Generate:
             alpha=None if alpha is None or pd.isna(alpha) else float(alpha),
             w_image=w_image,
         )
-
-    @staticmethod
-    def _reject(rows: pd.DataFrame, index, reason: str) -> None:
-        rows.loc[index, "reject_stage"] = "generate"
-        rows.loc[index, "reject_reason"] = reason
 
 
 def run(ctx: RunContext) -> dict[str, Any]:

@@ -12,7 +12,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from factory import layout
 from factory.context import RunContext
+from factory.units import write_plan
 from factory.keys import portable_ref, sample_key
 
 PLAN_SCHEMA = pa.schema(
@@ -119,7 +121,7 @@ def build_plan(ctx: RunContext) -> pa.Table:
 
 def run(ctx: RunContext) -> dict[str, Any]:
     table = build_plan(ctx)
-    key = f"{ctx.run_dir}/plan.parquet"
+    key = layout.plan(ctx.config.run_id)
     if ctx.storage.exists(key):
         existing = ctx.storage.read_parquet(key)
         if not existing.equals(table):
@@ -128,6 +130,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
                 "use a new run_id for a new plan"
             )
     else:
-        ctx.storage.write_parquet(key, table)
+        write_plan(ctx.storage, ctx.config.run_id, table, ctx.config.plan.unit_size)
     units = len(set(table.column("unit").to_pylist()))
     return {"jobs": table.num_rows, "units": units}

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from factory import layout
 from factory.config import FactoryConfig
 from factory.context import RunContext
 from factory.keys import portable_ref, sample_key
@@ -45,18 +46,13 @@ def plan_schema() -> pa.Schema:
 
 
 def ensure_parent(ctx: RunContext) -> str:
-    """The parent version; on the embedded demo, publish the bootstrap version first."""
+    """The parent version (the embedded demo's CLI publishes the bootstrap version first)."""
     config = ctx.config
     parent = config.sid.parent or latest_version(ctx.storage, config.dataset, kinds=("bootstrap", "union"))
     if parent:
         return parent
-    if not is_demo(config):
-        raise RuntimeError(f"no bootstrap or union version of dataset {config.dataset!r} to start SID from; "
-                           "run --stage all first or set sid.parent")
-    from factory.run import run_all
-
-    log.info("demo: no bootstrap version yet, running --stage all first")
-    return run_all(ctx)["publish"]["version"]
+    raise RuntimeError(f"no bootstrap or union version of dataset {config.dataset!r} to start SID from; "
+                       "run --stage all first or set sid.parent")
 
 
 def ensure_checkpoint(ctx: RunContext, parent: str) -> str:
@@ -214,17 +210,16 @@ def round_context(ctx: RunContext, round_: int, checkpoint: str) -> RunContext:
 
 
 def run_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> dict[str, Any]:
-    from factory.pipeline import STEPS, read_stage, run_steps
-    from stages.publish import publish_rows
+    from factory.pipeline import STEPS, run_steps
+    from factory.publisher import publish_run
+    from factory.units import plan_exists, write_plan
 
     rctx = round_context(ctx, round_, checkpoint)
-    plan_key = f"{rctx.run_dir}/plan.parquet"
-    if not rctx.storage.exists(plan_key):
-        rctx.storage.write_parquet(plan_key, plan_round(rctx, parent, round_, checkpoint))
+    if not plan_exists(rctx.storage, rctx.config.run_id):
+        write_plan(rctx.storage, rctx.config.run_id, plan_round(rctx, parent, round_, checkpoint), ctx.config.sid.unit_size)
     run_steps(rctx, [STEPS["generate"], STEPS["filter"], STEPS["dialogue"]])
-    rows = read_stage(rctx, "dialogue")
-    alphas = rows["alpha"].value_counts().sort_index()
-    round_manifest = publish_rows(rctx, rows, kind="sid", parents=[parent], extra={
+    alphas = round_alphas(rctx)
+    round_manifest = publish_run(rctx, kind="sid", parents=[parent], extra={
         "round": round_, "generator_checkpoint": checkpoint,
         "alphas": {f"{alpha:g}": int(count) for alpha, count in alphas.items()},
         "w_source": ctx.config.sid.w_source})
@@ -237,7 +232,18 @@ def run_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> dic
             config_sha256=rctx.config.sha256(), extra={"round": round_}))
     return {"round": round_, "version": round_manifest["version"], "samples": round_manifest["samples"],
             "funnel": round_manifest["funnel"], "union": union_name,
-            "manifest": ctx.storage.url(f"{version_dir(ctx.config.dataset, round_manifest['version'])}/manifest.json")}
+            "manifest": ctx.storage.url(layout.manifest(ctx.config.dataset, round_manifest["version"]))}
+
+
+def round_alphas(rctx: RunContext) -> pd.Series:
+    """How many candidates each alpha was drawn for, read one unit's column at a time."""
+    from factory.units import finished_units, read_unit
+
+    counts = pd.Series(dtype="int64")
+    for unit in sorted(finished_units(rctx.storage, rctx.config.run_id, "dialogue")):
+        rows = read_unit(rctx.storage, rctx.config.run_id, "dialogue", unit, columns=["alpha"])
+        counts = counts.add(rows["alpha"].value_counts(), fill_value=0)
+    return counts.astype("int64").sort_index()
 
 
 def run(ctx: RunContext) -> dict[str, Any]:

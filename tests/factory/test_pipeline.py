@@ -6,10 +6,20 @@ import pytest
 
 from factory.config import load_config
 from factory.context import RunContext
-from factory.pipeline import Step, finished_units, read_stage, run_steps, run_steps_inline
+from factory.pipeline import RunChanged, Step, run_steps, run_steps_inline
+from factory.units import finished_units as finished, read_unit, unit_meta, write_plan
 
 REPO = Path(__file__).resolve().parents[2]
-STAMP = Step("filter", "tests.factory.stage_doubles:Stamp", "plan")
+STAMP = Step("filter", "tests.factory.stage_doubles:Stamp")
+
+
+def finished_units(ctx, stage):
+    return finished(ctx.storage, ctx.config.run_id, stage)
+
+
+def read_stage(ctx, stage):
+    units = sorted(finished_units(ctx, stage))
+    return pd.concat([read_unit(ctx.storage, ctx.config.run_id, stage, unit) for unit in units], ignore_index=True)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +35,7 @@ def make_ctx(tmp_path, units=5, per_unit=3) -> RunContext:
     ctx = RunContext(load_config(None, [f"storage.root={tmp_path}", "run_id=t"]))
     keys = [f"k{n:03d}" for n in range(units * per_unit)]
     plan = pd.DataFrame({"key": keys, "unit": [n // per_unit for n in range(len(keys))]})
-    ctx.storage.write_parquet(f"{ctx.run_dir}/plan.parquet", pa.Table.from_pandas(plan, preserve_index=False))
+    write_plan(ctx.storage, ctx.config.run_id, pa.Table.from_pandas(plan, preserve_index=False), per_unit)
     return ctx
 
 
@@ -34,14 +44,51 @@ def test_inline_loop_writes_one_file_per_unit(tmp_path):
     assert run_steps_inline(ctx, [STAMP])["ran"] == 5
     out = read_stage(ctx, "filter")
     assert list(out["stamped"]) == [k.upper() for k in out["key"]]
-    assert out["reject_reason"].isna().all() and (out["seconds_filter"] >= 0).all()
+    assert (out["seconds_filter"] >= 0).all()
+    odd = out["key"].str[1:].astype(int) % 2 == 1
+    assert (out.loc[odd, "reject_reason"] == "odd_key").all() and (out.loc[odd, "reject_stage"] == "filter").all()
+    assert out.loc[~odd, "reject_reason"].isna().all()
     assert run_steps_inline(ctx, [STAMP])["ran"] == 0
+
+
+def test_unit_files_keep_their_counters_and_the_settings_that_made_them(tmp_path):
+    ctx = make_ctx(tmp_path, units=2)
+    run_steps_inline(ctx, [STAMP])
+    meta = unit_meta(ctx.storage, "t", "filter", 1)  # keys k003, k004, k005
+    assert meta["counters"]["rows"] == 3 and meta["counters"]["live_out"] == 1
+    assert meta["counters"]["rejected:odd_key"] == 2
+    assert meta["shaped_by"]["filter.thresholds.clip_t"] == ctx.config.filter.thresholds["clip_t"] and "filter.concurrency" not in meta["shaped_by"]
+
+
+def test_rows_rejected_upstream_reach_no_stage_and_come_back_untouched(tmp_path):
+    from tests.factory.stage_doubles import Stamp
+
+    ctx = make_ctx(tmp_path, units=1)
+    rows = pd.DataFrame({"key": ["k000", "k002", "k004"], "unit": [0, 0, 0],
+                         "reject_stage": [None, "generate", None], "reject_reason": [None, "bad_job", None]})
+    out = Stamp(ctx.config)(rows)
+    assert out["reject_reason"].tolist() == [None, "bad_job", None]
+    assert out["reject_stage"].tolist() == [None, "generate", None]
+    assert out["stamped"].tolist()[0] == "K000" and pd.isna(out["stamped"].iloc[1])
+
+
+def test_a_run_refuses_units_made_with_other_settings(tmp_path):
+    ctx = make_ctx(tmp_path, units=3)
+    (tmp_path / "RAISE_UNIT").write_text("2")
+    with pytest.raises(Exception, match="injected failure"):
+        run_steps_inline(ctx, [STAMP])
+    changed = RunContext(load_config(None, [f"storage.root={tmp_path}", "run_id=t", "filter.thresholds.clip_t=0.35"]))
+    old = ctx.config.filter.thresholds["clip_t"]
+    with pytest.raises(RunChanged, match=rf"filter.thresholds.clip_t: {old} -> 0.35"):
+        run_steps_inline(changed, [STAMP])
+    moved = RunContext(load_config(None, [f"storage.root={tmp_path}", "run_id=t", "filter.concurrency=3"]))
+    assert run_steps_inline(moved, [STAMP])["ran"] == 1  # where a stage runs is not what it makes
 
 
 def test_a_stage_that_drops_rows_is_an_error(tmp_path):
     ctx = make_ctx(tmp_path, units=1)
-    with pytest.raises(RuntimeError, match="must keep every row"):
-        run_steps_inline(ctx, [Step("filter", "tests.factory.stage_doubles:DropsRows", "plan")])
+    with pytest.raises(RuntimeError, match="keeps every live row"):
+        run_steps_inline(ctx, [Step("filter", "tests.factory.stage_doubles:DropsRows")])
 
 
 def test_killed_actor_is_restarted_and_its_unit_retried(tmp_path, ray_local):

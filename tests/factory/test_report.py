@@ -27,7 +27,6 @@ from factory.report import GALLERY_MAX_SHARDS, GALLERY_SIZE, NEAR_SIZE, write_re
 from factory.config import StorageConfig
 from factory.storage import LocalStorage, Storage, open_storage
 from factory.versions import main
-from stages.publish import funnel
 from tests.factory.conftest import jpeg, make_samples
 
 THRESHOLDS = {"clip_t": 0.3, "dino": 0.6}
@@ -57,6 +56,18 @@ def candidate_row(key: str, unit: int, clip_t: float, dino: float, stage=None, r
             "target_image": None if stage == "generate" else jpeg(zlib.crc32(key.encode()) % 991 + 1),
             "instruction": texts.get("instruction", f"instruction of {key}"),
             "user": texts.get("user"), "assistant": texts.get("assistant")}
+
+
+def funnel(rows: pd.DataFrame, written: int) -> dict:
+    """The funnel a publish of these rows states (an oracle for the page's numbers)."""
+    generated = rows["reject_stage"].ne("generate")
+    passed_clip = generated & rows["pass_clip_t"]
+    passed_dino = passed_clip & rows["pass_dino"]
+    rejected = rows[rows["reject_reason"].notna()]
+    reasons = (rejected["reject_stage"] + ":" + rejected["reject_reason"]).value_counts()
+    return {"planned": len(rows), "generated": int(generated.sum()), "passed_clip": int(passed_clip.sum()),
+            "passed_dino": int(passed_dino.sum()), "dialogue_accepted": int(rows["reject_reason"].isna().sum()),
+            "written": written, "rejections": {reason: int(count) for reason, count in sorted(reasons.items())}}
 
 
 def run_rows(accepted: list) -> pd.DataFrame:

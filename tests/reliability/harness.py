@@ -26,6 +26,7 @@ DEMO_SETTINGS = (
     "plan.unit_size=2",
     "filter.thresholds.clip_t=-0.1",
     "publish.shard_max_samples=2",
+    "publish.executor=local",  # these tests kill the publishing process itself, at each of its writes
 )
 
 

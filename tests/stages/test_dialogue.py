@@ -203,7 +203,7 @@ def test_constrained_stage_accepts_every_alive_row(tiny_llama):
     for _, row in alive.iterrows():
         jsonschema.validate({"user": row["user"], "assistant": row["assistant"]}, dialogue_schema(SMALL))
         assert row["style"] == draw_style(row["key"], config.dialogue.seed, config.dialogue.styles)
-    assert dead["reject_reason"] == "filter_clip_t" and dead["dialogue_attempts"] == 0 and pd.isna(dead["user"])
+    assert dead["reject_reason"] == "filter_clip_t" and pd.isna(dead["dialogue_attempts"]) and pd.isna(dead["user"])
     assert out["clip_t"].tolist() == rows["clip_t"].tolist()
 
 
@@ -215,6 +215,6 @@ def test_unconstrained_garbage_is_rejected_and_counted(tiny_llama):
     assert (rejected["reject_stage"] == "dialogue").all()
     assert (rejected["dialogue_attempts"] == 2).all()
     counts = out["reject_reason"].value_counts().to_dict()
-    assert counts.get("dialogue_not_json", 0) + counts.get("dialogue_empty_output", 0) == 4
+    assert counts.get("not_json", 0) + counts.get("empty_output", 0) == 4
     assert counts["filter_clip_t"] == 1
     assert rejected["user"].isna().all()

@@ -1,0 +1,420 @@
+"""Publishing as a distributed Ray job: accepted samples -> shards, index, manifest.
+
+Three passes, none of which holds more than one part or one shard of image bytes:
+
+1. **sizes**: a Ray Data job reads each part (a run's work unit, or a parent version's shard)
+   and returns the key and estimated tar size of every accepted sample in it;
+2. **cut** (driver, keys and sizes only): keys sorted, the first part of a repeated key wins,
+   shards cut in key order under both limits (`factory.shards.cut_points`);
+3. **write**: a Ray Data job reads each part's accepted samples with their bytes, tags each with
+   its shard, groups by shard (Ray's shuffle), and each group is encoded and uploaded by a worker.
+
+The index (rows grouped by shard) is streamed to a local Parquet file and uploaded; the manifest is written last,
+create-only, under the publish lock (`factory.manifest`). The same accepted samples give the
+same shards, byte for byte, as the in-process `factory.manifest.publish_version`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from factory import layout
+from factory.config import FactoryConfig, StorageConfig
+from factory.context import RunContext
+from factory.manifest import (
+    VersionError,
+    VersionSpec,
+    claim_version,
+    commit_version,
+    index_row,
+    index_schema,
+    load_manifest,
+    release_stale_lock,
+    version_exists,
+)
+from factory.shards import Sample, cut_points, encode_shard, estimated_bytes, read_shard
+from factory.stage import changed_keys, fingerprint
+from factory.storage import Storage, open_storage
+from factory.units import ImageJoin, finished_units, plan_units, read_unit, unit_meta
+
+log = logging.getLogger(__name__)
+
+MODEL_STAGES = ("generate", "filter", "dialogue")
+ROW_COLUMNS = ("key", "unit", "reference_set", "reference_part", "reference_id", "subject", "domain", "instruction",
+               "instruction_id", "category", "style", "round", "seed", "alpha", "w_id", "generator_info", "clip_t",
+               "dino", "user", "assistant", "input_bytes", "target_bytes", "reject_reason")
+
+
+class PartialRun(VersionError):
+    """A run whose plan has units without output: publishing it would silently drop them."""
+
+
+# --- where samples come from --------------------------------------------------------------
+
+
+class SampleSource(Protocol):
+    """The accepted samples of a version to be, read one part at a time."""
+
+    def parts(self) -> list[str]: ...
+
+    def sizes(self, part: str) -> pd.DataFrame:
+        """`key`, `bytes` (estimated tar size) of each accepted sample of the part."""
+
+    def samples(self, part: str) -> list[Sample]:
+        """The part's accepted samples, images included."""
+
+
+@dataclass
+class RunSamples:
+    """A run's accepted candidates: dialogue rows joined with their images by reference."""
+
+    storage_config: StorageConfig
+    run_id: str
+    dataset: str
+    version: str
+
+    def parts(self) -> list[str]:
+        storage = open_storage(self.storage_config)
+        return [str(unit) for unit in sorted(finished_units(storage, self.run_id, "dialogue"))]
+
+    def rows(self, storage: Storage, part: str) -> pd.DataFrame:
+        rows = read_unit(storage, self.run_id, "dialogue", int(part))
+        rows = rows[rows["reject_reason"].isna()].reset_index(drop=True)
+        return rows[[column for column in ROW_COLUMNS if column in rows]]
+
+    def sizes(self, part: str) -> pd.DataFrame:
+        rows = self.rows(open_storage(self.storage_config), part)
+        sizes = (rows["input_bytes"] + rows["target_bytes"] + rows["user"].str.len() + rows["assistant"].str.len())
+        return pd.DataFrame({"key": rows["key"], "bytes": estimated_bytes(sizes.to_numpy(dtype=np.int64))})
+
+    def samples(self, part: str) -> list[Sample]:
+        storage = open_storage(self.storage_config)
+        rows = ImageJoin(storage, self.run_id).add(self.rows(storage, part), ("input_image", "target_image"))
+        return [sample_from_row(row, self.dataset, self.version) for row in rows.to_dict("records")]
+
+
+@dataclass
+class VersionSamples:
+    """A parent version's samples that a `keep` predicate selects (rethreshold), relabelled."""
+
+    storage_config: StorageConfig
+    manifest: dict[str, Any]
+    keep: frozenset[str]
+    version: str
+
+    def parts(self) -> list[str]:
+        return [layout.shard(self.manifest["dataset"], self.manifest["version"], shard["path"])
+                for shard in self.manifest["shards"]]
+
+    def sizes(self, part: str) -> pd.DataFrame:
+        samples = self.samples(part)
+        return pd.DataFrame({"key": [sample.key for sample in samples],
+                             "bytes": estimated_bytes(np.asarray([sample.payload_bytes() for sample in samples],
+                                                                 dtype=np.int64))})
+
+    def samples(self, part: str) -> list[Sample]:
+        storage = open_storage(self.storage_config)
+        return [replace(sample, meta={**sample.meta, "version": self.version})
+                for sample in read_shard(storage, part) if sample.key in self.keep]
+
+
+def sample_from_row(row: dict[str, Any], dataset: str, version: str) -> Sample:
+    info = json.loads(row["generator_info"]) if row.get("generator_info") else {}
+    alpha = row.get("alpha")
+    meta = {
+        "key": row["key"],
+        "dataset": dataset,
+        "version": version,
+        "reference_id": row["reference_id"],
+        "reference_set": row.get("reference_set"),
+        "subject": row["subject"],
+        "domain": row["domain"],
+        "instruction": row["instruction"],
+        "instruction_id": row["instruction_id"],
+        "category": row.get("category"),
+        "style": row.get("style"),
+        "round": int(row["round"]),
+        "generator": {
+            **{k: info.get(k) for k in ("name", "kind", "checkpoint", "steps")},
+            "seed": int(row["seed"]),
+            "alpha": None if alpha is None or pd.isna(alpha) else float(alpha),
+            "w": row.get("w_id"),
+        },
+        "scores": {"clip_t": float(row["clip_t"]), "dino": float(row["dino"])},
+    }
+    return Sample(row["key"], row["input_image"], row["target_image"], row["user"], row["assistant"], meta)
+
+
+# --- the Ray job --------------------------------------------------------------------------
+
+
+def part_sizes(batch: pd.DataFrame, source: SampleSource) -> pd.DataFrame:
+    frames = [source.sizes(str(part)).assign(part=str(part)) for part in batch["part"]]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["key", "bytes", "part"])
+
+
+def part_samples(batch: pd.DataFrame, source: SampleSource, boundaries: list[str],
+                 losers: set[tuple[str, str]]) -> pd.DataFrame:
+    """A part's winning samples as rows tagged with their shard number."""
+    rows = []
+    for part in batch["part"]:
+        for sample in source.samples(str(part)):
+            if (sample.key, str(part)) in losers:
+                continue
+            rows.append({"shard": bisect.bisect_right(boundaries, sample.key) - 1, "key": sample.key,
+                         "input_image": sample.input_image, "target_image": sample.target_image,
+                         "user": sample.user, "assistant": sample.assistant,
+                         "meta": json.dumps(sample.meta, sort_keys=True)})
+    return pd.DataFrame(rows, columns=["shard", "key", "input_image", "target_image", "user", "assistant", "meta"])
+
+
+def write_shard(group: pd.DataFrame, storage_config: StorageConfig, dataset: str, version: str) -> pd.DataFrame:
+    """Encode one shard's samples in key order and upload it; return its index rows."""
+    group = group.sort_values("key", kind="stable")
+    samples = [Sample(row["key"], row["input_image"], row["target_image"], row["user"], row["assistant"],
+                      json.loads(row["meta"])) for row in group.to_dict("records")]
+    number = int(group["shard"].iloc[0])
+    data = encode_shard(samples)
+    relative = layout.shard_relative(version, number)
+    open_storage(storage_config).write_bytes(layout.shard(dataset, version, relative), data)
+    index = pd.DataFrame([index_row(sample, relative) for sample in samples])
+    return index.assign(shard_number=number, shard_samples=len(samples), shard_bytes=len(data),
+                        shard_sha256=hashlib.sha256(data).hexdigest())
+
+
+def first_of_each_key(keys: pa.Table) -> tuple[pa.Table, set[tuple[str, str]]]:
+    """The rows in key order with the first part of each key kept, and the (key, part) others."""
+    ordered = keys.sort_by([("key", "ascending"), ("rank", "ascending")])
+    names = ordered.column("key").to_numpy(zero_copy_only=False)
+    repeat = np.zeros(len(names), dtype=bool)
+    repeat[1:] = names[1:] == names[:-1]
+    losers = ordered.filter(pa.array(repeat))
+    return ordered.filter(pa.array(~repeat)), set(zip(losers.column("key").to_pylist(), losers.column("part").to_pylist()))
+
+
+def write_version(storage: Storage, storage_config: StorageConfig, spec: VersionSpec, source: SampleSource,
+                  max_bytes: int, max_samples: int, executor: str = "ray") -> dict[str, Any]:
+    """Shards, index and manifest of `spec` from `source`: on Ray workers (`executor="ray"`),
+    or in this process (`"local"`: one part or one shard in memory, the rest spilled to disk)."""
+    run = RayPasses() if executor == "ray" else LocalPasses()
+    claim_version(storage, spec)
+    parts = source.parts()
+    won, losers = first_of_each_key(accepted_keys(run.sizes(source, parts), parts))
+    firsts = cut_points(won.column("bytes").to_numpy(), max_bytes, max_samples)
+    boundaries = [won.column("key")[int(first)].as_py() for first in firsts]
+    if "written" in spec.funnel:
+        spec.funnel["written"] = won.num_rows
+    wanted = sorted(set(won.column("part").to_pylist()), key=parts.index)
+    log.info("publishing %d samples from %d parts into %d shards", won.num_rows, len(wanted), len(boundaries))
+    with tempfile.TemporaryDirectory() as scratch:
+        index_path = Path(scratch) / "index.parquet"
+        shards: dict[int, dict[str, Any]] = {}
+        with pq.ParquetWriter(index_path, index_schema()) as index_writer:
+            shard_args = (storage_config, spec.dataset, spec.version)
+            for batch in run.shards(source, wanted, boundaries, losers, shard_args, Path(scratch)):
+                for row in batch.drop_duplicates("shard_number").to_dict("records"):
+                    shards[int(row["shard_number"])] = {
+                        "path": row["shard"], "samples": int(row["shard_samples"]),
+                        "bytes": int(row["shard_bytes"]), "sha256": row["shard_sha256"]}
+                index_writer.write_table(pa.Table.from_pandas(batch[list(index_schema().names)],
+                                                              schema=index_schema(), preserve_index=False))
+        entries = [shards[number] for number in sorted(shards)]
+        return commit_version(storage, spec, entries, index_path)
+
+
+class RayPasses:
+    """The size and shard passes as Ray Data jobs; Ray's shuffle groups samples by shard."""
+
+    def sizes(self, source: SampleSource, parts: list[str]) -> Iterator[pd.DataFrame]:
+        import ray
+
+        if not parts:
+            return iter(())
+        items = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=min(len(parts), 200))
+        mapped = items.map_batches(part_sizes, fn_args=(source,), batch_size=1, batch_format="pandas")
+        return mapped.iter_batches(batch_format="pandas", batch_size=65536)
+
+    def shards(self, source: SampleSource, parts: list[str], boundaries: list[str], losers: set[tuple[str, str]],
+               shard_args: tuple, scratch: Path) -> Iterator[pd.DataFrame]:
+        import ray
+
+        if not parts:
+            return iter(())
+        items = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=len(parts))
+        tagged = items.map_batches(part_samples, fn_args=(source, boundaries, losers), batch_size=1,
+                                   batch_format="pandas")
+        written = tagged.groupby("shard", num_partitions=len(boundaries)).map_groups(
+            write_shard, fn_args=shard_args, batch_format="pandas")
+        return written.iter_batches(batch_format="pandas", batch_size=4096)
+
+
+class LocalPasses:
+    """The same passes in this process, for small runs and tests: samples are spilled to one
+    local folder per shard, then each shard is written from its folder."""
+
+    def sizes(self, source: SampleSource, parts: list[str]) -> Iterator[pd.DataFrame]:
+        return (part_sizes(pd.DataFrame({"part": [part]}), source) for part in parts)
+
+    def shards(self, source: SampleSource, parts: list[str], boundaries: list[str], losers: set[tuple[str, str]],
+               shard_args: tuple, scratch: Path) -> Iterator[pd.DataFrame]:
+        spill = scratch / "spill"
+        for number, part in enumerate(parts):
+            rows = part_samples(pd.DataFrame({"part": [part]}), source, boundaries, losers)
+            for shard, group in rows.groupby("shard"):
+                folder = spill / f"{int(shard):06d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                pq.write_table(pa.Table.from_pandas(group, preserve_index=False), folder / f"{number:06d}.parquet")
+        for folder in sorted(spill.iterdir()) if spill.exists() else ():
+            group = pa.concat_tables([pq.read_table(path) for path in sorted(folder.iterdir())]).to_pandas()
+            yield write_shard(group, *shard_args)
+
+
+def accepted_keys(batches: Iterator[pd.DataFrame], parts: list[str]) -> pa.Table:
+    """key, bytes, part and rank (the part's position: the first part of a repeated key wins)."""
+    schema = pa.schema([("key", pa.string()), ("bytes", pa.int64()), ("part", pa.string()), ("rank", pa.int64())])
+    rank = {part: number for number, part in enumerate(parts)}
+    tables = []
+    for batch in batches:
+        if len(batch):
+            batch = batch.assign(rank=batch["part"].map(rank).astype("int64"), bytes=batch["bytes"].astype("int64"))
+            tables.append(pa.Table.from_pandas(batch[schema.names], schema=schema, preserve_index=False))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+# --- a run's version ----------------------------------------------------------------------
+
+
+def publish_run(ctx: RunContext, kind: str = "bootstrap", parents: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Publish the accepted candidates of `ctx`'s run as version `ctx.version`.
+
+    Idempotent for the same config. Refuses a run whose plan has units without dialogue
+    output unless `publish.allow_partial`, and a run whose units were made with settings
+    other than this config's.
+    """
+    config, storage = ctx.config, ctx.storage
+    if version_exists(storage, config.dataset, ctx.version):
+        manifest = load_manifest(storage, config.dataset, ctx.version)
+        if manifest["config_sha256"] != config.sha256():
+            raise VersionError(f"version {config.dataset}/{ctx.version} already exists from another config; "
+                               "publishing never overwrites (set publish.version to a new name)")
+        release_stale_lock(storage, config.dataset, ctx.version)
+        log.info("version %s/%s is already published", config.dataset, ctx.version)
+        return manifest
+    done = finished_units(storage, config.run_id, "dialogue")
+    if not done:
+        raise VersionError(f"nothing to publish: no dialogue output under {storage.url(layout.run_dir(config.run_id))}")
+    partial = partial_units(ctx, done)
+    check_units_made_with(ctx, sorted(done)[0])
+    metas = {stage: [unit_meta(storage, config.run_id, stage, unit) for unit in sorted(done)] for stage in MODEL_STAGES}
+    source = RunSamples(config.storage, config.run_id, config.dataset, ctx.version)
+    spec = VersionSpec(
+        dataset=config.dataset, version=ctx.version, kind=kind, parents=parents or [], config=config.snapshot(),
+        config_sha256=config.sha256(), models=models_used(config), thresholds=dict(config.filter.thresholds),
+        funnel=funnel(metas), cost=cost(metas, config),
+        extra={"run_id": config.run_id, "dialogue_prompt": metas["dialogue"][0].get("describe", {}).get(
+            "dialogue_prompt", {}), **({"partial": partial} if partial else {}), **(extra or {})},
+    )
+    manifest = write_version(storage, config.storage, spec, source, config.publish.shard_max_bytes,
+                             config.publish.shard_max_samples, config.publish.executor)
+    manifest["funnel"]["written"] = manifest["samples"]
+    return manifest
+
+
+def partial_units(ctx: RunContext, done: set[int]) -> dict[str, Any] | None:
+    missing = sorted(set(plan_units(ctx.storage, ctx.config.run_id)) - done)
+    if not missing:
+        return None
+    first = ", ".join(str(unit) for unit in missing[:10])
+    if not ctx.config.publish.allow_partial:
+        raise PartialRun(f"run {ctx.config.run_id!r} has {len(missing)} planned units without dialogue output "
+                         f"(first: {first}); finish them (--stage all) or publish anyway with --allow-partial")
+    log.warning("publishing a partial run: %d units missing (first: %s)", len(missing), first)
+    return {"missing_units": len(missing), "first_missing": missing[:10]}
+
+
+def check_units_made_with(ctx: RunContext, unit: int) -> None:
+    """A manifest states this config's thresholds and models: refuse units made otherwise."""
+    for stage, sections in (("dialogue", ("references", "plan", "generate", "filter", "dialogue")),):
+        made_with = unit_meta(ctx.storage, ctx.config.run_id, stage, unit).get("shaped_by")
+        now = fingerprint(ctx.config, sections)
+        if made_with is not None and made_with != now:
+            changes = "\n  ".join(changed_keys(made_with, now))
+            raise VersionError(f"run {ctx.config.run_id!r} was made with other settings than this config:\n  "
+                               f"{changes}\npublish with the config the run was made with, or start a new run")
+
+
+def funnel(metas: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Counts at each gate, and every rejection as `stage:reason`, summed from unit counters."""
+    def total(stage: str, name: str) -> int:
+        return int(sum(meta.get("counters", {}).get(name, 0) for meta in metas[stage]))
+
+    rejections: dict[str, int] = {}
+    for stage in MODEL_STAGES:
+        for meta in metas[stage]:
+            for name, count in meta.get("counters", {}).items():
+                if name.startswith("rejected:"):
+                    reason = f"{stage}:{name[len('rejected:'):]}"
+                    rejections[reason] = rejections.get(reason, 0) + int(count)
+    return {
+        "planned": total("dialogue", "rows"),
+        "generated": total("generate", "live_out"),
+        "passed_clip": total("filter", "passed_clip"),
+        "passed_dino": total("filter", "passed_dino"),
+        "dialogue_accepted": total("dialogue", "live_out"),
+        "written": 0,
+        "rejections": dict(sorted(rejections.items())),
+    }
+
+
+def cost(metas: dict[str, list[dict[str, Any]]], config: FactoryConfig) -> dict[str, Any]:
+    """Actor-seconds and GPU-seconds per model stage, from the units' counters."""
+    per_stage = {}
+    for stage in MODEL_STAGES:
+        seconds = float(sum(meta.get("counters", {}).get("seconds", 0.0) for meta in metas[stage]))
+        gpus = getattr(config, stage).num_gpus
+        per_stage[stage] = {"actor_seconds": round(seconds, 3), "gpu_seconds": round(seconds * gpus, 3)}
+    generator = sum(meta.get("counters", {}).get("gpu_seconds", 0.0) for meta in metas["generate"])
+    per_stage["generate"]["generator_gpu_seconds"] = round(float(generator), 3)
+    return per_stage
+
+
+def model_fingerprint(source: str | None) -> dict[str, Any]:
+    """Name a model by its source, and by a checksum of its files when it is local."""
+    if not source:
+        return {"source": None}
+    path = Path(source)
+    if not path.exists():
+        return {"source": source, "revision": "hub"}
+    digest = hashlib.sha256()
+    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
+    for file in files:
+        digest.update(f"{file.relative_to(path.parent)}:{file.stat().st_size}".encode())
+        if file.stat().st_size <= 64 * 2**20:
+            digest.update(file.read_bytes())
+    return {"source": source, "sha256": digest.hexdigest()}
+
+
+def models_used(config: FactoryConfig) -> dict[str, Any]:
+    models = {
+        "clip": {**model_fingerprint(config.filter.clip_model), "pretrained": config.filter.clip_pretrained},
+        "dino": model_fingerprint(config.filter.dino_model),
+        "dialogue": {"engine": config.dialogue.engine, **model_fingerprint(config.dialogue.model)},
+    }
+    for name, spec in config.generate.generators.items():
+        models[f"generator:{name}"] = {"kind": spec.kind, **model_fingerprint(spec.model),
+                                       "checkpoint": model_fingerprint(spec.checkpoint)}
+    return models

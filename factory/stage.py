@@ -1,0 +1,128 @@
+"""The base every model stage is built on: a stage declares itself and writes one method.
+
+    class Filter(Stage):
+        name = "filter"; source = "generate"; needs_images = ("target_image", "input_image")
+        def process(self, rows): ...   # only live rows; set rows["reject"] to refuse one
+
+The base keeps the rows a stage must not see (already rejected upstream) and puts them back
+untouched, turns a `reject` value into `reject_stage` / `reject_reason`, times the call and
+keeps counters (`self.count(name, n)`), from which a unit's funnel is read. So a stage never
+drops a row, every rejection has one format (`stage:reason` when printed), and a stage is
+tested as a plain callable on a DataFrame, without Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from factory.config import FactoryConfig
+from factory.keys import portable_ref
+
+REJECT_COLUMNS = ("reject_stage", "reject_reason")
+POOL_SETTINGS = ("concurrency", "num_cpus", "num_gpus")  # where a stage runs, not what it makes
+
+
+class Stage:
+    """One model stage over the candidate rows of a work unit."""
+
+    name: ClassVar[str]
+    source: ClassVar[str] = "plan"  # the stage whose unit files are this stage's input
+    needs_images: ClassVar[tuple[str, ...]] = ()  # image columns joined into its input rows
+    draws_images: ClassVar[tuple[str, ...]] = ()  # image columns it makes; stored once, in its own files
+    shaped_by: ClassVar[tuple[str, ...]] = ()  # config sections its output depends on (upstream ones too)
+
+    def __init__(self, config: FactoryConfig):
+        self.config = config
+        self.counters: Counter[str] = Counter()
+
+    def process(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """The live rows (same index) with this stage's columns, and `reject` (None or a reason)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about what this stage runs with (prompt hashes, ...), kept with each unit file."""
+        return {}
+
+    def count(self, name: str, value: float = 1) -> None:
+        self.counters[name] += value
+
+    def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
+        started = time.perf_counter()
+        self.counters = Counter()
+        rows = with_reject_columns(rows.reset_index(drop=True))
+        live = rows["reject_reason"].isna().to_numpy()
+        done = self.process(rows[live].copy())
+        if len(done) != int(live.sum()) or not done.index.equals(rows.index[live]):
+            raise RuntimeError(f"stage {self.name} changed its rows; a stage keeps every live row it is given")
+        out = merge_live(rows, done, live)
+        reasons = done["reject"] if "reject" in done else pd.Series(dtype=object)
+        rejected = reasons[reasons.notna()]
+        out.loc[rejected.index, "reject_stage"] = self.name
+        out.loc[rejected.index, "reject_reason"] = rejected.astype(str)
+        for column in REJECT_COLUMNS:
+            out[column] = out[column].astype(object).where(out[column].notna(), None)
+        self.count("rows", len(rows))
+        self.count("live_in", int(live.sum()))
+        self.count("live_out", int(live.sum()) - len(rejected))
+        for reason, number in rejected.value_counts().items():
+            self.count(f"rejected:{reason}", int(number))
+        self.count("seconds", time.perf_counter() - started)
+        return out
+
+
+def with_reject_columns(rows: pd.DataFrame) -> pd.DataFrame:
+    for column in REJECT_COLUMNS:
+        rows[column] = rows[column].astype(object) if column in rows else pd.Series([None] * len(rows), dtype=object)
+    return rows
+
+
+def merge_live(rows: pd.DataFrame, done: pd.DataFrame, live: np.ndarray) -> pd.DataFrame:
+    """The processed live rows and the untouched others, back in their order; the others get
+    nulls in the columns this stage added."""
+    parts = [frame for frame in (done.drop(columns="reject", errors="ignore"), rows[~live]) if len(frame)]
+    if not parts:
+        return done.drop(columns="reject", errors="ignore")
+    return pd.concat(parts).loc[rows.index]
+
+
+def reasons(rows: pd.DataFrame) -> pd.Series:
+    """Every rejection as `stage:reason`, the one format the funnel and the logs show."""
+    rejected = rows[rows["reject_reason"].notna()]
+    return rejected["reject_stage"].astype(str) + ":" + rejected["reject_reason"].astype(str)
+
+
+# --- what shaped a unit ----------------------------------------------------------------
+
+
+def fingerprint(config: FactoryConfig, sections: tuple[str, ...]) -> dict[str, Any]:
+    """The config settings that shape a stage's output, flattened to `section.key` -> value.
+
+    Pool sizes are left out (where a stage runs does not change what it makes), and local
+    model paths are written as `factory.keys.portable_ref` writes them.
+    """
+    snapshot = config.snapshot()
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and node:
+            for key in sorted(node):
+                walk(f"{prefix}.{key}", node[key])
+        else:
+            flat[prefix] = portable_ref(node) if isinstance(node, str) else node
+
+    for section in sections:
+        for key, value in sorted(snapshot[section].items()):
+            if key not in POOL_SETTINGS:
+                walk(f"{section}.{key}", value)
+    return flat
+
+
+def changed_keys(made_with: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every setting that differs."""
+    return [f"{key}: {made_with.get(key)!r} -> {now.get(key)!r}"
+            for key in sorted(set(made_with) | set(now)) if made_with.get(key) != now.get(key)]

@@ -1,0 +1,162 @@
+"""Publishing a run as a Ray job: the same shards as the in-process writer, partial runs
+refused, runs made with other settings refused, rethreshold through the same passes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from factory import layout
+from factory.config import load_config
+from factory.context import RunContext
+from factory.manifest import VersionError, load_manifest, verify_version
+from factory.publisher import PartialRun, publish_run, sample_from_row
+from factory.shards import cut_shards, encode_shard
+from factory.stage import fingerprint
+from factory.units import write_plan, write_unit
+from tests.factory.conftest import jpeg
+
+REPO = Path(__file__).resolve().parents[2]
+UNITS, PER_UNIT = 24, 6
+SHAPED = ("references", "plan", "generate", "filter", "dialogue")
+
+
+def context(storage_config, *overrides: str) -> RunContext:
+    root = [f"storage.root={storage_config.root}"]
+    if storage_config.endpoint_url:
+        root.append(f"storage.endpoint_url={storage_config.endpoint_url}")
+    return RunContext(load_config(None, [*root, "run_id=grown", "publish.shard_max_bytes=20000",
+                                         "filter.thresholds.clip_t=0.3", "filter.thresholds.dino=0.6", *overrides]))
+
+
+def grow_run(ctx: RunContext) -> pd.DataFrame:
+    """A finished run of UNITS units written straight to storage (no model runs): a reference
+    set, the plan, and generate/filter/dialogue unit files; every third candidate rejected."""
+    storage, run_id = ctx.storage, ctx.config.run_id
+    part = layout.reference_part("grown", 0)
+    references = pd.DataFrame({"reference_id": [f"ref{n}" for n in range(5)], "subject": "dog", "domain": "object",
+                               "image": [jpeg(n, size=16 + 4 * n) for n in range(5)]})
+    storage.write_parquet(part, pa.Table.from_pandas(references, preserve_index=False))
+    count = UNITS * PER_UNIT
+    rng = np.random.default_rng(7)
+    plan = pd.DataFrame({
+        "key": [f"{n * 7919 % 100003:08x}k{n}" for n in range(count)], "unit": np.arange(count) // PER_UNIT,
+        "reference_set": "grown", "reference_part": part, "reference_id": [f"ref{n % 5}" for n in range(count)],
+        "subject": "dog", "domain": "object", "instruction_id": [f"i{n % 11}" for n in range(count)],
+        "category": "scene", "template": "a {subject} on a beach", "instruction": "a dog on a beach",
+        "seed": np.arange(count), "generator": "profusion", "round": 0, "alpha": np.nan, "w_id": None})
+    write_plan(storage, run_id, pa.Table.from_pandas(plan, preserve_index=False), PER_UNIT)
+    rows = plan.copy()
+    rows["target_image"] = [jpeg(1000 + n, size=int(rng.integers(16, 48))) for n in range(count)]
+    rows["input_bytes"] = [len(references.loc[n % 5, "image"]) for n in range(count)]
+    rows["target_bytes"] = rows["target_image"].map(len)
+    rows["generator_info"] = json.dumps({"name": "profusion", "kind": "profusion", "checkpoint": "tiny", "steps": 3})
+    rows["clip_t"], rows["dino"] = rng.uniform(0.3, 0.5, count), rng.uniform(0.6, 0.9, count)
+    rows["user"] = [f"Put my dog on a beach ({n}) ✓" for n in range(count)]
+    rows["assistant"] = [f"Here is your dog on a beach, take {n}." for n in range(count)]
+    rows["style"] = "command"
+    rejected = np.arange(count) % 3 == 0
+    rows["reject_stage"] = np.where(rejected, "filter", None)
+    rows["reject_reason"] = np.where(rejected, "clip_t_below_threshold", None)
+    for unit, group in rows.groupby("unit"):
+        alive = int((~rejected[group.index]).sum())
+        for stage, drop in (("generate", []), ("filter", ["target_image"]), ("dialogue", ["target_image"])):
+            counters = {"rows": len(group), "live_out": alive if stage != "generate" else len(group),
+                        "passed_clip": alive, "passed_dino": alive, "seconds": 0.5}
+            if stage == "filter":
+                counters["rejected:clip_t_below_threshold"] = len(group) - alive
+            meta = {"stage": stage, "unit": int(unit), "counters": counters,
+                    "shaped_by": fingerprint(ctx.config, SHAPED[: SHAPED.index(stage) + 1])}
+            write_unit(storage, run_id, stage, int(unit), group.drop(columns=drop), meta)
+    return rows.assign(input_image=[references.loc[n % 5, "image"] for n in range(count)])
+
+
+def expected_shards(ctx: RunContext, rows: pd.DataFrame) -> list[str]:
+    """The shards the in-process writer (`publish_version`) makes of the same accepted samples."""
+    alive = rows[rows["reject_reason"].isna()]
+    samples = sorted((sample_from_row(row, ctx.config.dataset, "grown") for row in alive.to_dict("records")),
+                     key=lambda sample: sample.key)
+    return [hashlib.sha256(encode_shard(group)).hexdigest() for group in
+            cut_shards(samples, ctx.config.publish.shard_max_bytes, ctx.config.publish.shard_max_samples)]
+
+
+def test_local_publish_of_a_grown_run_matches_the_in_process_writer(storage_config):
+    ctx = context(storage_config, "publish.executor=local")
+    rows = grow_run(ctx)
+    manifest = publish_run(ctx)
+    assert len(manifest["shards"]) > 3, "the run must span several shards for the test to mean anything"
+    assert [shard["sha256"] for shard in manifest["shards"]] == expected_shards(ctx, rows)
+    assert manifest["samples"] == int(rows["reject_reason"].isna().sum()) == manifest["funnel"]["written"]
+    assert manifest["funnel"]["planned"] == UNITS * PER_UNIT
+    assert manifest["funnel"]["rejections"] == {"filter:clip_t_below_threshold": int(rows["reject_reason"].notna().sum())}
+    assert verify_version(ctx.storage, ctx.config.dataset, "grown") == []
+    assert publish_run(ctx)["created"] == manifest["created"]  # a re-run is a no-op
+
+
+@pytest.mark.slow
+def test_ray_publish_on_s3_gives_the_same_shards_as_the_in_process_writer(s3_bucket, ray_local):
+    from factory.config import StorageConfig
+
+    endpoint, bucket = s3_bucket
+    ctx = context(StorageConfig(root=f"s3://{bucket}/f", endpoint_url=endpoint), "publish.executor=ray")
+    rows = grow_run(ctx)
+    manifest = publish_run(ctx)
+    assert [shard["sha256"] for shard in manifest["shards"]] == expected_shards(ctx, rows)
+    assert verify_version(ctx.storage, ctx.config.dataset, "grown") == []
+
+
+def test_a_partial_run_is_refused_unless_allowed_and_then_says_so(tmp_path):
+    from factory.config import StorageConfig
+
+    storage_config = StorageConfig(root=str(tmp_path / "root"))
+    ctx = context(storage_config, "publish.executor=local")
+    grow_run(ctx)
+    for unit in (3, 17):
+        ctx.storage.delete(layout.unit_file("grown", "dialogue", unit))
+    with pytest.raises(PartialRun, match=r"2 planned units without dialogue output \(first: 3, 17\)"):
+        publish_run(ctx)
+    allowed = context(storage_config, "publish.executor=local", "publish.allow_partial=true")
+    manifest = publish_run(allowed)
+    assert manifest["partial"] == {"missing_units": 2, "first_missing": [3, 17]}
+    assert manifest["funnel"]["planned"] == (UNITS - 2) * PER_UNIT
+
+
+def test_a_run_made_with_other_thresholds_is_not_published_under_these(tmp_path):
+    from factory.config import StorageConfig
+
+    storage_config = StorageConfig(root=str(tmp_path / "root"))
+    grow_run(context(storage_config, "publish.executor=local"))
+    stricter = context(storage_config, "publish.executor=local", "filter.thresholds.dino=0.7")
+    with pytest.raises(VersionError, match=r"filter.thresholds.dino: .* -> 0.7"):
+        publish_run(stricter)
+    assert not stricter.storage.exists(layout.manifest("demo", "grown"))
+
+
+def test_rethreshold_through_the_local_passes_keeps_a_stricter_subset(tmp_path):
+    from factory.config import StorageConfig
+    from factory.rethreshold import rethreshold_version
+
+    storage_config = StorageConfig(root=str(tmp_path / "root"))
+    ctx = context(storage_config, "publish.executor=local")
+    rows = grow_run(ctx)
+    publish_run(ctx)
+    child = rethreshold_version(ctx.storage, ctx.config, "grown", "strict", {"dino": 0.75})
+    alive = rows[rows["reject_reason"].isna()]
+    assert child["samples"] == int((alive["dino"] >= 0.75).sum()) > 0
+    assert verify_version(ctx.storage, "demo", "strict") == []
+    assert load_manifest(ctx.storage, "demo", "strict")["thresholds"]["dino"] == 0.75
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield
+    ray.shutdown()
