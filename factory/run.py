@@ -70,7 +70,7 @@ def check_inputs(config: FactoryConfig, stage: str) -> None:
     if missing:
         raise ConfigError("model paths not found:\n" + "\n".join(missing))
     if stage in ("plan", "all"):
-        from stages.instructions import load_bank
+        from factory.instructions import load_bank
 
         load_bank(config.plan.instructions)
 

@@ -58,7 +58,7 @@ def reference_catalog(ctx: RunContext) -> pd.DataFrame:
 
 
 def instruction_table(path: str | None) -> pd.DataFrame:
-    from stages.instructions import load_bank
+    from factory.instructions import load_bank
 
     bank = load_bank(path)
     return pd.DataFrame(
@@ -68,7 +68,7 @@ def instruction_table(path: str | None) -> pd.DataFrame:
 
 
 def draw_jobs(references: pd.DataFrame, instructions: pd.DataFrame, ctx: RunContext) -> pd.DataFrame:
-    from stages.instructions import render
+    from factory.instructions import render
 
     plan_config = ctx.config.plan
     rng = np.random.default_rng(plan_config.seed)

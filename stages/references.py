@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 from factory.images import ImageRejected, decode_image, encode_jpeg, fit_within
 from factory.keys import safe_id
 from factory.storage import S3Storage, Storage, StorageError, clean_key
-from stages.instructions import render
+from factory.instructions import render
 
 if TYPE_CHECKING:
     from factory.config import FactoryConfig, ReferencesConfig, ReferenceSource

@@ -92,7 +92,7 @@ def instruction_weights(instructions: pd.DataFrame, parent_index: pd.DataFrame, 
 
 
 def draw_round_jobs(ctx: RunContext, parent: str, round_: int) -> pd.DataFrame:
-    from stages.instructions import render
+    from factory.instructions import render
     from stages.plan import instruction_table, reference_catalog
 
     sid = ctx.config.sid
