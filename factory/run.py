@@ -46,7 +46,7 @@ def stage_entry(name: str) -> Callable[[RunContext], dict[str, Any]]:
 
 
 def references_exist(ctx: RunContext) -> bool:
-    from stages.references import set_complete
+    from factory.reference_sets import set_complete
 
     return set_complete(ctx.storage, ctx.config.references.set)
 

@@ -43,7 +43,7 @@ class PlanError(ValueError):
 
 def reference_catalog(ctx: RunContext) -> pd.DataFrame:
     """Reference ids with their subject, domain and part file, sorted by id."""
-    from stages.references import list_parts, set_complete
+    from factory.reference_sets import list_parts, set_complete
 
     set_name = ctx.config.references.set
     parts = list_parts(ctx.storage, set_name)
