@@ -55,6 +55,11 @@ def unit_number(key: str) -> int | None:
     return None
 
 
+def is_unit_file(key: str) -> bool:
+    """True for a stage's `unit-<n>.parquet` (by name only; `unit_number` parses the number)."""
+    return key.rsplit("/", 1)[-1].startswith("unit-") and key.endswith(".parquet")
+
+
 # --- dataset versions --------------------------------------------------------------------
 
 
