@@ -61,7 +61,8 @@ def ensure_parent(ctx: RunContext) -> str:
 
 def ensure_checkpoint(ctx: RunContext, parent: str) -> str:
     """G's checkpoint folder; on the demo, train a tiny G on the parent when none exists."""
-    from stages.train import latest_generator_checkpoint, train_generator_on
+    from factory.checkpoints import latest_generator_checkpoint
+    from stages.train import train_generator_on
 
     config = ctx.config
     checkpoint = config.sid.checkpoint or latest_generator_checkpoint(ctx)
