@@ -44,6 +44,7 @@ class Filter:
     """Stage callable: rows in, the same rows out with clip_t, dino and a pass flag per rule."""
 
     def __init__(self, config: FactoryConfig, device: str | None = None):
+        from filters.clip import clip_scorer_from_config
         from filters.dino import DinoScorer
 
         self.settings = config.filter
@@ -159,15 +160,6 @@ def readable_text(value: object) -> str | None:
     except UnicodeEncodeError:
         return None
     return value
-
-
-def clip_scorer_from_config(config: FactoryConfig, device: str = "cpu"):
-    """The filter's CLIP scorer, as configured (also used for SID's text-image retrieval)."""
-    from filters.clip import ClipScorer
-
-    settings = config.filter
-    return ClipScorer(settings.clip_model, settings.clip_pretrained, device=device, dtype=settings.dtype,
-                      model_config=settings.clip_model_config, quick_gelu=settings.clip_quick_gelu)
 
 
 def run(ctx) -> dict:

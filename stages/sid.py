@@ -144,7 +144,7 @@ def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
 
 
 def clip_scorer(config: FactoryConfig):
-    from stages.filter import clip_scorer_from_config
+    from filters.clip import clip_scorer_from_config
 
     return clip_scorer_from_config(config)
 
