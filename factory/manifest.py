@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -228,7 +229,9 @@ def _manifest(spec: VersionSpec, shards: list[dict[str, Any]], index: list[dict[
     }
 
 
-def _commit(storage: Storage, spec: VersionSpec, shards: list[dict[str, Any]], index: list[dict[str, Any]]) -> dict[str, Any]:
+def _commit(
+    storage: Storage, spec: VersionSpec, shards: list[dict[str, Any]], index: list[dict[str, Any]]
+) -> dict[str, Any]:
     folder = version_dir(spec.dataset, spec.version)
     storage.write_parquet(f"{folder}/index.parquet", index_table(index))
     manifest = _manifest(spec, shards, index)

@@ -27,7 +27,7 @@ class ReferenceDrawer:
     `(rows: DataFrame[prompt, seed]) -> rows + image (PNG bytes, or None) + error`.
     """
 
-    def __init__(self, config: "FactoryConfig"):
+    def __init__(self, config: FactoryConfig):
         import torch
         from diffusers import StableDiffusionPipeline
 
@@ -75,7 +75,7 @@ def png_bytes(image) -> bytes:
 class Drawer:
     """Runs ReferenceDrawer in batches of `batch_size`, here or on a pool of Ray actors."""
 
-    def __init__(self, config: "FactoryConfig"):
+    def __init__(self, config: FactoryConfig):
         cfg = config.references
         self.batch_size = cfg.batch_size
         self.pool = None
@@ -90,7 +90,7 @@ class Drawer:
                 f"{type(err).__name__}: {err}"
             ) from None
 
-    def draw(self, candidates: list[Candidate]) -> dict[str, "bytes | Rejected"]:
+    def draw(self, candidates: list[Candidate]) -> dict[str, bytes | Rejected]:
         batches = [
             pd.DataFrame({"reference_id": [c.reference_id for c in batch], "prompt": [c.prompt for c in batch],
                           "seed": [c.seed for c in batch]})
@@ -107,7 +107,7 @@ class Drawer:
         return drawn
 
 
-def ray_pool(config: "FactoryConfig"):
+def ray_pool(config: FactoryConfig):
     import ray
     from ray.util import ActorPool
 

@@ -109,7 +109,7 @@ def clean_subject(text: object, from_path: bool = False) -> str | None:
     return text if 0 < len(text) <= MAX_SUBJECT_CHARS else None
 
 
-def pick_subject(source: "ReferenceSource", found: str | None) -> tuple[str | None, str | None]:
+def pick_subject(source: ReferenceSource, found: str | None) -> tuple[str | None, str | None]:
     """(subject, rejection reason): the source's subject, else `found`, else the domain default."""
     subject = clean_subject(source.subject) or found
     if subject is None and source.domain == "human":
@@ -129,7 +129,7 @@ def is_image_name(name: str) -> bool:
 # --- folder -------------------------------------------------------------------------------
 
 
-def folder_candidates(source: "ReferenceSource", cfg: "ReferencesConfig") -> list[Candidate]:
+def folder_candidates(source: ReferenceSource, cfg: ReferencesConfig) -> list[Candidate]:
     root = Path(source.path).expanduser()
     if not root.is_dir():
         raise ReferencesError(f"reference folder not found: {source.path}")
@@ -153,8 +153,8 @@ def walk_files(root: Path) -> Iterator[tuple[str, Path]]:
                 yield path.relative_to(root).as_posix(), path
 
 
-def file_candidate(kind: str, source: "ReferenceSource", relative: str, read: Callable[[], bytes],
-                   size: int | None, cfg: "ReferencesConfig", reject: str | None = None) -> Candidate:
+def file_candidate(kind: str, source: ReferenceSource, relative: str, read: Callable[[], bytes],
+                   size: int | None, cfg: ReferencesConfig, reject: str | None = None) -> Candidate:
     subject, missing = pick_subject(source, subfolder_subject(relative))
     if reject is None and not is_image_name(relative):
         reject = "not_an_image_file"
@@ -167,7 +167,7 @@ def file_candidate(kind: str, source: "ReferenceSource", relative: str, read: Ca
 # --- s3 -------------------------------------------------------------------------------------
 
 
-def s3_candidates(source: "ReferenceSource", storage: Storage, cfg: "ReferencesConfig") -> list[Candidate]:
+def s3_candidates(source: ReferenceSource, storage: Storage, cfg: ReferencesConfig) -> list[Candidate]:
     """Objects under the prefix; a key that storage would normalise (`..`, `//`, NUL) is 'unsafe_name'."""
     try:
         names = storage.list("")
@@ -195,7 +195,7 @@ def is_clean_s3_name(name: str) -> bool:
 # --- webdataset -------------------------------------------------------------------------------
 
 
-def webdataset_candidates(source: "ReferenceSource", cfg: "ReferencesConfig", stack: ExitStack) -> list[Candidate]:
+def webdataset_candidates(source: ReferenceSource, cfg: ReferencesConfig, stack: ExitStack) -> list[Candidate]:
     found = []
     for relative, path in shard_paths(source.path):
         try:
@@ -233,7 +233,7 @@ def fixed_folder(pattern: str) -> str:
     return "/".join(fixed) or ("/" if pattern.startswith("/") else ".")
 
 
-def shard_candidates(source: "ReferenceSource", cfg: "ReferencesConfig", shard: str,
+def shard_candidates(source: ReferenceSource, cfg: ReferencesConfig, shard: str,
                      archive: tarfile.TarFile, lock: threading.Lock) -> list[Candidate]:
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     members, complete = read_members(archive)
@@ -290,7 +290,7 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), (suffix if dot else "")
 
 
-def sample_candidate(source: "ReferenceSource", cfg: "ReferencesConfig", shard: str, key: str,
+def sample_candidate(source: ReferenceSource, cfg: ReferencesConfig, shard: str, key: str,
                      members: dict[str, tarfile.TarInfo], archive: tarfile.TarFile,
                      lock: threading.Lock) -> Candidate:
     origin = f"{shard}/{key}"
@@ -337,7 +337,7 @@ def member_subject(members: dict[str, tarfile.TarInfo], archive: tarfile.TarFile
 # --- generated ---------------------------------------------------------------------------------
 
 
-def generated_candidates(source: "ReferenceSource", cfg: "ReferencesConfig") -> list[Candidate]:
+def generated_candidates(source: ReferenceSource, cfg: ReferencesConfig) -> list[Candidate]:
     found = []
     for name in source.prompts:
         subject = clean_subject(name)

@@ -13,8 +13,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from importlib import import_module
-from typing import Any, Callable
+from typing import Any
 
 from factory.config import ConfigError, FactoryConfig, load_config
 from factory.context import RunContext

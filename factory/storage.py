@@ -11,9 +11,10 @@ import io
 import os
 import posixpath
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -167,7 +168,7 @@ class S3Location:
     prefix: str
 
     @classmethod
-    def parse(cls, url: str) -> "S3Location":
+    def parse(cls, url: str) -> S3Location:
         rest = url[len("s3://") :]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
@@ -178,7 +179,7 @@ class S3Location:
 class S3Storage(Storage):
     """S3 (or any S3-compatible server) through boto3, with botocore retries."""
 
-    def __init__(self, root: str, config: "StorageConfig | None" = None):
+    def __init__(self, root: str, config: StorageConfig | None = None):
         try:
             import boto3
             from boto3.s3.transfer import TransferConfig
@@ -241,8 +242,8 @@ class S3Storage(Storage):
             self._upload(key, handle)
 
     def _upload(self, key: str, handle) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
         from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.upload_fileobj(handle, self.location.bucket, self._key(key), Config=self.transfer)
@@ -307,7 +308,7 @@ class S3Storage(Storage):
             raise StorageError(f"cannot reach s3://{self.location.bucket}: {type(err).__name__}") from None
 
 
-def open_storage(config: "StorageConfig") -> Storage:
+def open_storage(config: StorageConfig) -> Storage:
     if config.root.startswith("s3://"):
         return S3Storage(config.root, config)
     if "://" in config.root:

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def run(ctx: "RunContext") -> dict:
+def run(ctx: RunContext) -> dict:
     """Ingest every configured source into the reference set; return the counts."""
     cfg = ctx.config.references
     ctx.storage.delete(layout.reference_complete(cfg.set))  # the set is incomplete until this run finishes
@@ -69,7 +70,7 @@ def run(ctx: "RunContext") -> dict:
     return summary
 
 
-def list_candidates(ctx: "RunContext", stack: ExitStack) -> list[Candidate]:
+def list_candidates(ctx: RunContext, stack: ExitStack) -> list[Candidate]:
     """Every candidate of every source, sorted by id; listing errors are raised here, before any work."""
     cfg = ctx.config.references
     found: list[Candidate] = []
@@ -85,7 +86,7 @@ def list_candidates(ctx: "RunContext", stack: ExitStack) -> list[Candidate]:
     return sorted(found, key=lambda c: (c.reference_id, c.origin))
 
 
-def ingest(candidates: list[Candidate], cfg: "ReferencesConfig", drawer: "Drawer | None",
+def ingest(candidates: list[Candidate], cfg: ReferencesConfig, drawer: Drawer | None,
            rejections: list[dict]) -> Iterator[dict]:
     """Yield accepted rows in id order, a part's worth at a time; append every rejection to `rejections`."""
     seen: set[str] = set()
@@ -102,14 +103,14 @@ def ingest(candidates: list[Candidate], cfg: "ReferencesConfig", drawer: "Drawer
         for start in range(0, len(pending), cfg.part_size):
             chunk = pending[start : start + cfg.part_size]
             drawn = drawer.draw([c for c in chunk if c.source == "generated"]) if drawer else {}
-            for candidate, result in zip(chunk, pool.map(lambda c: load_one(c, drawn, cfg), chunk)):
+            for candidate, result in zip(chunk, pool.map(partial(load_one, drawn=drawn, cfg=cfg), chunk)):
                 if isinstance(result, Rejected):
                     rejections.append(rejection(candidate, result.reason))
                 else:
                     yield result
 
 
-def load_one(candidate: Candidate, drawn: dict[str, "bytes | Rejected"], cfg: "ReferencesConfig") -> "dict | Rejected":
+def load_one(candidate: Candidate, drawn: dict[str, bytes | Rejected], cfg: ReferencesConfig) -> dict | Rejected:
     """Read (or take the drawn bytes of) one candidate and turn it into a stored row."""
     try:
         if candidate.read is None:
@@ -133,7 +134,7 @@ def load_one(candidate: Candidate, drawn: dict[str, "bytes | Rejected"], cfg: "R
         return Rejected("unexpected_error")
 
 
-def reference_row(candidate: Candidate, data: bytes, cfg: "ReferencesConfig") -> dict:
+def reference_row(candidate: Candidate, data: bytes, cfg: ReferencesConfig) -> dict:
     image = decode_image(data, max_pixels=cfg.max_pixels, min_side=cfg.min_side)
     if is_degenerate(image, cfg.min_pixel_std):
         raise Rejected("degenerate_image")

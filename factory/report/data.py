@@ -66,7 +66,8 @@ def load_candidates(storage: Storage, manifest: dict[str, Any]) -> tuple[pd.Data
         return None, f"a {manifest['kind']} version names no run, so its rejected candidates are not at hand"
     files = candidate_files(storage, run_id)
     if not files:
-        return None, f"no candidate rows under {layout.stage_dir(run_id, 'dialogue')} (the run's files were deleted or moved)"
+        where = layout.stage_dir(run_id, "dialogue")
+        return None, f"no candidate rows under {where} (the run's files were deleted or moved)"
     frames = []
     for number, key in enumerate(files, 1):
         frame = read_columns(storage, key, CANDIDATE_COLUMNS)

@@ -75,4 +75,5 @@ def test_neighbouring_steps_with_equal_resources_share_an_actor(tmp_path):
     steps = [STEPS["generate"], STEPS["filter"], STEPS["dialogue"]]
     assert [[s.name for s in group] for group in pool_groups(steps, ctx.config)] == [["generate", "filter", "dialogue"]]
     ctx.config.filter.num_gpus = 0.25
-    assert [[s.name for s in group] for group in pool_groups(steps, ctx.config)] == [["generate"], ["filter"], ["dialogue"]]
+    groups = pool_groups(steps, ctx.config)
+    assert [[s.name for s in group] for group in groups] == [["generate"], ["filter"], ["dialogue"]]
