@@ -116,7 +116,8 @@ def from_manifest(manifest: dict, inputs: Inputs) -> Inputs:
     for name in ("generate_candidates_per_s", "filter_candidates_per_s", "dialogue_tokens_per_s", "pass_rate"):
         inputs.source[name] = label
     inputs.source["dialogue_gpus"] = label
-    inputs.gpu = f"as run ({manifest.get('config', {}).get('generate', {}).get('num_gpus', '?')} GPU per generate actor)"
+    gpus = manifest.get("config", {}).get("generate", {}).get("num_gpus", "?")
+    inputs.gpu = f"as run ({gpus} GPU per generate actor)"
     return inputs
 
 
@@ -164,7 +165,8 @@ def table(title: str, rows: list[tuple[str, str, float, str]], unit: str) -> lis
     for stage, rate, hours, source in rows:
         lines.append(f"  {stage:<9} {rate:<44} {hours:16,.0f}  {hours / total:5.1%}  {source}")
     lines.append(f"  {'total':<9} {'':<44} {total:16,.0f}")
-    lines.append(f"  ratio to the paper's {PAPER_FINAL_GPU_HOURS:,} A100-hours for ~1M: {total / PAPER_FINAL_GPU_HOURS:.2f}")
+    lines.append(f"  ratio to the paper's {PAPER_FINAL_GPU_HOURS:,} A100-hours for ~1M: "
+                 f"{total / PAPER_FINAL_GPU_HOURS:.2f}")
     return lines
 
 
@@ -178,8 +180,9 @@ def report(inputs: Inputs) -> list[str]:
     ]
     if not inputs.generate_candidates_per_s:
         lines.append(
-            f"  generate per candidate: {inputs.generate_finetune_s:g} s fine-tune / {inputs.jobs_per_reference:g} jobs "
-            f"per reference + {inputs.generate_sample_s:.2f} s sampling = {generate_s:.2f} s")
+            f"  generate per candidate: {inputs.generate_finetune_s:g} s fine-tune / "
+            f"{inputs.jobs_per_reference:g} jobs per reference + {inputs.generate_sample_s:.2f} s sampling "
+            f"= {generate_s:.2f} s")
     lines += table("bootstrap (ProFusion -> filter -> dialogue), per 1M accepted quadruplets:", bootstrap, inputs.unit)
     human = PAPER_TRIAL_HUMAN_PASSED / PAPER_TRIAL_AUTO_PASSED
     lines.append(
@@ -211,13 +214,15 @@ def sid_report(inputs: Inputs, bootstrap_generate_s: float) -> list[str]:
         f"  generate seconds per accepted sample: {bootstrap_per_accepted:.0f} (bootstrap) -> "
         f"{sid_per_accepted:.1f} (paper's D3: {PAPER_SID_GPU_HOURS:,} h -> {PAPER_SID_ACCEPTED // 1000}K), "
         f"{bootstrap_per_accepted / sid_per_accepted:.1f}x fewer",
-        *table(f"SID round (G at {inputs.sid_sample_s:g} s, pass rate {sid_pass:.3f}: {inputs.source['sid_pass_rate']}), "
-               f"per 1M accepted:", sid, inputs.unit),
+        *table(f"SID round (G at {inputs.sid_sample_s:g} s, pass rate {sid_pass:.3f}: "
+               f"{inputs.source['sid_pass_rate']}), per 1M accepted:", sid, inputs.unit),
         f"  paper's mix, as modelled: {bootstrap_hours:,} h bootstrap -> {bootstrap_samples // 1000}K, the other "
-        f"{(PAPER_FINAL_SAMPLES - bootstrap_samples) // 1000}K by SID at {sid_per_accepted:.1f} s -> {rest_hours:,.0f} h; "
+        f"{(PAPER_FINAL_SAMPLES - bootstrap_samples) // 1000}K by SID at {sid_per_accepted:.1f} s -> "
+        f"{rest_hours:,.0f} h; "
         f"total {bootstrap_hours + rest_hours:,.0f} h vs the paper's {PAPER_FINAL_GPU_HOURS:,} "
         f"(ratio {(bootstrap_hours + rest_hours) / PAPER_FINAL_GPU_HOURS:.2f})",
-        f"  all 1M by bootstrap instead: {sum(r[2] for r in stage_rows(inputs, bootstrap_generate_s, inputs.pass_rate)):,.0f} h; "
+        f"  all 1M by bootstrap instead: "
+        f"{sum(r[2] for r in stage_rows(inputs, bootstrap_generate_s, inputs.pass_rate)):,.0f} h; "
         f"all by SID (after a bootstrap to train G): {total_sid:,.0f} h",
     ]
 

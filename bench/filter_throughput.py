@@ -35,7 +35,6 @@ sys.path.insert(0, str(REPO))
 import pandas as pd  # noqa: E402
 
 from bench.synthetic import photo_like_jpeg  # noqa: E402
-
 from factory.config import FactoryConfig  # noqa: E402
 from factory.tiny.dino import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from stages.filter import Filter  # noqa: E402

@@ -162,7 +162,7 @@ class TreeCpuMeter:
             totals[name] = totals.get(name, 0.0) + cpu - self.baseline.get(pid, 0.0)
         return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
-    def __enter__(self) -> "TreeCpuMeter":
+    def __enter__(self) -> TreeCpuMeter:
         self._thread.start()
         return self
 
@@ -382,12 +382,14 @@ def side_line(side: Side, units: int) -> str:
     steady = steady_seconds_per_unit(side)
     return (
         f"  {side.name:<8} wall {side.wall:6.1f} s  {units / side.wall:6.3f} units/s  "
-        f"{side.candidates / side.wall:6.3f} candidates/s  cpu {side.cpu:6.1f} s  load {side.load[0]:.1f}->{side.load[1]:.1f}\n"
+        f"{side.candidates / side.wall:6.3f} candidates/s  cpu {side.cpu:6.1f} s  "
+        f"load {side.load[0]:.1f}->{side.load[1]:.1f}\n"
         f"           stage seconds " + ", ".join(f"{n} {s:.1f}" for n, s in stage_seconds.items())
         + "; first unit began: " + ", ".join(f"{n} {s:.1f} s" for n, s in starts.items())
         + (f"; steady {steady:.1f} s/unit" if steady else "")
         + (f"; idle between generate units {generate_gaps(side):.2f} s" if side.name == "pipeline" else "")
-        + ("\n           cpu by process: " + ", ".join(f"{n} {c:.1f}" for n, c in side.cpu_by_process.items() if c >= 0.1)
+        + ("\n           cpu by process: "
+           + ", ".join(f"{n} {c:.1f}" for n, c in side.cpu_by_process.items() if c >= 0.1)
            if side.cpu_by_process else "")
     )
 

@@ -42,11 +42,12 @@ sys.path.insert(0, str(REPO))
 
 
 from bench.synthetic import photo_like_jpeg  # noqa: E402
-
 from factory.shards import Sample, cut_shards, encode_shard  # noqa: E402
 
 BUCKET = "bench-publish"
-FAKE_KEYS = {"AWS_ACCESS_KEY_ID": "bench-key-id", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+FAKE_KEYS = {
+    "AWS_ACCESS_KEY_ID": "bench-key-id", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_DEFAULT_REGION": "us-east-1",
+}
 MOTO_SERVER = """
 import sys
 from moto.server import ThreadedMotoServer
@@ -96,7 +97,7 @@ def make_samples(count: int, side: int) -> list[Sample]:
 class MotoProcess:
     """moto's ThreadedMotoServer on 127.0.0.1 in a child process; `endpoint` once started."""
 
-    def __enter__(self) -> "MotoProcess":
+    def __enter__(self) -> MotoProcess:
         self.process = subprocess.Popen([sys.executable, "-c", MOTO_SERVER], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                         env={**os.environ, **FAKE_KEYS})  # stderr: one log line per request
@@ -173,7 +174,7 @@ class ImageServer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def __enter__(self) -> "ImageServer":
+    def __enter__(self) -> ImageServer:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
@@ -287,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(
                 f"img2dataset webdataset:  {i2d['bytes'] / 2**20:7.1f} MiB in {i2d['files']} shards "
                 f"({i2d['successes']}/{i2d['images']} images), {i2d['seconds']:.2f} s, {mb_per_s(i2d):6.1f} MB/s "
-                f"whole process; {i2d['own_seconds']:.2f} s, {mb_per_s(i2d, 'own_seconds'):6.1f} MB/s by its shard stats")
+                f"whole process; {i2d['own_seconds']:.2f} s, {mb_per_s(i2d, 'own_seconds'):6.1f} MB/s "
+                f"by its shard stats")
     lines.append(f"ratio factory/boto3: {mb_per_s(factory) / mb_per_s(boto3):.2f}")
     if i2d:
         lines.append(f"ratio factory/img2dataset: {mb_per_s(factory) / mb_per_s(i2d):.2f} (whole process), "

@@ -76,7 +76,7 @@ class ReferenceSource(Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _needs_input(self) -> "ReferenceSource":
+    def _needs_input(self) -> ReferenceSource:
         if self.kind == "generated" and not self.prompts:
             raise ValueError("a 'generated' source needs a non-empty 'prompts' list")
         if self.kind != "generated" and not self.path:
@@ -109,7 +109,7 @@ class ReferencesConfig(ActorPool):
     sd_guidance_scale: float = Field(7.5, ge=0)
 
     @model_validator(mode="after")
-    def _one_subject_slot(self) -> "ReferencesConfig":
+    def _one_subject_slot(self) -> ReferencesConfig:
         if self.sd_prompt.count("{subject}") != 1:
             raise ValueError("'sd_prompt' must contain '{subject}' exactly once")
         if self.sd_size % 8:
@@ -126,7 +126,7 @@ class PlanConfig(Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _one_count(self) -> "PlanConfig":
+    def _one_count(self) -> PlanConfig:
         if self.total_jobs is not None:
             self.__dict__["jobs_per_reference"] = None
         if self.jobs_per_reference is None and self.total_jobs is None:
@@ -163,17 +163,20 @@ class FilterConfig(ActorPool):
         None, description="open_clip model config JSON (file or folder) to register, for a model not built in"
     )
     clip_quick_gelu: bool | None = Field(
-        None, description="null: follow the pretrained tag (OpenAI weights need QuickGELU); true for a local OpenAI checkpoint"
+        None,
+        description="null: follow the pretrained tag (OpenAI weights need QuickGELU); "
+        "true for a local OpenAI checkpoint",
     )
     dino_model: str = "facebook/dino-vits16"
     thresholds: dict[str, float] = Field(
-        default_factory=lambda: dict(FILTER_THRESHOLDS), description="rule -> minimum score (>=); unset rules keep the default"
+        default_factory=lambda: dict(FILTER_THRESHOLDS),
+        description="rule -> minimum score (>=); unset rules keep the default",
     )
     max_pixels: int = Field(40_000_000, ge=1)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
     @model_validator(mode="after")
-    def _known_rules(self) -> "FilterConfig":
+    def _known_rules(self) -> FilterConfig:
         unknown = set(self.thresholds) - set(FILTER_THRESHOLDS)
         if unknown:
             raise ValueError(f"unknown threshold rule(s) {sorted(unknown)}; rules are {sorted(FILTER_THRESHOLDS)}")
@@ -189,8 +192,12 @@ class DialogueConfig(ActorPool):
     """
 
     engine: Literal["transformers", "vllm", "openai"] = "vllm"
-    model: str = Field("meta-llama/Llama-2-70b-chat-hf", description="hub id or local path (served model name for openai)")
-    prompt_file: str | None = Field(None, description="prompt YAML (system, user, styles); default: stages/dialogue_prompt.yaml")
+    model: str = Field(
+        "meta-llama/Llama-2-70b-chat-hf", description="hub id or local path (served model name for openai)"
+    )
+    prompt_file: str | None = Field(
+        None, description="prompt YAML (system, user, styles); default: stages/dialogue_prompt.yaml"
+    )
     styles: dict[str, float] = Field(
         default_factory=lambda: {"command": 0.4, "question": 0.3, "ambiguous": 0.3},
         description="share of each user-text style; each needs a description in the prompt file",
@@ -233,7 +240,7 @@ class DialogueConfig(ActorPool):
         return data
 
     @model_validator(mode="after")
-    def _consistent(self) -> "DialogueConfig":
+    def _consistent(self) -> DialogueConfig:
         if not self.styles or any(share < 0 for share in self.styles.values()) or sum(self.styles.values()) <= 0:
             raise ValueError("'styles' needs non-negative shares with a positive sum")
         if self.min_user_chars > self.max_user_chars or self.min_assistant_chars > self.max_assistant_chars:
@@ -249,7 +256,8 @@ class PublishConfig(Section):
     version: str | None = Field(None, description="version name; default: the run id")
     shard_max_bytes: int = Field(256 * 2**20, ge=1024)
     shard_max_samples: int = Field(10_000, ge=1)
-    allow_partial: bool = Field(False, description="publish a run whose plan has units without output (--allow-partial)")
+    allow_partial: bool = Field(
+        False, description="publish a run whose plan has units without output (--allow-partial)")
     executor: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray workers build and upload shards; local: this process, one shard at a time")
 
@@ -307,7 +315,7 @@ class SidConfig(Section):
     finetune: bool = Field(True, description="fine-tune G on the union to start the next round")
 
     @model_validator(mode="after")
-    def _alphas_in_unit_interval(self) -> "SidConfig":
+    def _alphas_in_unit_interval(self) -> SidConfig:
         bad = [alpha for alpha in self.alphas if not 0.0 <= alpha <= 1.0]
         if bad:
             raise ValueError(f"alphas must lie in [0, 1], got {bad}")

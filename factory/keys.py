@@ -8,7 +8,9 @@ import json
 import os
 from typing import Any
 
-KEY_FIELDS = ("reference_id", "instruction_id", "instruction", "seed", "generator", "checkpoint", "round", "alpha", "w_id")
+KEY_FIELDS = (
+    "reference_id", "instruction_id", "instruction", "seed", "generator", "checkpoint", "round", "alpha", "w_id",
+)
 
 
 def sample_key(**fields: Any) -> str:

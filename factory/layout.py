@@ -55,6 +55,11 @@ def unit_number(key: str) -> int | None:
     return None
 
 
+def is_unit_file(key: str) -> bool:
+    """True for a stage's `unit-<n>.parquet` (by name only; `unit_number` parses the number)."""
+    return key.rsplit("/", 1)[-1].startswith("unit-") and key.endswith(".parquet")
+
+
 # --- dataset versions --------------------------------------------------------------------
 
 
@@ -134,3 +139,23 @@ def checkpoint_model(folder: str) -> str:
 def checkpoint_meta(folder: str) -> str:
     """Written last in a step folder: the step is complete iff this exists."""
     return f"{folder}/meta.json"
+
+
+def checkpoint_file(folder: str, relative: str) -> str:
+    """A file of a step folder, by its path relative to the folder."""
+    return f"{folder}/{relative}"
+
+
+OPTIMIZER_TENSORS = "optimizer.safetensors"  # in a step folder, beside model/ and meta.json
+OPTIMIZER_GROUPS = "optimizer.json"
+
+
+def is_checkpoint_latest(key: str) -> bool:
+    """True for a run's `latest.json` (`checkpoints/<model>/<run-id>/latest.json`)."""
+    parts = key.split("/")
+    return len(parts) == 4 and parts[3] == "latest.json"
+
+
+def checkpoint_data_log(model: str, run_id: str, epoch: int, rank: int, first_batch: int) -> str:
+    """The sample keys one rank trained on in one epoch, from `first_batch` on (`train.log_sample_keys`)."""
+    return f"{checkpoint_run(model, run_id)}/data/epoch-{epoch:04d}-rank-{rank:04d}-from-{first_batch:06d}.json"

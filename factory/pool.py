@@ -6,8 +6,8 @@ embeddings); `ImagePool.search` is the one seam an ANN index would replace.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -65,7 +65,7 @@ class ImagePool:
     embeddings: np.ndarray  # (N, d), L2-normalised
 
     @classmethod
-    def load(cls, storage: Storage, name: str) -> "ImagePool":
+    def load(cls, storage: Storage, name: str) -> ImagePool:
         parts = storage.list(pool_folder(name))
         if not parts:
             raise FileNotFoundError(f"no image pool at {storage.url(pool_folder(name))}")

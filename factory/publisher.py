@@ -21,14 +21,14 @@ import hashlib
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory import layout
@@ -202,7 +202,8 @@ def first_of_each_key(keys: pa.Table) -> tuple[pa.Table, set[tuple[str, str]]]:
     repeat = np.zeros(len(names), dtype=bool)
     repeat[1:] = names[1:] == names[:-1]
     losers = ordered.filter(pa.array(repeat))
-    return ordered.filter(pa.array(~repeat)), set(zip(losers.column("key").to_pylist(), losers.column("part").to_pylist()))
+    lost = set(zip(losers.column("key").to_pylist(), losers.column("part").to_pylist()))
+    return ordered.filter(pa.array(~repeat)), lost
 
 
 def write_version(storage: Storage, storage_config: StorageConfig, spec: VersionSpec, source: SampleSource,

@@ -13,8 +13,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from importlib import import_module
-from typing import Any, Callable
+from typing import Any
 
 from factory.config import ConfigError, FactoryConfig, load_config
 from factory.context import RunContext
@@ -46,7 +47,7 @@ def stage_entry(name: str) -> Callable[[RunContext], dict[str, Any]]:
 
 
 def references_exist(ctx: RunContext) -> bool:
-    from stages.references import set_complete
+    from factory.reference_sets import set_complete
 
     return set_complete(ctx.storage, ctx.config.references.set)
 
@@ -70,7 +71,7 @@ def check_inputs(config: FactoryConfig, stage: str) -> None:
     if missing:
         raise ConfigError("model paths not found:\n" + "\n".join(missing))
     if stage in ("plan", "all"):
-        from stages.instructions import load_bank
+        from factory.instructions import load_bank
 
         load_bank(config.plan.instructions)
 
@@ -132,8 +133,8 @@ def print_outcome(stage: str, result: dict[str, Any]) -> None:
     if not publish or "funnel" not in publish:
         return
     funnel = publish["funnel"]
-    print("funnel: " + " -> ".join(f"{name} {funnel[name]}" for name in
-                                   ("planned", "generated", "passed_clip", "passed_dino", "dialogue_accepted", "written")))
+    gates = ("planned", "generated", "passed_clip", "passed_dino", "dialogue_accepted", "written")
+    print("funnel: " + " -> ".join(f"{name} {funnel[name]}" for name in gates))
     for reason, count in funnel.get("rejections", {}).items():
         print(f"  rejected {count:>6}  {reason}")
     print(f"version {publish['version']}: {publish['samples']} samples, manifest at {publish['manifest']}")

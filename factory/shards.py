@@ -10,8 +10,9 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import webdataset as wds
 

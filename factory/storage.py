@@ -11,9 +11,10 @@ import io
 import os
 import posixpath
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
@@ -199,7 +200,7 @@ class S3Location:
     prefix: str
 
     @classmethod
-    def parse(cls, url: str) -> "S3Location":
+    def parse(cls, url: str) -> S3Location:
         rest = url[len("s3://") :]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
@@ -210,7 +211,7 @@ class S3Location:
 class S3Storage(Storage):
     """S3 (or any S3-compatible server) through boto3, with botocore retries."""
 
-    def __init__(self, root: str, config: "StorageConfig | None" = None):
+    def __init__(self, root: str, config: StorageConfig | None = None):
         try:
             import boto3
             from boto3.s3.transfer import TransferConfig
@@ -283,8 +284,8 @@ class S3Storage(Storage):
             self._upload(key, handle)
 
     def _upload(self, key: str, handle) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
         from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.upload_fileobj(handle, self.location.bucket, self._key(key), Config=self.transfer)
@@ -377,7 +378,7 @@ class S3RangeReader(io.RawIOBase):
         return len(data)
 
 
-def open_storage(config: "StorageConfig") -> Storage:
+def open_storage(config: StorageConfig) -> Storage:
     if config.root.startswith("s3://"):
         return S3Storage(config.root, config)
     if "://" in config.root:

@@ -95,7 +95,8 @@ class ImageJoin:
     def add(self, rows: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
         for column in columns:
             if column == "input_image":
-                rows[column] = [self.reference(part, ref) for part, ref in zip(rows["reference_part"], rows["reference_id"])]
+                rows[column] = [self.reference(part, reference_id)
+                                for part, reference_id in zip(rows["reference_part"], rows["reference_id"])]
             elif column == "target_image":
                 rows[column] = self.candidates(rows, IMAGE_HOMES[column], column)
             elif column not in rows:

@@ -64,7 +64,8 @@ def cmd_rethreshold(storage, config, args) -> int:
     thresholds = dict(item.split("=", 1) for item in args.threshold)
     manifest = rethreshold_version(storage, config, args.version, args.name,
                                    {name: float(value) for name, value in thresholds.items()})
-    print(f"version {config.dataset}/{args.name}: {manifest['samples']} of the parent's samples pass {manifest['thresholds']}")
+    print(f"version {config.dataset}/{args.name}: {manifest['samples']} of the parent's samples "
+          f"pass {manifest['thresholds']}")
     return 0
 
 

@@ -87,3 +87,11 @@ def paired_cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     if len(a) != len(b):
         raise ValueError(f"paired batches differ in size: {len(a)} vs {len(b)}")
     return (a * b).sum(dim=-1).double().cpu().numpy()
+
+
+def clip_scorer_from_config(config, device: str = "cpu") -> ClipScorer:
+    """The filter's CLIP scorer as `config.filter` (a FactoryConfig's) sets it; the filter stage
+    scores with it and SID retrieves with it."""
+    settings = config.filter
+    return ClipScorer(settings.clip_model, settings.clip_pretrained, device=device, dtype=settings.dtype,
+                      model_config=settings.clip_model_config, quick_gelu=settings.clip_quick_gelu)

@@ -87,7 +87,7 @@ class JobsFile(Strict):
     jobs: list[JobSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "JobsFile":
+    def _unique_names(self) -> JobsFile:
         names = [job.name for job in self.jobs]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:

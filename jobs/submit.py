@@ -16,10 +16,11 @@ import secrets
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 from jobs.auth_token import default_token_path
 from jobs.spec import JobSpec, SpecError

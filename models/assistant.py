@@ -11,8 +11,9 @@ they are saved (safetensors, with a JSON config naming the LLM and the encoders)
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ class CafeAssistant(nn.Module):
     @classmethod
     def from_parts(
         cls, llm_model: str, clip_model: str, dino_model: str, max_text_tokens: int = 256, dtype=torch.float32
-    ) -> "CafeAssistant":
+    ) -> CafeAssistant:
         """New heads over the LLM at `llm_model`, sized for the two encoders."""
         from models.cafe import encoder_dims
 
@@ -67,7 +68,7 @@ class CafeAssistant(nn.Module):
         return cls(*load_llm(llm_model, dtype), config)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, llm_model: str | None = None, dtype=torch.float32) -> "CafeAssistant":
+    def from_pretrained(cls, path: str | Path, llm_model: str | None = None, dtype=torch.float32) -> CafeAssistant:
         """Heads saved by `save_pretrained`, over their recorded LLM (or `llm_model`)."""
         path = Path(path)
         config = json.loads((path / CONFIG_FILE).read_text())
@@ -103,7 +104,7 @@ class CafeAssistant(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.new_layers().values())
 
-    def train(self, mode: bool = True) -> "CafeAssistant":
+    def train(self, mode: bool = True) -> CafeAssistant:
         super().train(mode)
         self.llm.eval()  # frozen: keep dropout and the like off
         return self

@@ -21,9 +21,10 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,7 +170,7 @@ class CafeUNet(ModelMixin, ConfigMixin):
         install_cafe_processors(self.unet, clip_tokens)
 
     @classmethod
-    def from_base(cls, base_model: str, clip_model: str, dino_model: str, clip_tokens: int = 1) -> "CafeUNet":
+    def from_base(cls, base_model: str, clip_model: str, dino_model: str, clip_tokens: int = 1) -> CafeUNet:
         """A new G from a Stable Diffusion folder (its `unet/`) and the two encoders' configs."""
         base_unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
         clip_dim, dino_dim = encoder_dims(clip_model, dino_model)
@@ -290,7 +291,9 @@ def images_to_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     for image in images:
         image = _rgb(image)
         scale = size / min(image.size)
-        resized = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
+        resized = image.resize(
+            (max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC
+        )
         left, top = (resized.width - size) // 2, (resized.height - size) // 2
         arrays.append(np.asarray(resized.crop((left, top, left + size, top + size)), dtype=np.float32))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
@@ -412,7 +415,9 @@ class CafeGenerator:
     def __init__(self, name: str, spec: Any, device: str = "cpu"):
         unknown = set(spec.options) - GENERATOR_OPTIONS
         if unknown:
-            raise ValueError(f"generator {name!r}: unknown cafe options {sorted(unknown)} (known: {sorted(GENERATOR_OPTIONS)})")
+            raise ValueError(
+                f"generator {name!r}: unknown cafe options {sorted(unknown)} (known: {sorted(GENERATOR_OPTIONS)})"
+            )
         self.name = name
         self.spec = spec
         self.device = torch.device(device)

@@ -78,7 +78,7 @@ IMPLEMENTATIONS = {
 }
 
 
-def build_engine(config: "DialogueConfig") -> Engine:
+def build_engine(config: DialogueConfig) -> Engine:
     """Build the engine named by `config.engine` (its module is imported only now)."""
     target = IMPLEMENTATIONS.get(config.engine)
     if target is None:
@@ -87,7 +87,7 @@ def build_engine(config: "DialogueConfig") -> Engine:
     return getattr(import_module(module_name), class_name)(config)
 
 
-def sampling_settings(config: "DialogueConfig") -> dict[str, Any]:
+def sampling_settings(config: DialogueConfig) -> dict[str, Any]:
     """The sampling settings every engine applies, for `describe()`."""
     return {
         "temperature": config.temperature,

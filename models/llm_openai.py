@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -51,7 +50,7 @@ class RequestRefused(EngineError):
 class OpenAIEngine(BatchEngine):
     name = "openai"
 
-    def __init__(self, config: "DialogueConfig"):
+    def __init__(self, config: DialogueConfig):
         if not config.endpoint_url:
             raise EngineError("engine 'openai' needs dialogue.endpoint_url")
         self.config = config
@@ -62,7 +61,8 @@ class OpenAIEngine(BatchEngine):
             log.info("no API key in $%s; sending requests without one", config.api_key_env)
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "model": self.config.model, "endpoint": self.safe_url, **sampling_settings(self.config)}
+        return {"engine": self.name, "model": self.config.model, "endpoint": self.safe_url,
+                **sampling_settings(self.config)}
 
     def _generate(
         self, conversations: list[Conversation], seeds: list[int], json_schema: dict[str, Any] | None
@@ -120,7 +120,7 @@ class OpenAIEngine(BatchEngine):
                 raw = response.read()
         except urllib.error.HTTPError as err:
             raise http_failure(err) from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise TransientError(f"no answer within {self.config.request_timeout_s}s") from None
         except (urllib.error.URLError, ConnectionError, OSError) as err:
             reason = getattr(err, "reason", err)
@@ -136,7 +136,8 @@ class OpenAIEngine(BatchEngine):
 
 def structured_output_fields(kind: str, json_schema: dict[str, Any]) -> dict[str, Any]:
     if kind == "response_format":
-        return {"response_format": {"type": "json_schema", "json_schema": {"name": "dialogue", "schema": json_schema, "strict": True}}}
+        schema = {"name": "dialogue", "schema": json_schema, "strict": True}
+        return {"response_format": {"type": "json_schema", "json_schema": schema}}
     if kind == "structured_outputs":
         return {"structured_outputs": {"json": json_schema}}
     if kind == "guided_json":

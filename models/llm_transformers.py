@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class TransformersEngine(BatchEngine):
     name = "transformers"
 
-    def __init__(self, config: "DialogueConfig", device: str | None = None):
+    def __init__(self, config: DialogueConfig, device: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config = config
@@ -63,7 +63,9 @@ class TransformersEngine(BatchEngine):
 
     @torch.inference_mode()
     def _decode_loop(self, prompts: list[str], seeds: list[int], matchers: list | None) -> list[list[int]]:
-        batch = self.tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+        batch = self.tokenizer(
+            prompts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+        )
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]

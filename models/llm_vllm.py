@@ -28,14 +28,16 @@ def import_vllm():
     try:
         import vllm
     except ImportError as err:
-        raise EngineUnavailable(f"dialogue.engine 'vllm' needs vLLM, which is not importable ({err}): {INSTALL_HINT}") from None
+        raise EngineUnavailable(
+            f"dialogue.engine 'vllm' needs vLLM, which is not importable ({err}): {INSTALL_HINT}"
+        ) from None
     return vllm
 
 
 class VllmEngine(BatchEngine):
     name = "vllm"
 
-    def __init__(self, config: "DialogueConfig"):
+    def __init__(self, config: DialogueConfig):
         self.config = config
         self.vllm = import_vllm()
         self.llm = self.vllm.LLM(**self.engine_kwargs())

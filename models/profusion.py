@@ -25,9 +25,10 @@ import inspect
 import logging
 import math
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ class ProFusionGenerator:
 
     kind = "profusion"
 
-    def __init__(self, name: str, spec: "GeneratorSpec", device: str = "cpu"):
+    def __init__(self, name: str, spec: GeneratorSpec, device: str = "cpu"):
         self.name = name
         self.spec = spec
         try:
@@ -105,7 +106,7 @@ class ProFusionGenerator:
 
     # --- loading -----------------------------------------------------------------------
 
-    def _load(self, spec: "GeneratorSpec") -> None:
+    def _load(self, spec: GeneratorSpec) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -337,7 +338,7 @@ class ProFusionGenerator:
             latents = scheduler.step(guided, t, latents, **step_kwargs).prev_sample
         return self._decode(latents)
 
-    def _predict(self, scheduler, context: "_SamplingContext", latents, t, conditions, s_star_scale=1.0):
+    def _predict(self, scheduler, context: _SamplingContext, latents, t, conditions, s_star_scale=1.0):
         """UNet outputs for `latents` under [uncond, S* prompt, *conditions]."""
         model_input = scheduler.scale_model_input(latents, t)
         with self._autocast():

@@ -15,8 +15,8 @@ text encoder's token embedding writes `S*` into the placeholder's positions, so 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,7 @@ class PromptNet(ModelMixin, ConfigMixin):
         return self.to_embedding(features).view(batch, self.config.num_tokens, self.config.embedding_dim)
 
     @classmethod
-    def from_unet(cls, unet, embedding_dim: int, image_embed_dim: int | None = None, **overrides) -> "PromptNet":
+    def from_unet(cls, unet, embedding_dim: int, image_embed_dim: int | None = None, **overrides) -> PromptNet:
         """A PromptNet shaped like `unet`'s down path, started from its weights where they fit."""
         config = unet.config
         heads = config.num_attention_heads or config.attention_head_dim

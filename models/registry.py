@@ -15,7 +15,7 @@ IMPLEMENTATIONS = {
 }
 
 
-def build_generator(name: str, spec: "GeneratorSpec", device: str = "cpu") -> "Generator":
+def build_generator(name: str, spec: GeneratorSpec, device: str = "cpu") -> Generator:
     target = IMPLEMENTATIONS.get(spec.kind)
     if target is None:
         raise NotImplementedError(f"generator kind {spec.kind!r} is not implemented (known: {sorted(IMPLEMENTATIONS)})")

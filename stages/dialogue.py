@@ -53,7 +53,7 @@ class DialogueLimits:
     max_output_bytes: int = 64 * 1024  # a whole raw output above this is refused unparsed
 
     @classmethod
-    def from_config(cls, config: DialogueConfig) -> "DialogueLimits":
+    def from_config(cls, config: DialogueConfig) -> DialogueLimits:
         return cls(config.min_user_chars, config.max_user_chars, config.min_assistant_chars, config.max_assistant_chars)
 
     def bounds(self, field: str) -> tuple[int, int]:
@@ -198,7 +198,8 @@ def load_prompt(config: DialogueConfig) -> DialoguePrompt:
     if config.prompt_file:
         source, raw = config.prompt_file, Path(config.prompt_file).read_text(encoding="utf-8")
     else:
-        source, raw = f"builtin:stages/{BUILTIN_PROMPT}", (resources.files("stages") / BUILTIN_PROMPT).read_text("utf-8")
+        source = f"builtin:stages/{BUILTIN_PROMPT}"
+        raw = (resources.files("stages") / BUILTIN_PROMPT).read_text("utf-8")
     data = yaml.safe_load(raw)
     if not isinstance(data, dict) or not {"system", "user", "styles"} <= data.keys():
         raise ValueError(f"prompt file {source} needs 'system', 'user' and 'styles'")
@@ -235,7 +236,7 @@ def prompt_fingerprint(config: FactoryConfig) -> dict[str, Any]:
     }
 
 
-def build_conversation(prompt: DialoguePrompt, row: dict[str, Any], style: str, limits: DialogueLimits) -> "Conversation":
+def build_conversation(prompt: DialoguePrompt, row: dict[str, Any], style: str, limits: DialogueLimits) -> Conversation:
     values = {
         "subject": row["subject"],
         "domain": row["domain"],
@@ -286,7 +287,7 @@ class Dialogue(Stage):
     source = "filter"
     shaped_by = ("references", "plan", "generate", "filter", "dialogue")
 
-    def __init__(self, config: FactoryConfig, engine: "Engine | None" = None):
+    def __init__(self, config: FactoryConfig, engine: Engine | None = None):
         from models.llm import build_engine
 
         super().__init__(config)
@@ -340,7 +341,8 @@ class Dialogue(Stage):
         return accepted, failures
 
     def _generate(self, records: list[dict[str, Any]], styles: list[str], attempt: int) -> list[str | None]:
-        conversations = [build_conversation(self.prompt, rec, style, self.limits) for rec, style in zip(records, styles)]
+        conversations = [build_conversation(self.prompt, rec, style, self.limits)
+                         for rec, style in zip(records, styles)]
         seeds = [attempt_seed(str(rec["key"]), self.settings.seed, attempt) for rec in records]
         texts = self.engine.generate(conversations, seeds, self.schema)
         if len(texts) != len(records):

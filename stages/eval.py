@@ -65,7 +65,7 @@ class Located:
 
     @classmethod
     def resolve(cls, storage: Storage, given: str | None, model: str, run_id: str, scratch: Path) -> "Located":
-        from stages.train import fetch_checkpoint, latest_checkpoint
+        from factory.checkpoints import fetch_checkpoint, latest_checkpoint
 
         if given and Path(given).is_dir():
             return cls(given, given, False)

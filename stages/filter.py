@@ -17,8 +17,8 @@ import pandas as pd
 
 from factory.config import FactoryConfig
 from factory.images import ImageRejected, decode_image
-from filters.rules import RULES, first_failure, rule_flags
 from factory.stage import Stage
+from filters.rules import RULES, first_failure, rule_flags
 from models.base import pick_device
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Filter(Stage):
     shaped_by = ("references", "plan", "generate", "filter")
 
     def __init__(self, config: FactoryConfig, device: str | None = None):
+        from filters.clip import clip_scorer_from_config
         from filters.dino import DinoScorer
 
         super().__init__(config)
@@ -140,15 +141,6 @@ def readable_text(value: object) -> str | None:
     except UnicodeEncodeError:
         return None
     return value
-
-
-def clip_scorer_from_config(config: FactoryConfig, device: str = "cpu"):
-    """The filter's CLIP scorer, as configured (also used for SID's text-image retrieval)."""
-    from filters.clip import ClipScorer
-
-    settings = config.filter
-    return ClipScorer(settings.clip_model, settings.clip_pretrained, device=device, dtype=settings.dtype,
-                      model_config=settings.clip_model_config, quick_gelu=settings.clip_quick_gelu)
 
 
 def run(ctx) -> dict:

@@ -14,63 +14,13 @@ import pyarrow as pa
 
 from factory import layout
 from factory.context import RunContext
-from factory.units import write_plan
 from factory.keys import portable_ref, sample_key
-
-PLAN_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("unit", pa.int64()),
-        ("reference_set", pa.string()),
-        ("reference_part", pa.string()),
-        ("reference_id", pa.string()),
-        ("subject", pa.string()),
-        ("domain", pa.string()),
-        ("instruction_id", pa.string()),
-        ("category", pa.string()),
-        ("template", pa.string()),
-        ("instruction", pa.string()),
-        ("seed", pa.int64()),
-        ("generator", pa.string()),
-        ("round", pa.int64()),
-        ("alpha", pa.float64()),
-        ("w_id", pa.string()),
-    ]
-)
-
-
-class PlanError(ValueError):
-    """The plan cannot be drawn from what is configured and stored."""
-
-
-def reference_catalog(ctx: RunContext) -> pd.DataFrame:
-    """Reference ids with their subject, domain and part file, sorted by id."""
-    from stages.references import list_parts, set_complete
-
-    set_name = ctx.config.references.set
-    parts = list_parts(ctx.storage, set_name)
-    if not parts or not set_complete(ctx.storage, set_name):
-        state = "an unfinished reference set" if parts else "no references"
-        raise PlanError(f"{state} under {ctx.storage.url(f'references/{set_name}')}: run --stage references first")
-    frames = []
-    for part in parts:
-        table = ctx.storage.read_parquet(part).select(["reference_id", "subject", "domain"])
-        frames.append(table.to_pandas().assign(reference_part=part))
-    return pd.concat(frames, ignore_index=True).sort_values("reference_id", kind="stable").reset_index(drop=True)
-
-
-def instruction_table(path: str | None) -> pd.DataFrame:
-    from stages.instructions import load_bank
-
-    bank = load_bank(path)
-    return pd.DataFrame(
-        {"instruction_id": [i.id for i in bank], "domain": [i.domain for i in bank],
-         "category": [i.category for i in bank], "template": [i.template for i in bank]}
-    ).sort_values("instruction_id", kind="stable").reset_index(drop=True)
+from factory.planning import PLAN_SCHEMA, PlanError, cut_units, instruction_table, reference_catalog  # noqa: F401
+from factory.units import write_plan
 
 
 def draw_jobs(references: pd.DataFrame, instructions: pd.DataFrame, ctx: RunContext) -> pd.DataFrame:
-    from stages.instructions import render
+    from factory.instructions import render
 
     plan_config = ctx.config.plan
     rng = np.random.default_rng(plan_config.seed)
@@ -102,14 +52,6 @@ def draw_jobs(references: pd.DataFrame, instructions: pd.DataFrame, ctx: RunCont
             "generator": plan_config.generator, "round": 0, "alpha": None, "w_id": None,
         })
     return pd.DataFrame(rows)
-
-
-def cut_units(jobs: pd.DataFrame, unit_size: int) -> pd.DataFrame:
-    """Order jobs so each reference's jobs sit together, then cut consecutive units."""
-    jobs = jobs.drop_duplicates("key").sort_values(["reference_part", "reference_id", "key"], kind="stable")
-    jobs = jobs.reset_index(drop=True)
-    jobs.insert(1, "unit", np.arange(len(jobs)) // unit_size)
-    return jobs
 
 
 def build_plan(ctx: RunContext) -> pa.Table:

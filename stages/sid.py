@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 def plan_schema() -> pa.Schema:
-    from stages.plan import PLAN_SCHEMA
+    from factory.planning import PLAN_SCHEMA
 
     return PLAN_SCHEMA.append(pa.field("w_image", pa.binary()))
 
@@ -57,7 +57,8 @@ def ensure_parent(ctx: RunContext) -> str:
 
 def ensure_checkpoint(ctx: RunContext, parent: str) -> str:
     """G's checkpoint folder; on the demo, train a tiny G on the parent when none exists."""
-    from stages.train import latest_generator_checkpoint, train_generator_on
+    from factory.checkpoints import latest_generator_checkpoint
+    from models.training.runner import train_generator_on
 
     config = ctx.config
     checkpoint = config.sid.checkpoint or latest_generator_checkpoint(ctx)
@@ -88,8 +89,8 @@ def instruction_weights(instructions: pd.DataFrame, parent_index: pd.DataFrame, 
 
 
 def draw_round_jobs(ctx: RunContext, parent: str, round_: int) -> pd.DataFrame:
-    from stages.instructions import render
-    from stages.plan import instruction_table, reference_catalog
+    from factory.instructions import render
+    from factory.planning import instruction_table, reference_catalog
 
     sid = ctx.config.sid
     rng = np.random.default_rng([sid.seed, round_])
@@ -139,7 +140,7 @@ def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
 
 
 def clip_scorer(config: FactoryConfig):
-    from stages.filter import clip_scorer_from_config
+    from filters.clip import clip_scorer_from_config
 
     return clip_scorer_from_config(config)
 
@@ -179,7 +180,7 @@ def draw_w_images(ctx: RunContext, jobs: pd.DataFrame) -> list[bytes]:
 
 
 def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> pa.Table:
-    from stages.plan import cut_units
+    from factory.planning import cut_units
 
     jobs = draw_round_jobs(ctx, parent, round_)
     if jobs.empty:
@@ -216,7 +217,8 @@ def run_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> dic
 
     rctx = round_context(ctx, round_, checkpoint)
     if not plan_exists(rctx.storage, rctx.config.run_id):
-        write_plan(rctx.storage, rctx.config.run_id, plan_round(rctx, parent, round_, checkpoint), ctx.config.sid.unit_size)
+        plan = plan_round(rctx, parent, round_, checkpoint)
+        write_plan(rctx.storage, rctx.config.run_id, plan, ctx.config.sid.unit_size)
     run_steps(rctx, [STEPS["generate"], STEPS["filter"], STEPS["dialogue"]])
     alphas = round_alphas(rctx)
     round_manifest = publish_run(rctx, kind="sid", parents=[parent], extra={
@@ -247,7 +249,7 @@ def round_alphas(rctx: RunContext) -> pd.Series:
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    from stages.train import train_generator_on
+    from models.training.runner import train_generator_on
 
     parent = ensure_parent(ctx)
     checkpoint = ensure_checkpoint(ctx, parent)

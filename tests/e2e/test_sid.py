@@ -1,6 +1,5 @@
 """One SID round on the demo: train G on the bootstrap version, draw with it, publish D3_1 and the union."""
 
-import json
 
 import pandas as pd
 import pytest

@@ -37,10 +37,12 @@ def test_override_changes_value_and_hash():
     [
         ("plan:\n  unit_size: many\n", "plan.unit_size: Input should be a valid integer"),
         ("plan:\n  unit_sise: 4\n", "plan.unit_sise: unknown key"),
-        ("generate:\n  generators:\n    g:\n      kind: profusion\n", "generate.generators.g.model: required field is missing"),
+        ("generate:\n  generators:\n    g:\n      kind: profusion\n",
+         "generate.generators.g.model: required field is missing"),
         ("plan:\n  unit_size: 0\n", "plan.unit_size: Input should be greater than or equal to 1"),
         ("dialogue:\n  engine: gpt\n", "dialogue.engine: Input should be 'transformers', 'vllm' or 'openai'"),
-        ("references:\n  sources:\n    - kind: folder\n", "references.sources.0: Value error, a 'folder' source needs 'path'"),
+        ("references:\n  sources:\n    - kind: folder\n",
+         "references.sources.0: Value error, a 'folder' source needs 'path'"),
         ("dataset: my.data\n", "dataset: String should match pattern"),
         ("- just\n- a list\n", "must hold a mapping at the top level"),
         ("plan: [unclosed\n", "is not valid YAML"),
@@ -78,7 +80,8 @@ def test_production_config_names_the_papers_checkpoints():
     assert (config.filter.clip_model, config.filter.clip_pretrained, config.filter.dino_model) == (
         "ViT-B-32", "openai", "facebook/dino-vits16")
     assert config.filter.thresholds == {"clip_t": 0.3, "dino": 0.6}
-    assert (config.train.clip_model, config.train.dino_model) == ("openai/clip-vit-large-patch14-336", "facebook/dinov2-giant")
+    assert config.train.clip_model == "openai/clip-vit-large-patch14-336"
+    assert config.train.dino_model == "facebook/dinov2-giant"
     assert config.dialogue.engine == "vllm" and config.dialogue.model == "meta-llama/Llama-2-70b-chat-hf"
     assert config.dialogue.tensor_parallel_size == 4
     assert config.storage.root.startswith("s3://")

@@ -13,7 +13,8 @@ def test_same_job_same_key_and_no_dots():
 
 @pytest.mark.parametrize("field, value", [("seed", 4), ("alpha", 0.5), ("round", 1), ("checkpoint", "other")])
 def test_each_defining_field_changes_the_key(field, value):
-    base = dict(reference_id="r1", instruction_id="i1", instruction="a dog", seed=3, generator="g", checkpoint="ck", round=0)
+    base = dict(reference_id="r1", instruction_id="i1", instruction="a dog", seed=3, generator="g", checkpoint="ck",
+                round=0)
     assert sample_key(**base) != sample_key(**{**base, field: value})
 
 

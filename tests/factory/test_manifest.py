@@ -46,7 +46,8 @@ def test_never_overwrites_and_other_publisher_is_refused(storage, samples):
     publish_version(storage, spec("v1"), samples)
     with pytest.raises(VersionError, match="already exists"):
         publish_version(storage, spec("v1"), samples[:3])
-    storage.write_bytes("datasets/d/v2/_publishing.json", json.dumps({"config_sha256": "other", "kind": "bootstrap"}).encode())
+    lock = {"config_sha256": "other", "kind": "bootstrap"}
+    storage.write_bytes("datasets/d/v2/_publishing.json", json.dumps(lock).encode())
     with pytest.raises(VersionError, match="being published by another run"):
         publish_version(storage, spec("v2"), samples)
     assert not version_exists(storage, "d", "v2")
@@ -91,7 +92,6 @@ def test_verify_names_the_damaged_shard(storage, samples, damage):
 
 
 def test_verify_reports_missing_index_rows(storage, samples):
-    import pyarrow as pa
 
     publish_version(storage, spec("v1"), samples)
     index = storage.read_parquet("datasets/d/v1/index.parquet")

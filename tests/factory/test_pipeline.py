@@ -7,7 +7,8 @@ import pytest
 from factory.config import load_config
 from factory.context import RunContext
 from factory.pipeline import RunChanged, Step, run_steps, run_steps_inline
-from factory.units import finished_units as finished, read_unit, unit_meta, write_plan
+from factory.units import finished_units as finished
+from factory.units import read_unit, unit_meta, write_plan
 
 REPO = Path(__file__).resolve().parents[2]
 STAMP = Step("filter", "tests.factory.stage_doubles:Stamp")
@@ -57,7 +58,8 @@ def test_unit_files_keep_their_counters_and_the_settings_that_made_them(tmp_path
     meta = unit_meta(ctx.storage, "t", "filter", 1)  # keys k003, k004, k005
     assert meta["counters"]["rows"] == 3 and meta["counters"]["live_out"] == 1
     assert meta["counters"]["rejected:odd_key"] == 2
-    assert meta["shaped_by"]["filter.thresholds.clip_t"] == ctx.config.filter.thresholds["clip_t"] and "filter.concurrency" not in meta["shaped_by"]
+    assert meta["shaped_by"]["filter.thresholds.clip_t"] == ctx.config.filter.thresholds["clip_t"]
+    assert "filter.concurrency" not in meta["shaped_by"]
 
 
 def test_rows_rejected_upstream_reach_no_stage_and_come_back_untouched(tmp_path):
@@ -122,4 +124,5 @@ def test_neighbouring_steps_with_equal_resources_share_an_actor(tmp_path):
     steps = [STEPS["generate"], STEPS["filter"], STEPS["dialogue"]]
     assert [[s.name for s in group] for group in pool_groups(steps, ctx.config)] == [["generate", "filter", "dialogue"]]
     ctx.config.filter.num_gpus = 0.25
-    assert [[s.name for s in group] for group in pool_groups(steps, ctx.config)] == [["generate"], ["filter"], ["dialogue"]]
+    groups = pool_groups(steps, ctx.config)
+    assert [[s.name for s in group] for group in groups] == [["generate"], ["filter"], ["dialogue"]]

@@ -94,7 +94,8 @@ def test_local_publish_of_a_grown_run_matches_the_in_process_writer(storage_conf
     assert [shard["sha256"] for shard in manifest["shards"]] == expected_shards(ctx, rows)
     assert manifest["samples"] == int(rows["reject_reason"].isna().sum()) == manifest["funnel"]["written"]
     assert manifest["funnel"]["planned"] == UNITS * PER_UNIT
-    assert manifest["funnel"]["rejections"] == {"filter:clip_t_below_threshold": int(rows["reject_reason"].notna().sum())}
+    rejected = int(rows["reject_reason"].notna().sum())
+    assert manifest["funnel"]["rejections"] == {"filter:clip_t_below_threshold": rejected}
     assert verify_version(ctx.storage, ctx.config.dataset, "grown") == []
     assert publish_run(ctx)["created"] == manifest["created"]  # a re-run is a no-op
 

@@ -22,9 +22,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from factory.config import StorageConfig
 from factory.manifest import VersionSpec, publish_version, union_versions
 from factory.report import GALLERY_MAX_SHARDS, GALLERY_SIZE, NEAR_SIZE, write_report
-from factory.config import StorageConfig
 from factory.storage import LocalStorage, Storage, open_storage
 from factory.versions import main
 from tests.factory.conftest import jpeg, make_samples
@@ -72,7 +72,8 @@ def funnel(rows: pd.DataFrame, written: int) -> dict:
 
 def run_rows(accepted: list) -> pd.DataFrame:
     rows = [candidate_row(s.key, n % 2, s.meta["scores"]["clip_t"], s.meta["scores"]["dino"],
-                          alpha=s.meta["generator"]["alpha"], instruction=s.meta["instruction"], user=s.user, assistant=s.assistant)
+                          alpha=s.meta["generator"]["alpha"], instruction=s.meta["instruction"], user=s.user,
+                          assistant=s.assistant)
             for n, s in enumerate(accepted)]
     for n, miss in enumerate(CLIP_MISSES):
         rows.append(candidate_row(f"clipmiss{n}", n % 2, THRESHOLDS["clip_t"] - miss, 0.9,

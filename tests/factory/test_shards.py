@@ -36,6 +36,7 @@ def test_dotted_key_is_refused():
 
 def test_shards_load_with_webdataset_and_hf_datasets(tmp_path, samples):
     import webdataset as wds
+
     from factory.config import StorageConfig
     from factory.storage import open_storage
 

@@ -97,7 +97,8 @@ def submission_id(done: subprocess.CompletedProcess) -> str:
 def test_ray_job_submit_runs_the_factory_from_the_shipped_working_dir(ray_head, tmp_path):
     root = tmp_path / "store"
     for stage, written in FACTORY_STAGES:
-        done = ray_job_submit(ray_head, "python", "-m", "factory.run", "--stage", stage, "--set", f"storage.root={root}")
+        done = ray_job_submit(ray_head, "python", "-m", "factory.run", "--stage", stage,
+                              "--set", f"storage.root={root}")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert ray_head.client().get_job_status(submission_id(done)).value == "SUCCEEDED"
         assert (root / written).exists(), f"{stage} wrote nothing at {root / written}"

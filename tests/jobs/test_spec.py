@@ -47,7 +47,8 @@ def test_a_good_spec_gives_typed_values(tmp_path):
 @pytest.mark.parametrize(
     "change, expected",
     [
-        (("entrypoint_num_cpus: 0.5", "entrypoint_num_cpu: 0.5"), "job hello: resources.entrypoint_num_cpu: unknown key"),
+        (("entrypoint_num_cpus: 0.5", "entrypoint_num_cpu: 0.5"),
+         "job hello: resources.entrypoint_num_cpu: unknown key"),
         (("*/15 1-5 * * 1,3", "0 25 * * *"), "job hello: schedule: cron hour field '25'"),
         (("*/15 1-5 * * 1,3", "0 2 * *"), "needs 5 fields"),
         (("TOKENIZERS_PARALLELISM", "HF_TOKEN"), "'HF_TOKEN' looks like a secret"),

@@ -132,12 +132,14 @@ def test_dialogue_stage_over_openai_retries_and_rejects_malformed(chat_server):
     chat_server.rule("in the snow", Reply(content=malformed))
     chat_server.rule("on the beach", Reply(status=500), Reply(content="```json\n{\"user\": \"x\"}\n```"), Reply())
     chat_server.rule("as a chef", Reply(content=json.dumps({"user": "a dog as a chef", "assistant": "The dog cooks."})))
-    config = FactoryConfig.model_validate({"dialogue": dialogue_config(chat_server.url, max_attempts=3, batch_size=2).model_dump()})
+    dialogue = dialogue_config(chat_server.url, max_attempts=3, batch_size=2)
+    config = FactoryConfig.model_validate({"dialogue": dialogue.model_dump()})
     rows = pd.DataFrame({
         "key": ["k-snow", "k-beach", "k-chef", "k-park", "k-dead"],
         "subject": ["dog"] * 5,
         "domain": ["object"] * 5,
-        "instruction": ["a dog in the snow", "a dog on the beach", "a dog as a chef", "a dog in a park", "a dog in space"],
+        "instruction": ["a dog in the snow", "a dog on the beach", "a dog as a chef", "a dog in a park",
+                        "a dog in space"],
         "reject_stage": [None, None, None, None, "filter"],
         "reject_reason": [None, None, None, None, "filter_dino"],
     })

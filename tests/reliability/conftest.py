@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.reliability.harness import (DemoRun, ForkServer, accepted_keys, base_env, demo_args, run_demo,
-                                       version_facts)
+from tests.reliability.harness import DemoRun, ForkServer, accepted_keys, base_env, demo_args, run_demo, version_facts
 
 # Recognisable values that must never show up in anything a run writes or prints.
 CANARIES = {

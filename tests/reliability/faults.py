@@ -156,6 +156,7 @@ def run_factory(argv: list[str], spec: dict[str, Any]) -> int:
 def preload() -> None:
     """Import what `--stage publish` needs, once, before any fork (no threads are started)."""
     import boto3  # noqa: F401
+
     import factory.demo  # noqa: F401
     import factory.manifest  # noqa: F401
     import factory.pipeline  # noqa: F401

@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 FAULTS_SCRIPT = Path(__file__).with_name("faults.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -107,7 +108,7 @@ def kill_all(pgid: int, token: str) -> None:
 
 def run_demo(workdir: Path, args: list[str], env: dict[str, str], logs: Path, *,
              kill_when: Callable[[], bool] | None = None, kill_delay_s: float = 0.0,
-             on_tick: Callable[[str, "DemoRun"], None] | None = None, timeout_s: float = 600) -> DemoRun:
+             on_tick: Callable[[str, DemoRun], None] | None = None, timeout_s: float = 600) -> DemoRun:
     """Run `python -m factory.run ARGS` in its own session; SIGKILL the whole group when `kill_when()`.
 
     After the run, every process it started must be gone within seconds (Ray's workers and
@@ -173,7 +174,7 @@ class ForkServer:
         return json.loads(self.proc.stdout.readline())
 
     def run_one(self, logs: Path, argv: list[str], faults: dict[str, Any] | None = None,
-                env: dict[str, str] | None = None, kill_after_s: float | None = None) -> "ForkResult":
+                env: dict[str, str] | None = None, kill_after_s: float | None = None) -> ForkResult:
         logs.parent.mkdir(parents=True, exist_ok=True)
         job = {"id": "one", "argv": argv, "faults": faults or {}, "env": env or {}, "kill_after_s": kill_after_s,
                "out": str(logs.with_suffix(".out")), "err": str(logs.with_suffix(".err"))}

@@ -58,8 +58,9 @@ def proxy(s3_server):
 
 @pytest.fixture
 def buckets(s3_server):
-    import boto3
     import uuid
+
+    import boto3
 
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     names = [f"faults-{uuid.uuid4().hex[:10]}-{side}" for side in ("clean", "faulty")]

@@ -28,8 +28,17 @@ from factory.context import RunContext
 from factory.manifest import VersionError, load_manifest, version_exists
 from factory.storage import LocalStorage, open_storage
 from tests.conftest import S3_TEST_KEYS
-from tests.reliability.harness import (accepted_keys, base_env, busy_actors, copy_tree, demo_args,
-                                       hidden_temp_files, run_demo, version_facts, visible_strays)
+from tests.reliability.harness import (
+    accepted_keys,
+    base_env,
+    busy_actors,
+    copy_tree,
+    demo_args,
+    hidden_temp_files,
+    run_demo,
+    version_facts,
+    visible_strays,
+)
 
 WHEN = ("before", "torn", "commit", "after")
 SEED = 8

@@ -74,8 +74,9 @@ def test_the_reference_runs_output_and_ray_logs_hold_no_secret(reference_run):
 @pytest.fixture
 def canary_bucket(reference_run, publish_inputs, s3_server):
     """A bucket holding the reference run's unit files (not its version), to publish from."""
-    import boto3
     import uuid
+
+    import boto3
 
     bucket = f"canary-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)

@@ -70,7 +70,8 @@ VALIDATOR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("text, reason", [case[1:] for case in VALIDATOR_CASES], ids=[case[0] for case in VALIDATOR_CASES])
+@pytest.mark.parametrize("text, reason", [case[1:] for case in VALIDATOR_CASES],
+                         ids=[case[0] for case in VALIDATOR_CASES])
 def test_validator_table(text, reason):
     parsed, got = validate_dialogue(text, INSTRUCTION)
     assert got == reason
@@ -82,7 +83,8 @@ def test_validator_table(text, reason):
 
 
 def test_validator_returns_stripped_fields():
-    parsed, reason = validate_dialogue(as_json(user="  Draw my dog at the beach. ", assistant="\nHere it is, sunny.\n"), INSTRUCTION)
+    text = as_json(user="  Draw my dog at the beach. ", assistant="\nHere it is, sunny.\n")
+    parsed, reason = validate_dialogue(text, INSTRUCTION)
     assert reason is None and parsed == {"user": "Draw my dog at the beach.", "assistant": "Here it is, sunny."}
 
 
@@ -91,7 +93,8 @@ def test_schema_accepts_what_the_validator_accepts_and_limits_length():
     ok = {"user": "Draw my dog", "assistant": "Here is your dog."}
     jsonschema.validate(ok, schema)
     assert validate_dialogue(json.dumps(ok), INSTRUCTION, SMALL)[1] is None
-    for bad in ({**ok, "extra": "x"}, {**ok, "user": "x" * 25}, {**ok, "user": "Draw {subject}"}, {**ok, "user": " padded"}):
+    for bad in ({**ok, "extra": "x"}, {**ok, "user": "x" * 25}, {**ok, "user": "Draw {subject}"},
+                {**ok, "user": " padded"}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
 
@@ -173,7 +176,8 @@ def tiny_llama(tmp_path_factory):
 
 def stage_config(model: str, **dialogue) -> FactoryConfig:
     settings = dict(engine="transformers", model=model, num_gpus=0, max_new_tokens=300, batch_size=3, max_attempts=2,
-                    temperature=1.0, top_p=1.0, min_user_chars=SMALL.min_user_chars, max_user_chars=SMALL.max_user_chars,
+                    temperature=1.0, top_p=1.0, min_user_chars=SMALL.min_user_chars,
+                    max_user_chars=SMALL.max_user_chars,
                     min_assistant_chars=SMALL.min_assistant_chars, max_assistant_chars=SMALL.max_assistant_chars)
     return FactoryConfig.model_validate({"dialogue": {**settings, **dialogue}})
 

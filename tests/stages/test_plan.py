@@ -1,5 +1,6 @@
 import pytest
 
+from factory import layout
 from factory.config import load_config
 from factory.context import RunContext
 from stages import plan, references
@@ -68,6 +69,6 @@ def test_total_jobs_mode_draws_exactly_that_many(ctx_factory):
 def test_an_unfinished_reference_set_is_never_planned_from(ctx_factory):
     ctx = ctx_factory()
     references.run(ctx)
-    ctx.storage.delete(references.complete_key("demo"))
+    ctx.storage.delete(layout.reference_complete("demo"))
     with pytest.raises(PlanError, match="unfinished reference set"):
         plan.run(ctx)

@@ -16,8 +16,10 @@ from PIL import Image
 
 from factory.config import ConfigError, FactoryConfig, validate_config
 from factory.context import RunContext
+from factory.reference_drawing import ReferenceDrawer
+from factory.reference_sets import list_parts, load_references, load_rejections, read_part
+from factory.reference_sources import ReferencesError, generated_candidates, is_clean_s3_name, unsafe_member_name
 from stages import references
-from stages.references import ReferencesError, load_references, load_rejections, read_part, unsafe_member_name
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -186,7 +188,7 @@ def test_same_inputs_give_byte_identical_parts_in_id_order(tmp_path):
     second = config_for(tmp_path, source, part_size=2, storage={"root": str(tmp_path / "b")})
     summary, ctx_a = run_stage(first)
     _, ctx_b = run_stage(second)
-    keys = references.list_parts(ctx_a.storage, "refs")
+    keys = list_parts(ctx_a.storage, "refs")
     assert summary["parts"] == 3 and [k.rsplit("/", 1)[1] for k in keys] == [
         "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     for key in [*keys, "references/refs/rejections.parquet"]:
@@ -198,7 +200,7 @@ def test_same_inputs_give_byte_identical_parts_in_id_order(tmp_path):
     (folder / "dog" / "4.png").unlink()  # a smaller re-run drops the part it no longer fills
     (folder / "dog" / "3.png").unlink()
     summary, _ = run_stage(first)
-    assert summary["parts"] == 2 and len(references.list_parts(ctx_a.storage, "refs")) == 2
+    assert summary["parts"] == 2 and len(list_parts(ctx_a.storage, "refs")) == 2
     assert list(load_references(ctx_a.storage, "refs")["reference_id"]) == [
         i for i in ids if i in set(load_references(ctx_a.storage, "refs")["reference_id"])]
 
@@ -259,7 +261,7 @@ def test_s3_source_reads_through_the_configured_endpoint(tmp_path, s3_bucket):
     ("/a.jpg", False), ("a\x00.jpg", False), ("a\\b.jpg", False),
 ])
 def test_s3_names_the_storage_layer_would_rewrite_are_unsafe(name, clean):
-    assert references.is_clean_s3_name(name) is clean
+    assert is_clean_s3_name(name) is clean
 
 
 def test_s3_source_with_a_missing_bucket_fails_clearly(tmp_path, s3_server):
@@ -370,7 +372,7 @@ def test_generated_references_record_prompt_and_seed(tmp_path, tiny_sd):
     assert stored["image"].nunique() == 4
 
     _, again = run_stage(generated_config(tmp_path, tiny_sd, root="again"))
-    for key in references.list_parts(ctx.storage, "refs"):
+    for key in list_parts(ctx.storage, "refs"):
         assert ctx.storage.read_bytes(key) == again.storage.read_bytes(key)
 
 
@@ -379,8 +381,8 @@ def test_generated_seeds_survive_adding_classes(tmp_path):
     source = validate_config({"references": {"sources": [
         {"kind": "generated", "prompts": ["dog"], "per_prompt": 2}]}}).references.sources[0]
     more = source.model_copy(update={"prompts": ["cat", "dog"]})
-    ids = {c.reference_id: c.seed for c in references.generated_candidates(source, config)}
-    more_ids = {c.reference_id: c.seed for c in references.generated_candidates(more, config)}
+    ids = {c.reference_id: c.seed for c in generated_candidates(source, config)}
+    more_ids = {c.reference_id: c.seed for c in generated_candidates(more, config)}
     assert set(ids.items()) < set(more_ids.items())
 
 
@@ -392,14 +394,14 @@ def test_generated_with_a_missing_model_fails_before_any_work(tmp_path):
 
 
 def test_a_failed_drawing_batch_is_counted_and_the_stage_goes_on(tmp_path, tiny_sd, monkeypatch):
-    real_call = references.ReferenceDrawer.__call__
+    real_call = ReferenceDrawer.__call__
 
     def fail_on_apples(self, rows):
         if any("apple" in prompt for prompt in rows["prompt"]):
             rows = rows.assign(prompt=None)  # the real pipeline refuses a batch without prompts
         return real_call(self, rows)
 
-    monkeypatch.setattr(references.ReferenceDrawer, "__call__", fail_on_apples)
+    monkeypatch.setattr(ReferenceDrawer, "__call__", fail_on_apples)
     summary, ctx = run_stage(generated_config(tmp_path, tiny_sd, batch_size=1))
     assert summary["references"] == 2 and summary["rejected"] == {"generation_failed": 2}
     assert set(load_references(ctx.storage, "refs")["subject"]) == {"dog"}

@@ -73,7 +73,7 @@ def make_config(storage_config: StorageConfig, tiny: dict, run_id: str = "run", 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_each_epoch_deals_every_sample_to_exactly_one_worker(tmp_path, world):
-    from stages.train import EpochPlan
+    from models.training.data import EpochPlan
 
     storage = open_storage(StorageConfig(root=str(tmp_path)))
     manifest = publish(storage)
@@ -96,7 +96,7 @@ def test_each_epoch_deals_every_sample_to_exactly_one_worker(tmp_path, world):
 
 def test_a_union_is_read_through_its_parents_shards(tmp_path):
     from factory.manifest import union_versions
-    from stages.train import EpochPlan
+    from models.training.data import EpochPlan
 
     storage = open_storage(StorageConfig(root=str(tmp_path)))
     publish(storage, "v1", count=4)
@@ -112,7 +112,8 @@ def test_a_union_is_read_through_its_parents_shards(tmp_path):
 
 def fixed_batch_loss(job, folder=None) -> float:
     """Equation 3 / 2 on the first four samples with fixed noise, timesteps and drops."""
-    from stages.train import build_task, fetch_checkpoint
+    from factory.checkpoints import fetch_checkpoint
+    from models.training.tasks import build_task
 
     storage = open_storage(StorageConfig.model_validate(job.storage))
     torch.manual_seed(job.settings.seed)
@@ -137,14 +138,16 @@ def trainable_weights(job, folder) -> dict[str, torch.Tensor]:
 
 
 def train_resume_and_compare(storage_config, tiny, model: str, steps: int):
-    from stages.train import checkpoint_prefix, make_job, train_in_process
+    from factory import layout
+    from models.training.job import make_job
+    from stages.train import train_in_process
 
     storage = open_storage(storage_config)
     publish(storage)
     straight_config = make_config(storage_config, tiny, "straight", max_steps=steps, condition_dropout=0.0)
     straight = train_in_process(make_job(straight_config, "v1", model), storage)
     assert straight["step"] == steps and straight["checkpoint"].endswith(f"step-{steps:08d}")
-    listed = storage.list(checkpoint_prefix(model, "straight"))
+    listed = storage.list(layout.checkpoint_run(model, "straight"))
     assert {f"checkpoints/{model}/straight/step-{n:08d}/meta.json" for n in range(2, steps + 1, 2)} <= set(listed)
     meta = json.loads(storage.read_bytes(f"{straight['checkpoint']}/meta.json"))
     assert meta["version"] == "v1" and meta["step"] == steps and meta["dataset"] == "tiny"
@@ -173,7 +176,8 @@ def test_assistant_trains_checkpoints_and_resumes_on_s3(s3_bucket, tiny):
     endpoint, bucket = s3_bucket
     config = StorageConfig(root=f"s3://{bucket}/factory", endpoint_url=endpoint, max_attempts=2)
     storage = train_resume_and_compare(config, tiny, "assistant", steps=4)
-    from stages.train import make_job, train_in_process
+    from models.training.job import make_job
+    from stages.train import train_in_process
 
     publish(storage, "v2", count=4)
     other = make_config(config, tiny, "resumed", max_steps=6)
@@ -182,9 +186,10 @@ def test_assistant_trains_checkpoints_and_resumes_on_s3(s3_bucket, tiny):
 
 
 def test_sid_trains_and_fine_tunes_g_through_the_helpers(tmp_path, tiny):
+    from factory.checkpoints import latest_generator_checkpoint
     from factory.context import RunContext
     from models.cafe import CafeUNet
-    from stages.train import latest_generator_checkpoint, train_generator_on
+    from stages.train import train_generator_on
 
     storage_config = StorageConfig(root=str(tmp_path / "root"))
     storage = open_storage(storage_config)
@@ -244,7 +249,7 @@ def test_train_on_ray_reads_every_sample_once_per_epoch(ray_cluster, tmp_path, t
         by_rank = {log["rank"]: log["keys"] for log in logs if log["epoch"] == epoch}
         assert set(by_rank) == {0, 1} and all(by_rank.values())
         assert sorted(by_rank[0] + by_rank[1]) == every_key
-    from stages.train import EpochPlan
+    from models.training.data import EpochPlan
 
     manifest = load_manifest(storage, "tiny", "v1")
     per_worker = 2  # global batch 4 over 2 workers

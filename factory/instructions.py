@@ -1,6 +1,6 @@
 """The instruction bank: hand-written templates with one `{subject}` slot, per domain.
 
-The shipped bank is `stages/instructions.yaml`; `plan.instructions` may point at another
+The shipped bank is `factory/instructions.yaml`; `plan.instructions` may point at another
 file of the same shape:
 
     instructions:
@@ -72,7 +72,7 @@ class BankReport:
 
 
 def shipped_bank_path() -> Path:
-    return Path(str(resources.files("stages") / "instructions.yaml"))
+    return Path(str(resources.files("factory") / "instructions.yaml"))
 
 
 def load_bank(path: str | Path | None = None) -> list[Instruction]:

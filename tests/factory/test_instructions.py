@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from stages.instructions import (
+from factory.instructions import (
     CATEGORIES,
     DOMAINS,
     BankError,

@@ -1,0 +1,75 @@
+"""Checkpoints in storage: train writes them, eval and SID find and fetch them.
+
+A run's checkpoints are `checkpoints/<model>/<run-id>/step-<n>/` (the model folder, the optimizer
+state, `meta.json` written last) with `latest.json` beside them pointing at the newest complete
+step; keys come from `factory.layout`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from factory import layout
+from factory.storage import Storage, StorageError
+
+if TYPE_CHECKING:
+    from factory.context import RunContext
+
+
+def latest_checkpoint(storage: Storage, model: str, run_id: str) -> str | None:
+    """Storage key of the newest checkpoint folder of a run, or None."""
+    try:
+        pointer = json.loads(storage.read_bytes(layout.checkpoint_latest(model, run_id)))
+    except StorageError:
+        return None
+    return pointer["path"]
+
+
+def newest_checkpoint(storage: Storage, model: str) -> str | None:
+    """The most recently written checkpoint folder of `model` over all runs, or None."""
+    newest: tuple[str, int, str] | None = None
+    for key in storage.list(layout.checkpoints(model)):
+        if not layout.is_checkpoint_latest(key):
+            continue
+        folder = json.loads(storage.read_bytes(key))["path"]
+        meta = json.loads(storage.read_bytes(layout.checkpoint_meta(folder)))
+        candidate = (meta["created"], meta["step"], folder)
+        newest = max(newest, candidate) if newest else candidate
+    return newest[2] if newest else None
+
+
+def fetch_checkpoint(storage: Storage, folder: str, destination: str | Path) -> str:
+    """Copy a checkpoint's `model/` folder to local disk; returns the local model folder."""
+    destination = Path(destination)
+    keys = storage.list(layout.checkpoint_model(folder))
+    if not keys:
+        raise FileNotFoundError(f"no model files under {storage.url(layout.checkpoint_model(folder))}")
+    for key in keys:
+        target = destination / key[len(folder) + 1 :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.read_bytes(key))
+    return str(destination / "model")
+
+
+def checkpoint_meta(storage: Storage, folder: str, version: str, run_id: str) -> dict[str, Any]:
+    """A checkpoint's meta.json, refused when it was trained on another version."""
+    meta = json.loads(storage.read_bytes(layout.checkpoint_meta(folder)))
+    if meta["version"] != version:
+        raise ValueError(
+            f"run {run_id!r} has checkpoints trained on version {meta['version']!r}, not {version!r}: "
+            "use another run id (or set train.resume: false)"
+        )
+    return meta
+
+
+def latest_generator_checkpoint(ctx: RunContext) -> str | None:
+    """The newest G folder over all runs (a local path or an s3:// URL), or None."""
+    key = newest_checkpoint(ctx.storage, "generator")
+    return generator_folder(ctx.storage, key) if key else None
+
+
+def generator_folder(storage: Storage, checkpoint: str) -> str:
+    """Where a checkpoint's G folder opens (`CafeGenerator` / `models.cafe.local_folder`)."""
+    return storage.url(layout.checkpoint_model(checkpoint))

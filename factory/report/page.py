@@ -1,0 +1,243 @@
+"""The page: one self-contained HTML file (no script, nothing loaded from outside, every text escaped)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from factory.report.data import SCORES, VersionData, default_out_dir, load_version_data, text
+from factory.report.gallery import Card, accepted_cards, near_threshold_cards
+from factory.report.plots import cost_rows, finite, funnel_steps, render_plots, value_counts
+from factory.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{margin-bottom:4px} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums} .muted{color:#666}
+img.plot{max-width:100%;border:1px solid #eee}
+.columns{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+.card{border:1px solid #ccc;border-radius:6px;padding:8px;margin-bottom:12px;background:#fafafa}
+.card.rejected{border-color:#e3a0a0;background:#fff6f6}
+.pair{display:flex;gap:6px} .pair figure{margin:0;flex:1} .pair img{width:100%;height:auto;display:block}
+figcaption{font-size:12px;color:#666} .pass{color:#2a7a2a} .fail{color:#b22;font-weight:bold}
+.text{white-space:pre-wrap;font-size:13px;margin:4px 0} .key{font-family:monospace;font-size:11px;color:#888}
+"""
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def esc(value: Any) -> str:
+    return html.escape(text(value), quote=True)
+
+
+def number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    value = float(value)
+    return "—" if np.isnan(value) else f"{value:.{digits}g}"
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = f"<tr>{''.join(f'<th>{esc(h)}</th>' for h in headers)}</tr>" if any(headers) else ""
+    body = "".join(
+        "<tr>" + "".join(f'<td class="n">{number(cell)}</td>' if isinstance(cell, (int, float, np.number))
+                         and not isinstance(cell, bool) else f"<td>{esc(cell)}</td>" for cell in row) + "</tr>"
+        for row in rows
+    )
+    return f"<table>{head}{body}</table>"
+
+
+def plot_img(plots: dict[str, bytes], name: str, alt: str) -> str:
+    if name not in plots:
+        return ""
+    encoded = base64.b64encode(plots[name]).decode("ascii")
+    return f'<img class="plot" alt="{esc(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "—"
+
+
+def header_section(data: VersionData) -> str:
+    m = data.manifest
+    shard_bytes = sum(int(shard.get("bytes", 0)) for shard in m.get("shards", []))
+    rows = [["dataset", m["dataset"]], ["version", m["version"]], ["kind", m["kind"]],
+            ["parents", ", ".join(m.get("parents", [])) or "—"], ["created", m.get("created")],
+            ["code version", m.get("code_version")], ["config sha256", (m.get("config_sha256") or "")[:16]],
+            ["run", m.get("run_id") or "—"], ["samples", int(m.get("samples", 0))],
+            ["shards", f"{len(m.get('shards', []))} ({shard_bytes / 2**20:.1f} MiB)"]]
+    thresholds = [[name, float(value)] for name, value in (m.get("thresholds") or {}).items()]
+    stats = [[name] + [values.get(q) for q in ("mean", "min", "p10", "p50", "p90", "max")]
+             for name, values in (m.get("score_stats") or {}).items() if values]
+    return (f"<h1>{esc(m['dataset'])} / {esc(m['version'])}</h1>"
+            f'<p class="muted">version report · {esc(m["kind"])} · {number(int(m.get("samples", 0)))} samples</p>'
+            + table(["", ""], rows)
+            + "<h2>Thresholds</h2>" + (table(["rule", "threshold (score >= passes)"], thresholds)
+                                       if thresholds else "<p>none recorded</p>")
+            + ("<h3>Published scores</h3>" + table(["score", "mean", "min", "p10", "p50", "p90", "max"], stats)
+               if stats else ""))
+
+
+def funnel_section(data: VersionData, plots: dict[str, bytes]) -> str:
+    funnel = data.manifest.get("funnel") or {}
+    steps = funnel_steps(funnel)
+    first = steps[0][1] if steps else 0
+    step_rows = [[label, count, percent(count, first), percent(count, steps[i - 1][1]) if i else "—"]
+                 for i, (label, count) in enumerate(steps)]
+    reasons = sorted((funnel.get("rejections") or {}).items(), key=lambda item: -item[1])
+    return ("<h2>Funnel</h2>" + plot_img(plots, "funnel", "funnel and rejections")
+            + table(["step", "count", f"of {steps[0][0] if steps else 'first'}", "of previous"], step_rows)
+            + ("<h3>Rejections</h3>" + table(["stage:reason", "count", "share of first step"],
+                                            [[reason, n, percent(n, first)] for reason, n in reasons])
+               if reasons else ""))
+
+
+def scores_section(data: VersionData, plots: dict[str, bytes]) -> str:
+    source = (data.candidates_note if data.candidates is not None
+              else f"published samples only: {data.candidates_note}")
+    return ("<h2>Scores</h2>" + f'<p class="muted">{esc(source)}; dashed line: the threshold.</p>'
+            + (plot_img(plots, "scores", "score histograms") or "<p>no scores recorded</p>"))
+
+
+def cost_section(data: VersionData, plots: dict[str, bytes]) -> str:
+    rows = cost_rows(data.manifest)
+    if not rows:
+        return ("<h2>Cost</h2><p>No cost recorded for this version "
+                "(a union or re-threshold spends none: see its parents).</p>")
+    total = ["total", sum(r["actor_seconds"] for r in rows), sum(r["gpu_seconds"] for r in rows),
+             sum(r["actor_per_sample"] for r in rows), sum(r["gpu_per_sample"] for r in rows), None]
+    body = [[r["stage"], r["actor_seconds"], r["gpu_seconds"], r["actor_per_sample"], r["gpu_per_sample"],
+             r["generator_gpu_seconds"]] for r in rows]
+    return ("<h2>Cost per accepted sample</h2>" + plot_img(plots, "cost", "cost per accepted sample")
+            + table(["stage", "actor s", "GPU s", "actor s / sample", "GPU s / sample", "generator GPU s"],
+                    body + [total]))
+
+
+def lineage_section(data: VersionData, plots: dict[str, bytes]) -> str:
+    m = data.manifest
+    rows = [["  " * (depth - 1) + ("└ " if depth > 1 else "") + str(entry["version"]),
+             "missing" if entry.get("missing") else entry.get("kind"),
+             entry.get("samples"), entry.get("round"), entry.get("created")] for depth, entry in data.ancestry]
+    rounds = value_counts(data.index["round"]) if "round" in data.index else []
+    alphas = value_counts(data.index["alpha"]) if "alpha" in data.index else []
+    facts = [["kind", m["kind"]], ["round", m.get("round", "—")],
+             ["samples by round", ", ".join(f"{r}: {n}" for r, n in rounds) or "—"],
+             ["samples by alpha", ", ".join(f"{a}: {n}" for a, n in alphas) or "— (no alpha: not SID)"]]
+    by_alpha = alpha_rows(data.candidates)
+    return ("<h2>Lineage</h2>" + table(["", ""], facts)
+            + (table(["alpha", "candidates", "accepted", "rate", *(f"mean {name}" for name in SCORES)], by_alpha)
+               if by_alpha else "")
+            + (table(["ancestor", "kind", "samples", "round", "created"], rows) if rows
+               else "<p>No parents: this version was made from scratch.</p>")
+            + plot_img(plots, "lineage", "samples by alpha and round"))
+
+
+def alpha_rows(candidates: pd.DataFrame | None) -> list[list[Any]]:
+    """Per SID alpha: candidates, accepted, acceptance rate and mean scores (alpha trades w against x)."""
+    if candidates is None or "alpha" not in candidates or candidates["alpha"].isna().all():
+        return []
+    rows = []
+    for alpha, group in candidates.dropna(subset=["alpha"]).groupby("alpha"):
+        accepted = int(group["reject_reason"].isna().sum())
+        means = [mean_or_none(group[name]) if name in group else None for name in SCORES]
+        rows.append([f"{alpha:g}", len(group), accepted, percent(accepted, len(group)), *means])
+    return rows
+
+
+def mean_or_none(values: pd.Series) -> float | None:
+    kept = finite(values)
+    return float(kept.mean()) if kept.size else None
+
+
+def score_badges(scores: dict[str, float], thresholds: dict[str, Any]) -> str:
+    badges = []
+    for name, value in scores.items():
+        passed = not np.isnan(value) and (name not in thresholds or value >= float(thresholds[name]))
+        badges.append(f'<span class="{"pass" if passed else "fail"}">{esc(name)} {number(value)}</span>')
+    return " ".join(badges)
+
+
+def card_html(card: Card, thresholds: dict[str, Any]) -> str:
+    images = "".join(
+        f'<figure><img alt="{esc(label)}" src="{uri}"><figcaption>{esc(caption)}</figcaption></figure>' if uri
+        else f"<figure><figcaption>{esc(caption)}: not shown</figcaption></figure>"
+        for uri, label, caption in ((card.input_uri, "x", "x (reference)"), (card.target_uri, "x~", "x~ (new)"))
+    )
+    problems = f'<div class="fail">{esc("; ".join(card.image_problems))}</div>' if card.image_problems else ""
+    reason = f'<div class="fail">rejected: {esc(card.reason)}</div>' if card.reason else ""
+    return (f'<div class="card {card.status}"><div class="pair">{images}</div>{problems}{reason}'
+            f"<div>{score_badges(card.scores, thresholds)}</div>"
+            f'<div class="text"><b>instruction:</b> {esc(card.instruction)}</div>'
+            f'<div class="text"><b>y (user):</b> {esc(card.user) or "—"}</div>'
+            f'<div class="text"><b>y~ (assistant):</b> {esc(card.assistant) or "—"}</div>'
+            f'<div class="key">{esc(card.key)}</div></div>')
+
+
+def gallery_section(data: VersionData, accepted: list[Card], rejected: list[Card]) -> str:
+    thresholds = data.manifest.get("thresholds") or {}
+    left = (f"<h3>Accepted: {len(accepted)} sampled of {len(data.index)}</h3>"
+            + "".join(card_html(card, thresholds) for card in accepted))
+    if data.candidates is None:
+        right = (f"<h3>Rejected near the thresholds</h3><p>Not available: {esc(data.candidates_note)}. "
+                 "The gallery shows accepted samples only.</p>")
+    else:
+        right = (f"<h3>Rejected near the thresholds: the {len(rejected)} nearest</h3>"
+                 + ("".join(card_html(card, thresholds) for card in rejected)
+                    or "<p>No candidate was rejected by the filter.</p>"))
+    return ('<h2>Gallery</h2><p class="muted">x, x~, y, y~ and scores; samples are drawn deterministically '
+            f'(by a hash of version and key).</p><div class="columns"><div>{left}</div><div>{right}</div></div>')
+
+
+def models_section(data: VersionData) -> str:
+    models = data.manifest.get("models") or {}
+    rows = [[name, spec.get("source") if isinstance(spec, dict) else spec,
+             (spec.get("sha256") or spec.get("revision") or "")[:16] if isinstance(spec, dict) else ""]
+            for name, spec in models.items()]
+    listed = table(["model", "source", "sha256 / revision"], rows) if rows else "<p>none recorded</p>"
+    return "<h2>Models</h2>" + listed
+
+
+def render_html(data: VersionData, plots: dict[str, bytes], accepted: list[Card], rejected: list[Card]) -> str:
+    m = data.manifest
+    sections = [header_section(data), funnel_section(data, plots), scores_section(data, plots),
+                cost_section(data, plots), lineage_section(data, plots), gallery_section(data, accepted, rejected),
+                models_section(data)]
+    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            '<link rel="icon" href="data:,">'
+            f"<title>{esc(m['dataset'])}/{esc(m['version'])} report</title><style>{STYLE}</style></head>"
+            f"<body>{''.join(sections)}</body></html>\n")
+
+
+def write_report(storage: Storage, dataset: str, version: str, out_dir: str | Path | None = None) -> Path:
+    """Write `report.html` and its PNG plots into `out_dir` (default reports/<dataset>/<version>/)."""
+    started = time.perf_counter()
+    out = Path(out_dir) if out_dir else default_out_dir(dataset, version)
+    data = load_version_data(storage, dataset, version)
+    plots = render_plots(data)
+    accepted = accepted_cards(storage, data)
+    try:
+        rejected = near_threshold_cards(storage, data)
+    except StorageError as err:  # a unit file that vanished since it was listed
+        data.candidates_note += f" (reading candidate images failed: {err})"
+        rejected = []
+    out.mkdir(parents=True, exist_ok=True)
+    for name, png in plots.items():
+        (out / f"{name}.png").write_bytes(png)
+    path = out / "report.html"
+    path.write_text(render_html(data, plots, accepted, rejected), encoding="utf-8")
+    log.info("report %s/%s: %d samples, %s, %d plots, %d+%d gallery cards, %.1f s", dataset, version,
+             len(data.index), data.candidates_note, len(plots), len(accepted), len(rejected),
+             time.perf_counter() - started)
+    return path

@@ -1,0 +1,160 @@
+"""The report's plots (matplotlib's object API on Agg, no global backend): funnel, scores, cost, lineage."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from factory.report.data import SCORES, VersionData
+
+FUNNEL_STEPS = (
+    ("planned", "planned"),
+    ("generated", "generated"),
+    ("passed_clip", "passed CLIP"),
+    ("passed_dino", "passed DINO"),
+    ("dialogue_accepted", "dialogue accepted"),
+    ("written", "written"),
+)
+
+
+def new_figure(width: float, height: float):
+    from matplotlib.figure import Figure  # the object API draws with Agg and sets no global backend
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def png_bytes(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def funnel_steps(funnel: dict[str, Any]) -> list[tuple[str, int]]:
+    steps = []
+    if "parent_samples" in funnel:
+        steps.append(("parent samples", int(funnel["parent_samples"])))
+    for parent, count in (funnel.get("from_parents") or {}).items():
+        steps.append((f"from {parent}", int(count)))
+    steps += [(label, int(funnel[name])) for name, label in FUNNEL_STEPS if name in funnel]
+    return steps
+
+
+def funnel_plot(funnel: dict[str, Any]) -> bytes | None:
+    steps = funnel_steps(funnel)
+    reasons = funnel.get("rejections") or {}
+    if not steps:
+        return None
+    figure = new_figure(11, 3.6)
+    left, right = figure.subplots(1, 2, width_ratios=[1, 1])
+    labels, counts = [s[0] for s in steps], [s[1] for s in steps]
+    bars = left.barh(labels[::-1], counts[::-1], color="#4c72b0")
+    left.bar_label(bars, padding=3)
+    left.set_title("funnel")
+    left.set_xlabel("candidates")
+    left.margins(x=0.15)
+    if reasons:
+        ordered = sorted(reasons.items(), key=lambda item: item[1])
+        bars = right.barh([name for name, _ in ordered], [count for _, count in ordered], color="#c44e52")
+        right.bar_label(bars, padding=3)
+        right.margins(x=0.15)
+    else:
+        right.text(0.5, 0.5, "no rejections recorded", ha="center", va="center", transform=right.transAxes)
+    right.set_title("rejections by stage:reason")
+    return png_bytes(figure)
+
+
+def finite(values) -> np.ndarray:
+    array = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=float)
+    return array[np.isfinite(array)]
+
+
+def score_groups(data: VersionData, name: str) -> list[tuple[str, np.ndarray, str]]:
+    """(label, values, colour) per group: accepted vs rejected when the run's rows are at hand."""
+    if data.candidates is not None and name in data.candidates:
+        alive = data.candidates["reject_reason"].isna()
+        return [("accepted", finite(data.candidates.loc[alive, name]), "#55a868"),
+                ("rejected", finite(data.candidates.loc[~alive, name]), "#c44e52")]
+    return [("published", finite(data.index[name]), "#55a868")]
+
+
+def score_plot(data: VersionData) -> bytes | None:
+    thresholds = data.manifest.get("thresholds") or {}
+    figure = new_figure(11, 3.4)
+    drew = False
+    for axis, (name, title) in zip(figure.subplots(1, len(SCORES)), SCORES.items()):
+        groups = score_groups(data, name)
+        everything = np.concatenate([values for _, values, _ in groups])
+        if everything.size:
+            edges = np.histogram_bin_edges(everything, bins=30)
+            for label, values, colour in groups:
+                axis.hist(values, bins=edges, alpha=0.6, color=colour, label=f"{label} ({values.size})")
+            drew = True
+        if name in thresholds:
+            axis.axvline(float(thresholds[name]), color="black", linestyle="--",
+                         label=f"threshold {float(thresholds[name]):g}")
+        axis.set_title(title)
+        axis.set_xlabel(name)
+        axis.legend(fontsize="small")
+    return png_bytes(figure) if drew else None
+
+
+def cost_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    samples = max(int(manifest.get("samples") or 0), 1)
+    rows = []
+    for stage, spent in (manifest.get("cost") or {}).items():
+        actor, gpu = float(spent.get("actor_seconds", 0.0)), float(spent.get("gpu_seconds", 0.0))
+        rows.append({"stage": stage, "actor_seconds": actor, "gpu_seconds": gpu,
+                     "actor_per_sample": actor / samples, "gpu_per_sample": gpu / samples,
+                     "generator_gpu_seconds": spent.get("generator_gpu_seconds")})
+    return rows
+
+
+def cost_plot(rows: list[dict[str, Any]]) -> bytes | None:
+    if not rows:
+        return None
+    figure = new_figure(8, 3.2)
+    axis = figure.subplots()
+    positions = np.arange(len(rows))
+    for offset, (column, label, colour) in zip((-0.2, 0.2), (("actor_per_sample", "actor s / sample", "#8172b2"),
+                                                               ("gpu_per_sample", "GPU s / sample", "#dd8452"))):
+        bars = axis.bar(positions + offset, [row[column] for row in rows], width=0.4, label=label, color=colour)
+        axis.bar_label(bars, fmt="%.3g", padding=2, fontsize="small")
+    axis.set_xticks(positions, [row["stage"] for row in rows])
+    axis.set_ylabel("seconds per accepted sample")
+    axis.set_title("cost per accepted sample by stage")
+    axis.margins(y=0.2)
+    axis.legend()
+    return png_bytes(figure)
+
+
+def value_counts(values: pd.Series) -> list[tuple[str, int]]:
+    counts = values.dropna().value_counts().sort_index()
+    return [(f"{value:g}" if isinstance(value, float) else str(value), int(n)) for value, n in counts.items()]
+
+
+def lineage_plot(index: pd.DataFrame) -> bytes | None:
+    alphas = value_counts(index["alpha"]) if "alpha" in index else []
+    rounds = value_counts(index["round"]) if "round" in index else []
+    panels = [(title, counts) for title, counts in (("alpha (SID)", alphas), ("round", rounds)) if counts]
+    if not alphas and len(rounds) <= 1:
+        return None
+    figure = new_figure(4 * len(panels) + 1, 3)
+    for axis, (title, counts) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
+        bars = axis.bar([label for label, _ in counts], [n for _, n in counts], color="#64b5cd")
+        axis.bar_label(bars, padding=2, fontsize="small")
+        axis.set_title(f"samples by {title}")
+        axis.margins(y=0.2)
+    return png_bytes(figure)
+
+
+def render_plots(data: VersionData) -> dict[str, bytes]:
+    plots = {
+        "funnel": funnel_plot(data.manifest.get("funnel") or {}),
+        "scores": score_plot(data),
+        "cost": cost_plot(cost_rows(data.manifest)),
+        "lineage": lineage_plot(data.index),
+    }
+    return {name: png for name, png in plots.items() if png is not None}

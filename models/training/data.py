@@ -1,0 +1,117 @@
+"""The data: which samples each rank reads in one epoch, in which order, in batches of real and padding samples."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from factory.manifest import shard_key
+from factory.shards import Sample, read_shard_bytes
+from factory.storage import Storage
+
+
+@dataclass
+class Batch:
+    samples: list[Sample]
+    weights: list[float]  # 1 for a real sample, 0 for padding
+
+    @property
+    def keys(self) -> list[str]:
+        return [s.key for s, w in zip(self.samples, self.weights) if w > 0]
+
+
+@dataclass
+class EpochPlan:
+    """Which samples each rank reads in one epoch, in which order."""
+
+    shard_keys: list[str]  # storage keys, in the manifest's order
+    shard_sizes: list[int]
+    world: int
+    seed: int
+    epoch: int
+    shard_mode: bool
+    counts: list[int]  # samples per rank
+    rank_shards: list[list[int]]  # shard mode: shard indices per rank, in read order
+
+    @classmethod
+    def build(cls, manifest: dict[str, Any], world: int, epoch: int, seed: int) -> EpochPlan:
+        keys = [shard_key(manifest, shard["path"]) for shard in manifest["shards"]]
+        sizes = [int(shard["samples"]) for shard in manifest["shards"]]
+        total = sum(sizes)
+        shard_mode = len(keys) >= world
+        order = np.random.default_rng([seed, epoch]).permutation(len(keys)).tolist()
+        rank_shards = [order[rank::world] for rank in range(world)] if shard_mode else []
+        if shard_mode:
+            counts = [sum(sizes[i] for i in shards) for shards in rank_shards]
+        else:
+            counts = [len(range(rank, total, world)) for rank in range(world)]
+        return cls(keys, sizes, world, seed, epoch, shard_mode, counts, rank_shards)
+
+    def steps(self, per_worker: int) -> int:
+        return math.ceil(max(self.counts) / per_worker)
+
+    def global_count(self, index: int, per_worker: int) -> int:
+        """Real samples over all ranks in batch `index`."""
+        return sum(min(per_worker, max(0, count - index * per_worker)) for count in self.counts)
+
+    def samples(self, storage: Storage, rank: int) -> Iterator[Sample]:
+        if self.shard_mode:
+            yield from self._shard_samples(storage, rank)
+        else:
+            yield from self._dealt_samples(storage, rank)
+
+    def _shard_samples(self, storage: Storage, rank: int) -> Iterator[Sample]:
+        shards = self.rank_shards[rank]
+        for shard_index, data in zip(shards, prefetched(storage, [self.shard_keys[i] for i in shards])):
+            samples = list(read_shard_bytes(data))
+            order = np.random.default_rng([self.seed, self.epoch, shard_index]).permutation(len(samples))
+            yield from (samples[i] for i in order)
+
+    def _dealt_samples(self, storage: Storage, rank: int) -> Iterator[Sample]:
+        total = sum(self.shard_sizes)
+        permutation = np.random.default_rng([self.seed, self.epoch]).permutation(total)
+        mine = {int(global_index): slot for slot, global_index in enumerate(permutation[rank :: self.world])}
+        kept: dict[int, Sample] = {}
+        position = 0
+        for data in prefetched(storage, self.shard_keys):
+            for sample in read_shard_bytes(data):
+                if position in mine:
+                    kept[mine[position]] = sample
+                position += 1
+        yield from (kept[slot] for slot in sorted(kept))
+
+    def batches(self, storage: Storage, rank: int, per_worker: int, steps: int) -> Iterator[Batch]:
+        """Exactly `steps` batches; once this rank's share runs out, one zero-weight sample each."""
+        stream = self.samples(storage, rank)
+        last: Sample | None = None
+        for _ in range(steps):
+            samples = [s for _, s in zip(range(per_worker), stream)]
+            if samples:
+                last = samples[-1]
+                yield Batch(samples, [1.0] * len(samples))
+            else:
+                yield Batch([last], [0.0])
+
+
+def prefetched(storage: Storage, keys: list[str]) -> Iterator[bytes]:
+    """Shard bytes in order, reading the next shard while the current one is used."""
+    if not keys:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(storage.read_bytes, keys[0])
+        for following in [*keys[1:], None]:
+            data = pending.result()
+            if following is not None:
+                pending = pool.submit(storage.read_bytes, following)
+            yield data
+
+
+def decode_images(blobs: list[bytes]):
+    from factory.images import decode_image
+
+    return [decode_image(blob) for blob in blobs]

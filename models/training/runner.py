@@ -1,0 +1,94 @@
+"""How training runs: on Ray Train (`TorchTrainer`, one `train_loop` per worker) or in this
+process (one worker, no Ray). The train stage and SID's fine-tuning call these."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from factory.checkpoints import generator_folder
+from factory.config import FactoryConfig, StorageConfig
+from factory.context import RunContext
+from factory.storage import Storage, open_storage
+from models.training.job import TrainJob, make_job
+from models.training.loop import Worker, summary, train_loop
+
+
+def train_on_ray(
+    config: FactoryConfig,
+    version: str,
+    model: str | None = None,
+    run_id: str | None = None,
+    ray_storage_path: str | None = None,
+) -> dict[str, Any]:
+    """Fit on the current Ray cluster with `train.num_workers` workers; returns the summary."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    job = make_job(config, version, model, run_id)
+    settings = job.settings
+    trainer = TorchTrainer(
+        _ray_worker_loop,
+        train_loop_config={"job": asdict(job)},
+        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu),
+        run_config=RunConfig(
+            name=f"train-{job.model}-{job.run_id}",
+            storage_path=ray_storage_path,
+            failure_config=FailureConfig(max_failures=settings.max_failures),
+        ),
+    )
+    trainer.fit()
+    return summary(open_storage(config.storage), job)
+
+
+def train_generator(
+    config: FactoryConfig, storage: Storage, version: str, run_id: str | None = None, device: str | None = None
+) -> dict[str, Any]:
+    """Train G in this process (one worker, no Ray); SID calls this on its union version."""
+    return train_in_process(make_job(config, version, "generator", run_id), storage, device)
+
+
+def train_assistant(
+    config: FactoryConfig, storage: Storage, version: str, run_id: str | None = None, device: str | None = None
+) -> dict[str, Any]:
+    """Train the assistant heads in this process (one worker, no Ray)."""
+    return train_in_process(make_job(config, version, "assistant", run_id), storage, device)
+
+
+def train_generator_on(ctx: RunContext, version: str, init_from: str | None = None, run_id: str | None = None) -> str:
+    """Train (or, from `init_from`, fine-tune) G on `version`: on Ray Train when Ray is up,
+    in this process otherwise. Returns the new G folder (a local path or an s3:// URL)."""
+    import ray
+
+    config = ctx.config.model_copy(deep=True)
+    if init_from:
+        config.train.init_from = init_from
+    run_id = run_id or f"{ctx.config.run_id}-g-{version}"
+    if ray.is_initialized():
+        result = train_on_ray(config, version, "generator", run_id)
+    else:
+        result = train_generator(config, ctx.storage, version, run_id)
+    return generator_folder(ctx.storage, result["checkpoint"])
+
+
+def train_in_process(job: TrainJob, storage: Storage, device: str | None = None) -> dict[str, Any]:
+    import torch
+
+    chosen = device or ("cuda" if job.settings.use_gpu and torch.cuda.is_available() else "cpu")
+    train_loop(job, storage, Worker(rank=0, world=1, device=torch.device(chosen)))
+    return summary(storage, job)
+
+
+def _ray_worker_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    job = TrainJob(**loop_config["job"])
+    worker = Worker(
+        rank=context.get_world_rank(),
+        world=context.get_world_size(),
+        device=ray.train.torch.get_device(),
+        distributed=True,
+    )
+    train_loop(job, open_storage(StorageConfig.model_validate(job.storage)), worker)
