@@ -15,9 +15,11 @@ from factory.images import ImageRejected, decode_image, encode_jpeg, fit_within
 from factory.report.data import SCORES, VersionData, read_columns, text
 from factory.shards import read_shard
 from factory.storage import Storage
+from factory.units import IMAGE_HOMES, ImageJoin
 from filters.rules import RULES
 
 FILTER_REASONS = tuple(RULES.values())
+JOIN_COLUMNS = ("unit", "reference_part", "reference_id")  # where a candidate's images are stored
 CARD_COLUMNS = ("key", "input_image", "target_image", "instruction", "user", "assistant", "clip_t", "dino",
                 "reject_stage", "reject_reason")
 GALLERY_SIZE = 8
@@ -126,8 +128,11 @@ def near_threshold_cards(storage: Storage, data: VersionData) -> list[Card]:
     rejected["miss"] = threshold_miss(rejected, thresholds)
     nearest = rejected[rejected["miss"].notna()].sort_values(["miss", "key"]).head(NEAR_SIZE)
     rows = {}
+    images = ImageJoin(storage, data.manifest.get("run_id"))
     for unit_file, group in nearest.groupby("unit_file"):
-        for record in read_columns(storage, unit_file, CARD_COLUMNS, list(group["key"])).to_dict("records"):
+        frame = read_columns(storage, unit_file, (*CARD_COLUMNS, *JOIN_COLUMNS), list(group["key"]))
+        frame = images.add(frame, tuple(name for name in IMAGE_HOMES if name not in frame))
+        for record in frame.to_dict("records"):
             rows[record["key"]] = record
     cards = []
     for key in nearest["key"]:

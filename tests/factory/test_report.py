@@ -22,6 +22,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from factory import layout
 from factory.config import StorageConfig
 from factory.manifest import VersionSpec, publish_version, union_versions
 from factory.report import GALLERY_MAX_SHARDS, GALLERY_SIZE, NEAR_SIZE, write_report
@@ -92,9 +93,17 @@ def build_root(storage: Storage) -> Storage:
                                          funnel={"planned": 5, "written": 5}), make_samples(5))
     accepted = sid_samples()
     rows = run_rows(accepted)
+    # as a run stores them: x in the reference set, x~ in generate's unit files, the rest in dialogue's
+    part = layout.reference_part("r", 0)
+    rows = rows.assign(reference_part=part, reference_id=rows["key"])
+    references = rows[["reference_id", "input_image"]].rename(columns={"input_image": "image"})
+    storage.write_parquet(part, pa.Table.from_pandas(references, preserve_index=False))
     for unit, unit_rows in rows.groupby("unit"):
-        table = pa.Table.from_pandas(unit_rows.reset_index(drop=True), preserve_index=False)
-        storage.write_parquet(f"runs/run1/dialogue/unit-{unit:06d}.parquet", table)
+        unit_rows = unit_rows.reset_index(drop=True)
+        drawn = pa.Table.from_pandas(unit_rows[["key", "unit", "target_image"]], preserve_index=False)
+        storage.write_parquet(layout.unit_file("run1", "generate", unit), drawn)
+        kept = pa.Table.from_pandas(unit_rows.drop(columns=["input_image", "target_image"]), preserve_index=False)
+        storage.write_parquet(layout.unit_file("run1", "dialogue", unit), kept)
     spec = VersionSpec(dataset="demo", version="v1", kind="sid", parents=["v0"], thresholds=THRESHOLDS,
                        funnel=funnel(rows, len(accepted)), cost=COST, extra={"run_id": "run1", "round": 1})
     publish_version(storage, spec, accepted, shard_max_samples=3)
@@ -195,6 +204,9 @@ def test_gallery_samples_deterministically_and_shows_the_nearest_rejections(repo
                     + [(m, f"dinomiss{n}") for n, m in enumerate(DINO_MISSES)])
     assert card_keys(page, "rejected") == [key for _, key in misses[:NEAR_SIZE]]
     assert "rejected: filter:dino_below_threshold" in page and "talkfail" not in page
+    rejected_cards = re.findall(r'<div class="card rejected"><div class="pair">(.*?)</div>', page, flags=re.S)
+    assert rejected_cards and all(card.count('src="data:image/') == 2 for card in rejected_cards), \
+        "a near-threshold card must show x (from the reference set) and x~ (from generate's unit file)"
     again = write_report(factory_root, "demo", "v1", tmp_path / "again").read_text(encoding="utf-8")
     assert again == page
 
