@@ -97,12 +97,17 @@ class RunSamples:
 
     def sizes(self, part: str) -> pd.DataFrame:
         rows = self.rows(open_storage(self.storage_config), part)
+        if rows.empty:
+            return pd.DataFrame({"key": pd.Series(dtype=str), "bytes": pd.Series(dtype="int64")})
         sizes = (rows["input_bytes"] + rows["target_bytes"] + rows["user"].str.len() + rows["assistant"].str.len())
         return pd.DataFrame({"key": rows["key"], "bytes": estimated_bytes(sizes.to_numpy(dtype=np.int64))})
 
     def samples(self, part: str) -> list[Sample]:
         storage = open_storage(self.storage_config)
-        rows = ImageJoin(storage, self.run_id).add(self.rows(storage, part), ("input_image", "target_image"))
+        rows = self.rows(storage, part)
+        if rows.empty:
+            return []
+        rows = ImageJoin(storage, self.run_id).add(rows, ("input_image", "target_image"))
         return [sample_from_row(row, self.dataset, self.version) for row in rows.to_dict("records")]
 
 

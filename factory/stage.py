@@ -83,11 +83,14 @@ def with_reject_columns(rows: pd.DataFrame) -> pd.DataFrame:
 
 def merge_live(rows: pd.DataFrame, done: pd.DataFrame, live: np.ndarray) -> pd.DataFrame:
     """The processed live rows and the untouched others, back in their order; the others get
-    nulls in the columns this stage added."""
-    parts = [frame for frame in (done.drop(columns="reject", errors="ignore"), rows[~live]) if len(frame)]
-    if not parts:
-        return done.drop(columns="reject", errors="ignore")
-    return pd.concat(parts).loc[rows.index]
+    nulls in the columns this stage added (so every unit file has every column)."""
+    done = done.drop(columns="reject", errors="ignore")
+    parts = [frame for frame in (done, rows[~live]) if len(frame)]
+    out = pd.concat(parts).loc[rows.index] if parts else done
+    for column in done.columns:
+        if column not in out:
+            out[column] = pd.Series([None] * len(out), index=out.index, dtype=object)
+    return out
 
 
 def reasons(rows: pd.DataFrame) -> pd.Series:

@@ -28,7 +28,7 @@ class Stamp(Stage):
         return False
 
     def process(self, rows: pd.DataFrame) -> pd.DataFrame:
-        unit = int(rows["unit"].iloc[0])
+        unit = int(rows["unit"].iloc[0]) if len(rows) else -1
         if self._trigger("KILL_UNIT", unit):
             os._exit(1)
         if self._trigger("RAISE_UNIT", unit):

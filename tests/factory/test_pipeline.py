@@ -126,3 +126,14 @@ def test_neighbouring_steps_with_equal_resources_share_an_actor(tmp_path):
     ctx.config.filter.num_gpus = 0.25
     groups = pool_groups(steps, ctx.config)
     assert [[s.name for s in group] for group in groups] == [["generate"], ["filter"], ["dialogue"]]
+
+
+def test_a_unit_with_no_live_row_still_gets_the_stage_columns(tmp_path):
+    from tests.factory.stage_doubles import Stamp
+
+    ctx = make_ctx(tmp_path, units=1)
+    rows = pd.DataFrame({"key": ["k000", "k002"], "unit": [0, 0],
+                         "reject_stage": ["generate", "generate"], "reject_reason": ["bad_job", "bad_job"]})
+    out = Stamp(ctx.config)(rows)
+    assert "stamped" in out and out["stamped"].isna().all()
+    assert out["reject_reason"].tolist() == ["bad_job", "bad_job"]

@@ -1,0 +1,311 @@
+"""Scale: does the data flow hold at 100x the data? Memory, overhead and publish at 1k/10k/100k.
+
+    python bench/scale.py [--sizes 1000 10000 100000] [--unit-size 64] [--alive-every 14]
+
+The stages here cost nothing: `FreeGenerate`, `FreeFilter` and `FreeDialogue` are stages on
+the real base (`factory.stage.Stage`), for this benchmark only, that run no model. FreeGenerate
+"draws" a pre-encoded 512-px photo-like JPEG (about the bytes of a real candidate), FreeFilter
+keeps one candidate in `--alive-every` by a hash of its key, FreeDialogue writes fixed texts.
+Everything else is the factory's: a reference set of 512-px JPEGs, the plan stage, the unit
+pipeline on local Ray (`factory.pipeline.run_steps`: actor pools, image joins, unit files), then
+`factory.publisher.write_version` from the run (local disk) to a moto S3 server on 127.0.0.1
+in its own process.
+
+Printed per size: peak RSS of the largest process (the driver and every Ray process it started;
+the S3 server is not ours and not counted) and of the driver, wall seconds per candidate,
+orchestration overhead per unit and per candidate (pipeline wall minus the stages' own time,
+spread over the actors), and publish throughput against a bare boto3 `upload_file` of the same
+shard bytes. Goals (issue 13): largest-process peak at 100k <= 1.3x that at 1k; overhead
+<= 5 ms per candidate at 100k; publish >= 0.8x the bare upload. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.publish_s3 import BUCKET, FAKE_KEYS, MotoProcess, machine, s3_client  # noqa: E402
+from bench.synthetic import photo_like_jpeg  # noqa: E402
+from factory.stage import Stage  # noqa: E402
+
+JPEGS = [photo_like_jpeg(seed, 512) for seed in range(8)]
+
+
+# --- stages that cost nothing (benchmark only) -----------------------------------------------
+
+
+class FreeGenerate(Stage):
+    """Benchmark-only: "draws" a stored 512-px JPEG per job; no model runs."""
+
+    name = "generate"
+    source = "plan"
+    needs_images = ("input_image",)
+    draws_images = ("target_image",)
+    shaped_by = ("plan",)
+
+    def process(self, rows: pd.DataFrame) -> pd.DataFrame:
+        rows["target_image"] = [JPEGS[int(seed) % len(JPEGS)] for seed in rows["seed"]]
+        rows["input_bytes"] = rows["input_image"].map(len)
+        rows["target_bytes"] = rows["target_image"].map(len)
+        rows["generator_info"] = json.dumps({"name": "free", "kind": "free", "checkpoint": None, "steps": 0})
+        rows["gpu_seconds"] = 0.0
+        rows["reject"] = None
+        return rows
+
+
+class FreeFilter(Stage):
+    """Benchmark-only: keeps one candidate in ALIVE_EVERY by a hash of its key; joins both
+    images like the real filter, decodes none."""
+
+    name = "filter"
+    source = "generate"
+    needs_images = ("target_image", "input_image")
+    shaped_by = ("plan",)
+    alive_every = int(os.environ.get("SCALE_ALIVE_EVERY", "14"))
+
+    def process(self, rows: pd.DataFrame) -> pd.DataFrame:
+        draws = [int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % self.alive_every for key in rows["key"]]
+        keep = [draw == 0 for draw in draws]
+        rows["clip_t"] = [0.35 if kept else 0.1 for kept in keep]
+        rows["dino"] = 0.7
+        rows["pass_clip_t"], rows["pass_dino"] = keep, True
+        rows["reject"] = [None if kept else "clip_t_below_threshold" for kept in keep]
+        self.count("passed_clip", sum(keep))
+        self.count("passed_dino", sum(keep))
+        return rows
+
+
+class FreeDialogue(Stage):
+    """Benchmark-only: fixed user and assistant texts."""
+
+    name = "dialogue"
+    source = "filter"
+    shaped_by = ("plan",)
+
+    def process(self, rows: pd.DataFrame) -> pd.DataFrame:
+        rows["user"] = [f"Show my {subject} somewhere new, please." for subject in rows["subject"]]
+        rows["assistant"] = "Here it is: the same subject, in the place you asked for, lit the way it would be there."
+        rows["style"], rows["dialogue_attempts"], rows["reject"] = "command", 1, None
+        return rows
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, RSS bytes, command) for every process, read from /proc (Linux)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            rss = int(stat.rsplit(")", 1)[1].split()[21]) * os.sysconf("SC_PAGE_SIZE")
+            command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        table[int(entry)] = (parent, rss, command[:60])
+    return table
+
+
+class PeakRss:
+    """Polls the RSS of this process and of every process it started (Ray's), except `skip`."""
+
+    def __init__(self, skip: set[int], every_s: float = 0.2):
+        self.skip, self.every_s = skip, every_s
+        self.driver = 0
+        self.largest = 0
+        self.largest_name = ""
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRss:
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            table = process_table()
+            ours, frontier = {me}, [me]
+            while frontier:
+                parent = frontier.pop()
+                children = [pid for pid, (ppid, _, _) in table.items() if ppid == parent and pid not in ours]
+                ours.update(children)
+                frontier.extend(children)
+            for pid in ours - self.skip:
+                if pid not in table:
+                    continue
+                _, rss, command = table[pid]
+                if pid == me:
+                    self.driver = max(self.driver, rss)
+                if rss > self.largest:
+                    self.largest, self.largest_name = rss, command
+            self._stop.wait(self.every_s)
+
+
+def mib(value: float) -> float:
+    return value / 2**20
+
+
+# --- one size ----------------------------------------------------------------------------------
+
+
+def config_for(root: Path, size: int, unit_size: int):
+    from factory.config import load_config
+
+    return load_config(None, [
+        f"storage.root={root}", f"run_id=scale{size}", f"plan.total_jobs={size}", f"plan.unit_size={unit_size}",
+        "references.set=scale", "publish.shard_max_bytes=67108864",
+        *[f"{stage}.{key}" for stage in ("generate", "filter", "dialogue")
+          for key in ("concurrency=2", "num_cpus=1", "num_gpus=0")],
+    ])
+
+
+def write_references(storage, count: int) -> None:
+    from factory import layout
+    from factory.reference_sets import write_parts
+
+    rows = ({"reference_id": f"ref{n:06d}", "image": photo_like_jpeg(10_000 + n % 64, 512), "width": 512,
+             "height": 512, "subject": "dog", "domain": "object", "source": "bench", "origin": f"bench/{n}",
+             "prompt": None, "seed": n} for n in range(count))
+    write_parts(storage, "scale", rows, 256)
+    storage.write_bytes(layout.reference_complete("scale"), b"{}")
+
+
+def run_size(size: int, unit_size: int, endpoint: str, moto_pid: int, scratch: Path) -> dict:
+    from factory.config import StorageConfig
+    from factory.context import RunContext
+    from factory.manifest import VersionSpec
+    from factory.pipeline import Step, run_steps
+    from factory.publisher import RunSamples, write_version
+    from factory.storage import S3Storage
+    from factory.units import finished_units, unit_meta
+    from stages import plan
+
+    root = scratch / f"root{size}"
+    ctx = RunContext(config_for(root, size, unit_size))
+    write_references(ctx.storage, max(8, size // 12))
+    plan.run(ctx)
+    steps = [Step(name, f"bench.scale:{cls}") for name, cls in
+             (("generate", "FreeGenerate"), ("filter", "FreeFilter"), ("dialogue", "FreeDialogue"))]
+    with PeakRss({moto_pid}) as pipeline_rss:
+        started = time.perf_counter()
+        summary = run_steps(ctx, steps)
+        pipeline_wall = time.perf_counter() - started
+    units = sorted(finished_units(ctx.storage, ctx.config.run_id, "dialogue"))
+    stage_seconds = sum(unit_meta(ctx.storage, ctx.config.run_id, stage, unit)["counters"]["seconds"]
+                        for stage in ("generate", "filter", "dialogue") for unit in units)
+    actors = ctx.config.generate.concurrency
+    overhead = max(pipeline_wall - stage_seconds / actors, 0.0)
+
+    s3_root = f"s3://{BUCKET}/scale{size}"
+    s3_config = StorageConfig(root=s3_root, endpoint_url=endpoint)
+    spec = VersionSpec(dataset="scale", version=f"v{size}", kind="bootstrap", funnel={"written": 0})
+    source = RunSamples(ctx.config.storage, ctx.config.run_id, "scale", spec.version)
+    with PeakRss({moto_pid}) as publish_rss:
+        started = time.perf_counter()
+        manifest = write_version(S3Storage(s3_root, s3_config), s3_config, spec, source,
+                                 ctx.config.publish.shard_max_bytes, ctx.config.publish.shard_max_samples, "ray")
+        publish_wall = time.perf_counter() - started
+    boto3_seconds = bare_upload(endpoint, s3_root, manifest, scratch / f"shards{size}")
+    return {
+        "size": size, "units": summary["units"], "samples": manifest["samples"],
+        "shard_mib": mib(sum(shard["bytes"] for shard in manifest["shards"])),
+        "largest_mib": mib(max(pipeline_rss.largest, publish_rss.largest)),
+        "largest_name": (pipeline_rss if pipeline_rss.largest >= publish_rss.largest else publish_rss).largest_name,
+        "driver_mib": mib(max(pipeline_rss.driver, publish_rss.driver)),
+        "pipeline_s": pipeline_wall, "wall_ms_per_candidate": 1000 * pipeline_wall / size,
+        "overhead_ms_per_unit": 1000 * overhead / max(len(units), 1),
+        "overhead_ms_per_candidate": 1000 * overhead / size,
+        "publish_s": publish_wall, "boto3_s": boto3_seconds, "publish_vs_boto3": boto3_seconds / publish_wall,
+    }
+
+
+def bare_upload(endpoint: str, s3_root: str, manifest: dict, folder: Path) -> float:
+    """Seconds for boto3 `upload_file` of the very same shard bytes (fetched back first)."""
+    client = s3_client(endpoint)
+    prefix = s3_root.split(f"s3://{BUCKET}/", 1)[1]
+    folder.mkdir(parents=True)
+    paths = []
+    for shard in manifest["shards"]:
+        path = folder / Path(shard["path"]).name
+        client.download_file(BUCKET, f"{prefix}/datasets/scale/{manifest['version']}/{shard['path']}", str(path))
+        paths.append(path)
+    started = time.perf_counter()
+    for path in paths:
+        client.upload_file(str(path), BUCKET, f"bare/{prefix}/{path.name}")
+    return time.perf_counter() - started
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def table(results: list[dict]) -> list[str]:
+    lines = ["| candidates | units | samples | shard MiB | largest process peak MiB | driver peak MiB | "
+             "wall ms/candidate | overhead ms/unit | overhead ms/candidate | publish s | bare boto3 s | "
+             "publish vs boto3 |", "|" + "---|" * 12]
+    for r in results:
+        lines.append(f"| {r['size']:,} | {r['units']} | {r['samples']} | {r['shard_mib']:.0f} | {r['largest_mib']:.0f} "
+                     f"| {r['driver_mib']:.0f} | {r['wall_ms_per_candidate']:.2f} | {r['overhead_ms_per_unit']:.1f} | "
+                     f"{r['overhead_ms_per_candidate']:.2f} | {r['publish_s']:.1f} | {r['boto3_s']:.1f} | "
+                     f"{r['publish_vs_boto3']:.2f}x |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--unit-size", type=int, default=64)
+    parser.add_argument("--alive-every", type=int, default=14)
+    parser.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
+    parser.add_argument("--no-results", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.update(FAKE_KEYS)
+    os.environ["SCALE_ALIVE_EVERY"] = str(args.alive_every)
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "SCALE_ALIVE_EVERY": str(args.alive_every)}})
+    results = []
+    with MotoProcess() as moto, tempfile.TemporaryDirectory() as scratch:
+        s3_client(moto.endpoint).create_bucket(Bucket=BUCKET)
+        for size in args.sizes:
+            result = run_size(size, args.unit_size, moto.endpoint, moto.process.pid, Path(scratch))
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    ray.shutdown()
+    lines = table(results)
+    first, last = results[0], results[-1]
+    lines.append("")
+    lines.append(f"largest-process peak at {last['size']:,} / at {first['size']:,}: "
+                 f"{last['largest_mib'] / first['largest_mib']:.2f}x (goal <= 1.3x); largest was `{last['largest_name']}`")
+    print("\n".join(lines))
+    if not args.no_results:
+        with open(args.results, "a", encoding="utf-8") as out:
+            out.write(f"\n## Scale: the data flow at {', '.join(f'{s:,}' for s in args.sizes)} candidates "
+                      f"(bench/scale.py, {date.today()})\n\nMachine: {machine()}; units of {args.unit_size}, one "
+                      f"candidate in {args.alive_every} accepted, 512-px JPEGs, stages that cost nothing.\n\n")
+            out.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
