@@ -87,3 +87,19 @@ def paired_cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     if len(a) != len(b):
         raise ValueError(f"paired batches differ in size: {len(a)} vs {len(b)}")
     return (a * b).sum(dim=-1).double().cpu().numpy()
+
+
+def clip_scorer_from_config(config, device: str = "cpu") -> ClipScorer:
+    """The filter's CLIP scorer as a `FactoryConfig` configures it (the filter, SID's pool and retrieval)."""
+    settings = config.filter
+    return ClipScorer(settings.clip_model, settings.clip_pretrained, device=device, dtype=settings.dtype,
+                      model_config=settings.clip_model_config, quick_gelu=settings.clip_quick_gelu)
+
+
+def clip_scorer_from_snapshot(snapshot: dict, device: str | None = None) -> ClipScorer:
+    """The same, from a config snapshot (what a Ray actor is given); `device` defaults to cuda when present."""
+    from factory.config import validate_config
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return clip_scorer_from_config(validate_config(snapshot), device)
