@@ -176,7 +176,7 @@ def load_or_build_pool(ctx: RunContext, parent: str):
 
 class WDrawer:
     """map_batches callable holding a Stable Diffusion pipeline: adds `w_image` (JPEG bytes) drawn
-    from each row's `instruction` with its own `seed`, the same image whatever the batching."""
+    from each row's `instruction` with a generator seeded by the row's own `seed`."""
 
     def __init__(self, sd_model: str, steps: int, size: int):
         import torch
