@@ -296,8 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     lines = table(results)
     first, last = results[0], results[-1]
     lines.append("")
-    lines.append(f"largest-process peak at {last['size']:,} / at {first['size']:,}: "
-                 f"{last['largest_mib'] / first['largest_mib']:.2f}x (goal <= 1.3x); largest was `{last['largest_name']}`")
+    ratio = last["largest_mib"] / first["largest_mib"]
+    lines.append(f"largest-process peak at {last['size']:,} / at {first['size']:,}: {ratio:.2f}x (goal <= 1.3x); "
+                 f"largest was `{last['largest_name'].strip()}`")
     print("\n".join(lines))
     if not args.no_results:
         with open(args.results, "a", encoding="utf-8") as out:

@@ -356,6 +356,8 @@ class EvalConfig(Section):
     dino_model: str | None = Field(None, description="DINO scorer; default: filter.dino_model")
     use_gpu: bool = True
     seed: int = 0
+    concurrency: int = Field(
+        1, ge=1, description="eval actors, each holding G and the scorers (one GPU each with use_gpu)")
 
 
 class RayConfig(Section):

@@ -112,6 +112,16 @@ def pool_part(name: str, index: int) -> str:
     return f"{pool_dir(name)}/part-{index:05d}.parquet"
 
 
+def pool_ids(name: str) -> str:
+    """The pool's image ids in index order, with the part and row holding each image."""
+    return f"{pool_dir(name)}/ids.parquet"
+
+
+def pool_index(name: str) -> str:
+    """The vector index (faiss); written last: a pool exists iff this does."""
+    return f"{pool_dir(name)}/index.faiss"
+
+
 # --- checkpoints -------------------------------------------------------------------------
 
 

@@ -1,88 +1,296 @@
-"""The retrieval pool for SID's `w`: CLIP image embeddings of a pool of images, as Parquet.
+"""The retrieval pool for SID's `w`: CLIP image embeddings in a faiss index, image bytes in Parquet.
 
-Search is exact cosine over the whole pool in batches (a matrix product of normalised
-embeddings); `ImagePool.search` is the one seam an ANN index would replace.
+A pool `name` is three kinds of object (keys from `factory.layout`):
+
+    pools/<name>/part-<n>.parquet   image_id, image (encoded bytes); row groups of ROW_GROUP rows
+    pools/<name>/ids.parquet        image_id, part, row: one row per index entry, in index order
+    pools/<name>/index.faiss        the L2-normalised embeddings; written last (the pool exists iff it does)
+
+`ImagePool.load` reads the index and the ids only; `fetch(ids)` reads the row groups that hold
+the asked-for images and nothing else. Up to EXACT_LIMIT images the index is exact inner product
+(cosine on normalised vectors); beyond that it is HNSW, which needs no training and answers in
+about log(N).
+
+Building: `build_pool` embeds an iterable of (image_id, bytes) in one process (tests, small
+pools); `build_pool_from_shards` is the Ray Data job that reads a version's shards, one task per
+shard writing that shard's part, and embeds them on an actor pool of CLIP models. Both use the
+same `PoolEmbedder` callable and `finish_pool`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import io
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from factory import layout
 from factory.images import ImageRejected, decode_image
-from factory.storage import Storage
+from factory.storage import LocalStorage, Storage
 
-POOL_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary()), ("embedding", pa.list_(pa.float32()))])
+if TYPE_CHECKING:
+    from factory.config import ActorPool, StorageConfig
+
+log = logging.getLogger(__name__)
+
+PART_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary())])
+IDS_SCHEMA = pa.schema([("image_id", pa.string()), ("part", pa.int32()), ("row", pa.int32())])
+ROW_GROUP = 64  # images per Parquet row group: the unit `fetch` reads
+EXACT_LIMIT = 200_000  # up to this many images the index is exact; beyond, HNSW
+HNSW_M = 32  # graph degree: about 4 * M * 4 bytes per image on top of the vectors
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 128
 
 
-def pool_folder(name: str) -> str:
-    return f"pools/{name}"
+def require_faiss():
+    try:
+        import faiss
+    except ImportError as error:  # pragma: no cover - a dependency of the package
+        raise ImportError("the SID image pool needs faiss: pip install faiss-cpu") from error
+    return faiss
 
 
-def build_pool(storage: Storage, name: str, images: Iterable[tuple[str, bytes]], scorer,
-               batch_size: int = 64, part_size: int = 4096) -> dict[str, int]:
-    """Embed `(image_id, encoded bytes)` pairs with `scorer.embed_images` and store them."""
-    ids, blobs, embeddings, rejected = [], [], [], 0
-    pending: list[tuple[str, bytes, object]] = []
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ValueError(f"expected a (rows, dim) matrix of vectors, got shape {vectors.shape}")
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
-    def flush() -> None:
-        if pending:
-            vectors = scorer.embed_images([image for _, _, image in pending]).cpu().numpy().astype(np.float32)
-            for (image_id, data, _), vector in zip(pending, vectors):
-                ids.append(image_id)
-                blobs.append(data)
-                embeddings.append(vector)
-            pending.clear()
 
-    for image_id, data in images:
-        try:
-            pending.append((image_id, data, decode_image(data)))
-        except ImageRejected:
-            rejected += 1
-            continue
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
-    for part, start in enumerate(range(0, len(order), part_size)):
-        chosen = order[start : start + part_size]
-        table = pa.Table.from_pydict(
-            {"image_id": [ids[i] for i in chosen], "image": [blobs[i] for i in chosen],
-             "embedding": [embeddings[i].tolist() for i in chosen]},
-            schema=POOL_SCHEMA,
-        )
-        storage.write_parquet(f"{pool_folder(name)}/part-{part:05d}.parquet", table)
-    return {"images": len(ids), "rejected": rejected}
+# --- the index ---------------------------------------------------------------------------
+
+
+def build_index(vectors: np.ndarray, exact_limit: int = EXACT_LIMIT):
+    """A faiss inner-product index over the normalised `vectors`: exact (flat) up to `exact_limit` rows, else HNSW."""
+    faiss = require_faiss()
+    vectors = normalise(vectors)
+    dim = vectors.shape[1]
+    if len(vectors) <= exact_limit:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index.add(vectors)
+    return index
+
+
+def search_index(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, cosine scores), both (Q, k), best first; k is capped at the index size."""
+    k = min(k, index.ntotal)
+    if k < 1:
+        raise ValueError("search needs k >= 1 and a non-empty index")
+    queries = normalise(queries)
+    if queries.shape[1] != index.d:
+        raise ValueError(f"queries have dimension {queries.shape[1]}, the pool's index {index.d}")
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = max(HNSW_EF_SEARCH, 2 * k)
+    scores, indices = index.search(queries, k)
+    return indices.astype(np.int64), scores
+
+
+def index_bytes(index) -> bytes:
+    return require_faiss().serialize_index(index).tobytes()
+
+
+def index_from_bytes(data: bytes):
+    return require_faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+# --- the pool as stored ------------------------------------------------------------------
 
 
 @dataclass
 class ImagePool:
-    image_ids: list[str]
-    images: list[bytes]
-    embeddings: np.ndarray  # (N, d), L2-normalised
+    """A loaded pool: the index and the ids; image bytes stay in storage until fetched."""
+
+    storage: Storage
+    name: str
+    ids: pd.DataFrame  # image_id, part, row; position i is index entry i
+    index: Any  # faiss.Index
 
     @classmethod
     def load(cls, storage: Storage, name: str) -> ImagePool:
-        parts = storage.list(pool_folder(name))
-        if not parts:
-            raise FileNotFoundError(f"no image pool at {storage.url(pool_folder(name))}")
-        tables = pa.concat_tables([storage.read_parquet(key) for key in parts])
-        vectors = np.asarray(tables.column("embedding").to_pylist(), dtype=np.float32)
-        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return cls(tables.column("image_id").to_pylist(), tables.column("image").to_pylist(), vectors)
+        if not storage.exists(layout.pool_index(name)):
+            raise FileNotFoundError(f"no image pool at {storage.url(layout.pool_dir(name))} (no index file)")
+        index = index_from_bytes(storage.read_bytes(layout.pool_index(name)))
+        ids = storage.read_parquet(layout.pool_ids(name)).to_pandas()
+        if len(ids) != index.ntotal:
+            raise RuntimeError(f"pool {name}: {len(ids)} ids but {index.ntotal} vectors in the index")
+        return cls(storage, name, ids, index)
 
-    def search(self, queries: np.ndarray, k: int = 1, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def image_ids(self) -> list[str]:
+        return self.ids["image_id"].tolist()
+
+    def vectors(self) -> np.ndarray:
+        """The stored (normalised) embeddings, in index order."""
+        return self.index.reconstruct_n(0, self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Top-k pool rows by cosine for each query: (indices, scores), both (Q, k), best first."""
-        queries = np.asarray(queries, dtype=np.float32)
-        queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
-        k = min(k, len(self.image_ids))
-        indices, scores = [], []
-        for start in range(0, len(queries), batch_size):
-            similarity = queries[start : start + batch_size] @ self.embeddings.T
-            top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
-            indices.append(top)
-            scores.append(np.take_along_axis(similarity, top, axis=1))
-        return np.concatenate(indices), np.concatenate(scores)
+        return search_index(self.index, queries, k)
+
+    def search_ids(self, queries: np.ndarray, k: int = 1) -> tuple[list[list[str]], np.ndarray]:
+        indices, scores = self.search(queries, k)
+        names = self.ids["image_id"].to_numpy()
+        return [list(names[row]) for row in indices], scores
+
+    def fetch(self, image_ids: Iterable[str]) -> list[bytes]:
+        """Image bytes for `image_ids` (repeats allowed), reading only the row groups that hold them."""
+        wanted = list(image_ids)
+        where = self.ids.set_index("image_id")
+        missing = sorted(set(wanted) - set(where.index))
+        if missing:
+            raise KeyError(f"pool {self.name} has no image {missing[0]!r} ({len(missing)} unknown ids)")
+        located = where.loc[sorted(set(wanted))]
+        found: dict[str, bytes] = {}
+        for part, rows in located.groupby("part"):
+            found.update(read_part_rows(self.storage, layout.pool_part(self.name, int(part)), rows["row"].tolist()))
+        return [found[image_id] for image_id in wanted]
+
+
+def read_part_rows(storage: Storage, key: str, rows: list[int]) -> dict[str, bytes]:
+    """{image_id: bytes} of the given rows of one part, reading only their row groups."""
+    source = storage.url(key) if isinstance(storage, LocalStorage) else io.BytesIO(storage.read_bytes(key))
+    parquet = pq.ParquetFile(source)
+    starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+    groups = sorted({int(np.searchsorted(starts, row, side="right")) - 1 for row in rows})
+    table = parquet.read_row_groups(groups, columns=["image_id", "image"])
+    offsets = {group: int(sum(starts[g + 1] - starts[g] for g in groups[:n])) for n, group in enumerate(groups)}
+    out = {}
+    for row in rows:
+        group = int(np.searchsorted(starts, row, side="right")) - 1
+        at = offsets[group] + row - int(starts[group])
+        out[table.column("image_id")[at].as_py()] = table.column("image")[at].as_py()
+    return out
+
+
+def write_part(storage: Storage, name: str, part: int, image_ids: list[str], images: list[bytes]) -> None:
+    table = pa.Table.from_pydict({"image_id": image_ids, "image": images}, schema=PART_SCHEMA)
+    storage.write_parquet(layout.pool_part(name, part), table, row_group_size=ROW_GROUP)
+
+
+def finish_pool(storage: Storage, name: str, embedded: pd.DataFrame, exact_limit: int = EXACT_LIMIT) -> dict[str, int]:
+    """Write the ids and, last, the index from embedded rows (image_id, part, row, embedding or None)."""
+    rejected = int(embedded["embedding"].isna().sum())
+    kept = embedded[embedded["embedding"].notna()]
+    kept = kept.sort_values(["image_id", "part", "row"], kind="stable")
+    duplicates = int(kept["image_id"].duplicated().sum())
+    kept = kept.drop_duplicates("image_id").reset_index(drop=True)
+    if kept.empty:
+        raise RuntimeError(f"pool {name}: no image could be embedded ({rejected} rejected)")
+    ids = pa.Table.from_pandas(kept[["image_id", "part", "row"]], schema=IDS_SCHEMA, preserve_index=False)
+    index = build_index(np.asarray(kept["embedding"].tolist(), dtype=np.float32), exact_limit)
+    storage.write_parquet(layout.pool_ids(name), ids)
+    storage.write_bytes(layout.pool_index(name), index_bytes(index))
+    return {"images": len(kept), "rejected": rejected, "duplicates": duplicates}
+
+
+# --- embedding -----------------------------------------------------------------------------
+
+
+class PoolEmbedder:
+    """map_batches callable: decode `image`, add its CLIP `embedding` (None when undecodable), drop the bytes.
+
+    `make_scorer` builds the CLIP scorer once per actor (it must pickle: a module function or a
+    `functools.partial` of one); a test passes `lambda: scorer` and calls the object on a DataFrame.
+    """
+
+    def __init__(self, make_scorer: Callable[[], Any], batch_size: int = 64):
+        self.scorer = make_scorer()
+        self.batch_size = batch_size
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        decoded = []
+        for data in batch["image"]:
+            try:
+                decoded.append(decode_image(data))
+            except ImageRejected:
+                decoded.append(None)
+        good = [n for n, image in enumerate(decoded) if image is not None]
+        embeddings: list[list[float] | None] = [None] * len(batch)  # lists: Arrow keeps the nulls
+        for start in range(0, len(good), self.batch_size):
+            chosen = good[start : start + self.batch_size]
+            vectors = self.scorer.embed_images([decoded[n] for n in chosen]).float().cpu().numpy()
+            for n, vector in zip(chosen, vectors):
+                embeddings[n] = vector.astype(np.float32).tolist()
+        out = batch.drop(columns=["image"]).reset_index(drop=True)
+        out["embedding"] = embeddings
+        return out
+
+
+# --- building in one process ---------------------------------------------------------------
+
+
+def build_pool(storage: Storage, name: str, images: Iterable[tuple[str, bytes]], scorer,
+               batch_size: int = 64, part_size: int = 4096, exact_limit: int = EXACT_LIMIT) -> dict[str, int]:
+    """Embed `(image_id, encoded bytes)` pairs with `scorer` in this process and store the pool."""
+    embedder = PoolEmbedder(lambda: scorer, batch_size)
+    iterator = iter(images)
+    frames = []
+    part = 0
+    while chunk := list(islice(iterator, part_size)):
+        image_ids, blobs = [image_id for image_id, _ in chunk], [data for _, data in chunk]
+        write_part(storage, name, part, image_ids, blobs)
+        frame = pd.DataFrame({"image_id": image_ids, "part": part, "row": range(len(chunk)), "image": blobs})
+        frames.append(embedder(frame))
+        part += 1
+    if not frames:
+        raise ValueError(f"pool {name}: no images given")
+    return finish_pool(storage, name, pd.concat(frames, ignore_index=True), exact_limit)
+
+
+# --- building on Ray Data --------------------------------------------------------------------
+
+
+def shard_to_part(batch: pd.DataFrame, storage_config: StorageConfig, name: str) -> pd.DataFrame:
+    """map_batches function, one shard per call: write the shard's target images as pool part
+    `part`, and pass them on as rows (image_id, part, row, image) for embedding."""
+    from factory.shards import read_shard
+    from factory.storage import open_storage
+
+    storage = open_storage(storage_config)
+    frames = []
+    for shard, part in zip(batch["shard"], batch["part"]):
+        samples = [(sample.key, sample.target_image) for sample in read_shard(storage, shard)]
+        image_ids, images = [key for key, _ in samples], [data for _, data in samples]
+        write_part(storage, name, int(part), image_ids, images)
+        frames.append(pd.DataFrame({"image_id": image_ids, "part": int(part), "row": range(len(samples)),
+                                    "image": images}))
+    if not frames:
+        return pd.DataFrame({"image_id": [], "part": [], "row": [], "image": []})
+    return pd.concat(frames, ignore_index=True)
+
+
+def build_pool_from_shards(storage: Storage, storage_config: StorageConfig, name: str, shard_keys: list[str],
+                           make_scorer: Callable[[], Any], actors: ActorPool, batch_size: int = 64,
+                           exact_limit: int = EXACT_LIMIT) -> dict[str, int]:
+    """The Ray Data job: shards -> parts (tasks, one shard each) -> CLIP embeddings (actor pool) ->
+    ids and index, written by the driver from the small (id, part, row, embedding) rows."""
+    import ray
+
+    if not shard_keys:
+        raise ValueError(f"pool {name}: no shards to build it from")
+    shards = ray.data.from_items([{"shard": key, "part": n} for n, key in enumerate(shard_keys)],
+                                 override_num_blocks=len(shard_keys))
+    rows = shards.map_batches(shard_to_part, fn_kwargs={"storage_config": storage_config, "name": name},
+                              batch_size=1, batch_format="pandas")
+    embedded = rows.map_batches(
+        PoolEmbedder, fn_constructor_args=(make_scorer, batch_size), batch_size=batch_size, batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=actors.concurrency), num_gpus=actors.num_gpus,
+        num_cpus=actors.num_cpus,
+    )
+    frames = list(embedded.iter_batches(batch_format="pandas", batch_size=None))
+    summary = finish_pool(storage, name, pd.concat(frames, ignore_index=True), exact_limit)
+    log.info("pool %s: %s from %d shards", name, summary, len(shard_keys))
+    return summary

@@ -90,8 +90,7 @@ def paired_cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 
 def clip_scorer_from_config(config, device: str = "cpu") -> ClipScorer:
-    """The filter's CLIP scorer as `config.filter` (a FactoryConfig's) sets it; the filter stage
-    scores with it and SID retrieves with it."""
+    """The filter's CLIP scorer as a `FactoryConfig` configures it (the filter, SID's pool and retrieval)."""
     settings = config.filter
     return ClipScorer(settings.clip_model, settings.clip_pretrained, device=device, dtype=settings.dtype,
                       model_config=settings.clip_model_config, quick_gelu=settings.clip_quick_gelu)

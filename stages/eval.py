@@ -6,6 +6,9 @@ reference (the paper's model), or the prompt's CLIP text embedding (no assistant
 The filter's scorers then measure DINO (image vs reference, DINO ViT-S/16), CLIP-I (image
 vs reference, CLIP ViT-B/32) and CLIP-T (image vs prompt). The JSON report is written next
 to the checkpoint: `<checkpoint>.eval.json`.
+
+The (reference, prompt) rows run on a Ray Data actor pool (`eval.concurrency` actors of
+`EvalWorker`, each holding G and the scorers); the driver only gathers the per-image scores.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import yaml
 
 from factory.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec
@@ -37,17 +41,14 @@ def run(ctx: RunContext) -> dict[str, Any]:
     pairs = eval_pairs(config.eval)
     if not pairs:
         raise ValueError("eval needs (reference, prompt) pairs: set eval.pairs or eval.pairs_file")
-    with tempfile.TemporaryDirectory() as tmp:
-        generator = Located.resolve(ctx.storage, config.eval.checkpoint, "generator", config.run_id, Path(tmp) / "g")
-        assistant = None
-        if config.eval.semantic == "assistant":
-            assistant = Located.resolve(
-                ctx.storage, config.eval.assistant_checkpoint, "assistant", config.run_id, Path(tmp) / "a"
-            )
-        report = evaluate(config, ctx.storage, generator.local, pairs, assistant.local if assistant else None)
-        report["checkpoint"] = generator.name
-        report["assistant_checkpoint"] = assistant.name if assistant else None
-        report["report"] = generator.write_report(ctx.storage, report)
+    generator = Located.resolve(ctx.storage, config.eval.checkpoint, "generator", config.run_id)
+    assistant = None
+    if config.eval.semantic == "assistant":
+        assistant = Located.resolve(ctx.storage, config.eval.assistant_checkpoint, "assistant", config.run_id)
+    report = evaluate(config, ctx.storage, generator, pairs, assistant)
+    report["checkpoint"] = generator.name
+    report["assistant_checkpoint"] = assistant.name if assistant else None
+    report["report"] = generator.write_report(ctx.storage, report)
     log.info("eval of %s: %s", generator.name, report["metrics"])
     return {"report": report["report"], "metrics": report["metrics"], "images": report["images"]}
 
@@ -55,33 +56,44 @@ def run(ctx: RunContext) -> dict[str, Any]:
 # --- where the checkpoints are -------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Located:
-    """A model folder on local disk, and where the checkpoint lives (local path or storage key)."""
+    """Where a model lives: a local folder, a checkpoint step in storage (`<key>/model/...`), or a
+    bare model folder in storage. Resolved on the driver, copied to local disk by each worker."""
 
-    local: str
-    name: str
+    name: str  # the local folder or the storage key
     in_storage: bool
+    step: bool = False  # a checkpoint step folder (the model under `model/`)
 
     @classmethod
-    def resolve(cls, storage: Storage, given: str | None, model: str, run_id: str, scratch: Path) -> "Located":
-        from factory.checkpoints import fetch_checkpoint, latest_checkpoint
+    def resolve(cls, storage: Storage, given: str | None, model: str, run_id: str) -> "Located":
+        from factory.checkpoints import latest_checkpoint
 
         if given and Path(given).is_dir():
-            return cls(given, given, False)
+            return cls(given, False)
         key = given or latest_checkpoint(storage, model, run_id)
         if key is None:
             raise ValueError(f"no {model} checkpoint: set eval.checkpoint, or train run {run_id!r} first")
         key = key.rstrip("/")
         if storage.list(f"{key}/model"):
-            return cls(fetch_checkpoint(storage, key, scratch), key, True)
+            return cls(key, True, step=True)
         if not storage.list(key):
             raise ValueError(f"{model} checkpoint {given!r} is neither a local folder nor in {storage.url('')}")
-        for item in storage.list(key):  # a bare model folder in storage
-            target = scratch / item[len(key) + 1 :]
+        return cls(key, True)
+
+    def materialize(self, storage: Storage, scratch: Path) -> str:
+        """A local folder holding the model (a copy under `scratch` when it is in storage)."""
+        from factory.checkpoints import fetch_checkpoint
+
+        if not self.in_storage:
+            return self.name
+        if self.step:
+            return fetch_checkpoint(storage, self.name, scratch)
+        for item in storage.list(self.name):
+            target = scratch / item[len(self.name) + 1 :]
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(storage.read_bytes(item))
-        return cls(str(scratch), key, True)
+        return str(scratch)
 
     def write_report(self, storage: Storage, report: dict[str, Any]) -> str:
         body = json.dumps(report, indent=2, sort_keys=True).encode()
@@ -101,67 +113,124 @@ def eval_pairs(config: EvalConfig) -> list[EvalPair]:
     return pairs
 
 
-def load_reference(storage: Storage, reference: str):
-    data = Path(reference).read_bytes() if Path(reference).is_file() else storage.read_bytes(reference)
-    return decode_image(data)
+def load_reference(storage: Storage, reference: str) -> bytes:
+    return Path(reference).read_bytes() if Path(reference).is_file() else storage.read_bytes(reference)
 
 
 # --- the evaluation ------------------------------------------------------------------
 
 
-def evaluate(
-    config: FactoryConfig,
-    storage: Storage,
-    generator_folder: str,
-    pairs: list[EvalPair],
-    assistant_folder: str | None = None,
-) -> dict[str, Any]:
-    """Draw and score; returns the report (metrics are means over all images)."""
-    import torch
-
-    from filters.clip import ClipScorer
-    from filters.dino import DinoScorer
-    from models.cafe import CafeGenerator
-
+def eval_rows(config: FactoryConfig, storage: Storage, pairs: list[EvalPair]) -> pd.DataFrame:
+    """One row per (pair, prompt): the reference's bytes (read here, so workers need no local
+    files), the rendered prompt and its image seeds."""
     settings = config.eval
-    device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
-    started = time.perf_counter()
-    spec = GeneratorSpec(
-        kind="cafe",
-        model=generator_folder,
-        image_size=settings.image_size,
-        steps=settings.steps,
-        guidance_scale=settings.clip_guidance_scale,
-        options={"dino_guidance_scale": settings.dino_guidance_scale},
-    )
-    generator = CafeGenerator("eval", spec, device)
-    semantics = semantic_source(settings, generator, assistant_folder, device)
-    clip_scorer = ClipScorer(
-        settings.clip_model or config.filter.clip_model,
-        settings.clip_pretrained or config.filter.clip_pretrained,
-        device,
-        model_config=settings.clip_model_config or config.filter.clip_model_config,
-        quick_gelu=config.filter.clip_quick_gelu,
-    )
-    dino_scorer = DinoScorer(settings.dino_model or config.filter.dino_model, device)
-
     rows = []
     for pair_index, pair in enumerate(pairs):
         reference = load_reference(storage, pair.reference)
-        dino_x = generator.encoders.dino_features([reference])
+        decode_image(reference)  # an unreadable reference fails here, before any model loads
         for prompt_index, template in enumerate(pair.prompts):
-            prompt = template.replace("{subject}", pair.subject)
-            condition = semantics(dino_x, prompt)
-            seeds = [settings.seed + 1000 * (pair_index * 100 + prompt_index) + n for n in range(settings.images_per_pair)]
-            images = generator.draw(dino_x, condition.expand(len(seeds), -1), seeds)
+            first = settings.seed + 1000 * (pair_index * 100 + prompt_index)
+            rows.append({"order": len(rows), "reference": pair.reference, "subject": pair.subject,
+                         "prompt": template.replace("{subject}", pair.subject), "reference_image": reference,
+                         "seeds": list(range(first, first + settings.images_per_pair))})
+    return pd.DataFrame(rows)
+
+
+class EvalWorker:
+    """map_batches callable holding G, the prompt-to-condition source and the scorers: takes
+    `eval_rows`, returns per-row metrics (`dino`, `clip_i`, `clip_t`: one value per image)."""
+
+    def __init__(self, config_snapshot: dict[str, Any], generator: Located, assistant: Located | None = None):
+        import torch
+
+        from factory.config import validate_config
+        from factory.storage import open_storage
+        from filters.clip import ClipScorer
+        from filters.dino import DinoScorer
+        from models.cafe import CafeGenerator
+
+        config = validate_config(config_snapshot)
+        settings = config.eval
+        device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
+        self.scratch = tempfile.TemporaryDirectory(prefix="cafe-eval-")
+        storage = open_storage(config.storage)
+        spec = GeneratorSpec(
+            kind="cafe",
+            model=generator.materialize(storage, Path(self.scratch.name) / "g"),
+            image_size=settings.image_size,
+            steps=settings.steps,
+            guidance_scale=settings.clip_guidance_scale,
+            options={"dino_guidance_scale": settings.dino_guidance_scale},
+        )
+        self.generator = CafeGenerator("eval", spec, device)
+        assistant_folder = assistant.materialize(storage, Path(self.scratch.name) / "a") if assistant else None
+        self.semantics = semantic_source(settings, self.generator, assistant_folder, device)
+        self.clip = ClipScorer(
+            settings.clip_model or config.filter.clip_model,
+            settings.clip_pretrained or config.filter.clip_pretrained,
+            device,
+            model_config=settings.clip_model_config or config.filter.clip_model_config,
+            quick_gelu=config.filter.clip_quick_gelu,
+        )
+        self.dino = DinoScorer(settings.dino_model or config.filter.dino_model, device)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        metrics: dict[str, list[list[float]]] = {m: [] for m in METRICS}
+        features: dict[bytes, tuple[Any, Any]] = {}
+        for row in batch.itertuples():
+            if row.reference_image not in features:
+                reference = decode_image(row.reference_image)
+                features[row.reference_image] = (reference, self.generator.encoders.dino_features([reference]))
+            reference, dino_x = features[row.reference_image]
+            seeds = [int(seed) for seed in row.seeds]
+            condition = self.semantics(dino_x, row.prompt)
+            images = self.generator.draw(dino_x, condition.expand(len(seeds), -1), seeds)
             references = [reference] * len(images)
-            scores = {
-                "dino": dino_scorer.image_image(images, references),
-                "clip_i": clip_scorer.image_image(images, references),
-                "clip_t": clip_scorer.image_text(images, [prompt] * len(images)),
-            }
-            rows.append({"reference": pair.reference, "subject": pair.subject, "prompt": prompt, **scores})
-    return build_report(rows, settings, generator.describe(), time.perf_counter() - started)
+            metrics["dino"].append(self.dino.image_image(images, references).tolist())
+            metrics["clip_i"].append(self.clip.image_image(images, references).tolist())
+            metrics["clip_t"].append(self.clip.image_text(images, [row.prompt] * len(images)).tolist())
+        out = batch[["order", "reference", "subject", "prompt"]].reset_index(drop=True)
+        for metric, values in metrics.items():
+            out[metric] = values
+        out["generator"] = json.dumps(self.generator.describe(), sort_keys=True, default=str)
+        return out
+
+
+def eval_gpus(settings: EvalConfig) -> float:
+    """One GPU per eval actor when asked for and the cluster has GPUs; else CPU actors."""
+    import ray
+
+    return 1.0 if settings.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def evaluate(
+    config: FactoryConfig,
+    storage: Storage,
+    generator: Located,
+    pairs: list[EvalPair],
+    assistant: Located | None = None,
+) -> dict[str, Any]:
+    """Draw and score on an actor pool of `EvalWorker`s; returns the report (metrics are means over all images)."""
+    import ray
+
+    started = time.perf_counter()
+    rows = eval_rows(config, storage, pairs)
+    scored = ray.data.from_pandas(rows).map_batches(
+        EvalWorker, fn_constructor_args=(config.snapshot(), generator, assistant), batch_size=1,
+        batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=min(config.eval.concurrency, len(rows))),
+        num_gpus=eval_gpus(config.eval),
+    ).to_pandas()
+    if len(scored) != len(rows):
+        raise RuntimeError(f"eval scored {len(scored)} of {len(rows)} (pair, prompt) rows")
+    return report_from_scored(scored, config.eval, time.perf_counter() - started)
+
+
+def report_from_scored(scored: pd.DataFrame, settings: EvalConfig, seconds: float) -> dict[str, Any]:
+    """The report from `EvalWorker` output rows, in (pair, prompt) order."""
+    scored = scored.sort_values("order")
+    rows = [{"reference": r.reference, "subject": r.subject, "prompt": r.prompt,
+             **{m: np.asarray(getattr(r, m), dtype=float) for m in METRICS}} for r in scored.itertuples()]
+    return build_report(rows, settings, json.loads(scored["generator"].iloc[0]), seconds)
 
 
 def semantic_source(settings: EvalConfig, generator, assistant_folder: str | None, device: str):

@@ -26,12 +26,10 @@ from factory.manifest import (
     latest_version,
     load_manifest,
     release_stale_lock,
-    shard_key,
     union_versions,
     version_dir,
     version_exists,
 )
-from factory.shards import read_shard
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +131,10 @@ def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
     scorer = clip_scorer(ctx.config)
     texts = jobs["instruction"].tolist()
     queries = np.concatenate([scorer.embed_texts(texts[i : i + 256]).cpu().numpy() for i in range(0, len(texts), 256)])
-    best, _ = pool.search(queries, k=1)
-    jobs["w_id"] = [f"pool:{pool.image_ids[i]}" for i in best[:, 0]]
-    jobs["w_image"] = [pool.images[i] for i in best[:, 0]]
+    best, _ = pool.search_ids(queries, k=1)
+    chosen = [ids[0] for ids in best]
+    jobs["w_id"] = [f"pool:{image_id}" for image_id in chosen]
+    jobs["w_image"] = pool.fetch(chosen)  # only the row groups holding the chosen images are read
     return jobs
 
 
@@ -145,38 +144,74 @@ def clip_scorer(config: FactoryConfig):
     return clip_scorer_from_config(config)
 
 
-def load_or_build_pool(ctx: RunContext, parent: str):
-    from factory.pool import ImagePool, build_pool
+def pool_name(ctx: RunContext, parent: str) -> str:
+    return ctx.config.sid.pool or f"{ctx.config.dataset}-{parent}"
 
-    name = ctx.config.sid.pool or f"{ctx.config.dataset}-{parent}"
+
+def load_or_build_pool(ctx: RunContext, parent: str):
+    """The configured pool, or one built by a Ray Data job from the parent's target images
+    (CLIP on an actor pool sized like the filter's)."""
+    from functools import partial
+
+    from factory import layout
+    from factory.pool import ImagePool, build_pool_from_shards
+
+    name = pool_name(ctx, parent)
     try:
         return ImagePool.load(ctx.storage, name)
     except FileNotFoundError:
         if ctx.config.sid.pool:
             raise
     manifest = load_manifest(ctx.storage, ctx.config.dataset, parent)
-    images = ((s.key, s.target_image) for shard in manifest["shards"]
-              for s in read_shard(ctx.storage, shard_key(manifest, shard["path"])))
-    log.info("building image pool %s from the target images of %s", name, parent)
-    build_pool(ctx.storage, name, images, clip_scorer(ctx.config))
+    shards = [layout.shard(manifest["dataset"], manifest["version"], shard["path"]) for shard in manifest["shards"]]
+    log.info("building image pool %s from the target images of %s (%d shards)", name, parent, len(shards))
+    build_pool_from_shards(ctx.storage, ctx.config.storage, name, shards,
+                           partial(clip_scorer_from_snapshot, ctx.config.snapshot()), ctx.config.filter)
     return ImagePool.load(ctx.storage, name)
 
 
-def draw_w_images(ctx: RunContext, jobs: pd.DataFrame) -> list[bytes]:
-    import torch
-    from diffusers import StableDiffusionPipeline
+class WDrawer:
+    """map_batches callable holding a Stable Diffusion pipeline: adds `w_image` (JPEG bytes) drawn
+    from each row's `instruction` with a generator seeded by the row's own `seed`."""
 
-    from factory.images import encode_jpeg
+    def __init__(self, sd_model: str, steps: int, size: int):
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipe = StableDiffusionPipeline.from_pretrained(sd_model, safety_checker=None,
+                                                            requires_safety_checker=False).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.steps, self.size = steps, size
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import torch
+
+        from factory.images import encode_jpeg
+
+        generators = [torch.Generator(self.device).manual_seed(int(seed)) for seed in batch["seed"]]
+        images = self.pipe(list(batch["instruction"]), num_inference_steps=self.steps, height=self.size,
+                           width=self.size, generator=generators).images
+        out = batch.reset_index(drop=True)
+        out["w_image"] = [encode_jpeg(image) for image in images]
+        return out
+
+
+def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> list[bytes]:
+    """SD drawings of the jobs' instructions, on an actor pool sized like the reference ingest's SD pool."""
+    import ray
 
     refs = ctx.config.references
-    pipe = StableDiffusionPipeline.from_pretrained(refs.sd_model, safety_checker=None, requires_safety_checker=False)
-    images = []
-    for _, job in jobs.iterrows():
-        generator = torch.Generator().manual_seed(int(job["seed"]))
-        image = pipe(job["instruction"], num_inference_steps=refs.sd_steps, height=refs.sd_size, width=refs.sd_size,
-                     generator=generator).images[0]
-        images.append(encode_jpeg(image))
-    return images
+    frame = pd.DataFrame({"order": np.arange(len(jobs)), "instruction": jobs["instruction"].to_numpy(),
+                          "seed": jobs["seed"].to_numpy(dtype=np.int64)})
+    drawn = ray.data.from_pandas(frame).map_batches(
+        WDrawer, fn_constructor_args=(refs.sd_model, refs.sd_steps, refs.sd_size), batch_size=batch_size,
+        batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=refs.concurrency),
+        num_gpus=refs.num_gpus, num_cpus=refs.num_cpus,
+    ).select_columns(["order", "w_image"]).to_pandas()
+    if len(drawn) != len(jobs):
+        raise RuntimeError(f"SD drew {len(drawn)} w images for {len(jobs)} jobs")
+    return drawn.sort_values("order")["w_image"].tolist()
 
 
 def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> pa.Table:
@@ -266,3 +301,16 @@ def run(ctx: RunContext) -> dict[str, Any]:
     return {"rounds": rounds, "checkpoint": checkpoint,
             "publish": {"version": last["version"], "samples": last["samples"], "funnel": last["funnel"],
                         "manifest": last["manifest"]}}
+
+
+def clip_scorer_from_snapshot(snapshot: dict, device: str | None = None):
+    """The filter's CLIP scorer from a config snapshot (what a Ray actor is given); `device`
+    defaults to cuda when present."""
+    import torch
+
+    from factory.config import validate_config
+    from filters.clip import clip_scorer_from_config
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return clip_scorer_from_config(validate_config(snapshot), device)

@@ -9,12 +9,24 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from factory.config import FactoryConfig, StorageConfig
 from factory.context import RunContext
 from factory.storage import open_storage
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +88,7 @@ def check_metrics(report: dict, images: int) -> None:
         assert len(row["dino"]) == len(row["clip_i"]) == len(row["clip_t"]) == 2
 
 
-def test_eval_scores_the_latest_checkpoint_with_the_assistant(tmp_path, tiny):
+def test_eval_scores_the_latest_checkpoint_with_the_assistant(tmp_path, tiny, ray_local):
     from stages.eval import run
 
     root = tmp_path / "root"
@@ -97,8 +109,8 @@ def test_eval_scores_the_latest_checkpoint_with_the_assistant(tmp_path, tiny):
     assert [row["prompt"] for row in report["per_prompt"]] == ["a dog on the beach", "a dog in the snow"]
 
 
-def test_eval_with_clip_text_and_a_local_checkpoint(tmp_path, tiny):
-    from stages.eval import run
+def test_eval_with_clip_text_and_a_local_checkpoint(tmp_path, tiny, ray_local):
+    from stages.eval import EvalWorker, Located, eval_pairs, eval_rows, report_from_scored, run
 
     root = tmp_path / "root"
     storage = open_storage(StorageConfig(root=str(root)))
@@ -113,6 +125,32 @@ def test_eval_with_clip_text_and_a_local_checkpoint(tmp_path, tiny):
     assert result["report"] == f"{local}.eval.json"
     check_metrics(report, 2)
     assert report["semantic"] == "clip_text" and report["assistant_checkpoint"] is None
+
+    # the worker called on a DataFrame, no Ray: the same per-image scores, so the same report
+    rows = eval_rows(config, storage, eval_pairs(config.eval))
+    direct = report_from_scored(EvalWorker(config.snapshot(), Located(str(local), False))(rows), config.eval, 0.0)
+    assert direct["metrics"] == pytest.approx(report["metrics"], abs=1e-4)  # thread counts differ: float noise
+    for ours, theirs in zip(direct["per_prompt"], report["per_prompt"], strict=True):
+        assert ours["prompt"] == theirs["prompt"]
+        for metric in ("dino", "clip_i", "clip_t"):
+            assert np.allclose(ours[metric], theirs[metric], atol=1e-4)
+
+
+def test_eval_report_keeps_pair_and_prompt_order_and_means_every_image(tmp_path, tiny):
+    from stages.eval import report_from_scored
+
+    config = make_config(tmp_path, tiny)
+    scored = pd.DataFrame({
+        "order": [1, 0], "reference": ["b.jpg", "a.jpg"], "subject": ["cat", "dog"], "prompt": ["p1", "p0"],
+        "dino": [[0.5, 0.7], [0.1]], "clip_i": [[0.0, 0.0], [0.3]], "clip_t": [[0.2, 0.2], [0.2]],
+        "generator": ['{"kind": "cafe"}'] * 2,
+    })
+    report = report_from_scored(scored, config.eval, 1.0)
+    assert [row["prompt"] for row in report["per_prompt"]] == ["p0", "p1"]
+    assert report["metrics"]["dino"] == pytest.approx((0.1 + 0.5 + 0.7) / 3)  # a mean over images, not rows
+    assert report["per_subject"][1] == {"reference": "b.jpg", "subject": "cat", "dino": 0.6, "clip_i": 0.0,
+                                        "clip_t": 0.2}
+    assert report["images"] == 3 and report["pairs"] == 2 and report["generator"] == {"kind": "cafe"}
 
 
 def test_eval_needs_pairs(tmp_path, tiny):

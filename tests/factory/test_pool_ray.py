@@ -1,0 +1,64 @@
+"""The pool built by the Ray Data job (shards -> parts -> CLIP actor pool -> index) holds the
+same embeddings as embedding the images directly."""
+
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from factory import layout
+from factory.config import ActorPool, StorageConfig
+from factory.images import decode_image
+from factory.pool import ImagePool, build_pool_from_shards
+from factory.shards import encode_shard
+from factory.storage import open_storage
+from tests.factory.conftest import make_samples
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from factory.tiny.clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def test_pool_built_on_ray_data_matches_direct_embedding(tmp_path, ray_local, tiny_clip):
+    from filters.clip import ClipScorer
+
+    config = StorageConfig(root=str(tmp_path / "root"))
+    storage = open_storage(config)
+    samples = make_samples(10)
+    samples[4] = replace(samples[4], target_image=b"not an image")
+    shard_keys = []
+    for number, group in enumerate([samples[:4], samples[4:7], samples[7:]]):
+        key = layout.shard("d", "v1", layout.shard_relative("v1", number))
+        storage.write_bytes(key, encode_shard(group))
+        shard_keys.append(key)
+
+    make_scorer = partial(ClipScorer, tiny_clip.model_name, tiny_clip.pretrained, model_config=tiny_clip.model_config)
+    summary = build_pool_from_shards(storage, config, "rp", shard_keys, make_scorer, ActorPool(concurrency=1),
+                                     batch_size=3)
+    assert summary == {"images": 9, "rejected": 1, "duplicates": 0}
+    assert [key for key in storage.list(layout.pool_dir("rp")) if "/part-" in key] == [
+        layout.pool_part("rp", n) for n in range(3)]
+
+    pool = ImagePool.load(storage, "rp")
+    good = [s for s in samples if s.target_image != b"not an image"]
+    assert pool.image_ids == sorted(s.key for s in good)
+    by_key = {s.key: s.target_image for s in good}
+    direct = make_scorer().embed_images([decode_image(by_key[key]) for key in pool.image_ids]).numpy()
+    assert np.allclose(pool.vectors(), direct, atol=1e-5)
+    assert pool.fetch(pool.image_ids[::-1]) == [by_key[key] for key in pool.image_ids[::-1]]

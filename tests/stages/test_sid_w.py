@@ -1,0 +1,95 @@
+"""SID's `w`: retrieved from a stored pool (nearest image by CLIP text-image cosine, bytes fetched
+by id), or drawn by Stable Diffusion on a Ray Data actor pool."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from factory.config import FactoryConfig
+from factory.context import RunContext
+from factory.images import decode_image
+from factory.pool import build_pool
+from tests.factory.conftest import jpeg
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from factory.tiny.clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def make_ctx(root: Path, tiny_clip=None, **sections) -> RunContext:
+    raw = {"run_id": "w", "storage": {"root": str(root)}, **sections}
+    if tiny_clip is not None:
+        raw["filter"] = {"clip_model": tiny_clip.model_name, "clip_pretrained": tiny_clip.pretrained,
+                         "clip_model_config": tiny_clip.model_config}
+    return RunContext(FactoryConfig.model_validate(raw))
+
+
+def jobs(count: int) -> pd.DataFrame:
+    texts = ["a dog on the beach", "a red car in the snow", "a cat wearing a hat", "a blue vase"]
+    return pd.DataFrame({"instruction": [texts[n % len(texts)] for n in range(count)], "seed": range(11, 11 + count)})
+
+
+def test_retrieved_w_is_the_nearest_pool_image(tmp_path, tiny_clip):
+    from stages.sid import attach_w, clip_scorer
+
+    ctx = make_ctx(tmp_path, tiny_clip, sid={"pool": "given"})
+    scorer = clip_scorer(ctx.config)
+    images = {f"img{n:02d}": jpeg(n, size=32) for n in range(9)}
+    build_pool(ctx.storage, "given", list(images.items()), scorer, part_size=4)
+
+    out = attach_w(ctx, jobs(4), parent="unused")
+    names = sorted(images)
+    vectors = scorer.embed_images([decode_image(images[name]) for name in names]).numpy()
+    queries = scorer.embed_texts(jobs(4)["instruction"].tolist()).numpy()
+    nearest = [names[i] for i in np.argmax(queries @ vectors.T, axis=1)]
+    assert out["w_id"].tolist() == [f"pool:{name}" for name in nearest]
+    assert out["w_image"].tolist() == [images[name] for name in nearest]
+
+
+def test_a_named_pool_that_is_missing_is_an_error(tmp_path, tiny_clip):
+    from stages.sid import attach_w
+
+    with pytest.raises(FileNotFoundError, match="no image pool"):
+        attach_w(make_ctx(tmp_path, tiny_clip, sid={"pool": "absent"}), jobs(1), parent="unused")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from factory.tiny.sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "sd")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield
+    ray.shutdown()
+
+
+def test_sd_w_is_drawn_on_an_actor_pool_with_each_jobs_seed(tmp_path, tiny_sd, ray_local):
+    from stages.sid import WDrawer, attach_w
+
+    ctx = make_ctx(tmp_path, sid={"w_source": "generate"},
+                   references={"sd_model": tiny_sd, "sd_steps": 2, "sd_size": 64})
+    planned = jobs(3)
+    planned.loc[2, ["instruction", "seed"]] = [planned.loc[0, "instruction"], planned.loc[0, "seed"]]
+    out = attach_w(ctx, planned.copy(), parent="unused")
+    assert out["w_id"].tolist() == ["sd:11", "sd:12", "sd:11"]
+    drawn = [np.asarray(decode_image(data)) for data in out["w_image"]]
+    assert all(image.shape == (64, 64, 3) for image in drawn)
+
+    direct = WDrawer(tiny_sd, 2, 64)(planned)  # the callable on its own, no Ray
+    for data, image in zip(direct["w_image"], drawn):
+        assert np.abs(np.asarray(decode_image(data)).astype(int) - image.astype(int)).max() <= 2
+    assert np.abs(drawn[0].astype(int) - drawn[2].astype(int)).max() <= 2  # same instruction and seed
+    assert np.abs(drawn[0].astype(int) - drawn[1].astype(int)).mean() > 1  # another instruction and seed
