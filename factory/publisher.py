@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -91,8 +92,9 @@ class RunSamples:
         return [str(unit) for unit in sorted(finished_units(storage, self.run_id, "dialogue"))]
 
     def rows(self, storage: Storage, part: str) -> pd.DataFrame:
+        """The unit's accepted rows; the index is each row's place in the unit's files."""
         rows = read_unit(storage, self.run_id, "dialogue", int(part))
-        rows = rows[rows["reject_reason"].isna()].reset_index(drop=True)
+        rows = rows[rows["reject_reason"].isna()]
         return rows[[column for column in ROW_COLUMNS if column in rows]]
 
     def sizes(self, part: str) -> pd.DataFrame:
@@ -107,7 +109,7 @@ class RunSamples:
         rows = self.rows(storage, part)
         if rows.empty:
             return []
-        rows = ImageJoin(storage, self.run_id).add(rows, ("input_image", "target_image"))
+        rows = ImageJoin(storage, self.run_id).add(rows, ("input_image", "target_image"), positions=list(rows.index))
         return [sample_from_row(row, self.dataset, self.version) for row in rows.to_dict("records")]
 
 
@@ -217,6 +219,7 @@ def write_version(storage: Storage, storage_config: StorageConfig, spec: Version
     or in this process (`"local"`: one part or one shard in memory, the rest spilled to disk)."""
     run = RayPasses() if executor == "ray" else LocalPasses()
     claim_version(storage, spec)
+    started = time.perf_counter()
     parts = source.parts()
     won, losers = first_of_each_key(accepted_keys(run.sizes(source, parts), parts))
     firsts = cut_points(won.column("bytes").to_numpy(), max_bytes, max_samples)
@@ -224,7 +227,8 @@ def write_version(storage: Storage, storage_config: StorageConfig, spec: Version
     if "written" in spec.funnel:
         spec.funnel["written"] = won.num_rows
     wanted = sorted(set(won.column("part").to_pylist()), key=parts.index)
-    log.info("publishing %d samples from %d parts into %d shards", won.num_rows, len(wanted), len(boundaries))
+    log.info("publishing %d samples from %d parts into %d shards (sizes read in %.1f s)", won.num_rows, len(wanted),
+             len(boundaries), time.perf_counter() - started)
     with tempfile.TemporaryDirectory() as scratch:
         index_path = Path(scratch) / "index.parquet"
         shards: dict[int, dict[str, Any]] = {}
@@ -238,6 +242,7 @@ def write_version(storage: Storage, storage_config: StorageConfig, spec: Version
                 index_writer.write_table(pa.Table.from_pandas(batch[list(index_schema().names)],
                                                               schema=index_schema(), preserve_index=False))
         entries = [shards[number] for number in sorted(shards)]
+        log.info("%d shards written in %.1f s since the start", len(entries), time.perf_counter() - started)
         return commit_version(storage, spec, entries, index_path)
 
 

@@ -78,8 +78,11 @@ def write_rejections(storage: Storage, set_name: str, rejections: list[dict]) ->
     write_table(storage, layout.reference_rejections(set_name), ordered, REJECTION_SCHEMA)
 
 
+IMAGE_ROW_GROUP = 16  # references per row group: a reader joining a few images reads a few groups
+
+
 def write_table(storage: Storage, key: str, rows: list[dict], schema: pa.Schema) -> None:
-    storage.write_parquet(key, pa.Table.from_pylist(rows, schema=schema))
+    storage.write_parquet(key, pa.Table.from_pylist(rows, schema=schema), row_group_size=IMAGE_ROW_GROUP)
 
 
 # --- reading -----------------------------------------------------------------------------

@@ -12,8 +12,10 @@ import json
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from factory import layout
 from factory.storage import Storage
@@ -21,7 +23,9 @@ from factory.storage import Storage
 UNIT_META = b"factory.unit"
 # image column -> the stage whose unit files hold it ("references": the reference set)
 IMAGE_HOMES = {"input_image": "references", "target_image": "generate"}
-SIZE_COLUMNS = {"input_image": "input_bytes", "target_image": "target_bytes"}
+# Rows per row group in a unit file that holds images: a reader that needs a few of them
+# (publish takes about one candidate in 14) reads only their groups.
+IMAGE_ROW_GROUP = 4
 
 
 # --- the plan ----------------------------------------------------------------------------
@@ -61,7 +65,9 @@ def write_unit(storage: Storage, run_id: str, stage: str, unit: int, rows: pd.Da
     table = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            UNIT_META: json.dumps(meta, sort_keys=True, default=str).encode()})
-    storage.write_parquet(layout.unit_file(run_id, stage, unit), table)
+    holds_images = any(column in table.column_names for column in IMAGE_HOMES)
+    storage.write_parquet(layout.unit_file(run_id, stage, unit), table,
+                          row_group_size=IMAGE_ROW_GROUP if holds_images else None)
 
 
 def read_unit(storage: Storage, run_id: str, stage: str, unit: int, columns: list[str] | None = None) -> pd.DataFrame:
@@ -84,37 +90,65 @@ def without_images(rows: pd.DataFrame, keep: tuple[str, ...] = ()) -> pd.DataFra
 
 
 class ImageJoin:
-    """Fetches image bytes by reference for the rows of one unit, keeping a few reference
-    parts in memory (rows of a unit share references: the plan groups them)."""
+    """Fetches image bytes by reference for the rows of one unit, reading only the row groups
+    that hold them (reference parts are sorted by id; unit files keep the plan's row order),
+    and keeping a few reference parts' fetched images in memory."""
 
-    def __init__(self, storage: Storage, run_id: str, cached_parts: int = 2):
+    def __init__(self, storage: Storage, run_id: str | None, cached_parts: int = 2):
         self.storage, self.run_id = storage, run_id
         self.cached_parts = cached_parts
         self._parts: OrderedDict[str, dict[str, bytes]] = OrderedDict()
 
-    def add(self, rows: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    def add(self, rows: pd.DataFrame, columns: tuple[str, ...], positions: list[int] | None = None) -> pd.DataFrame:
+        """`rows` with `columns` joined. `positions`: the rows' places in their unit files (all
+        stages keep the plan's order), so only their row groups are read; else keys are matched."""
         for column in columns:
             if column == "input_image":
-                rows[column] = [self.reference(part, reference_id)
-                                for part, reference_id in zip(rows["reference_part"], rows["reference_id"])]
+                rows[column] = self.references(rows)
             elif column == "target_image":
-                rows[column] = self.candidates(rows, IMAGE_HOMES[column], column)
+                rows[column] = self.candidates(rows, IMAGE_HOMES[column], column, positions)
             elif column not in rows:
                 raise KeyError(f"no stored home for image column {column!r}")
         return rows
 
-    def reference(self, part: str, reference_id: str) -> bytes | None:
-        if part not in self._parts:
-            table = self.storage.read_parquet(part, columns=["reference_id", "image"])
-            self._parts[part] = dict(zip(table.column("reference_id").to_pylist(), table.column("image").to_pylist()))
+    def references(self, rows: pd.DataFrame) -> list[bytes | None]:
+        found: dict[tuple[str, str], bytes] = {}
+        for part, group in rows.groupby("reference_part", sort=False):
+            images = self._part_images(part, set(group["reference_id"]))
+            found.update(((part, reference_id), images.get(reference_id)) for reference_id in group["reference_id"])
+        return [found.get(pair) for pair in zip(rows["reference_part"], rows["reference_id"])]
+
+    def _part_images(self, part: str, wanted: set[str]) -> dict[str, bytes]:
+        cached = self._parts.get(part, {})
+        missing = sorted(wanted - cached.keys())
+        if missing:
+            with self.storage.open(part) as handle:
+                table = pq.read_table(handle, columns=["reference_id", "image"],
+                                      filters=[("reference_id", "in", missing)])
+            fetched = zip(table.column("reference_id").to_pylist(), table.column("image").to_pylist())
+            cached = {**cached, **dict(fetched)}
+            self._parts[part] = cached
             while len(self._parts) > self.cached_parts:
                 self._parts.popitem(last=False)
         self._parts.move_to_end(part)
-        return self._parts[part].get(reference_id)
+        return cached
 
-    def candidates(self, rows: pd.DataFrame, stage: str, column: str) -> list[bytes | None]:
+    def candidates(self, rows: pd.DataFrame, stage: str, column: str,
+                   positions: list[int] | None) -> list[bytes | None]:
         found: dict[str, bytes | None] = {}
-        for unit in sorted(set(rows["unit"].astype(int))):
-            drawn = read_unit(self.storage, self.run_id, stage, unit, columns=["key", column])
-            found.update(zip(drawn["key"], drawn[column]))
+        places = rows.assign(_position=positions if positions is not None else -1)
+        for unit, group in places.groupby(places["unit"].astype(int)):
+            key = layout.unit_file(self.run_id, stage, int(unit))
+            with self.storage.open(key) as handle:
+                parquet = pq.ParquetFile(handle)
+                groups = row_groups_of(parquet, group["_position"].tolist()) if positions is not None else None
+                table = (parquet.read_row_groups(groups, columns=["key", column]) if groups is not None
+                         else parquet.read(columns=["key", column]))
+            found.update(zip(table.column("key").to_pylist(), table.column(column).to_pylist()))
         return [found.get(key) for key in rows["key"]]
+
+
+def row_groups_of(parquet: pq.ParquetFile, positions: list[int]) -> list[int]:
+    """The row groups of a Parquet file that hold the rows at `positions`."""
+    ends = np.cumsum([parquet.metadata.row_group(number).num_rows for number in range(parquet.num_row_groups)])
+    return sorted({int(number) for number in np.searchsorted(ends, positions, side="right")})

@@ -1,7 +1,8 @@
 """Two publishers of one version name: one wins, the other fails clearly, nothing is mixed.
 
-Runs `a` and `b` hold the same accepted candidates except that every user text of `b` ends
-in " (b)", so each sample in the version tells which run wrote it.
+Runs `a` and `b` are whole copies of one finished run (plan and every stage's unit files)
+except that every user text of `b` ends in " (b)", so each sample in the version tells which
+run wrote it.
 """
 
 from __future__ import annotations
@@ -20,14 +21,22 @@ LOSER_MESSAGES = ("being published by another run", "published by another run fi
 
 
 def race_root(publish_inputs: Path, dest: Path) -> Path:
+    """Runs `a` and `b`: whole copies of the reference run (plan and every stage's unit files,
+    each keeping its footer), b's dialogue texts marked; both share the reference set."""
     source, target = LocalStorage(publish_inputs), LocalStorage(dest)
-    for key in source.list("runs/demo/dialogue"):
+    for key in source.list("references"):
+        target.write_bytes(key, source.read_bytes(key))
+    for key in source.list("runs/demo"):
+        relative = key.removeprefix("runs/demo/")
+        target.write_bytes(f"runs/a/{relative}", source.read_bytes(key))
+        if not relative.startswith("dialogue/"):
+            target.write_bytes(f"runs/b/{relative}", source.read_bytes(key))
+            continue
         table = source.read_parquet(key)
-        name = key.rsplit("/", 1)[1]
-        target.write_parquet(f"runs/a/dialogue/{name}", table)
         rows = table.to_pandas()
         rows["user"] = rows["user"].map(lambda text: None if text is None else f"{text} (b)")
-        target.write_parquet(f"runs/b/dialogue/{name}", pa.Table.from_pandas(rows, preserve_index=False))
+        marked = pa.Table.from_pandas(rows, preserve_index=False).replace_schema_metadata(table.schema.metadata)
+        target.write_parquet(f"runs/b/{relative}", marked)
     return dest
 
 

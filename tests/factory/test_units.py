@@ -1,0 +1,85 @@
+"""A run's files: the plan read one unit at a time, images joined by reading only their row groups."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from factory import layout
+from factory.storage import LocalStorage
+from factory.units import ImageJoin, read_plan_unit, row_groups_of, write_plan, write_unit
+
+
+class CountingStorage(LocalStorage):
+    """Counts the bytes read through `open` (what Parquet readers use)."""
+
+    read = 0
+
+    def open(self, key):
+        data = super().open(key).read()
+        outer = self
+
+        class Counted(io.BytesIO):
+            def read(self, size=-1):
+                out = super().read(size)
+                outer.read += len(out)
+                return out
+
+            def readinto(self, buffer):
+                count = super().readinto(buffer)
+                outer.read += count
+                return count
+
+        return Counted(data)
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return CountingStorage(tmp_path / "root")
+
+
+def test_the_plan_is_read_one_unit_at_a_time(storage):
+    plan = pd.DataFrame({"key": [f"k{n:03d}" for n in range(40)], "unit": [n // 8 for n in range(40)],
+                         "note": [os.urandom(20000) for _ in range(40)]})
+    write_plan(storage, "r", pa.Table.from_pandas(plan, preserve_index=False), 8)
+    whole = storage.size(layout.plan("r"))
+    storage.read = 0
+    unit = read_plan_unit(storage, "r", 3)
+    assert unit["key"].tolist() == [f"k{n:03d}" for n in range(24, 32)]
+    assert storage.read < whole / 3, "reading one unit must not read the whole plan"
+
+
+def test_images_are_joined_from_their_homes_reading_only_the_groups_that_hold_them(storage):
+    part = layout.reference_part("s", 0)
+    references = pa.table({"reference_id": [f"ref{n:03d}" for n in range(64)],
+                           "image": [os.urandom(20000) for _ in range(64)]})
+    storage.write_parquet(part, references, row_group_size=4)
+    drawn = pd.DataFrame({"key": [f"k{n:03d}" for n in range(32)], "unit": 0,
+                          "target_image": [os.urandom(20000) for _ in range(32)]})
+    write_unit(storage, "r", "generate", 0, drawn, {"stage": "generate"})
+    wanted = pd.DataFrame({"key": ["k005", "k030"], "unit": [0, 0], "reference_part": part,
+                           "reference_id": ["ref002", "ref060"]}, index=[5, 30])
+    storage.read = 0
+    joined = ImageJoin(storage, "r").add(wanted.copy(), ("input_image", "target_image"), positions=[5, 30])
+    assert storage.read < 0.3 * (storage.size(part) + storage.size(layout.unit_file("r", "generate", 0)))
+    by_key = ImageJoin(storage, "r").add(wanted.copy(), ("input_image", "target_image"))
+    assert joined["target_image"].tolist() == by_key["target_image"].tolist() == drawn["target_image"][[5, 30]].tolist()
+    references = references.to_pandas().set_index("reference_id")["image"]
+    assert joined["input_image"].tolist() == [references["ref002"], references["ref060"]]
+
+
+def test_row_groups_of_maps_positions_to_groups():
+    class Meta:
+        def __init__(self, sizes):
+            self.sizes = sizes
+            self.num_row_groups = len(sizes)
+            self.metadata = self
+
+        def row_group(self, number):
+            return type("Group", (), {"num_rows": self.sizes[number]})
+
+    assert row_groups_of(Meta([4, 4, 4, 2]), [0, 3, 4, 13]) == [0, 1, 3]
