@@ -25,9 +25,9 @@ from factory.manifest import (
     VersionSpec,
     latest_version,
     load_manifest,
+    read_index,
     release_stale_lock,
     union_versions,
-    version_dir,
     version_exists,
 )
 
@@ -76,7 +76,7 @@ def is_demo(config: FactoryConfig) -> bool:
 
 
 def parent_rows(ctx: RunContext, parent: str) -> pd.DataFrame:
-    return ctx.storage.read_parquet(f"{version_dir(ctx.config.dataset, parent)}/index.parquet").to_pandas()
+    return read_index(ctx.storage, ctx.config.dataset, parent, columns=["key", "category"]).to_pandas()
 
 
 def instruction_weights(instructions: pd.DataFrame, parent_index: pd.DataFrame, power: float) -> np.ndarray:
