@@ -174,7 +174,7 @@ def config_for(root: Path, size: int, unit_size: int):
 
     return load_config(None, [
         f"storage.root={root}", f"run_id=scale{size}", f"plan.total_jobs={size}", f"plan.unit_size={unit_size}",
-        "references.set=scale", "publish.shard_max_bytes=67108864",
+        "references.set=scale", "publish.shard_max_bytes=67108864", "publish.shard_max_samples=10000",
         *[f"{stage}.{key}" for stage in ("generate", "filter", "dialogue")
           for key in ("concurrency=2", "num_cpus=1", "num_gpus=0")],
     ])

@@ -23,6 +23,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,6 +83,7 @@ class SampleSource(Protocol):
 class RunSamples:
     """A run's accepted candidates: dialogue rows joined with their images by reference."""
 
+    sizes_are_metadata = True  # sizes come from the dialogue rows alone, no image is read
     storage_config: StorageConfig
     run_id: str
     dataset: str
@@ -247,15 +249,19 @@ def write_version(storage: Storage, storage_config: StorageConfig, spec: Version
 
 
 class RayPasses:
-    """The size and shard passes as Ray Data jobs; Ray's shuffle groups samples by shard."""
+    """The shard pass as a Ray Data job (Ray's shuffle groups samples by shard). The size pass
+    reads small metadata when the source says so (a run's dialogue rows): threads in the driver
+    then, which costs less than scheduling a task per unit; else (parent shards) Ray tasks."""
 
     def sizes(self, source: SampleSource, parts: list[str]) -> Iterator[pd.DataFrame]:
         import ray
 
         if not parts:
             return iter(())
-        items = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=min(len(parts), 200))
-        mapped = items.map_batches(part_sizes, fn_args=(source,), batch_size=1, batch_format="pandas")
+        if getattr(source, "sizes_are_metadata", False):
+            return LocalPasses().sizes(source, parts)
+        items = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=blocks_for(parts))
+        mapped = items.map_batches(part_sizes, fn_args=(source,), batch_size=None, batch_format="pandas")
         return mapped.iter_batches(batch_format="pandas", batch_size=65536)
 
     def shards(self, source: SampleSource, parts: list[str], boundaries: list[str], losers: set[tuple[str, str]],
@@ -264,20 +270,31 @@ class RayPasses:
 
         if not parts:
             return iter(())
-        items = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=len(parts))
-        tagged = items.map_batches(part_samples, fn_args=(source, boundaries, losers), batch_size=1,
+        items = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=blocks_for(parts))
+        tagged = items.map_batches(part_samples, fn_args=(source, boundaries, losers), batch_size=None,
                                    batch_format="pandas")
         written = tagged.groupby("shard", num_partitions=len(boundaries)).map_groups(
             write_shard, fn_args=shard_args, batch_format="pandas")
         return written.iter_batches(batch_format="pandas", batch_size=4096)
 
 
+def blocks_for(parts: list[str], per_cpu: int = 4, most_parts_per_block: int = 64) -> int:
+    """Enough blocks to keep every CPU busy a few times over, few enough that per-task
+    overhead stays small, and never more than `most_parts_per_block` parts (units) per task."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    wanted = max(per_cpu * cpus, -(-len(parts) // most_parts_per_block))
+    return max(1, min(len(parts), wanted))
+
+
 class LocalPasses:
     """The same passes in this process, for small runs and tests: samples are spilled to one
     local folder per shard, then each shard is written from its folder."""
 
-    def sizes(self, source: SampleSource, parts: list[str]) -> Iterator[pd.DataFrame]:
-        return (part_sizes(pd.DataFrame({"part": [part]}), source) for part in parts)
+    def sizes(self, source: SampleSource, parts: list[str], threads: int = 16) -> Iterator[pd.DataFrame]:
+        with ThreadPoolExecutor(threads) as pool:  # reads are I/O: small files, or S3 round trips
+            yield from pool.map(lambda part: part_sizes(pd.DataFrame({"part": [part]}), source), parts)
 
     def shards(self, source: SampleSource, parts: list[str], boundaries: list[str], losers: set[tuple[str, str]],
                shard_args: tuple, scratch: Path) -> Iterator[pd.DataFrame]:
