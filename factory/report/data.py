@@ -49,7 +49,8 @@ def load_version_data(storage: Storage, dataset: str, version: str) -> VersionDa
 
 
 def summarise_index(storage: Storage, dataset: str, version: str) -> IndexSummary:
-    """Running counts over the index, read one row group at a time and only the columns the report uses."""
+    """Running counts over the index, read in batches of INDEX_BATCH_ROWS (pyarrow reads row group by row group)
+    and only the columns the report uses."""
     summary = IndexSummary(version)
     with storage.open(layout.index(dataset, version)) as handle:
         parquet = pq.ParquetFile(handle)

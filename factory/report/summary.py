@@ -1,9 +1,9 @@
-"""Fixed-size summaries of a run's candidates and a version's index, built one unit file (or row group) at a time.
+"""Fixed-size summaries of a run's candidates and a version's index, built one unit file (or index batch) at a time.
 
 The report never holds every candidate or every index row: each unit file is summarised on its own
 (score histograms on fixed bins, per-alpha tallies, the NEAR_SIZE nearest threshold misses) and the
 summaries are merged, so `merge(summary(a), summary(b)) == summary(a + b)` and memory is one unit file.
-The index is read by row group into running counts (scores, rounds, alphas, each shard's first key
+The index is read in batches of rows into running counts (scores, rounds, alphas, each shard's first key
 in the gallery's order).
 """
 
