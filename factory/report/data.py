@@ -1,4 +1,4 @@
-"""What the report reads: the manifest, the index, the run's candidates (when kept) and the ancestry."""
+"""What the report reads: the manifest, summaries of the index and of the run's candidates (when kept), the ancestry."""
 
 from __future__ import annotations
 
@@ -13,22 +13,23 @@ import pyarrow.parquet as pq
 
 from factory import layout
 from factory.manifest import VersionError, load_manifest
+from factory.report.summary import INDEX_COLUMNS, CandidateSummary, IndexSummary
 from factory.storage import Storage
 
 log = logging.getLogger(__name__)
 
-SCORES = {"clip_t": "CLIP-T (x~ vs instruction)", "dino": "DINO (x~ vs x)"}
 CANDIDATE_COLUMNS = ("key", "unit", "alpha", "clip_t", "dino", "reject_stage", "reject_reason")
 ANCESTRY_DEPTH = 8
+INDEX_BATCH_ROWS = 65536
 
 
 @dataclass
 class VersionData:
-    """What the report reads: the manifest, the index, and (when kept) the run's candidates."""
+    """What the report reads: the manifest, index and (when kept) candidate summaries, and the ancestry."""
 
     manifest: dict[str, Any]
-    index: pd.DataFrame
-    candidates: pd.DataFrame | None  # scores and verdicts of every candidate; None when unavailable
+    index: IndexSummary
+    candidates: CandidateSummary | None  # every candidate's scores and verdicts, summarised; None when unavailable
     candidates_note: str
     ancestry: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
 
@@ -42,9 +43,21 @@ def default_out_dir(dataset: str, version: str) -> Path:
 
 def load_version_data(storage: Storage, dataset: str, version: str) -> VersionData:
     manifest = load_manifest(storage, dataset, version)
-    index = storage.read_parquet(layout.index(dataset, version)).to_pandas()
-    candidates, note = load_candidates(storage, manifest)
+    index = summarise_index(storage, dataset, version)
+    candidates, note = summarise_candidates(storage, manifest)
     return VersionData(manifest, index, candidates, note, ancestry(storage, manifest))
+
+
+def summarise_index(storage: Storage, dataset: str, version: str) -> IndexSummary:
+    """Running counts over the index, read in batches of INDEX_BATCH_ROWS (pyarrow reads row group by row group)
+    and only the columns the report uses."""
+    summary = IndexSummary(version)
+    with storage.open(layout.index(dataset, version)) as handle:
+        parquet = pq.ParquetFile(handle)
+        columns = [name for name in INDEX_COLUMNS if name in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(batch_size=INDEX_BATCH_ROWS, columns=columns):
+            summary.add_batch(batch)
+    return summary
 
 
 def candidate_files(storage: Storage, run_id: str) -> list[str]:
@@ -60,7 +73,8 @@ def read_columns(storage: Storage, key: str, columns: tuple[str, ...], keys: lis
     return pq.read_table(pa.BufferReader(data), columns=present, filters=filters).to_pandas()
 
 
-def load_candidates(storage: Storage, manifest: dict[str, Any]) -> tuple[pd.DataFrame | None, str]:
+def summarise_candidates(storage: Storage, manifest: dict[str, Any]) -> tuple[CandidateSummary | None, str]:
+    """The run's candidates summarised one unit file at a time: memory is one unit file's rows."""
     run_id = manifest.get("run_id")
     if not run_id:
         return None, f"a {manifest['kind']} version names no run, so its rejected candidates are not at hand"
@@ -68,17 +82,13 @@ def load_candidates(storage: Storage, manifest: dict[str, Any]) -> tuple[pd.Data
     if not files:
         where = layout.stage_dir(run_id, "dialogue")
         return None, f"no candidate rows under {where} (the run's files were deleted or moved)"
-    frames = []
+    thresholds = {name: float(value) for name, value in (manifest.get("thresholds") or {}).items()}
+    summary = CandidateSummary()
     for number, key in enumerate(files, 1):
-        frame = read_columns(storage, key, CANDIDATE_COLUMNS)
-        frames.append(frame.assign(unit_file=key))
+        summary.add(CandidateSummary.of_rows(read_columns(storage, key, CANDIDATE_COLUMNS), thresholds, key))
         if number % 100 == 0:
             log.info("report: read %d of %d unit files of run %s", number, len(files), run_id)
-    candidates = pd.concat(frames, ignore_index=True)
-    for name in ("reject_stage", "reject_reason"):
-        if name not in candidates:
-            candidates[name] = None
-    return candidates, f"{len(candidates)} candidates from {len(files)} unit files of run {run_id}"
+    return summary, f"{summary.rows} candidates from {len(files)} unit files of run {run_id}"
 
 
 def ancestry(storage: Storage, manifest: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:

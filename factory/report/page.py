@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from factory.report.data import SCORES, VersionData, default_out_dir, load_version_data, text
+from factory.report.data import VersionData, default_out_dir, load_version_data, text
 from factory.report.gallery import Card, accepted_cards, near_threshold_cards
-from factory.report.plots import cost_rows, finite, funnel_steps, render_plots, value_counts
+from factory.report.plots import cost_rows, funnel_steps, render_plots
+from factory.report.summary import SCORES, CandidateSummary
 from factory.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -129,8 +129,7 @@ def lineage_section(data: VersionData, plots: dict[str, bytes]) -> str:
     rows = [["  " * (depth - 1) + ("└ " if depth > 1 else "") + str(entry["version"]),
              "missing" if entry.get("missing") else entry.get("kind"),
              entry.get("samples"), entry.get("round"), entry.get("created")] for depth, entry in data.ancestry]
-    rounds = value_counts(data.index["round"]) if "round" in data.index else []
-    alphas = value_counts(data.index["alpha"]) if "alpha" in data.index else []
+    rounds, alphas = data.index.counts("round"), data.index.counts("alpha")
     facts = [["kind", m["kind"]], ["round", m.get("round", "—")],
              ["samples by round", ", ".join(f"{r}: {n}" for r, n in rounds) or "—"],
              ["samples by alpha", ", ".join(f"{a}: {n}" for a, n in alphas) or "— (no alpha: not SID)"]]
@@ -143,21 +142,12 @@ def lineage_section(data: VersionData, plots: dict[str, bytes]) -> str:
             + plot_img(plots, "lineage", "samples by alpha and round"))
 
 
-def alpha_rows(candidates: pd.DataFrame | None) -> list[list[Any]]:
+def alpha_rows(candidates: CandidateSummary | None) -> list[list[Any]]:
     """Per SID alpha: candidates, accepted, acceptance rate and mean scores (alpha trades w against x)."""
-    if candidates is None or "alpha" not in candidates or candidates["alpha"].isna().all():
+    if candidates is None:
         return []
-    rows = []
-    for alpha, group in candidates.dropna(subset=["alpha"]).groupby("alpha"):
-        accepted = int(group["reject_reason"].isna().sum())
-        means = [mean_or_none(group[name]) if name in group else None for name in SCORES]
-        rows.append([f"{alpha:g}", len(group), accepted, percent(accepted, len(group)), *means])
-    return rows
-
-
-def mean_or_none(values: pd.Series) -> float | None:
-    kept = finite(values)
-    return float(kept.mean()) if kept.size else None
+    return [[f"{alpha:g}", tally.candidates, tally.accepted, percent(tally.accepted, tally.candidates),
+             *(tally.mean(name) for name in SCORES)] for alpha, tally in sorted(candidates.alphas.items())]
 
 
 def score_badges(scores: dict[str, float], thresholds: dict[str, Any]) -> str:
@@ -186,7 +176,7 @@ def card_html(card: Card, thresholds: dict[str, Any]) -> str:
 
 def gallery_section(data: VersionData, accepted: list[Card], rejected: list[Card]) -> str:
     thresholds = data.manifest.get("thresholds") or {}
-    left = (f"<h3>Accepted: {len(accepted)} sampled of {len(data.index)}</h3>"
+    left = (f"<h3>Accepted: {len(accepted)} sampled of {data.index.rows}</h3>"
             + "".join(card_html(card, thresholds) for card in accepted))
     if data.candidates is None:
         right = (f"<h3>Rejected near the thresholds</h3><p>Not available: {esc(data.candidates_note)}. "
@@ -238,6 +228,6 @@ def write_report(storage: Storage, dataset: str, version: str, out_dir: str | Pa
     path = out / "report.html"
     path.write_text(render_html(data, plots, accepted, rejected), encoding="utf-8")
     log.info("report %s/%s: %d samples, %s, %d plots, %d+%d gallery cards, %.1f s", dataset, version,
-             len(data.index), data.candidates_note, len(plots), len(accepted), len(rejected),
+             data.index.rows, data.candidates_note, len(plots), len(accepted), len(rejected),
              time.perf_counter() - started)
     return path

@@ -6,9 +6,9 @@ import io
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from factory.report.data import SCORES, VersionData
+from factory.report.data import VersionData
+from factory.report.summary import SCORE_BINS, SCORE_RANGE, SCORES, IndexSummary, empty_counts
 
 FUNNEL_STEPS = (
     ("planned", "planned"),
@@ -18,6 +18,7 @@ FUNNEL_STEPS = (
     ("dialogue_accepted", "dialogue accepted"),
     ("written", "written"),
 )
+DISPLAY_BARS = 30  # bars per score histogram, over the range the scores occupy
 
 
 def new_figure(width: float, height: float):
@@ -66,31 +67,37 @@ def funnel_plot(funnel: dict[str, Any]) -> bytes | None:
     return png_bytes(figure)
 
 
-def finite(values) -> np.ndarray:
-    array = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=float)
-    return array[np.isfinite(array)]
-
-
 def score_groups(data: VersionData, name: str) -> list[tuple[str, np.ndarray, str]]:
-    """(label, values, colour) per group: accepted vs rejected when the run's rows are at hand."""
-    if data.candidates is not None and name in data.candidates:
-        alive = data.candidates["reject_reason"].isna()
-        return [("accepted", finite(data.candidates.loc[alive, name]), "#55a868"),
-                ("rejected", finite(data.candidates.loc[~alive, name]), "#c44e52")]
-    return [("published", finite(data.index[name]), "#55a868")]
+    """(label, counts on the fixed bins, colour) per group: accepted vs rejected when the run's rows are at hand."""
+    if data.candidates is not None and name in data.candidates.histograms:
+        colours = {"accepted": "#55a868", "rejected": "#c44e52"}
+        return [(group, counts, colours[group]) for group, counts in data.candidates.score_groups(name)]
+    return [("published", data.index.histograms.get(name, empty_counts()), "#55a868")]
+
+
+def display_edges(counts: np.ndarray, bars: int = DISPLAY_BARS) -> np.ndarray | None:
+    """About `bars` equal bins over the occupied fixed bins (whole fixed bins each); None when all are empty."""
+    occupied = np.flatnonzero(counts)
+    if not occupied.size:
+        return None
+    first, last = int(occupied[0]), int(occupied[-1]) + 1
+    width = -(-(last - first) // bars)  # fixed bins per bar
+    fixed = np.linspace(*SCORE_RANGE, SCORE_BINS + 1)
+    return fixed[np.minimum(np.arange(first, last + width, width), SCORE_BINS)]
 
 
 def score_plot(data: VersionData) -> bytes | None:
     thresholds = data.manifest.get("thresholds") or {}
     figure = new_figure(11, 3.4)
     drew = False
+    centres = np.linspace(*SCORE_RANGE, SCORE_BINS + 1)[:-1] + (SCORE_RANGE[1] - SCORE_RANGE[0]) / SCORE_BINS / 2
     for axis, (name, title) in zip(figure.subplots(1, len(SCORES)), SCORES.items()):
         groups = score_groups(data, name)
-        everything = np.concatenate([values for _, values, _ in groups])
-        if everything.size:
-            edges = np.histogram_bin_edges(everything, bins=30)
-            for label, values, colour in groups:
-                axis.hist(values, bins=edges, alpha=0.6, color=colour, label=f"{label} ({values.size})")
+        edges = display_edges(sum(counts for _, counts, _ in groups))
+        if edges is not None:
+            for label, counts, colour in groups:
+                axis.hist(centres, bins=edges, weights=counts, alpha=0.6, color=colour,
+                          label=f"{label} ({int(counts.sum())})")
             drew = True
         if name in thresholds:
             axis.axvline(float(thresholds[name]), color="black", linestyle="--",
@@ -130,14 +137,8 @@ def cost_plot(rows: list[dict[str, Any]]) -> bytes | None:
     return png_bytes(figure)
 
 
-def value_counts(values: pd.Series) -> list[tuple[str, int]]:
-    counts = values.dropna().value_counts().sort_index()
-    return [(f"{value:g}" if isinstance(value, float) else str(value), int(n)) for value, n in counts.items()]
-
-
-def lineage_plot(index: pd.DataFrame) -> bytes | None:
-    alphas = value_counts(index["alpha"]) if "alpha" in index else []
-    rounds = value_counts(index["round"]) if "round" in index else []
+def lineage_plot(index: IndexSummary) -> bytes | None:
+    alphas, rounds = index.counts("alpha"), index.counts("round")
     panels = [(title, counts) for title, counts in (("alpha (SID)", alphas), ("round", rounds)) if counts]
     if not alphas and len(rounds) <= 1:
         return None

@@ -87,12 +87,16 @@ def run_rows(accepted: list) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build_root(storage: Storage) -> Storage:
-    """v0 (bootstrap), v1 (SID round 1 of v0, with its run's rows) and u1 = v0 + v1."""
+def build_root(storage: Storage, units: int | None = None) -> Storage:
+    """v0 (bootstrap), v1 (SID round 1 of v0, with its run's rows) and u1 = v0 + v1.
+
+    `units` spreads the same run rows over that many unit files (default: two)."""
     publish_version(storage, VersionSpec(dataset="demo", version="v0", kind="bootstrap", thresholds=THRESHOLDS,
                                          funnel={"planned": 5, "written": 5}), make_samples(5))
     accepted = sid_samples()
     rows = run_rows(accepted)
+    if units is not None:
+        rows["unit"] = np.arange(len(rows)) % units
     # as a run stores them: x in the reference set, x~ in generate's unit files, the rest in dialogue's
     part = layout.reference_part("r", 0)
     rows = rows.assign(reference_part=part, reference_id=rows["key"])
@@ -237,6 +241,131 @@ def test_cli_writes_the_report(factory_root, tmp_path, capsys, monkeypatch):
     assert main(root + ["report", "v0"]) == 0
     assert (tmp_path / "reports" / "demo" / "v0" / "report.html").is_file()
     assert main(root + ["report", "nope"]) == 2
+
+
+def comparable(page: str) -> str:
+    """The page without what differs between two builds of the same rows: times and the unit-file count."""
+    page = re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00", "TIME", page)
+    return re.sub(r"candidates from \d+ unit files", "candidates from N unit files", page)
+
+
+def test_a_run_grown_to_many_unit_files_gives_the_same_figures(report, tmp_path):
+    path, page = report
+    rows = len(run_rows(sid_samples()))
+    grown = build_root(LocalStorage(tmp_path / "root"), units=rows)  # one candidate per unit file
+    assert len(grown.list("runs/run1/dialogue")) == rows
+    grown_path = write_report(grown, "demo", "v1", tmp_path / "grown")
+    grown_page = grown_path.read_text(encoding="utf-8")
+    assert f"{rows} candidates from {rows} unit files" in grown_page
+    assert f"{rows} candidates from 2 unit files" in page
+    for name in ("funnel", "scores", "cost", "lineage"):
+        assert (grown_path.parent / f"{name}.png").read_bytes() == (path.parent / f"{name}.png").read_bytes(), name
+    assert card_keys(grown_page, "rejected") == card_keys(page, "rejected")
+    assert comparable(grown_page) == comparable(page)
+
+
+def random_run(units: int, rows: int, seed: int = 7) -> pd.DataFrame:
+    """Candidate rows with scores anywhere in [-1, 1] (and a few outside or missing), over `units` files."""
+    rng = np.random.default_rng(seed)
+    stages = [None, "filter", "filter", "generate", "dialogue"]
+    reasons = {None: None, "generate": "corrupt_image", "dialogue": "dialogue_invalid_json"}
+    frame = pd.DataFrame({"key": [f"k{n:05d}" for n in range(rows)], "unit": rng.integers(0, units, rows),
+                          "alpha": rng.choice([0.25, 0.5, np.nan], rows),
+                          "clip_t": rng.uniform(-1.05, 1.05, rows), "dino": rng.uniform(-1, 1, rows)})
+    frame.loc[rng.random(rows) < 0.05, "dino"] = np.nan
+    drawn = [stages[n] for n in rng.integers(0, len(stages), rows)]
+    frame["reject_stage"] = drawn
+    frame["reject_reason"] = [("clip_t_below_threshold" if clip < THRESHOLDS["clip_t"] else "dino_below_threshold")
+                              if stage == "filter" else reasons[stage] for stage, clip in zip(drawn, frame["clip_t"])]
+    frame["unit_file"] = [layout.unit_file("run", "dialogue", int(unit)) for unit in frame["unit"]]
+    return frame
+
+
+def test_candidate_summaries_merged_per_unit_equal_the_summary_of_every_row():
+    from factory.report.summary import SCORE_BINS, SCORE_RANGE, CandidateSummary, merge, threshold_miss
+
+    rows = random_run(units=23, rows=3000)
+    per_unit = [CandidateSummary.of_rows(group.drop(columns="unit_file"), THRESHOLDS, unit_file)
+                for unit_file, group in rows.groupby("unit_file")]
+    merged = merge(reversed(per_unit))  # the order units are read in does not matter
+    at_once = CandidateSummary.of_rows(rows, THRESHOLDS, files=len(per_unit))
+    assert (merged.rows, merged.files) == (at_once.rows, at_once.files) == (len(rows), 23)
+    alive = rows["reject_reason"].isna()
+    for name in ("clip_t", "dino"):
+        for group, chosen in (("accepted", alive), ("rejected", ~alive)):
+            values = rows.loc[chosen, name].dropna().clip(*SCORE_RANGE)
+            expected = np.histogram(values, bins=SCORE_BINS, range=SCORE_RANGE)[0]
+            assert np.array_equal(merged.histograms[name][group], expected), (name, group)
+            assert np.array_equal(at_once.histograms[name][group], expected), (name, group)
+    oracle = rows.dropna(subset=["alpha"]).groupby("alpha")
+    assert sorted(merged.alphas) == sorted(oracle.groups) == [0.25, 0.5]
+    for alpha, group in oracle:
+        tally = merged.alphas[alpha]
+        assert (tally.candidates, tally.accepted) == (len(group), int(group["reject_reason"].isna().sum()))
+        for name in ("clip_t", "dino"):
+            assert tally.mean(name) == pytest.approx(group[name].mean())
+    # the old all-rows computation of the near-threshold gallery, as the oracle
+    rejected = rows[rows["reject_reason"].isin(["clip_t_below_threshold", "dino_below_threshold"])].copy()
+    rejected["miss"] = threshold_miss(rejected, THRESHOLDS)
+    nearest = rejected[rejected["miss"].notna()].sort_values(["miss", "key"]).head(NEAR_SIZE)
+    expected = list(zip(nearest["miss"], nearest["key"], nearest["unit_file"]))
+    assert merged.nearest == at_once.nearest == expected and len(expected) == NEAR_SIZE
+
+
+def test_candidates_are_read_one_unit_file_at_a_time(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from factory.manifest import load_manifest
+    from factory.report import data
+
+    storage = build_root(LocalStorage(tmp_path / "root"), units=7)
+    read, alive_at_read = [], []
+    original = data.read_columns
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        alive_at_read.append(sum(ref() is not None for ref in read))
+        frame = original(*args, **kwargs)
+        read.append(weakref.ref(frame))
+        return frame
+
+    monkeypatch.setattr(data, "read_columns", counting)
+    summary, note = data.summarise_candidates(storage, load_manifest(storage, "demo", "v1"))
+    unit_rows = [len(storage.read_parquet(key)) for key in data.candidate_files(storage, "run1")]
+    assert len(read) == len(unit_rows) == 7 and summary.rows == sum(unit_rows)
+    assert alive_at_read == [0] * 7, "a unit file's rows were still held when the next one was read"
+    gc.collect()
+    assert all(ref() is None for ref in read)  # the summary keeps no rows
+
+
+def test_the_index_is_read_in_bounded_batches_of_the_columns_the_report_uses(factory_root, monkeypatch):
+    from factory.report import data
+    from factory.report.summary import INDEX_COLUMNS, IndexSummary
+
+    batches = []
+    original = IndexSummary.add_batch
+
+    def counting(self, batch):
+        batches.append((batch.num_rows, tuple(batch.schema.names)))
+        original(self, batch)
+
+    monkeypatch.setattr(data, "INDEX_BATCH_ROWS", 3)
+    monkeypatch.setattr(IndexSummary, "add_batch", counting)
+    streamed = data.summarise_index(factory_root, "demo", "v1")
+    index = factory_root.read_parquet("datasets/demo/v1/index.parquet")
+    assert len(batches) == -(-index.num_rows // 3) and max(rows for rows, _ in batches) == 3
+    assert all(set(names) <= set(INDEX_COLUMNS) and "instruction" not in names for _, names in batches)
+    batches.clear()
+    whole = IndexSummary("v1")
+    whole.add_batch(index)
+    assert (streamed.rows, streamed.rounds, streamed.alphas, streamed.shard_first) == \
+        (whole.rows, whole.rounds, whole.alphas, whole.shard_first)
+    assert all(np.array_equal(streamed.histograms[name], whole.histograms[name]) for name in ("clip_t", "dino"))
+    frame = index.to_pandas()
+    alphas = frame["alpha"].value_counts().sort_index()
+    assert streamed.counts("alpha") == [(f"{alpha:g}", int(n)) for alpha, n in alphas.items()]
+    assert set(streamed.shard_first) == set(frame["shard"])
 
 
 # --- headless Chromium over the DevTools pipe (no Playwright, no websocket) ------------
