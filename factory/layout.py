@@ -169,3 +169,20 @@ def is_checkpoint_latest(key: str) -> bool:
 def checkpoint_data_log(model: str, run_id: str, epoch: int, rank: int, first_batch: int) -> str:
     """The sample keys one rank trained on in one epoch, from `first_batch` on (`train.log_sample_keys`)."""
     return f"{checkpoint_run(model, run_id)}/data/epoch-{epoch:04d}-rank-{rank:04d}-from-{first_batch:06d}.json"
+
+
+# --- SID's drawn w images (a round's Stable Diffusion drawings, stored once) ------------
+
+
+def run_w_dir(run_id: str) -> str:
+    """A run's SD-drawn `w` images, laid out like a pool's parts and ids (no index)."""
+    return f"{run_dir(run_id)}/w"
+
+
+def run_w_part(run_id: str, index: int) -> str:
+    return f"{run_w_dir(run_id)}/part-{index:05d}.parquet"
+
+
+def run_w_ids(run_id: str) -> str:
+    """The drawn images' ids with the part and row holding each; written last."""
+    return f"{run_w_dir(run_id)}/ids.parquet"

@@ -11,6 +11,9 @@ the asked-for images and nothing else. Up to EXACT_LIMIT images the index is exa
 (cosine on normalised vectors); beyond that it is HNSW, which needs no training and answers in
 about log(N).
 
+`store_images` / `fetch_images` are the same parts and ids without an index, for images stored
+once and fetched by id elsewhere (SID's SD-drawn `w`, joined by `factory.units.ImageJoin`).
+
 Building: `build_pool` embeds an iterable of (image_id, bytes) in one process (tests, small
 pools); `build_pool_from_shards` is the Ray Data job that reads a version's shards, one task per
 shard writing that shard's part, and embeds them on an actor pool of CLIP models. Both use the
@@ -23,6 +26,7 @@ import io
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -152,11 +156,20 @@ class ImagePool:
         missing = sorted(set(wanted) - set(where.index))
         if missing:
             raise KeyError(f"pool {self.name} has no image {missing[0]!r} ({len(missing)} unknown ids)")
-        located = where.loc[sorted(set(wanted))]
-        found: dict[str, bytes] = {}
-        for part, rows in located.groupby("part"):
-            found.update(read_part_rows(self.storage, layout.pool_part(self.name, int(part)), rows["row"].tolist()))
+        found = fetch_images(self.storage, self.ids, partial(layout.pool_part, self.name), wanted)
         return [found[image_id] for image_id in wanted]
+
+
+def fetch_images(storage: Storage, ids: pd.DataFrame, part_key: Callable[[int], str],
+                 image_ids: Iterable[str]) -> dict[str, bytes]:
+    """{image_id: bytes} for those of `image_ids` that `ids` (image_id, part, row) lists, reading
+    only the row groups that hold them; ids it does not list are left out."""
+    wanted = set(image_ids)
+    located = ids[ids["image_id"].isin(wanted)]
+    found: dict[str, bytes] = {}
+    for part, rows in located.groupby("part"):
+        found.update(read_part_rows(storage, part_key(int(part)), rows["row"].tolist()))
+    return found
 
 
 def read_part_rows(storage: Storage, key: str, rows: list[int]) -> dict[str, bytes]:
@@ -176,8 +189,35 @@ def read_part_rows(storage: Storage, key: str, rows: list[int]) -> dict[str, byt
 
 
 def write_part(storage: Storage, name: str, part: int, image_ids: list[str], images: list[bytes]) -> None:
+    write_image_part(storage, layout.pool_part(name, part), image_ids, images)
+
+
+def write_image_part(storage: Storage, key: str, image_ids: list[str], images: list[bytes]) -> None:
     table = pa.Table.from_pydict({"image_id": image_ids, "image": images}, schema=PART_SCHEMA)
-    storage.write_parquet(layout.pool_part(name, part), table, row_group_size=ROW_GROUP)
+    storage.write_parquet(key, table, row_group_size=ROW_GROUP)
+
+
+def store_images(storage: Storage, part_key: Callable[[int], str], ids_key: str,
+                 images: Iterable[tuple[str, bytes]], part_size: int = 4096) -> int:
+    """Store `(image_id, bytes)` pairs once each (the first of a repeated id wins) as parts of
+    `part_size` images and, last, the ids table `fetch_images` reads; returns how many were stored."""
+    def first_of_each(pairs: Iterable[tuple[str, bytes]]):
+        seen: set[str] = set()
+        for image_id, data in pairs:
+            if image_id not in seen:
+                seen.add(image_id)
+                yield image_id, data
+
+    located = []
+    part = 0
+    unique = first_of_each(images)
+    while chunk := list(islice(unique, part_size)):
+        write_image_part(storage, part_key(part), [image_id for image_id, _ in chunk], [data for _, data in chunk])
+        located += [(image_id, part, row) for row, (image_id, _) in enumerate(chunk)]
+        part += 1
+    frame = pd.DataFrame(located, columns=["image_id", "part", "row"])
+    storage.write_parquet(ids_key, pa.Table.from_pandas(frame, schema=IDS_SCHEMA, preserve_index=False))
+    return len(located)
 
 
 def finish_pool(storage: Storage, name: str, embedded: pd.DataFrame, exact_limit: int = EXACT_LIMIT) -> dict[str, int]:

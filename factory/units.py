@@ -9,7 +9,9 @@ Each unit file's footer records the stage's counters and the config settings tha
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -18,11 +20,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory import layout
+from factory.pool import fetch_images
 from factory.storage import Storage
 
+log = logging.getLogger(__name__)
+
 UNIT_META = b"factory.unit"
-# image column -> the stage whose unit files hold it ("references": the reference set)
-IMAGE_HOMES = {"input_image": "references", "target_image": "generate"}
+# image column -> the stage whose unit files hold it ("references": the reference set;
+# "w": SID's pool or the round's SD-drawn set, by `w_id`)
+IMAGE_HOMES = {"input_image": "references", "target_image": "generate", "w_image": "w"}
+# where a `w_id` is stored, by its prefix: `pool:<image id>` in the pool the row's `w_pool` names,
+# `sd:<drawn id>` in the run's SD-drawn set; (ids key, part key) of the set's name
+W_SETS = {"pool": (layout.pool_ids, layout.pool_part), "sd": (layout.run_w_ids, layout.run_w_part)}
 # Rows per row group in a unit file that holds images: a reader that needs a few of them
 # (publish takes about one candidate in 14) reads only their groups.
 IMAGE_ROW_GROUP = 4
@@ -92,12 +101,14 @@ def without_images(rows: pd.DataFrame, keep: tuple[str, ...] = ()) -> pd.DataFra
 class ImageJoin:
     """Fetches image bytes by reference for the rows of one unit, reading only the row groups
     that hold them (reference parts are sorted by id; unit files keep the plan's row order),
-    and keeping a few reference parts' fetched images in memory."""
+    and keeping a few reference parts' fetched images in memory. `w` images are fetched by
+    `w_id`, only those the unit names; what is kept is where ids are (a few id tables)."""
 
     def __init__(self, storage: Storage, run_id: str | None, cached_parts: int = 2):
         self.storage, self.run_id = storage, run_id
         self.cached_parts = cached_parts
         self._parts: OrderedDict[str, dict[str, bytes]] = OrderedDict()
+        self._w_ids: OrderedDict[str, pd.DataFrame | None] = OrderedDict()
 
     def add(self, rows: pd.DataFrame, columns: tuple[str, ...], positions: list[int] | None = None) -> pd.DataFrame:
         """`rows` with `columns` joined. `positions`: the rows' places in their unit files (all
@@ -107,6 +118,8 @@ class ImageJoin:
                 rows[column] = self.references(rows)
             elif column == "target_image":
                 rows[column] = self.candidates(rows, IMAGE_HOMES[column], column, positions)
+            elif column == "w_image":
+                rows[column] = self.w_images(rows)
             elif column not in rows:
                 raise KeyError(f"no stored home for image column {column!r}")
         return rows
@@ -146,6 +159,50 @@ class ImageJoin:
                          else parquet.read(columns=["key", column]))
             found.update(zip(table.column("key").to_pylist(), table.column(column).to_pylist()))
         return [found.get(key) for key in rows["key"]]
+
+    def w_images(self, rows: pd.DataFrame) -> list[bytes | None]:
+        """Each row's `w` by its `w_id` (see W_SETS), reading only the ids the rows name. None where
+        the row has no `w_id` (bootstrap rows: nothing is read) or the id is not stored (generate
+        rejects such a row)."""
+        if "w_id" not in rows:
+            return [None] * len(rows)
+        pools = rows["w_pool"] if "w_pool" in rows else [None] * len(rows)
+        homes = [self.w_home(w_id, pool) for w_id, pool in zip(rows["w_id"], pools)]
+        wanted: dict[tuple[str, str], set[str]] = {}
+        for home in homes:
+            if home is not None:
+                wanted.setdefault(home[:2], set()).add(home[2])
+        found: dict[tuple[str, str, str], bytes] = {}
+        for (kind, name), image_ids in wanted.items():
+            ids_key, part_key = W_SETS[kind]
+            stored = self.w_id_table(ids_key(name))
+            if stored is None:
+                continue
+            for image_id, data in fetch_images(self.storage, stored, partial(part_key, name), image_ids).items():
+                found[(kind, name, image_id)] = data
+        return [found.get(home) if home is not None else None for home in homes]
+
+    def w_home(self, w_id: Any, pool: Any) -> tuple[str, str, str] | None:
+        """(kind, pool name or run id, image id) of a `w_id`; None for no id or one of no known home."""
+        if not isinstance(w_id, str):
+            return None
+        if w_id.startswith("pool:") and isinstance(pool, str) and pool:
+            return "pool", pool, w_id[len("pool:"):]
+        if w_id.startswith("sd:"):
+            return "sd", self.run_id, w_id[len("sd:"):]
+        return None
+
+    def w_id_table(self, ids_key: str) -> pd.DataFrame | None:
+        """Where each image of a stored set is (image_id, part, row); None when there is no such set."""
+        if ids_key not in self._w_ids:
+            stored = self.storage.read_parquet(ids_key).to_pandas() if self.storage.exists(ids_key) else None
+            if stored is None:
+                log.warning("no stored w images at %s: rows naming them are rejected", self.storage.url(ids_key))
+            self._w_ids[ids_key] = stored
+            while len(self._w_ids) > self.cached_parts:
+                self._w_ids.popitem(last=False)
+        self._w_ids.move_to_end(ids_key)
+        return self._w_ids[ids_key]
 
 
 def row_groups_of(parquet: pq.ParquetFile, positions: list[int]) -> list[int]:

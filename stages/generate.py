@@ -26,11 +26,12 @@ log = logging.getLogger(__name__)
 
 class Generate(Stage):
     """Adds `target_image` (stored once, here), `generator_info`, `gpu_seconds` and the byte
-    sizes of both images (publish cuts shards from sizes, without the bytes)."""
+    sizes of both images (publish cuts shards from sizes, without the bytes). SID rows get
+    their `w_image` joined by `w_id` (null on bootstrap rows, which read nothing for it)."""
 
     name = "generate"
     source = "plan"
-    needs_images = ("input_image",)
+    needs_images = ("input_image", "w_image")
     draws_images = ("target_image",)
     shaped_by = ("references", "plan", "generate")
 
@@ -63,13 +64,20 @@ class Generate(Stage):
         first = group.iloc[0]
         try:
             reference = decode_image(first["input_image"], self.config.references.max_pixels)
-            jobs = [self._job(row) for _, row in group.iterrows()]
         except ImageRejected as err:
             rows.loc[group.index, "reject"] = f"reference_{err.reason}"
             return
-        except ValueError:
-            rows.loc[group.index, "reject"] = "bad_job"
+        built: dict[Any, GenJob] = {}
+        for index, row in group.iterrows():  # a bad job or w rejects its own row, not the reference's
+            try:
+                built[index] = self._job(row)
+            except ImageRejected as err:
+                rows.at[index, "reject"] = f"w_{err.reason}"
+            except ValueError:
+                rows.at[index, "reject"] = "bad_job"
+        if not built:
             return
+        group, jobs = group.loc[list(built)], list(built.values())
         generator = self.generator(generator_name)
         started = time.perf_counter()
         try:
@@ -89,9 +97,13 @@ class Generate(Stage):
 
     @staticmethod
     def _job(row: pd.Series) -> GenJob:
+        """The job of one row; ImageRejected for a `w_id` whose image is missing or undecodable."""
         w_image = None
-        if "w_image" in row and isinstance(row["w_image"], (bytes, bytearray)) and row["w_image"]:
-            w_image = decode_image(row["w_image"])
+        w_id, w_data = row.get("w_id"), row.get("w_image")
+        if isinstance(w_data, (bytes, bytearray)) and w_data:
+            w_image = decode_image(w_data)
+        elif isinstance(w_id, str) and w_id:
+            raise ImageRejected("missing", f"no stored image for w_id {w_id!r}")
         alpha = row.get("alpha")
         return GenJob(
             template=row["template"],

@@ -10,6 +10,7 @@ version G was trained on), the union of parent and round, and fine-tune G on the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -35,9 +36,11 @@ log = logging.getLogger(__name__)
 
 
 def plan_schema() -> pa.Schema:
+    """The plan's columns and `w_pool`, the pool a `pool:` w_id is in. No image bytes: generate
+    joins `w` by `w_id` (`factory.units.ImageJoin`)."""
     from factory.planning import PLAN_SCHEMA
 
-    return PLAN_SCHEMA.append(pa.field("w_image", pa.binary()))
+    return PLAN_SCHEMA.append(pa.field("w_pool", pa.string()))
 
 
 # --- what the round starts from ------------------------------------------------------
@@ -121,11 +124,14 @@ def draw_round_jobs(ctx: RunContext, parent: str, round_: int) -> pd.DataFrame:
 
 
 def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
-    """Give every job its `w`: the pool image closest to the instruction, or an SD drawing of it."""
+    """Give every job its `w` by id: the pool image closest to the instruction (`pool:<id>`, the
+    pool in `w_pool`), or an SD drawing of it (`sd:<id>`, drawn once per instruction and seed and
+    stored once under the run, `factory.layout.run_w_dir`)."""
     if ctx.config.sid.w_source == "generate":
-        images = draw_w_images(ctx, jobs)
-        jobs["w_id"] = [f"sd:{seed}" for seed in jobs["seed"]]
-        jobs["w_image"] = images
+        jobs["w_id"] = [drawn_w_id(instruction, seed) for instruction, seed in zip(jobs["instruction"], jobs["seed"])]
+        jobs["w_pool"] = None
+        drawn = jobs.drop_duplicates("w_id")
+        store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
         return jobs
     pool = load_or_build_pool(ctx, parent)
     scorer = clip_scorer(ctx.config)
@@ -134,8 +140,26 @@ def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
     best, _ = pool.search_ids(queries, k=1)
     chosen = [ids[0] for ids in best]
     jobs["w_id"] = [f"pool:{image_id}" for image_id in chosen]
-    jobs["w_image"] = pool.fetch(chosen)  # only the row groups holding the chosen images are read
+    jobs["w_pool"] = pool.name
     return jobs
+
+
+def drawn_w_id(instruction: str, seed: int) -> str:
+    """`sd:<seed>-<instruction hash>`: what an SD-drawn w is drawn from (a seed alone repeats across
+    instructions in large rounds, and the id names one stored image)."""
+    return f"sd:{int(seed)}-{hashlib.sha256(instruction.encode()).hexdigest()[:12]}"
+
+
+def store_drawn_w(ctx: RunContext, w_ids: list[str], images: list[bytes]) -> None:
+    """The drawn images, once each, as a pool-like set of parts and ids under the run (ids written last)."""
+    from functools import partial
+
+    from factory.pool import store_images
+
+    run_id = ctx.config.run_id
+    stored = store_images(ctx.storage, partial(layout.run_w_part, run_id), layout.run_w_ids(run_id),
+                          ((w_id[len("sd:"):], image) for w_id, image in zip(w_ids, images)))
+    log.info("stored %d SD-drawn w images under %s", stored, ctx.storage.url(layout.run_w_dir(run_id)))
 
 
 def clip_scorer(config: FactoryConfig):

@@ -52,3 +52,21 @@ def test_funnel_counts_are_consistent(sid_round):
     assert funnel["planned"] == len(rows) == funnel["written"] + sum(funnel["rejections"].values())
     after_generate = sum(n for reason, n in funnel["rejections"].items() if not reason.startswith("generate:"))
     assert funnel["generated"] == funnel["written"] + after_generate
+
+
+def test_w_is_joined_by_id_and_stored_in_no_run_file(sid_round):
+    import json
+
+    import pyarrow as pa
+
+    from factory import layout
+
+    storage, _ = sid_round
+    plan = storage.read_parquet(layout.plan("demo-sid1"))
+    assert [field.name for field in plan.schema if pa.types.is_binary(field.type)] == []
+    assert set(plan.column("w_pool").to_pylist()) == {"demo-demo"}  # the pool built from the parent
+    generated = pd.concat([storage.read_parquet(key).to_pandas() for key in storage.list("runs/demo-sid1/generate")])
+    assert "w_image" not in generated and "target_image" in generated
+    infos = [json.loads(info) for info in generated["generator_info"].dropna()]
+    assert infos and all(info["uses_w"] for info in infos)  # G drew with the joined w
+    assert not generated["reject_reason"].fillna("").str.startswith("w_").any()
