@@ -308,12 +308,16 @@ def round_alphas(rctx: RunContext) -> pd.Series:
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
+    """This night's rounds: they follow the published ones (round k+1 after `<run-id>-union<k>`),
+    so a nightly job needs no hand-set run id, and a failed night, submitted again, resumes its
+    round (its unit files are kept; its settings are the same)."""
     from models.training.runner import train_generator_on
 
-    parent = ensure_parent(ctx)
-    checkpoint = ensure_checkpoint(ctx, parent)
+    done = completed_rounds(ctx)
+    parent = union_name(ctx, done) if done else ensure_parent(ctx)
+    checkpoint = round_checkpoint(ctx, parent, done)
     rounds = []
-    for round_ in range(1, ctx.config.sid.rounds + 1):
+    for round_ in range(done + 1, done + ctx.config.sid.rounds + 1):
         result = run_round(ctx, parent, round_, checkpoint)
         rounds.append(result)
         print(f"[sid] round {round_}: {result['samples']} samples in {result['version']}, union {result['union']}",
@@ -325,6 +329,30 @@ def run(ctx: RunContext) -> dict[str, Any]:
     return {"rounds": rounds, "checkpoint": checkpoint,
             "publish": {"version": last["version"], "samples": last["samples"], "funnel": last["funnel"],
                         "manifest": last["manifest"]}}
+
+
+def union_name(ctx: RunContext, round_: int) -> str:
+    return f"{ctx.config.run_id}-union{round_}"
+
+
+def completed_rounds(ctx: RunContext) -> int:
+    """The last round whose union is published (0 when none)."""
+    done = 0
+    while version_exists(ctx.storage, ctx.config.dataset, union_name(ctx, done + 1)):
+        done += 1
+    return done
+
+
+def round_checkpoint(ctx: RunContext, parent: str, done: int) -> str:
+    """G for the next round: after round k (with `sid.finetune`), G fine-tuned on union k from the
+    G that drew round k (finished here if the night that should have done it stopped first:
+    training resumes from its last step, and returns at once when it had finished)."""
+    from models.training.runner import train_generator_on
+
+    if done == 0 or not ctx.config.sid.finetune:
+        return ensure_checkpoint(ctx, parent)
+    previous = load_manifest(ctx.storage, ctx.config.dataset, f"{ctx.config.run_id}-sid{done}")
+    return train_generator_on(ctx, parent, init_from=previous["generator_checkpoint"])
 
 
 def clip_scorer_from_snapshot(snapshot: dict, device: str | None = None):

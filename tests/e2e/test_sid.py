@@ -70,3 +70,27 @@ def test_w_is_joined_by_id_and_stored_in_no_run_file(sid_round):
     infos = [json.loads(info) for info in generated["generator_info"].dropna()]
     assert infos and all(info["uses_w"] for info in infos)  # G drew with the joined w
     assert not generated["reject_reason"].fillna("").str.startswith("w_").any()
+
+
+@pytest.fixture(scope="module")
+def second_night(sid_round):
+    """The same nightly command, submitted again: it must start round 2, not redo round 1."""
+    storage, _ = sid_round
+    cwd = storage.root.rsplit("/factory-data", 1)[0]
+    result = run_cli(cwd, "--stage", "sid")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return storage, result
+
+
+def test_the_second_night_publishes_the_next_round_on_the_newest_union(second_night):
+    storage, result = second_night
+    first, second = load_manifest(storage, "demo", "demo-sid1"), load_manifest(storage, "demo", "demo-sid2")
+    union = load_manifest(storage, "demo", "demo-union2")
+    assert second["round"] == 2 and second["parents"] == ["demo-union1"]
+    assert union["parents"] == ["demo-union1", "demo-sid2"]
+    assert union["samples"] == load_manifest(storage, "demo", "demo-union1")["samples"] + second["samples"]
+    # round 2 drew with G fine-tuned on union 1, not with the G of round 1
+    assert second["generator_checkpoint"] != first["generator_checkpoint"]
+    assert "demo-union1" in second["generator_checkpoint"]
+    assert verify_version(storage, "demo", "demo-union2") == []
+    assert "round 2" in result.stdout
