@@ -47,6 +47,7 @@ from factory.manifest import (
     release_stale_lock,
     version_exists,
 )
+from factory.models_cache import model_fingerprint
 from factory.shards import Sample, cut_points, encode_shard, estimated_bytes, read_shard
 from factory.stage import changed_keys, fingerprint
 from factory.storage import Storage, open_storage
@@ -420,29 +421,15 @@ def cost(metas: dict[str, list[dict[str, Any]]], config: FactoryConfig) -> dict[
     return per_stage
 
 
-def model_fingerprint(source: str | None) -> dict[str, Any]:
-    """Name a model by its source, and by a checksum of its files when it is local."""
-    if not source:
-        return {"source": None}
-    path = Path(source)
-    if not path.exists():
-        return {"source": source, "revision": "hub"}
-    digest = hashlib.sha256()
-    files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
-    for file in files:
-        digest.update(f"{file.relative_to(path.parent)}:{file.stat().st_size}".encode())
-        if file.stat().st_size <= 64 * 2**20:
-            digest.update(file.read_bytes())
-    return {"source": source, "sha256": digest.hexdigest()}
-
-
 def models_used(config: FactoryConfig) -> dict[str, Any]:
+    storage = config.storage
     models = {
-        "clip": {**model_fingerprint(config.filter.clip_model), "pretrained": config.filter.clip_pretrained},
-        "dino": model_fingerprint(config.filter.dino_model),
-        "dialogue": {"engine": config.dialogue.engine, **model_fingerprint(config.dialogue.model)},
+        "clip": {**model_fingerprint(config.filter.clip_model, storage),
+                 "pretrained": model_fingerprint(config.filter.clip_pretrained, storage)},
+        "dino": model_fingerprint(config.filter.dino_model, storage),
+        "dialogue": {"engine": config.dialogue.engine, **model_fingerprint(config.dialogue.model, storage)},
     }
     for name, spec in config.generate.generators.items():
-        models[f"generator:{name}"] = {"kind": spec.kind, **model_fingerprint(spec.model),
-                                       "checkpoint": model_fingerprint(spec.checkpoint)}
+        models[f"generator:{name}"] = {"kind": spec.kind, **model_fingerprint(spec.model, storage),
+                                       "checkpoint": model_fingerprint(spec.checkpoint, storage)}
     return models

@@ -34,7 +34,10 @@ class ReferenceDrawer:
         self.cfg = config.references
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         half = {"torch_dtype": torch.float16} if self.device == "cuda" else {}
-        self.pipe = StableDiffusionPipeline.from_pretrained(self.cfg.sd_model, low_cpu_mem_usage=False, **half)
+        from factory.models_cache import local_model
+
+        model = local_model(self.cfg.sd_model, config.storage, "references.sd_model")
+        self.pipe = StableDiffusionPipeline.from_pretrained(model, low_cpu_mem_usage=False, **half)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
 

@@ -17,8 +17,12 @@ Subject: the source's `subject`, else the first subfolder (folder, s3; `golden_r
 gives "golden retriever") or the sample's metadata (webdataset), else "person" for the
 human domain, else the reference is rejected as "missing_subject".
 
-Ids hash the source kind, the source path as configured and the outside name relative to it
-(`factory.keys.safe_id`), so moving a source changes its ids; names are data only (`origin`).
+Ids hash the source kind, the outside name relative to the source's root and the content (a
+sha256 of the file or tar member, an S3 object's ETag) with `factory.keys.safe_id`; a generated
+one hashes its prompt, seed and drawing settings, with the model as `factory.models_cache.model_ref`
+writes it. No absolute path goes in, so the same inputs have the same ids in any working folder
+or storage root (a moved source keeps its ids, a changed file gets a new one); the same file in
+two sources is one reference ("duplicate_reference"). Names are data only (`origin`).
 A candidate is only listed here; reading (or drawing) its bytes happens in the stage's ingest.
 Errors that make the whole stage pointless (missing folder, bucket or shards) are raised here,
 before any image is read.
@@ -41,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from factory.instructions import render
 from factory.keys import safe_id
+from factory.models_cache import model_ref
 from factory.storage import Storage, StorageError, clean_key
 
 if TYPE_CHECKING:
@@ -95,8 +100,21 @@ def printable(name: str) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def reference_id(kind: str, where: str, name: str) -> str:
-    return safe_id(f"{kind}:{where}:{name}")
+def reference_id(kind: str, name: str, content: str = "") -> str:
+    """The id of `name` (relative to its source) with `content` (a digest of its bytes, when known)."""
+    return safe_id(f"{kind}:{content}:{name}")  # the name last: the readable slug is its tail
+
+
+def content_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:24]
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:24]
 
 
 def clean_subject(text: object, from_path: bool = False) -> str | None:
@@ -135,11 +153,15 @@ def folder_candidates(source: ReferenceSource, cfg: ReferencesConfig) -> list[Ca
         raise ReferencesError(f"reference folder not found: {source.path}")
     found = []
     for relative, path in walk_files(root):
+        content = ""
         try:
             size, problem = path.stat().st_size, None
+            if is_image_name(relative) and size <= cfg.max_file_mb * 2**20:
+                content = file_digest(path)
         except OSError:  # a dangling link, a file gone since the walk
             size, problem = None, "read_error"
-        found.append(file_candidate("folder", source, relative, lambda p=path: p.read_bytes(), size, cfg, problem))
+        found.append(file_candidate("folder", source, relative, lambda p=path: p.read_bytes(), size, cfg, problem,
+                                    content))
     return found
 
 
@@ -154,13 +176,13 @@ def walk_files(root: Path) -> Iterator[tuple[str, Path]]:
 
 
 def file_candidate(kind: str, source: ReferenceSource, relative: str, read: Callable[[], bytes],
-                   size: int | None, cfg: ReferencesConfig, reject: str | None = None) -> Candidate:
+                   size: int | None, cfg: ReferencesConfig, reject: str | None = None, content: str = "") -> Candidate:
     subject, missing = pick_subject(source, subfolder_subject(relative))
     if reject is None and not is_image_name(relative):
         reject = "not_an_image_file"
     if reject is None and size is not None and size > cfg.max_file_mb * 2**20:
         reject = "file_too_large"
-    return Candidate(reference_id(kind, source.path, relative), kind, printable(relative), source.domain,
+    return Candidate(reference_id(kind, relative, content), kind, printable(relative), source.domain,
                      subject, read, reject=reject or missing)
 
 
@@ -170,16 +192,17 @@ def file_candidate(kind: str, source: ReferenceSource, relative: str, read: Call
 def s3_candidates(source: ReferenceSource, storage: Storage, cfg: ReferencesConfig) -> list[Candidate]:
     """Objects under the prefix; a key that storage would normalise (`..`, `//`, NUL) is 'unsafe_name'."""
     try:
-        names = storage.list("")
+        objects = storage.list_objects("")
     except StorageError as err:
         raise ReferencesError(f"cannot list the reference source {source.path}: {err}") from None
     found = []
-    for relative in names:
+    for relative, etag, _ in objects:
         if relative.endswith("/"):  # a console-made "folder" marker
             continue
         unsafe = not is_clean_s3_name(relative)
         read = None if unsafe else (lambda k=relative: storage.read_bytes(k))
-        found.append(file_candidate("s3", source, relative, read, None, cfg, reject="unsafe_name" if unsafe else None))
+        found.append(file_candidate("s3", source, relative, read, None, cfg, reject="unsafe_name" if unsafe else None,
+                                    content=etag))
     if not found:
         log.warning("no objects under %s", source.path)
     return found
@@ -203,7 +226,7 @@ def webdataset_candidates(source: ReferenceSource, cfg: ReferencesConfig, stack:
             found.extend(shard_candidates(source, cfg, relative, archive, threading.Lock()))
         except (tarfile.TarError, OSError) as err:  # one bad shard is counted, the others go on
             log.warning("cannot read WebDataset shard %s: %s", relative, type(err).__name__)
-            found.append(Candidate(reference_id("webdataset", source.path, relative), "webdataset",
+            found.append(Candidate(reference_id("webdataset", relative), "webdataset",
                                    printable(relative), source.domain, reject="unreadable_shard"))
     return found
 
@@ -237,7 +260,7 @@ def shard_candidates(source: ReferenceSource, cfg: ReferencesConfig, shard: str,
                      archive: tarfile.TarFile, lock: threading.Lock) -> list[Candidate]:
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     members, complete = read_members(archive)
-    found = [] if complete else [Candidate(reference_id("webdataset", source.path, shard), "webdataset",
+    found = [] if complete else [Candidate(reference_id("webdataset", shard), "webdataset",
                                            printable(shard), source.domain, reject="truncated_shard")]
     for member in members:
         origin = f"{shard}/{member.name}"
@@ -245,7 +268,7 @@ def shard_candidates(source: ReferenceSource, cfg: ReferencesConfig, shard: str,
             continue
         bad = member_problem(member)
         if bad:
-            found.append(Candidate(reference_id("webdataset", source.path, origin), "webdataset",
+            found.append(Candidate(reference_id("webdataset", origin), "webdataset",
                                    printable(origin), source.domain, reject=bad))
             continue
         key, suffix = split_member_name(member.name)
@@ -294,8 +317,15 @@ def sample_candidate(source: ReferenceSource, cfg: ReferencesConfig, shard: str,
                      members: dict[str, tarfile.TarInfo], archive: tarfile.TarFile,
                      lock: threading.Lock) -> Candidate:
     origin = f"{shard}/{key}"
-    ident = reference_id("webdataset", source.path, origin)
     image = next((members[s] for s in sorted(members) if s.rsplit(".", 1)[-1] in TAR_IMAGE_SUFFIXES), None)
+    content = ""
+    if image is not None and image.size <= cfg.max_file_mb * 2**20:
+        try:
+            with lock:
+                content = content_digest(archive.extractfile(image).read())
+        except (tarfile.TarError, OSError):
+            pass  # reading it again in the ingest counts the failure
+    ident = reference_id("webdataset", origin, content)
     found = None if source.subject else member_subject(members, archive)
     subject, reject = pick_subject(source, found)
     if image is None:
@@ -342,15 +372,15 @@ def generated_candidates(source: ReferenceSource, cfg: ReferencesConfig) -> list
     for name in source.prompts:
         subject = clean_subject(name)
         if subject is None:
-            found.append(Candidate(reference_id("generated", cfg.sd_model, printable(name)), "generated",
+            found.append(Candidate(reference_id("generated", printable(name), model_ref(cfg.sd_model)), "generated",
                                    printable(name), source.domain, reject="missing_subject"))
             continue
         prompt = render(cfg.sd_prompt, subject)
         for index in range(source.per_prompt):
             seed = derive_seed(source.seed, subject, index)
-            drawn_by = f"{cfg.sd_model}|{cfg.sd_size}|{cfg.sd_steps}|{cfg.sd_guidance_scale}"
+            drawn_by = f"{model_ref(cfg.sd_model)}|{cfg.sd_size}|{cfg.sd_steps}|{cfg.sd_guidance_scale}"
             found.append(Candidate(
-                reference_id("generated", drawn_by, f"{prompt}|{seed}"), "generated", f"{subject}/{index:05d}",
+                reference_id("generated", f"{prompt}|{seed}", drawn_by), "generated", f"{subject}/{index:05d}",
                 source.domain, subject, None, prompt=prompt, seed=seed,
             ))
     return found

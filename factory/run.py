@@ -56,20 +56,46 @@ def looks_local(value: str | None) -> bool:
     return bool(value) and value.startswith(("/", "./", "../", "~"))
 
 
-def check_inputs(config: FactoryConfig, stage: str) -> None:
-    """Model paths and the instruction bank, checked before any work; errors name the key."""
+def model_settings(config: FactoryConfig, stage: str) -> dict[str, str | None]:
+    """Every model setting the stage will load, by config key."""
     keys = {"filter.clip_pretrained": config.filter.clip_pretrained,
             "filter.clip_model_config": config.filter.clip_model_config,
-            "filter.dino_model": config.filter.dino_model, "dialogue.model": config.dialogue.model}
+            "filter.dino_model": config.filter.dino_model}
+    if config.dialogue.engine != "openai":
+        keys["dialogue.model"] = config.dialogue.model
     if any(source.kind == "generated" for source in config.references.sources):
         keys["references.sd_model"] = config.references.sd_model
     for name, spec in config.generate.generators.items():
         keys[f"generate.generators.{name}.model"] = spec.model
         keys[f"generate.generators.{name}.checkpoint"] = spec.checkpoint
-    missing = [f"  {key}: {value} does not exist" for key, value in keys.items()
-               if looks_local(value) and not os.path.exists(os.path.expanduser(value))]
+    if stage in ("train", "sid"):
+        train = config.train
+        keys.update({"train.base_model": train.base_model, "train.clip_model": train.clip_model,
+                     "train.dino_model": train.dino_model, "train.init_from": train.init_from})
+        if train.model == "assistant":
+            keys["train.llm_model"] = train.llm_model
+    if stage == "eval":
+        keys.update({f"eval.{name}": getattr(config.eval, name) for name in
+                     ("clip_pretrained", "clip_model_config", "dino_model")})
+    return keys
+
+
+def check_inputs(config: FactoryConfig, stage: str) -> None:
+    """Model paths (local, or S3 prefixes: listed, refused when empty) and the instruction bank,
+    checked before any work; errors name the key."""
+    from factory.models_cache import ModelUnavailable, describe_s3, is_s3
+
+    missing = []
+    for key, value in model_settings(config, stage).items():
+        if looks_local(value) and not os.path.exists(os.path.expanduser(value)):
+            missing.append(f"  {key}: {value} does not exist")
+        elif is_s3(value):
+            try:
+                describe_s3(value, config.storage, key)
+            except ModelUnavailable as err:
+                missing.append(f"  {err}")
     if missing:
-        raise ConfigError("model paths not found:\n" + "\n".join(missing))
+        raise ConfigError("models not found:\n" + "\n".join(missing))
     if stage in ("plan", "all"):
         from factory.instructions import load_bank
 
@@ -162,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             from factory.demo import prepare_demo
 
             prepare_demo(config)
-        if args.stage in ("plan", "generate", "filter", "dialogue", "all"):
+        if args.stage in ("plan", "generate", "filter", "dialogue", "all", "train", "sid", "eval"):
             check_inputs(config, args.stage)
         ctx = RunContext(config)
         ctx.storage.check()

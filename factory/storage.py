@@ -304,6 +304,10 @@ class S3Storage(Storage):
         return True
 
     def list(self, prefix: str) -> list[str]:
+        return [key for key, _, _ in self.list_objects(prefix)]
+
+    def list_objects(self, prefix: str) -> list[tuple[str, str, int]]:
+        """(key, ETag, size) of every object under the folder `prefix`, sorted by key."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         folder = clean_key(prefix) if prefix.strip("/") else ""
@@ -312,12 +316,13 @@ class S3Storage(Storage):
         else:
             full = f"{self.location.prefix}/" if self.location.prefix else ""
         strip = len(self.location.prefix) + 1 if self.location.prefix else 0
-        keys: list[str] = []
+        found: list[tuple[str, str, int]] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.location.bucket, Prefix=full
             ):
-                keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
+                found.extend((item["Key"][strip:], item.get("ETag", "").strip('"'), item.get("Size", 0))
+                             for item in page.get("Contents", []))
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "?")
             if code == "NoSuchBucket":
@@ -325,7 +330,22 @@ class S3Storage(Storage):
             raise StorageError(f"S3 list failed for s3://{self.location.bucket}/{full}: {code}") from None
         except BotoCoreError as err:
             raise StorageError(f"S3 list failed for s3://{self.location.bucket}/{full}: {type(err).__name__}") from None
-        return sorted(keys)
+        return sorted(found)
+
+    def download_file(self, key: str, local_path: str | Path) -> None:
+        """One object to a local file (multipart, in parallel, for large objects)."""
+        from boto3.exceptions import S3TransferFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.download_file(self.location.bucket, self._key(key), str(local_path), Config=self.transfer)
+        except ClientError as err:
+            code = err.response.get("Error", {}).get("Code", "?")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise StorageError(f"not found: {self.url(key)}") from None
+            raise StorageError(f"S3 get failed for {self.url(key)}: {code}") from None
+        except (BotoCoreError, S3TransferFailedError) as err:
+            raise StorageError(f"S3 get failed for {self.url(key)}: {type(err).__name__}") from None
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Key=self._key(key))

@@ -89,8 +89,13 @@ def paired_cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return (a * b).sum(dim=-1).double().cpu().numpy()
 
 
-def clip_scorer_from_config(config, device: str = "cpu") -> ClipScorer:
-    """The filter's CLIP scorer as a `FactoryConfig` configures it (the filter, SID's pool and retrieval)."""
+def clip_scorer_from_config(config, device: str = "cpu", local=None) -> ClipScorer:
+    """The filter's CLIP scorer as a `FactoryConfig` configures it (the filter, SID's pool and retrieval).
+
+    `local(reference, config key)` turns a model reference into a loadable path (the factory's
+    model cache, for `s3://` models); by default references are used as they are."""
     settings = config.filter
-    return ClipScorer(settings.clip_model, settings.clip_pretrained, device=device, dtype=settings.dtype,
-                      model_config=settings.clip_model_config, quick_gelu=settings.clip_quick_gelu)
+    local = local or (lambda ref, key: ref)
+    return ClipScorer(settings.clip_model, local(settings.clip_pretrained, "filter.clip_pretrained"), device=device,
+                      dtype=settings.dtype, model_config=local(settings.clip_model_config, "filter.clip_model_config"),
+                      quick_gelu=settings.clip_quick_gelu)

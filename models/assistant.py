@@ -51,12 +51,14 @@ class CafeAssistant(nn.Module):
 
     @classmethod
     def from_parts(
-        cls, llm_model: str, clip_model: str, dino_model: str, max_text_tokens: int = 256, dtype=torch.float32
+        cls, llm_model: str, clip_model: str, dino_model: str, max_text_tokens: int = 256, dtype=torch.float32,
+        storage: Any = None,
     ) -> CafeAssistant:
-        """New heads over the LLM at `llm_model`, sized for the two encoders."""
+        """New heads over the LLM at `llm_model`, sized for the two encoders (references recorded as
+        given; `storage` fetches S3 ones, `factory.models_cache`)."""
         from models.cafe import encoder_dims
 
-        clip_dim, dino_dim = encoder_dims(clip_model, dino_model)
+        clip_dim, dino_dim = encoder_dims(clip_model, dino_model, storage)
         config = {
             "llm_model": llm_model,
             "clip_model": clip_model,
@@ -65,16 +67,17 @@ class CafeAssistant(nn.Module):
             "dino_dim": dino_dim,
             "max_text_tokens": max_text_tokens,
         }
-        return cls(*load_llm(llm_model, dtype), config)
+        return cls(*load_llm(llm_model, dtype, storage), config)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, llm_model: str | None = None, dtype=torch.float32) -> CafeAssistant:
+    def from_pretrained(cls, path: str | Path, llm_model: str | None = None, dtype=torch.float32,
+                        storage: Any = None) -> CafeAssistant:
         """Heads saved by `save_pretrained`, over their recorded LLM (or `llm_model`)."""
         path = Path(path)
         config = json.loads((path / CONFIG_FILE).read_text())
         if llm_model:
             config["llm_model"] = llm_model
-        model = cls(*load_llm(config["llm_model"], dtype), config)
+        model = cls(*load_llm(config["llm_model"], dtype, storage), config)
         model.load_new_layers(load_file(str(path / WEIGHTS_FILE)))
         return model
 
@@ -203,9 +206,12 @@ def assistant_loss(output: AssistantOutput, clip_targets: torch.Tensor, clip_wei
     return output.lm_loss + clip_weight * mse
 
 
-def load_llm(path: str, dtype=torch.float32) -> tuple[nn.Module, Any]:
+def load_llm(path: str, dtype=torch.float32, storage: Any = None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from factory.models_cache import local_model
+
+    path = local_model(path, storage, "llm_model")
     tokenizer = AutoTokenizer.from_pretrained(path)
     llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return llm, tokenizer

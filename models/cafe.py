@@ -16,11 +16,8 @@ per condition.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 from torch import nn
 
+from factory.models_cache import local_model, model_ref
 from models.base import GenJob, GenResult
 
 log = logging.getLogger(__name__)
@@ -170,10 +168,15 @@ class CafeUNet(ModelMixin, ConfigMixin):
         install_cafe_processors(self.unet, clip_tokens)
 
     @classmethod
-    def from_base(cls, base_model: str, clip_model: str, dino_model: str, clip_tokens: int = 1) -> CafeUNet:
-        """A new G from a Stable Diffusion folder (its `unet/`) and the two encoders' configs."""
-        base_unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
-        clip_dim, dino_dim = encoder_dims(clip_model, dino_model)
+    def from_base(cls, base_model: str, clip_model: str, dino_model: str, clip_tokens: int = 1,
+                  storage: Any = None) -> CafeUNet:
+        """A new G from a Stable Diffusion folder (its `unet/`) and the two encoders' configs.
+
+        The references are recorded as given (an S3 URL stays one); `storage` (the run's storage
+        section) is how an S3 one is fetched (`factory.models_cache`)."""
+        base = local_model(base_model, storage, "base_model")
+        base_unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        clip_dim, dino_dim = encoder_dims(clip_model, dino_model, storage)
         model = cls(
             unet_config=_plain_config(base_unet.config),
             clip_dim=clip_dim,
@@ -227,12 +230,12 @@ def _plain_config(config: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}
 
 
-def encoder_dims(clip_model: str, dino_model: str) -> tuple[int, int]:
+def encoder_dims(clip_model: str, dino_model: str, storage: Any = None) -> tuple[int, int]:
     """(CLIP projection width, DINOv2 hidden width) read from the encoders' configs."""
     from transformers import AutoConfig
 
-    clip_config = AutoConfig.from_pretrained(clip_model)
-    dino_config = AutoConfig.from_pretrained(dino_model)
+    clip_config = AutoConfig.from_pretrained(local_model(clip_model, storage, "clip_model"))
+    dino_config = AutoConfig.from_pretrained(local_model(dino_model, storage, "dino_model"))
     return int(clip_config.projection_dim), int(dino_config.hidden_size)
 
 
@@ -242,9 +245,12 @@ def encoder_dims(clip_model: str, dino_model: str) -> tuple[int, int]:
 class ImageEncoders:
     """`E` (DINOv2 patch features, CLS included) and `F` (CLIP image embedding), frozen."""
 
-    def __init__(self, clip_model: str, dino_model: str, device: str | torch.device = "cpu", dtype=torch.float32):
+    def __init__(self, clip_model: str, dino_model: str, device: str | torch.device = "cpu", dtype=torch.float32,
+                 storage: Any = None):
         from transformers import AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
 
+        clip_model = local_model(clip_model, storage, "clip_model")
+        dino_model = local_model(dino_model, storage, "dino_model")
         self.device = torch.device(device)
         self.dtype = dtype
         self.clip = CLIPVisionModelWithProjection.from_pretrained(clip_model).to(self.device, dtype).eval()
@@ -412,7 +418,7 @@ class CafeGenerator:
     `dtype`, and `base_model` / `clip_model` / `dino_model` to override the recorded paths.
     """
 
-    def __init__(self, name: str, spec: Any, device: str = "cpu"):
+    def __init__(self, name: str, spec: Any, device: str = "cpu", storage: Any = None):
         unknown = set(spec.options) - GENERATOR_OPTIONS
         if unknown:
             raise ValueError(
@@ -424,7 +430,8 @@ class CafeGenerator:
         options = spec.options
         self.dtype = _dtype(options.get("dtype"), self.device)
         self.folder = spec.checkpoint or spec.model
-        self.model = CafeUNet.from_pretrained(local_folder(self.folder)).to(self.device, self.dtype).eval()
+        key = f"generate.generators.{name}.{'checkpoint' if spec.checkpoint else 'model'}"
+        self.model = CafeUNet.from_pretrained(local_model(self.folder, storage, key)).to(self.device, self.dtype).eval()
         recorded = self.model.config
         base = options.get("base_model") or (spec.model if spec.checkpoint else None) or recorded.base_model
         self.paths = {
@@ -432,7 +439,9 @@ class CafeGenerator:
             "clip_model": options.get("clip_model") or recorded.clip_model,
             "dino_model": options.get("dino_model") or recorded.dino_model,
         }
-        self.encoders = ImageEncoders(self.paths["clip_model"], self.paths["dino_model"], self.device, self.dtype)
+        self.encoders = ImageEncoders(self.paths["clip_model"], self.paths["dino_model"], self.device, self.dtype,
+                                      storage)
+        base = local_model(base, storage, f"generate.generators.{name}.model")
         self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=self.dtype).to(self.device).eval()
         sampler = options.get("sampler", "ddim")
         if sampler not in SAMPLERS:
@@ -450,8 +459,8 @@ class CafeGenerator:
         return {
             "name": self.name,
             "kind": "cafe",
-            "checkpoint": self.folder,
-            **self.paths,
+            "checkpoint": model_ref(self.folder),
+            **{name: model_ref(path) for name, path in self.paths.items()},
             "steps": self.spec.steps,
             "guidance": {"clip": self.guidance.clip, "dino": self.guidance.dino},
             "sampler": self.spec.options.get("sampler", "ddim"),
@@ -516,30 +525,6 @@ def read_generator_config(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / CafeUNet.config_name).read_text())
 
 
-def local_folder(path: str, endpoint_url: str | None = None) -> str:
-    """A model folder on local disk: `path` itself, or a cached copy of an `s3://` folder
-    (credentials and, unless given, the endpoint come from the usual AWS settings)."""
-    if not str(path).startswith("s3://"):
-        return str(path)
-    from factory.config import StorageConfig
-    from factory.storage import S3Storage
-
-    cache = Path(tempfile.gettempdir()) / "cafe-models" / hashlib.sha256(path.encode()).hexdigest()[:16]
-    if cache.is_dir():
-        return str(cache)
-    root, _, name = path.rstrip("/").rpartition("/")
-    storage = S3Storage(root, StorageConfig(root=root, endpoint_url=endpoint_url))
-    keys = storage.list(name)
-    if not keys:
-        raise FileNotFoundError(f"no files under {path}")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache.parent))
-    for key in keys:
-        target = staging / key[len(name) + 1 :]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(storage.read_bytes(key))
-    try:
-        staging.rename(cache)  # whole folder or nothing; a concurrent copy may have won
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(cache)
+def local_folder(path: str, storage: Any = None) -> str:
+    """A G folder on local disk: `path` itself, or the node's cached copy of an `s3://` folder."""
+    return local_model(path, storage, "checkpoint")

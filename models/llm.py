@@ -78,13 +78,15 @@ IMPLEMENTATIONS = {
 }
 
 
-def build_engine(config: DialogueConfig) -> Engine:
-    """Build the engine named by `config.engine` (its module is imported only now)."""
+def build_engine(config: DialogueConfig, storage: Any = None) -> Engine:
+    """Build the engine named by `config.engine` (its module is imported only now); `storage` (the run's
+    storage section) fetches an `s3://` model for the engines that load weights."""
     target = IMPLEMENTATIONS.get(config.engine)
     if target is None:
         raise EngineError(f"unknown LLM engine {config.engine!r} (known: {sorted(IMPLEMENTATIONS)})")
     module_name, class_name = target.split(":")
-    return getattr(import_module(module_name), class_name)(config)
+    cls = getattr(import_module(module_name), class_name)
+    return cls(config, storage=storage) if config.engine != "openai" else cls(config)
 
 
 def sampling_settings(config: DialogueConfig) -> dict[str, Any]:

@@ -29,15 +29,18 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class TransformersEngine(BatchEngine):
     name = "transformers"
 
-    def __init__(self, config: DialogueConfig, device: str | None = None):
+    def __init__(self, config: DialogueConfig, device: str | None = None, storage: Any = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from factory.models_cache import local_model
 
         self.config = config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        path = local_model(config.model, storage, "dialogue.model")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.chat_template is None:
             raise EngineError(f"tokenizer of {config.model!r} has no chat template")
-        self.model = AutoModelForCausalLM.from_pretrained(config.model, dtype=self._dtype()).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self._dtype()).to(self.device).eval()
         self.eos_ids = self._eos_ids()
         if self.tokenizer.pad_token_id is None:  # Llama-2 ships no pad token; padded slots are masked anyway
             self.tokenizer.pad_token_id = self.eos_ids[0]
@@ -46,7 +49,9 @@ class TransformersEngine(BatchEngine):
         self._grammars: dict[str, str] = {}
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "model": self.config.model, **sampling_settings(self.config)}
+        from factory.models_cache import model_ref
+
+        return {"engine": self.name, "model": model_ref(self.config.model), **sampling_settings(self.config)}
 
     def _generate(
         self, conversations: list[Conversation], seeds: list[int], json_schema: dict[str, Any] | None

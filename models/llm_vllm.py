@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from factory.models_cache import local_model, model_ref
 from models.llm import BatchEngine, Conversation, EngineUnavailable, sampling_settings
 
 if TYPE_CHECKING:
@@ -37,14 +38,15 @@ def import_vllm():
 class VllmEngine(BatchEngine):
     name = "vllm"
 
-    def __init__(self, config: DialogueConfig):
+    def __init__(self, config: DialogueConfig, storage: Any = None):
         self.config = config
+        self.storage = storage
         self.vllm = import_vllm()
         self.llm = self.vllm.LLM(**self.engine_kwargs())
 
     def engine_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
-            "model": self.config.model,
+            "model": local_model(self.config.model, self.storage, "dialogue.model"),
             "tensor_parallel_size": self.config.tensor_parallel_size,
             "dtype": self.config.dtype,
             "seed": self.config.seed,
@@ -58,7 +60,7 @@ class VllmEngine(BatchEngine):
 
     def describe(self) -> dict[str, Any]:
         version = getattr(self.vllm, "__version__", "unknown")
-        return {"engine": self.name, "model": self.config.model, "vllm": version,
+        return {"engine": self.name, "model": model_ref(self.config.model), "vllm": version,
                 "tensor_parallel_size": self.config.tensor_parallel_size, **sampling_settings(self.config)}
 
     def _generate(

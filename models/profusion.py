@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from factory.models_cache import local_model, model_ref
 from models.base import GenJob, GenResult
 from models.promptnet import (
     IMAGE_ENCODER_FOLDER,
@@ -91,9 +92,10 @@ class ProFusionGenerator:
 
     kind = "profusion"
 
-    def __init__(self, name: str, spec: GeneratorSpec, device: str = "cpu"):
+    def __init__(self, name: str, spec: GeneratorSpec, device: str = "cpu", storage: Any = None):
         self.name = name
         self.spec = spec
+        self.storage = storage
         try:
             self.options = ProFusionOptions.model_validate(spec.options)
         except ValidationError as err:
@@ -111,21 +113,26 @@ class ProFusionGenerator:
         from transformers import CLIPTextModel, CLIPTokenizer
 
         frozen = dict(torch_dtype=self.dtype, **_LOADING)
-        self.vae = AutoencoderKL.from_pretrained(spec.model, subfolder="vae", **frozen)
-        self.unet = UNet2DConditionModel.from_pretrained(spec.model, subfolder="unet", **frozen)
-        self.text_encoder = CLIPTextModel.from_pretrained(spec.model, subfolder="text_encoder", dtype=self.dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(spec.model, subfolder="tokenizer")
-        self.scheduler = _load_scheduler(spec.model, self.options.scheduler)
+        where = f"generate.generators.{self.name}"
+        model = local_model(spec.model, self.storage, f"{where}.model")
+        checkpoint = local_model(spec.checkpoint, self.storage, f"{where}.checkpoint")
+        self.vae = AutoencoderKL.from_pretrained(model, subfolder="vae", **frozen)
+        self.unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **frozen)
+        self.text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=self.dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        self.scheduler = _load_scheduler(model, self.options.scheduler)
         self.noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
-        self.image_encoder = self._load_image_encoder(spec.checkpoint)
-        self.promptnet = self._load_promptnet(spec.checkpoint)
+        self.image_encoder = self._load_image_encoder(checkpoint)
+        self.promptnet = self._load_promptnet(checkpoint)
         for module in (self.vae, self.unet, self.text_encoder, self.image_encoder, self.promptnet):
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
         self.prompts = PlaceholderPrompts(tokenizer, self.text_encoder)
 
     def _load_image_encoder(self, checkpoint: str | None):
-        source = self.options.image_encoder or (image_encoder_path(checkpoint) if checkpoint else None)
+        source = local_model(self.options.image_encoder, self.storage,
+                             f"generate.generators.{self.name}.options.image_encoder")
+        source = source or (image_encoder_path(checkpoint) if checkpoint else None)
         return None if source is None else load_image_encoder(source, dtype=self.dtype)
 
     def _load_promptnet(self, checkpoint: str | None) -> PromptNet:
@@ -170,13 +177,13 @@ class ProFusionGenerator:
         return {
             "name": self.name,
             "kind": self.kind,
-            "model": self.spec.model,
-            "checkpoint": self.spec.checkpoint,
+            "model": model_ref(self.spec.model),
+            "checkpoint": model_ref(self.spec.checkpoint),
             "image_size": self.spec.image_size,
             "steps": self.spec.steps,
             "guidance_scale": self.spec.guidance_scale,
             "scheduler": type(self.scheduler).__name__,
-            "options": self.options.model_dump(mode="json"),
+            "options": {**self.options.model_dump(mode="json"), "image_encoder": model_ref(self.options.image_encoder)},
         }
 
     def generate(self, reference: Image.Image, jobs: list[GenJob]) -> list[GenResult]:

@@ -295,7 +295,7 @@ class Dialogue(Stage):
         self.limits = DialogueLimits.from_config(self.settings)
         self.prompt = load_prompt(self.settings)
         self.schema = dialogue_schema(self.limits) if self.settings.constrained else None
-        self.engine = engine if engine is not None else build_engine(self.settings)
+        self.engine = engine if engine is not None else build_engine(self.settings, config.storage)
 
     def describe(self) -> dict[str, Any]:
         return {"dialogue_prompt": prompt_fingerprint(self.config)}

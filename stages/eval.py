@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from factory.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec
+from factory.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec, StorageConfig
 from factory.context import RunContext
 from factory.images import decode_image
 from factory.storage import Storage
@@ -58,8 +58,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Located:
-    """Where a model lives: a local folder, a checkpoint step in storage (`<key>/model/...`), or a
-    bare model folder in storage. Resolved on the driver, copied to local disk by each worker."""
+    """Where a model lives: a local folder, an `s3://` model folder (fetched through the node's model
+    cache), a checkpoint step in storage (`<key>/model/...`), or a bare model folder in storage.
+    Resolved on the driver, copied to local disk by each worker."""
 
     name: str  # the local folder or the storage key
     in_storage: bool
@@ -69,7 +70,7 @@ class Located:
     def resolve(cls, storage: Storage, given: str | None, model: str, run_id: str) -> "Located":
         from factory.checkpoints import latest_checkpoint
 
-        if given and Path(given).is_dir():
+        if given and (Path(given).is_dir() or given.startswith("s3://")):
             return cls(given, False)
         key = given or latest_checkpoint(storage, model, run_id)
         if key is None:
@@ -81,12 +82,13 @@ class Located:
             raise ValueError(f"{model} checkpoint {given!r} is neither a local folder nor in {storage.url('')}")
         return cls(key, True)
 
-    def materialize(self, storage: Storage, scratch: Path) -> str:
+    def materialize(self, storage: Storage, scratch: Path, settings: StorageConfig | None = None) -> str:
         """A local folder holding the model (a copy under `scratch` when it is in storage)."""
         from factory.checkpoints import fetch_checkpoint
+        from factory.models_cache import local_model
 
         if not self.in_storage:
-            return self.name
+            return local_model(self.name, settings, "eval.checkpoint")
         if self.step:
             return fetch_checkpoint(storage, self.name, scratch)
         for item in storage.list(self.name):
@@ -144,6 +146,7 @@ class EvalWorker:
         import torch
 
         from factory.config import validate_config
+        from factory.models_cache import loader_paths
         from factory.storage import open_storage
         from filters.clip import ClipScorer
         from filters.dino import DinoScorer
@@ -156,23 +159,25 @@ class EvalWorker:
         storage = open_storage(config.storage)
         spec = GeneratorSpec(
             kind="cafe",
-            model=generator.materialize(storage, Path(self.scratch.name) / "g"),
+            model=generator.materialize(storage, Path(self.scratch.name) / "g", config.storage),
             image_size=settings.image_size,
             steps=settings.steps,
             guidance_scale=settings.clip_guidance_scale,
             options={"dino_guidance_scale": settings.dino_guidance_scale},
         )
-        self.generator = CafeGenerator("eval", spec, device)
-        assistant_folder = assistant.materialize(storage, Path(self.scratch.name) / "a") if assistant else None
-        self.semantics = semantic_source(settings, self.generator, assistant_folder, device)
+        self.generator = CafeGenerator("eval", spec, device, storage=config.storage)
+        assistant_folder = (assistant.materialize(storage, Path(self.scratch.name) / "a", config.storage)
+                            if assistant else None)
+        self.semantics = semantic_source(settings, self.generator, assistant_folder, device, config.storage)
+        local = loader_paths(config.storage)
         self.clip = ClipScorer(
             settings.clip_model or config.filter.clip_model,
-            settings.clip_pretrained or config.filter.clip_pretrained,
+            local(settings.clip_pretrained or config.filter.clip_pretrained, "eval.clip_pretrained"),
             device,
-            model_config=settings.clip_model_config or config.filter.clip_model_config,
+            model_config=local(settings.clip_model_config or config.filter.clip_model_config, "eval.clip_model_config"),
             quick_gelu=config.filter.clip_quick_gelu,
         )
-        self.dino = DinoScorer(settings.dino_model or config.filter.dino_model, device)
+        self.dino = DinoScorer(local(settings.dino_model or config.filter.dino_model, "eval.dino_model"), device)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         metrics: dict[str, list[list[float]]] = {m: [] for m in METRICS}
@@ -233,7 +238,8 @@ def report_from_scored(scored: pd.DataFrame, settings: EvalConfig, seconds: floa
     return build_report(rows, settings, json.loads(scored["generator"].iloc[0]), seconds)
 
 
-def semantic_source(settings: EvalConfig, generator, assistant_folder: str | None, device: str):
+def semantic_source(settings: EvalConfig, generator, assistant_folder: str | None, device: str,
+                    storage: StorageConfig | None = None):
     """A function (E(x), prompt) -> the CLIP condition (1, d) for G."""
     import torch
 
@@ -242,7 +248,7 @@ def semantic_source(settings: EvalConfig, generator, assistant_folder: str | Non
 
         if assistant_folder is None:
             raise ValueError("eval.semantic 'assistant' needs an assistant checkpoint")
-        assistant = CafeAssistant.from_pretrained(assistant_folder).to(device).eval()
+        assistant = CafeAssistant.from_pretrained(assistant_folder, storage=storage).to(device).eval()
 
         def from_assistant(dino_x, prompt):
             _, embedding = assistant.respond(dino_x, prompt, max_new_tokens=settings.max_new_tokens)
@@ -252,7 +258,9 @@ def semantic_source(settings: EvalConfig, generator, assistant_folder: str | Non
 
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-    clip_path = generator.paths["clip_model"]
+    from factory.models_cache import local_model
+
+    clip_path = local_model(generator.paths["clip_model"], storage, "clip_model")
     tokenizer = AutoTokenizer.from_pretrained(clip_path)
     text_model = CLIPTextModelWithProjection.from_pretrained(clip_path).to(device).eval()
 

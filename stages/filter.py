@@ -50,14 +50,17 @@ class Filter(Stage):
     shaped_by = ("references", "plan", "generate", "filter")
 
     def __init__(self, config: FactoryConfig, device: str | None = None):
+        from factory.models_cache import loader_paths
         from filters.clip import clip_scorer_from_config
         from filters.dino import DinoScorer
 
         super().__init__(config)
         self.settings = config.filter
         self.device = device or pick_device(self.settings.num_gpus)
-        self.clip = clip_scorer_from_config(config, self.device)
-        self.dino = DinoScorer(self.settings.dino_model, device=self.device, dtype=self.settings.dtype)
+        local = loader_paths(config.storage)
+        self.clip = clip_scorer_from_config(config, self.device, local)
+        self.dino = DinoScorer(local(self.settings.dino_model, "filter.dino_model"), device=self.device,
+                               dtype=self.settings.dtype)
 
     def process(self, rows: pd.DataFrame) -> pd.DataFrame:
         scores = {rule: np.full(len(rows), np.nan) for rule in RULES}

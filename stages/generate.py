@@ -47,7 +47,7 @@ class Generate(Stage):
             spec = self.config.generate.generators.get(name)
             if spec is None:
                 raise KeyError(f"generator {name!r} is not configured under generate.generators")
-            self._generators[name] = build_generator(name, spec, self.device)
+            self._generators[name] = build_generator(name, spec, self.device, self.config.storage)
         return self._generators[name]
 
     def process(self, rows: pd.DataFrame) -> pd.DataFrame:

@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 
 from factory import layout
-from factory.config import FactoryConfig
+from factory.config import FactoryConfig, StorageConfig
 from factory.context import RunContext
 from factory.keys import portable_ref, sample_key
 from factory.manifest import (
@@ -163,9 +163,10 @@ def store_drawn_w(ctx: RunContext, w_ids: list[str], images: list[bytes]) -> Non
 
 
 def clip_scorer(config: FactoryConfig):
+    from factory.models_cache import loader_paths
     from filters.clip import clip_scorer_from_config
 
-    return clip_scorer_from_config(config)
+    return clip_scorer_from_config(config, local=loader_paths(config.storage))
 
 
 def pool_name(ctx: RunContext, parent: str) -> str:
@@ -198,10 +199,13 @@ class WDrawer:
     """map_batches callable holding a Stable Diffusion pipeline: adds `w_image` (JPEG bytes) drawn
     from each row's `instruction` with a generator seeded by the row's own `seed`."""
 
-    def __init__(self, sd_model: str, steps: int, size: int):
+    def __init__(self, sd_model: str, steps: int, size: int, storage: StorageConfig | None = None):
         import torch
         from diffusers import StableDiffusionPipeline
 
+        from factory.models_cache import local_model
+
+        sd_model = local_model(sd_model, storage, "references.sd_model")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = StableDiffusionPipeline.from_pretrained(sd_model, safety_checker=None,
                                                             requires_safety_checker=False).to(self.device)
@@ -229,7 +233,8 @@ def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> l
     frame = pd.DataFrame({"order": np.arange(len(jobs)), "instruction": jobs["instruction"].to_numpy(),
                           "seed": jobs["seed"].to_numpy(dtype=np.int64)})
     drawn = ray.data.from_pandas(frame).map_batches(
-        WDrawer, fn_constructor_args=(refs.sd_model, refs.sd_steps, refs.sd_size), batch_size=batch_size,
+        WDrawer, fn_constructor_args=(refs.sd_model, refs.sd_steps, refs.sd_size, ctx.config.storage),
+        batch_size=batch_size,
         batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=refs.concurrency),
         num_gpus=refs.num_gpus, num_cpus=refs.num_cpus,
     ).select_columns(["order", "w_image"]).to_pandas()
@@ -361,8 +366,10 @@ def clip_scorer_from_snapshot(snapshot: dict, device: str | None = None):
     import torch
 
     from factory.config import validate_config
+    from factory.models_cache import loader_paths
     from filters.clip import clip_scorer_from_config
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return clip_scorer_from_config(validate_config(snapshot), device)
+    config = validate_config(snapshot)
+    return clip_scorer_from_config(config, device, loader_paths(config.storage))

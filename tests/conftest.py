@@ -61,3 +61,11 @@ def storage(storage_config):
     from factory.storage import open_storage
 
     return open_storage(storage_config)
+
+
+@pytest.fixture(autouse=True)
+def model_cache(tmp_path, monkeypatch):
+    """Each test fetches S3 models into its own cache folder (`factory.models_cache`)."""
+    folder = tmp_path / "model-cache"
+    monkeypatch.setenv("FACTORY_MODEL_CACHE", str(folder))
+    return folder

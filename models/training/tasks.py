@@ -20,21 +20,25 @@ class GeneratorTask:
         import torch
         from diffusers import AutoencoderKL, DDPMScheduler
 
+        from factory.config import StorageConfig
+        from factory.models_cache import local_model
         from models.cafe import CafeUNet, ImageEncoders, local_folder
 
         s = job.settings
+        storage = StorageConfig(**job.storage)
         self.settings = s
         self.lr, self.batch_size = s.generator_lr, s.generator_batch_size
         if s.init_from:
-            self.model = CafeUNet.from_pretrained(local_folder(s.init_from, job.storage.get("endpoint_url")))
+            self.model = CafeUNet.from_pretrained(local_folder(s.init_from, storage))
             self.model.register_to_config(base_model=s.base_model, clip_model=s.clip_model, dino_model=s.dino_model)
         else:
-            self.model = CafeUNet.from_base(s.base_model, s.clip_model, s.dino_model)
+            self.model = CafeUNet.from_base(s.base_model, s.clip_model, s.dino_model, storage=storage)
         self.model.set_trainable(s.generator_trainable)
         frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.encoders = ImageEncoders(s.clip_model, s.dino_model, device, frozen_dtype)
-        self.vae = AutoencoderKL.from_pretrained(s.base_model, subfolder="vae").to(device).eval().requires_grad_(False)
-        self.scheduler = DDPMScheduler.from_pretrained(s.base_model, subfolder="scheduler")
+        self.encoders = ImageEncoders(s.clip_model, s.dino_model, device, frozen_dtype, storage)
+        base = local_model(s.base_model, storage, "train.base_model")
+        self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device).eval().requires_grad_(False)
+        self.scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_size = s.image_size or self.model.unet.config.sample_size * vae_factor
 
@@ -68,19 +72,22 @@ class AssistantTask:
     def __init__(self, job: TrainJob, device):
         import torch
 
+        from factory.config import StorageConfig
         from models.assistant import CafeAssistant
         from models.cafe import ImageEncoders, local_folder
 
         s = job.settings
+        storage = StorageConfig(**job.storage)
         self.settings = s
         self.lr, self.batch_size = s.assistant_lr, s.assistant_batch_size
         llm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if s.init_from:
-            folder = local_folder(s.init_from, job.storage.get("endpoint_url"))
-            self.model = CafeAssistant.from_pretrained(folder, llm_model=s.llm_model, dtype=llm_dtype)
+            folder = local_folder(s.init_from, storage)
+            self.model = CafeAssistant.from_pretrained(folder, llm_model=s.llm_model, dtype=llm_dtype, storage=storage)
         else:
-            self.model = CafeAssistant.from_parts(s.llm_model, s.clip_model, s.dino_model, s.max_text_tokens, llm_dtype)
-        self.encoders = ImageEncoders(s.clip_model, s.dino_model, device, llm_dtype)
+            self.model = CafeAssistant.from_parts(s.llm_model, s.clip_model, s.dino_model, s.max_text_tokens, llm_dtype,
+                                                  storage)
+        self.encoders = ImageEncoders(s.clip_model, s.dino_model, device, llm_dtype, storage)
 
     def loss(self, model, samples: list[Sample], generator):
         from models.assistant import assistant_loss

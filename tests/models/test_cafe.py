@@ -230,7 +230,8 @@ def test_a_g_folder_in_s3_is_fetched_to_local_disk(g_folder, s3_bucket):
     for path in Path(g_folder).iterdir():
         storage.upload_file(path, f"checkpoints/generator/run/step-00000001/model/{path.name}")
     url = storage.url("checkpoints/generator/run/step-00000001/model")
-    local = local_folder(url, endpoint_url=endpoint)
+    settings = StorageConfig(root=url, endpoint_url=endpoint)
+    local = local_folder(url, settings)
     assert sorted(p.name for p in Path(local).iterdir()) == sorted(p.name for p in Path(g_folder).iterdir())
-    assert local_folder(url, endpoint_url=endpoint) == local  # cached
+    assert local_folder(url, settings) == local  # cached
     assert local_folder(g_folder) == g_folder

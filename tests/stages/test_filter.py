@@ -143,3 +143,31 @@ def test_micro_batches_do_not_change_scores(tiny_models, stage):
     rows = candidates([jpeg(number) for number in range(5)])
     one_by_one = Filter(make_config(tiny_models, batch_size=1), device="cpu")(rows)
     np.testing.assert_allclose(one_by_one["clip_t"], stage(rows)["clip_t"], atol=1e-5)
+
+
+def test_the_filter_scores_the_same_with_its_models_on_s3(stage, tiny_models, s3_bucket, model_cache):
+    from pathlib import Path
+
+    from factory.config import StorageConfig
+    from factory.storage import S3Storage
+
+    clip, dino = tiny_models
+    endpoint, bucket = s3_bucket
+    models = f"s3://{bucket}/models"
+    storage = S3Storage(models, StorageConfig(root=models, endpoint_url=endpoint))
+    for folder, name in ((Path(clip.pretrained).parent, "clip"), (Path(dino), "dino")):
+        for path in folder.iterdir():
+            storage.upload_file(path, f"{name}/{path.name}")
+    config = FactoryConfig.model_validate({
+        "storage": {"root": f"s3://{bucket}/root", "endpoint_url": endpoint},
+        "filter": {"clip_model": clip.model_name, "batch_size": 3,
+                   "clip_pretrained": f"{models}/clip/{Path(clip.pretrained).name}",
+                   "clip_model_config": f"{models}/clip/{Path(clip.model_config).name}",
+                   "dino_model": f"{models}/dino"},
+    })
+    on_s3 = Filter(config, device="cpu")
+    assert len([p for p in model_cache.iterdir() if not p.name.startswith(".")]) == 3  # loaded from the cache
+    rows = candidates([jpeg(number) for number in range(4)])
+    local, remote = stage(rows.copy()), on_s3(rows.copy())
+    np.testing.assert_allclose(remote["clip_t"], local["clip_t"], rtol=1e-6)
+    np.testing.assert_allclose(remote["dino"], local["dino"], rtol=1e-6)
