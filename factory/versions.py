@@ -56,16 +56,23 @@ def cmd_union(storage, config, args) -> int:
 
 
 def cmd_rethreshold(storage, config, args) -> int:
+    import ray
+
     from factory.rethreshold import rethreshold_version
     from factory.run import init_ray
 
-    if config.publish.executor == "ray":
+    started_ray = config.publish.executor == "ray" and not ray.is_initialized()
+    if started_ray:
         init_ray(config)  # the child's shards are written by a Ray job
     thresholds = dict(item.split("=", 1) for item in args.threshold)
-    manifest = rethreshold_version(storage, config, args.version, args.name,
-                                   {name: float(value) for name, value in thresholds.items()})
-    print(f"version {config.dataset}/{args.name}: {manifest['samples']} of the parent's samples "
-          f"pass {manifest['thresholds']}")
+    try:
+        manifest = rethreshold_version(storage, config, args.version, args.name,
+                                       {name: float(value) for name, value in thresholds.items()})
+    finally:
+        if started_ray:
+            ray.shutdown()
+    print(f"version {config.dataset}/{args.name}: {manifest['samples']} of the parent's samples pass "
+          f"{manifest['thresholds']}")
     return 0
 
 

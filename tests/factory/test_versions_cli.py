@@ -41,7 +41,9 @@ def test_union_and_unknown_version(root, capsys):
 
 
 def test_rethreshold_selects_the_stricter_subset(root, storage):
-    assert main(root + ["rethreshold", "v1", "v1-strict", "--threshold", "clip_t=0.305"]) == 0
+    # the one-process passes: the Ray job is tested in tests/factory/test_publisher.py
+    local = ["--set", "publish.executor=local"]
+    assert main(root + local + ["rethreshold", "v1", "v1-strict", "--threshold", "clip_t=0.305"]) == 0
     child = load_manifest(storage, "demo", "v1-strict")
     parent_index = storage.read_parquet("datasets/demo/v1/index.parquet").to_pylist()
     expected = sorted(row["key"] for row in parent_index if row["clip_t"] >= 0.305)
