@@ -192,24 +192,31 @@ class Side:
 
 def unit_timeline(ctx, stage: str, started: float) -> list[dict]:
     """When each unit's file of `stage` was written (seconds after `started`) and its stage seconds."""
-    from factory.pipeline import finished_units, read_unit
+    from factory.units import finished_units, read_unit
 
     rows = []
-    for unit in sorted(finished_units(ctx, stage)):
+    for unit in sorted(finished_units(ctx.storage, ctx.config.run_id, stage)):
         path = Path(ctx.storage.url(ctx.unit_key(stage, unit)))
-        frame = read_unit(ctx, stage, unit)
+        frame = read_unit(ctx.storage, ctx.config.run_id, stage, unit)
         rows.append({"stage": stage, "unit": unit, "end": path.stat().st_mtime - started,
                      "seconds": float(frame[f"seconds_{stage}"].sum())})
     return rows
 
 
 def final_outputs(ctx) -> dict[str, tuple]:
-    from factory.pipeline import read_stage
+    import pandas as pd
 
-    frame = read_stage(ctx, STEP_NAMES[-1])
-    digest = [hashlib.sha256(b).hexdigest()[:16] if isinstance(b, bytes) else None for b in frame["target_image"]]
-    reasons = frame["reject_reason"].where(frame["reject_reason"].notna(), None)
-    return dict(zip(frame["key"], zip(reasons, digest)))
+    from factory.units import finished_units, read_unit
+
+    units = sorted(finished_units(ctx.storage, ctx.config.run_id, STEP_NAMES[-1]))
+    run = ctx.config.run_id
+    last = pd.concat([read_unit(ctx.storage, run, STEP_NAMES[-1], unit) for unit in units], ignore_index=True)
+    drawn = pd.concat([read_unit(ctx.storage, run, "generate", unit, ["key", "target_image"]) for unit in units])
+    images = dict(zip(drawn["key"], drawn["target_image"]))  # x~ is stored once, in generate's files
+    digest = [hashlib.sha256(images[key]).hexdigest()[:16] if isinstance(images.get(key), bytes) else None
+              for key in last["key"]]
+    reasons = last["reject_reason"].where(last["reject_reason"].notna(), None)
+    return dict(zip(last["key"], zip(reasons, digest)))
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -225,11 +232,11 @@ def loop_child(config_path: str) -> None:
     import torch
 
     from factory.context import RunContext
-    from factory.pipeline import STEPS, load_target, run_steps_inline
+    from factory.pipeline import STEPS, run_steps_inline
 
     steps = [STEPS[name] for name in STEP_NAMES]
     for step in steps:
-        load_target(step.target)  # import the stage modules (torch, diffusers, transformers, open_clip)
+        step.stage_class()  # import the stage modules (torch, diffusers, transformers, open_clip)
     imported = time.perf_counter() - started
     config = validate_config(json.loads(Path(config_path).read_text()))
     summary = run_steps_inline(RunContext(config), steps)
@@ -520,9 +527,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def plan_units_of(config: FactoryConfig) -> list[int]:
     from factory.context import RunContext
-    from factory.pipeline import plan_units
+    from factory.units import plan_units
 
-    return plan_units(RunContext(config))
+    return plan_units(RunContext(config).storage, config.run_id)
 
 
 if __name__ == "__main__":
