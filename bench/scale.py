@@ -11,8 +11,9 @@ pipeline on local Ray (`factory.pipeline.run_steps`: actor pools, image joins, u
 `factory.publisher.write_version` from the run (local disk) to a moto S3 server on 127.0.0.1
 in its own process.
 
-Printed per size: peak RSS of the largest process (the driver and every Ray process it started;
-the S3 server is not ours and not counted) and of the driver, wall seconds per candidate,
+Printed per size: peak private RSS (`RssAnon`: Ray's shared object store pages are not the
+process's own) of the largest process (the driver and every Ray process it started; the S3
+server is not ours and not counted) and of the driver, wall seconds per candidate,
 orchestration overhead per unit and per candidate (pipeline wall minus the stages' own time,
 spread over the actors), and publish throughput against a bare boto3 `upload_file` of the same
 shard bytes. Goals (issue 13): largest-process peak at 100k <= 1.3x that at 1k; overhead
@@ -105,8 +106,8 @@ class FreeDialogue(Stage):
 # --- measuring ---------------------------------------------------------------------------------
 
 
-def process_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, RSS bytes, command) for every process, read from /proc (Linux)."""
+def process_table() -> dict[int, tuple[int, int, int, str]]:
+    """pid -> (parent pid, private RSS, total RSS, command) for every process, from /proc (Linux)."""
     table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -114,11 +115,15 @@ def process_table() -> dict[int, tuple[int, int, str]]:
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
             parent = int(stat.rsplit(")", 1)[1].split()[1])
-            rss = int(stat.rsplit(")", 1)[1].split()[21]) * os.sysconf("SC_PAGE_SIZE")
+            status = Path(f"/proc/{entry}/status").read_text()
+            # private memory: RSS less the shared pages (Ray's object store is mapped into its workers)
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.splitlines()
+                      if line.startswith(("RssAnon:", "VmRSS:"))}
+            rss, total = fields["RssAnon"], fields["VmRSS"]
             command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
+        except (OSError, ValueError, IndexError, KeyError):
             continue
-        table[int(entry)] = (parent, rss, command[:60])
+        table[int(entry)] = (parent, rss, total, command[:60])
     return table
 
 
@@ -129,6 +134,7 @@ class PeakRss:
         self.skip, self.every_s = skip, every_s
         self.driver = 0
         self.largest = 0
+        self.largest_total = 0
         self.largest_name = ""
         self._stop = threading.Event()
 
@@ -148,13 +154,14 @@ class PeakRss:
             ours, frontier = {me}, [me]
             while frontier:
                 parent = frontier.pop()
-                children = [pid for pid, (ppid, _, _) in table.items() if ppid == parent and pid not in ours]
+                children = [pid for pid, (ppid, *_) in table.items() if ppid == parent and pid not in ours]
                 ours.update(children)
                 frontier.extend(children)
             for pid in ours - self.skip:
                 if pid not in table:
                     continue
-                _, rss, command = table[pid]
+                _, rss, total, command = table[pid]
+                self.largest_total = max(self.largest_total, total)
                 if pid == me:
                     self.driver = max(self.driver, rss)
                 if rss > self.largest:
@@ -231,6 +238,7 @@ def run_size(size: int, unit_size: int, endpoint: str, moto_pid: int, scratch: P
         "size": size, "units": summary["units"], "samples": manifest["samples"],
         "shard_mib": mib(sum(shard["bytes"] for shard in manifest["shards"])),
         "largest_mib": mib(max(pipeline_rss.largest, publish_rss.largest)),
+        "largest_total_mib": mib(max(pipeline_rss.largest_total, publish_rss.largest_total)),
         "largest_name": (pipeline_rss if pipeline_rss.largest >= publish_rss.largest else publish_rss).largest_name,
         "driver_mib": mib(max(pipeline_rss.driver, publish_rss.driver)),
         "pipeline_s": pipeline_wall, "wall_ms_per_candidate": 1000 * pipeline_wall / size,
@@ -260,11 +268,12 @@ def bare_upload(endpoint: str, s3_root: str, manifest: dict, folder: Path) -> fl
 
 
 def table(results: list[dict]) -> list[str]:
-    lines = ["| candidates | units | samples | shard MiB | largest process peak MiB | driver peak MiB | "
-             "wall ms/candidate | overhead ms/unit | overhead ms/candidate | publish s | bare boto3 s | "
-             "publish vs boto3 |", "|" + "---|" * 12]
+    lines = ["| candidates | units | samples | shard MiB | largest process peak, private (total RSS) MiB | "
+             "driver peak MiB | wall ms/candidate | overhead ms/unit | overhead ms/candidate | publish s | "
+             "bare boto3 s | publish vs boto3 |", "|" + "---|" * 12]
     for r in results:
-        lines.append(f"| {r['size']:,} | {r['units']} | {r['samples']} | {r['shard_mib']:.0f} | {r['largest_mib']:.0f} "
+        lines.append(f"| {r['size']:,} | {r['units']} | {r['samples']} | {r['shard_mib']:.0f} | "
+                     f"{r['largest_mib']:.0f} ({r['largest_total_mib']:.0f}) "
                      f"| {r['driver_mib']:.0f} | {r['wall_ms_per_candidate']:.2f} | {r['overhead_ms_per_unit']:.1f} | "
                      f"{r['overhead_ms_per_candidate']:.2f} | {r['publish_s']:.1f} | {r['boto3_s']:.1f} | "
                      f"{r['publish_vs_boto3']:.2f}x |")
