@@ -69,3 +69,16 @@ def model_cache(tmp_path, monkeypatch):
     folder = tmp_path / "model-cache"
     monkeypatch.setenv("FACTORY_MODEL_CACHE", str(folder))
     return folder
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray of 2 CPUs for one test module; its workers import this checkout."""
+    from pathlib import Path
+
+    import ray
+
+    repo = Path(__file__).resolve().parents[1]
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(repo)}})
+    yield
+    ray.shutdown()

@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -10,7 +9,6 @@ from factory.pipeline import RunChanged, Step, run_steps, run_steps_inline
 from factory.units import finished_units as finished
 from factory.units import read_unit, unit_meta, write_plan
 
-REPO = Path(__file__).resolve().parents[2]
 STAMP = Step("filter", "tests.factory.stage_doubles:Stamp")
 
 
@@ -22,14 +20,6 @@ def read_stage(ctx, stage):
     units = sorted(finished_units(ctx, stage))
     return pd.concat([read_unit(ctx.storage, ctx.config.run_id, stage, unit) for unit in units], ignore_index=True)
 
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield
-    ray.shutdown()
 
 
 def make_ctx(tmp_path, units=5, per_unit=3) -> RunContext:

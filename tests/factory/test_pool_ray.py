@@ -3,7 +3,6 @@ same embeddings as embedding the images directly."""
 
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,17 +14,6 @@ from factory.pool import ImagePool, build_pool_from_shards
 from factory.shards import encode_shard
 from factory.storage import open_storage
 from tests.factory.conftest import make_samples
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,7 +21,6 @@ from factory.stage import fingerprint
 from factory.units import write_plan, write_unit
 from tests.factory.conftest import jpeg
 
-REPO = Path(__file__).resolve().parents[2]
 UNITS, PER_UNIT = 24, 6
 SHAPED = ("references", "plan", "generate", "filter", "dialogue")
 
@@ -153,11 +151,3 @@ def test_rethreshold_through_the_local_passes_keeps_a_stricter_subset(tmp_path):
     assert verify_version(ctx.storage, "demo", "strict") == []
     assert load_manifest(ctx.storage, "demo", "strict")["thresholds"]["dino"] == 0.75
 
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield
-    ray.shutdown()

@@ -17,17 +17,6 @@ from factory.config import FactoryConfig, StorageConfig
 from factory.context import RunContext
 from factory.storage import open_storage
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield
-    ray.shutdown()
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

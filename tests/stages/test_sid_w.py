@@ -16,8 +16,6 @@ from factory.pool import build_pool
 from factory.units import ImageJoin
 from tests.factory.conftest import jpeg
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
@@ -75,14 +73,6 @@ def tiny_sd(tmp_path_factory):
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "sd")
 
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    yield
-    ray.shutdown()
 
 
 def test_sd_w_is_drawn_on_an_actor_pool_with_each_jobs_seed(tmp_path, tiny_sd, ray_local):
