@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from factory import layout
 from factory.config import ActorPool, ConfigError, FactoryConfig, validate_config
 from factory.context import RunContext
 from factory.stage import Stage, changed_keys, fingerprint
@@ -63,6 +64,14 @@ class RunChanged(ConfigError):
     """A run's unit files were made with other settings than the config now says."""
 
 
+def changed_settings(config: FactoryConfig, step: Step, made_with: dict[str, Any] | None) -> list[str]:
+    """`key: old -> new` for each setting that shapes `step` and differs between a unit file's
+    footer (`made_with`) and `config`; empty when they agree or the file records none."""
+    if made_with is None:
+        return []
+    return changed_keys(made_with, fingerprint(config, step.stage_class().shaped_by))
+
+
 def check_made_with(ctx: RunContext, steps: list[Step]) -> None:
     """Refuse to add units made with one config to units made with another: a version must
     never state settings its samples were not made with. Names the keys that changed."""
@@ -71,12 +80,11 @@ def check_made_with(ctx: RunContext, steps: list[Step]) -> None:
         if not done:
             continue
         made_with = unit_meta(ctx.storage, ctx.config.run_id, step.name, done[0]).get("shaped_by")
-        now = fingerprint(ctx.config, step.stage_class().shaped_by)
-        if made_with is not None and made_with != now:
-            changes = "\n  ".join(changed_keys(made_with, now))
+        changes = changed_settings(ctx.config, step, made_with)
+        if changes:
             raise RunChanged(
                 f"run {ctx.config.run_id!r} already has {len(done)} {step.name} units made with other settings:\n  "
-                f"{changes}\nstart a new run (--set run_id=NEW) or restore those settings")
+                + "\n  ".join(changes) + "\nstart a new run (--set run_id=NEW) or restore those settings")
 
 
 class UnitWorker:
@@ -117,8 +125,6 @@ class UnitWorker:
         return seconds, len(out)
 
     def unit_key(self, unit: int) -> str:
-        from factory import layout
-
         return layout.unit_file(self.run_id, self.step.name, unit)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -209,8 +215,9 @@ def run_steps_inline(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     workers = [UnitWorker(step, ctx.config.snapshot()) for step in steps]
     started = time.perf_counter()
     ran = 0
+    done = finished_units(ctx.storage, ctx.config.run_id, steps[-1].name)
     for unit in units:
-        if unit in finished_units(ctx.storage, ctx.config.run_id, steps[-1].name):
+        if unit in done:
             continue
         for worker in workers:
             worker.run_unit(unit)

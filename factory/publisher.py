@@ -48,8 +48,8 @@ from factory.manifest import (
     version_exists,
 )
 from factory.models_cache import model_fingerprint
+from factory.pipeline import STEPS, changed_settings
 from factory.shards import Sample, cut_points, encode_shard, estimated_bytes, read_shard
-from factory.stage import changed_keys, fingerprint
 from factory.storage import Storage, open_storage
 from factory.units import ImageJoin, finished_units, plan_units, read_unit, unit_meta
 
@@ -357,8 +357,8 @@ def publish_run(ctx: RunContext, kind: str = "bootstrap", parents: list[str] | N
     if not done:
         raise VersionError(f"nothing to publish: no dialogue output under {storage.url(layout.run_dir(config.run_id))}")
     partial = partial_units(ctx, done)
-    check_units_made_with(ctx, sorted(done)[0])
     metas = {stage: [unit_meta(storage, config.run_id, stage, unit) for unit in sorted(done)] for stage in MODEL_STAGES}
+    check_units_made_with(ctx, metas["dialogue"][0])
     source = RunSamples(config.storage, config.run_id, config.dataset, ctx.version)
     spec = VersionSpec(
         dataset=config.dataset, version=ctx.version, kind=kind, parents=parents or [], config=config.snapshot(),
@@ -385,15 +385,13 @@ def partial_units(ctx: RunContext, done: set[int]) -> dict[str, Any] | None:
     return {"missing_units": len(missing), "first_missing": missing[:10]}
 
 
-def check_units_made_with(ctx: RunContext, unit: int) -> None:
+def check_units_made_with(ctx: RunContext, dialogue_meta: dict[str, Any]) -> None:
     """A manifest states this config's thresholds and models: refuse units made otherwise."""
-    for stage, sections in (("dialogue", ("references", "plan", "generate", "filter", "dialogue")),):
-        made_with = unit_meta(ctx.storage, ctx.config.run_id, stage, unit).get("shaped_by")
-        now = fingerprint(ctx.config, sections)
-        if made_with is not None and made_with != now:
-            changes = "\n  ".join(changed_keys(made_with, now))
-            raise VersionError(f"run {ctx.config.run_id!r} was made with other settings than this config:\n  "
-                               f"{changes}\npublish with the config the run was made with, or start a new run")
+    changes = changed_settings(ctx.config, STEPS["dialogue"], dialogue_meta.get("shaped_by"))
+    if changes:
+        raise VersionError(f"run {ctx.config.run_id!r} was made with other settings than this config:\n  "
+                           + "\n  ".join(changes)
+                           + "\npublish with the config the run was made with, or start a new run")
 
 
 def funnel(metas: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

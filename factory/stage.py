@@ -93,12 +93,6 @@ def merge_live(rows: pd.DataFrame, done: pd.DataFrame, live: np.ndarray) -> pd.D
     return out
 
 
-def reasons(rows: pd.DataFrame) -> pd.Series:
-    """Every rejection as `stage:reason`, the one format the funnel and the logs show."""
-    rejected = rows[rows["reject_reason"].notna()]
-    return rejected["reject_stage"].astype(str) + ":" + rejected["reject_reason"].astype(str)
-
-
 # --- what shaped a unit ----------------------------------------------------------------
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
@@ -84,23 +83,12 @@ class Storage:
         column, one row group) fetch only those bytes."""
         return io.BytesIO(self.read_bytes(key))
 
-    def read_parquet(self, key: str, columns: list[str] | None = None) -> pa.Table:
+    def read_parquet(self, key: str, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+        """The table, or some columns, or the rows `filters` keeps (pyarrow's DNF filters): only
+        the row groups whose statistics can hold them are read (a plan written one row group per
+        unit reads one unit)."""
         with self.open(key) as handle:
-            return pq.read_table(handle, columns=columns)
-
-    def read_parquet_rows(self, key: str, column: str, value: int) -> pa.Table:
-        """The rows whose `column` equals `value`, reading only the row groups whose
-        statistics can hold it (a plan written one row group per unit reads one unit)."""
-        with self.open(key) as handle:
-            parquet = pq.ParquetFile(handle)
-            position = parquet.schema_arrow.get_field_index(column)
-            groups = []
-            for number in range(parquet.num_row_groups):
-                stats = parquet.metadata.row_group(number).column(position).statistics
-                if stats is None or not stats.has_min_max or stats.min <= value <= stats.max:
-                    groups.append(number)
-            table = parquet.read_row_groups(groups) if groups else parquet.schema_arrow.empty_table()
-        return table.filter(pa.compute.equal(table.column(column), value))
+            return pq.read_table(handle, columns=columns, filters=filters)
 
     def parquet_metadata(self, key: str) -> dict[bytes, bytes]:
         """A Parquet file's key-value metadata, read from its footer alone."""

@@ -55,7 +55,7 @@ def plan_units(storage: Storage, run_id: str) -> list[int]:
 
 
 def read_plan_unit(storage: Storage, run_id: str, unit: int) -> pd.DataFrame:
-    return storage.read_parquet_rows(layout.plan(run_id), "unit", unit).to_pandas()
+    return storage.read_parquet(layout.plan(run_id), filters=[("unit", "=", unit)]).to_pandas()
 
 
 # --- stage unit files ----------------------------------------------------------------------
@@ -64,10 +64,6 @@ def read_plan_unit(storage: Storage, run_id: str, unit: int) -> pd.DataFrame:
 def finished_units(storage: Storage, run_id: str, stage: str) -> set[int]:
     numbers = (layout.unit_number(key) for key in storage.list(layout.stage_dir(run_id, stage)))
     return {number for number in numbers if number is not None}
-
-
-def missing_units(storage: Storage, run_id: str, stage: str) -> list[int]:
-    return sorted(set(plan_units(storage, run_id)) - finished_units(storage, run_id, stage))
 
 
 def write_unit(storage: Storage, run_id: str, stage: str, unit: int, rows: pd.DataFrame, meta: dict[str, Any]) -> None:
@@ -135,9 +131,8 @@ class ImageJoin:
         cached = self._parts.get(part, {})
         missing = sorted(wanted - cached.keys())
         if missing:
-            with self.storage.open(part) as handle:
-                table = pq.read_table(handle, columns=["reference_id", "image"],
-                                      filters=[("reference_id", "in", missing)])
+            table = self.storage.read_parquet(part, columns=["reference_id", "image"],
+                                              filters=[("reference_id", "in", missing)])
             fetched = zip(table.column("reference_id").to_pylist(), table.column("image").to_pylist())
             cached = {**cached, **dict(fetched)}
             self._parts[part] = cached
