@@ -4,14 +4,17 @@ process (one worker, no Ray). The train stage and SID's fine-tuning call these."
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from factory.checkpoints import generator_folder
-from factory.config import FactoryConfig, StorageConfig
+from factory.config import FactoryConfig, StorageConfig, TrainConfig
 from factory.context import RunContext
 from factory.storage import Storage, open_storage
 from models.training.job import TrainJob, make_job
 from models.training.loop import Worker, summary, train_loop
+
+if TYPE_CHECKING:
+    from ray.train import ScalingConfig
 
 
 def train_on_ray(
@@ -22,7 +25,7 @@ def train_on_ray(
     ray_storage_path: str | None = None,
 ) -> dict[str, Any]:
     """Fit on the current Ray cluster with `train.num_workers` workers; returns the summary."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     job = make_job(config, version, model, run_id)
@@ -30,7 +33,7 @@ def train_on_ray(
     trainer = TorchTrainer(
         _ray_worker_loop,
         train_loop_config={"job": asdict(job)},
-        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu),
+        scaling_config=scaling(settings),
         run_config=RunConfig(
             name=f"train-{job.model}-{job.run_id}",
             storage_path=ray_storage_path,
@@ -39,6 +42,17 @@ def train_on_ray(
     )
     trainer.fit()
     return summary(open_storage(config.storage), job)
+
+
+def scaling(settings: TrainConfig) -> ScalingConfig:
+    """Ray Train's workers: one GPU each with use_gpu, plus the custom resources that pin them to a node type."""
+    from ray.train import ScalingConfig
+
+    extra = dict(settings.resources_per_worker)
+    if not extra:
+        return ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu)
+    per_worker = {"CPU": 1.0, **({"GPU": 1.0} if settings.use_gpu else {}), **extra}
+    return ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu, resources_per_worker=per_worker)
 
 
 def train_generator(
