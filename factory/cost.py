@@ -369,3 +369,59 @@ def sid_report(inputs: Inputs, bootstrap_generate_s: float) -> list[str]:
         f"{sum(r[2] for r in stage_rows(inputs, bootstrap_generate_s, inputs.pass_rate)):,.0f} h; "
         f"all by SID (after a bootstrap to train G): {total_sid:,.0f} h",
     ]
+
+
+# --- what a version's figures say about 1M samples (the version report) --------------------
+
+
+def version_estimates(manifest: dict, figures: str | Path | None = None) -> list[dict[str, Any]]:
+    """GPU-hours per 1M accepted at this version's pass rate: on the paper's A100 figures (with this
+    version's GPU-seconds when it ran on GPUs) and on each device kind bench/real_size.py measured.
+    Each row: device, unit, hours per stage, total, and the kind of source behind each stage."""
+    kind = manifest.get("kind")
+    if kind not in ("bootstrap", "sid") or pass_rate_of(manifest) is None:
+        return []
+    rows = [version_row(manifest, PAPER_GPU, None)]
+    for device, entry in read_figures(figures).items():
+        rows.append(version_row(manifest, device, entry))
+    return rows
+
+
+def version_row(manifest: dict, device: str, entry: dict[str, Any] | None) -> dict[str, Any]:
+    inputs = Inputs()
+    config = manifest.get("config") or {}
+    jobs = (config.get("plan") or {}).get("jobs_per_reference")
+    if jobs:
+        inputs.set("jobs_per_reference", jobs, "config (plan.jobs_per_reference)")
+    if entry is not None:
+        apply_device_figures(inputs, device, entry, settings_from_snapshot(config))
+    sid = manifest.get("kind") == "sid"
+    if sid and entry is None:
+        sid_from_manifest(manifest, inputs)
+    elif sid:  # the device's seconds, this round's pass rate
+        inputs.set("sid_pass_rate", pass_rate_of(manifest), f"measured: {manifest.get('version')} funnel")
+    if sid:
+        stages = stage_rows(inputs, inputs.sid_sample_s, inputs.sid_pass())
+        sources = [inputs.source["sid_sample_s"]]
+    else:
+        from_manifest(manifest, inputs, seconds="gpu" if entry is None else "never")
+        stages = stage_rows(inputs, inputs.generate_seconds(), inputs.pass_rate)
+        sources = [generate_source(inputs)]
+    sources += [inputs.source["filter_candidates_per_s"], inputs.source["dialogue_tokens_per_s"]]
+    return {"device": inputs.gpu, "unit": inputs.unit, "total": sum(row[2] for row in stages),
+            "stages": {row[0]: row[2] for row in stages},
+            "sources": {row[0]: source_kind(source) for row, source in zip(stages, sources)}}
+
+
+def settings_from_snapshot(config: dict[str, Any]) -> GeneratorSettings:
+    """Step counts from a manifest's config snapshot (the defaults where it has none)."""
+    settings = GeneratorSettings()
+    generators = (config.get("generate") or {}).get("generators") or {}
+    for spec in generators.values():
+        if spec.get("kind") == "profusion":
+            settings.profusion_steps = spec.get("steps", settings.profusion_steps)
+            settings.finetune_steps = (spec.get("options") or {}).get("finetune_steps", settings.finetune_steps)
+        elif spec.get("kind") == "cafe":
+            settings.cafe_steps = spec.get("steps", settings.cafe_steps)
+    settings.sid_jobs_per_reference = (config.get("sid") or {}).get("jobs_per_reference", 2)
+    return settings

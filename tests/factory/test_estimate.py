@@ -164,3 +164,22 @@ def test_unknown_device_kind_is_refused(published, capsys):
 def test_cost_model_cli_keeps_the_papers_totals():
     assert cost_model_total("per 1M accepted quadruplets") == 48_501
     assert cost_model_total("SID round") == 10_324
+
+
+def test_the_version_report_prices_1m_samples_per_device_kind(tmp_path):
+    from factory.cost import version_estimates
+    from factory.report.page import estimate_section
+
+    store_version(tmp_path, "boot", "bootstrap", generated=3_000, passed=207, gpu_seconds=0.0)
+    manifest = json.loads((tmp_path / layout.manifest("cafe", "boot")).read_text())
+    figures = tmp_path / "figures.json"
+    entry = {"measured": "2026-12-01", "figures": {"filter_candidate_s": {"value": 0.004, "source": "measured"}}}
+    write_device_figures(entry, "cpu", figures)
+    rows = version_estimates(manifest, figures)
+    assert [row["device"] for row in rows] == ["A100", "cpu"]
+    paper = rows[0]
+    assert paper["total"] == pytest.approx(cost_model_total("per 1M accepted quadruplets"), abs=1)
+    assert paper["sources"] == {"generate": "derived", "filter": "assumed", "dialogue": "assumed"}
+    assert rows[1]["sources"]["filter"] == "measured" and rows[1]["unit"] == "cpu-hours"
+    assert rows[1]["stages"]["filter"] == pytest.approx(1e6 / 0.069 * 0.004 / 3600)
+    assert "1M accepted samples" in estimate_section(manifest) and "(derived)" in estimate_section(manifest)
