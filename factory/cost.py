@@ -78,7 +78,7 @@ class Inputs:
     def sid_pass(self) -> float:
         if self.sid_pass_rate is not None:
             return self.sid_pass_rate
-        return self.sid_sample_s / sid_seconds_per_accepted()
+        return sum(PAPER_CAFE_SECONDS) / 2 / sid_seconds_per_accepted()  # at the paper's G seconds, whatever G's
 
     def dialogue_seconds(self) -> float:
         """GPU-seconds per accepted sample (all GPUs of the tensor-parallel group)."""
@@ -216,13 +216,25 @@ def read_figures(path: str | Path | None = None) -> dict[str, Any]:
 
 
 def write_device_figures(entry: dict[str, Any], kind: str, path: str | Path | None = None) -> Path:
-    """Put one device kind's entry into the figures file, keeping the other kinds'."""
+    """Put one device kind's entry into the figures file, keeping the other kinds'. An entry that
+    covers only some parts keeps the figures of the kind's other parts (each figure says when)."""
     where = figures_path(path)
     devices = read_figures(where)
-    devices[kind] = entry
+    devices[kind] = merge_entry(devices.get(kind), entry)
     where.write_text(json.dumps({"schema": FIGURES_SCHEMA, "devices": dict(sorted(devices.items()))}, indent=2)
                      + "\n")
     return where
+
+
+def merge_entry(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """`new`, plus the figures of `old` that `new` did not measure (stamped with their own date)."""
+    if not old:
+        return new
+    kept = {name: {**figure, "measured": figure.get("measured", old.get("measured"))}
+            for name, figure in old.get("figures", {}).items() if name not in new.get("figures", {})}
+    stamped = {name: {**figure, "measured": new.get("measured")} for name, figure in new.get("figures", {}).items()}
+    parts = list(dict.fromkeys([*old.get("parts", []), *new.get("parts", [])]))
+    return {**new, "parts": parts, "figures": dict(sorted({**kept, **stamped}.items()))}
 
 
 @dataclass
@@ -333,10 +345,10 @@ def report(inputs: Inputs) -> list[str]:
         f"  with the paper's human filtering too (keeps {human:.0%} of auto-passed): "
         f"{sum(r[2] for r in stage_rows(inputs, generate_s, inputs.pass_rate * human)):,.0f} {inputs.unit} "
         f"+ {PAPER_HUMAN_HOURS / PAPER_TRIAL_HUMAN_PASSED * MILLION:,.0f} worker-hours per 1M")
-    if inputs.unit == "GPU-hours":
+    if not inputs.unit.startswith(("actor-hours", "cpu")):
         lines += [""] + sid_report(inputs, generate_s)
     else:
-        lines.append("(SID comparison skipped: a CPU run's actor-hours do not compare with the paper's GPU-hours)")
+        lines.append(f"(SID comparison skipped: {inputs.unit} do not compare with the paper's GPU-hours)")
     return lines
 
 

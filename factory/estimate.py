@@ -264,7 +264,8 @@ def estimate_sid(config: FactoryConfig, storage: Storage, inputs: Inputs) -> lis
                           units(per_round, sid.unit_size))]
     if sid.w_source == "generate":
         cfg, step = config.references, inputs.source["sd_step_s"]
-        rows.append(StageEstimate("w (SD)", candidates, "w images to draw", cfg.sd_steps * inputs.sd_step_s,
+        per_image = cfg.sd_steps * inputs.sd_step_s * (cfg.sd_size / 512) ** 2
+        rows.append(StageEstimate("w (SD)", candidates, "w images to draw", per_image,
                                   f"{cfg.sd_steps} steps x {inputs.sd_step_s:g} s ({step})", kind=source_kind(step)))
     rows += candidate_rows(candidates, sid.unit_size, generate_seconds(config, inputs, sid.generator), pass_rate,
                            inputs.source["sid_pass_rate"], inputs)
@@ -321,6 +322,8 @@ def format_estimate(result: Estimate, config_name: str) -> list[str]:
         seconds = f"{row.seconds_per_item:9.3g}" if row.seconds_per_item else f"{'-':>9}"
         hours = f"{row.hours:14,.1f}" if row.seconds_per_item else f"{'CPU':>14}"
         note = f" ({row.note})" if row.note else ""
+        if inputs.gpu != PAPER_GPU and row.seconds_per_item and "measured" not in row.kind:
+            note += f" (an {PAPER_GPU} figure: not measured on {inputs.gpu})"
         lines.append(f"  {row.stage:<11} {amount(row.items):>14} {amount(row.units, '-'):>9}  {seconds} {hours}  "
                      f"{row.item}{note}; [{row.kind}] {row.source}")
     lines.append(f"  {'total':<11} {'':>14} {'':>9}  {'':>9} {result.total_hours:14,.1f}  {unit}")

@@ -183,3 +183,29 @@ def test_the_version_report_prices_1m_samples_per_device_kind(tmp_path):
     assert rows[1]["sources"]["filter"] == "measured" and rows[1]["unit"] == "cpu-hours"
     assert rows[1]["stages"]["filter"] == pytest.approx(1e6 / 0.069 * 0.004 / 3600)
     assert "1M accepted samples" in estimate_section(manifest) and "(derived)" in estimate_section(manifest)
+
+
+def test_a_partial_bench_run_keeps_the_kinds_other_figures(tmp_path):
+    from factory.cost import read_figures
+
+    figures = tmp_path / "figures.json"
+    first = {"measured": "2026-12-01", "parts": ["profusion", "filter"],
+             "figures": {"profusion_decode_s": {"value": 2.0}, "filter_candidate_s": {"value": 0.5}}}
+    write_device_figures(first, "cpu", figures)
+    write_device_figures({"measured": "2026-12-02", "parts": ["filter"],
+                          "figures": {"filter_candidate_s": {"value": 0.25}}}, "cpu", figures)
+    entry = read_figures(figures)["cpu"]
+    assert entry["parts"] == ["profusion", "filter"]
+    assert entry["figures"]["filter_candidate_s"] == {"value": 0.25, "measured": "2026-12-02"}
+    assert entry["figures"]["profusion_decode_s"] == {"value": 2.0, "measured": "2026-12-01"}
+
+
+def test_measured_g_seconds_leave_the_papers_sid_pass_rate_alone(published, tmp_path, capsys):
+    figures = tmp_path / "figures.json"
+    entry = {"measured": "2026-12-01", "figures": {name: {"value": 10.0, "source": "measured"} for name in (
+        "cafe_sample_step_s", "cafe_decode_s", "cafe_w_s", "cafe_reference_s")}}
+    write_device_figures(entry, "cpu", figures)
+    output = dry_run(capsys, "--stage", "sid", "--config", str(published), "--device-kind", "cpu",
+                     "--figures", str(figures))
+    assert number(row(output, "generate")[3]) == pytest.approx(50 * 10 + 10 + 10 + 10 / 2)
+    assert "pass rate 0.096" in output
