@@ -163,11 +163,15 @@ def build_inputs(config: FactoryConfig, storage: Storage, device_kind: str | Non
     inputs, notes = Inputs(), []
     if config.plan.jobs_per_reference:
         inputs.set("jobs_per_reference", config.plan.jobs_per_reference, "config (plan.jobs_per_reference)")
-    if device_kind and device_kind != PAPER_GPU:
-        devices = read_figures(figures)
-        if device_kind not in devices:
-            raise ValueError(f"no measured figures for device kind {device_kind!r} "
-                             f"(measured: {sorted(devices) or 'none'}; run bench/real_size.py on one)")
+    devices = read_figures(figures)
+    if not device_kind or device_kind == PAPER_GPU:
+        if devices:
+            notes.append(f"the paper's {PAPER_GPU} figures; measured per-step figures exist for "
+                         f"{', '.join(map(repr, sorted(devices)))} (--device-kind KIND)")
+    elif device_kind not in devices:
+        raise ValueError(f"no measured figures for device kind {device_kind!r} "
+                         f"(measured: {sorted(devices) or 'none'}; run bench/real_size.py on one)")
+    else:
         apply_device_figures(inputs, device_kind, devices[device_kind], generator_settings(config))
     bootstrap = latest_manifest(storage, config.dataset, ("bootstrap",))
     if bootstrap:

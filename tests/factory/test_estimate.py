@@ -209,3 +209,8 @@ def test_measured_g_seconds_leave_the_papers_sid_pass_rate_alone(published, tmp_
                      "--figures", str(figures))
     assert number(row(output, "generate")[3]) == pytest.approx(50 * 10 + 10 + 10 + 10 / 2)
     assert "pass rate 0.096" in output
+
+
+def test_dry_run_prices_only_all_and_sid(published, capsys):
+    assert main(["--dry-run", "--stage", "generate", "--config", str(published)]) == 2
+    assert "--dry-run prices --stage all or --stage sid" in capsys.readouterr().err
