@@ -215,8 +215,12 @@ def part_profusion(bench: Bench) -> None:
             for seed in range(counts.batch)]
     if not counts.reduced:
         run_profusion(bench, generator, jobs)  # warm-up (CUDA kernels, torch.compile)
-    seconds = run_profusion(bench, generator, jobs)
-    production = bench.config.generate.generators["profusion"]
+    record_profusion(bench, run_profusion(bench, generator, jobs))
+
+
+def record_profusion(bench: Bench, seconds: dict[str, float]) -> None:
+    """Per-step figures from one timed reference, scaled to the production config's views and batch."""
+    counts, production = bench.counts, bench.config.generate.generators["profusion"]
     views = int(production.options.get("finetune_views", 8))
     batch = int(production.options.get("finetune_batch_size", 2))
     step = (seconds["finetune"] - seconds["copy"] - counts.finetune_views * seconds["view"]) / counts.finetune_steps
@@ -546,12 +550,13 @@ def describe_machine(device, threads: int) -> str:
 def run_parts(bench: Bench, parts: list[str]) -> None:
     functions = {"profusion": part_profusion, "cafe": part_cafe, "filter": part_filter, "train_g": part_train_g,
                  "train_assistant": part_train_assistant}
-    for name in parts:
+    last_g_user = max((parts.index(name) for name in ("cafe", "train_g") if name in parts), default=-1)
+    for index, name in enumerate(parts):
         started = time.perf_counter()
         bench.say(f"[{name}]")
         functions[name](bench)
         bench.say(f"  ({name} took {time.perf_counter() - started:.0f} s wall, load {os.getloadavg()[0]:.1f})")
-        if name in ("train_g",) or (name == "cafe" and "train_g" not in parts):
+        if index == last_g_user:  # G, its encoders and the VAE are shared by cafe and train_g
             bench.shared.pop("cafe", None)
         gc.collect()
     bench.say("[ip_adapter] not built: the IP-Adapter generator does not exist yet (no figure)")
