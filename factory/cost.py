@@ -111,6 +111,18 @@ DEFAULT_SOURCES = {
 }
 
 
+def mixed_kind(*sources: str) -> str:
+    """The kinds of several sources, e.g. "paper+derived"."""
+    return "+".join(dict.fromkeys(source_kind(source) for source in sources))
+
+
+def generate_kind(inputs: Inputs) -> str:
+    """Where ProFusion's seconds per candidate come from (fine-tuning and sampling may differ)."""
+    if inputs.generate_candidates_per_s:
+        return source_kind(inputs.source.get("generate_candidates_per_s", "measured"))
+    return mixed_kind(inputs.source["generate_finetune_s"], inputs.source["generate_sample_s"])
+
+
 def source_kind(source: str) -> str:
     """measured / paper / derived / assumed / config: the first word of a source (or several, joined by "+")."""
     word = source.replace(":", " ").replace("(", " ").split(" ", 1)[0]
@@ -414,15 +426,16 @@ def version_row(manifest: dict, device: str, entry: dict[str, Any] | None) -> di
         inputs.set("sid_pass_rate", pass_rate_of(manifest), f"measured: {manifest.get('version')} funnel")
     if sid:
         stages = stage_rows(inputs, inputs.sid_sample_s, inputs.sid_pass())
-        sources = [inputs.source["sid_sample_s"]]
+        kinds = [source_kind(inputs.source["sid_sample_s"])]
     else:
         from_manifest(manifest, inputs, seconds="gpu" if entry is None else "never")
         stages = stage_rows(inputs, inputs.generate_seconds(), inputs.pass_rate)
-        sources = [generate_source(inputs)]
-    sources += [inputs.source["filter_candidates_per_s"], inputs.source["dialogue_tokens_per_s"]]
+        kinds = [generate_kind(inputs)]
+    kinds += [source_kind(inputs.source[name]) for name in ("filter_candidates_per_s", "dialogue_tokens_per_s")]
+    if entry is not None:  # a figure the device kind has no measurement of stays the paper's GPU's
+        kinds = [kind if "measured" in kind else f"{kind}, {PAPER_GPU}" for kind in kinds]
     return {"device": inputs.gpu, "unit": inputs.unit, "total": sum(row[2] for row in stages),
-            "stages": {row[0]: row[2] for row in stages},
-            "sources": {row[0]: source_kind(source) for row, source in zip(stages, sources)}}
+            "stages": {row[0]: row[2] for row in stages}, "sources": dict(zip((row[0] for row in stages), kinds))}
 
 
 def settings_from_snapshot(config: dict[str, Any]) -> GeneratorSettings:

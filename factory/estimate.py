@@ -20,6 +20,7 @@ from factory.cost import (
     Inputs,
     apply_device_figures,
     from_manifest,
+    mixed_kind,
     read_figures,
     sid_from_manifest,
     source_kind,
@@ -216,10 +217,6 @@ def generate_seconds(config: FactoryConfig, inputs: Inputs, generator: str) -> t
                                        f"({finetune}) / {inputs.jobs_per_reference:g} jobs + "
                                        f"{inputs.generate_sample_s:.3g} s sampling ({sample})")
 
-
-def mixed_kind(*sources: str) -> str:
-    """The kinds of several sources, e.g. "paper+derived"."""
-    return "+".join(dict.fromkeys(source_kind(source) for source in sources))
 
 
 def candidate_rows(candidates: float | None, unit_size: int, generate: tuple[float, str], pass_rate: float,
