@@ -218,7 +218,6 @@ def generate_seconds(config: FactoryConfig, inputs: Inputs, generator: str) -> t
                                        f"{inputs.generate_sample_s:.3g} s sampling ({sample})")
 
 
-
 def candidate_rows(candidates: float | None, unit_size: int, generate: tuple[float, str], pass_rate: float,
                    pass_source: str, inputs: Inputs) -> list[StageEstimate]:
     """generate -> filter -> dialogue -> publish for `candidates` jobs."""
