@@ -216,7 +216,7 @@ class ProFusionGenerator:
         return {
             "name": self.name,
             "kind": self.kind,
-            "checkpoint": self.spec.checkpoint,
+            "checkpoint": model_ref(self.spec.checkpoint),
             "seed": job.seed,
             "steps": self.spec.steps,
             "guidance_scale": self.spec.guidance_scale,
