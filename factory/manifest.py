@@ -26,7 +26,7 @@ from factory.shards import Sample, ShardInfo, read_shard_bytes, write_shards
 from factory.storage import AlreadyExists, Storage, StorageError
 
 SCHEMA = "factory.manifest/1"
-KINDS = ("bootstrap", "sid", "union", "rethreshold")
+KINDS = ("bootstrap", "sid", "union", "rethreshold", "reviewed")
 INDEX_COLUMNS = ("key", "shard", "reference_id", "subject", "domain", "instruction_id", "category", "instruction",
                  "style", "round", "alpha", "clip_t", "dino")
 
@@ -302,6 +302,8 @@ def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:
     if duplicates:
         raise VersionError(f"parents {spec.parents} share {duplicates} sample keys; a union must not repeat a sample")
     spec.funnel = spec.funnel or {"written": index.num_rows, "from_parents": funnel_totals}
+    if any(load_manifest(storage, spec.dataset, parent).get("shards_superset") for parent in spec.parents):
+        spec.extra["shards_superset"] = True  # a reviewed parent's shards hold samples its index left out
     return commit_version(storage, spec, shards, index)
 
 
@@ -323,7 +325,7 @@ def verify_version(storage: Storage, dataset: str, version: str) -> list[str]:
     if len(index) != manifest["samples"]:
         problems.append(f"index has {len(index)} rows, manifest says {manifest['samples']} samples")
     extra = set(seen) - {row["key"] for row in index}
-    if extra:
+    if extra and not manifest.get("shards_superset"):
         problems.append(f"{len(extra)} shard samples have no index row (e.g. {sorted(extra)[0]})")
     return problems
 
