@@ -147,6 +147,15 @@ def read_index(storage: Storage, dataset: str, version: str, columns: list[str] 
     return storage.read_parquet(layout.index(dataset, version), columns=columns)
 
 
+def version_keys(storage: Storage, manifest: dict[str, Any]) -> frozenset[str] | None:
+    """The keys a reader keeps from the listed shards: the index's, when the shards hold more
+    (`shards_superset`, a reviewed version or a union of one); None when every shard sample counts."""
+    if not manifest.get("shards_superset"):
+        return None
+    index = read_index(storage, manifest["dataset"], manifest["version"], columns=["key"])
+    return frozenset(index.column("key").to_pylist())
+
+
 @dataclass
 class VersionSpec:
     """Everything a manifest says besides the shards."""

@@ -22,7 +22,7 @@ from typing import Any
 
 from factory import layout
 from factory.images import ImageRejected, decode_image, encode_jpeg, fit_within
-from factory.manifest import load_manifest, read_index, shard_key
+from factory.manifest import load_manifest, shard_key, version_keys
 from factory.report.data import candidate_files, read_columns, text
 from factory.report.gallery import CARD_COLUMNS, JOIN_COLUMNS
 from factory.report.summary import FILTER_REASONS, rank, threshold_miss
@@ -51,14 +51,9 @@ def task(key: str, input_image, target_image, instruction, user, assistant) -> d
             "assistant": text(assistant) or "(none)"}
 
 
-def version_keys(storage: Storage, dataset: str, version: str) -> set[str]:
-    return set(read_index(storage, dataset, version, columns=["key"]).column("key").to_pylist())
-
-
 def published_tasks(storage: Storage, manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """One task per sample of the version, shard by shard (a reviewed version's shards hold more)."""
-    wanted = version_keys(storage, manifest["dataset"], manifest["version"]) if manifest.get("shards_superset") \
-        else None
+    wanted = version_keys(storage, manifest)
     for shard in manifest["shards"]:
         for sample in read_shard(storage, shard_key(manifest, shard["path"])):
             if wanted is None or sample.key in wanted:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from datetime import datetime, timezone
 from typing import Any
 
@@ -81,9 +82,10 @@ def publish_reviewed(storage: Storage, record: dict[str, Any], verdicts: list[Ke
                        extra={"shards_superset": True, "review": review})
     claim_version(storage, spec)
     index = kept_index(storage, parent, kept)
-    used = set(index.column("shard").to_pylist())
-    shards = [{**shard, "path": shard_key(parent, shard["path"])} for shard in parent["shards"]
-              if shard_key(parent, shard["path"]) in used]
+    kept_per_shard = Counter(index.column("shard").to_pylist())
+    shards = [{**shard, "path": shard_key(parent, shard["path"]),
+               "version_samples": kept_per_shard[shard_key(parent, shard["path"])]}
+              for shard in parent["shards"] if shard_key(parent, shard["path"]) in kept_per_shard]
     storage.write_parquet(layout.review_verdicts(dataset, name), verdicts_table(verdicts))
     return commit_version(storage, spec, shards, index)
 
