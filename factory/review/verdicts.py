@@ -63,11 +63,12 @@ class KeyVerdict:
 
 
 def gather(origins: dict[str, str], votes: list[Vote]) -> list[KeyVerdict]:
-    """One KeyVerdict per exported key (in key order); votes on keys not exported are ignored."""
+    """One KeyVerdict per exported key (in key order); votes on keys not exported are ignored, and a
+    reviewer who annotated a task twice counts once, with the later vote."""
     by_key = {key: KeyVerdict(key, origin) for key, origin in sorted(origins.items())}
-    for vote in votes:
-        if vote.key in by_key:
-            by_key[vote.key].votes.append(vote)
+    latest = {(vote.key, vote.reviewer): vote for vote in votes if vote.key in by_key}
+    for (key, _), vote in sorted(latest.items()):
+        by_key[key].votes.append(vote)
     return list(by_key.values())
 
 

@@ -29,6 +29,13 @@ def test_a_key_is_kept_only_by_a_strict_majority():
     assert [item.disagreement for item in verdicts] == [True, True, False, False, False]
 
 
+def test_a_reviewer_who_voted_twice_counts_once_with_the_later_vote():
+    votes = [Vote("a", "r1", "keep"), Vote("a", "r2", "drop"), Vote("a", "r1", "drop", "changed my mind")]
+    (item,) = gather({"a": PUBLISHED}, votes)
+    assert (item.keeps, item.drops, item.verdict) == (0, 2, "drop")
+    assert [vote.reason for vote in item.votes] == ["changed my mind", ""]
+
+
 def test_agreement_matches_hand_counts_and_krippendorff():
     verdicts = gather({k: PUBLISHED for k in "abcd"}, votes_of({"a": "kk", "b": "kd", "c": "dd", "d": "kkk"}))
     assert pairwise_agreement(verdicts) == pytest.approx((1 + 0 + 1 + 3) / (1 + 1 + 1 + 3))
