@@ -207,7 +207,8 @@ class DialogueConfig(ActorPool):
         "meta-llama/Llama-2-70b-chat-hf", description="hub id or local path (served model name for openai)"
     )
     prompt_file: str | None = Field(
-        None, description="prompt YAML (system, user, styles); default: stages/dialogue_prompt.yaml"
+        None, description="prompt YAML (system, user, styles), a path or builtin:PACKAGE/FILE.yaml (shipped in a "
+                          "package); default: stages/dialogue_prompt.yaml"
     )
     styles: dict[str, float] = Field(
         default_factory=lambda: {"command": 0.4, "question": 0.3, "ambiguous": 0.3},

@@ -96,6 +96,20 @@ def shard(dataset: str, version: str, listed_path: str) -> str:
     return f"{version_dir(dataset, version)}/{listed_path}"
 
 
+def review_record(dataset: str, version: str, project_id: int) -> str:
+    """What `review export` sent to one Label Studio project: task keys, their origin, the rejected sample's frame."""
+    return f"{version_dir(dataset, version)}/reviews/project-{project_id:06d}.json"
+
+
+def review_records(dataset: str, version: str) -> str:
+    return f"{version_dir(dataset, version)}/reviews"
+
+
+def review_verdicts(dataset: str, version: str) -> str:
+    """A reviewed version's per-task votes and verdicts (one row per reviewed key)."""
+    return f"{version_dir(dataset, version)}/review.parquet"
+
+
 def is_manifest(key: str) -> bool:
     parts = key.split("/")
     return len(parts) == 4 and parts[0] == "datasets" and parts[3] == "manifest.json"

@@ -26,7 +26,7 @@ from factory.shards import Sample, ShardInfo, read_shard_bytes, write_shards
 from factory.storage import AlreadyExists, Storage, StorageError
 
 SCHEMA = "factory.manifest/1"
-KINDS = ("bootstrap", "sid", "union", "rethreshold")
+KINDS = ("bootstrap", "sid", "union", "rethreshold", "reviewed")
 INDEX_COLUMNS = ("key", "shard", "reference_id", "subject", "domain", "instruction_id", "category", "instruction",
                  "style", "round", "alpha", "clip_t", "dino")
 
@@ -145,6 +145,15 @@ def index_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 def read_index(storage: Storage, dataset: str, version: str, columns: list[str] | None = None) -> pa.Table:
     return storage.read_parquet(layout.index(dataset, version), columns=columns)
+
+
+def version_keys(storage: Storage, manifest: dict[str, Any]) -> frozenset[str] | None:
+    """The keys a reader keeps from the listed shards: the index's, when the shards hold more
+    (`shards_superset`, a reviewed version or a union of one); None when every shard sample counts."""
+    if not manifest.get("shards_superset"):
+        return None
+    index = read_index(storage, manifest["dataset"], manifest["version"], columns=["key"])
+    return frozenset(index.column("key").to_pylist())
 
 
 @dataclass
@@ -302,6 +311,8 @@ def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:
     if duplicates:
         raise VersionError(f"parents {spec.parents} share {duplicates} sample keys; a union must not repeat a sample")
     spec.funnel = spec.funnel or {"written": index.num_rows, "from_parents": funnel_totals}
+    if any(load_manifest(storage, spec.dataset, parent).get("shards_superset") for parent in spec.parents):
+        spec.extra["shards_superset"] = True  # a reviewed parent's shards hold samples its index left out
     return commit_version(storage, spec, shards, index)
 
 
@@ -323,7 +334,7 @@ def verify_version(storage: Storage, dataset: str, version: str) -> list[str]:
     if len(index) != manifest["samples"]:
         problems.append(f"index has {len(index)} rows, manifest says {manifest['samples']} samples")
     extra = set(seen) - {row["key"] for row in index}
-    if extra:
+    if extra and not manifest.get("shards_superset"):
         problems.append(f"{len(extra)} shard samples have no index row (e.g. {sorted(extra)[0]})")
     return problems
 

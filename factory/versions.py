@@ -1,4 +1,4 @@
-"""`python -m factory.versions {list,show,verify,union,rethreshold,report}`: manage dataset versions."""
+"""`python -m factory.versions {list,show,verify,union,rethreshold,report,review}`: manage dataset versions."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from factory.manifest import (
     union_versions,
     verify_version,
 )
+from factory.review.studio import ReviewError
 from factory.storage import StorageError, open_storage
 
 
@@ -87,8 +88,36 @@ def cmd_report(storage, config, args) -> int:
     return 0
 
 
+def cmd_review(storage, config, args) -> int:
+    from factory.review.export import export_review
+    from factory.review.publish import import_review
+
+    dataset, version = split_version(config.dataset, args.version)
+    if args.action == "export":
+        record = export_review(storage, dataset, version, args.url, args.rejected, args.margin, args.seed)
+        print(f"version {dataset}/{version}: {record['tasks']} tasks ({record['frame']['sampled']} rejected "
+              f"candidates of {record['frame']['size']} near the thresholds) in Label Studio project "
+              f"{record['project_id']} at {record['url']}")
+        return 0
+    manifest, new = import_review(storage, dataset, version, args.url, args.project, args.name)
+    review = manifest["review"]
+    state = "published" if new else "already published (same votes): nothing new"
+    print(f"version {dataset}/{manifest['version']}: {state}; {manifest['samples']} of "
+          f"{manifest['funnel']['parent_samples']} samples kept by {review['reviewers']} reviewer(s); "
+          f"precision {review['precision']['value']}, recall estimate {review['recall_estimate']['value']}, "
+          f"agreement {review['agreement']['pairwise']}")
+    return 0
+
+
+def split_version(dataset: str, name: str) -> tuple[str, str]:
+    """`DATASET/VERSION` or a bare `VERSION` of the config's dataset."""
+    if "/" in name:
+        dataset, name = name.split("/", 1)
+    return dataset, name
+
+
 COMMANDS = {"list": cmd_list, "show": cmd_show, "verify": cmd_verify, "union": cmd_union,
-            "rethreshold": cmd_rethreshold, "report": cmd_report}
+            "rethreshold": cmd_rethreshold, "report": cmd_report, "review": cmd_review}
 
 
 def parse_args(argv):
@@ -113,7 +142,25 @@ def parse_args(argv):
     report = sub.add_parser("report", help="write an HTML report (funnel, scores, cost, lineage, gallery)")
     report.add_argument("version")
     report.add_argument("--out", help="output folder (default: reports/<dataset>/<version>/)")
+    add_review_parser(sub)
     return parser.parse_args(argv)
+
+
+def add_review_parser(sub) -> None:
+    review = sub.add_parser("review", help="human review in Label Studio (token in LABEL_STUDIO_API_KEY)")
+    actions = review.add_subparsers(dest="action", required=True)
+    export = actions.add_parser("export", help="a Label Studio project with one task per sample")
+    export.add_argument("version", help="VERSION or DATASET/VERSION")
+    export.add_argument("--url", help="Label Studio server (default: $LABEL_STUDIO_URL)")
+    export.add_argument("--rejected", type=int, default=0, metavar="N",
+                        help="also send N filter-rejected candidates near the thresholds (for the recall estimate)")
+    export.add_argument("--margin", type=float, default=0.05, help="how near a threshold a rejection must be")
+    export.add_argument("--seed", type=int, default=0, help="seed of the rejected sample")
+    imported = actions.add_parser("import", help="publish a `reviewed` version of the samples people kept")
+    imported.add_argument("version", help="VERSION or DATASET/VERSION (the version that was exported)")
+    imported.add_argument("--url", help="Label Studio server (default: the one exported to)")
+    imported.add_argument("--project", type=int, help="Label Studio project id (default: the newest export)")
+    imported.add_argument("--name", help="name of the reviewed version (default: VERSION-reviewed-<votes digest>)")
 
 
 def main(argv=None) -> int:
@@ -122,7 +169,7 @@ def main(argv=None) -> int:
         config = load_config(args.config, args.overrides)
         storage = open_storage(config.storage)
         return COMMANDS[args.command](storage, config, args)
-    except (ConfigError, VersionError, StorageError, ValueError) as err:
+    except (ConfigError, VersionError, StorageError, ValueError, ReviewError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -165,13 +165,16 @@ def dialogue_schema(limits: DialogueLimits = DEFAULT_LIMITS) -> dict[str, Any]:
     """The JSON schema every engine decodes to: exactly `user` and `assistant`, strings whose
     lengths match the validator's bounds and that hold no braces, brackets, angle brackets
     or control characters and no leading or trailing whitespace (so a constrained output
-    always passes the validator's format checks)."""
+    always passes the validator's format checks).
+
+    The lengths are a bounded repetition inside the pattern, not `minLength` / `maxLength`:
+    llguidance intersects those with a pattern and, for some bounds (20..160 with SmolLM2's
+    vocabulary), cannot decide whether the intersection is empty and refuses the schema."""
     banned = r"{}<>\[\]\x00-\x08\x0b\x0c\x0e-\x1f\x7f"
-    pattern = rf"^[^{banned}\s][^{banned}]*[^{banned}\s]$"
 
     def text(field: str) -> dict[str, Any]:
         low, high = limits.bounds(field)
-        return {"type": "string", "minLength": low, "maxLength": high, "pattern": pattern}
+        return {"type": "string", "pattern": rf"^[^{banned}\s][^{banned}]{{{low - 2},{high - 2}}}[^{banned}\s]$"}
 
     return {
         "type": "object",
@@ -195,7 +198,11 @@ class DialoguePrompt:
 
 def load_prompt(config: DialogueConfig) -> DialoguePrompt:
     """Read the prompt YAML (`dialogue.prompt_file`, else the shipped one) and check it."""
-    if config.prompt_file:
+    if config.prompt_file and config.prompt_file.startswith("builtin:"):  # a file shipped in a package
+        source = config.prompt_file
+        package, _, name = source.removeprefix("builtin:").replace("/", ".").rpartition(".yaml")[0].rpartition(".")
+        raw = (resources.files(package) / f"{name}.yaml").read_text("utf-8")
+    elif config.prompt_file:
         source, raw = config.prompt_file, Path(config.prompt_file).read_text(encoding="utf-8")
     else:
         source = f"builtin:stages/{BUILTIN_PROMPT}"

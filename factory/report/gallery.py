@@ -11,6 +11,7 @@ import pandas as pd
 
 from factory import layout
 from factory.images import ImageRejected, decode_image, encode_jpeg, fit_within
+from factory.manifest import version_keys
 from factory.report.data import VersionData, read_columns, text
 from factory.report.summary import SCORES, rank
 from factory.shards import read_shard
@@ -39,6 +40,7 @@ class Card:
     input_uri: str = ""
     target_uri: str = ""
     image_problems: list[str] = field(default_factory=list)
+    votes: list[str] = field(default_factory=list)  # a reviewed sample's votes, "reviewer: verdict (reason)"
 
 
 def thumbnail(data: bytes | None) -> tuple[str, str]:
@@ -71,8 +73,10 @@ def scores_of(values: dict[str, Any]) -> dict[str, float]:
 def accepted_cards(storage: Storage, data: VersionData) -> list[Card]:
     """A deterministic sample: the first keys, by rank, of the GALLERY_MAX_SHARDS shards that hold the first ranks."""
     manifest = data.manifest
+    keep = version_keys(storage, manifest)  # a reviewed version's shards also hold the samples people dropped
     samples = (sample for shard in data.index.gallery_shards(GALLERY_MAX_SHARDS)
-               for sample in read_shard(storage, layout.shard(manifest["dataset"], manifest["version"], shard)))
+               for sample in read_shard(storage, layout.shard(manifest["dataset"], manifest["version"], shard))
+               if keep is None or sample.key in keep)
     cards = []
     for sample in heapq.nsmallest(GALLERY_SIZE, samples, key=lambda sample: rank(manifest["version"], sample.key)):
         card = Card(sample.key, "accepted", str(sample.meta.get("instruction") or ""), sample.user, sample.assistant,

@@ -14,6 +14,7 @@ import numpy as np
 from factory.report.data import VersionData, default_out_dir, load_version_data, text
 from factory.report.gallery import Card, accepted_cards, near_threshold_cards
 from factory.report.plots import cost_rows, funnel_steps, render_plots
+from factory.report.review import disagreement_cards, figure_rows
 from factory.report.summary import SCORES, CandidateSummary
 from factory.storage import Storage, StorageError
 
@@ -28,6 +29,7 @@ img.plot{max-width:100%;border:1px solid #eee}
 .columns{display:grid;grid-template-columns:1fr 1fr;gap:16px}
 .card{border:1px solid #ccc;border-radius:6px;padding:8px;margin-bottom:12px;background:#fafafa}
 .card.rejected{border-color:#e3a0a0;background:#fff6f6}
+.card.disagreement{border-color:#e0c060;background:#fffbea}
 .pair{display:flex;gap:6px} .pair figure{margin:0;flex:1} .pair img{width:100%;height:auto;display:block}
 figcaption{font-size:12px;color:#666} .pass{color:#2a7a2a} .fail{color:#b22;font-weight:bold}
 .text{white-space:pre-wrap;font-size:13px;margin:4px 0} .key{font-family:monospace;font-size:11px;color:#888}
@@ -181,6 +183,7 @@ def card_html(card: Card, thresholds: dict[str, Any]) -> str:
     )
     problems = f'<div class="fail">{esc("; ".join(card.image_problems))}</div>' if card.image_problems else ""
     reason = f'<div class="fail">rejected: {esc(card.reason)}</div>' if card.reason else ""
+    reason += "".join(f'<div class="text">{esc(vote)}</div>' for vote in card.votes)
     return (f'<div class="card {card.status}"><div class="pair">{images}</div>{problems}{reason}'
             f"<div>{score_badges(card.scores, thresholds)}</div>"
             f'<div class="text"><b>instruction:</b> {esc(card.instruction)}</div>'
@@ -204,6 +207,17 @@ def gallery_section(data: VersionData, accepted: list[Card], rejected: list[Card
             f'(by a hash of version and key).</p><div class="columns"><div>{left}</div><div>{right}</div></div>')
 
 
+def review_section(data: VersionData, disagreements: list[Card]) -> str:
+    review = data.manifest.get("review")
+    if not review:
+        return ""
+    thresholds = data.manifest.get("thresholds") or {}
+    cards = "".join(card_html(card, thresholds) for card in disagreements)
+    return ("<h2>Human review</h2>" + table(["", ""], figure_rows(review))
+            + f"<h3>Disagreements: {len(disagreements)} of {review['disagreements']}</h3>"
+            + (f'<div class="columns">{cards}</div>' if cards else "<p>The reviewers agreed on every sample.</p>"))
+
+
 def models_section(data: VersionData) -> str:
     models = data.manifest.get("models") or {}
     rows = [[name, spec.get("source") if isinstance(spec, dict) else spec,
@@ -213,9 +227,11 @@ def models_section(data: VersionData) -> str:
     return "<h2>Models</h2>" + listed
 
 
-def render_html(data: VersionData, plots: dict[str, bytes], accepted: list[Card], rejected: list[Card]) -> str:
+def render_html(data: VersionData, plots: dict[str, bytes], accepted: list[Card], rejected: list[Card],
+                disagreements: list[Card] = ()) -> str:
     m = data.manifest
-    sections = [header_section(data), funnel_section(data, plots), scores_section(data, plots),
+    sections = [header_section(data), review_section(data, list(disagreements)), funnel_section(data, plots),
+                scores_section(data, plots),
                 cost_section(data, plots), lineage_section(data, plots), gallery_section(data, accepted, rejected),
                 models_section(data)]
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -237,11 +253,12 @@ def write_report(storage: Storage, dataset: str, version: str, out_dir: str | Pa
     except StorageError as err:  # a unit file that vanished since it was listed
         data.candidates_note += f" (reading candidate images failed: {err})"
         rejected = []
+    disagreements = disagreement_cards(storage, data.manifest)
     out.mkdir(parents=True, exist_ok=True)
     for name, png in plots.items():
         (out / f"{name}.png").write_bytes(png)
     path = out / "report.html"
-    path.write_text(render_html(data, plots, accepted, rejected), encoding="utf-8")
+    path.write_text(render_html(data, plots, accepted, rejected, disagreements), encoding="utf-8")
     log.info("report %s/%s: %d samples, %s, %d plots, %d+%d gallery cards, %.1f s", dataset, version,
              data.index.rows, data.candidates_note, len(plots), len(accepted), len(rejected),
              time.perf_counter() - started)

@@ -37,11 +37,15 @@ class EpochPlan:
     shard_mode: bool
     counts: list[int]  # samples per rank
     rank_shards: list[list[int]]  # shard mode: shard indices per rank, in read order
+    keep: frozenset[str] | None = None  # the version's keys when its shards hold more (`shards_superset`)
 
     @classmethod
-    def build(cls, manifest: dict[str, Any], world: int, epoch: int, seed: int) -> EpochPlan:
+    def build(cls, manifest: dict[str, Any], world: int, epoch: int, seed: int,
+              keep: frozenset[str] | None = None) -> EpochPlan:
+        """`keep`: the version's keys (`factory.manifest.version_keys`) when its shards hold other samples too."""
         keys = [shard_key(manifest, shard["path"]) for shard in manifest["shards"]]
-        sizes = [int(shard["samples"]) for shard in manifest["shards"]]
+        sizes = [int(shard.get("version_samples", shard["samples"]) if keep is not None else shard["samples"])
+                 for shard in manifest["shards"]]
         total = sum(sizes)
         shard_mode = len(keys) >= world
         order = np.random.default_rng([seed, epoch]).permutation(len(keys)).tolist()
@@ -50,7 +54,7 @@ class EpochPlan:
             counts = [sum(sizes[i] for i in shards) for shards in rank_shards]
         else:
             counts = [len(range(rank, total, world)) for rank in range(world)]
-        return cls(keys, sizes, world, seed, epoch, shard_mode, counts, rank_shards)
+        return cls(keys, sizes, world, seed, epoch, shard_mode, counts, rank_shards, keep)
 
     def steps(self, per_worker: int) -> int:
         return math.ceil(max(self.counts) / per_worker)
@@ -68,7 +72,7 @@ class EpochPlan:
     def _shard_samples(self, storage: Storage, rank: int) -> Iterator[Sample]:
         shards = self.rank_shards[rank]
         for shard_index, data in zip(shards, prefetched(storage, [self.shard_keys[i] for i in shards])):
-            samples = list(read_shard_bytes(data))
+            samples = list(self._read(data))
             order = np.random.default_rng([self.seed, self.epoch, shard_index]).permutation(len(samples))
             yield from (samples[i] for i in order)
 
@@ -79,11 +83,14 @@ class EpochPlan:
         kept: dict[int, Sample] = {}
         position = 0
         for data in prefetched(storage, self.shard_keys):
-            for sample in read_shard_bytes(data):
+            for sample in self._read(data):
                 if position in mine:
                     kept[mine[position]] = sample
                 position += 1
         yield from (kept[slot] for slot in sorted(kept))
+
+    def _read(self, data: bytes) -> Iterator[Sample]:
+        return (s for s in read_shard_bytes(data) if self.keep is None or s.key in self.keep)
 
     def batches(self, storage: Storage, rank: int, per_worker: int, steps: int) -> Iterator[Batch]:
         """Exactly `steps` batches; once this rank's share runs out, one zero-weight sample each."""

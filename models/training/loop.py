@@ -17,7 +17,7 @@ import numpy as np
 from factory import layout
 from factory.checkpoints import checkpoint_meta, fetch_checkpoint, latest_checkpoint
 from factory.config import TrainConfig
-from factory.manifest import load_manifest
+from factory.manifest import load_manifest, version_keys
 from factory.storage import Storage
 from models.training.data import Batch, EpochPlan
 from models.training.job import TrainJob
@@ -98,10 +98,11 @@ def train_loop(job: TrainJob, storage: Storage, worker: Worker) -> TrainState:
     if meta is not None:
         set_optimizer_state(model, optimizer, optimizer_state)
     per_worker = math.ceil(task.batch_size / worker.world)
+    keep = version_keys(storage, manifest)  # a reviewed version's shards hold the samples people dropped too
     for epoch in range(state.epoch, settings.epochs):
         if reached_max_steps(settings, state):
             break
-        plan = EpochPlan.build(manifest, worker.world, epoch, settings.seed)
+        plan = EpochPlan.build(manifest, worker.world, epoch, settings.seed, keep)
         if state.epoch != epoch:
             state.epoch, state.batch_in_epoch = epoch, 0
         if state.batch_in_epoch >= plan.steps(per_worker):

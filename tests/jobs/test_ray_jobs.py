@@ -82,6 +82,7 @@ def test_without_the_token_the_head_refuses(ray_head, tmp_path):
 # The stages a `ray job submit` of the factory runs, in order, on the embedded demo.
 # the demo's sid publishes the bootstrap version and trains a tiny G first, then runs one round
 FACTORY_STAGES = [("sid", "datasets/demo/demo-sid1/manifest.json")]
+TINY_LLAMA = "./factory-data/models/tiny-llama"  # the demo's SmolLM2 drafts English, but slowly: not needed here
 
 
 def ray_job_submit(head, *entrypoint: str) -> subprocess.CompletedProcess:
@@ -97,8 +98,8 @@ def submission_id(done: subprocess.CompletedProcess) -> str:
 def test_ray_job_submit_runs_the_factory_from_the_shipped_working_dir(ray_head, tmp_path):
     root = tmp_path / "store"
     for stage, written in FACTORY_STAGES:
-        done = ray_job_submit(ray_head, "python", "-m", "factory.run", "--stage", stage,
-                              "--set", f"storage.root={root}")
+        done = ray_job_submit(ray_head, "python", "-m", "factory.run", "--stage", stage, "--set",
+                              f"storage.root={root}", "--set", f"dialogue.model={TINY_LLAMA}")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert ray_head.client().get_job_status(submission_id(done)).value == "SUCCEEDED"
         assert (root / written).exists(), f"{stage} wrote nothing at {root / written}"

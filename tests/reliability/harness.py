@@ -28,6 +28,7 @@ DEMO_SETTINGS = (
     "filter.thresholds.clip_t=-0.1",
     "publish.shard_max_samples=2",
     "publish.executor=local",  # these tests kill the publishing process itself, at each of its writes
+    "dialogue.model=./factory-data/models/tiny-llama",  # not the demo's SmolLM2: these runs are many and timed
 )
 
 

@@ -1,0 +1,136 @@
+"""Label Studio through its SDK (`label-studio-sdk`): one project per export, tasks in, votes out.
+
+The server is named by `--url` or `LABEL_STUDIO_URL`; the credential is a personal access token
+(Label Studio: Account & Settings > Personal Access Token) in `LABEL_STUDIO_API_KEY`, read from
+the environment only, never from the command line, and never written anywhere: error messages
+carry the server's status and body with the token masked, and review records and manifests name
+the server by URL only. The SDK trades the token for short-lived access tokens itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from factory.review.verdicts import VERDICTS, Vote
+
+URL_VARIABLE = "LABEL_STUDIO_URL"
+TOKEN_VARIABLE = "LABEL_STUDIO_API_KEY"
+TASK_BATCH = 100  # tasks per import request: each carries two data-URI images
+VERDICT_FIELD, REASON_FIELD = "verdict", "reason"
+
+LABEL_CONFIG = """<View>
+  <Header value="Does x~ follow the instruction and keep the subject of x? Are y and y~ sound?"/>
+  <View style="display:flex;gap:12px">
+    <View style="flex:1"><Header value="x (reference)" size="6"/><Image name="x" value="$x"/></View>
+    <View style="flex:1"><Header value="x~ (new image)" size="6"/><Image name="x_new" value="$x_new"/></View>
+  </View>
+  <Header value="instruction" size="6"/><Text name="instruction" value="$instruction"/>
+  <Header value="y (user)" size="6"/><Text name="user" value="$user"/>
+  <Header value="y~ (assistant)" size="6"/><Text name="assistant" value="$assistant"/>
+  <Choices name="verdict" toName="x_new" choice="single" required="true" showInline="true">
+    <Choice value="keep"/>
+    <Choice value="drop"/>
+  </Choices>
+  <TextArea name="reason" toName="x_new" placeholder="why (optional)" maxSubmissions="1" editable="true"/>
+</View>"""
+
+
+class ReviewError(RuntimeError):
+    """A review cannot be exported or imported; the message says why (and never holds the token)."""
+
+
+def masked(text: str) -> str:
+    token = os.environ.get(TOKEN_VARIABLE)
+    return text.replace(token, "***") if token else text
+
+
+def server_url(url: str | None) -> str:
+    url = url or os.environ.get(URL_VARIABLE)
+    if not url:
+        raise ReviewError(f"name the Label Studio server with --url or {URL_VARIABLE}")
+    return url.rstrip("/")
+
+
+def connect(url: str | None):
+    """An SDK client for the server, authenticated by the personal access token in LABEL_STUDIO_API_KEY."""
+    try:
+        from label_studio_sdk import LabelStudio
+    except ImportError:
+        raise ReviewError('reviews need the Label Studio SDK: pip install -e ".[review]"') from None
+    token = os.environ.get(TOKEN_VARIABLE)
+    if not token:
+        raise ReviewError(f"set {TOKEN_VARIABLE} to a Label Studio personal access token")
+    return LabelStudio(base_url=server_url(url), api_key=token, timeout=120)
+
+
+def call(what: str, function, *args, **kwargs):
+    """Run one SDK call; its failure becomes a ReviewError naming `what`, status and body, token masked."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        return function(*args, **kwargs)
+    except ApiError as err:
+        body = str(err.body)[:300]
+        raise ReviewError(masked(f"Label Studio refused to {what}: HTTP {err.status_code}: {body}")) from None
+    except Exception as err:  # httpx transport errors, token refresh failures
+        raise ReviewError(masked(f"could not {what}: {type(err).__name__}: {err}")) from None
+
+
+def create_project(client, title: str, description: str) -> int:
+    project = call("create a project", client.projects.create, title=title[:50], description=description,
+                   label_config=LABEL_CONFIG, show_skip_button=False, sampling="Uniform sampling")
+    return int(project.id)
+
+
+def import_tasks(client, project_id: int, tasks: Iterable[dict[str, Any]]) -> int:
+    """Send the tasks in batches of TASK_BATCH; returns how many were sent."""
+    sent, batch = 0, []
+    for task in tasks:
+        batch.append({"data": task})
+        if len(batch) == TASK_BATCH:
+            sent += _send(client, project_id, batch)
+            batch = []
+    if batch:
+        sent += _send(client, project_id, batch)
+    return sent
+
+
+def _send(client, project_id: int, batch: list[dict[str, Any]]) -> int:
+    call(f"import tasks into project {project_id}", client.projects.import_tasks, id=project_id, request=batch)
+    return len(batch)
+
+
+def project_tasks(client, project_id: int) -> Iterator[Any]:
+    pages = call(f"list the tasks of project {project_id}", client.tasks.list, project=project_id, fields="all")
+    yield from pages
+
+
+def read_votes(client, project_id: int) -> list[Vote]:
+    """Every submitted (not cancelled) annotation as a vote; the reviewer is named by Label Studio user id."""
+    call(f"open project {project_id}", client.projects.get, id=project_id)
+    votes = []
+    for task in project_tasks(client, project_id):
+        key = str((task.data or {}).get("key", ""))
+        for annotation in task.annotations or []:
+            vote = annotation_vote(key, annotation)
+            if vote is not None:
+                votes.append(vote)
+    return votes
+
+
+def annotation_vote(key: str, annotation: Any) -> Vote | None:
+    record = annotation if isinstance(annotation, dict) else annotation.dict()
+    if record.get("was_cancelled"):
+        return None
+    verdict, reason = None, ""
+    for region in record.get("result") or []:
+        value = region.get("value") or {}
+        if region.get("from_name") == VERDICT_FIELD and value.get("choices"):
+            verdict = value["choices"][0]
+        elif region.get("from_name") == REASON_FIELD and value.get("text"):
+            reason = "\n".join(value["text"])
+    if verdict not in VERDICTS:
+        return None
+    return Vote(key=key, reviewer=f"user-{record.get('completed_by')}", verdict=verdict, reason=reason)

@@ -1,0 +1,72 @@
+"""A reviewed version without Label Studio: publish from votes, verify, train on it, union it, report it."""
+
+from __future__ import annotations
+
+import pytest
+
+from factory import layout
+from factory.manifest import VersionSpec, load_manifest, read_index, union_versions, verify_version
+from factory.report import write_report
+from factory.review.publish import publish_reviewed
+from factory.review.verdicts import PUBLISHED, REJECTED, Vote, gather
+from factory.storage import LocalStorage
+from tests.factory.test_report import Tables, build_root, card_keys
+
+
+@pytest.fixture(scope="module")
+def reviewed(tmp_path_factory):
+    """v1 of the report's fixture root, reviewed by two people: 8 kept, 1 dropped, 2 split."""
+    storage = build_root(LocalStorage(tmp_path_factory.mktemp("root")))
+    published = sorted(read_index(storage, "demo", "v1", columns=["key"]).column("key").to_pylist())
+    origins = {**{key: PUBLISHED for key in published}, "clipmiss0": REJECTED, "dinomiss0": REJECTED}
+    votes = [Vote(key, reviewer, "keep") for key in origins for reviewer in ("user-1", "user-2")
+             if key not in published[:3]]
+    votes += [Vote(published[0], "user-1", "drop", "not the same dog"), Vote(published[0], "user-2", "drop"),
+              Vote(published[1], "user-1", "drop", "<b>blurry</b> & odd"), Vote(published[1], "user-2", "keep"),
+              Vote(published[2], "user-1", "keep"), Vote(published[2], "user-2", "drop", "wrong colour")]
+    record = {"dataset": "demo", "version": "v1", "project_id": 7, "url": "http://127.0.0.1:1", "created": "now",
+              "frame": {"size": 5, "margin": 0.05}}
+    manifest = publish_reviewed(storage, record, gather(origins, votes), "v1-reviewed", "0" * 64)
+    return storage, manifest, published
+
+
+def test_the_reviewed_version_lists_the_kept_samples_and_verifies(reviewed):
+    storage, manifest, published = reviewed
+    assert sorted(read_index(storage, "demo", "v1-reviewed").column("key").to_pylist()) == published[3:]
+    assert verify_version(storage, "demo", "v1-reviewed") == []
+    assert sum(shard["version_samples"] for shard in manifest["shards"]) == 8
+    assert manifest["funnel"] == {"parent_samples": 11, "written": 8, "rejections": {"review:drop": 1, "review:tie": 2}}
+
+
+def test_training_reads_only_the_kept_samples_of_the_listed_shards(reviewed):
+    from factory.manifest import version_keys
+    from models.training.data import EpochPlan
+
+    storage, manifest, published = reviewed
+    keep = version_keys(storage, manifest)
+    for world in (1, 2, 5):  # shard mode and dealt mode
+        plans = [EpochPlan.build(manifest, world, 0, seed=0, keep=keep) for _ in range(world)]
+        steps = plans[0].steps(2)
+        keys = [k for rank, plan in enumerate(plans) for b in plan.batches(storage, rank, 2, steps) for k in b.keys]
+        assert sorted(keys) == published[3:]
+
+
+def test_a_union_with_a_reviewed_parent_keeps_reading_through_the_index(reviewed):
+    storage, _, published = reviewed
+    union = union_versions(storage, VersionSpec("demo", "u2", "union", parents=["v0", "v1-reviewed"]))
+    assert union["shards_superset"] and union["samples"] == 5 + 8
+    assert verify_version(storage, "demo", "u2") == []
+
+
+def test_the_report_shows_precision_agreement_and_the_disagreements(reviewed, tmp_path):
+    storage, manifest, published = reviewed
+    page = write_report(storage, "demo", "v1-reviewed", tmp_path).read_text(encoding="utf-8")
+    tables = Tables(page)
+    assert tables.row("precision")[1].startswith(f"{8 / 9:.3f}")
+    assert tables.row("reviewers")[1] == "2"
+    assert tables.row("agreement (pairwise)")[1].startswith(f"{(13 - 2) / 13:.3f}")
+    assert sorted(card_keys(page, "disagreement")) == sorted(published[1:3])
+    assert set(card_keys(page, "accepted")) <= set(published[3:])  # the gallery shows no sample people dropped
+    assert "&lt;b&gt;blurry&lt;/b&gt; &amp; odd" in page and "<b>blurry" not in page
+    assert load_manifest(storage, "demo", "v1-reviewed")["review"]["table"] == "review.parquet"
+    assert storage.exists(layout.review_verdicts("demo", "v1-reviewed"))

@@ -1,0 +1,62 @@
+"""The review's figures from votes alone (no Label Studio): verdicts, agreement, precision, recall."""
+
+from __future__ import annotations
+
+import pytest
+
+from factory.review.verdicts import (
+    PUBLISHED,
+    REJECTED,
+    Vote,
+    figures,
+    gather,
+    krippendorff_alpha,
+    pairwise_agreement,
+    wilson_interval,
+)
+
+
+def votes_of(table):
+    """{key: "kd..."}: one letter per reviewer (k keep, d drop, . none)."""
+    return [Vote(key, f"r{n}", {"k": "keep", "d": "drop"}[mark]) for key, marks in table.items()
+            for n, mark in enumerate(marks) if mark != "."]
+
+
+def test_a_key_is_kept_only_by_a_strict_majority():
+    origins = {"a": PUBLISHED, "b": PUBLISHED, "c": PUBLISHED, "d": PUBLISHED, "e": PUBLISHED}
+    verdicts = gather(origins, votes_of({"a": "kkd", "b": "kd", "c": "dd", "d": "..", "x": "kk"}))
+    assert [item.verdict for item in verdicts] == ["keep", "tie", "drop", "unreviewed", "unreviewed"]
+    assert [item.disagreement for item in verdicts] == [True, True, False, False, False]
+
+
+def test_a_reviewer_who_voted_twice_counts_once_with_the_later_vote():
+    votes = [Vote("a", "r1", "keep"), Vote("a", "r2", "drop"), Vote("a", "r1", "drop", "changed my mind")]
+    (item,) = gather({"a": PUBLISHED}, votes)
+    assert (item.keeps, item.drops, item.verdict) == (0, 2, "drop")
+    assert [vote.reason for vote in item.votes] == ["changed my mind", ""]
+
+
+def test_agreement_matches_hand_counts_and_krippendorff():
+    verdicts = gather({k: PUBLISHED for k in "abcd"}, votes_of({"a": "kk", "b": "kd", "c": "dd", "d": "kkk"}))
+    assert pairwise_agreement(verdicts) == pytest.approx((1 + 0 + 1 + 3) / (1 + 1 + 1 + 3))
+    # coincidences: kk = 2 + 6/2 = 5, dd = 2, kd = dk = 1; n = 9, n_k = 6, n_d = 3
+    assert krippendorff_alpha(verdicts) == pytest.approx(1 - (2 / 9) / (2 * 6 * 3 / (9 * 8)))
+    assert krippendorff_alpha(gather({"a": PUBLISHED}, votes_of({"a": "kk"}))) == 1.0
+    assert pairwise_agreement(gather({"a": PUBLISHED}, votes_of({"a": "k"}))) is None
+
+
+def test_precision_and_the_recall_estimate_follow_the_frame():
+    origins = {**{f"p{n}": PUBLISHED for n in range(4)}, **{f"r{n}": REJECTED for n in range(4)}}
+    table = {"p0": "kk", "p1": "kk", "p2": "kk", "p3": "dd", "r0": "kk", "r1": "dd", "r2": "dd", "r3": "dd"}
+    result = figures(gather(origins, votes_of(table)), published_samples=100, frame={"size": 40, "margin": 0.05})
+    assert result["precision"]["value"] == pytest.approx(0.75)
+    low, high = result["precision"]["interval_95"]
+    assert low < 0.75 < high
+    found, lost = 0.75 * 100, 0.25 * 40
+    assert result["recall_estimate"]["value"] == pytest.approx(found / (found + lost), abs=1e-6)
+    assert result["reviewers"] == 2 and result["votes"] == 16
+
+
+def test_wilson_interval_stays_inside_zero_and_one():
+    assert wilson_interval(0, 0) is None
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(10, 10)[0] > 0.6
