@@ -334,16 +334,26 @@ class EvalConfig(Section):
     """DreamBench-style DINO, CLIP-I and CLIP-T of a generator checkpoint."""
 
     checkpoint: str | None = Field(
-        None, description="G folder (local) or storage key; default: latest of checkpoints/generator/<run-id>"
+        None, description="G folder (local or s3://) or storage key; default: the newest under checkpoints/generator/"
     )
     semantic: Literal["assistant", "clip_text"] = Field(
         "assistant", description="how a prompt becomes G's CLIP condition: H(s) of the assistant, or CLIP text"
     )
     assistant_checkpoint: str | None = Field(
-        None, description="assistant folder or storage key; default: latest of checkpoints/assistant/<run-id>"
+        None, description="assistant folder or storage key; default: the newest under checkpoints/assistant/"
     )
     pairs: list[EvalPair] = Field(default_factory=list)
     pairs_file: str | None = Field(None, description="YAML list of pairs (reference, subject, prompts)")
+    reference_set: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]+$",
+        description="also evaluate on this stored reference set, each reference with `prompts`' list for its class",
+    )
+    prompts: str = Field("dreambench", description="prompt lists for reference_set: a shipped name or a YAML file")
+    references_per_subject: int | None = Field(None, ge=1, description="first n references of each subject, by id")
+    prompts_per_subject: int | None = Field(None, ge=1, description="n prompts spread evenly over the list")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]+$", description="the eval set's name in results; default: <prompts>-<set>"
+    )
     images_per_pair: int = Field(4, ge=1)
     image_size: int = Field(512, ge=8)
     steps: int = Field(50, ge=1)

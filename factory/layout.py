@@ -186,3 +186,15 @@ def run_w_part(run_id: str, index: int) -> str:
 def run_w_ids(run_id: str) -> str:
     """The drawn images' ids with the part and row holding each; written last."""
     return f"{run_w_dir(run_id)}/ids.parquet"
+
+
+# --- evaluations -----------------------------------------------------------------------
+
+
+def eval_results(model: str) -> str:
+    return f"evals/{model}"
+
+
+def eval_result(model: str, checkpoint_id: str, eval_set: str) -> str:
+    """One eval report: a checkpoint (`<run-id>/step-<n>`, or `external/<id>`) on one eval set."""
+    return f"{eval_results(model)}/{checkpoint_id}/{clean_key(eval_set)}.json"

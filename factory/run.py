@@ -117,7 +117,7 @@ def run_all(ctx: RunContext) -> dict[str, Any]:
 
 
 def bootstrap_demo(ctx: RunContext) -> None:
-    """SID on the embedded demo starts from the demo's bootstrap version: make it when missing."""
+    """SID and eval on the embedded demo start from the demo's bootstrap version: make it when missing."""
     from factory.manifest import latest_version
 
     config = ctx.config
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in NEEDS_RAY and not (args.stage == "publish" and config.publish.executor == "local"):
         init_ray(config)
     try:
-        if args.stage == "sid" and args.config is None:
+        if args.stage in ("sid", "eval") and args.config is None:
             bootstrap_demo(ctx)
         result = timed(args.stage, entry, ctx)
     except Exception as err:
