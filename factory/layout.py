@@ -171,6 +171,15 @@ def checkpoint_data_log(model: str, run_id: str, epoch: int, rank: int, first_ba
     return f"{checkpoint_run(model, run_id)}/data/epoch-{epoch:04d}-rank-{rank:04d}-from-{first_batch:06d}.json"
 
 
+def promptnet_checkpoint(run_id: str) -> str:
+    """Where `--stage promptnet` writes by default: a PromptNet folder (config, weights,
+    image_encoder/, training.json written last)."""
+    return checkpoint_run("promptnet", run_id)
+
+
+PROMPTNET_TRAINING = "training.json"  # in a trained PromptNet folder: what it was trained on; written last
+
+
 # --- SID's drawn w images (a round's Stable Diffusion drawings, stored once) ------------
 
 

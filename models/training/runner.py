@@ -22,23 +22,27 @@ def train_on_ray(
     ray_storage_path: str | None = None,
 ) -> dict[str, Any]:
     """Fit on the current Ray cluster with `train.num_workers` workers; returns the summary."""
+    job = make_job(config, version, model, run_id)
+    settings = job.settings
+    fit_on_ray(_ray_worker_loop, {"job": asdict(job)}, f"train-{job.model}-{job.run_id}", settings.num_workers,
+               settings.use_gpu, settings.max_failures, ray_storage_path)
+    return summary(open_storage(config.storage), job)
+
+
+def fit_on_ray(loop, loop_config: dict[str, Any], name: str, num_workers: int, use_gpu: bool, max_failures: int,
+               ray_storage_path: str | None = None):
+    """Run `loop(loop_config)` on `num_workers` Ray Train workers (`TorchTrainer`); returns Ray's result."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    job = make_job(config, version, model, run_id)
-    settings = job.settings
     trainer = TorchTrainer(
-        _ray_worker_loop,
-        train_loop_config={"job": asdict(job)},
-        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu),
-        run_config=RunConfig(
-            name=f"train-{job.model}-{job.run_id}",
-            storage_path=ray_storage_path,
-            failure_config=FailureConfig(max_failures=settings.max_failures),
-        ),
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=name, storage_path=ray_storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures)),
     )
-    trainer.fit()
-    return summary(open_storage(config.storage), job)
+    return trainer.fit()
 
 
 def train_generator(
@@ -79,16 +83,16 @@ def train_in_process(job: TrainJob, storage: Storage, device: str | None = None)
     return summary(storage, job)
 
 
-def _ray_worker_loop(loop_config: dict[str, Any]) -> None:
+def ray_worker():
+    """This Ray Train worker's rank, world size and device."""
     import ray.train
     import ray.train.torch
 
     context = ray.train.get_context()
+    return Worker(rank=context.get_world_rank(), world=context.get_world_size(),
+                  device=ray.train.torch.get_device(), distributed=True)
+
+
+def _ray_worker_loop(loop_config: dict[str, Any]) -> None:
     job = TrainJob(**loop_config["job"])
-    worker = Worker(
-        rank=context.get_world_rank(),
-        world=context.get_world_size(),
-        device=ray.train.torch.get_device(),
-        distributed=True,
-    )
-    train_loop(job, open_storage(StorageConfig.model_validate(job.storage)), worker)
+    train_loop(job, open_storage(StorageConfig.model_validate(job.storage)), ray_worker())

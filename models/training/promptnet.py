@@ -1,0 +1,188 @@
+"""PromptNet pre-training (ProFusion's encoder) on a reference set: the job, and the loop every worker runs.
+
+`--stage promptnet` builds a `PromptNetJob` from the config and fits it on Ray Train
+(`train_promptnet_on_ray`, through `runner.fit_on_ray`); `train_promptnet_in_process` runs the
+same loop as one worker without Ray. Each worker reads its share of the reference set (whole
+parts dealt round-robin by rank, or references dealt when there are fewer parts than workers),
+draws batches of `ceil(batch_size / workers)` references with its own seed, and DDP averages the
+gradients. Rank 0 then saves the PromptNet (config, weights, and the CLIP image encoder it reads
+in `image_encoder/`) to the output, a local folder or an `s3://` prefix written through
+`factory.storage`, with `training.json` last: a PromptNet folder is complete iff that exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from factory import layout
+from factory.config import FactoryConfig, PromptNetConfig, StorageConfig
+from factory.models_cache import model_ref
+from factory.reference_sets import list_parts, load_references, read_part
+from factory.storage import Storage, open_storage
+from models.training.loop import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptNetJob:
+    """Everything a worker needs, as plain data (it travels to Ray workers)."""
+
+    run_id: str
+    model: str  # the Stable Diffusion folder PromptNet is trained for
+    init_from: str | None
+    image_encoder: str | None
+    image_size: int
+    reference_set: str
+    output: str  # a local folder or an s3:// prefix
+    settings: dict[str, Any]
+    storage: dict[str, Any]
+
+    @property
+    def config(self) -> PromptNetConfig:
+        return PromptNetConfig.model_validate(self.settings)
+
+    @property
+    def storage_config(self) -> StorageConfig:
+        return StorageConfig.model_validate(self.storage)
+
+
+def make_promptnet_job(config: FactoryConfig, storage: Storage) -> PromptNetJob:
+    settings = config.promptnet
+    spec = config.generate.generators.get(settings.generator)
+    if spec is None or spec.kind != "profusion":
+        raise ValueError(f"promptnet.generator {settings.generator!r} is not a profusion generator "
+                         f"under generate.generators (have: {sorted(config.generate.generators)})")
+    return PromptNetJob(
+        run_id=config.run_id,
+        model=spec.model,
+        init_from=settings.init_from,
+        image_encoder=settings.image_encoder or spec.options.get("image_encoder"),
+        image_size=settings.image_size or spec.image_size,
+        reference_set=settings.reference_set or config.references.set,
+        output=settings.output or storage.url(layout.promptnet_checkpoint(config.run_id)),
+        settings=settings.model_dump(mode="json"),
+        storage=config.storage.model_dump(mode="json"),
+    )
+
+
+def output_storage(job: PromptNetJob) -> Storage:
+    """The output folder as a storage root (local or S3, with the run's S3 settings)."""
+    return open_storage(StorageConfig.model_validate({**job.storage, "root": job.output}))
+
+
+def refuse_trained_output(job: PromptNetJob) -> None:
+    """A finished PromptNet is never overwritten: a config may be drawing with it."""
+    if output_storage(job).exists(layout.PROMPTNET_TRAINING):
+        raise ValueError(f"{job.output} already holds a trained PromptNet ({layout.PROMPTNET_TRAINING}): "
+                         "set promptnet.output or another run_id")
+
+
+def worker_images(storage: Storage, set_name: str, rank: int, world: int) -> list:
+    """This rank's references, decoded: whole parts round-robin, or references round-robin when
+    there are fewer parts than workers."""
+    from factory.images import decode_image
+
+    parts = list_parts(storage, set_name)
+    if len(parts) >= world:
+        blobs = [blob for index in range(rank, len(parts), world)
+                 for blob in read_part(storage, set_name, index, ["image"])["image"]]
+    else:
+        blobs = list(load_references(storage, set_name, ["image"])["image"])[rank::world]
+    if not blobs:
+        raise ValueError(f"reference set {set_name!r} has no references for worker {rank} of {world} "
+                         "(build it with --stage references, or use fewer promptnet.num_workers)")
+    return [decode_image(blob) for blob in blobs]
+
+
+def promptnet_loop(job: PromptNetJob, worker: Worker) -> dict[str, Any] | None:
+    """Train, then (rank 0) save and upload; returns the training record on rank 0."""
+    import torch
+
+    from models.profusion import PromptNetTraining
+
+    settings = job.config
+    storage = open_storage(job.storage_config)
+    images = worker_images(storage, job.reference_set, worker.rank, worker.world)
+    torch.manual_seed(settings.seed)
+    training = PromptNetTraining(job.model, checkpoint=job.init_from, image_encoder=job.image_encoder,
+                                 device=str(worker.device), image_size=job.image_size, prompt=settings.prompt,
+                                 storage=job.storage_config)
+    model = worker.wrap(training.promptnet)
+    step = training.optimizer_step(model.parameters(), settings.lr, settings.weight_decay, settings.max_grad_norm)
+    per_worker = math.ceil(settings.batch_size / worker.world)
+    rng = torch.Generator().manual_seed(settings.seed * 1_000_003 + worker.rank)
+    recent: list[float] = []
+    for number in range(1, settings.steps + 1):
+        picks = torch.randint(len(images), (per_worker,), generator=rng).tolist()
+        loss = training.loss(model, [images[i] for i in picks], settings.min_crop, rng)
+        step(loss)
+        recent = [*recent[-99:], float(loss.item())]
+        if number % settings.log_every == 0 or number == settings.steps:
+            log.info("promptnet step %d/%d loss %.4f", number, settings.steps, sum(recent) / len(recent))
+            worker.report({"step": number, "loss": sum(recent) / len(recent)})
+    worker.barrier()
+    if worker.rank != 0:
+        return None
+    return publish_promptnet(job, training, training_record(job, storage, worker.world, recent))
+
+
+def training_record(job: PromptNetJob, storage: Storage, world: int, recent: list[float]) -> dict[str, Any]:
+    settings = job.config
+    references = len(load_references(storage, job.reference_set, ["reference_id"]))
+    return {
+        "kind": "promptnet", "run_id": job.run_id, "model": model_ref(job.model),
+        "init_from": model_ref(job.init_from), "image_encoder": model_ref(job.image_encoder),
+        "reference_set": job.reference_set, "references": references, "image_size": job.image_size,
+        "steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr, "workers": world,
+        "loss": round(sum(recent) / len(recent), 6) if recent else None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def publish_promptnet(job: PromptNetJob, training, record: dict[str, Any]) -> dict[str, Any]:
+    """Save the PromptNet and upload it to the output, `training.json` last."""
+    target = output_storage(job)
+    with tempfile.TemporaryDirectory(prefix="promptnet-") as scratch:
+        folder = Path(training.save(Path(scratch) / "promptnet"))
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            target.upload_file(path, path.relative_to(folder).as_posix())
+    target.write_bytes(layout.PROMPTNET_TRAINING, json.dumps(record, indent=2, sort_keys=True).encode())
+    log.info("PromptNet written to %s", job.output)
+    return record
+
+
+def read_training_record(job: PromptNetJob) -> dict[str, Any]:
+    return json.loads(output_storage(job).read_bytes(layout.PROMPTNET_TRAINING))
+
+
+def train_promptnet_in_process(job: PromptNetJob, device: str | None = None) -> dict[str, Any]:
+    """The same loop as one worker, without Ray."""
+    import torch
+
+    chosen = device or ("cuda" if job.config.use_gpu and torch.cuda.is_available() else "cpu")
+    promptnet_loop(job, Worker(rank=0, world=1, device=torch.device(chosen)))
+    return read_training_record(job)
+
+
+def train_promptnet_on_ray(job: PromptNetJob) -> dict[str, Any]:
+    """Fit on the current Ray cluster with `promptnet.num_workers` workers; returns the training record."""
+    from models.training.runner import fit_on_ray
+
+    settings = job.config
+    fit_on_ray(_ray_promptnet_loop, {"job": asdict(job)}, f"promptnet-{job.run_id}", settings.num_workers,
+               settings.use_gpu, settings.max_failures)
+    return read_training_record(job)
+
+
+def _ray_promptnet_loop(loop_config: dict[str, Any]) -> None:
+    from models.training.runner import ray_worker
+
+    promptnet_loop(PromptNetJob(**loop_config["job"]), ray_worker())
