@@ -112,7 +112,7 @@ class Located:
         if storage.list(f"{key}/model"):
             return cls(key, True, step=True)
         if not storage.list(key):
-            raise ValueError(f"{model} checkpoint {given!r} is neither a local folder nor in {storage.url('')}")
+            raise ValueError(f"{model} checkpoint {given!r} is neither a local folder nor in {storage.url(key)}")
         return cls(key, True)
 
     def materialize(self, storage: Storage, scratch: Path, settings: StorageConfig | None = None) -> str:
@@ -140,7 +140,7 @@ class Located:
 
     def trained_on(self, storage: Storage) -> dict[str, Any] | None:
         """The dataset version a trained step was trained on (from its meta.json), else None."""
-        if not self.step:
+        if not self.step or not storage.exists(layout.checkpoint_meta(self.name)):
             return None
         meta = json.loads(storage.read_bytes(layout.checkpoint_meta(self.name)))
         return {"dataset": meta.get("dataset"), "version": meta.get("version"), "step": meta.get("step")}
