@@ -397,10 +397,12 @@ class PromptNetConfig(Section):
     prompt: str = Field("a photo of {subject}", description="the S* prompt of the denoising loss")
     min_crop: float = Field(0.7, gt=0, le=1, description="smallest crop side of the augmented views")
     log_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(1000, ge=1, description="steps between progress saves (runs/<run-id>/promptnet/)")
+    resume: bool = Field(True, description="continue from the run's latest progress save when there is one")
     seed: int = 0
     num_workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each with use_gpu)")
     use_gpu: bool = True
-    max_failures: int = Field(0, ge=0, description="Ray Train restarts (each starts the training again)")
+    max_failures: int = Field(3, ge=0, description="Ray Train restarts; each resumes from the latest progress save")
 
 
 class RayConfig(Section):

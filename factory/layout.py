@@ -180,6 +180,16 @@ def promptnet_checkpoint(run_id: str) -> str:
 PROMPTNET_TRAINING = "training.json"  # in a trained PromptNet folder: what it was trained on; written last
 
 
+def promptnet_progress_step(run_id: str, step: int) -> str:
+    """A PromptNet training's progress save: weights, optimizer state, progress.json written last."""
+    return f"{stage_dir(run_id, 'promptnet')}/step-{step:08d}"
+
+
+def promptnet_progress_latest(run_id: str) -> str:
+    """Points at the newest complete progress save."""
+    return f"{stage_dir(run_id, 'promptnet')}/latest.json"
+
+
 # --- SID's drawn w images (a round's Stable Diffusion drawings, stored once) ------------
 
 

@@ -279,22 +279,10 @@ class ProFusionGenerator:
             goal = noise
         return F.mse_loss(prediction.float(), goal.float())
 
-    def _optimizer_step(self, parameters, lr: float, weight_decay: float, max_grad_norm: float | None = None):
-        """AdamW with loss scaling under float16 autocast; returns `step(loss)`."""
-        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-        scaled = self.device.type == "cuda" and self.dtype == torch.float16
-        scaler = torch.amp.GradScaler(self.device.type, enabled=scaled)
-
-        def step(loss: torch.Tensor) -> None:
-            scaler.scale(loss).backward()
-            if max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step
+    def _optimizer_step(self, parameters, lr: float, weight_decay: float,
+                        max_grad_norm: float | None = None) -> ScaledAdamW:
+        """AdamW with loss scaling under float16 autocast; call it as `step(loss)`."""
+        return ScaledAdamW(parameters, lr, weight_decay, self.device, self.dtype, max_grad_norm)
 
     def _attention_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.unet.named_parameters() if any(k in n for k in ATTENTION_PROJECTIONS)]
@@ -426,6 +414,28 @@ class ProFusionGenerator:
         return contextlib.nullcontext()
 
 
+class ScaledAdamW:
+    """AdamW with loss scaling under float16 autocast on CUDA: `step(loss)` backpropagates, clips
+    (with `max_grad_norm`), steps and zeroes the gradients. `optimizer` is there for its state."""
+
+    def __init__(self, parameters, lr: float, weight_decay: float, device: torch.device, dtype: torch.dtype,
+                 max_grad_norm: float | None = None):
+        self.parameters = list(parameters)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay)
+        scaled = device.type == "cuda" and dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=scaled)
+        self.max_grad_norm = max_grad_norm
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+        if self.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 class PromptNetTraining:
     """ProFusion's PromptNet pre-training objective (its train.py: SD2-base, lr 2e-5, batch 8, 80k
     steps): the denoising loss on one augmented view of a reference, with S* read from another
@@ -447,8 +457,8 @@ class PromptNetTraining:
         self.promptnet = self.frozen.promptnet.requires_grad_(True).train()
         self.text = self.frozen.prompts.render(prompt, self.promptnet.config.num_tokens)
 
-    def optimizer_step(self, parameters, lr: float, weight_decay: float, max_grad_norm: float | None):
-        return self.frozen._optimizer_step(list(parameters), lr, weight_decay, max_grad_norm)
+    def optimizer_step(self, parameters, lr: float, weight_decay: float, max_grad_norm: float | None) -> ScaledAdamW:
+        return self.frozen._optimizer_step(parameters, lr, weight_decay, max_grad_norm)
 
     def loss(self, promptnet, images: Sequence[Image.Image], min_crop: float, rng: torch.Generator) -> torch.Tensor:
         """The loss on `images` (one batch); `promptnet` is `self.promptnet` or its DDP wrapper."""

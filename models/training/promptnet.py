@@ -4,14 +4,18 @@
 (`train_promptnet_on_ray`, through `runner.fit_on_ray`); `train_promptnet_in_process` runs the
 same loop as one worker without Ray. Each worker reads its share of the reference set (whole
 parts dealt round-robin by rank, or references dealt when there are fewer parts than workers),
-draws batches of `ceil(batch_size / workers)` references with its own seed, and DDP averages the
-gradients. Rank 0 then saves the PromptNet (config, weights, and the CLIP image encoder it reads
-in `image_encoder/`) to the output, a local folder or an `s3://` prefix written through
+draws batches of `ceil(batch_size / workers)` references with a seed per (step, rank), and DDP
+averages the gradients. Every `checkpoint_every` steps rank 0 saves the progress (weights,
+optimizer state, `progress.json` last) under `runs/<run-id>/promptnet/`; a restarted training
+(Ray Train's `max_failures`, or the job submitted again) resumes from the latest save as if never
+stopped. At the end rank 0 saves the PromptNet (config, weights, and the CLIP image encoder it
+reads in `image_encoder/`) to the output, a local folder or an `s3://` prefix written through
 `factory.storage`, with `training.json` last: a PromptNet folder is complete iff that exists.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -26,7 +30,13 @@ from factory.config import FactoryConfig, PromptNetConfig, StorageConfig
 from factory.models_cache import model_ref
 from factory.reference_sets import list_parts, load_references, read_part
 from factory.storage import Storage, open_storage
-from models.training.loop import Worker
+from models.training.loop import Worker, step_seed
+from models.training.optimizer_state import (
+    get_optimizer_state,
+    read_optimizer_state,
+    set_optimizer_state,
+    write_optimizer_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,16 @@ class PromptNetJob:
     @property
     def storage_config(self) -> StorageConfig:
         return StorageConfig.model_validate(self.storage)
+
+    def fingerprint(self) -> str:
+        """What the progress saves depend on: a resumed training must be the same training."""
+        settings = {key: value for key, value in self.settings.items()
+                    if key not in ("steps", "log_every", "checkpoint_every", "resume", "num_workers", "use_gpu",
+                                   "max_failures", "output", "require_trained")}
+        made_of = {"model": model_ref(self.model), "init_from": model_ref(self.init_from),
+                   "image_encoder": model_ref(self.image_encoder), "image_size": self.image_size,
+                   "reference_set": self.reference_set, "settings": settings}
+        return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()
 
 
 def make_promptnet_job(config: FactoryConfig, storage: Storage) -> PromptNetJob:
@@ -103,7 +123,8 @@ def worker_images(storage: Storage, set_name: str, rank: int, world: int) -> lis
 
 
 def promptnet_loop(job: PromptNetJob, worker: Worker) -> dict[str, Any] | None:
-    """Train, then (rank 0) save and upload; returns the training record on rank 0."""
+    """Train (from the latest progress save, when there is one), then (rank 0) save and upload;
+    returns the training record on rank 0."""
     import torch
 
     from models.profusion import PromptNetTraining
@@ -115,12 +136,18 @@ def promptnet_loop(job: PromptNetJob, worker: Worker) -> dict[str, Any] | None:
     training = PromptNetTraining(job.model, checkpoint=job.init_from, image_encoder=job.image_encoder,
                                  device=str(worker.device), image_size=job.image_size, prompt=settings.prompt,
                                  storage=job.storage_config)
+    progress = latest_progress(storage, job) if settings.resume else None
+    if progress is not None:
+        load_progress_weights(storage, progress["folder"], training.promptnet)
     model = worker.wrap(training.promptnet)
     step = training.optimizer_step(model.parameters(), settings.lr, settings.weight_decay, settings.max_grad_norm)
+    if progress is not None:
+        set_optimizer_state(model, step.optimizer, read_optimizer_state(storage, progress["folder"]))
+        log.info("promptnet %s: resuming after step %d", job.run_id, progress["step"])
+    recent = list(progress["recent"]) if progress else []
     per_worker = math.ceil(settings.batch_size / worker.world)
-    rng = torch.Generator().manual_seed(settings.seed * 1_000_003 + worker.rank)
-    recent: list[float] = []
-    for number in range(1, settings.steps + 1):
+    for number in range((progress["step"] if progress else 0) + 1, settings.steps + 1):
+        rng = torch.Generator().manual_seed(step_seed(settings.seed, number, worker.rank))
         picks = torch.randint(len(images), (per_worker,), generator=rng).tolist()
         loss = training.loss(model, [images[i] for i in picks], settings.min_crop, rng)
         step(loss)
@@ -128,10 +155,57 @@ def promptnet_loop(job: PromptNetJob, worker: Worker) -> dict[str, Any] | None:
         if number % settings.log_every == 0 or number == settings.steps:
             log.info("promptnet step %d/%d loss %.4f", number, settings.steps, sum(recent) / len(recent))
             worker.report({"step": number, "loss": sum(recent) / len(recent)})
+        if number % settings.checkpoint_every == 0 and number < settings.steps:
+            save_progress(storage, job, worker, model, step.optimizer, training.promptnet, number, recent)
     worker.barrier()
     if worker.rank != 0:
         return None
     return publish_promptnet(job, training, training_record(job, storage, worker.world, recent))
+
+
+# --- progress saves --------------------------------------------------------------------
+
+
+def latest_progress(storage: Storage, job: PromptNetJob) -> dict[str, Any] | None:
+    """The newest complete progress save of the run (step, folder, recent losses), or None;
+    refused when it was made by another training."""
+    pointer = layout.promptnet_progress_latest(job.run_id)
+    if not storage.exists(pointer):
+        return None
+    folder = json.loads(storage.read_bytes(pointer))["path"]
+    progress = json.loads(storage.read_bytes(f"{folder}/progress.json"))
+    if progress["fingerprint"] != job.fingerprint():
+        raise ValueError(f"run {job.run_id!r} has PromptNet progress made with other settings ({folder}): "
+                         "use another run_id (or set promptnet.resume: false)")
+    return {**progress, "folder": folder}
+
+
+def save_progress(storage: Storage, job: PromptNetJob, worker: Worker, model, optimizer, promptnet,
+                  number: int, recent: list[float]) -> None:
+    """Rank 0 writes weights, optimizer state and progress.json (last), then points latest.json at them."""
+    from safetensors.torch import save_file
+
+    state = get_optimizer_state(model, optimizer)  # a collective under FSDP; plain under DDP
+    if worker.rank == 0:
+        folder = layout.promptnet_progress_step(job.run_id, number)
+        with tempfile.TemporaryDirectory(prefix="promptnet-progress-") as scratch:
+            local = Path(scratch)
+            save_file({k: v.detach().cpu().contiguous() for k, v in promptnet.state_dict().items()},
+                      str(local / "promptnet.safetensors"))
+            write_optimizer_state(state, local)
+            for path in sorted(local.iterdir()):
+                storage.upload_file(path, f"{folder}/{path.name}")
+        record = {"step": number, "recent": recent, "fingerprint": job.fingerprint()}
+        storage.write_bytes(f"{folder}/progress.json", json.dumps(record).encode())
+        storage.write_bytes(layout.promptnet_progress_latest(job.run_id), json.dumps({"path": folder}).encode())
+        log.info("promptnet %s: progress saved at step %d", job.run_id, number)
+    worker.barrier()
+
+
+def load_progress_weights(storage: Storage, folder: str, promptnet) -> None:
+    from safetensors.torch import load as load_safetensors
+
+    promptnet.load_state_dict(load_safetensors(storage.read_bytes(f"{folder}/promptnet.safetensors")), strict=True)
 
 
 def training_record(job: PromptNetJob, storage: Storage, world: int, recent: list[float]) -> dict[str, Any]:

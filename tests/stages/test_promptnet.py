@@ -46,9 +46,9 @@ def store_references(storage, name: str, count: int, part_size: int) -> None:
     storage.write_bytes(layout.reference_complete(name), b"{}")
 
 
-def make_config(root: Path, tiny: dict, **promptnet) -> FactoryConfig:
+def make_config(root: Path, tiny: dict, run_id: str = "pn", **promptnet) -> FactoryConfig:
     return FactoryConfig.model_validate({
-        "run_id": "pn", "storage": {"root": str(root)}, "references": {"set": "refs"},
+        "run_id": run_id, "storage": {"root": str(root)}, "references": {"set": "refs"},
         "generate": {"generators": {"profusion": {"kind": "profusion", "model": tiny["sd"], "image_size": 32}}},
         "promptnet": {"init_from": tiny["promptnet"], "steps": 2, "batch_size": 2, "num_workers": 1,
                       "use_gpu": False, **promptnet},
@@ -78,6 +78,45 @@ def test_promptnet_training_writes_a_checkpoint_profusion_loads(tmp_path, tiny, 
     assert generator.image_encoder is not None  # saved beside it, from the PromptNet it started from
     with pytest.raises(ValueError, match="already holds a trained PromptNet"):
         refuse_trained_output(job)
+
+
+def test_a_stopped_training_resumes_from_its_progress_save_as_if_never_stopped(tmp_path, tiny, one_torch_thread,
+                                                                             monkeypatch):
+    from models.profusion import PromptNetTraining
+    from models.promptnet import PromptNet
+    from models.training.promptnet import latest_progress, make_promptnet_job, train_promptnet_in_process
+
+    root = tmp_path / "root"
+    storage = open_storage(StorageConfig(root=str(root)))
+    store_references(storage, "refs", 3, part_size=2)
+    stopped = make_promptnet_job(make_config(root, tiny, "stopped", steps=3, checkpoint_every=2), storage)
+    losses = []
+    real_loss = PromptNetTraining.loss
+
+    def loss_until_the_node_is_lost(self, *args, **kwargs):
+        losses.append(1)
+        if len(losses) == 3:
+            raise RuntimeError("node lost")
+        return real_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(PromptNetTraining, "loss", loss_until_the_node_is_lost)
+    with pytest.raises(RuntimeError, match="node lost"):
+        train_promptnet_in_process(stopped)
+    assert latest_progress(storage, stopped)["step"] == 2 and not storage.exists("checkpoints/promptnet/stopped")
+
+    losses.clear()
+    resumed = train_promptnet_in_process(stopped)
+    assert len(losses) == 1 and resumed["steps"] == 3  # only step 3 was left
+    monkeypatch.undo()
+    straight = make_promptnet_job(make_config(root, tiny, "straight", steps=3, checkpoint_every=2), storage)
+    train_promptnet_in_process(straight)
+    after_stop = PromptNet.from_pretrained(stopped.output, low_cpu_mem_usage=False).state_dict()
+    unbroken = PromptNet.from_pretrained(straight.output, low_cpu_mem_usage=False).state_dict()
+    assert all(torch.equal(after_stop[name], unbroken[name]) for name in unbroken)
+
+    other = make_promptnet_job(make_config(root, tiny, "stopped", steps=3, lr=1e-3), storage)
+    with pytest.raises(ValueError, match="progress made with other settings"):
+        latest_progress(storage, other)
 
 
 def test_each_worker_reads_its_share_of_the_references(tmp_path):
