@@ -65,9 +65,10 @@ class PromptNetJob:
 
     def fingerprint(self) -> str:
         """What the progress saves depend on: a resumed training must be the same training."""
-        settings = {key: value for key, value in self.settings.items()
-                    if key not in ("steps", "log_every", "checkpoint_every", "resume", "num_workers", "use_gpu",
-                                   "max_failures", "output", "require_trained")}
+        not_defining = ("steps", "log_every", "checkpoint_every", "resume", "num_workers", "use_gpu", "max_failures",
+                        "output", "require_trained", "generator", "init_from", "image_encoder", "image_size",
+                        "reference_set")  # the last five are in `made_of`, paths made portable
+        settings = {key: value for key, value in self.settings.items() if key not in not_defining}
         made_of = {"model": model_ref(self.model), "init_from": model_ref(self.init_from),
                    "image_encoder": model_ref(self.image_encoder), "image_size": self.image_size,
                    "reference_set": self.reference_set, "settings": settings}

@@ -179,3 +179,24 @@ def test_the_refusal_can_be_turned_off_and_the_demo_passes(tmp_path):
     assert untrained_promptnet(production.model_copy(update={"promptnet": production.promptnet.model_copy(
         update={"require_trained": False})})) is None
     assert untrained_promptnet(load_config(None)) is None  # its tiny PromptNet is named
+
+
+def test_progress_fingerprint_is_the_same_from_another_working_folder(tmp_path, tiny, monkeypatch):
+    """`ray job submit --working-dir` unpacks every submission into a new folder: a resubmitted
+    training must still recognise its own progress."""
+    from models.training.promptnet import make_promptnet_job
+
+    fingerprints = []
+    for folder in ("a", "b"):
+        work = tmp_path / folder
+        (work / "models").mkdir(parents=True)
+        (work / "models" / "tiny-promptnet").symlink_to(tiny["promptnet"])
+        monkeypatch.chdir(work)
+        config = load_config(None, [f"storage.root={tmp_path / 'root'}",
+                                    "promptnet.init_from=./models/tiny-promptnet"])
+        job = make_promptnet_job(config, open_storage(config.storage))
+        assert job.init_from == str(work / "models" / "tiny-promptnet")
+        fingerprints.append(job.fingerprint())
+    assert fingerprints[0] == fingerprints[1]
+    other = load_config(None, [f"storage.root={tmp_path / 'root'}", "promptnet.lr=0.001"])
+    assert make_promptnet_job(other, open_storage(other.storage)).fingerprint() != fingerprints[0]
