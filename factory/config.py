@@ -56,7 +56,18 @@ class ActorPool(Section):
     concurrency: int = Field(1, ge=1, description="number of actors")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a card")
     num_cpus: float = Field(1.0, gt=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources per actor, e.g. {a100_40g: 1}: pins the pool to a node type of cluster.yaml",
+    )
     batch_size: int = Field(16, ge=1, description="candidates per model forward pass")
+
+    def ray_options(self) -> dict[str, Any]:
+        """What each actor of the pool asks Ray for."""
+        options: dict[str, Any] = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
 
 
 class ReferenceSource(Section):
@@ -88,7 +99,7 @@ class ReferenceSource(Section):
 
 class ReferencesConfig(ActorPool):
     """Reference ingest. The ActorPool fields size the Stable Diffusion pool for generated
-    references: with num_gpus > 0 or concurrency > 1 it runs as Ray actors, else on the driver."""
+    references: with num_gpus > 0, concurrency > 1 or resources it runs as Ray actors, else on the driver."""
 
     set: str = Field("demo", pattern=r"^[A-Za-z0-9_-]+$")
     sources: list[ReferenceSource] = Field(default_factory=list)
@@ -291,6 +302,9 @@ class TrainConfig(Section):
     resume: bool = Field(True, description="continue from checkpoints/<model>/<run-id>/latest.json when present")
     num_workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each with use_gpu)")
     use_gpu: bool = True
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per worker, e.g. {a100_80g: 1}: a node type"
+    )
     max_failures: int = Field(3, ge=0, description="Ray Train restarts; each resumes from the last checkpoint")
     seed: int = 0
     log_sample_keys: bool = Field(False, description="write the keys each worker trained on, per epoch")
@@ -402,6 +416,9 @@ class PromptNetConfig(Section):
     seed: int = 0
     num_workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each with use_gpu)")
     use_gpu: bool = True
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per worker, e.g. {a100_80g: 1}: a node type"
+    )
     max_failures: int = Field(3, ge=0, description="Ray Train restarts; each resumes from the latest progress save")
 
 

@@ -160,9 +160,9 @@ def pool_groups(steps: list[Step], config: FactoryConfig) -> list[list[Step]]:
     return groups
 
 
-def resources(step: Step, config: FactoryConfig) -> tuple[int, float, float]:
+def resources(step: Step, config: FactoryConfig) -> tuple[int, dict[str, Any]]:
     pool = step.pool(config)
-    return pool.concurrency, pool.num_gpus, pool.num_cpus
+    return pool.concurrency, pool.ray_options()
 
 
 def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
@@ -179,14 +179,13 @@ def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     snapshot = ctx.config.snapshot()
     dataset = ray.data.from_items([{"unit": unit} for unit in pending], override_num_blocks=len(pending))
     for group in pool_groups(steps, ctx.config):
-        concurrency, num_gpus, num_cpus = resources(group[0], ctx.config)
+        concurrency, ray_options = resources(group[0], ctx.config)
         dataset = dataset.map_batches(
             UnitChain,
             fn_constructor_args=(group, snapshot),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=concurrency),
-            num_gpus=num_gpus,
-            num_cpus=num_cpus,
+            **ray_options,
         )  # Ray Data restarts dead actors and retries their units (max_restarts=-1 by default)
     started = time.perf_counter()
     results = dataset.take_all()

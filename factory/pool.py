@@ -327,8 +327,7 @@ def build_pool_from_shards(storage: Storage, storage_config: StorageConfig, name
                               batch_size=1, batch_format="pandas")
     embedded = rows.map_batches(
         PoolEmbedder, fn_constructor_args=(make_scorer, batch_size), batch_size=batch_size, batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=actors.concurrency), num_gpus=actors.num_gpus,
-        num_cpus=actors.num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=actors.concurrency), **actors.ray_options(),
     )
     frames = list(embedded.iter_batches(batch_format="pandas", batch_size=None))
     summary = finish_pool(storage, name, pd.concat(frames, ignore_index=True), exact_limit)

@@ -83,7 +83,7 @@ class Drawer:
         self.batch_size = cfg.batch_size
         self.pool = None
         try:
-            if cfg.num_gpus > 0 or cfg.concurrency > 1:
+            if cfg.num_gpus > 0 or cfg.concurrency > 1 or cfg.resources:
                 self.pool = ray_pool(config)
             else:
                 self.local = ReferenceDrawer(config)
@@ -118,7 +118,7 @@ def ray_pool(config: FactoryConfig):
     if not ray.is_initialized():
         local = {"num_cpus": config.ray.num_cpus} if config.ray.address is None else {}
         ray.init(address=config.ray.address, ignore_reinit_error=True, **local)
-    remote = ray.remote(num_gpus=cfg.num_gpus, num_cpus=cfg.num_cpus)(ReferenceDrawer)
+    remote = ray.remote(**cfg.ray_options())(ReferenceDrawer)
     actors = [remote.remote(config) for _ in range(cfg.concurrency)]
     ray.get([actor.ready.remote() for actor in actors])  # surface a bad model path now
     return ActorPool(actors)

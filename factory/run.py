@@ -181,7 +181,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="publish even if some planned units have no output (the manifest says so)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set storage.root=s3://bucket/prefix")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print plan size, units and GPU-hours per stage (--stage all or sid); write nothing")
+    parser.add_argument("--device-kind", help="with --dry-run: price with bench/real_size.py's figures for this "
+                        "device kind (default: the paper's A100 figures)")
+    parser.add_argument("--figures", help="with --dry-run: the measured figures file "
+                        "(default: factory/cost_figures.json)")
     return parser.parse_args(argv)
+
+
+def dry_run(args: argparse.Namespace, config: FactoryConfig) -> int:
+    """The bill before the run (`factory.estimate`): no Ray, no demo models, nothing written."""
+    from factory.estimate import dry_run as estimate_lines
+
+    try:
+        lines = estimate_lines(config, args.stage, args.config or "(embedded demo)", args.device_kind, args.figures)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    print("\n".join(lines))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = [*args.overrides, *(["publish.allow_partial=true"] if args.allow_partial else [])]
         config = load_config(args.config, overrides)
+        if args.dry_run:
+            return dry_run(args, config)
         entry = stage_entry(args.stage)
         if args.config is None:
             from factory.demo import prepare_demo

@@ -1,7 +1,7 @@
 """`python -m jobs {list,submit,cron,token}`: scheduled cluster jobs.
 
   python -m jobs list
-  python -m jobs submit NAME [--address URL] [--no-wait] [--follow] [--set key=value ...]
+  python -m jobs submit NAME [--address URL] [--no-wait] [--follow] [--config FILE] [--set key=value ...]
   python -m jobs cron [--project-dir DIR] [--python PATH] [--log-dir DIR] [--address URL] [--container NAME]
   python -m jobs token --ssm-parameter NAME [--region R] [--out PATH]
 
@@ -28,7 +28,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     spec = get_spec(load_specs(args.specs), args.name)
     result = submit_spec(
-        spec, address=args.address, overrides=args.overrides, wait=not args.no_wait,
+        spec, address=args.address, overrides=args.overrides, config=args.config, wait=not args.no_wait,
         stream=args.follow, poll_s=args.poll_s,
     )
     if args.no_wait:
@@ -68,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
                         "$RAY_ADDRESS, http://127.0.0.1:8265)")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.add_argument("--follow", action="store_true", help="stream the job's logs while waiting")
+    submit.add_argument("--config", help="run the job with this config file instead of the spec's "
+                        "(a path inside the working dir, e.g. configs/staging.yaml)")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override appended to the entrypoint as --set KEY=VALUE")
     submit.add_argument("--poll-s", type=float, default=2.0, help=argparse.SUPPRESS)

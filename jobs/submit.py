@@ -77,13 +77,24 @@ def redact(text: str, token: str | None) -> str:
 # --- building the submission ----------------------------------------------------------
 
 
-def entrypoint_with_overrides(spec: JobSpec, overrides: list[str]) -> str:
-    """The spec's entrypoint with one `--set key=value` per override (config overrides)."""
+def entrypoint_with_overrides(spec: JobSpec, overrides: list[str], config: str | None = None) -> str:
+    """The spec's entrypoint with its `--config` replaced by `config` (a path inside the working
+    dir: the same job against staging) and one `--set key=value` per override."""
     for override in overrides:
         key = override.split("=", 1)[0]
         if "=" not in override or not key.strip():
             raise SpecError(f"--set expects key=value, got {override!r}")
-    return spec.entrypoint + "".join(f" --set {shlex.quote(item)}" for item in overrides)
+    entrypoint = spec.entrypoint if config is None else with_config(spec.entrypoint, config)
+    return entrypoint + "".join(f" --set {shlex.quote(item)}" for item in overrides)
+
+
+def with_config(entrypoint: str, config: str) -> str:
+    words = shlex.split(entrypoint)
+    if "--config" in words[:-1]:
+        words[words.index("--config") + 1] = config
+    else:
+        words += ["--config", config]
+    return shlex.join(words)
 
 
 def runtime_env(spec: JobSpec) -> dict[str, Any]:
@@ -107,11 +118,11 @@ def submission_id(spec: JobSpec) -> str:
     return f"{spec.name}-{stamp}-{secrets.token_hex(3)}"
 
 
-def submit_kwargs(spec: JobSpec, overrides: list[str]) -> dict[str, Any]:
+def submit_kwargs(spec: JobSpec, overrides: list[str], config: str | None = None) -> dict[str, Any]:
     """Keyword arguments for `JobSubmissionClient.submit_job`."""
     res = spec.resources
     return {
-        "entrypoint": entrypoint_with_overrides(spec, overrides),
+        "entrypoint": entrypoint_with_overrides(spec, overrides, config),
         "runtime_env": runtime_env(spec),
         "submission_id": submission_id(spec),
         "metadata": {"job_spec": spec.name, **spec.metadata},
@@ -210,13 +221,14 @@ def submit_spec(
     *,
     address: str | None = None,
     overrides: list[str] | None = None,
+    config: str | None = None,
     wait: bool = True,
     stream: bool = False,
     poll_s: float = 2.0,
     out: TextIO = sys.stdout,
 ) -> SubmitResult:
     """Submit `spec`, and (unless `wait` is False) wait for its end and report it."""
-    kwargs = submit_kwargs(spec, overrides or [])
+    kwargs = submit_kwargs(spec, overrides or [], config)
     token = find_token()
     client = connect(address, token)
     try:

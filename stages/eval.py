@@ -81,7 +81,7 @@ def locate_generator(ctx: RunContext) -> Located:
 
 
 def is_demo(config: FactoryConfig) -> bool:
-    return config.dataset == "demo"  # as SID decides it: the embedded demo's dataset
+    return config.dataset == "demo"  # the embedded demo's dataset
 
 
 # --- where the checkpoints are -------------------------------------------------------

@@ -57,22 +57,16 @@ def ensure_parent(ctx: RunContext) -> str:
 
 
 def ensure_checkpoint(ctx: RunContext, parent: str) -> str:
-    """G's checkpoint folder; on the demo, train a tiny G on the parent when none exists."""
+    """G's checkpoint folder: `sid.checkpoint`, else the newest trained G, else (the first night
+    after the bootstrap) G trained on the parent now, with the `train` settings."""
     from factory.checkpoints import latest_generator_checkpoint
     from models.training.runner import train_generator_on
 
-    config = ctx.config
-    checkpoint = config.sid.checkpoint or latest_generator_checkpoint(ctx)
+    checkpoint = ctx.config.sid.checkpoint or latest_generator_checkpoint(ctx)
     if checkpoint:
         return checkpoint
-    if not is_demo(config):
-        raise RuntimeError("no trained generator: set sid.checkpoint or run --stage train first")
-    log.info("demo: no trained generator yet, training a tiny G on %s", parent)
+    log.info("no trained generator yet: training G on %s first", parent)
     return train_generator_on(ctx, parent)
-
-
-def is_demo(config: FactoryConfig) -> bool:
-    return config.dataset == "demo"
 
 
 # --- planning a round ----------------------------------------------------------------
@@ -236,7 +230,7 @@ def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> l
         WDrawer, fn_constructor_args=(refs.sd_model, refs.sd_steps, refs.sd_size, ctx.config.storage),
         batch_size=batch_size,
         batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=refs.concurrency),
-        num_gpus=refs.num_gpus, num_cpus=refs.num_cpus,
+        **refs.ray_options(),
     ).select_columns(["order", "w_image"]).to_pandas()
     if len(drawn) != len(jobs):
         raise RuntimeError(f"SD drew {len(drawn)} w images for {len(jobs)} jobs")

@@ -122,7 +122,22 @@ def cost_section(data: VersionData, plots: dict[str, bytes]) -> str:
              r["generator_gpu_seconds"]] for r in rows]
     return ("<h2>Cost per accepted sample</h2>" + plot_img(plots, "cost", "cost per accepted sample")
             + table(["stage", "actor s", "GPU s", "actor s / sample", "GPU s / sample", "generator GPU s"],
-                    body + [total]))
+                    body + [total]) + estimate_section(data.manifest))
+
+
+def estimate_section(manifest: dict) -> str:
+    """GPU-hours per 1M accepted at this version's pass rate, per device kind (`factory.cost`)."""
+    from factory.cost import version_estimates
+
+    rows = version_estimates(manifest)
+    if not rows:
+        return ""
+    body = [[r["device"], r["unit"], *(f"{r['stages'][s]:,.0f} ({r['sources'][s]})" for s in r["stages"]),
+             f"{r['total']:,.0f}"] for r in rows]
+    return ("<h3>1M accepted samples at this pass rate</h3>"
+            '<p class="muted">hours per stage; in brackets where each figure comes from: measured (this version '
+            "or bench/real_size.py), paper, derived or assumed</p>"
+            + table(["device", "unit", "generate", "filter", "dialogue", "total"], body))
 
 
 def lineage_section(data: VersionData, plots: dict[str, bytes]) -> str:

@@ -66,8 +66,8 @@ class PromptNetJob:
     def fingerprint(self) -> str:
         """What the progress saves depend on: a resumed training must be the same training."""
         not_defining = ("steps", "log_every", "checkpoint_every", "resume", "num_workers", "use_gpu", "max_failures",
-                        "output", "require_trained", "generator", "init_from", "image_encoder", "image_size",
-                        "reference_set")  # the last five are in `made_of`, paths made portable
+                        "resources_per_worker", "output", "require_trained",
+                        "generator", "init_from", "image_encoder", "image_size", "reference_set")  # in `made_of`
         settings = {key: value for key, value in self.settings.items() if key not in not_defining}
         made_of = {"model": model_ref(self.model), "init_from": model_ref(self.init_from),
                    "image_encoder": model_ref(self.image_encoder), "image_size": self.image_size,
@@ -249,11 +249,11 @@ def train_promptnet_in_process(job: PromptNetJob, device: str | None = None) -> 
 
 def train_promptnet_on_ray(job: PromptNetJob) -> dict[str, Any]:
     """Fit on the current Ray cluster with `promptnet.num_workers` workers; returns the training record."""
-    from models.training.runner import fit_on_ray
+    from models.training.runner import fit_on_ray, scaling
 
     settings = job.config
-    fit_on_ray(_ray_promptnet_loop, {"job": asdict(job)}, f"promptnet-{job.run_id}", settings.num_workers,
-               settings.use_gpu, settings.max_failures)
+    fit_on_ray(_ray_promptnet_loop, {"job": asdict(job)}, f"promptnet-{job.run_id}", scaling(settings),
+               settings.max_failures)
     return read_training_record(job)
 
 

@@ -4,14 +4,17 @@ process (one worker, no Ray). The train stage and SID's fine-tuning call these."
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from factory.checkpoints import generator_folder
-from factory.config import FactoryConfig, StorageConfig
+from factory.config import FactoryConfig, PromptNetConfig, StorageConfig, TrainConfig
 from factory.context import RunContext
 from factory.storage import Storage, open_storage
 from models.training.job import TrainJob, make_job
 from models.training.loop import Worker, summary, train_loop
+
+if TYPE_CHECKING:
+    from ray.train import ScalingConfig
 
 
 def train_on_ray(
@@ -24,25 +27,36 @@ def train_on_ray(
     """Fit on the current Ray cluster with `train.num_workers` workers; returns the summary."""
     job = make_job(config, version, model, run_id)
     settings = job.settings
-    fit_on_ray(_ray_worker_loop, {"job": asdict(job)}, f"train-{job.model}-{job.run_id}", settings.num_workers,
-               settings.use_gpu, settings.max_failures, ray_storage_path)
+    fit_on_ray(_ray_worker_loop, {"job": asdict(job)}, f"train-{job.model}-{job.run_id}", scaling(settings),
+               settings.max_failures, ray_storage_path)
     return summary(open_storage(config.storage), job)
 
 
-def fit_on_ray(loop, loop_config: dict[str, Any], name: str, num_workers: int, use_gpu: bool, max_failures: int,
+def fit_on_ray(loop, loop_config: dict[str, Any], name: str, scaling_config: ScalingConfig, max_failures: int,
                ray_storage_path: str | None = None):
-    """Run `loop(loop_config)` on `num_workers` Ray Train workers (`TorchTrainer`); returns Ray's result."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    """Run `loop(loop_config)` on Ray Train workers (`TorchTrainer`); returns Ray's result."""
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=scaling_config,
         run_config=RunConfig(name=name, storage_path=ray_storage_path,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     return trainer.fit()
+
+
+def scaling(settings: TrainConfig | PromptNetConfig) -> ScalingConfig:
+    """Ray Train's workers: one GPU each with use_gpu, plus the custom resources that pin them to a node type."""
+    from ray.train import ScalingConfig
+
+    extra = dict(settings.resources_per_worker)
+    if not extra:
+        return ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu)
+    per_worker = {"CPU": 1.0, **({"GPU": 1.0} if settings.use_gpu else {}), **extra}
+    return ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu, resources_per_worker=per_worker)
 
 
 def train_generator(

@@ -43,6 +43,20 @@ def test_rerun_publishes_nothing_new_and_says_so(demo):
     assert after == before
 
 
+def test_the_demo_in_another_folder_publishes_byte_identical_shards(demo, tmp_path_factory):
+    """`ray job submit --working-dir` unpacks every submission into a new folder: the data must not notice."""
+    cwd, _ = demo
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "a" / "deeper" / "folder"
+    elsewhere.mkdir(parents=True)
+    result = run_cli(elsewhere, "--stage", "all")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (json.loads((folder / "factory-data/datasets/demo/demo/manifest.json").read_text())
+                     for folder in (cwd, elsewhere))
+    assert [(shard["path"], shard["sha256"]) for shard in second["shards"]] == \
+        [(shard["path"], shard["sha256"]) for shard in first["shards"]]
+    assert second["samples"] == first["samples"] > 0
+
+
 def test_unbuilt_or_bad_input_gives_clear_exit_codes(tmp_path):
     bad = run_cli(tmp_path, "--stage", "plan", "--set", "plan.unit_size=-1")
     assert bad.returncode == 2 and "plan.unit_size" in bad.stderr

@@ -1,5 +1,11 @@
 """One SID round on the demo: train G on the bootstrap version, draw with it, publish D3_1 and the union."""
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -74,12 +80,26 @@ def test_w_is_joined_by_id_and_stored_in_no_run_file(sid_round):
 
 @pytest.fixture(scope="module")
 def second_night(sid_round):
-    """The same nightly command, submitted again: it must start round 2, not redo round 1."""
+    """The same nightly command, submitted again: killed mid-round, then submitted once more, it
+    must finish round 2 from the units already drawn, not redo round 1 nor start round 3."""
     storage, _ = sid_round
     cwd = storage.root.rsplit("/factory-data", 1)[0]
+    killed = kill_when(cwd, lambda: storage.list("runs/demo-sid2/dialogue"))
+    assert killed == -signal.SIGKILL
     result = run_cli(cwd, "--stage", "sid")
     assert result.returncode == 0, result.stderr[-3000:]
     return storage, result
+
+
+def kill_when(cwd: str, ready, timeout_s: float = 600) -> int:
+    """Start the nightly SID command and SIGKILL its whole process group once `ready()` is true."""
+    process = subprocess.Popen([sys.executable, "-m", "factory.run", "--stage", "sid"], cwd=cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    return process.wait(timeout=60)
 
 
 def test_the_second_night_publishes_the_next_round_on_the_newest_union(second_night):
@@ -93,4 +113,6 @@ def test_the_second_night_publishes_the_next_round_on_the_newest_union(second_ni
     assert second["generator_checkpoint"] != first["generator_checkpoint"]
     assert "demo-union1" in second["generator_checkpoint"]
     assert verify_version(storage, "demo", "demo-union2") == []
-    assert "round 2" in result.stdout
+    assert "round 2" in result.stdout and "round 3" not in result.stdout
+    assert not storage.list("datasets/demo/demo-sid3")
+    assert re.search(r'"skipped": [1-9]', result.stdout)  # the killed night's finished units were kept

@@ -8,6 +8,7 @@ process (Ray then stops its own children) and kills what is left of its group, n
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -59,17 +60,42 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in sockets]
 
 
-def head_command(root: Path) -> tuple[list[str], str]:
-    gcs, dashboard, client, agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = free_ports(9)
+def head_command(root: Path) -> tuple[list[str], str, str]:
+    """`ray start --head` on free ports: (command, job server URL, GCS address)."""
+    gcs, dashboard, client = free_ports(3)
     command = [
         str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2", "--object-store-memory=200000000",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+        *node_ports(), f"--temp-dir={root / 'ray'}",
+    ]
+    return command, f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}"
+
+
+def worker_command(root: Path, gcs_address: str, resources: dict[str, float]) -> list[str]:
+    """A second node on this machine joining the head at `gcs_address` with custom `resources`.
+    Its own temp dir, as on another machine: a node cleans up its runtime-env files (the job's
+    working dir among them) when it is done with them, and must not delete the head's."""
+    return [
+        str(BIN / "ray"), "start", f"--address={gcs_address}", "--block", "--disable-usage-stats",
+        "--node-ip-address=127.0.0.1", "--num-cpus=2", "--object-store-memory=200000000",
+        f"--resources={json.dumps(resources)}", *node_ports(), f"--temp-dir={root / 'ray-node'}",
+    ]
+
+
+def node_ports() -> list[str]:
+    agent, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = free_ports(6)
+    return [
         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-        f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}", f"--temp-dir={root / 'ray'}",
+        f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
     ]
-    return command, f"http://127.0.0.1:{dashboard}"
+
+
+def start_node(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def wait_until_serving(head: RayHead, process: subprocess.Popen, log: Path) -> None:
@@ -86,7 +112,7 @@ def wait_until_serving(head: RayHead, process: subprocess.Popen, log: Path) -> N
             time.sleep(1.0)
 
 
-def stop_head(process: subprocess.Popen) -> None:
+def stop_node(process: subprocess.Popen) -> None:
     process.terminate()
     try:
         process.wait(timeout=60)
@@ -99,9 +125,8 @@ def stop_head(process: subprocess.Popen) -> None:
     process.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    root = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
+def token_env(root: Path) -> tuple[dict[str, str], str]:
+    """The environment `ray start` runs with: token auth with a fresh token, this venv first on PATH."""
     token = secrets.token_urlsafe(24)
     token_file = root / "auth_token"
     token_file.write_text(token)
@@ -110,15 +135,24 @@ def ray_head():
            if key not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    command, url = head_command(root)
+    return env, token
+
+
+def short_root(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: Ray's socket paths must stay < 108 bytes
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    root = short_root("rj")
+    env, token = token_env(root)
+    command, url, _ = head_command(root)
     log = root / "ray-start.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    process = start_node(command, env, log)
     head = RayHead(url=url, env=env, token=token, root=root)
     try:
         wait_until_serving(head, process, log)
         yield head
     finally:
-        stop_head(process)
+        stop_node(process)
         shutil.rmtree(root, ignore_errors=True)

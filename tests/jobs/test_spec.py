@@ -95,6 +95,17 @@ def test_overrides_are_appended_shell_quoted(tmp_path):
         entrypoint_with_overrides(spec, ["no-equals-sign"])
 
 
+def test_config_replaces_the_specs_config_or_is_added():
+    from jobs.spec import get_spec
+
+    nightly = get_spec(load_specs(), "nightly-sid")
+    line = entrypoint_with_overrides(nightly, ["sid.rounds=2"], config="configs/staging.yaml")
+    assert line == "python -m factory.run --stage sid --config configs/staging.yaml --set sid.rounds=2"
+    bare = nightly.model_copy(update={"entrypoint": "python -m factory.run --stage eval"})
+    line = entrypoint_with_overrides(bare, [], config="my config.yaml")
+    assert line.endswith("--stage eval --config 'my config.yaml'")
+
+
 def test_submit_kwargs_resolve_the_working_dir(tmp_path, monkeypatch):
     spec = load_specs(write_specs(tmp_path, GOOD_JOB))["hello"]
     monkeypatch.chdir(tmp_path)

@@ -1,0 +1,80 @@
+"""Random-weight models of the real library classes, built from published configurations.
+
+The configurations live in `bench/published_models.json` (data, nothing downloaded). Speed does
+not depend on the weights, so a model built here costs what the released one costs. Build on
+the meta device (`with torch.device("meta"):`) to count parameters without allocating them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+SPECS_FILE = Path(__file__).with_name("published_models.json")
+
+
+@cache
+def specs() -> dict[str, dict[str, Any]]:
+    return {name: spec for name, spec in json.loads(SPECS_FILE.read_text()).items() if not name.startswith("_")}
+
+
+def model_config(name: str, tiny: bool = False) -> dict[str, Any]:
+    """The published configuration, or (tiny) the test suite's shrunken one of the same shape."""
+    spec = specs()[name]
+    config = copy.deepcopy(spec["config"])
+    if tiny:
+        config.update(copy.deepcopy(spec["tiny"]))
+    return config
+
+
+def build(name: str, tiny: bool = False):
+    """The model `name` of its library's own class, with random weights."""
+    spec = specs()[name]
+    config = model_config(name, tiny)
+    builder = {"diffusers": build_diffusers, "transformers": build_transformers, "open_clip": build_open_clip}
+    return builder[spec["library"]](spec["class"], config)
+
+
+def build_diffusers(class_name: str, config: dict[str, Any]):
+    import diffusers
+
+    return getattr(diffusers, class_name)(**config)
+
+
+TRANSFORMERS_CONFIGS = {"CLIPTextModel": "CLIPTextConfig", "CLIPVisionModel": "CLIPVisionConfig",
+                        "CLIPVisionModelWithProjection": "CLIPVisionConfig", "ViTModel": "ViTConfig",
+                        "Dinov2Model": "Dinov2Config", "LlamaForCausalLM": "LlamaConfig"}
+
+
+def build_transformers(class_name: str, config: dict[str, Any]):
+    import transformers
+
+    settings = getattr(transformers, TRANSFORMERS_CONFIGS[class_name])(**config)
+    model_class = getattr(transformers, class_name)
+    if class_name == "ViTModel":
+        return model_class(settings, add_pooling_layer=False)  # as filters.dino loads DINO
+    return model_class(settings)
+
+
+def build_open_clip(class_name: str, config: dict[str, Any]):
+    import open_clip
+
+    settings = dict(config)
+    quick_gelu = settings.pop("quick_gelu", False)
+    return getattr(open_clip, class_name)(**settings, quick_gelu=quick_gelu)
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def open_clip_config_file(folder: Path, name: str, tiny: bool = False) -> tuple[str, Path]:
+    """Write the configuration as an open_clip model config JSON; (model name, file) to register."""
+    config = model_config(name, tiny)
+    model_name = f"published-{name}{'-tiny' if tiny else ''}"
+    path = Path(folder) / f"{model_name}.json"
+    path.write_text(json.dumps(config))
+    return model_name, path
