@@ -349,16 +349,26 @@ class EvalConfig(Section):
     """DreamBench-style DINO, CLIP-I and CLIP-T of a generator checkpoint."""
 
     checkpoint: str | None = Field(
-        None, description="G folder (local) or storage key; default: latest of checkpoints/generator/<run-id>"
+        None, description="G folder (local or s3://) or storage key; default: the newest under checkpoints/generator/"
     )
     semantic: Literal["assistant", "clip_text"] = Field(
         "assistant", description="how a prompt becomes G's CLIP condition: H(s) of the assistant, or CLIP text"
     )
     assistant_checkpoint: str | None = Field(
-        None, description="assistant folder or storage key; default: latest of checkpoints/assistant/<run-id>"
+        None, description="assistant folder or storage key; default: the newest under checkpoints/assistant/"
     )
     pairs: list[EvalPair] = Field(default_factory=list)
     pairs_file: str | None = Field(None, description="YAML list of pairs (reference, subject, prompts)")
+    reference_set: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]+$",
+        description="also evaluate on this stored reference set, each reference with `prompts`' list for its class",
+    )
+    prompts: str = Field("dreambench", description="prompt lists for reference_set: a shipped name or a YAML file")
+    references_per_subject: int | None = Field(None, ge=1, description="first n references of each subject, by id")
+    prompts_per_subject: int | None = Field(None, ge=1, description="n prompts spread evenly over the list")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]+$", description="the eval set's name in results; default: <prompts>-<set>"
+    )
     images_per_pair: int = Field(4, ge=1)
     image_size: int = Field(512, ge=8)
     steps: int = Field(50, ge=1)
@@ -373,6 +383,44 @@ class EvalConfig(Section):
     seed: int = 0
     concurrency: int = Field(
         1, ge=1, description="eval actors, each holding G and the scorers (one GPU each with use_gpu)")
+
+
+class PromptNetConfig(Section):
+    """`--stage promptnet`: pre-train ProFusion's PromptNet on a reference set, on Ray Train
+    (defaults: ProFusion's train.py, SD2-base, lr 2e-5, batch 8, 80k steps)."""
+
+    require_trained: bool = Field(
+        True, description="generate / all refuse to draw with a profusion generator that names no PromptNet "
+        "checkpoint (train one with --stage promptnet); false draws from an untrained one (benchmarks)"
+    )
+    reference_set: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$", description="default: references.set")
+    generator: str = Field("profusion", description="the generate.generators entry (kind profusion) it is for: "
+                                                    "its model, image_size and options.image_encoder")
+    init_from: str | None = Field(None, description="PromptNet checkpoint to start from; default: the UNet's down path")
+    image_encoder: str | None = Field(
+        None, description="CLIP vision tower PromptNet reads; default: the generator's options.image_encoder"
+    )
+    output: str | None = Field(
+        None, description="local folder or s3:// prefix; default: <storage root>/checkpoints/promptnet/<run-id>"
+    )
+    steps: int = Field(80_000, ge=1, description="optimizer steps")
+    lr: float = Field(2e-5, gt=0)
+    batch_size: int = Field(8, ge=1, description="global batch, split over workers")
+    weight_decay: float = Field(1e-2, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    image_size: int | None = Field(None, ge=8, description="default: the generator's image_size")
+    prompt: str = Field("a photo of {subject}", description="the S* prompt of the denoising loss")
+    min_crop: float = Field(0.7, gt=0, le=1, description="smallest crop side of the augmented views")
+    log_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(1000, ge=1, description="steps between progress saves (runs/<run-id>/promptnet/)")
+    resume: bool = Field(True, description="continue from the run's latest progress save when there is one")
+    seed: int = 0
+    num_workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each with use_gpu)")
+    use_gpu: bool = True
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per worker, e.g. {a100_80g: 1}: a node type"
+    )
+    max_failures: int = Field(3, ge=0, description="Ray Train restarts; each resumes from the latest progress save")
 
 
 class RayConfig(Section):
@@ -394,6 +442,7 @@ class FactoryConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sid: SidConfig = Field(default_factory=SidConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    promptnet: PromptNetConfig = Field(default_factory=PromptNetConfig)
 
     def snapshot(self) -> dict[str, Any]:
         """The resolved config as plain JSON data (what goes into manifests)."""
@@ -401,6 +450,36 @@ class FactoryConfig(Section):
 
     def sha256(self) -> str:
         return config_sha256(self.snapshot())
+
+
+# --- a trained PromptNet ----------------------------------------------------------------
+
+
+def how_to_train_promptnet(config: FactoryConfig, generator: str) -> str:
+    return ("Train one first:\n  python -m factory.run --stage promptnet --config <this config>\n"
+            f"It writes promptnet.output (default <storage root>/checkpoints/promptnet/{config.run_id}); then set "
+            f"generate.generators.{generator}.checkpoint to that folder (promptnet.require_trained: false "
+            "draws from an untrained PromptNet instead).")
+
+
+def untrained_promptnet(config: FactoryConfig) -> str | None:
+    """Why this config's bootstrap would draw from an untrained PromptNet (no checkpoint named), or None."""
+    name = config.plan.generator
+    spec = config.generate.generators.get(name)
+    if not config.promptnet.require_trained or spec is None or spec.kind != "profusion" or spec.checkpoint:
+        return None
+    return (f"generate.generators.{name} names no PromptNet checkpoint, so the bootstrap would draw from an "
+            "untrained PromptNet. " + how_to_train_promptnet(config, name))
+
+
+def missing_promptnet_hint(config: FactoryConfig, problems: list[str]) -> str:
+    """How to train the PromptNet when one of `problems` is the bootstrap generator's missing checkpoint."""
+    name = config.plan.generator
+    spec = config.generate.generators.get(name)
+    key = f"generate.generators.{name}.checkpoint"
+    if spec is None or spec.kind != "profusion" or not any(key in problem for problem in problems):
+        return ""
+    return f"\n{key} is the bootstrap's PromptNet. " + how_to_train_promptnet(config, name)
 
 
 # --- loading -------------------------------------------------------------------------

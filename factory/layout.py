@@ -185,6 +185,25 @@ def checkpoint_data_log(model: str, run_id: str, epoch: int, rank: int, first_ba
     return f"{checkpoint_run(model, run_id)}/data/epoch-{epoch:04d}-rank-{rank:04d}-from-{first_batch:06d}.json"
 
 
+def promptnet_checkpoint(run_id: str) -> str:
+    """Where `--stage promptnet` writes by default: a PromptNet folder (config, weights,
+    image_encoder/, training.json written last)."""
+    return checkpoint_run("promptnet", run_id)
+
+
+PROMPTNET_TRAINING = "training.json"  # in a trained PromptNet folder: what it was trained on; written last
+
+
+def promptnet_progress_step(run_id: str, step: int) -> str:
+    """A PromptNet training's progress save: weights, optimizer state, progress.json written last."""
+    return f"{stage_dir(run_id, 'promptnet')}/step-{step:08d}"
+
+
+def promptnet_progress_latest(run_id: str) -> str:
+    """Points at the newest complete progress save."""
+    return f"{stage_dir(run_id, 'promptnet')}/latest.json"
+
+
 # --- SID's drawn w images (a round's Stable Diffusion drawings, stored once) ------------
 
 
@@ -200,3 +219,15 @@ def run_w_part(run_id: str, index: int) -> str:
 def run_w_ids(run_id: str) -> str:
     """The drawn images' ids with the part and row holding each; written last."""
     return f"{run_w_dir(run_id)}/ids.parquet"
+
+
+# --- evaluations -----------------------------------------------------------------------
+
+
+def eval_results(model: str) -> str:
+    return f"evals/{model}"
+
+
+def eval_result(model: str, checkpoint_id: str, eval_set: str) -> str:
+    """One eval report: a checkpoint (`<run-id>/step-<n>`, or `external/<id>`) on one eval set."""
+    return f"{eval_results(model)}/{checkpoint_id}/{clean_key(eval_set)}.json"

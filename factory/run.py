@@ -17,13 +17,14 @@ from collections.abc import Callable
 from importlib import import_module
 from typing import Any
 
-from factory.config import ConfigError, FactoryConfig, load_config
+from factory.config import ConfigError, FactoryConfig, load_config, missing_promptnet_hint, untrained_promptnet
 from factory.context import RunContext
 
 log = logging.getLogger("factory.run")
 
-STAGES = ("references", "plan", "generate", "filter", "dialogue", "publish", "all", "train", "sid", "eval")
-NEEDS_RAY = {"generate", "filter", "dialogue", "publish", "all", "train", "sid", "eval"}
+STAGES = ("references", "plan", "generate", "filter", "dialogue", "publish", "all", "train", "sid", "eval",
+          "promptnet")
+NEEDS_RAY = {"generate", "filter", "dialogue", "publish", "all", "train", "sid", "eval", "promptnet"}
 EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_BUILT = 1, 2, 3
 
 
@@ -67,7 +68,8 @@ def model_settings(config: FactoryConfig, stage: str) -> dict[str, str | None]:
         keys["references.sd_model"] = config.references.sd_model
     for name, spec in config.generate.generators.items():
         keys[f"generate.generators.{name}.model"] = spec.model
-        keys[f"generate.generators.{name}.checkpoint"] = spec.checkpoint
+        if stage != "promptnet":  # which writes it
+            keys[f"generate.generators.{name}.checkpoint"] = spec.checkpoint
     if stage in ("train", "sid"):
         train = config.train
         keys.update({"train.base_model": train.base_model, "train.clip_model": train.clip_model,
@@ -77,6 +79,9 @@ def model_settings(config: FactoryConfig, stage: str) -> dict[str, str | None]:
     if stage == "eval":
         keys.update({f"eval.{name}": getattr(config.eval, name) for name in
                      ("clip_pretrained", "clip_model_config", "dino_model")})
+    if stage == "promptnet":
+        keys.update({"promptnet.init_from": config.promptnet.init_from,
+                     "promptnet.image_encoder": config.promptnet.image_encoder})
     return keys
 
 
@@ -95,7 +100,9 @@ def check_inputs(config: FactoryConfig, stage: str) -> None:
             except ModelUnavailable as err:
                 missing.append(f"  {err}")
     if missing:
-        raise ConfigError("models not found:\n" + "\n".join(missing))
+        raise ConfigError("models not found:\n" + "\n".join(missing) + missing_promptnet_hint(config, missing))
+    if stage in ("generate", "all") and untrained_promptnet(config):
+        raise ConfigError(untrained_promptnet(config))
     if stage in ("plan", "all"):
         from factory.instructions import load_bank
 
@@ -117,7 +124,7 @@ def run_all(ctx: RunContext) -> dict[str, Any]:
 
 
 def bootstrap_demo(ctx: RunContext) -> None:
-    """SID on the embedded demo starts from the demo's bootstrap version: make it when missing."""
+    """SID and eval on the embedded demo start from the demo's bootstrap version: make it when missing."""
     from factory.manifest import latest_version
 
     config = ctx.config
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             from factory.demo import prepare_demo
 
             prepare_demo(config)
-        if args.stage in ("plan", "generate", "filter", "dialogue", "all", "train", "sid", "eval"):
+        if args.stage in ("plan", "generate", "filter", "dialogue", "all", "train", "sid", "eval", "promptnet"):
             check_inputs(config, args.stage)
         ctx = RunContext(config)
         ctx.storage.check()
@@ -225,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in NEEDS_RAY and not (args.stage == "publish" and config.publish.executor == "local"):
         init_ray(config)
     try:
-        if args.stage == "sid" and args.config is None:
+        if args.stage in ("sid", "eval") and args.config is None:
             bootstrap_demo(ctx)
         result = timed(args.stage, entry, ctx)
     except Exception as err:

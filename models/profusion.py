@@ -279,22 +279,10 @@ class ProFusionGenerator:
             goal = noise
         return F.mse_loss(prediction.float(), goal.float())
 
-    def _optimizer_step(self, parameters, lr: float, weight_decay: float, max_grad_norm: float | None = None):
-        """AdamW with loss scaling under float16 autocast; returns `step(loss)`."""
-        optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-        scaled = self.device.type == "cuda" and self.dtype == torch.float16
-        scaler = torch.amp.GradScaler(self.device.type, enabled=scaled)
-
-        def step(loss: torch.Tensor) -> None:
-            scaler.scale(loss).backward()
-            if max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step
+    def _optimizer_step(self, parameters, lr: float, weight_decay: float,
+                        max_grad_norm: float | None = None) -> ScaledAdamW:
+        """AdamW with loss scaling under float16 autocast; call it as `step(loss)`."""
+        return ScaledAdamW(parameters, lr, weight_decay, self.device, self.dtype, max_grad_norm)
 
     def _attention_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.unet.named_parameters() if any(k in n for k in ATTENTION_PROJECTIONS)]
@@ -426,6 +414,68 @@ class ProFusionGenerator:
         return contextlib.nullcontext()
 
 
+class ScaledAdamW:
+    """AdamW with loss scaling under float16 autocast on CUDA: `step(loss)` backpropagates, clips
+    (with `max_grad_norm`), steps and zeroes the gradients. `optimizer` is there for its state."""
+
+    def __init__(self, parameters, lr: float, weight_decay: float, device: torch.device, dtype: torch.dtype,
+                 max_grad_norm: float | None = None):
+        self.parameters = list(parameters)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay)
+        scaled = device.type == "cuda" and dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=scaled)
+        self.max_grad_norm = max_grad_norm
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+        if self.max_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class PromptNetTraining:
+    """ProFusion's PromptNet pre-training objective (its train.py: SD2-base, lr 2e-5, batch 8, 80k
+    steps): the denoising loss on one augmented view of a reference, with S* read from another
+    view of the same image. The SD parts are frozen; `promptnet` is the trainable module (wrap it
+    for DDP and pass the wrapper to `loss`). Starts from `checkpoint` (and its image encoder), else
+    from the UNet's down path (reading `image_encoder`'s tokens when given; ProFusion used
+    `PROFUSION_IMAGE_ENCODER`)."""
+
+    def __init__(self, model: str, *, checkpoint: str | None = None, image_encoder: str | None = None,
+                 device: str = "cpu", image_size: int = 512, prompt: str = "a photo of {subject}",
+                 storage: Any = None):
+        from factory.config import GeneratorSpec
+
+        spec = GeneratorSpec(
+            kind="profusion", model=model, checkpoint=checkpoint, image_size=image_size,
+            options={"image_encoder": image_encoder, "finetune_unet_attention": False},
+        )
+        self.frozen = ProFusionGenerator("promptnet-training", spec, device=device, storage=storage)
+        self.promptnet = self.frozen.promptnet.requires_grad_(True).train()
+        self.text = self.frozen.prompts.render(prompt, self.promptnet.config.num_tokens)
+
+    def optimizer_step(self, parameters, lr: float, weight_decay: float, max_grad_norm: float | None) -> ScaledAdamW:
+        return self.frozen._optimizer_step(parameters, lr, weight_decay, max_grad_norm)
+
+    def loss(self, promptnet, images: Sequence[Image.Image], min_crop: float, rng: torch.Generator) -> torch.Tensor:
+        """The loss on `images` (one batch); `promptnet` is `self.promptnet` or its DDP wrapper."""
+        frozen = self.frozen
+        with torch.no_grad():
+            pixels = torch.cat([frozen._reference_pixels(image) for image in images])
+            reference = _augment_each(pixels, min_crop, rng)
+            target = _augment_each(pixels, min_crop, rng)
+            reference_latents, target_latents = frozen._encode_latents(torch.cat([reference, target])).chunk(2)
+            tokens = frozen._image_tokens(reference)
+        return frozen.diffusion_loss(promptnet, reference_latents, tokens, target_latents, self.text, rng)
+
+    def save(self, output: str | Path) -> str:
+        self.promptnet.requires_grad_(False).eval()
+        return save_promptnet(self.promptnet, output, self.frozen.image_encoder)
+
+
 def train_promptnet(
     model: str,
     images: Sequence[Image.Image],
@@ -444,39 +494,22 @@ def train_promptnet(
     min_crop: float = 0.7,
     seed: int = 0,
 ) -> str:
-    """Pre-train PromptNet on reference images (ProFusion's train.py: SD2-base, lr 2e-5, batch 8,
-    80k steps): the denoising loss on one augmented view, with S* read from another view of
-    the same image. Starts from `checkpoint` (and its image encoder), else from the UNet's
-    down path (reading `image_encoder`'s tokens when given; ProFusion used
-    `PROFUSION_IMAGE_ENCODER`). Writes a PromptNet checkpoint (with its `image_encoder/`)
-    to `output` and returns its path."""
+    """Pre-train PromptNet on `images` in this process (`PromptNetTraining`; `--stage promptnet`
+    runs the same objective on Ray Train). Writes a PromptNet checkpoint (with its
+    `image_encoder/`) to `output` and returns its path."""
     if not images:
         raise ValueError("train_promptnet needs at least one image")
-    from factory.config import GeneratorSpec
-
-    spec = GeneratorSpec(
-        kind="profusion", model=model, checkpoint=checkpoint, image_size=image_size,
-        options={"image_encoder": image_encoder, "finetune_unet_attention": False},
-    )
-    trainer = ProFusionGenerator("promptnet-training", spec, device=device)
-    promptnet = trainer.promptnet.requires_grad_(True).train()
-    text = trainer.prompts.render(prompt, promptnet.config.num_tokens)
-    step = trainer._optimizer_step(list(promptnet.parameters()), lr, weight_decay, max_grad_norm)
+    training = PromptNetTraining(model, checkpoint=checkpoint, image_encoder=image_encoder, device=device,
+                                 image_size=image_size, prompt=prompt)
+    step = training.optimizer_step(training.promptnet.parameters(), lr, weight_decay, max_grad_norm)
     rng = torch.Generator().manual_seed(seed)
     for number in range(steps):
         picks = torch.randint(len(images), (batch_size,), generator=rng).tolist()
-        with torch.no_grad():
-            pixels = torch.cat([trainer._reference_pixels(images[i]) for i in picks])
-            reference = _augment_each(pixels, min_crop, rng)
-            target = _augment_each(pixels, min_crop, rng)
-            reference_latents, target_latents = trainer._encode_latents(torch.cat([reference, target])).chunk(2)
-            tokens = trainer._image_tokens(reference)
-        loss = trainer.diffusion_loss(promptnet, reference_latents, tokens, target_latents, text, rng)
+        loss = training.loss(training.promptnet, [images[i] for i in picks], min_crop, rng)
         step(loss)
         if number % 100 == 0:
             log.info("promptnet step %d/%d loss %.4f", number, steps, loss.item())
-    promptnet.requires_grad_(False).eval()
-    return save_promptnet(promptnet, output, trainer.image_encoder)
+    return training.save(output)
 
 
 def save_promptnet(promptnet: PromptNet, output: str | Path, image_encoder=None) -> str:

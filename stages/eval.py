@@ -4,8 +4,14 @@ For every (reference, prompt) pair, G draws `images_per_pair` images from E(refe
 CLIP condition for the prompt: H(s) of the assistant answering the prompt about the
 reference (the paper's model), or the prompt's CLIP text embedding (no assistant needed).
 The filter's scorers then measure DINO (image vs reference, DINO ViT-S/16), CLIP-I (image
-vs reference, CLIP ViT-B/32) and CLIP-T (image vs prompt). The JSON report is written next
-to the checkpoint: `<checkpoint>.eval.json`.
+vs reference, CLIP ViT-B/32) and CLIP-T (image vs prompt).
+
+The pairs are `eval.pairs` / `eval.pairs_file` and, with `eval.reference_set`, every reference
+of that stored set with DreamBench's object or live-subject prompts (`factory.eval_sets`). The
+checkpoint is `eval.checkpoint`, default the newest G under `checkpoints/generator/` (on the
+embedded demo a tiny G is trained on the newest version first when there is none). The JSON
+report is stored per checkpoint and eval set: `evals/generator/<checkpoint>/<eval set>.json`
+(`factory.layout.eval_result`), with the version G was trained on, so the version report shows it.
 
 The (reference, prompt) rows run on a Ray Data actor pool (`eval.concurrency` actors of
 `EvalWorker`, each holding G and the scorers); the driver only gathers the per-image scores.
@@ -26,9 +32,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from factory import layout
 from factory.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec, StorageConfig
 from factory.context import RunContext
+from factory.eval_sets import eval_set_name, reference_set_pairs
 from factory.images import decode_image
+from factory.keys import safe_id
+from factory.models_cache import model_ref
 from factory.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -38,19 +48,40 @@ METRICS = ("dino", "clip_i", "clip_t")
 
 def run(ctx: RunContext) -> dict[str, Any]:
     config = ctx.config
-    pairs = eval_pairs(config.eval)
-    if not pairs:
-        raise ValueError("eval needs (reference, prompt) pairs: set eval.pairs or eval.pairs_file")
-    generator = Located.resolve(ctx.storage, config.eval.checkpoint, "generator", config.run_id)
+    inputs = eval_inputs(ctx.storage, config.eval)
+    generator = locate_generator(ctx)
     assistant = None
     if config.eval.semantic == "assistant":
-        assistant = Located.resolve(ctx.storage, config.eval.assistant_checkpoint, "assistant", config.run_id)
-    report = evaluate(config, ctx.storage, generator, pairs, assistant)
-    report["checkpoint"] = generator.name
-    report["assistant_checkpoint"] = assistant.name if assistant else None
-    report["report"] = generator.write_report(ctx.storage, report)
-    log.info("eval of %s: %s", generator.name, report["metrics"])
-    return {"report": report["report"], "metrics": report["metrics"], "images": report["images"]}
+        assistant = Located.resolve(ctx.storage, config.eval.assistant_checkpoint, "assistant")
+    report = evaluate(config, generator, inputs, assistant)
+    report.update(checkpoint=generator.name, assistant_checkpoint=assistant.name if assistant else None,
+                  eval_set=eval_set_name(config.eval), trained_on=generator.trained_on(ctx.storage),
+                  config_sha256=config.sha256())
+    key = layout.eval_result("generator", generator.result_id(), report["eval_set"])
+    ctx.storage.write_bytes(key, json.dumps(report, indent=2, sort_keys=True).encode())
+    log.info("eval of %s on %s: %s", generator.name, report["eval_set"], report["metrics"])
+    return {"report": ctx.storage.url(key), "metrics": report["metrics"], "images": report["images"]}
+
+
+def locate_generator(ctx: RunContext) -> Located:
+    """`eval.checkpoint`, else the newest trained G; the embedded demo trains a tiny one when there is none."""
+    from factory.checkpoints import newest_checkpoint
+
+    config = ctx.config
+    if config.eval.checkpoint is None and newest_checkpoint(ctx.storage, "generator") is None and is_demo(config):
+        from factory.manifest import latest_version
+        from models.training.runner import train_generator_on
+
+        version = latest_version(ctx.storage, config.dataset, kinds=("bootstrap", "union"))  # as SID picks it
+        if version is None:
+            raise ValueError("demo: no published version to train a generator on (run --stage all first)")
+        log.info("demo: no trained generator yet, training a tiny G on %s", version)
+        train_generator_on(ctx, version)
+    return Located.resolve(ctx.storage, config.eval.checkpoint, "generator")
+
+
+def is_demo(config: FactoryConfig) -> bool:
+    return config.dataset == "demo"  # the embedded demo's dataset
 
 
 # --- where the checkpoints are -------------------------------------------------------
@@ -67,19 +98,21 @@ class Located:
     step: bool = False  # a checkpoint step folder (the model under `model/`)
 
     @classmethod
-    def resolve(cls, storage: Storage, given: str | None, model: str, run_id: str) -> "Located":
-        from factory.checkpoints import latest_checkpoint
+    def resolve(cls, storage: Storage, given: str | None, model: str) -> "Located":
+        from factory.checkpoints import newest_checkpoint
 
         if given and (Path(given).is_dir() or given.startswith("s3://")):
             return cls(given, False)
-        key = given or latest_checkpoint(storage, model, run_id)
+        key = given or newest_checkpoint(storage, model)
         if key is None:
-            raise ValueError(f"no {model} checkpoint: set eval.checkpoint, or train run {run_id!r} first")
+            setting = "eval.checkpoint" if model == "generator" else "eval.assistant_checkpoint"
+            raise ValueError(f"no trained {model} under {storage.url(layout.checkpoints(model))}: set {setting}, "
+                             f"or train one first (--stage train --set train.model={model})")
         key = key.rstrip("/")
         if storage.list(f"{key}/model"):
             return cls(key, True, step=True)
         if not storage.list(key):
-            raise ValueError(f"{model} checkpoint {given!r} is neither a local folder nor in {storage.url('')}")
+            raise ValueError(f"{model} checkpoint {given!r} is neither a local folder nor in {storage.url(key)}")
         return cls(key, True)
 
     def materialize(self, storage: Storage, scratch: Path, settings: StorageConfig | None = None) -> str:
@@ -97,14 +130,20 @@ class Located:
             target.write_bytes(storage.read_bytes(item))
         return str(scratch)
 
-    def write_report(self, storage: Storage, report: dict[str, Any]) -> str:
-        body = json.dumps(report, indent=2, sort_keys=True).encode()
-        target = f"{self.name}.eval.json"
-        if self.in_storage:
-            storage.write_bytes(target, body)
-            return storage.url(target)
-        Path(target).write_bytes(body)
-        return target
+    def result_id(self) -> str:
+        """The checkpoint's folder under `evals/<model>/`: `<run-id>/step-<n>` for a trained step,
+        `external/<id of the folder as the config names it>` for any other."""
+        parts = self.name.split("/")
+        if self.step and len(parts) == 4 and parts[0] == "checkpoints":
+            return f"{parts[2]}/{parts[3]}"
+        return f"external/{safe_id(model_ref(self.name) or self.name)}"
+
+    def trained_on(self, storage: Storage) -> dict[str, Any] | None:
+        """The dataset version a trained step was trained on (from its meta.json), else None."""
+        if not self.step or not storage.exists(layout.checkpoint_meta(self.name)):
+            return None
+        meta = json.loads(storage.read_bytes(layout.checkpoint_meta(self.name)))
+        return {"dataset": meta.get("dataset"), "version": meta.get("version"), "step": meta.get("step")}
 
 
 def eval_pairs(config: EvalConfig) -> list[EvalPair]:
@@ -115,6 +154,16 @@ def eval_pairs(config: EvalConfig) -> list[EvalPair]:
     return pairs
 
 
+def eval_inputs(storage: Storage, config: EvalConfig) -> list[tuple[EvalPair, bytes]]:
+    """Every (pair, reference image bytes): the configured pairs, then the reference set's."""
+    inputs = [(pair, load_reference(storage, pair.reference)) for pair in eval_pairs(config)]
+    if config.reference_set:
+        inputs.extend(reference_set_pairs(storage, config))
+    if not inputs:
+        raise ValueError("eval needs (reference, prompt) pairs: set eval.reference_set, eval.pairs or eval.pairs_file")
+    return inputs
+
+
 def load_reference(storage: Storage, reference: str) -> bytes:
     return Path(reference).read_bytes() if Path(reference).is_file() else storage.read_bytes(reference)
 
@@ -122,13 +171,12 @@ def load_reference(storage: Storage, reference: str) -> bytes:
 # --- the evaluation ------------------------------------------------------------------
 
 
-def eval_rows(config: FactoryConfig, storage: Storage, pairs: list[EvalPair]) -> pd.DataFrame:
-    """One row per (pair, prompt): the reference's bytes (read here, so workers need no local
-    files), the rendered prompt and its image seeds."""
+def eval_rows(config: FactoryConfig, inputs: list[tuple[EvalPair, bytes]]) -> pd.DataFrame:
+    """One row per (pair, prompt): the reference's bytes (read on the driver, so workers need no
+    local files), the rendered prompt and its image seeds."""
     settings = config.eval
     rows = []
-    for pair_index, pair in enumerate(pairs):
-        reference = load_reference(storage, pair.reference)
+    for pair_index, (pair, reference) in enumerate(inputs):
         decode_image(reference)  # an unreadable reference fails here, before any model loads
         for prompt_index, template in enumerate(pair.prompts):
             first = settings.seed + 1000 * (pair_index * 100 + prompt_index)
@@ -210,16 +258,15 @@ def eval_gpus(settings: EvalConfig) -> float:
 
 def evaluate(
     config: FactoryConfig,
-    storage: Storage,
     generator: Located,
-    pairs: list[EvalPair],
+    inputs: list[tuple[EvalPair, bytes]],
     assistant: Located | None = None,
 ) -> dict[str, Any]:
     """Draw and score on an actor pool of `EvalWorker`s; returns the report (metrics are means over all images)."""
     import ray
 
     started = time.perf_counter()
-    rows = eval_rows(config, storage, pairs)
+    rows = eval_rows(config, inputs)
     scored = ray.data.from_pandas(rows).map_batches(
         EvalWorker, fn_constructor_args=(config.snapshot(), generator, assistant), batch_size=1,
         batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=min(config.eval.concurrency, len(rows))),

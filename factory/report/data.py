@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from factory import layout
 from factory.manifest import VersionError, load_manifest
+from factory.report.evals import evals_of_version
 from factory.report.summary import INDEX_COLUMNS, CandidateSummary, IndexSummary
 from factory.storage import Storage
 
@@ -32,6 +33,7 @@ class VersionData:
     candidates: CandidateSummary | None  # every candidate's scores and verdicts, summarised; None when unavailable
     candidates_note: str
     ancestry: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # eval reports of generators trained on it
 
 
 def default_out_dir(dataset: str, version: str) -> Path:
@@ -45,7 +47,8 @@ def load_version_data(storage: Storage, dataset: str, version: str) -> VersionDa
     manifest = load_manifest(storage, dataset, version)
     index = summarise_index(storage, dataset, version)
     candidates, note = summarise_candidates(storage, manifest)
-    return VersionData(manifest, index, candidates, note, ancestry(storage, manifest))
+    return VersionData(manifest, index, candidates, note, ancestry(storage, manifest),
+                       evals_of_version(storage, dataset, version))
 
 
 def summarise_index(storage: Storage, dataset: str, version: str) -> IndexSummary:

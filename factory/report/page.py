@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from factory.report.data import VersionData, default_out_dir, load_version_data, text
+from factory.report.evals import eval_rows
 from factory.report.gallery import Card, accepted_cards, near_threshold_cards
 from factory.report.plots import cost_rows, funnel_steps, render_plots
 from factory.report.review import disagreement_cards, figure_rows
@@ -227,13 +228,21 @@ def models_section(data: VersionData) -> str:
     return "<h2>Models</h2>" + listed
 
 
+def evals_section(data: VersionData) -> str:
+    if not data.evals:
+        return ("<h2>Evaluations</h2><p>No generator trained on this version has been evaluated "
+                "(<code>python -m factory.run --stage eval</code>).</p>")
+    headers = ["checkpoint", "eval set", "condition", "images", "DINO", "CLIP-I", "CLIP-T", "created"]
+    return "<h2>Evaluations</h2>" + table(headers, eval_rows(data.evals))
+
+
 def render_html(data: VersionData, plots: dict[str, bytes], accepted: list[Card], rejected: list[Card],
                 disagreements: list[Card] = ()) -> str:
     m = data.manifest
     sections = [header_section(data), review_section(data, list(disagreements)), funnel_section(data, plots),
                 scores_section(data, plots),
                 cost_section(data, plots), lineage_section(data, plots), gallery_section(data, accepted, rejected),
-                models_section(data)]
+                models_section(data), evals_section(data)]
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             '<link rel="icon" href="data:,">'

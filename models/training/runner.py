@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from factory.checkpoints import generator_folder
-from factory.config import FactoryConfig, StorageConfig, TrainConfig
+from factory.config import FactoryConfig, PromptNetConfig, StorageConfig, TrainConfig
 from factory.context import RunContext
 from factory.storage import Storage, open_storage
 from models.training.job import TrainJob, make_job
@@ -25,26 +25,30 @@ def train_on_ray(
     ray_storage_path: str | None = None,
 ) -> dict[str, Any]:
     """Fit on the current Ray cluster with `train.num_workers` workers; returns the summary."""
-    from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
     job = make_job(config, version, model, run_id)
     settings = job.settings
-    trainer = TorchTrainer(
-        _ray_worker_loop,
-        train_loop_config={"job": asdict(job)},
-        scaling_config=scaling(settings),
-        run_config=RunConfig(
-            name=f"train-{job.model}-{job.run_id}",
-            storage_path=ray_storage_path,
-            failure_config=FailureConfig(max_failures=settings.max_failures),
-        ),
-    )
-    trainer.fit()
+    fit_on_ray(_ray_worker_loop, {"job": asdict(job)}, f"train-{job.model}-{job.run_id}", scaling(settings),
+               settings.max_failures, ray_storage_path)
     return summary(open_storage(config.storage), job)
 
 
-def scaling(settings: TrainConfig) -> ScalingConfig:
+def fit_on_ray(loop, loop_config: dict[str, Any], name: str, scaling_config: ScalingConfig, max_failures: int,
+               ray_storage_path: str | None = None):
+    """Run `loop(loop_config)` on Ray Train workers (`TorchTrainer`); returns Ray's result."""
+    from ray.train import FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config,
+        run_config=RunConfig(name=name, storage_path=ray_storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    return trainer.fit()
+
+
+def scaling(settings: TrainConfig | PromptNetConfig) -> ScalingConfig:
     """Ray Train's workers: one GPU each with use_gpu, plus the custom resources that pin them to a node type."""
     from ray.train import ScalingConfig
 
@@ -93,16 +97,16 @@ def train_in_process(job: TrainJob, storage: Storage, device: str | None = None)
     return summary(storage, job)
 
 
-def _ray_worker_loop(loop_config: dict[str, Any]) -> None:
+def ray_worker():
+    """This Ray Train worker's rank, world size and device."""
     import ray.train
     import ray.train.torch
 
     context = ray.train.get_context()
+    return Worker(rank=context.get_world_rank(), world=context.get_world_size(),
+                  device=ray.train.torch.get_device(), distributed=True)
+
+
+def _ray_worker_loop(loop_config: dict[str, Any]) -> None:
     job = TrainJob(**loop_config["job"])
-    worker = Worker(
-        rank=context.get_world_rank(),
-        world=context.get_world_size(),
-        device=ray.train.torch.get_device(),
-        distributed=True,
-    )
-    train_loop(job, open_storage(StorageConfig.model_validate(job.storage)), worker)
+    train_loop(job, open_storage(StorageConfig.model_validate(job.storage)), ray_worker())

@@ -86,20 +86,25 @@ def test_eval_scores_the_latest_checkpoint_with_the_assistant(tmp_path, tiny, ra
     for model, folder in (("generator", tiny["generator"]), ("assistant", tiny["assistant"])):
         step = f"checkpoints/{model}/evalrun/step-00000003"
         upload_folder(storage, folder, f"{step}/model")
+        meta = {"step": 3, "version": "v1", "dataset": "demo", "created": "2026-12-01T00:00:00.000+00:00"}
+        storage.write_bytes(f"{step}/meta.json", json.dumps(meta).encode())
         storage.write_bytes(f"checkpoints/{model}/evalrun/latest.json", json.dumps({"step": 3, "path": step}).encode())
 
     result = run(RunContext(make_config(root, tiny), storage))
     assert result["images"] == 4  # 1 reference x 2 prompts x 2 images
-    report = json.loads(storage.read_bytes("checkpoints/generator/evalrun/step-00000003.eval.json"))
+    key = "evals/generator/evalrun/step-00000003/pairs.json"
+    assert result["report"] == storage.url(key)
+    report = json.loads(storage.read_bytes(key))
     check_metrics(report, 4)
     assert report["metrics"] == result["metrics"]
-    assert report["semantic"] == "assistant"
+    assert report["semantic"] == "assistant" and report["eval_set"] == "pairs"
+    assert report["trained_on"] == {"dataset": "demo", "version": "v1", "step": 3}
     assert report["assistant_checkpoint"] == "checkpoints/assistant/evalrun/step-00000003"
     assert [row["prompt"] for row in report["per_prompt"]] == ["a dog on the beach", "a dog in the snow"]
 
 
 def test_eval_with_clip_text_and_a_local_checkpoint(tmp_path, tiny, ray_local):
-    from stages.eval import EvalWorker, Located, eval_pairs, eval_rows, report_from_scored, run
+    from stages.eval import EvalWorker, Located, eval_inputs, eval_rows, report_from_scored, run
 
     root = tmp_path / "root"
     storage = open_storage(StorageConfig(root=str(root)))
@@ -110,13 +115,15 @@ def test_eval_with_clip_text_and_a_local_checkpoint(tmp_path, tiny, ray_local):
     config = make_config(root, tiny, semantic="clip_text", checkpoint=str(local), pairs=pairs, images_per_pair=2)
 
     result = run(RunContext(config, storage))
-    report = json.loads(Path(f"{local}.eval.json").read_text())
-    assert result["report"] == f"{local}.eval.json"
+    [key] = storage.list("evals/generator/external")
+    assert result["report"] == storage.url(key) and key.endswith("/pairs.json")
+    report = json.loads(storage.read_bytes(key))
     check_metrics(report, 2)
     assert report["semantic"] == "clip_text" and report["assistant_checkpoint"] is None
+    assert report["trained_on"] is None
 
     # the worker called on a DataFrame, no Ray: the same per-image scores, so the same report
-    rows = eval_rows(config, storage, eval_pairs(config.eval))
+    rows = eval_rows(config, eval_inputs(storage, config.eval))
     direct = report_from_scored(EvalWorker(config.snapshot(), Located(str(local), False))(rows), config.eval, 0.0)
     assert direct["metrics"] == pytest.approx(report["metrics"], abs=1e-4)  # thread counts differ: float noise
     for ours, theirs in zip(direct["per_prompt"], report["per_prompt"], strict=True):
@@ -148,3 +155,58 @@ def test_eval_needs_pairs(tmp_path, tiny):
     config = make_config(tmp_path, tiny, pairs=[])
     with pytest.raises(ValueError, match="pairs"):
         run(RunContext(config))
+
+
+# --- eval sets from a stored reference set ------------------------------------------------
+
+
+def store_reference_set(storage, name: str, subjects: list[tuple[str, str, str]]) -> None:
+    """A complete reference set of (reference_id, subject, domain) rows with real JPEG bytes."""
+    from factory import layout
+    from factory.reference_sets import write_parts
+
+    rows = [{"reference_id": rid, "image": reference_jpeg(), "width": 40, "height": 40, "subject": subject,
+             "domain": domain, "source": "folder", "origin": rid, "prompt": None, "seed": None}
+            for rid, subject, domain in sorted(subjects)]
+    write_parts(storage, name, rows, part_size=2)
+    storage.write_bytes(layout.reference_complete(name), b"{}")
+
+
+def test_dreambench_ships_25_object_and_25_live_prompts():
+    from factory.eval_sets import load_prompt_lists
+
+    lists = load_prompt_lists("dreambench")
+    assert len(lists.object) == len(set(lists.object)) == 25 and len(lists.live) == len(set(lists.live)) == 25
+    assert "a {subject} wearing a santa hat" in lists.live and "a {subject} wearing a santa hat" not in lists.object
+    assert "a {subject} floating in an ocean of milk" in lists.object
+    assert len(lists.subjects) == 30 and lists.class_word("backpack_dog") == "backpack"
+    assert lists.class_word("backpack dog") == "backpack" and lists.class_word("robot") == "robot"
+
+
+def test_reference_set_pairs_take_each_class_its_prompt_list(tmp_path):
+    from factory.config import EvalConfig
+    from factory.eval_sets import eval_set_name, load_prompt_lists, reference_set_pairs
+
+    storage = open_storage(StorageConfig(root=str(tmp_path / "root")))
+    store_reference_set(storage, "bench", [("r3", "dog2", "object"), ("r1", "dog2", "object"),
+                                           ("r2", "backpack dog", "object"), ("r4", "person", "human")])
+    settings = EvalConfig(reference_set="bench", references_per_subject=1, prompts_per_subject=3)
+    pairs = {pair.reference: pair for pair, image in reference_set_pairs(storage, settings)}
+    lists = load_prompt_lists("dreambench")
+    assert set(pairs) == {"bench:r1", "bench:r2", "bench:r4"}  # the first dog2 by id, not r3
+    assert pairs["bench:r1"].subject == "dog" and pairs["bench:r2"].subject == "backpack"
+    assert pairs["bench:r1"].prompts == [lists.live[0], lists.live[12], lists.live[24]]
+    assert pairs["bench:r2"].prompts == [lists.object[0], lists.object[12], lists.object[24]]
+    assert pairs["bench:r4"].prompts[1] == lists.live[12]  # a human reference is live
+    assert eval_set_name(settings) == "dreambench-bench"
+    all_prompts = reference_set_pairs(storage, EvalConfig(reference_set="bench"))
+    assert len(all_prompts) == 4 and all(len(pair.prompts) == 25 for pair, _ in all_prompts)
+
+
+def test_an_unbuilt_reference_set_is_refused_saying_how_to_build_it(tmp_path):
+    from factory.config import EvalConfig
+    from factory.eval_sets import reference_set_pairs
+
+    storage = open_storage(StorageConfig(root=str(tmp_path / "root")))
+    with pytest.raises(ValueError, match="--stage references --set references.set=absent"):
+        reference_set_pairs(storage, EvalConfig(reference_set="absent"))

@@ -1,0 +1,43 @@
+"""The version report's eval section: the stored eval reports of generators trained on the version."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from factory import layout
+from factory.config import StorageConfig
+from factory.report.evals import evals_of_version
+from factory.report.page import evals_section
+from factory.storage import open_storage
+
+
+def eval_report(version: str, created: str, clip_t: float) -> bytes:
+    return json.dumps({
+        "checkpoint": f"checkpoints/generator/g-{version}/step-00000002", "eval_set": "dreambench-bench",
+        "semantic": "clip_text", "images": 12, "created": created,
+        "metrics": {"dino": 0.5, "clip_i": 0.25, "clip_t": clip_t},
+        "trained_on": {"dataset": "demo", "version": version, "step": 2},
+    }).encode()
+
+
+def test_the_report_lists_the_evals_of_generators_trained_on_the_version_newest_first(tmp_path):
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    storage.write_bytes(layout.eval_result("generator", "g-v1/step-00000002", "dreambench-bench"),
+                        eval_report("v1", "2026-12-01T01:00:00+00:00", 0.125))
+    storage.write_bytes(layout.eval_result("generator", "g-v1/step-00000004", "dreambench-bench"),
+                        eval_report("v1", "2026-12-02T01:00:00+00:00", 0.375))
+    storage.write_bytes(layout.eval_result("generator", "g-v2/step-00000002", "dreambench-bench"),
+                        eval_report("v2", "2026-12-03T01:00:00+00:00", 0.875))
+
+    found = evals_of_version(storage, "demo", "v1")
+    assert [r["metrics"]["clip_t"] for r in found] == [0.375, 0.125]
+    html = evals_section(SimpleNamespace(evals=found))
+    assert "CLIP-T" in html and "0.375" in html and "0.125" in html and "0.875" not in html
+    assert "checkpoints/generator/g-v1/step-00000002" in html
+
+
+def test_a_version_without_evals_says_how_to_run_one(tmp_path):
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    assert evals_of_version(storage, "demo", "v1") == []
+    assert "--stage eval" in evals_section(SimpleNamespace(evals=[]))
