@@ -115,9 +115,9 @@ def submit(head: RayHead, job: str, night: int) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def rehearsal(cluster):
-    """bootstrap, nightly-sid on two nights: each job must end SUCCEEDED."""
+    """bootstrap, nightly-sid on two nights, weekly-eval: each job must end SUCCEEDED."""
     head, caches = cluster
-    for night, job in enumerate(("bootstrap", "nightly-sid", "nightly-sid")):
+    for night, job in enumerate(("bootstrap", "nightly-sid", "nightly-sid", "weekly-eval")):
         code, output = submit(head, job, night)
         assert code == 0 and "ended SUCCEEDED" in output, f"{job}:\n{output[-5000:]}"
     return caches
@@ -176,3 +176,13 @@ def test_model_actors_ran_on_the_gpu_node_with_one_download_each(rehearsal):
 
 def entries(cache: Path) -> list[str]:
     return sorted(path.name for path in cache.iterdir() if not path.name.startswith(".")) if cache.exists() else []
+
+
+def test_the_weekly_eval_scored_the_newest_generator(staging_storage):
+    import json
+
+    keys = [key for key in staging_storage.list("evals/generator") if key.endswith("/dreambench.json")]
+    assert len(keys) == 1, keys
+    report = json.loads(staging_storage.read_bytes(keys[0]))
+    assert set(report["metrics"]) == {"dino", "clip_i", "clip_t"}
+    assert report["trained_on"]["version"] == "bootstrap-0001-union2"  # G fine-tuned after night 2
