@@ -342,6 +342,9 @@ def diffusion_loss(
 SAMPLERS = {"ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
 
 
+GUIDANCE_PASSES = 3  # UNet evaluations per image and sampling step: `guidance_conditions`' three rows
+
+
 @dataclass
 class Guidance:
     """Two-condition classifier-free guidance (as InstructPix2Pix): identity first, then semantics.
@@ -366,15 +369,24 @@ def sample_latents(
     """Denoise `noise` (batch, 4, h, w) under both conditions; returns clean latents."""
     scheduler.set_timesteps(steps, device=noise.device)
     latents = noise * scheduler.init_noise_sigma
-    zero_clip, zero_dino = torch.zeros_like(clip_embeds), torch.zeros_like(dino_features)
-    clip3 = torch.cat([zero_clip, zero_clip, clip_embeds])
-    dino3 = torch.cat([zero_dino, dino_features, dino_features])
+    clip3, dino3 = guidance_conditions(clip_embeds, dino_features)
     for t in scheduler.timesteps:
-        inputs = scheduler.scale_model_input(torch.cat([latents] * 3), t)
-        eps_none, eps_dino, eps_both = model(inputs, t, clip3, dino3).chunk(3)
-        eps = eps_none + guidance.dino * (eps_dino - eps_none) + guidance.clip * (eps_both - eps_dino)
-        latents = scheduler.step(eps, t, latents).prev_sample
+        inputs = scheduler.scale_model_input(torch.cat([latents] * GUIDANCE_PASSES), t)
+        eps_none, eps_dino, eps_both = model(inputs, t, clip3, dino3).chunk(GUIDANCE_PASSES)
+        latents = scheduler.step(guided_noise(eps_none, eps_dino, eps_both, guidance), t, latents).prev_sample
     return latents
+
+
+def guidance_conditions(clip_embeds: torch.Tensor, dino_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of three the UNet sees per step: (no condition), (E only), (H and E)."""
+    zero_clip, zero_dino = torch.zeros_like(clip_embeds), torch.zeros_like(dino_features)
+    return torch.cat([zero_clip, zero_clip, clip_embeds]), torch.cat([zero_dino, dino_features, dino_features])
+
+
+def guided_noise(eps_none: torch.Tensor, eps_dino: torch.Tensor, eps_both: torch.Tensor,
+                 guidance: Guidance) -> torch.Tensor:
+    """`Guidance`'s combination of the three predictions."""
+    return eps_none + guidance.dino * (eps_dino - eps_none) + guidance.clip * (eps_both - eps_dino)
 
 
 @torch.no_grad()

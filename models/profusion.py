@@ -361,16 +361,14 @@ class ProFusionGenerator:
         options = self.options
         conditions = [context.plain] if options.fusion else []
         uncond, star, *rest = self._predict(scheduler, context, latents, t, conditions)
-        guided = uncond + self.spec.guidance_scale * (star - uncond)
-        if rest:
-            guided = guided + options.class_guidance_scale * (rest[0] - uncond)
-        return guided
+        plain = rest[0] if rest else None
+        return fusion_guidance(uncond, star, self.spec.guidance_scale, plain, options.class_guidance_scale)
 
     def _fusion_stage(self, scheduler, context, latents, t, following, generators) -> torch.Tensor:
         """One DDIM step to the next timestep under the (weakened) S* prompt, then noise back to t."""
         options = self.options
         uncond, star = self._predict(scheduler, context, latents, t, [], options.refine_embedding_scale)
-        output = uncond + options.refine_guidance_scale * (star - uncond)
+        output = fusion_guidance(uncond, star, options.refine_guidance_scale)
         alphas = scheduler.alphas_cumprod
         alpha_t = float(alphas[int(t)])
         if following is None:
@@ -378,14 +376,10 @@ class ProFusionGenerator:
         else:
             alpha_next = float(alphas[int(following)])
         eps = _to_epsilon(output, latents, alpha_t, scheduler.config.prediction_type)
-        clean = (latents - math.sqrt(1 - alpha_t) * eps) / math.sqrt(alpha_t)
-        variance = (1 - alpha_next) / (1 - alpha_t) * (1 - alpha_t / alpha_next)
-        sigma = options.refine_eta * math.sqrt(max(variance, 0.0))
-        direction = math.sqrt(max(1 - alpha_next - sigma**2, 0.0))
         shape = tuple(latents.shape[1:])
-        stepped = math.sqrt(alpha_next) * clean + direction * eps + sigma * _noise(shape, generators).to(latents)
-        back = alpha_t / alpha_next
-        return math.sqrt(back) * stepped + math.sqrt(1 - back) * _noise(shape, generators).to(latents)
+        step_noise = _noise(shape, generators).to(latents)
+        back_noise = _noise(shape, generators).to(latents)
+        return refine_step(latents, eps, alpha_t, alpha_next, options.refine_eta, step_noise, back_noise)
 
     # --- images and latents ------------------------------------------------------------
 
@@ -498,6 +492,32 @@ class _SamplingContext:
     star_prompts: list[str]  # the jobs' templates with the placeholder for S*
     uncond: torch.Tensor  # text states of the negative prompt
     plain: torch.Tensor | None  # text states of the instructions (the class word, no S*)
+
+
+# --- the fusion formulas, on plain tensors ----------------------------------------------
+
+
+def fusion_guidance(uncond: torch.Tensor, star: torch.Tensor, guidance_scale: float,
+                    plain: torch.Tensor | None = None, class_guidance_scale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance towards the S* prompt and, when given, the plain class prompt:
+    `uncond + guidance_scale * (star - uncond) + class_guidance_scale * (plain - uncond)`."""
+    guided = uncond + guidance_scale * (star - uncond)
+    if plain is not None:
+        guided = guided + class_guidance_scale * (plain - uncond)
+    return guided
+
+
+def refine_step(latents: torch.Tensor, eps: torch.Tensor, alpha_t: float, alpha_next: float, eta: float,
+                step_noise: torch.Tensor, back_noise: torch.Tensor) -> torch.Tensor:
+    """ProFusion's refinement: a DDIM step (stochasticity `eta`) from x_t to the next timestep
+    (cumulative alphas `alpha_t` -> `alpha_next`), then noised forward again to t."""
+    clean = (latents - math.sqrt(1 - alpha_t) * eps) / math.sqrt(alpha_t)
+    variance = (1 - alpha_next) / (1 - alpha_t) * (1 - alpha_t / alpha_next)
+    sigma = eta * math.sqrt(max(variance, 0.0))
+    direction = math.sqrt(max(1 - alpha_next - sigma**2, 0.0))
+    stepped = math.sqrt(alpha_next) * clean + direction * eps + sigma * step_noise
+    back = alpha_t / alpha_next
+    return math.sqrt(back) * stepped + math.sqrt(1 - back) * back_noise
 
 
 # --- helpers ---------------------------------------------------------------------------
