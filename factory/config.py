@@ -159,6 +159,8 @@ class GeneratorSpec(Section):
 
 class GenerateConfig(ActorPool):
     generators: dict[str, GeneratorSpec] = Field(default_factory=dict)
+    batch_size: int = Field(4, ge=1, description="jobs a generator samples together; a generator's "
+                                                 "options.batch_size wins")
     jpeg_quality: int = Field(95, ge=50, le=100)
 
 

@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from factory.models_cache import local_model, model_ref
-from models.base import GenJob, GenResult
+from models.base import EvaluationCounter, GenJob, GenResult
 
 log = logging.getLogger(__name__)
 
@@ -464,6 +464,7 @@ class CafeGenerator:
             dino=float(options.get("dino_guidance_scale", Guidance.dino)),
         )
         self.batch_size = int(options.get("batch_size", 4))
+        self.unet_evals = EvaluationCounter(self.model)
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_size = spec.image_size // vae_factor
 
@@ -483,8 +484,10 @@ class CafeGenerator:
         clip_x = self.encoders.clip_embeds([reference])
         dino_x = self.encoders.dino_features([reference])
         semantics = torch.cat([self._semantics(clip_x, job) for job in jobs]) if jobs else clip_x[:0]
+        before = self.unet_evals.rows
         images = self.draw(dino_x, semantics, [job.seed for job in jobs])
-        return [GenResult(image=image, info=self._info(job)) for job, image in zip(jobs, images)]
+        evals = (self.unet_evals.rows - before) / max(len(jobs), 1)
+        return [GenResult(image=image, info=self._info(job, evals)) for job, image in zip(jobs, images)]
 
     def draw(self, dino_x: torch.Tensor, semantics: torch.Tensor, seeds: list[int]) -> list[Image.Image]:
         """One image per row of `semantics` (the CLIP condition), all with identity `dino_x` (1, n, d)."""
@@ -513,9 +516,11 @@ class CafeGenerator:
         generator = torch.Generator().manual_seed(int(seed))
         return torch.randn((1, channels, self.latent_size, self.latent_size), generator=generator)
 
-    def _info(self, job: GenJob) -> dict[str, Any]:
+    def _info(self, job: GenJob, unet_evals: float) -> dict[str, Any]:
         return {
             "steps": self.spec.steps,
+            "unet_evals": unet_evals,  # per image: steps x GUIDANCE_PASSES rows through the UNet
+            "finetune_unet_evals": 0,
             "seed": job.seed,
             "alpha": job.alpha if job.w_image is not None else None,
             "guidance": {"clip": self.guidance.clip, "dino": self.guidance.dino},

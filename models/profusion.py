@@ -37,7 +37,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from factory.models_cache import local_model, model_ref
-from models.base import GenJob, GenResult
+from models.base import EvaluationCounter, GenJob, GenResult
 from models.promptnet import (
     IMAGE_ENCODER_FOLDER,
     PlaceholderPrompts,
@@ -105,6 +105,7 @@ class ProFusionGenerator:
         self.stats: dict[str, float] = {"references": 0, "finetune_runs": 0, "finetune_seconds": 0.0, "images": 0}
         self._load(spec)
         self._check_sizes()
+        self.unet_evals = EvaluationCounter(self.unet)
 
     # --- loading -----------------------------------------------------------------------
 
@@ -190,28 +191,28 @@ class ProFusionGenerator:
         """Fine-tune once on `reference`, then draw one image per job, in order."""
         if not jobs:
             return []
-        started = time.perf_counter()
+        started, before = time.perf_counter(), self.unet_evals.rows
         pixels = self._reference_pixels(reference)
         results: list[GenResult] = []
         with self._tunable_unet_attention():
             promptnet = self.finetune(pixels)
-            finetune_seconds = time.perf_counter() - started
+            finetune = Work(time.perf_counter() - started, self.unet_evals.rows - before).share(len(jobs))
             with torch.no_grad():
                 reference_latents = self._encode_latents(pixels)
                 reference_tokens = self._image_tokens(pixels)
                 for start in range(0, len(jobs), self.options.batch_size):
                     batch = jobs[start : start + self.options.batch_size]
-                    batch_started = time.perf_counter()
+                    batch_started, batch_evals = time.perf_counter(), self.unet_evals.rows
                     images = self._sample(promptnet, reference_latents, reference_tokens, batch)
                     self._synchronize()
-                    seconds = (time.perf_counter() - batch_started) / len(batch)
+                    sampling = Work(time.perf_counter() - batch_started, self.unet_evals.rows - batch_evals)
                     for job, image in zip(batch, images):
-                        results.append(GenResult(image, self._info(job, finetune_seconds / len(jobs), seconds)))
+                        results.append(GenResult(image, self._info(job, finetune, sampling.share(len(batch)))))
         self.stats["references"] += 1
         self.stats["images"] += len(results)
         return results
 
-    def _info(self, job: GenJob, finetune_share: float, sample_seconds: float) -> dict[str, Any]:
+    def _info(self, job: GenJob, finetune: Work, sampling: Work) -> dict[str, Any]:
         options = self.options
         return {
             "name": self.name,
@@ -223,9 +224,11 @@ class ProFusionGenerator:
             "class_guidance_scale": options.class_guidance_scale if options.fusion else None,
             "refine_steps": options.refine_steps if options.fusion else 0,
             "finetune_steps": options.finetune_steps,
-            "finetune_seconds": finetune_share,
-            "sample_seconds": sample_seconds,
-            "seconds": finetune_share + sample_seconds,
+            "finetune_seconds": finetune.seconds,
+            "sample_seconds": sampling.seconds,
+            "seconds": finetune.seconds + sampling.seconds,
+            "unet_evals": sampling.unet_evals,
+            "finetune_unet_evals": finetune.unet_evals,
             "device": str(self.device),
         }
 
@@ -480,6 +483,17 @@ def save_promptnet(promptnet: PromptNet, output: str | Path, image_encoder=None)
     if image_encoder is not None:
         image_encoder.save_pretrained(str(folder / IMAGE_ENCODER_FOLDER))
     return str(folder)
+
+
+@dataclass
+class Work:
+    """Seconds and UNet evaluations spent (on one candidate, after `share`)."""
+
+    seconds: float
+    unet_evals: float
+
+    def share(self, candidates: int) -> Work:
+        return Work(self.seconds / candidates, self.unet_evals / candidates)
 
 
 @dataclass

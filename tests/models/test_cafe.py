@@ -330,3 +330,17 @@ def test_alpha_between_follows_both_w_and_f_of_x(small_g, monkeypatch):
     other_x = draw_with(small_g, monkeypatch, reference, torch.full((1, width), 3.0), picture(20), 0.5)
     assert np.abs(base - other_w).max() > 0
     assert np.abs(base - other_x).max() > 0
+
+
+def test_g_reports_three_unet_evaluations_per_step_and_image(g_folder):
+    from models.registry import build_generator
+
+    spec = GeneratorSpec(kind="cafe", model=g_folder, image_size=16, steps=3, options={"batch_size": 2})
+    generator = build_generator("cafe-nfe", spec)
+    jobs = [GenJob("a photo of {subject}", "dog", "a photo of dog", seed=n) for n in range(3)]
+
+    infos = [result.info for result in generator.generate(picture(1), jobs)]
+
+    # (none), (E), (H, E) batched together: three rows through the UNet per step and image
+    assert [info["unet_evals"] for info in infos] == [spec.steps * 3] * 3
+    assert [info["finetune_unet_evals"] for info in infos] == [0] * 3

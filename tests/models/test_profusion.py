@@ -299,3 +299,30 @@ def test_refinement_by_hand_for_one_number():
 
     got = refine_step(scalar(x_t), scalar(eps), a_t, a_next, eta, scalar(z1), scalar(z2))
     assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+# --- generator work: UNet evaluations per candidate ----------------------------------------------
+
+
+def expected_sampling_evals(steps: int, fusion: bool, refine_steps: int) -> int:
+    """Per image and timestep: the refinements' [uncond, S*] pairs, then [uncond, S*, (class)]."""
+    if not fusion:
+        return steps * 2
+    return steps * (2 * refine_steps + 3)
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_unet_evaluations_match_the_configured_steps(tiny_sd, tiny_promptnet, fusion):
+    from models.registry import build_generator
+
+    options = {"fusion": fusion, "refine_steps": 2, "finetune_steps": 3, "finetune_batch_size": 2}
+    spec = make_spec(tiny_sd, tiny_promptnet, **options)
+    generator = build_generator("profusion-nfe", spec)
+    jobs = [job("a photo of {subject}", seed) for seed in range(3)]  # batches of 2 and 1
+
+    infos = [result.info for result in generator.generate(reference_image(4), jobs)]
+
+    per_image = expected_sampling_evals(spec.steps, fusion, options["refine_steps"])
+    assert [info["unet_evals"] for info in infos] == [per_image] * 3
+    finetune_rows = options["finetune_steps"] * options["finetune_batch_size"]  # once per reference, shared
+    assert sum(info["finetune_unet_evals"] for info in infos) == pytest.approx(finetune_rows)
