@@ -159,6 +159,8 @@ class GeneratorSpec(Section):
 
 class GenerateConfig(ActorPool):
     generators: dict[str, GeneratorSpec] = Field(default_factory=dict)
+    batch_size: int = Field(4, ge=1, description="jobs a generator samples together; a generator's "
+                                                 "options.batch_size wins")
     jpeg_quality: int = Field(95, ge=50, le=100)
 
 
@@ -326,6 +328,7 @@ class SidConfig(Section):
     alpha_mode: Literal["random", "sweep"] = Field("random", description="sweep: every job at every alpha")
     w_source: Literal["retrieve", "generate"] = "retrieve"
     pool: str | None = Field(None, description="image pool name; default: built from the parent's target images")
+    w_top_k: int = Field(8, ge=1, description="retrieved w: a seeded pick among the k nearest eligible pool images")
     rarity_power: float = Field(1.0, ge=0, description="weight instructions by (1 + category count in parent)^-power")
     finetune: bool = Field(True, description="fine-tune G on the union to start the next round")
 

@@ -424,9 +424,20 @@ def cost(metas: dict[str, list[dict[str, Any]]], config: FactoryConfig) -> dict[
         seconds = float(sum(meta.get("counters", {}).get("seconds", 0.0) for meta in metas[stage]))
         gpus = getattr(config, stage).num_gpus
         per_stage[stage] = {"actor_seconds": round(seconds, 3), "gpu_seconds": round(seconds * gpus, 3)}
-    generator = sum(meta.get("counters", {}).get("gpu_seconds", 0.0) for meta in metas["generate"])
-    per_stage["generate"]["generator_gpu_seconds"] = round(float(generator), 3)
+    generate = [meta.get("counters", {}) for meta in metas["generate"]]
+    per_stage["generate"]["generator_gpu_seconds"] = round(float(sum(c.get("gpu_seconds", 0.0) for c in generate)), 3)
+    per_stage["generate"].update(generator_work(generate, accepted=funnel(metas)["dialogue_accepted"]))
     return per_stage
+
+
+def generator_work(counters: list[dict[str, Any]], accepted: int) -> dict[str, Any]:
+    """UNet evaluations of every candidate drawn (sampling, and test-time fine-tuning apart),
+    and their sum per accepted sample: the generator's cost in units no machine changes."""
+    sampling = float(sum(c.get("unet_evals", 0) for c in counters))
+    finetune = float(sum(c.get("finetune_unet_evals", 0) for c in counters))
+    per_sample = round((sampling + finetune) / accepted, 3) if accepted else None
+    return {"unet_evals": round(sampling, 3), "finetune_unet_evals": round(finetune, 3),
+            "unet_evals_per_accepted_sample": per_sample}
 
 
 def models_used(config: FactoryConfig) -> dict[str, Any]:

@@ -41,6 +41,19 @@ class Generator(Protocol):
         """Draw one image per job, in order, all for the same reference."""
 
 
+class EvaluationCounter:
+    """Counts the rows a module (a UNet) is run on: one per image per forward call, so a
+    guidance batch of [uncond, cond] counts two. `rows` only grows; read it before and after."""
+
+    def __init__(self, module: Any):
+        self.rows = 0
+        self.handle = module.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        self.rows += int(sample.shape[0])
+
+
 def pick_device(num_gpus: float) -> str:
     """CUDA when the actor was given GPUs and one is visible, else the CPU."""
     import torch

@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from factory.models_cache import local_model, model_ref
-from models.base import GenJob, GenResult
+from models.base import EvaluationCounter, GenJob, GenResult
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +342,9 @@ def diffusion_loss(
 SAMPLERS = {"ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
 
 
+GUIDANCE_PASSES = 3  # UNet evaluations per image and sampling step: `guidance_conditions`' three rows
+
+
 @dataclass
 class Guidance:
     """Two-condition classifier-free guidance (as InstructPix2Pix): identity first, then semantics.
@@ -366,15 +369,24 @@ def sample_latents(
     """Denoise `noise` (batch, 4, h, w) under both conditions; returns clean latents."""
     scheduler.set_timesteps(steps, device=noise.device)
     latents = noise * scheduler.init_noise_sigma
-    zero_clip, zero_dino = torch.zeros_like(clip_embeds), torch.zeros_like(dino_features)
-    clip3 = torch.cat([zero_clip, zero_clip, clip_embeds])
-    dino3 = torch.cat([zero_dino, dino_features, dino_features])
+    clip3, dino3 = guidance_conditions(clip_embeds, dino_features)
     for t in scheduler.timesteps:
-        inputs = scheduler.scale_model_input(torch.cat([latents] * 3), t)
-        eps_none, eps_dino, eps_both = model(inputs, t, clip3, dino3).chunk(3)
-        eps = eps_none + guidance.dino * (eps_dino - eps_none) + guidance.clip * (eps_both - eps_dino)
-        latents = scheduler.step(eps, t, latents).prev_sample
+        inputs = scheduler.scale_model_input(torch.cat([latents] * GUIDANCE_PASSES), t)
+        eps_none, eps_dino, eps_both = model(inputs, t, clip3, dino3).chunk(GUIDANCE_PASSES)
+        latents = scheduler.step(guided_noise(eps_none, eps_dino, eps_both, guidance), t, latents).prev_sample
     return latents
+
+
+def guidance_conditions(clip_embeds: torch.Tensor, dino_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch of three the UNet sees per step: (no condition), (E only), (H and E)."""
+    zero_clip, zero_dino = torch.zeros_like(clip_embeds), torch.zeros_like(dino_features)
+    return torch.cat([zero_clip, zero_clip, clip_embeds]), torch.cat([zero_dino, dino_features, dino_features])
+
+
+def guided_noise(eps_none: torch.Tensor, eps_dino: torch.Tensor, eps_both: torch.Tensor,
+                 guidance: Guidance) -> torch.Tensor:
+    """`Guidance`'s combination of the three predictions."""
+    return eps_none + guidance.dino * (eps_dino - eps_none) + guidance.clip * (eps_both - eps_dino)
 
 
 @torch.no_grad()
@@ -452,6 +464,7 @@ class CafeGenerator:
             dino=float(options.get("dino_guidance_scale", Guidance.dino)),
         )
         self.batch_size = int(options.get("batch_size", 4))
+        self.unet_evals = EvaluationCounter(self.model)
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_size = spec.image_size // vae_factor
 
@@ -471,8 +484,10 @@ class CafeGenerator:
         clip_x = self.encoders.clip_embeds([reference])
         dino_x = self.encoders.dino_features([reference])
         semantics = torch.cat([self._semantics(clip_x, job) for job in jobs]) if jobs else clip_x[:0]
+        before = self.unet_evals.rows
         images = self.draw(dino_x, semantics, [job.seed for job in jobs])
-        return [GenResult(image=image, info=self._info(job)) for job, image in zip(jobs, images)]
+        evals = (self.unet_evals.rows - before) / max(len(jobs), 1)
+        return [GenResult(image=image, info=self._info(job, evals)) for job, image in zip(jobs, images)]
 
     def draw(self, dino_x: torch.Tensor, semantics: torch.Tensor, seeds: list[int]) -> list[Image.Image]:
         """One image per row of `semantics` (the CLIP condition), all with identity `dino_x` (1, n, d)."""
@@ -501,9 +516,11 @@ class CafeGenerator:
         generator = torch.Generator().manual_seed(int(seed))
         return torch.randn((1, channels, self.latent_size, self.latent_size), generator=generator)
 
-    def _info(self, job: GenJob) -> dict[str, Any]:
+    def _info(self, job: GenJob, unet_evals: float) -> dict[str, Any]:
         return {
             "steps": self.spec.steps,
+            "unet_evals": unet_evals,  # per image: steps x GUIDANCE_PASSES rows through the UNet
+            "finetune_unet_evals": 0,
             "seed": job.seed,
             "alpha": job.alpha if job.w_image is not None else None,
             "guidance": {"clip": self.guidance.clip, "dino": self.guidance.dino},

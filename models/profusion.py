@@ -37,7 +37,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from factory.models_cache import local_model, model_ref
-from models.base import GenJob, GenResult
+from models.base import EvaluationCounter, GenJob, GenResult
 from models.promptnet import (
     IMAGE_ENCODER_FOLDER,
     PlaceholderPrompts,
@@ -105,6 +105,7 @@ class ProFusionGenerator:
         self.stats: dict[str, float] = {"references": 0, "finetune_runs": 0, "finetune_seconds": 0.0, "images": 0}
         self._load(spec)
         self._check_sizes()
+        self.unet_evals = EvaluationCounter(self.unet)
 
     # --- loading -----------------------------------------------------------------------
 
@@ -190,28 +191,28 @@ class ProFusionGenerator:
         """Fine-tune once on `reference`, then draw one image per job, in order."""
         if not jobs:
             return []
-        started = time.perf_counter()
+        started, before = time.perf_counter(), self.unet_evals.rows
         pixels = self._reference_pixels(reference)
         results: list[GenResult] = []
         with self._tunable_unet_attention():
             promptnet = self.finetune(pixels)
-            finetune_seconds = time.perf_counter() - started
+            finetune = Work(time.perf_counter() - started, self.unet_evals.rows - before).share(len(jobs))
             with torch.no_grad():
                 reference_latents = self._encode_latents(pixels)
                 reference_tokens = self._image_tokens(pixels)
                 for start in range(0, len(jobs), self.options.batch_size):
                     batch = jobs[start : start + self.options.batch_size]
-                    batch_started = time.perf_counter()
+                    batch_started, batch_evals = time.perf_counter(), self.unet_evals.rows
                     images = self._sample(promptnet, reference_latents, reference_tokens, batch)
                     self._synchronize()
-                    seconds = (time.perf_counter() - batch_started) / len(batch)
+                    sampling = Work(time.perf_counter() - batch_started, self.unet_evals.rows - batch_evals)
                     for job, image in zip(batch, images):
-                        results.append(GenResult(image, self._info(job, finetune_seconds / len(jobs), seconds)))
+                        results.append(GenResult(image, self._info(job, finetune, sampling.share(len(batch)))))
         self.stats["references"] += 1
         self.stats["images"] += len(results)
         return results
 
-    def _info(self, job: GenJob, finetune_share: float, sample_seconds: float) -> dict[str, Any]:
+    def _info(self, job: GenJob, finetune: Work, sampling: Work) -> dict[str, Any]:
         options = self.options
         return {
             "name": self.name,
@@ -223,9 +224,11 @@ class ProFusionGenerator:
             "class_guidance_scale": options.class_guidance_scale if options.fusion else None,
             "refine_steps": options.refine_steps if options.fusion else 0,
             "finetune_steps": options.finetune_steps,
-            "finetune_seconds": finetune_share,
-            "sample_seconds": sample_seconds,
-            "seconds": finetune_share + sample_seconds,
+            "finetune_seconds": finetune.seconds,
+            "sample_seconds": sampling.seconds,
+            "seconds": finetune.seconds + sampling.seconds,
+            "unet_evals": sampling.unet_evals,
+            "finetune_unet_evals": finetune.unet_evals,
             "device": str(self.device),
         }
 
@@ -349,16 +352,14 @@ class ProFusionGenerator:
         options = self.options
         conditions = [context.plain] if options.fusion else []
         uncond, star, *rest = self._predict(scheduler, context, latents, t, conditions)
-        guided = uncond + self.spec.guidance_scale * (star - uncond)
-        if rest:
-            guided = guided + options.class_guidance_scale * (rest[0] - uncond)
-        return guided
+        plain = rest[0] if rest else None
+        return fusion_guidance(uncond, star, self.spec.guidance_scale, plain, options.class_guidance_scale)
 
     def _fusion_stage(self, scheduler, context, latents, t, following, generators) -> torch.Tensor:
         """One DDIM step to the next timestep under the (weakened) S* prompt, then noise back to t."""
         options = self.options
         uncond, star = self._predict(scheduler, context, latents, t, [], options.refine_embedding_scale)
-        output = uncond + options.refine_guidance_scale * (star - uncond)
+        output = fusion_guidance(uncond, star, options.refine_guidance_scale)
         alphas = scheduler.alphas_cumprod
         alpha_t = float(alphas[int(t)])
         if following is None:
@@ -366,14 +367,10 @@ class ProFusionGenerator:
         else:
             alpha_next = float(alphas[int(following)])
         eps = _to_epsilon(output, latents, alpha_t, scheduler.config.prediction_type)
-        clean = (latents - math.sqrt(1 - alpha_t) * eps) / math.sqrt(alpha_t)
-        variance = (1 - alpha_next) / (1 - alpha_t) * (1 - alpha_t / alpha_next)
-        sigma = options.refine_eta * math.sqrt(max(variance, 0.0))
-        direction = math.sqrt(max(1 - alpha_next - sigma**2, 0.0))
         shape = tuple(latents.shape[1:])
-        stepped = math.sqrt(alpha_next) * clean + direction * eps + sigma * _noise(shape, generators).to(latents)
-        back = alpha_t / alpha_next
-        return math.sqrt(back) * stepped + math.sqrt(1 - back) * _noise(shape, generators).to(latents)
+        step_noise = _noise(shape, generators).to(latents)
+        back_noise = _noise(shape, generators).to(latents)
+        return refine_step(latents, eps, alpha_t, alpha_next, options.refine_eta, step_noise, back_noise)
 
     # --- images and latents ------------------------------------------------------------
 
@@ -522,6 +519,17 @@ def save_promptnet(promptnet: PromptNet, output: str | Path, image_encoder=None)
 
 
 @dataclass
+class Work:
+    """Seconds and UNet evaluations spent (on one candidate, after `share`)."""
+
+    seconds: float
+    unet_evals: float
+
+    def share(self, candidates: int) -> Work:
+        return Work(self.seconds / candidates, self.unet_evals / candidates)
+
+
+@dataclass
 class _SamplingContext:
     """What stays fixed while one batch is denoised."""
 
@@ -531,6 +539,32 @@ class _SamplingContext:
     star_prompts: list[str]  # the jobs' templates with the placeholder for S*
     uncond: torch.Tensor  # text states of the negative prompt
     plain: torch.Tensor | None  # text states of the instructions (the class word, no S*)
+
+
+# --- the fusion formulas, on plain tensors ----------------------------------------------
+
+
+def fusion_guidance(uncond: torch.Tensor, star: torch.Tensor, guidance_scale: float,
+                    plain: torch.Tensor | None = None, class_guidance_scale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance towards the S* prompt and, when given, the plain class prompt:
+    `uncond + guidance_scale * (star - uncond) + class_guidance_scale * (plain - uncond)`."""
+    guided = uncond + guidance_scale * (star - uncond)
+    if plain is not None:
+        guided = guided + class_guidance_scale * (plain - uncond)
+    return guided
+
+
+def refine_step(latents: torch.Tensor, eps: torch.Tensor, alpha_t: float, alpha_next: float, eta: float,
+                step_noise: torch.Tensor, back_noise: torch.Tensor) -> torch.Tensor:
+    """ProFusion's refinement: a DDIM step (stochasticity `eta`) from x_t to the next timestep
+    (cumulative alphas `alpha_t` -> `alpha_next`), then noised forward again to t."""
+    clean = (latents - math.sqrt(1 - alpha_t) * eps) / math.sqrt(alpha_t)
+    variance = (1 - alpha_next) / (1 - alpha_t) * (1 - alpha_t / alpha_next)
+    sigma = eta * math.sqrt(max(variance, 0.0))
+    direction = math.sqrt(max(1 - alpha_next - sigma**2, 0.0))
+    stepped = math.sqrt(alpha_next) * clean + direction * eps + sigma * step_noise
+    back = alpha_t / alpha_next
+    return math.sqrt(back) * stepped + math.sqrt(1 - back) * back_noise
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -47,7 +47,8 @@ class Generate(Stage):
             spec = self.config.generate.generators.get(name)
             if spec is None:
                 raise KeyError(f"generator {name!r} is not configured under generate.generators")
-            self._generators[name] = build_generator(name, spec, self.device, self.config.storage)
+            self._generators[name] = build_generator(name, with_batch_size(spec, self.config.generate.batch_size),
+                                                     self.device, self.config.storage)
         return self._generators[name]
 
     def process(self, rows: pd.DataFrame) -> pd.DataFrame:
@@ -94,6 +95,8 @@ class Generate(Stage):
             rows.at[index, "generator_info"] = json.dumps({**described, **result.info}, sort_keys=True, default=str)
             rows.at[index, "gpu_seconds"] = gpu_share
         self.count("gpu_seconds", gpu_share * len(jobs))
+        for counter in ("unet_evals", "finetune_unet_evals"):
+            self.count(counter, sum(float(result.info.get(counter, 0)) for result in results))
 
     @staticmethod
     def _job(row: pd.Series) -> GenJob:
@@ -113,6 +116,14 @@ class Generate(Stage):
             alpha=None if alpha is None or pd.isna(alpha) else float(alpha),
             w_image=w_image,
         )
+
+
+def with_batch_size(spec, batch_size: int):
+    """The spec with `generate.batch_size` as its `options.batch_size` (jobs sampled together)
+    unless the generator's own options set one."""
+    if "batch_size" in spec.options:
+        return spec
+    return spec.model_copy(update={"options": {**spec.options, "batch_size": batch_size}})
 
 
 def run(ctx: RunContext) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """sid: self-improvement via distillation (paper section 3.3), one or more rounds.
 
 A round: pick references and instructions (rare categories of the parent weighted up),
-find a `w` per job (retrieved from the image pool by CLIP text-image similarity, or drawn
-by Stable Diffusion from the instruction), choose alpha, draw
+find a `w` per job (a seeded pick among the pool images nearest the instruction by CLIP
+text-image similarity, never the job's own reference or its images, or drawn by Stable
+Diffusion from the instruction), choose alpha, draw
 `x~ = G(E(x), alpha*F(w) + (1-alpha)*F(x))` with the trained generator, then the same
 filter and dialogue stages; publish the round version `D3_k` (kind sid, parent = the
 version G was trained on), the union of parent and round, and fine-tune G on the union.
@@ -127,15 +128,66 @@ def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
         drawn = jobs.drop_duplicates("w_id")
         store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
         return jobs
+    return attach_retrieved_w(ctx, jobs, parent)
+
+
+def attach_retrieved_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
+    """`pool:<id>` per job: a pick seeded by the job among the `sid.w_top_k` pool images nearest
+    to its instruction, never its own reference nor an image drawn from it (pool ids that are
+    the parent's sample keys are traced to their reference). Jobs left with no eligible image
+    are dropped from the round, with a warning."""
+    sid = ctx.config.sid
     pool = load_or_build_pool(ctx, parent)
     scorer = clip_scorer(ctx.config)
     texts = jobs["instruction"].tolist()
     queries = np.concatenate([scorer.embed_texts(texts[i : i + 256]).cpu().numpy() for i in range(0, len(texts), 256)])
-    best, _ = pool.search_ids(queries, k=1)
-    chosen = [ids[0] for ids in best]
-    jobs["w_id"] = [f"pool:{image_id}" for image_id in chosen]
+    excluded = excluded_w(jobs, drawn_from(ctx, parent))
+    depth = min(len(pool), sid.w_top_k + max(len(ids) for ids in excluded))
+    nearest, _ = pool.search_ids(queries, k=depth)
+    seeds = [[sid.seed, int(seed)] for seed in jobs["seed"]]
+    chosen = choose_w(nearest, excluded, sid.w_top_k, seeds)
+    missing = [n for n, image_id in enumerate(chosen) if image_id is None]
+    if missing:
+        log.warning("%d of %d SID jobs have no pool image but their own reference's: dropped", len(missing), len(jobs))
+    jobs["w_id"] = [None if image_id is None else f"pool:{image_id}" for image_id in chosen]
     jobs["w_pool"] = pool.name
-    return jobs
+    return jobs.drop(index=jobs.index[missing]).reset_index(drop=True)
+
+
+def choose_w(nearest: list[list[str]], excluded: list[set[str]], top_k: int, seeds: list) -> list[str | None]:
+    """Per job: one of the first `top_k` of its `nearest` ids (best first) that are not in its
+    `excluded` set, picked with a generator seeded by its seed; None when none is eligible."""
+    chosen: list[str | None] = []
+    for candidates, banned, seed in zip(nearest, excluded, seeds, strict=True):
+        eligible = [image_id for image_id in candidates if image_id not in banned][:top_k]
+        pick = int(np.random.default_rng(seed).integers(len(eligible))) if eligible else None
+        chosen.append(None if pick is None else eligible[pick])
+    return chosen
+
+
+def excluded_w(jobs: pd.DataFrame, sources: dict[str, str]) -> list[set[str]]:
+    """Per job, the pool ids it must not use: its reference's id and the ids `sources` traces
+    to that reference (image id -> reference id)."""
+    by_reference: dict[str, set[str]] = {}
+    for image_id, reference_id in sources.items():
+        by_reference.setdefault(reference_id, set()).add(image_id)
+    references = jobs["reference_id"] if "reference_id" in jobs else pd.Series([None] * len(jobs))
+    return [{reference_id, *by_reference.get(reference_id, ())} if reference_id else set()
+            for reference_id in references]
+
+
+def drawn_from(ctx: RunContext, parent: str) -> dict[str, str]:
+    """{sample key: reference id} of the parent's samples (the ids of a pool built from it)."""
+    if not version_exists(ctx.storage, ctx.config.dataset, parent):
+        return {}
+    index = read_index(ctx.storage, ctx.config.dataset, parent, columns=["key", "reference_id"]).to_pandas()
+    return dict(zip(index["key"], index["reference_id"]))
+
+
+def w_variety(plan: pd.DataFrame) -> dict[str, int]:
+    """How many distinct `w` each instruction got in a round's plan: {instruction_id: count}."""
+    counts = plan.dropna(subset=["w_id"]).groupby("instruction_id")["w_id"].nunique()
+    return {str(instruction): int(count) for instruction, count in counts.sort_index().items()}
 
 
 def drawn_w_id(instruction: str, seed: int) -> str:
@@ -279,10 +331,12 @@ def run_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> dic
         write_plan(rctx.storage, rctx.config.run_id, plan, ctx.config.sid.unit_size)
     run_steps(rctx, [STEPS["generate"], STEPS["filter"], STEPS["dialogue"]])
     alphas = round_alphas(rctx)
+    planned_w = rctx.storage.read_parquet(layout.plan(rctx.config.run_id), columns=["instruction_id", "w_id"])
     round_manifest = publish_run(rctx, kind="sid", parents=[parent], extra={
         "round": round_, "generator_checkpoint": checkpoint,
         "alphas": {f"{alpha:g}": int(count) for alpha, count in alphas.items()},
-        "w_source": ctx.config.sid.w_source})
+        "w_source": ctx.config.sid.w_source, "w_top_k": ctx.config.sid.w_top_k,
+        "w_per_instruction": w_variety(planned_w.to_pandas())})
     union_name = f"{ctx.config.run_id}-union{round_}"
     release_stale_lock(ctx.storage, ctx.config.dataset, union_name)
     if not version_exists(ctx.storage, ctx.config.dataset, union_name):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from factory.config import StorageConfig
-from factory.manifest import load_manifest, shard_key, verify_version
+from factory.manifest import load_manifest, read_index, shard_key, verify_version
 from factory.shards import read_shard
 from factory.storage import open_storage
 from tests.e2e.conftest import run_cli
@@ -48,6 +48,13 @@ def test_every_sample_records_alpha_and_w(sid_round):
         assert generator["alpha"] in (0.3, 0.6) and generator["w"].startswith("pool:")
         assert sample.meta["round"] == 1
     assert set(manifest["alphas"]) <= {"0.3", "0.6"}
+    parent_rows = read_index(storage, "demo", "demo", columns=["key", "reference_id"]).to_pylist()
+    drawn_from = {row["key"]: row["reference_id"] for row in parent_rows}
+    for sample in samples:  # never the reference itself nor an image drawn from it
+        w = sample.meta["generator"]["w"][len("pool:"):]
+        assert sample.meta["reference_id"] not in (w, drawn_from.get(w))
+    assert manifest["w_top_k"] == 8 and manifest["w_per_instruction"]
+    assert all(count >= 1 for count in manifest["w_per_instruction"].values())
 
 
 def test_funnel_counts_are_consistent(sid_round):

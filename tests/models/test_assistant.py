@@ -93,3 +93,30 @@ def test_respond_answers_and_predicts_h_of_s(assistant):
     assert isinstance(text, str)
     assert embedding.shape == (assistant.config["clip_dim"],) and torch.isfinite(embedding).all()
     assert Path(assistant.config["llm_model"]).is_dir()
+
+
+def test_equation_2_on_fixed_tensors():
+    """L = L_LM + lambda * MSE(H(s), F(x~)), per sample, from numbers written out here."""
+    from models.assistant import AssistantOutput, assistant_loss
+
+    output = AssistantOutput(lm_loss=torch.tensor([1.25, 0.5]),
+                             clip_embeds=torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 3.0]]))
+    targets = torch.tensor([[0.0, 0.0, 0.5], [1.0, -1.0, 1.0]])
+    mse = [((1 - 0) ** 2 + (-2 - 0) ** 2 + 0**2) / 3, (1**2 + 1**2 + 2**2) / 3]
+    expected = [1.25 + 0.2 * mse[0], 0.5 + 0.2 * mse[1]]
+    torch.testing.assert_close(assistant_loss(output, targets, 0.2), torch.tensor(expected))
+
+
+def test_lm_loss_is_the_mean_negative_log_likelihood_of_the_answer_tokens(assistant):
+    """L_LM recomputed token by token from the frozen LLM's own next-token distribution."""
+    features = dino_features()
+    with torch.no_grad():
+        out = assistant(features, USERS, ANSWERS)
+        inputs, mask, labels, _ = assistant.embed_sequences(features, USERS, ANSWERS)
+        logits = assistant.llm(inputs_embeds=inputs, attention_mask=mask).logits.float()
+    for row in range(2):
+        answer_ids = assistant.token_ids(assistant.answer_text(USERS[row], ANSWERS[row]))
+        first = 5 + len(assistant.token_ids(assistant.prompt_text(USERS[row])))  # image tokens, then the prompt
+        log_probs = torch.log_softmax(logits[row], dim=-1)
+        nll = [-log_probs[first + n - 1, token] for n, token in enumerate(answer_ids)]  # position p predicts p + 1
+        torch.testing.assert_close(out.lm_loss[row], torch.stack(nll).mean(), rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ layers, save/load, and the generator interface SID uses (tiny random-weight mode
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ from PIL import Image
 
 from factory.config import GeneratorSpec
 from models.base import GenJob
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/models/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +238,109 @@ def test_a_g_folder_in_s3_is_fetched_to_local_disk(g_folder, s3_bucket):
     assert sorted(p.name for p in Path(local).iterdir()) == sorted(p.name for p in Path(g_folder).iterdir())
     assert local_folder(url, settings) == local  # cached
     assert local_folder(g_folder) == g_folder
+
+
+# --- classifier-free guidance with two conditions, on fixed tensors ------------------------------
+
+
+class RecordingScheduler:
+    """A one-step scheduler that keeps what the sampler hands it (and changes nothing)."""
+
+    init_noise_sigma = 1.0
+    timesteps = torch.tensor([400])
+
+    def __init__(self):
+        self.outputs: list[torch.Tensor] = []
+
+    def set_timesteps(self, steps, device=None):
+        pass
+
+    def scale_model_input(self, sample, t):
+        return sample
+
+    def step(self, model_output, t, sample):
+        self.outputs.append(model_output)
+        return SimpleNamespace(prev_sample=sample)
+
+
+def fake_unet(latents, t, clip, dino):
+    """A prediction that tells the conditions apart: each row sees its own CLIP and DINO input."""
+    return latents + 2.0 * clip.mean(dim=1).view(-1, 1, 1, 1) - 3.0 * dino.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+
+def test_guidance_drops_clip_then_both_and_weighs_each_step_once():
+    from models.cafe import Guidance, sample_latents
+
+    clip = torch.tensor([[0.5, 1.5], [-1.0, 0.25]])
+    dino = torch.tensor([[[0.2, 0.4]], [[-0.6, 1.0]]])
+    noise = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    scheduler = RecordingScheduler()
+
+    sample_latents(fake_unet, scheduler, clip, dino, noise, 1, Guidance(clip=7.0, dino=2.5))
+
+    none = fake_unet(noise, 0, torch.zeros_like(clip), torch.zeros_like(dino))  # both dropped
+    identity = fake_unet(noise, 0, torch.zeros_like(clip), dino)  # CLIP dropped, DINO kept
+    both = fake_unet(noise, 0, clip, dino)
+    expected = (1 - 2.5) * none + (2.5 - 7.0) * identity + 7.0 * both  # eps(0,0) + d(.) + c(.), expanded
+    torch.testing.assert_close(scheduler.outputs[0], expected)
+
+
+# --- equation 4 through the real tiny G ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_g(g_folder):
+    from models.registry import build_generator
+
+    return build_generator("cafe-eq4", GeneratorSpec(kind="cafe", model=g_folder, image_size=16, steps=2))
+
+
+def draw_with(generator, monkeypatch, reference, clip_x: torch.Tensor | None, w_image, alpha) -> np.ndarray:
+    """One image for `reference`, its F(x) replaced by `clip_x` when given (E(x) stays the reference's)."""
+    real = generator.encoders.clip_embeds
+
+    def clip_embeds(images):
+        return clip_x if clip_x is not None and images[0] is reference else real(images)
+
+    monkeypatch.setattr(generator.encoders, "clip_embeds", clip_embeds)
+    job = GenJob("a photo of {subject}", "dog", "a photo of dog", seed=3, alpha=alpha, w_image=w_image)
+    image = generator.generate(reference, [job])[0].image
+    monkeypatch.setattr(generator.encoders, "clip_embeds", real)
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_alpha_zero_ignores_w(small_g, monkeypatch):
+    reference = picture(1)
+    one = draw_with(small_g, monkeypatch, reference, None, picture(20), 0.0)
+    other = draw_with(small_g, monkeypatch, reference, None, picture(21), 0.0)
+    assert np.array_equal(one, other)
+
+
+def test_alpha_one_ignores_f_of_x(small_g, monkeypatch):
+    reference, width = picture(1), small_g.model.config.clip_dim
+    one = draw_with(small_g, monkeypatch, reference, torch.full((1, width), 0.5), picture(20), 1.0)
+    other = draw_with(small_g, monkeypatch, reference, torch.full((1, width), -0.5), picture(20), 1.0)
+    assert np.array_equal(one, other)
+
+
+def test_alpha_between_follows_both_w_and_f_of_x(small_g, monkeypatch):
+    reference, width = picture(1), small_g.model.config.clip_dim
+    base = draw_with(small_g, monkeypatch, reference, None, picture(20), 0.5)
+    other_w = draw_with(small_g, monkeypatch, reference, None, picture(21), 0.5)
+    other_x = draw_with(small_g, monkeypatch, reference, torch.full((1, width), 3.0), picture(20), 0.5)
+    assert np.abs(base - other_w).max() > 0
+    assert np.abs(base - other_x).max() > 0
+
+
+def test_g_reports_three_unet_evaluations_per_step_and_image(g_folder):
+    from models.registry import build_generator
+
+    spec = GeneratorSpec(kind="cafe", model=g_folder, image_size=16, steps=3, options={"batch_size": 2})
+    generator = build_generator("cafe-nfe", spec)
+    jobs = [GenJob("a photo of {subject}", "dog", "a photo of dog", seed=n) for n in range(3)]
+
+    infos = [result.info for result in generator.generate(picture(1), jobs)]
+
+    # (none), (E), (H, E) batched together: three rows through the UNet per step and image
+    assert [info["unet_evals"] for info in infos] == [spec.steps * 3] * 3
+    assert [info["finetune_unet_evals"] for info in infos] == [0] * 3

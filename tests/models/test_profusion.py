@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +205,124 @@ def test_train_promptnet_writes_a_loadable_checkpoint(tiny_sd, tiny_promptnet, t
     generator = ProFusionGenerator("trained", make_spec(tiny_sd, output, finetune_steps=0))
     assert generator.image_encoder is not None
     assert generator.generate(reference_image(12), [job("a photo of {subject}", 0)])[0].image.size == (IMAGE_SIZE,) * 2
+
+
+# --- the fusion step, pinned on fixed tensors (independent of the code's own helpers) ------------
+
+UNCOND, STAR, PLAIN = (torch.full((2, 4, 2, 2), value) for value in (0.3, -1.1, 0.8))
+
+
+class FixedPredictions:
+    """Stands in for `_predict`: fixed UNet outputs, the S* one scaled by the S* scale it is given,
+    so a refinement that forgets to weaken S* gives another number."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def __call__(self, scheduler, context, latents, t, conditions, s_star_scale=1.0):
+        self.calls.append({"conditions": len(conditions), "s_star_scale": s_star_scale})
+        return (UNCOND, STAR * s_star_scale, *([PLAIN] * len(conditions)))
+
+
+def bare_profusion(monkeypatch, guidance_scale: float = 7.5, **options):
+    """A ProFusionGenerator with options and spec only: no model loaded, `_predict` fixed."""
+    from models.profusion import ProFusionGenerator, ProFusionOptions
+
+    generator = ProFusionGenerator.__new__(ProFusionGenerator)
+    generator.options = ProFusionOptions(**options)
+    generator.spec = make_spec("unused", None)
+    generator.spec.guidance_scale = guidance_scale
+    predictions = FixedPredictions()
+    monkeypatch.setattr(generator, "_predict", predictions, raising=False)
+    return generator, predictions
+
+
+def ddim_scheduler(steps: int = 10):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              prediction_type="epsilon")
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_final_step_guides_towards_s_star_and_the_class_prompt_with_their_own_weights(monkeypatch, fusion):
+    generator, predictions = bare_profusion(monkeypatch, guidance_scale=6.0, fusion=fusion, class_guidance_scale=2.5)
+    context = SimpleNamespace(plain="class prompt states")
+    guided = generator._guided_output(None, context, torch.zeros(2, 4, 2, 2), 500)
+
+    expected = 0.3 + 6.0 * (-1.1 - 0.3)  # uncond + w_S* (S* - uncond)
+    if fusion:
+        expected += 2.5 * (0.8 - 0.3)  # + w_class (plain - uncond)
+    torch.testing.assert_close(guided, torch.full_like(UNCOND, expected))
+    assert predictions.calls == [{"conditions": int(fusion), "s_star_scale": 1.0}]
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.4, 0.0])
+def test_refinement_is_a_ddim_step_with_eta_then_noise_back_to_t(monkeypatch, eta):
+    generator, predictions = bare_profusion(monkeypatch, refine_guidance_scale=3.0, refine_embedding_scale=0.6,
+                                            refine_eta=eta)
+    scheduler = ddim_scheduler()
+    t, following = scheduler.timesteps[3], scheduler.timesteps[4]
+    latents = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(5))
+    seeds = [11, 12]
+
+    refined = generator._fusion_stage(scheduler, None, latents, t, following,
+                                      [torch.Generator().manual_seed(s) for s in seeds])
+
+    noise = [torch.Generator().manual_seed(s) for s in seeds]  # the same draws, in the same order
+    step_noise = torch.stack([torch.randn(4, 2, 2, generator=g) for g in noise])
+    back_noise = torch.stack([torch.randn(4, 2, 2, generator=g) for g in noise])
+    eps = UNCOND + 3.0 * (0.6 * STAR - UNCOND)  # the S* prompt weakened, its own guidance weight
+    # diffusers' own DDIM step is the independent reference for x_t -> x_next with eta
+    stepped = scheduler.step(eps, t, latents, eta=eta, variance_noise=step_noise).prev_sample
+    alpha_t = scheduler.alphas_cumprod[int(t)].item()
+    alpha_next = scheduler.alphas_cumprod[int(following)].item()
+    expected = (alpha_t / alpha_next) ** 0.5 * stepped + (1 - alpha_t / alpha_next) ** 0.5 * back_noise
+    torch.testing.assert_close(refined, expected, rtol=1e-5, atol=1e-5)
+    assert predictions.calls == [{"conditions": 0, "s_star_scale": 0.6}]
+
+
+def test_refinement_by_hand_for_one_number():
+    """The same step written out for one scalar (DDIM, Song et al. eq. 12 and 16)."""
+    from models.profusion import refine_step
+
+    x_t, eps, a_t, a_next, eta, z1, z2 = 0.7, -0.2, 0.5, 0.64, 0.8, 0.3, -1.2
+    x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    sigma = eta * ((1 - a_next) / (1 - a_t)) ** 0.5 * (1 - a_t / a_next) ** 0.5
+    x_next = a_next**0.5 * x0 + (1 - a_next - sigma**2) ** 0.5 * eps + sigma * z1
+    expected = (a_t / a_next) ** 0.5 * x_next + (1 - a_t / a_next) ** 0.5 * z2
+
+    def scalar(value):
+        return torch.tensor([value], dtype=torch.float64)
+
+    got = refine_step(scalar(x_t), scalar(eps), a_t, a_next, eta, scalar(z1), scalar(z2))
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+# --- generator work: UNet evaluations per candidate ----------------------------------------------
+
+
+def expected_sampling_evals(steps: int, fusion: bool, refine_steps: int) -> int:
+    """Per image and timestep: the refinements' [uncond, S*] pairs, then [uncond, S*, (class)]."""
+    if not fusion:
+        return steps * 2
+    return steps * (2 * refine_steps + 3)
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_unet_evaluations_match_the_configured_steps(tiny_sd, tiny_promptnet, fusion):
+    from models.registry import build_generator
+
+    options = {"fusion": fusion, "refine_steps": 2, "finetune_steps": 3, "finetune_batch_size": 2}
+    spec = make_spec(tiny_sd, tiny_promptnet, **options)
+    generator = build_generator("profusion-nfe", spec)
+    jobs = [job("a photo of {subject}", seed) for seed in range(3)]  # batches of 2 and 1
+
+    infos = [result.info for result in generator.generate(reference_image(4), jobs)]
+
+    per_image = expected_sampling_evals(spec.steps, fusion, options["refine_steps"])
+    assert [info["unet_evals"] for info in infos] == [per_image] * 3
+    finetune_rows = options["finetune_steps"] * options["finetune_batch_size"]  # once per reference, shared
+    assert sum(info["finetune_unet_evals"] for info in infos) == pytest.approx(finetune_rows)

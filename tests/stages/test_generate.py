@@ -4,6 +4,7 @@ live rows, rows rejected upstream pass through untouched, bad inputs are rejecte
 from __future__ import annotations
 
 import io
+import json
 
 import pandas as pd
 import pytest
@@ -109,3 +110,23 @@ def test_counters_make_the_funnel(generated, stage):
     assert (counters["rows"], counters["live_in"], counters["live_out"]) == (7, 5, 3)
     assert {name: n for name, n in counters.items() if name.startswith("rejected:")} == {
         "rejected:reference_corrupt_image": 1, "rejected:w_missing": 1}
+
+
+def test_unet_evaluations_are_counted_per_unit(generated, stage):
+    _, out = generated
+    infos = [json.loads(info) for info in out["generator_info"].dropna()]
+    assert stage.counters["unet_evals"] == sum(info["unet_evals"] for info in infos) > 0
+    # one fine-tuning per live reference (r0 and r1): steps x batch rows each
+    assert stage.counters["finetune_unet_evals"] == pytest.approx(2 * 1 * 1)
+
+
+def test_generate_batch_size_reaches_the_generator_unless_it_sets_its_own():
+    from stages.generate import with_batch_size
+
+    config = FactoryConfig.model_validate({"generate": {"batch_size": 5, "generators": {
+        "own": {"kind": "cafe", "model": "g", "options": {"batch_size": 2}},
+        "default": {"kind": "cafe", "model": "g"}}}})
+    generators = config.generate.generators
+    assert with_batch_size(generators["own"], 5).options["batch_size"] == 2
+    assert with_batch_size(generators["default"], 5).options["batch_size"] == 5
+    assert "batch_size" not in generators["default"].options  # the config itself is left alone

@@ -42,10 +42,10 @@ def jobs(count: int) -> pd.DataFrame:
     return pd.DataFrame({"instruction": [texts[n % len(texts)] for n in range(count)], "seed": range(11, 11 + count)})
 
 
-def test_retrieved_w_is_the_nearest_pool_image(tmp_path, tiny_clip):
+def test_retrieved_w_with_top_k_1_is_the_nearest_pool_image(tmp_path, tiny_clip):
     from stages.sid import attach_w, clip_scorer
 
-    ctx = make_ctx(tmp_path, tiny_clip, sid={"pool": "given"})
+    ctx = make_ctx(tmp_path, tiny_clip, sid={"pool": "given", "w_top_k": 1})
     scorer = clip_scorer(ctx.config)
     images = {f"img{n:02d}": jpeg(n, size=32) for n in range(9)}
     build_pool(ctx.storage, "given", list(images.items()), scorer, part_size=4)
@@ -115,3 +115,53 @@ def test_the_sid_plan_holds_no_image_bytes():
     assert "w_id" in schema.names and "w_pool" in schema.names
     binary = [field.name for field in schema if pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)]
     assert binary == []
+
+
+# --- variety: a seeded pick among the top k, never the job's own reference -----------------------
+
+
+def test_choose_w_picks_within_the_top_k_eligible_and_is_seeded():
+    from stages.sid import choose_w
+
+    nearest = [["own", "a", "b", "c", "d", "e"]] * 200
+    excluded = [{"own", "b"}] * 200
+    seeds = [[0, n] for n in range(200)]
+    chosen = choose_w(nearest, excluded, 3, seeds)
+    assert set(chosen) == {"a", "c", "d"}  # the three nearest once "own" and "b" are left out
+    assert choose_w(nearest, excluded, 3, seeds) == chosen  # the same seeds, the same picks
+    assert choose_w(nearest, excluded, 3, [[1, n] for n in range(200)]) != chosen
+    assert choose_w([["own", "a", "b"]], [{"own"}], 1, [[0, 1]]) == ["a"]
+    assert choose_w([["own", "b"]], [{"own", "b"}], 3, [[0, 1]]) == [None]
+
+
+def test_excluded_w_is_the_reference_and_what_was_drawn_from_it():
+    from stages.sid import excluded_w
+
+    jobs = pd.DataFrame({"reference_id": ["refA", "refB"]})
+    sources = {"keyA1": "refA", "keyA2": "refA", "keyB1": "refB"}
+    assert excluded_w(jobs, sources) == [{"refA", "keyA1", "keyA2"}, {"refB", "keyB1"}]
+    assert excluded_w(pd.DataFrame({"seed": [1]}), sources) == [set()]
+
+
+def test_retrieval_varies_w_and_never_uses_the_jobs_own_images(tmp_path, tiny_clip, monkeypatch):
+    import stages.sid as sid
+    from stages.sid import attach_w, clip_scorer, w_variety
+
+    ctx = make_ctx(tmp_path, tiny_clip, sid={"pool": "given", "w_top_k": 4})
+    images = {f"img{n:02d}": jpeg(n, size=32) for n in range(9)}
+    images["refB"] = jpeg(40, size=32)  # the reference itself sits in the pool
+    build_pool(ctx.storage, "given", list(images.items()), clip_scorer(ctx.config), part_size=4)
+    drawn = {"img00": "refA", "img01": "refA", "img02": "refA", "img03": "refB"}
+    monkeypatch.setattr(sid, "drawn_from", lambda ctx, parent: drawn)
+    planned = pd.DataFrame({"instruction": ["a dog on the beach"] * 40, "instruction_id": ["beach"] * 40,
+                            "reference_id": ["refA", "refB"] * 20, "seed": range(40)})
+
+    out = attach_w(ctx, planned.copy(), parent="unused")
+    again = attach_w(ctx, planned.copy(), parent="unused")
+
+    assert out["w_id"].tolist() == again["w_id"].tolist()  # seeded by the job
+    for reference, own in [("refA", {"img00", "img01", "img02", "refA"}), ("refB", {"img03", "refB"})]:
+        used = {w[len("pool:"):] for w in out.loc[out["reference_id"] == reference, "w_id"]}
+        assert used and not used & own
+        assert len(used) > 1  # not one w for every job of the instruction
+    assert w_variety(out) == {"beach": out["w_id"].nunique()} and out["w_id"].nunique() > 2
