@@ -128,7 +128,9 @@ class ProFusionGenerator:
         for module in (self.vae, self.unet, self.text_encoder, self.image_encoder, self.promptnet):
             if module is not None:
                 module.requires_grad_(False).eval().to(self.device)
-        self.prompts = PlaceholderPrompts(tokenizer, self.text_encoder)
+        self.prompts = PlaceholderPrompts(
+            tokenizer, self.text_encoder, position_embedding=self.promptnet.config.s_star_position_embedding
+        )
 
     def _load_image_encoder(self, checkpoint: str | None):
         source = local_model(self.options.image_encoder, self.storage,
