@@ -54,6 +54,7 @@ def staging_bucket(s3_server, tmp_path_factory):
     import numpy as np
     from PIL import Image
 
+    from factory.config import load_config
     from factory.demo import prepare_demo
 
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
@@ -62,7 +63,7 @@ def staging_bucket(s3_server, tmp_path_factory):
     here = Path.cwd()
     os.chdir(build)
     try:
-        prepare_demo(None)
+        prepare_demo(load_config(str(REPO / "configs" / "staging.yaml")))  # the tiny models staging names
     finally:
         os.chdir(here)
     for name, prefix in MODEL_FOLDERS.items():

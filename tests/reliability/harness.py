@@ -28,7 +28,13 @@ DEMO_SETTINGS = (
     "filter.thresholds.clip_t=-0.1",
     "publish.shard_max_samples=2",
     "publish.executor=local",  # these tests kill the publishing process itself, at each of its writes
-    "dialogue.model=./factory-data/models/tiny-llama",  # not the demo's SmolLM2: these runs are many and timed
+    # not the demo's SmolLM2 (these runs are many and timed): the tiny random Llama, with the text
+    # bounds its random tokens meet often enough, so the demo keeps some candidates
+    "dialogue.model=./factory-data/models/tiny-llama",
+    "dialogue.max_new_tokens=128",
+    "dialogue.max_user_chars=24",
+    "dialogue.min_assistant_chars=8",
+    "dialogue.max_assistant_chars=40",
 )
 
 
