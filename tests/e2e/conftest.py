@@ -4,9 +4,9 @@ import sys
 import pytest
 
 
-def run_cli(cwd, *args, timeout=900):
+def run_cli(cwd, *args, timeout=900, env=None):
     return subprocess.run([sys.executable, "-m", "factory.run", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="session")

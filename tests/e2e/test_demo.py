@@ -1,6 +1,7 @@
 """The embedded demo, run exactly as the README says: `python -m factory.run --stage all`."""
 
 import json
+import os
 
 import pytest
 
@@ -48,7 +49,8 @@ def test_the_demo_in_another_folder_publishes_byte_identical_shards(demo, tmp_pa
     cwd, _ = demo
     elsewhere = tmp_path_factory.mktemp("elsewhere") / "a" / "deeper" / "folder"
     elsewhere.mkdir(parents=True)
-    result = run_cli(elsewhere, "--stage", "all")
+    machine_cache = {key: value for key, value in os.environ.items() if key != "FACTORY_MODEL_CACHE"}
+    result = run_cli(elsewhere, "--stage", "all", env=machine_cache)  # the demo fixture's SmolLM2 conversion
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = (json.loads((folder / "factory-data/datasets/demo/demo/manifest.json").read_text())
                      for folder in (cwd, elsewhere))
