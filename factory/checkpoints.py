@@ -64,12 +64,23 @@ def checkpoint_meta(storage: Storage, folder: str, version: str, run_id: str) ->
     return meta
 
 
+def latest_model_checkpoint(ctx: RunContext, model: str) -> str | None:
+    """The newest `model` folder over all runs (a local path or an s3:// URL), or None."""
+    key = newest_checkpoint(ctx.storage, model)
+    return model_folder(ctx.storage, key) if key else None
+
+
 def latest_generator_checkpoint(ctx: RunContext) -> str | None:
-    """The newest G folder over all runs (a local path or an s3:// URL), or None."""
-    key = newest_checkpoint(ctx.storage, "generator")
-    return generator_folder(ctx.storage, key) if key else None
+    """The newest G folder over all runs, or None."""
+    return latest_model_checkpoint(ctx, "generator")
 
 
-def generator_folder(storage: Storage, checkpoint: str) -> str:
-    """Where a checkpoint's G folder opens (`CafeGenerator` / `models.cafe.local_folder`)."""
+def latest_assistant_checkpoint(ctx: RunContext) -> str | None:
+    """The newest assistant folder over all runs, or None."""
+    return latest_model_checkpoint(ctx, "assistant")
+
+
+def model_folder(storage: Storage, checkpoint: str) -> str:
+    """Where a checkpoint's model folder opens (G: `CafeGenerator` / `models.cafe.local_folder`;
+    the assistant: `CafeAssistant.from_pretrained`)."""
     return storage.url(layout.checkpoint_model(checkpoint))

@@ -331,6 +331,12 @@ class SidConfig(Section):
     w_top_k: int = Field(8, ge=1, description="retrieved w: a seeded pick among the k nearest eligible pool images")
     rarity_power: float = Field(1.0, ge=0, description="weight instructions by (1 + category count in parent)^-power")
     finetune: bool = Field(True, description="fine-tune G on the union to start the next round")
+    finetune_assistant: bool = Field(
+        False, description="fine-tune the assistant heads on the union too (paper 4.1; needs train.llm_model)"
+    )
+    assistant_checkpoint: str | None = Field(
+        None, description="assistant folder the first round starts from; default: the newest trained one"
+    )
 
     @model_validator(mode="after")
     def _alphas_in_unit_interval(self) -> SidConfig:

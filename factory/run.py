@@ -74,8 +74,10 @@ def model_settings(config: FactoryConfig, stage: str) -> dict[str, str | None]:
         train = config.train
         keys.update({"train.base_model": train.base_model, "train.clip_model": train.clip_model,
                      "train.dino_model": train.dino_model, "train.init_from": train.init_from})
-        if train.model == "assistant":
+        if train.model == "assistant" or (stage == "sid" and config.sid.finetune_assistant):
             keys["train.llm_model"] = train.llm_model
+        if stage == "sid" and config.sid.finetune_assistant:
+            keys["sid.assistant_checkpoint"] = config.sid.assistant_checkpoint
     if stage == "eval":
         keys.update({f"eval.{name}": getattr(config.eval, name) for name in
                      ("clip_pretrained", "clip_model_config", "dino_model")})

@@ -6,13 +6,15 @@ text-image similarity, never the job's own reference or its images, or drawn by 
 Diffusion from the instruction), choose alpha, draw
 `x~ = G(E(x), alpha*F(w) + (1-alpha)*F(x))` with the trained generator, then the same
 filter and dialogue stages; publish the round version `D3_k` (kind sid, parent = the
-version G was trained on), the union of parent and round, and fine-tune G on the union.
+version G was trained on), the union of parent and round, and fine-tune G (`sid.finetune`) and
+the assistant heads (`sid.finetune_assistant`) on the union.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -57,6 +59,18 @@ def ensure_parent(ctx: RunContext) -> str:
                        "run --stage all first or set sid.parent")
 
 
+@dataclass(frozen=True)
+class RoundModels:
+    """The checkpoints a round starts from: G (draws the round) and the assistant heads (None when
+    `sid.finetune_assistant` is off); both are named in the round's manifest."""
+
+    generator: str
+    assistant: str | None = None
+
+    def lineage(self) -> dict[str, str | None]:
+        return {"generator_checkpoint": self.generator, "assistant_checkpoint": self.assistant}
+
+
 def ensure_checkpoint(ctx: RunContext, parent: str) -> str:
     """G's checkpoint folder: `sid.checkpoint`, else the newest trained G, else (the first night
     after the bootstrap) G trained on the parent now, with the `train` settings."""
@@ -68,6 +82,19 @@ def ensure_checkpoint(ctx: RunContext, parent: str) -> str:
         return checkpoint
     log.info("no trained generator yet: training G on %s first", parent)
     return train_generator_on(ctx, parent)
+
+
+def ensure_assistant(ctx: RunContext, parent: str) -> str:
+    """The assistant's checkpoint folder: `sid.assistant_checkpoint`, else the newest trained one,
+    else the assistant trained on the parent now (paper 4.1: first on the bootstrap samples)."""
+    from factory.checkpoints import latest_assistant_checkpoint
+    from models.training.runner import train_assistant_on
+
+    checkpoint = ctx.config.sid.assistant_checkpoint or latest_assistant_checkpoint(ctx)
+    if checkpoint:
+        return checkpoint
+    log.info("no trained assistant yet: training it on %s first", parent)
+    return train_assistant_on(ctx, parent)
 
 
 # --- planning a round ----------------------------------------------------------------
@@ -320,11 +347,12 @@ def round_context(ctx: RunContext, round_: int, checkpoint: str) -> RunContext:
     return RunContext(FactoryConfig.model_validate(snapshot), storage=ctx.storage)
 
 
-def run_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> dict[str, Any]:
+def run_round(ctx: RunContext, parent: str, round_: int, models: RoundModels) -> dict[str, Any]:
     from factory.pipeline import STEPS, run_steps
     from factory.publisher import publish_run
     from factory.units import plan_exists, write_plan
 
+    checkpoint = models.generator
     rctx = round_context(ctx, round_, checkpoint)
     if not plan_exists(rctx.storage, rctx.config.run_id):
         plan = plan_round(rctx, parent, round_, checkpoint)
@@ -333,7 +361,7 @@ def run_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> dic
     alphas = round_alphas(rctx)
     planned_w = rctx.storage.read_parquet(layout.plan(rctx.config.run_id), columns=["instruction_id", "w_id"])
     round_manifest = publish_run(rctx, kind="sid", parents=[parent], extra={
-        "round": round_, "generator_checkpoint": checkpoint,
+        "round": round_, **models.lineage(),
         "alphas": {f"{alpha:g}": int(count) for alpha, count in alphas.items()},
         "w_source": ctx.config.sid.w_source, "w_top_k": ctx.config.sid.w_top_k,
         "w_per_instruction": w_variety(planned_w.to_pandas())})
@@ -364,22 +392,19 @@ def run(ctx: RunContext) -> dict[str, Any]:
     """This night's rounds: they follow the published ones (round k+1 after `<run-id>-union<k>`),
     so a nightly job needs no hand-set run id, and a failed night, submitted again, resumes its
     round (its unit files are kept; its settings are the same)."""
-    from models.training.runner import train_generator_on
-
     done = completed_rounds(ctx)
     parent = union_name(ctx, done) if done else ensure_parent(ctx)
-    checkpoint = round_checkpoint(ctx, parent, done)
+    models = round_models(ctx, parent, done)
     rounds = []
     for round_ in range(done + 1, done + ctx.config.sid.rounds + 1):
-        result = run_round(ctx, parent, round_, checkpoint)
+        result = run_round(ctx, parent, round_, models)
         rounds.append(result)
         print(f"[sid] round {round_}: {result['samples']} samples in {result['version']}, union {result['union']}",
               flush=True)
         parent = result["union"]
-        if ctx.config.sid.finetune:
-            checkpoint = train_generator_on(ctx, parent, init_from=checkpoint)
+        models = finetuned_models(ctx, parent, models)
     last = rounds[-1]
-    return {"rounds": rounds, "checkpoint": checkpoint,
+    return {"rounds": rounds, "checkpoint": models.generator, "assistant_checkpoint": models.assistant,
             "publish": {"version": last["version"], "samples": last["samples"], "funnel": last["funnel"],
                         "manifest": last["manifest"]}}
 
@@ -396,16 +421,34 @@ def completed_rounds(ctx: RunContext) -> int:
     return done
 
 
-def round_checkpoint(ctx: RunContext, parent: str, done: int) -> str:
-    """G for the next round: after round k (with `sid.finetune`), G fine-tuned on union k from the
-    G that drew round k (finished here if the night that should have done it stopped first:
-    training resumes from its last step, and returns at once when it had finished)."""
-    from models.training.runner import train_generator_on
+def finetuned_models(ctx: RunContext, union: str, models: RoundModels) -> RoundModels:
+    """The models after a round: each one switched on (`sid.finetune` for G,
+    `sid.finetune_assistant` for the assistant) fine-tuned on `union` from the one the round
+    started with (runs `<run-id>-g-<union>` / `<run-id>-a-<union>`: a run that had finished
+    returns at once, one that stopped resumes from its last step); the others as they were."""
+    from models.training.runner import train_assistant_on, train_generator_on
 
-    if done == 0 or not ctx.config.sid.finetune:
-        return ensure_checkpoint(ctx, parent)
+    sid = ctx.config.sid
+    generator = train_generator_on(ctx, union, init_from=models.generator) if sid.finetune else models.generator
+    assistant = models.assistant
+    if sid.finetune_assistant:  # switched on after a round without it: the newest, or one trained on the union
+        assistant = train_assistant_on(ctx, union, init_from=assistant) if assistant else ensure_assistant(ctx, union)
+    return RoundModels(generator, assistant)
+
+
+def round_models(ctx: RunContext, parent: str, done: int) -> RoundModels:
+    """The models the next round starts from. Round 1: G from `ensure_checkpoint`, the assistant
+    from `ensure_assistant` (when switched on). After round k: the models round k started with
+    (its manifest), fine-tuned on union k (finished here if the night that should have done it
+    stopped first), except G when `sid.finetune` is off (then `ensure_checkpoint` as in round 1)."""
+    sid = ctx.config.sid
+    if done == 0:
+        assistant = ensure_assistant(ctx, parent) if sid.finetune_assistant else None
+        return RoundModels(ensure_checkpoint(ctx, parent), assistant)
     previous = load_manifest(ctx.storage, ctx.config.dataset, f"{ctx.config.run_id}-sid{done}")
-    return train_generator_on(ctx, parent, init_from=previous["generator_checkpoint"])
+    started = RoundModels(previous["generator_checkpoint"], previous.get("assistant_checkpoint"))
+    models = finetuned_models(ctx, parent, started)
+    return models if sid.finetune else RoundModels(ensure_checkpoint(ctx, parent), models.assistant)
 
 
 def clip_scorer_from_snapshot(snapshot: dict, device: str | None = None):

@@ -1,8 +1,8 @@
 """train: G or the assistant heads on a published version, on Ray Train (`TorchTrainer`).
 
 `run` is the stage. How training runs (`train_on_ray`, the in-process `train_generator` /
-`train_assistant`, SID's `train_generator_on`), the per-worker loop, its data and the two
-tasks are `models.training`; checkpoints are read back through `factory.checkpoints`.
+`train_assistant`, SID's `train_generator_on` / `train_assistant_on`), the per-worker loop, its
+data and the two tasks are `models.training`; checkpoints are read back through `factory.checkpoints`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from factory.manifest import latest_version
 from factory.storage import Storage
 from models.training.runner import (  # noqa: F401  (the stage's public entry points)
     train_assistant,
+    train_assistant_on,
     train_generator,
     train_generator_on,
     train_in_process,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from factory.checkpoints import generator_folder
+from factory.checkpoints import model_folder
 from factory.config import FactoryConfig, PromptNetConfig, StorageConfig, TrainConfig
 from factory.context import RunContext
 from factory.storage import Storage, open_storage
@@ -74,19 +74,29 @@ def train_assistant(
 
 
 def train_generator_on(ctx: RunContext, version: str, init_from: str | None = None, run_id: str | None = None) -> str:
-    """Train (or, from `init_from`, fine-tune) G on `version`: on Ray Train when Ray is up,
-    in this process otherwise. Returns the new G folder (a local path or an s3:// URL)."""
+    """Train (or, from `init_from`, fine-tune) G on `version` (run `<run-id>-g-<version>`)."""
+    return train_model_on(ctx, "generator", version, init_from, run_id or f"{ctx.config.run_id}-g-{version}")
+
+
+def train_assistant_on(ctx: RunContext, version: str, init_from: str | None = None, run_id: str | None = None) -> str:
+    """Train (or, from `init_from`, fine-tune) the assistant heads on `version` (run `<run-id>-a-<version>`)."""
+    return train_model_on(ctx, "assistant", version, init_from, run_id or f"{ctx.config.run_id}-a-{version}")
+
+
+def train_model_on(ctx: RunContext, model: str, version: str, init_from: str | None, run_id: str) -> str:
+    """Train `model` on `version` with the `train` settings, from `init_from` when given: on Ray
+    Train when Ray is up, in this process otherwise. Returns the new model folder (a local path or
+    an s3:// URL); a run that had finished returns at once (training resumes from its last step)."""
     import ray
 
     config = ctx.config.model_copy(deep=True)
     if init_from:
         config.train.init_from = init_from
-    run_id = run_id or f"{ctx.config.run_id}-g-{version}"
     if ray.is_initialized():
-        result = train_on_ray(config, version, "generator", run_id)
+        result = train_on_ray(config, version, model, run_id)
     else:
-        result = train_generator(config, ctx.storage, version, run_id)
-    return generator_folder(ctx.storage, result["checkpoint"])
+        result = train_in_process(make_job(config, version, model, run_id), ctx.storage)
+    return model_folder(ctx.storage, result["checkpoint"])
 
 
 def train_in_process(job: TrainJob, storage: Storage, device: str | None = None) -> dict[str, Any]:
