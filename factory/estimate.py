@@ -269,14 +269,19 @@ def estimate_sid(config: FactoryConfig, storage: Storage, inputs: Inputs) -> lis
                                   f"{cfg.sd_steps} steps x {inputs.sd_step_s:g} s ({step})", kind=source_kind(step)))
     rows += candidate_rows(candidates, sid.unit_size, generate_seconds(config, inputs, sid.generator), pass_rate,
                            inputs.source["sid_pass_rate"], inputs)
-    if sid.finetune:
-        rows.append(finetune_row(config, storage, inputs, per_round, pass_rate))
+    for model, switched_on in (("generator", sid.finetune), ("assistant", sid.finetune_assistant)):
+        if switched_on:
+            rows.append(finetune_row(config, storage, inputs, per_round, pass_rate, model))
     return rows
 
 
+FINETUNED = {"generator": "G", "assistant": "assistant"}
+
+
 def finetune_row(config: FactoryConfig, storage: Storage, inputs: Inputs, per_round: float | None,
-                 pass_rate: float) -> StageEstimate:
-    """G trained on each round's union: parent samples plus the round's, `train.epochs` times."""
+                 pass_rate: float, model: str = "generator") -> StageEstimate:
+    """`model` (G or the assistant heads) trained on each round's union: parent samples plus the
+    round's, `train.epochs` times."""
     parent = latest_manifest(storage, config.dataset, ("bootstrap", "union"))
     base = int(parent.get("samples") or 0) if parent else 0
     if per_round is None:
@@ -285,11 +290,12 @@ def finetune_row(config: FactoryConfig, storage: Storage, inputs: Inputs, per_ro
         new = per_round * pass_rate
         samples = sum(base + new * k for k in range(1, config.sid.rounds + 1)) * config.train.epochs
     if samples is not None and config.train.max_steps:
-        samples = min(samples, config.train.max_steps * config.train.generator_batch_size * config.sid.rounds)
+        batch = getattr(config.train, f"{model}_batch_size")
+        samples = min(samples, config.train.max_steps * batch * config.sid.rounds)
     where = f"{parent['version']}: {base:,} samples" if parent else "no parent version: round samples only"
-    return StageEstimate("train G", samples, f"samples x {config.train.epochs} epoch(s)",
-                         inputs.train_generator_sample_s, inputs.source["train_generator_sample_s"],
-                         note=f"unions from {where}")
+    figure = f"train_{model}_sample_s"
+    return StageEstimate(f"train {FINETUNED[model]}", samples, f"samples x {config.train.epochs} epoch(s)",
+                         getattr(inputs, figure), inputs.source[figure], note=f"unions from {where}")
 
 
 def estimate(config: FactoryConfig, storage: Storage, stage: str, device_kind: str | None = None,
@@ -317,16 +323,16 @@ def format_estimate(result: Estimate, config_name: str) -> list[str]:
     lines = [f"dry run: --stage {result.stage}, config {config_name}: nothing is run or written",
              f"figures: {inputs.gpu} ({unit}); sources are marked measured / paper / derived / assumed / config",
              *[f"  {note}" for note in result.notes],
-             f"  {'stage':<11} {'plan':>14} {'units':>9}  {'s/item':>9} {unit:>14}  item; source"]
+             f"  {'stage':<15} {'plan':>14} {'units':>9}  {'s/item':>9} {unit:>14}  item; source"]
     for row in result.rows:
         seconds = f"{row.seconds_per_item:9.3g}" if row.seconds_per_item else f"{'-':>9}"
         hours = f"{row.hours:14,.1f}" if row.seconds_per_item else f"{'CPU':>14}"
         note = f" ({row.note})" if row.note else ""
         if inputs.gpu != PAPER_GPU and row.seconds_per_item and "measured" not in row.kind:
             note += f" (an {PAPER_GPU} figure: not measured on {inputs.gpu})"
-        lines.append(f"  {row.stage:<11} {amount(row.items):>14} {amount(row.units, '-'):>9}  {seconds} {hours}  "
+        lines.append(f"  {row.stage:<15} {amount(row.items):>14} {amount(row.units, '-'):>9}  {seconds} {hours}  "
                      f"{row.item}{note}; [{row.kind}] {row.source}")
-    lines.append(f"  {'total':<11} {'':>14} {'':>9}  {'':>9} {result.total_hours:14,.1f}  {unit}")
+    lines.append(f"  {'total':<15} {'':>14} {'':>9}  {'':>9} {result.total_hours:14,.1f}  {unit}")
     if any(row.items is None for row in result.rows):
         lines.append("  (unknown counts are left out of the total: set plan.total_jobs, or ingest the references)")
     return lines

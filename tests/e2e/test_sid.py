@@ -36,6 +36,7 @@ def test_round_and_union_versions_name_the_right_parents(sid_round):
     assert verify_version(storage, "demo", "demo-sid1") == [] and verify_version(storage, "demo", "demo-union1") == []
     assert "version demo-sid1" in result.stdout
     assert storage.list("checkpoints/generator"), "G was trained before the round"
+    assert round_manifest["assistant_checkpoint"] is None and not storage.list("checkpoints/assistant")  # off
 
 
 def test_every_sample_records_alpha_and_w(sid_round):

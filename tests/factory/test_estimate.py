@@ -105,7 +105,11 @@ def test_dry_run_of_sid_writes_nothing(published, tmp_path, capsys):
     generate = row(output, "generate")
     assert number(generate[3]) == pytest.approx(2.0)  # G's measured GPU-seconds per candidate
     assert "[measured]" in " ".join(generate)
-    assert "train" in output
+    assert "train G" in output and "train assistant" not in output  # sid.finetune_assistant is off by default
+    both = dry_run(capsys, "--stage", "sid", "--config", str(published), "--set", "sid.finetune_assistant=true")
+    assistant, generator = row(both, "train assistant"), row(both, "train G")
+    assert number(assistant[2]) == number(generator[2]) > 0  # the same union samples
+    assert number(assistant[4]) / number(generator[4]) == pytest.approx(0.4 / 0.12, rel=0.05)  # paper-less defaults
 
 
 def test_dry_run_creates_no_storage_root(tmp_path, monkeypatch, capsys):
