@@ -82,3 +82,15 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(repo)}})
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: two intra-op threads made token-by-token decoding
+    ~25x slower than one (Ray actors get OMP_NUM_THREADS=num_cpus anyway); restored afterwards."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -11,16 +11,6 @@ import torch
 
 from bench.published_models import build, parameter_count, specs
 
-
-@pytest.fixture
-def one_torch_thread():
-    """One torch thread, as the bench sets on a CPU (far faster on shared cores); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PUBLISHED = {  # the sizes the model cards and papers state
     "sd2_unet": 865e6,
     "clip_vit_l14_336": 304e6,

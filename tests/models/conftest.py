@@ -12,18 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny models decode token by token: on a shared 2-core machine two intra-op threads made
-    it ~25x slower than one (Ray actors get OMP_NUM_THREADS=num_cpus anyway)."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     from factory.tiny.llama import build_tiny_llama

@@ -17,16 +17,6 @@ from tests.factory.conftest import jpeg
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine run much faster on one intra-op thread."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 @pytest.fixture(scope="module")
 def stage(tmp_path_factory) -> Generate:

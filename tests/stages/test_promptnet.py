@@ -18,14 +18,6 @@ from tests.factory.conftest import jpeg
 PRODUCTION = Path(__file__).resolve().parents[2] / "configs" / "production.yaml"
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine run much faster on one intra-op thread."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, str]:
