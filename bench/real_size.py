@@ -1,6 +1,6 @@
 """What a candidate really costs: the generators, the filter and the trainers at the paper's model sizes.
 
-    python bench/real_size.py [--parts profusion,cafe,filter,train_g,train_assistant] [--threads 1]
+    python bench/real_size.py [--parts profusion,cafe,filter,train_g,train_assistant] [--threads N]
                               [--compile] [--figures FILE] [--no-figures] [--no-results] [--tiny]
 
 Models are the real library classes built with random weights from the published
@@ -180,12 +180,11 @@ def run_profusion(bench: Bench, generator, jobs) -> dict[str, float]:
     seconds: dict[str, float] = {}
     with generator._tunable_unet_attention():
         with torch.no_grad():
-            _, seconds["view"] = timed(bench, lambda: (generator._encode_latents(pixels),
-                                                       generator._image_tokens(pixels)))
+            (latents, tokens), seconds["view"] = timed(bench, lambda: (generator._encode_latents(pixels),
+                                                                       generator._image_tokens(pixels)))
             _, seconds["copy"] = timed(bench, lambda: copy.deepcopy(generator.promptnet))
         promptnet, seconds["finetune"] = timed(bench, lambda: generator.finetune(pixels))
-        with torch.no_grad(), timing_decode(bench, generator, seconds):
-            latents, tokens = generator._encode_latents(pixels), generator._image_tokens(pixels)
+        with torch.no_grad(), timing_decode(bench, generator, seconds):  # sampling reuses the timed view's encodings
             _, seconds["sample"] = timed(bench, lambda: generator._sample(promptnet, latents, tokens, jobs))
     return seconds
 
@@ -309,16 +308,27 @@ def part_cafe(bench: Bench) -> None:
     _, clip_s = timed(bench, lambda: encoders.clip_embeds([reference]))
     _, w_s = timed(bench, lambda: encoders.clip_embeds(w_images))
     latents, total = timed(bench, draw)
-    _, decode_s = timed(bench, lambda: decode_images(vae, latents))
+    decode_s, decode_how = shared_decode(bench)
+    if decode_s is None:
+        _, decode_s = timed(bench, lambda: decode_images(vae, latents))
+        decode_s, decode_how = decode_s / counts.batch, "measured: VAE decode per candidate"
     step = (total - dino_s - w_s) / counts.sample_steps / counts.batch
     bench.record("cafe_reference_s", dino_s + clip_s, "measured: E(x) DINOv2-giant + F(x) CLIP ViT-L/14@336, once")
     bench.record("cafe_w_s", w_s / counts.batch, "measured: F(w) per job")
     bench.record("cafe_sample_step_s", step, f"{'measured' if not counts.reduced else 'reduced'}: "
                  f"{counts.sample_steps} step(s) x 3 UNet copies (none, E, E+H), {counts.batch} per batch")
-    bench.record("cafe_decode_s", decode_s / counts.batch, "measured: VAE decode per candidate")
+    bench.record("cafe_decode_s", decode_s, decode_how)
     bench.record("sd_step_s", step * 2 / 3, "derived from the G step: 2 of its 3 UNet copies (SD2 with CFG)")
-    bench.say(f"  G at the production config: {spec.steps * step + decode_s / counts.batch + w_s / counts.batch:.1f} s "
+    bench.say(f"  G at the production config: {spec.steps * step + decode_s + w_s / counts.batch:.1f} s "
               f"per candidate ({spec.steps} steps) + {dino_s + clip_s:.1f} s per reference")
+
+
+def shared_decode(bench: Bench) -> tuple[float | None, str]:
+    """On a CPU, G's decode is ProFusion's (the same SD2 VAE at the same size and dtype): reused,
+    not run again (a 512-px decode is a minute there). On CUDA each part times its own."""
+    if not bench.counts.reduced or "profusion_decode_s" not in bench.figures:
+        return None, ""
+    return bench.figures["profusion_decode_s"]["value"], "measured in [profusion]: the same SD2 VAE decode"
 
 
 # --- the filter -----------------------------------------------------------------------------
@@ -567,7 +577,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")
     parser.add_argument("--tiny", action="store_true", help="shrunken configurations (the test suite's run)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (1 is fastest on shared cores)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch threads on a CPU (default: every core this process may use; 1 on shared cores)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNets (CUDA only)")
     parser.add_argument("--config", default=str(PRODUCTION_CONFIG), help="the config whose settings are timed")
     parser.add_argument("--figures", help="figures file to write (default: factory/cost_figures.json; "
