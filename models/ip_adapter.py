@@ -124,12 +124,12 @@ class IPAdapterGenerator:
         started = time.perf_counter()
         results: list[GenResult] = []
         with torch.no_grad():
-            negative, positive = self._image_embeds(to_rgb(reference))
+            embeds = self._image_embeds(to_rgb(reference))
             encode_seconds = (time.perf_counter() - started) / len(jobs)
             for start in range(0, len(jobs), self.options.batch_size):
                 batch = jobs[start : start + self.options.batch_size]
                 batch_started, batch_evals = time.perf_counter(), self.unet_evals.rows
-                images, flagged = self._sample(batch, negative, positive)
+                images, flagged = self._sample(batch, embeds)
                 self._synchronize()
                 seconds = (time.perf_counter() - batch_started) / len(batch)
                 evals = (self.unet_evals.rows - batch_evals) / len(batch)
@@ -139,19 +139,14 @@ class IPAdapterGenerator:
         self.stats["images"] += len(results)
         return results
 
-    def _image_embeds(self, reference: Image.Image) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The reference's CLIP embedding through the pipeline's own encoder (and, with guidance,
-        its negative): each shaped [1, 1, dim]."""
-        guided = self._guided()
-        (embeds,) = self.pipeline.prepare_ip_adapter_image_embeds(reference, None, self.device, 1, guided)
-        return embeds.chunk(2) if guided else (None, embeds)
+    def _image_embeds(self, reference: Image.Image) -> torch.Tensor:
+        """The reference's CLIP embedding through the pipeline's own encoder, once per reference
+        (with guidance, its zero negative first); the pipeline repeats it for every prompt of a batch."""
+        (embeds,) = self.pipeline.prepare_ip_adapter_image_embeds(reference, None, self.device, 1, self._guided())
+        return embeds
 
-    def _sample(self, batch: list[GenJob], negative: torch.Tensor | None, positive: torch.Tensor):
-        # diffusers repeats image embeddings per `num_images_per_prompt`, not per prompt: one copy per job here
+    def _sample(self, batch: list[GenJob], embeds: torch.Tensor):
         count = len(batch)
-        embeds = positive.repeat(count, 1, 1)
-        if negative is not None:
-            embeds = torch.cat([negative.repeat(count, 1, 1), embeds])
         generators = [torch.Generator().manual_seed(job.seed) for job in batch]
         output = self.pipeline(
             prompt=[job.instruction for job in batch],

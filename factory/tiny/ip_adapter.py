@@ -50,7 +50,7 @@ def build_tiny_ip_adapter(path: str | Path, sd_path: str | Path, subfolder: str 
     return str(path)
 
 
-def ip_adapter_state_dict(unet, image_embed_dim: int, std: float = 0.02) -> dict:
+def ip_adapter_state_dict(unet, image_embed_dim: int, std: float = 0.5) -> dict:
     """Random weights with the keys and shapes of a plain IP-Adapter for `unet`."""
     import torch
 
