@@ -153,3 +153,20 @@ def test_bad_options_name_the_generator(tiny_sd, tiny_adapter):
 def test_a_missing_adapter_file_says_which(tiny_sd, tiny_adapter):
     with pytest.raises(ValueError, match=r"generator 'ipa-tiny': cannot load the IP-Adapter models/nothing.bin"):
         build(make_spec(tiny_sd, tiny_adapter, weight_name="nothing.bin"))
+
+
+@pytest.mark.parametrize("config", ["demo", "production"])
+def test_the_shipped_configs_ip_adapter_specs_are_valid_and_not_selected(config):
+    from pathlib import Path
+
+    from factory.config import load_config
+    from models.ip_adapter import IPAdapterOptions
+
+    path = None if config == "demo" else Path(__file__).resolve().parents[2] / "configs" / "production.yaml"
+    loaded = load_config(path)
+    spec = loaded.generate.generators["ip_adapter"]
+    assert spec.kind == "ip_adapter" and spec.checkpoint
+    IPAdapterOptions.model_validate(spec.options)
+    assert loaded.plan.generator == "profusion"
+    if config == "production":
+        assert (spec.model, spec.checkpoint) == ("stable-diffusion-v1-5/stable-diffusion-v1-5", "h94/IP-Adapter")
