@@ -170,3 +170,26 @@ def test_the_shipped_configs_ip_adapter_specs_are_valid_and_not_selected(config)
     assert loaded.plan.generator == "profusion"
     if config == "production":
         assert (spec.model, spec.checkpoint) == ("stable-diffusion-v1-5/stable-diffusion-v1-5", "h94/IP-Adapter")
+
+
+def test_an_adapter_on_s3_is_fetched_and_named_by_its_url(s3_bucket, tiny_sd, tiny_adapter, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from factory.config import StorageConfig
+    from factory.storage import S3Storage
+    from models.registry import build_generator
+
+    monkeypatch.setenv("FACTORY_MODEL_CACHE", str(tmp_path / "cache"))
+    endpoint, bucket = s3_bucket
+    url = f"s3://{bucket}/models/ip-adapter"
+    settings = StorageConfig(root=url, endpoint_url=endpoint)
+    remote = S3Storage(url, settings)
+    for path in sorted(Path(tiny_adapter).rglob("*")):
+        if path.is_file():
+            remote.upload_file(path, path.relative_to(tiny_adapter).as_posix())
+
+    generator = build_generator("ipa-s3", make_spec(tiny_sd, url), storage=settings)
+    result = generator.generate(reference_image(0), [job("a photo of {subject}", 1)])[0]
+
+    assert generator.describe()["checkpoint"] == result.info["checkpoint"] == url
+    assert result.info["unet_evals"] == 2 * STEPS
