@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 IMPLEMENTATIONS = {
     "profusion": "models.profusion:ProFusionGenerator",
     "cafe": "models.cafe:CafeGenerator",
+    "ip_adapter": "models.ip_adapter:IPAdapterGenerator",
 }
 
 

@@ -32,6 +32,12 @@ def _promptnet(path: Path) -> None:
     build_tiny_promptnet(path, MODELS / "tiny-sd")
 
 
+def _ip_adapter(path: Path) -> None:
+    from factory.tiny.ip_adapter import build_tiny_ip_adapter
+
+    build_tiny_ip_adapter(path, MODELS / "tiny-sd")
+
+
 def _clip(path: Path) -> None:
     from factory.tiny.clip import build_tiny_clip
 
@@ -71,6 +77,7 @@ def _dinov2(path: Path) -> None:
 BUILDERS: list[tuple[str, Callable[[Path], None]]] = [
     ("tiny-sd", _sd),
     ("tiny-promptnet", _promptnet),
+    ("tiny-ip-adapter", _ip_adapter),
     ("tiny-clip", _clip),
     ("tiny-dino", _dino),
     ("tiny-llama", _llama),

@@ -219,3 +219,17 @@ def test_measured_g_seconds_leave_the_papers_sid_pass_rate_alone(published, tmp_
 def test_dry_run_prices_only_all_and_sid(published, capsys):
     assert main(["--dry-run", "--stage", "generate", "--config", str(published)]) == 2
     assert "--dry-run prices --stage all or --stage sid" in capsys.readouterr().err
+
+
+def test_an_ip_adapter_bootstrap_is_priced_as_sampling_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    config = write_config(tmp_path, plan={"jobs_per_reference": 4, "unit_size": 10, "generator": "ipa"})
+    spec = yaml.safe_load(config.read_text())
+    spec["generate"]["generators"]["ipa"] = {"kind": "ip_adapter", "model": "sd15", "checkpoint": "h94/IP-Adapter",
+                                             "steps": 30, "image_size": 512}
+    config.write_text(yaml.safe_dump(spec))
+    output = dry_run(capsys, "--stage", "all", "--config", str(config))
+    generate = row(output, "generate")
+    assert number(generate[3]) == pytest.approx(30 * 0.05)  # 30 steps x the assumed SD step, no fine-tuning
+    assert "no fine-tuning" in output and "[derived]" in " ".join(generate)
