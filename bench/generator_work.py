@@ -11,7 +11,8 @@ sampling settings, draws `plan.jobs_per_reference` candidates for one reference 
 prints what the candidates' own `info` reports: the counts `generate` sums into each unit and
 the manifests sum per accepted sample. ProFusion's fine-tuning counts forward rows (each also
 pays its backward, about two forwards more); it is paid once per reference and shared by that
-reference's jobs. G draws with a retrieved `w` and an alpha, as SID does.
+reference's jobs. G draws with a retrieved `w` and an alpha, as SID does. IP-Adapter is tuning-free:
+classifier-free guidance only (its image tokens ride along in the same UNet rows).
 
 Per accepted sample divides by a pass rate: the paper's bootstrap rate (207K of 3M ProFusion
 candidates kept, section 4.1) for every generator, so the columns compare the generators, not
@@ -38,11 +39,13 @@ TINY_IMAGE_SIZE = 64
 def tiny_specs(config, folder: Path) -> dict:
     """The config's generators with their models swapped for tiny ones; settings kept."""
     from factory.tiny.cafe import build_tiny_cafe_generator
+    from factory.tiny.ip_adapter import build_tiny_ip_adapter
     from factory.tiny.sd import build_tiny_promptnet, build_tiny_sd
 
     sd = build_tiny_sd(folder / "sd")
     checkpoints = {"profusion": lambda: build_tiny_promptnet(folder / "promptnet", sd),
-                   "cafe": lambda: build_tiny_cafe_generator(folder / "cafe")}
+                   "cafe": lambda: build_tiny_cafe_generator(folder / "cafe"),
+                   "ip_adapter": lambda: build_tiny_ip_adapter(folder / "ip-adapter", sd)}
     specs = {}
     for name, spec in config.generate.generators.items():
         if spec.kind not in checkpoints:
@@ -91,6 +94,8 @@ def describe(spec) -> str:
         return (f"{spec.steps} steps, fusion {options.get('fusion', True)}, "
                 f"refine_steps {options.get('refine_steps', 1)}, "
                 f"finetune {options.get('finetune_steps', 50)} steps x batch {options.get('finetune_batch_size', 2)}")
+    if spec.kind == "ip_adapter":
+        return f"{spec.steps} steps, scale {options.get('scale', 0.5)}, no fine-tuning"
     return f"{spec.steps} steps"
 
 

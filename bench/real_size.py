@@ -1,12 +1,13 @@
 """What a candidate really costs: the generators, the filter and the trainers at the paper's model sizes.
 
-    python bench/real_size.py [--parts profusion,cafe,filter,train_g,train_assistant] [--threads N]
+    python bench/real_size.py [--parts profusion,cafe,ip_adapter,filter,train_g,train_assistant] [--threads N]
                               [--compile] [--figures FILE] [--no-figures] [--no-results] [--tiny]
 
 Models are the real library classes built with random weights from the published
 configurations in `bench/published_models.json` (speed does not depend on the weights), run
 through the product's own code: ProFusion's per-reference fine-tuning and fusion sampling
-(`models.profusion`), G's two-condition sampling (`models.cafe`), the filter stage (CLIP
+(`models.profusion`), G's two-condition sampling (`models.cafe`), IP-Adapter's sampling on SD 1.5
+(`models.ip_adapter`, through diffusers' own IP-Adapter pipeline), the filter stage (CLIP
 ViT-B/32 + DINO ViT-S/16, batched, JPEG decode included; `stages.filter`), and the training
 losses of G and the assistant heads (`models.training.tasks`, `models.assistant`). Dtypes are
 the ones the production config gives on the device present (half precision under CUDA, float32
@@ -16,8 +17,8 @@ with --compile, torch.compile of the UNets.
 On CUDA the production config's counts run (steps, fine-tuning steps, batch sizes), after one
 warm-up. On a CPU a reduced count runs (one denoising step, one fine-tuning step, one
 candidate, the assistant's LLM at 1 and 2 of its 40 layers) and each figure is extrapolated per
-step, per view or per layer; every printed line says what ran and how it was scaled. The
-IP-Adapter generator is not built yet and is skipped.
+step, per view or per layer; every printed line says what ran and how it was scaled. On a CPU,
+G reuses ProFusion's 512-px VAE decode figure (the same VAE) rather than running it again.
 
 Writes the per-step figures for this device kind into factory/cost_figures.json (read by
 `python -m factory.run --dry-run --device-kind KIND` and the version report) and appends a
@@ -46,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PARTS = ("profusion", "cafe", "filter", "train_g", "train_assistant")
+PARTS = ("profusion", "cafe", "ip_adapter", "filter", "train_g", "train_assistant")
 PRODUCTION_CONFIG = REPO / "configs" / "production.yaml"
 ASSUMED_TEXT_TOKENS = {"user": 40, "answer": 200}  # the assistant's prompt and answer, per sample
 
@@ -99,11 +100,18 @@ def synchronize(device) -> None:
 
 
 def timed(bench: Bench, work: Callable[[], Any]) -> tuple[Any, float]:
+    """(result, seconds) of `work()`, with the garbage collector held off as timeit does."""
     synchronize(bench.device)
-    started = time.perf_counter()
-    result = work()
-    synchronize(bench.device)
-    return result, time.perf_counter() - started
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        started = time.perf_counter()
+        result = work()
+        synchronize(bench.device)
+        return result, time.perf_counter() - started
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def build(name: str, bench: Bench, dtype=None):
@@ -180,13 +188,36 @@ def run_profusion(bench: Bench, generator, jobs) -> dict[str, float]:
     seconds: dict[str, float] = {}
     with generator._tunable_unet_attention():
         with torch.no_grad():
-            (latents, tokens), seconds["view"] = timed(bench, lambda: (generator._encode_latents(pixels),
-                                                                       generator._image_tokens(pixels)))
             _, seconds["copy"] = timed(bench, lambda: copy.deepcopy(generator.promptnet))
-        promptnet, seconds["finetune"] = timed(bench, lambda: generator.finetune(pixels))
-        with torch.no_grad(), timing_decode(bench, generator, seconds):  # sampling reuses the timed view's encodings
+        with timing_views(bench, generator, seconds) as views:
+            promptnet, seconds["finetune"] = timed(bench, lambda: generator.finetune(pixels))
+        seconds["view"] /= bench.counts.finetune_views
+        latents, tokens = (None if views[name] is None else views[name][:1] for name in ("latents", "tokens"))
+        with torch.no_grad(), timing_decode(bench, generator, seconds):  # a view's encodings: the reference's shapes
             _, seconds["sample"] = timed(bench, lambda: generator._sample(promptnet, latents, tokens, jobs))
     return seconds
+
+
+@contextlib.contextmanager
+def timing_views(bench: Bench, generator, seconds: dict[str, float]):
+    """Time, and keep, the view encodings (VAE latents, ViT-H/14 tokens) the fine-tuning itself runs."""
+    kept: dict[str, Any] = {}
+    seconds["view"] = 0.0
+
+    def timing(name: str, encode):
+        def timed_encode(pixels):
+            kept[name], spent = timed(bench, lambda: encode(pixels))
+            seconds["view"] += spent
+            return kept[name]
+
+        return timed_encode
+
+    generator._encode_latents = timing("latents", generator._encode_latents)
+    generator._image_tokens = timing("tokens", generator._image_tokens)
+    try:
+        yield kept
+    finally:
+        del generator._encode_latents, generator._image_tokens  # the class's methods again
 
 
 @contextlib.contextmanager
@@ -329,6 +360,82 @@ def shared_decode(bench: Bench) -> tuple[float | None, str]:
     if not bench.counts.reduced or "profusion_decode_s" not in bench.figures:
         return None, ""
     return bench.figures["profusion_decode_s"]["value"], "measured in [profusion]: the same SD2 VAE decode"
+
+
+# --- IP-Adapter -----------------------------------------------------------------------------
+
+
+def random_ip_adapter(bench: Bench):
+    """The product's IPAdapterGenerator over SD 1.5's UNet and text encoder, SD's VAE (SD 1.5's has
+    SD2's architecture), ViT-H/14 with its projection and an adapter in h94's layout, all random."""
+    from models.ip_adapter import IPAdapterGenerator
+
+    class RandomWeightIPAdapter(IPAdapterGenerator):
+        def _load(self, spec):
+            from diffusers import StableDiffusionPipeline
+
+            from factory.tiny.ip_adapter import ip_adapter_state_dict
+            from factory.tiny.sd import _sd2_ddim_scheduler, build_tiny_clip_tokenizer
+
+            unet = prepare_unet(build("sd15_unet", bench, self.dtype), bench)
+            encoder = build("ip_adapter_image_encoder", bench, self.dtype)
+            with tempfile.TemporaryDirectory() as scratch:
+                tokenizer = build_tiny_clip_tokenizer(scratch, merges=1000 if bench.counts.tiny else 48894)
+            pipeline = StableDiffusionPipeline(
+                vae=build("sd2_vae", bench, self.dtype), text_encoder=build("sd15_text_encoder", bench, self.dtype),
+                tokenizer=tokenizer, unet=unet, scheduler=_sd2_ddim_scheduler(), safety_checker=None,
+                feature_extractor=None, image_encoder=encoder, requires_safety_checker=False,
+            )
+            weights = ip_adapter_state_dict(unet, encoder.config.projection_dim)
+            pipeline.load_ip_adapter(weights, subfolder="", weight_name="", image_encoder_folder=None)
+            return self._prepare(pipeline)
+
+    counts, spec = bench.counts, bench.config.generate.generators["ip_adapter"]
+    options = {**spec.options, "batch_size": counts.batch}
+    spec = spec.model_copy(update={"steps": counts.sample_steps, "image_size": counts.image_size, "options": options})
+    return RandomWeightIPAdapter("ip_adapter", spec, device=str(bench.device))
+
+
+def part_ip_adapter(bench: Bench) -> None:
+    import torch
+
+    from models.base import GenJob
+
+    counts, production = bench.counts, bench.config.generate.generators["ip_adapter"]
+    generator = random_ip_adapter(bench)
+    jobs = [GenJob("a photo of {subject} on the beach", "dog", "a photo of a dog on the beach", seed)
+            for seed in range(counts.batch)]
+    seconds: dict[str, float] = {}
+    with torch.no_grad(), timing_vae_decode(bench, generator.pipeline.vae, seconds):
+        if not counts.reduced:
+            generator._sample(jobs, generator._image_embeds(reference_image(512)))  # warm-up
+        embeds, seconds["reference"] = timed(bench, lambda: generator._image_embeds(reference_image(512)))
+        _, seconds["sample"] = timed(bench, lambda: generator._sample(jobs, embeds))
+    step = (seconds["sample"] - seconds["decode"]) / counts.sample_steps / counts.batch
+    bench.record("ip_adapter_reference_s", seconds["reference"],
+                 "measured: ViT-H/14 image embedding, once per reference")
+    bench.record("ip_adapter_sample_step_s", step, f"{'measured' if not counts.reduced else 'reduced'}: "
+                 f"{counts.sample_steps} step(s) x 2 UNet rows (CFG), {counts.batch} per batch, per step per candidate")
+    bench.record("ip_adapter_decode_s", seconds["decode"] / counts.batch, "measured: VAE decode per candidate")
+    per_candidate = production.steps * step + seconds["decode"] / counts.batch
+    bench.say(f"  IP-Adapter at the production config: {per_candidate:.1f} s per candidate ({production.steps} steps) "
+              f"+ {seconds['reference']:.1f} s per reference")
+
+
+@contextlib.contextmanager
+def timing_vae_decode(bench: Bench, vae, seconds: dict[str, float]):
+    """Time the VAE decode the pipeline runs inside its call (the last one counts)."""
+    decode = vae.decode
+
+    def timed_decode(*args, **kwargs):
+        result, seconds["decode"] = timed(bench, lambda: decode(*args, **kwargs))
+        return result
+
+    vae.decode = timed_decode
+    try:
+        yield
+    finally:
+        vae.decode = decode
 
 
 # --- the filter -----------------------------------------------------------------------------
@@ -558,8 +665,8 @@ def describe_machine(device, threads: int) -> str:
 
 
 def run_parts(bench: Bench, parts: list[str]) -> None:
-    functions = {"profusion": part_profusion, "cafe": part_cafe, "filter": part_filter, "train_g": part_train_g,
-                 "train_assistant": part_train_assistant}
+    functions = {"profusion": part_profusion, "cafe": part_cafe, "ip_adapter": part_ip_adapter, "filter": part_filter,
+                 "train_g": part_train_g, "train_assistant": part_train_assistant}
     last_g_user = max((parts.index(name) for name in ("cafe", "train_g") if name in parts), default=-1)
     for index, name in enumerate(parts):
         started = time.perf_counter()
@@ -569,7 +676,6 @@ def run_parts(bench: Bench, parts: list[str]) -> None:
         if index == last_g_user:  # G, its encoders and the VAE are shared by cafe and train_g
             bench.shared.pop("cafe", None)
         gc.collect()
-    bench.say("[ip_adapter] not built: the IP-Adapter generator does not exist yet (no figure)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -621,7 +727,7 @@ def write_outputs(args: argparse.Namespace, bench: Bench, parts: list[str], argv
     entry = {"device": describe_machine(bench.device, args.threads), "measured": date.today().isoformat(),
              "counts": "reduced (CPU), extrapolated" if bench.counts.reduced else "production config",
              "command": " ".join(["python bench/real_size.py", *argv]),
-             "parts": parts, "not_built": ["ip_adapter"], "figures": bench.figures}
+             "parts": parts, "figures": bench.figures}
     if not args.no_figures and (args.figures or not args.tiny):
         where = write_device_figures(entry, bench.kind, args.figures)
         print(f"figures for {bench.kind!r} written to {where}")

@@ -64,6 +64,7 @@ class Inputs:
     sid_sample_s: float = sum(PAPER_CAFE_SECONDS) / 2
     sid_pass_rate: float | None = None  # default: implied by D3's 1,500 GPU-h -> 148K at sid_sample_s
     sd_step_s: float = 0.05  # one Stable Diffusion 2 denoising step with CFG, one 512-px image
+    ip_adapter_sample_s: float | None = None  # measured only; otherwise derived from sd_step_s
     train_generator_sample_s: float = 0.12  # one sample through G's training step
     train_assistant_sample_s: float = 0.4  # one sample through the assistant heads' training step
     gpu: str = PAPER_GPU
@@ -256,6 +257,8 @@ class GeneratorSettings:
     profusion_steps: int = 50
     finetune_steps: int = 50
     cafe_steps: int = 50
+    ip_adapter_steps: int = 50
+    jobs_per_reference: int = 32  # the bootstrap's: IP-Adapter's reference embedding is shared by them
     sid_jobs_per_reference: int = 2
 
 
@@ -292,6 +295,12 @@ def apply_device_figures(inputs: Inputs, kind: str, entry: dict[str, Any], setti
         value = (settings.cafe_steps * cafe[0][0] + cafe[1][0] + cafe[2][0]
                  + cafe[3][0] / max(settings.sid_jobs_per_reference, 1))
         inputs.set("sid_sample_s", value, f"{cafe[0][1]} x {settings.cafe_steps} steps + decode + F(w) + E, F of x")
+    ip_adapter = [take(name) for name in ("ip_adapter_sample_step_s", "ip_adapter_decode_s", "ip_adapter_reference_s")]
+    if all(ip_adapter):
+        value = (settings.ip_adapter_steps * ip_adapter[0][0] + ip_adapter[1][0]
+                 + ip_adapter[2][0] / max(settings.jobs_per_reference, 1))
+        inputs.set("ip_adapter_sample_s", value,
+                   f"{ip_adapter[0][1]} x {settings.ip_adapter_steps} steps + decode + reference embedding")
     single = {"filter_candidate_s": "filter_candidates_per_s", "sd_step_s": "sd_step_s",
               "train_generator_sample_s": "train_generator_sample_s",
               "train_assistant_sample_s": "train_assistant_sample_s"}
@@ -448,5 +457,8 @@ def settings_from_snapshot(config: dict[str, Any]) -> GeneratorSettings:
             settings.finetune_steps = (spec.get("options") or {}).get("finetune_steps", settings.finetune_steps)
         elif spec.get("kind") == "cafe":
             settings.cafe_steps = spec.get("steps", settings.cafe_steps)
+        elif spec.get("kind") == "ip_adapter":
+            settings.ip_adapter_steps = spec.get("steps", settings.ip_adapter_steps)
+    settings.jobs_per_reference = (config.get("plan") or {}).get("jobs_per_reference") or settings.jobs_per_reference
     settings.sid_jobs_per_reference = (config.get("sid") or {}).get("jobs_per_reference", 2)
     return settings

@@ -148,6 +148,10 @@ def generator_settings(config: FactoryConfig) -> GeneratorSettings:
     cafe = specs.get(config.sid.generator)
     if cafe is not None:
         settings.cafe_steps = cafe.steps
+    ip_adapter = next((s for s in specs.values() if s.kind == "ip_adapter"), None)
+    if ip_adapter is not None:
+        settings.ip_adapter_steps = ip_adapter.steps
+    settings.jobs_per_reference = config.plan.jobs_per_reference or settings.jobs_per_reference
     return settings
 
 
@@ -208,6 +212,8 @@ def generate_seconds(config: FactoryConfig, inputs: Inputs, generator: str) -> t
     kind = spec.kind if spec else "profusion"
     if kind == "cafe":
         return inputs.sid_sample_s, inputs.source["sid_sample_s"]
+    if kind == "ip_adapter" and inputs.ip_adapter_sample_s is not None:
+        return inputs.ip_adapter_sample_s, inputs.source["ip_adapter_sample_s"]
     if kind == "ip_adapter":  # tuning-free: sampling only, an SD 1.5 UNet of SD2's size with CFG
         scale = (spec.image_size / 512) ** 2
         return (spec.steps * inputs.sd_step_s * scale,

@@ -159,6 +159,7 @@ def sample_from_row(row: dict[str, Any], dataset: str, version: str) -> Sample:
         "round": int(row["round"]),
         "generator": {
             **{k: info.get(k) for k in ("name", "kind", "checkpoint", "steps")},
+            **{k: info[k] for k in ("model", "scale") if k in info},  # the generators that report them
             "seed": int(row["seed"]),
             "alpha": None if alpha is None or pd.isna(alpha) else float(alpha),
             "w": row.get("w_id"),

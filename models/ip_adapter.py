@@ -72,7 +72,7 @@ class IPAdapterGenerator:
         self.unet_evals = EvaluationCounter(self.pipeline.unet)
 
     def _load(self, spec: GeneratorSpec):
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline
 
         where = f"generate.generators.{self.name}"
         model = local_model(spec.model, self.storage, f"{where}.model")
@@ -87,16 +87,22 @@ class IPAdapterGenerator:
                 f"generator {self.name!r}: cannot load the IP-Adapter {options.subfolder}/{options.weight_name} "
                 f"(image encoder {options.image_encoder_folder}) from {spec.checkpoint}: {err}"
             ) from err
-        if options.scheduler == "ddim":
+        return self._prepare(pipeline)
+
+    def _prepare(self, pipeline):
+        """Scheduler, adapter scale, device and eval mode for a pipeline with its adapter loaded."""
+        from diffusers import DDIMScheduler
+
+        if self.options.scheduler == "ddim":
             pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-        pipeline.set_ip_adapter_scale(options.scale)
+        pipeline.set_ip_adapter_scale(self.options.scale)
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(self.device)
         for module in pipeline.components.values():
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False).eval()
         multiple = pipeline.vae_scale_factor * 2 ** (len(pipeline.unet.config.block_out_channels) - 1)
-        if spec.image_size % multiple:
+        if self.spec.image_size % multiple:
             raise ValueError(f"generator {self.name!r}: image_size must be a multiple of {multiple}")
         return pipeline
 
@@ -170,6 +176,7 @@ class IPAdapterGenerator:
         return {
             "name": self.name,
             "kind": self.kind,
+            "model": model_ref(self.spec.model),
             "checkpoint": model_ref(self.spec.checkpoint),
             "weight_name": self.options.weight_name,
             "scale": self.options.scale,

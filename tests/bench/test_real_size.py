@@ -46,11 +46,12 @@ def test_bench_runs_end_to_end_on_tiny_models_and_the_dry_run_prices_with_its_fi
     results = tmp_path / "RESULTS.md"
     assert main(["--tiny", "--figures", str(figures), "--results", str(results), "--threads", "1"]) == 0
     output = capsys.readouterr().out
-    assert "[ip_adapter] not built" in output and not results.exists()
+    assert "IP-Adapter at the production config" in output and not results.exists()
     entry = json.loads(figures.read_text())["devices"]["cpu (tiny models)"]
     assert entry["parts"] == list(PARTS) and entry["counts"].startswith("reduced")
     expected = {"profusion_finetune_step_s", "profusion_reference_s", "profusion_sample_step_s", "profusion_decode_s",
                 "cafe_reference_s", "cafe_w_s", "cafe_sample_step_s", "cafe_decode_s", "sd_step_s",
+                "ip_adapter_reference_s", "ip_adapter_sample_step_s", "ip_adapter_decode_s",
                 "filter_candidate_s", "train_generator_sample_s", "train_assistant_sample_s"}
     assert set(entry["figures"]) == expected
     for name, figure in entry["figures"].items():

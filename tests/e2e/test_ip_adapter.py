@@ -27,7 +27,8 @@ def test_the_demo_publishes_samples_drawn_by_the_ip_adapter(tmp_path):
     for sample in samples:
         generator = sample.meta["generator"]
         assert (generator["name"], generator["kind"]) == ("ip_adapter", "ip_adapter")
-        assert generator["checkpoint"] == "factory-data/models/tiny-ip-adapter"
+        assert generator["checkpoint"] == "factory-data/models/tiny-ip-adapter"  # what it drew with
+        assert generator["model"] == "factory-data/models/tiny-sd" and generator["scale"] == 0.5
     cost = manifest["cost"]["generate"]
     assert cost["finetune_unet_evals"] == 0 and cost["unet_evals"] == 4 * 2 * 3  # 4 images x CFG x 3 steps
     assert manifest["models"]["generator:ip_adapter"]["kind"] == "ip_adapter"

@@ -233,3 +233,23 @@ def test_an_ip_adapter_bootstrap_is_priced_as_sampling_only(tmp_path, monkeypatc
     generate = row(output, "generate")
     assert number(generate[3]) == pytest.approx(30 * 0.05)  # 30 steps x the assumed SD step, no fine-tuning
     assert "no fine-tuning" in output and "[derived]" in " ".join(generate)
+
+
+def test_measured_ip_adapter_figures_price_its_steps_decode_and_shared_embedding(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    config = write_config(tmp_path, plan={"jobs_per_reference": 4, "unit_size": 10, "generator": "ipa"})
+    spec = yaml.safe_load(config.read_text())
+    spec["generate"]["generators"]["ipa"] = {"kind": "ip_adapter", "model": "sd15", "checkpoint": "h94/IP-Adapter",
+                                             "steps": 30, "image_size": 512}
+    config.write_text(yaml.safe_dump(spec))
+    figures = tmp_path / "figures.json"
+    entry = {"measured": "2026-12-01", "figures": {
+        name: {"value": value, "source": "measured"} for name, value in {
+            "ip_adapter_sample_step_s": 0.04, "ip_adapter_decode_s": 0.3, "ip_adapter_reference_s": 2.0}.items()}}
+    write_device_figures(entry, "NVIDIA H200", figures)
+    output = dry_run(capsys, "--stage", "all", "--config", str(config), "--device-kind", "NVIDIA H200",
+                     "--figures", str(figures))
+    generate = row(output, "generate")
+    assert number(generate[3]) == pytest.approx(30 * 0.04 + 0.3 + 2.0 / 4, rel=1e-3)  # embedding shared by 4 jobs
+    assert "[measured]" in " ".join(generate)

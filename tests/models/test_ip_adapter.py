@@ -126,7 +126,7 @@ def test_describe_and_info_name_the_adapter(generator, tiny_sd, tiny_adapter):
     info = generator.generate(reference_image(0), [job("a photo of {subject}", 5)])[0].info
 
     assert described["kind"] == info["kind"] == "ip_adapter"
-    assert described["model"] == model_ref(tiny_sd)
+    assert described["model"] == info["model"] == model_ref(tiny_sd)
     assert described["checkpoint"] == info["checkpoint"] == model_ref(tiny_adapter)
     assert described["options"]["scale"] == info["scale"] == 0.5
     assert info["weight_name"] == "ip-adapter_sd15.bin"
