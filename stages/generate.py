@@ -91,8 +91,11 @@ class Generate(Stage):
         gpu_share = share * self.config.generate.num_gpus if self.device == "cuda" else 0.0
         described = generator.describe()
         for index, result in zip(group.index, results):
-            rows.at[index, "target_image"] = encode_jpeg(result.image, self.config.generate.jpeg_quality)
             rows.at[index, "generator_info"] = json.dumps({**described, **result.info}, sort_keys=True, default=str)
+            if result.info.get("nsfw_flagged"):  # the pipeline's safety checker blacked the image out
+                rows.at[index, "reject"] = "nsfw_flagged"
+                continue
+            rows.at[index, "target_image"] = encode_jpeg(result.image, self.config.generate.jpeg_quality)
             rows.at[index, "gpu_seconds"] = gpu_share
         self.count("gpu_seconds", gpu_share * len(jobs))
         for counter in ("unet_evals", "finetune_unet_evals"):

@@ -193,3 +193,49 @@ def test_an_adapter_on_s3_is_fetched_and_named_by_its_url(s3_bucket, tiny_sd, ti
 
     assert generator.describe()["checkpoint"] == result.info["checkpoint"] == url
     assert result.info["unet_evals"] == 2 * STEPS
+
+
+def with_safety_checker(sd: str, folder) -> str:
+    """The tiny pipeline with a tiny real safety checker whose every concept threshold is below any
+    score, so it flags (and blacks out) every image, as SD 1.5's does for the images it flags."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = CLIPConfig(text_config=tower, vision_config={**tower, "image_size": 32, "patch_size": 8},
+                        projection_dim=32)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        checker = StableDiffusionSafetyChecker(config)
+    checker.concept_embeds_weights.data.fill_(-2.0)
+    pipeline = StableDiffusionPipeline.from_pretrained(sd)
+    pipeline.register_modules(safety_checker=checker, feature_extractor=CLIPImageProcessor(size=32, crop_size=32))
+    pipeline.register_to_config(requires_safety_checker=True)
+    pipeline.save_pretrained(folder)
+    return str(folder)
+
+
+def test_images_the_safety_checker_flags_are_rejected_by_the_stage_not_passed_on(tmp_path, tiny_sd, tiny_adapter):
+    import pandas as pd
+
+    from factory.config import FactoryConfig
+    from stages.generate import Generate
+    from tests.factory.conftest import jpeg
+
+    flagging = with_safety_checker(tiny_sd, tmp_path / "sd-with-checker")
+    spec = make_spec(flagging, tiny_adapter).model_dump()
+    stage = Generate(FactoryConfig.model_validate({"generate": {"generators": {"ipa": spec}}}))
+    rows = pd.DataFrame({
+        "key": ["k0", "k1"], "unit": 0, "reference_id": "r0", "subject": "dog", "domain": "object",
+        "template": "a photo of {subject}", "instruction": "a photo of dog", "seed": [0, 1], "generator": "ipa",
+        "round": 0, "alpha": None, "w_id": None, "input_image": [jpeg(1, size=40)] * 2, "w_image": None,
+        "reject_stage": None, "reject_reason": None,
+    })
+
+    out = stage(rows)
+
+    assert list(out["reject_reason"]) == ["nsfw_flagged"] * 2 and list(out["reject_stage"]) == ["generate"] * 2
+    assert out["target_image"].isna().all()  # no blacked-out image is kept
+    assert all('"nsfw_flagged": true' in info for info in out["generator_info"])
+    assert stage.counters["rejected:nsfw_flagged"] == 2
