@@ -124,6 +124,23 @@ def generate_kind(inputs: Inputs) -> str:
     return mixed_kind(inputs.source["generate_finetune_s"], inputs.source["generate_sample_s"])
 
 
+def ip_adapter_seconds(inputs: Inputs, steps: int, image_size: int) -> tuple[float, str]:
+    """Seconds per IP-Adapter candidate and their source: the device's measured figures when it has
+    them, else SD steps at the image size (tuning-free: no fine-tuning)."""
+    if inputs.ip_adapter_sample_s is not None:
+        return inputs.ip_adapter_sample_s, inputs.source["ip_adapter_sample_s"]
+    scale = (image_size / 512) ** 2
+    return (steps * inputs.sd_step_s * scale,
+            f"derived: {steps} steps x {inputs.sd_step_s:g} s ({inputs.source['sd_step_s']}) "
+            f"x {scale:g} for {image_size} px, no fine-tuning")
+
+
+def bootstrap_generator(config: dict[str, Any]) -> dict[str, Any]:
+    """The spec of the generator a config snapshot's bootstrap drew with (empty when unnamed)."""
+    name = (config.get("plan") or {}).get("generator", "profusion")
+    return ((config.get("generate") or {}).get("generators") or {}).get(name) or {}
+
+
 def source_kind(source: str) -> str:
     """measured / paper / derived / assumed / config: the first word of a source (or several, joined by "+")."""
     word = source.replace(":", " ").replace("(", " ").split(" ", 1)[0]
@@ -438,8 +455,13 @@ def version_row(manifest: dict, device: str, entry: dict[str, Any] | None) -> di
         kinds = [source_kind(inputs.source["sid_sample_s"])]
     else:
         from_manifest(manifest, inputs, seconds="gpu" if entry is None else "never")
-        stages = stage_rows(inputs, inputs.generate_seconds(), inputs.pass_rate)
-        kinds = [generate_kind(inputs)]
+        spec = bootstrap_generator(config)
+        if spec.get("kind") == "ip_adapter" and not inputs.generate_candidates_per_s:  # not ProFusion's figures
+            seconds, source = ip_adapter_seconds(inputs, spec.get("steps", 50), spec.get("image_size", 512))
+            stages, kinds = stage_rows(inputs, seconds, inputs.pass_rate), [source_kind(source)]
+        else:
+            stages = stage_rows(inputs, inputs.generate_seconds(), inputs.pass_rate)
+            kinds = [generate_kind(inputs)]
     kinds += [source_kind(inputs.source[name]) for name in ("filter_candidates_per_s", "dialogue_tokens_per_s")]
     if entry is not None:  # a figure the device kind has no measurement of stays the paper's GPU's
         kinds = [kind if "measured" in kind else f"{kind}, {PAPER_GPU}" for kind in kinds]

@@ -20,6 +20,7 @@ from factory.cost import (
     Inputs,
     apply_device_figures,
     from_manifest,
+    ip_adapter_seconds,
     mixed_kind,
     read_figures,
     sid_from_manifest,
@@ -212,13 +213,8 @@ def generate_seconds(config: FactoryConfig, inputs: Inputs, generator: str) -> t
     kind = spec.kind if spec else "profusion"
     if kind == "cafe":
         return inputs.sid_sample_s, inputs.source["sid_sample_s"]
-    if kind == "ip_adapter" and inputs.ip_adapter_sample_s is not None:
-        return inputs.ip_adapter_sample_s, inputs.source["ip_adapter_sample_s"]
-    if kind == "ip_adapter":  # tuning-free: sampling only, an SD 1.5 UNet of SD2's size with CFG
-        scale = (spec.image_size / 512) ** 2
-        return (spec.steps * inputs.sd_step_s * scale,
-                f"derived: {spec.steps} steps x {inputs.sd_step_s:g} s ({inputs.source['sd_step_s']}) "
-                f"x {scale:g} for {spec.image_size} px, no fine-tuning")
+    if kind == "ip_adapter":
+        return ip_adapter_seconds(inputs, spec.steps, spec.image_size)
     if inputs.generate_candidates_per_s:
         return inputs.generate_seconds(), inputs.source["generate_candidates_per_s"]
     finetune, sample = inputs.source["generate_finetune_s"], inputs.source["generate_sample_s"]

@@ -253,3 +253,27 @@ def test_measured_ip_adapter_figures_price_its_steps_decode_and_shared_embedding
     generate = row(output, "generate")
     assert number(generate[3]) == pytest.approx(30 * 0.04 + 0.3 + 2.0 / 4, rel=1e-3)  # embedding shared by 4 jobs
     assert "[measured]" in " ".join(generate)
+
+
+def test_the_version_report_prices_an_ip_adapter_bootstrap_with_ip_adapter_figures(tmp_path):
+    from factory.cost import version_estimates
+
+    store_version(tmp_path, "boot", "bootstrap", generated=3_000, passed=207, gpu_seconds=0.0)
+    manifest = json.loads((tmp_path / layout.manifest("cafe", "boot")).read_text())
+    generators = {"ipa": {"kind": "ip_adapter", "steps": 30, "image_size": 512},
+                  "profusion": {"kind": "profusion", "steps": 50}}
+    manifest["config"] = {"plan": {"generator": "ipa", "jobs_per_reference": 4},
+                          "generate": {"num_gpus": 0, "generators": generators}}
+    figures = tmp_path / "figures.json"
+    measured = {"ip_adapter_sample_step_s": 0.04, "ip_adapter_decode_s": 0.3, "ip_adapter_reference_s": 2.0,
+                "profusion_sample_step_s": 9.0, "profusion_decode_s": 9.0}  # ProFusion's must not be used
+    write_device_figures({"measured": "2026-12-01", "figures": {
+        name: {"value": value, "source": "measured"} for name, value in measured.items()}}, "H200", figures)
+
+    paper, h200 = version_estimates(manifest, figures)
+
+    accepted_candidates = 1e6 / (207 / 3_000)
+    assert h200["stages"]["generate"] == pytest.approx(accepted_candidates * (30 * 0.04 + 0.3 + 2.0 / 4) / 3600)
+    assert h200["sources"]["generate"] == "measured"
+    assert paper["stages"]["generate"] == pytest.approx(accepted_candidates * 30 * 0.05 / 3600)  # SD steps, derived
+    assert paper["sources"]["generate"] == "derived"
