@@ -156,7 +156,8 @@ def test_check_inputs_lists_s3_models_before_any_work(tiny_dino, s3_bucket):
                  "filter.clip_pretrained=openai", "filter.clip_model_config=null",
                  "dialogue.model=hub/llm", "references.sources=[]",
                  "generate.generators.profusion.model=hub/sd", "generate.generators.profusion.checkpoint=null",
-                 "generate.generators.cafe.model=hub/sd"]
+                 "generate.generators.cafe.model=hub/sd", "generate.generators.ip_adapter.model=hub/sd",
+                 "generate.generators.ip_adapter.checkpoint=hub/ip-adapter"]
     check_inputs(load_config(None, overrides), "filter")  # present on S3: passes
     missing = load_config(None, [*overrides, f"dialogue.model=s3://{bucket}/models/no-llm"])
     with pytest.raises(ConfigError, match=r"dialogue\.model='s3://.*/models/no-llm': no objects"):
