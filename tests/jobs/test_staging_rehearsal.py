@@ -35,6 +35,7 @@ MODEL_FOLDERS = {  # demo model -> where staging.yaml names it
     "tiny-sd": "models/tiny-sd", "tiny-clip": "models/tiny-clip", "tiny-dino": "models/tiny-dino",
     "tiny-llama": "models/tiny-llama", "tiny-cafe-clip": "models/tiny-cafe-clip",
     "tiny-dinov2": "models/tiny-dinov2", "tiny-promptnet": "checkpoints/promptnet/tiny",
+    "tiny-ip-adapter": "models/tiny-ip-adapter",
 }
 
 

@@ -155,14 +155,14 @@ def test_a_missing_adapter_file_says_which(tiny_sd, tiny_adapter):
         build(make_spec(tiny_sd, tiny_adapter, weight_name="nothing.bin"))
 
 
-@pytest.mark.parametrize("config", ["demo", "production"])
+@pytest.mark.parametrize("config", ["demo", "production", "staging"])
 def test_the_shipped_configs_ip_adapter_specs_are_valid_and_not_selected(config):
     from pathlib import Path
 
     from factory.config import load_config
     from models.ip_adapter import IPAdapterOptions
 
-    path = None if config == "demo" else Path(__file__).resolve().parents[2] / "configs" / "production.yaml"
+    path = None if config == "demo" else Path(__file__).resolve().parents[2] / "configs" / f"{config}.yaml"
     loaded = load_config(path)
     spec = loaded.generate.generators["ip_adapter"]
     assert spec.kind == "ip_adapter" and spec.checkpoint
