@@ -7,10 +7,16 @@ and calls it once per reference with all that reference's jobs, so per-reference
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from PIL import Image
+from pydantic import BaseModel, ValidationError
+
+# without accelerate, diffusers falls back to full-memory loading anyway (and warns each time)
+DIFFUSERS_LOADING = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+Options = TypeVar("Options", bound=BaseModel)
 
 
 @dataclass
@@ -52,6 +58,23 @@ class EvaluationCounter:
     def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
         sample = args[0] if args else kwargs["sample"]
         self.rows += int(sample.shape[0])
+
+
+def parse_options(name: str, options_model: type[Options], options: dict[str, Any]) -> Options:
+    """A generator's `options`, validated; a ValueError naming the generator when they are not."""
+    try:
+        return options_model.model_validate(options)
+    except ValidationError as err:
+        raise ValueError(f"generator {name!r}: invalid options: {err}") from None
+
+
+def resolve_dtype(name: str, device: Any):
+    """An options `dtype` on `device`: half precision only on CUDA ("auto": float16); float32 on the CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return torch.float32
+    return torch.float16 if name == "auto" else getattr(torch, name)
 
 
 def pick_device(num_gpus: float) -> str:

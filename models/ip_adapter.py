@@ -12,22 +12,19 @@ instruction is sampled with plain classifier-free guidance.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from factory.models_cache import local_model, model_ref
-from models.base import EvaluationCounter, GenJob, GenResult
+from models.base import DIFFUSERS_LOADING, EvaluationCounter, GenJob, GenResult, parse_options, resolve_dtype
 
 if TYPE_CHECKING:
     from factory.config import GeneratorSpec
 
-# without accelerate, diffusers falls back to full-memory loading anyway (and warns each time)
-_LOADING = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
 
 
 class IPAdapterOptions(BaseModel):
@@ -59,14 +56,11 @@ class IPAdapterGenerator:
         self.name = name
         self.spec = spec
         self.storage = storage
-        try:
-            self.options = IPAdapterOptions.model_validate(spec.options)
-        except ValidationError as err:
-            raise ValueError(f"generator {name!r}: invalid options: {err}") from None
+        self.options = parse_options(name, IPAdapterOptions, spec.options)
         if not spec.checkpoint:
             raise ValueError(f"generator {name!r}: kind ip_adapter needs `checkpoint` (the IP-Adapter weights)")
         self.device = torch.device(device)
-        self.dtype = _resolve_dtype(self.options.dtype, self.device)
+        self.dtype = resolve_dtype(self.options.dtype, self.device)
         self.stats: dict[str, float] = {"references": 0, "images": 0}
         self.pipeline = self._load(spec)
         self.unet_evals = EvaluationCounter(self.pipeline.unet)
@@ -77,11 +71,11 @@ class IPAdapterGenerator:
         where = f"generate.generators.{self.name}"
         model = local_model(spec.model, self.storage, f"{where}.model")
         checkpoint = local_model(spec.checkpoint, self.storage, f"{where}.checkpoint")
-        pipeline = StableDiffusionPipeline.from_pretrained(model, dtype=self.dtype, **_LOADING)
+        pipeline = StableDiffusionPipeline.from_pretrained(model, dtype=self.dtype, **DIFFUSERS_LOADING)
         options = self.options
         try:
             pipeline.load_ip_adapter(checkpoint, subfolder=options.subfolder, weight_name=options.weight_name,
-                                     image_encoder_folder=options.image_encoder_folder, **_LOADING)
+                                     image_encoder_folder=options.image_encoder_folder, **DIFFUSERS_LOADING)
         except (OSError, ValueError, KeyError) as err:
             raise ValueError(
                 f"generator {self.name!r}: cannot load the IP-Adapter {options.subfolder}/{options.weight_name} "
@@ -195,9 +189,3 @@ class IPAdapterGenerator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Half precision only on CUDA; on the CPU everything runs in float32."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.float16 if name == "auto" else getattr(torch, name)

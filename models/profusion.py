@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import inspect
 import logging
 import math
@@ -34,10 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from factory.models_cache import local_model, model_ref
-from models.base import EvaluationCounter, GenJob, GenResult
+from models.base import DIFFUSERS_LOADING, EvaluationCounter, GenJob, GenResult, parse_options, resolve_dtype
 from models.promptnet import (
     IMAGE_ENCODER_FOLDER,
     PlaceholderPrompts,
@@ -53,8 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ATTENTION_PROJECTIONS = (".to_q.", ".to_k.", ".to_v.")
-# without accelerate, diffusers falls back to full-memory loading anyway (and warns each time)
-_LOADING = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
 PROFUSION_IMAGE_ENCODER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # ProFusion's PromptNet reads its vision tokens
 
 
@@ -96,12 +93,9 @@ class ProFusionGenerator:
         self.name = name
         self.spec = spec
         self.storage = storage
-        try:
-            self.options = ProFusionOptions.model_validate(spec.options)
-        except ValidationError as err:
-            raise ValueError(f"generator {name!r}: invalid options: {err}") from None
+        self.options = parse_options(name, ProFusionOptions, spec.options)
         self.device = torch.device(device)
-        self.dtype = _resolve_dtype(self.options.dtype, self.device)
+        self.dtype = resolve_dtype(self.options.dtype, self.device)
         self.stats: dict[str, float] = {"references": 0, "finetune_runs": 0, "finetune_seconds": 0.0, "images": 0}
         self._load(spec)
         self._check_sizes()
@@ -113,7 +107,7 @@ class ProFusionGenerator:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        frozen = dict(torch_dtype=self.dtype, **_LOADING)
+        frozen = dict(torch_dtype=self.dtype, **DIFFUSERS_LOADING)
         where = f"generate.generators.{self.name}"
         model = local_model(spec.model, self.storage, f"{where}.model")
         checkpoint = local_model(spec.checkpoint, self.storage, f"{where}.checkpoint")
@@ -147,7 +141,7 @@ class ProFusionGenerator:
             )
             image_dim = self.image_encoder.config.hidden_size if self.image_encoder is not None else None
             return PromptNet.from_unet(self.unet, embedding_dim=hidden, image_embed_dim=image_dim).float()
-        promptnet = PromptNet.from_pretrained(checkpoint, **_LOADING).float()
+        promptnet = PromptNet.from_pretrained(checkpoint, **DIFFUSERS_LOADING).float()
         if promptnet.config.embedding_dim != hidden:
             raise ValueError(
                 f"PromptNet {checkpoint} makes {promptnet.config.embedding_dim}-d embeddings "
@@ -571,12 +565,6 @@ def refine_step(latents: torch.Tensor, eps: torch.Tensor, alpha_t: float, alpha_
 
 # --- helpers ---------------------------------------------------------------------------
 
-
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Half precision only on CUDA (under autocast); on the CPU everything runs in float32."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.float16 if name == "auto" else getattr(torch, name)
 
 
 def _load_scheduler(model: str, choice: str):

@@ -221,14 +221,20 @@ def test_dry_run_prices_only_all_and_sid(published, capsys):
     assert "--dry-run prices --stage all or --stage sid" in capsys.readouterr().err
 
 
-def test_an_ip_adapter_bootstrap_is_priced_as_sampling_only(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def ip_adapter_bootstrap_config(tmp_path: Path) -> Path:
+    """A config whose bootstrap draws with a 30-step, 512-px IP-Adapter, 4 jobs per reference."""
     (tmp_path / "in").mkdir()
     config = write_config(tmp_path, plan={"jobs_per_reference": 4, "unit_size": 10, "generator": "ipa"})
     spec = yaml.safe_load(config.read_text())
     spec["generate"]["generators"]["ipa"] = {"kind": "ip_adapter", "model": "sd15", "checkpoint": "h94/IP-Adapter",
                                              "steps": 30, "image_size": 512}
     config.write_text(yaml.safe_dump(spec))
+    return config
+
+
+def test_an_ip_adapter_bootstrap_is_priced_as_sampling_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = ip_adapter_bootstrap_config(tmp_path)
     output = dry_run(capsys, "--stage", "all", "--config", str(config))
     generate = row(output, "generate")
     assert number(generate[3]) == pytest.approx(30 * 0.05)  # 30 steps x the assumed SD step, no fine-tuning
@@ -237,12 +243,7 @@ def test_an_ip_adapter_bootstrap_is_priced_as_sampling_only(tmp_path, monkeypatc
 
 def test_measured_ip_adapter_figures_price_its_steps_decode_and_shared_embedding(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "in").mkdir()
-    config = write_config(tmp_path, plan={"jobs_per_reference": 4, "unit_size": 10, "generator": "ipa"})
-    spec = yaml.safe_load(config.read_text())
-    spec["generate"]["generators"]["ipa"] = {"kind": "ip_adapter", "model": "sd15", "checkpoint": "h94/IP-Adapter",
-                                             "steps": 30, "image_size": 512}
-    config.write_text(yaml.safe_dump(spec))
+    config = ip_adapter_bootstrap_config(tmp_path)
     figures = tmp_path / "figures.json"
     entry = {"measured": "2026-12-01", "figures": {
         name: {"value": value, "source": "measured"} for name, value in {

@@ -1,5 +1,5 @@
-"""Fixtures for the LLM engines: a tiny random Llama chat model saved to disk, and a small
-OpenAI-compatible chat server on 127.0.0.1 that answers from a script."""
+"""Fixtures: the tiny SD pipeline the generators load, and for the LLM engines a tiny random Llama
+chat model saved to disk and a small OpenAI-compatible chat server on 127.0.0.1 that answers from a script."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> str:
+    """The tiny SD2-like pipeline folder (read only: tests that change a model save a copy)."""
+    from factory.tiny.sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
 @pytest.fixture(scope="session")

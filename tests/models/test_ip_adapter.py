@@ -11,18 +11,12 @@ from PIL import Image
 from factory.config import GeneratorSpec
 from factory.models_cache import model_ref
 from factory.tiny.ip_adapter import build_tiny_ip_adapter
-from factory.tiny.sd import build_tiny_sd
 from models.base import GenJob
 
 IMAGE_SIZE = 32
 STEPS = 3
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> str:
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from factory.config import GeneratorSpec
-from factory.tiny.sd import build_tiny_promptnet, build_tiny_sd
+from factory.tiny.sd import build_tiny_promptnet
 from models.base import GenJob
 
 IMAGE_SIZE = 32
@@ -18,11 +18,6 @@ FAST_OPTIONS = {"finetune_steps": 2, "finetune_views": 3, "finetune_batch_size":
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/models/conftest.py
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory) -> str:
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
 @pytest.fixture(scope="module")
