@@ -92,15 +92,10 @@ class Bench:
         print(line, flush=True)
 
 
-def synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(bench: Bench, work: Callable[[], Any]) -> tuple[Any, float]:
     """(result, seconds) of `work()`, with the garbage collector held off as timeit does."""
+    from models.base import synchronize
+
     synchronize(bench.device)
     collecting = gc.isenabled()
     gc.disable()
@@ -189,51 +184,41 @@ def run_profusion(bench: Bench, generator, jobs) -> dict[str, float]:
     with generator._tunable_unet_attention():
         with torch.no_grad():
             _, seconds["copy"] = timed(bench, lambda: copy.deepcopy(generator.promptnet))
-        with timing_views(bench, generator, seconds) as views:
+        with timing_calls(bench, generator, ("_encode_latents", "_image_tokens"), seconds, "view") as views:
             promptnet, seconds["finetune"] = timed(bench, lambda: generator.finetune(pixels))
         seconds["view"] /= bench.counts.finetune_views
-        latents, tokens = (None if views[name] is None else views[name][:1] for name in ("latents", "tokens"))
-        with torch.no_grad(), timing_decode(bench, generator, seconds):  # a view's encodings: the reference's shapes
+        # sampling reads one view's encodings (the reference's shapes); the decode timed is sampling's own
+        latents, tokens = (None if views[name] is None else views[name][:1] for name in ("_encode_latents",
+                                                                                          "_image_tokens"))
+        with torch.no_grad(), timing_calls(bench, generator, ("_decode",), seconds, "decode"):
             _, seconds["sample"] = timed(bench, lambda: generator._sample(promptnet, latents, tokens, jobs))
     return seconds
 
 
 @contextlib.contextmanager
-def timing_views(bench: Bench, generator, seconds: dict[str, float]):
-    """Time, and keep, the view encodings (VAE latents, ViT-H/14 tokens) the fine-tuning itself runs."""
+def timing_calls(bench: Bench, owner, names: tuple[str, ...], seconds: dict[str, float], key: str):
+    """Sum into `seconds[key]` the time of every call of `owner`'s methods `names` made inside the
+    block (work a part's own code runs, timed without running it again apart); yields the last
+    result of each, by name."""
     kept: dict[str, Any] = {}
-    seconds["view"] = 0.0
+    seconds[key] = 0.0
+    originals = {name: getattr(owner, name) for name in names}
 
-    def timing(name: str, encode):
-        def timed_encode(pixels):
-            kept[name], spent = timed(bench, lambda: encode(pixels))
-            seconds["view"] += spent
+    def timing(name: str, call):
+        def timed_call(*args, **kwargs):
+            kept[name], spent = timed(bench, lambda: call(*args, **kwargs))
+            seconds[key] += spent
             return kept[name]
 
-        return timed_encode
+        return timed_call
 
-    generator._encode_latents = timing("latents", generator._encode_latents)
-    generator._image_tokens = timing("tokens", generator._image_tokens)
+    for name, call in originals.items():
+        setattr(owner, name, timing(name, call))
     try:
         yield kept
     finally:
-        del generator._encode_latents, generator._image_tokens  # the class's methods again
-
-
-@contextlib.contextmanager
-def timing_decode(bench: Bench, generator, seconds: dict[str, float]):
-    """Time the VAE decode that sampling itself runs (so it is run once, not again apart)."""
-    decode = generator._decode
-
-    def timed_decode(latents):
-        images, seconds["decode"] = timed(bench, lambda: decode(latents))
-        return images
-
-    generator._decode = timed_decode
-    try:
-        yield
-    finally:
-        generator._decode = decode
+        for name, call in originals.items():
+            setattr(owner, name, call)
 
 
 def part_profusion(bench: Bench) -> None:
@@ -406,11 +391,12 @@ def part_ip_adapter(bench: Bench) -> None:
     jobs = [GenJob("a photo of {subject} on the beach", "dog", "a photo of a dog on the beach", seed)
             for seed in range(counts.batch)]
     seconds: dict[str, float] = {}
-    with torch.no_grad(), timing_vae_decode(bench, generator.pipeline.vae, seconds):
+    with torch.no_grad():
         if not counts.reduced:
             generator._sample(jobs, generator._image_embeds(reference_image(512)))  # warm-up
         embeds, seconds["reference"] = timed(bench, lambda: generator._image_embeds(reference_image(512)))
-        _, seconds["sample"] = timed(bench, lambda: generator._sample(jobs, embeds))
+        with timing_calls(bench, generator.pipeline.vae, ("decode",), seconds, "decode"):  # the pipeline's own
+            _, seconds["sample"] = timed(bench, lambda: generator._sample(jobs, embeds))
     step = (seconds["sample"] - seconds["decode"]) / counts.sample_steps / counts.batch
     bench.record("ip_adapter_reference_s", seconds["reference"],
                  "measured: ViT-H/14 image embedding, once per reference")
@@ -420,22 +406,6 @@ def part_ip_adapter(bench: Bench) -> None:
     per_candidate = production.steps * step + seconds["decode"] / counts.batch
     bench.say(f"  IP-Adapter at the production config: {per_candidate:.1f} s per candidate ({production.steps} steps) "
               f"+ {seconds['reference']:.1f} s per reference")
-
-
-@contextlib.contextmanager
-def timing_vae_decode(bench: Bench, vae, seconds: dict[str, float]):
-    """Time the VAE decode the pipeline runs inside its call (the last one counts)."""
-    decode = vae.decode
-
-    def timed_decode(*args, **kwargs):
-        result, seconds["decode"] = timed(bench, lambda: decode(*args, **kwargs))
-        return result
-
-    vae.decode = timed_decode
-    try:
-        yield
-    finally:
-        vae.decode = decode
 
 
 # --- the filter -----------------------------------------------------------------------------

@@ -77,6 +77,14 @@ def resolve_dtype(name: str, device: Any):
     return torch.float16 if name == "auto" else getattr(torch, name)
 
 
+def synchronize(device: Any) -> None:
+    """Wait for `device`'s queued work (CUDA runs asynchronously), so a timer reads the work's end."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def pick_device(num_gpus: float) -> str:
     """CUDA when the actor was given GPUs and one is visible, else the CPU."""
     import torch

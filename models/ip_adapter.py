@@ -20,7 +20,15 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from factory.models_cache import local_model, model_ref
-from models.base import DIFFUSERS_LOADING, EvaluationCounter, GenJob, GenResult, parse_options, resolve_dtype
+from models.base import (
+    DIFFUSERS_LOADING,
+    EvaluationCounter,
+    GenJob,
+    GenResult,
+    parse_options,
+    resolve_dtype,
+    synchronize,
+)
 
 if TYPE_CHECKING:
     from factory.config import GeneratorSpec
@@ -130,7 +138,7 @@ class IPAdapterGenerator:
                 batch = jobs[start : start + self.options.batch_size]
                 batch_started, batch_evals = time.perf_counter(), self.unet_evals.rows
                 images, flagged = self._sample(batch, embeds)
-                self._synchronize()
+                synchronize(self.device)
                 seconds = (time.perf_counter() - batch_started) / len(batch)
                 evals = (self.unet_evals.rows - batch_evals) / len(batch)
                 for job, image, nsfw in zip(batch, images, flagged):
@@ -185,7 +193,4 @@ class IPAdapterGenerator:
             "device": str(self.device),
         }
 
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 

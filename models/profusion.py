@@ -36,7 +36,15 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from factory.models_cache import local_model, model_ref
-from models.base import DIFFUSERS_LOADING, EvaluationCounter, GenJob, GenResult, parse_options, resolve_dtype
+from models.base import (
+    DIFFUSERS_LOADING,
+    EvaluationCounter,
+    GenJob,
+    GenResult,
+    parse_options,
+    resolve_dtype,
+    synchronize,
+)
 from models.promptnet import (
     IMAGE_ENCODER_FOLDER,
     PlaceholderPrompts,
@@ -200,7 +208,7 @@ class ProFusionGenerator:
                     batch = jobs[start : start + self.options.batch_size]
                     batch_started, batch_evals = time.perf_counter(), self.unet_evals.rows
                     images = self._sample(promptnet, reference_latents, reference_tokens, batch)
-                    self._synchronize()
+                    synchronize(self.device)
                     sampling = Work(time.perf_counter() - batch_started, self.unet_evals.rows - batch_evals)
                     for job, image in zip(batch, images):
                         results.append(GenResult(image, self._info(job, finetune, sampling.share(len(batch)))))
@@ -257,7 +265,7 @@ class ProFusionGenerator:
             source_tokens = None if tokens is None else tokens[source]
             step(self.diffusion_loss(promptnet, latents[source], source_tokens, latents[target], prompt, rng))
         promptnet.requires_grad_(False).eval()
-        self._synchronize()
+        synchronize(self.device)
         self.stats["finetune_seconds"] += time.perf_counter() - started
         return promptnet
 
@@ -397,9 +405,6 @@ class ProFusionGenerator:
         size = (self.spec.image_size, self.spec.image_size)
         return [_sized(Image.fromarray(array), size) for array in arrays]
 
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def _autocast(self):
         if self.device.type == "cuda" and self.dtype != torch.float32:
