@@ -64,6 +64,8 @@ class FaultProxy:
         self.storm: tuple[random.Random, float, tuple[str, ...], float] | None = None
         self.log: list[tuple[str, str, str]] = []
         self.lock = threading.Lock()
+        self.in_flight = 0
+        self.idle = threading.Condition(self.lock)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -93,6 +95,13 @@ class FaultProxy:
     def clear(self) -> None:
         with self.lock:
             self.rules, self.storm = [], None
+
+    def wait_idle(self, timeout_s: float = 30.0) -> None:
+        """Wait until every request the proxy took has been answered or dropped (a `slow` one is
+        forwarded after its delay, possibly after the client has moved on)."""
+        with self.idle:
+            if not self.idle.wait_for(lambda: self.in_flight == 0, timeout=timeout_s):
+                raise TimeoutError(f"{self.in_flight} request(s) still held by the fault proxy after {timeout_s} s")
 
     def injected(self) -> list[tuple[str, str, str]]:
         return [entry for entry in self.log if entry[2] != "ok"]
@@ -129,10 +138,15 @@ class FaultProxy:
                 outcome = fault.kind if fault else "ok"
                 with proxy.lock:
                     proxy.log.append((self.command, self.path, outcome))
+                    proxy.in_flight += 1
                 try:
                     self.answer(fault, body)
                 except OSError:  # the client gave up (its read timeout): nothing to answer
                     self.close_connection = True
+                finally:
+                    with proxy.idle:
+                        proxy.in_flight -= 1
+                        proxy.idle.notify_all()
 
             def answer(self, fault: Fault | None, body: bytes) -> None:
                 if fault is None:
