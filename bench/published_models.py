@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,42 @@ def build(name: str, tiny: bool = False):
     config = model_config(name, tiny)
     builder = {"diffusers": build_diffusers, "transformers": build_transformers, "open_clip": build_open_clip}
     return builder[spec["library"]](spec["class"], config)
+
+
+def filled(construct: Callable[[], Any], seed: int = 0):
+    """`construct()` without the library's initialisers: parameters are declared on the meta
+    device (buffers stay real), then allocated and filled with noise scaled by 1/sqrt(fan-in)
+    (biases 0, other vectors 1). The initialisers are most of a paper-size build's time on a
+    CPU (DINOv2-giant's ~45 s on 2 cores, against ~11 s); speed does not depend on the values,
+    and these keep activations finite."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = construct()
+    fill_noise(model, seed)
+    return model
+
+
+def fill_noise(model, seed: int = 0, block_size: int = 1 << 20) -> None:
+    """Allocate every meta parameter of `model` on the CPU, filled from one block of normal noise
+    (tiled, each parameter from its own offset) at memory-copy speed."""
+    import torch
+
+    block = torch.randn(2 * block_size, generator=torch.Generator().manual_seed(seed))
+    for index, module in enumerate(model.modules()):
+        for name, param in list(module._parameters.items()):
+            if param is None or param.device.type != "meta":
+                continue
+            values = torch.empty(param.shape, dtype=param.dtype)
+            if param.dim() == 1:
+                values.fill_(0.0 if name.endswith("bias") else 1.0)
+            else:
+                flat, offset = values.view(-1), (index * 7919) % block_size
+                for start in range(0, flat.numel(), block_size):
+                    chunk = min(block_size, flat.numel() - start)
+                    flat[start:start + chunk] = block[offset:offset + chunk]
+                values.mul_(param[0].numel() ** -0.5)
+            module._parameters[name] = torch.nn.Parameter(values, requires_grad=param.requires_grad)
 
 
 def build_diffusers(class_name: str, config: dict[str, Any]):

@@ -111,8 +111,9 @@ def timed(bench: Bench, work: Callable[[], Any]) -> tuple[Any, float]:
 
 def build(name: str, bench: Bench, dtype=None):
     from bench.published_models import build as build_random
+    from bench.published_models import filled
 
-    model = build_random(name, tiny=bench.counts.tiny)
+    model = filled(lambda: build_random(name, tiny=bench.counts.tiny))
     return model.to(bench.device, dtype) if dtype is not None else model.to(bench.device)
 
 
@@ -149,6 +150,7 @@ def random_profusion(bench: Bench, spec):
         def _load(self, spec) -> None:
             from diffusers import DDPMScheduler
 
+            from bench.published_models import filled
             from factory.tiny.sd import _sd2_ddim_scheduler, build_tiny_clip_tokenizer
             from models.promptnet import PlaceholderPrompts, PromptNet
 
@@ -160,8 +162,9 @@ def random_profusion(bench: Bench, spec):
             self.scheduler = _sd2_ddim_scheduler()
             self.noise_scheduler = DDPMScheduler.from_config(self.scheduler.config)
             self.image_encoder = build("clip_vit_h14_vision", bench, self.dtype)
-            self.promptnet = PromptNet.from_unet(self.unet, embedding_dim=self.text_encoder.config.hidden_size,
-                                                 image_embed_dim=self.image_encoder.config.hidden_size).float()
+            self.promptnet = filled(lambda: PromptNet.from_unet(
+                self.unet, embedding_dim=self.text_encoder.config.hidden_size,
+                image_embed_dim=self.image_encoder.config.hidden_size)).float()
             for module in (self.vae, self.unet, self.text_encoder, self.image_encoder, self.promptnet):
                 module.requires_grad_(False).eval().to(self.device)
             self.prompts = PlaceholderPrompts(tokenizer, self.text_encoder)
@@ -286,13 +289,14 @@ def random_encoders(bench: Bench, dtype):
 def cafe_models(bench: Bench) -> dict[str, Any]:
     """G, its encoders and the VAE, built once for the sampling and the training parts."""
     if "cafe" not in bench.shared:
-        from bench.published_models import model_config
+        from bench.published_models import filled, model_config
         from models.cafe import CafeUNet, _dtype
 
         dtype = _dtype(bench.config.generate.generators["cafe"].options.get("dtype"), bench.device)
         encoders = random_encoders(bench, dtype)
-        model = CafeUNet(unet_config=model_config("sd2_unet", bench.counts.tiny),
-                         clip_dim=encoders.clip.config.projection_dim, dino_dim=encoders.dino.config.hidden_size)
+        model = filled(lambda: CafeUNet(unet_config=model_config("sd2_unet", bench.counts.tiny),
+                                                clip_dim=encoders.clip.config.projection_dim,
+                                                dino_dim=encoders.dino.config.hidden_size))
         prepare_unet(model.unet, bench)
         bench.shared["cafe"] = {"model": model.to(bench.device, dtype).eval(), "encoders": encoders,
                                 "vae": build("sd2_vae", bench, dtype).eval(), "dtype": dtype}
@@ -340,11 +344,35 @@ def part_cafe(bench: Bench) -> None:
 
 
 def shared_decode(bench: Bench) -> tuple[float | None, str]:
-    """On a CPU, G's decode is ProFusion's (the same SD2 VAE at the same size and dtype): reused,
-    not run again (a 512-px decode is a minute there). On CUDA each part times its own."""
+    """On a CPU, G's and IP-Adapter's decode is ProFusion's (the same SD VAE architecture at the same
+    size and dtype): reused, not run again (a 512-px decode is 20-30 s there). On CUDA each part
+    times its own."""
     if not bench.counts.reduced or "profusion_decode_s" not in bench.figures:
         return None, ""
-    return bench.figures["profusion_decode_s"]["value"], "measured in [profusion]: the same SD2 VAE decode"
+    return bench.figures["profusion_decode_s"]["value"], "measured in [profusion]: the same SD VAE decode"
+
+
+@contextlib.contextmanager
+def blank_decode(vae, seconds: dict[str, float], key: str):
+    """Inside the block `vae.decode` returns black images of the decoded shape at once (its time is
+    taken from `shared_decode`); `seconds[key]` stays 0, so the caller subtracts nothing."""
+    import torch
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    seconds[key] = 0.0
+
+    def decode(latents, return_dict=True, **_):
+        batch, _, height, width = latents.shape
+        images = torch.zeros(batch, vae.config.out_channels, height * factor, width * factor,
+                             device=latents.device, dtype=latents.dtype)
+        return DecoderOutput(sample=images) if return_dict else (images,)
+
+    vae.decode = decode
+    try:
+        yield
+    finally:
+        del vae.decode
 
 
 # --- IP-Adapter -----------------------------------------------------------------------------
@@ -395,15 +423,20 @@ def part_ip_adapter(bench: Bench) -> None:
         if not counts.reduced:
             generator._sample(jobs, generator._image_embeds(reference_image(512)))  # warm-up
         embeds, seconds["reference"] = timed(bench, lambda: generator._image_embeds(reference_image(512)))
-        with timing_calls(bench, generator.pipeline.vae, ("decode",), seconds, "decode"):  # the pipeline's own
+        decode_s, decode_how = shared_decode(bench)
+        vae = generator.pipeline.vae
+        with (timing_calls(bench, vae, ("decode",), seconds, "decode") if decode_s is None  # the pipeline's own
+              else blank_decode(vae, seconds, "decode")):
             _, seconds["sample"] = timed(bench, lambda: generator._sample(jobs, embeds))
+    if decode_s is None:
+        decode_s, decode_how = seconds["decode"] / counts.batch, "measured: VAE decode per candidate"
     step = (seconds["sample"] - seconds["decode"]) / counts.sample_steps / counts.batch
     bench.record("ip_adapter_reference_s", seconds["reference"],
                  "measured: ViT-H/14 image embedding, once per reference")
     bench.record("ip_adapter_sample_step_s", step, f"{'measured' if not counts.reduced else 'reduced'}: "
                  f"{counts.sample_steps} step(s) x 2 UNet rows (CFG), {counts.batch} per batch, per step per candidate")
-    bench.record("ip_adapter_decode_s", seconds["decode"] / counts.batch, "measured: VAE decode per candidate")
-    per_candidate = production.steps * step + seconds["decode"] / counts.batch
+    bench.record("ip_adapter_decode_s", decode_s, decode_how)
+    per_candidate = production.steps * step + decode_s
     bench.say(f"  IP-Adapter at the production config: {per_candidate:.1f} s per candidate ({production.steps} steps) "
               f"+ {seconds['reference']:.1f} s per reference")
 
@@ -534,14 +567,14 @@ def assistant_model(bench: Bench, layers: int):
     """`models.assistant.CafeAssistant` over a random Llama-2-13B (its first `layers` layers)."""
     import torch
 
-    from bench.published_models import build_transformers, model_config
+    from bench.published_models import build_transformers, filled, model_config
     from factory.tiny.llama import build_tiny_tokenizer
     from models.assistant import CafeAssistant
 
     config = model_config("llama2_13b", bench.counts.tiny)
     config["num_hidden_layers"] = layers
     dtype = torch.bfloat16 if bench.device.type == "cuda" else torch.float32
-    llm = build_transformers("LlamaForCausalLM", config).to(bench.device, dtype)
+    llm = filled(lambda: build_transformers("LlamaForCausalLM", config)).to(bench.device, dtype)
     dims = {"clip_dim": 24 if bench.counts.tiny else 768, "dino_dim": 48 if bench.counts.tiny else 1536}
     return CafeAssistant(llm, build_tiny_tokenizer(), {**dims, "max_text_tokens": 256}).to(bench.device)
 

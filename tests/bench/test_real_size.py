@@ -57,6 +57,9 @@ def test_bench_runs_end_to_end_on_tiny_models_and_the_dry_run_prices_with_its_fi
     for name, figure in entry["figures"].items():
         assert figure["value"] > 0, name
         assert figure["source"] in ("measured", "measured, extrapolated") and figure["note"], name
+    for reuser in ("cafe_decode_s", "ip_adapter_decode_s"):  # a reduced run decodes once, in [profusion]
+        assert entry["figures"][reuser]["value"] == entry["figures"]["profusion_decode_s"]["value"]
+        assert entry["figures"][reuser]["note"].startswith("measured in [profusion]")
 
     monkeypatch.chdir(tmp_path)
     assert run_main(["--stage", "all", "--dry-run", "--device-kind", "cpu (tiny models)", "--figures",
@@ -77,6 +80,26 @@ def test_the_unreduced_path_a_gpu_takes_runs_on_tiny_models(one_torch_thread):
     bench = Bench(torch.device("cpu"), "cpu (tiny models)", counts, load_config(PRODUCTION_CONFIG))
     run_parts(bench, list(PARTS))
     assert bench.figures["train_assistant_sample_s"]["source"] == "measured"  # all layers ran
+    for part in ("cafe", "ip_adapter"):  # each times its own decode
+        assert bench.figures[f"{part}_decode_s"]["note"] == "measured: VAE decode per candidate"
     assert "AdamW on" not in bench.figures["train_generator_sample_s"]["note"]  # every parameter stepped
     assert bench.figures["profusion_finetune_step_s"]["source"] == "measured"  # the configured batch of 2
     assert all(figure["value"] > 0 for figure in bench.figures.values())
+
+
+@pytest.mark.parametrize("name", ["sd2_unet", "dinov2_giant", "clip_vit_h14_vision", "llama2_13b"])
+def test_filled_models_are_the_library_build_with_every_weight_allocated_and_finite(name):
+    """`filled` skips the library's initialisers (most of a paper-size build's time on a CPU) and
+    leaves no meta tensor behind, noise in the matrices, zero biases."""
+    from bench.published_models import filled
+
+    model = filled(lambda: build(name, tiny=True))
+    library = build(name, tiny=True)
+    assert type(model) is type(library)
+    assert [(n, p.shape) for n, p in model.named_parameters()] == [(n, p.shape) for n, p in library.named_parameters()]
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert all(t.device.type == "cpu" and torch.isfinite(t).all() for t in tensors.values())
+    matrices = [p for p in model.parameters() if p.dim() > 1]
+    assert all(p.std() > 0 for p in matrices)
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    assert all((p == 0).all() for p in biases)  # Llama has none
