@@ -57,6 +57,13 @@ def looks_local(value: str | None) -> bool:
     return bool(value) and value.startswith(("/", "./", "../", "~"))
 
 
+def loaded_generators(config: FactoryConfig, stage: str) -> list[str]:
+    """The configured generators the stage draws with (the others are alternatives it never loads)."""
+    name = {"generate": config.plan.generator, "all": config.plan.generator,
+            "promptnet": config.promptnet.generator, "sid": config.sid.generator}.get(stage)
+    return [name] if name in config.generate.generators else []
+
+
 def model_settings(config: FactoryConfig, stage: str) -> dict[str, str | None]:
     """Every model setting the stage will load, by config key."""
     keys = {"filter.clip_pretrained": config.filter.clip_pretrained,
@@ -66,7 +73,8 @@ def model_settings(config: FactoryConfig, stage: str) -> dict[str, str | None]:
         keys["dialogue.model"] = config.dialogue.model
     if any(source.kind == "generated" for source in config.references.sources):
         keys["references.sd_model"] = config.references.sd_model
-    for name, spec in config.generate.generators.items():
+    for name in loaded_generators(config, stage):
+        spec = config.generate.generators[name]
         keys[f"generate.generators.{name}.model"] = spec.model
         if stage != "promptnet":  # which writes it
             keys[f"generate.generators.{name}.checkpoint"] = spec.checkpoint

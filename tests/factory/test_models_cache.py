@@ -173,3 +173,19 @@ def test_the_manifest_names_an_s3_model_by_url_and_etag_digest(tiny_dino, s3_buc
     named = model_fingerprint(url, settings)
     assert named == {"source": url, "etag_sha256": describe_s3(url, settings).digest}
     assert len(named["etag_sha256"]) == 64
+
+
+def test_check_inputs_checks_only_the_generator_the_stage_draws_with(tmp_path):
+    """A night that draws with ProFusion is not refused for an IP-Adapter it never loads."""
+    from factory.config import ConfigError, load_config
+    from factory.run import check_inputs
+
+    overrides = ["filter.clip_pretrained=openai", "filter.clip_model_config=null", "filter.dino_model=hub/dino",
+                 "dialogue.model=hub/llm", "references.sources=[]",
+                 f"generate.generators.profusion.model={tmp_path}", "generate.generators.profusion.checkpoint=hub/pn",
+                 f"generate.generators.ip_adapter.model={tmp_path / 'no-sd15-here'}"]
+    check_inputs(load_config(None, overrides), "generate")
+    drawing_with_the_adapter = load_config(None, [*overrides, "plan.generator=ip_adapter"])
+    with pytest.raises(ConfigError, match=r"generate\.generators\.ip_adapter\.model: .*no-sd15-here does not exist"):
+        check_inputs(drawing_with_the_adapter, "generate")
+    check_inputs(drawing_with_the_adapter, "filter")  # loads no generator
