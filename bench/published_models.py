@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -47,7 +48,9 @@ def filled(construct: Callable[[], Any], seed: int = 0):
     and these keep activations finite."""
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+        # a constructor that copies weights in (PromptNet.from_unet) copies into meta: a no-op, then filled
+        warnings.filterwarnings("ignore", message=".*to a meta parameter in the current model, which is a no-op")
         model = construct()
     fill_noise(model, seed)
     return model

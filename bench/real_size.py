@@ -125,7 +125,7 @@ def prepare_unet(unet, bench: Bench):
         return unet
     unet.to(memory_format=torch.channels_last)
     if bench.compile:
-        unet.forward = torch.compile(unet.forward)
+        unet.forward = torch.compile(unet.forward, dynamic=False)  # a shape per part (sampling, training)
     return unet
 
 
