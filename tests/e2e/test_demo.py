@@ -1,7 +1,6 @@
 """The embedded demo, run exactly as the README says: `python -m factory.run --stage all`."""
 
 import json
-import os
 
 import pytest
 
@@ -44,12 +43,11 @@ def test_rerun_publishes_nothing_new_and_says_so(demo):
     assert after == before
 
 
-def test_the_demo_in_another_folder_publishes_byte_identical_shards(demo, tmp_path_factory):
+def test_the_demo_in_another_folder_publishes_byte_identical_shards(demo, machine_cache, tmp_path_factory):
     """`ray job submit --working-dir` unpacks every submission into a new folder: the data must not notice."""
     cwd, _ = demo
     elsewhere = tmp_path_factory.mktemp("elsewhere") / "a" / "deeper" / "folder"
     elsewhere.mkdir(parents=True)
-    machine_cache = {key: value for key, value in os.environ.items() if key != "FACTORY_MODEL_CACHE"}
     result = run_cli(elsewhere, "--stage", "all", env=machine_cache)  # the demo fixture's SmolLM2 conversion
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = (json.loads((folder / "factory-data/datasets/demo/demo/manifest.json").read_text())

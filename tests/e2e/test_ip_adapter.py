@@ -14,9 +14,9 @@ pytestmark = pytest.mark.slow  # about a minute on 2 CPU cores, most of it Ray's
 EVERYTHING_PASSES = ("--set", "filter.thresholds.clip_t=-1", "--set", "filter.thresholds.dino=-1")
 
 
-def test_the_demo_publishes_samples_drawn_by_the_ip_adapter(tmp_path):
+def test_the_demo_publishes_samples_drawn_by_the_ip_adapter(tmp_path, machine_cache):
     result = run_cli(tmp_path, "--stage", "all", "--set", "plan.generator=ip_adapter", "--set", "plan.total_jobs=4",
-                     *EVERYTHING_PASSES)
+                     *EVERYTHING_PASSES, env=machine_cache)  # SmolLM2 copied from the session's conversion
     assert result.returncode == 0, result.stderr[-3000:]
 
     storage = open_storage(StorageConfig(root=str(tmp_path / "factory-data")))

@@ -254,3 +254,28 @@ def test_train_on_ray_reads_every_sample_once_per_epoch(ray_cluster, tmp_path, t
     manifest = load_manifest(storage, "tiny", "v1")
     per_worker = 2  # global batch 4 over 2 workers
     assert result["step"] == sum(EpochPlan.build(manifest, 2, e, 0).steps(per_worker) for e in range(epochs))
+
+
+def test_a_finished_run_returns_its_checkpoint_without_training_again(tmp_path, tiny, monkeypatch):
+    """A resubmitted night finds its finished fine-tune and starts no training for it (no Ray Train
+    run, no model loaded); with other settings (more steps) the loop resumes it as before."""
+    import ray
+
+    import models.training.runner as runner
+    from factory.context import RunContext
+    from stages.train import train_generator_on
+
+    storage_config = StorageConfig(root=str(tmp_path / "root"))
+    storage = open_storage(storage_config)
+    publish(storage)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # in this process, even after a Ray test
+    trained, train_in_process = [], runner.train_in_process
+    monkeypatch.setattr(runner, "train_in_process",
+                        lambda job, storage: trained.append(job.train["max_steps"]) or train_in_process(job, storage))
+    ctx = RunContext(make_config(storage_config, tiny, "night", max_steps=1), storage)
+    first = train_generator_on(ctx, "v1")
+    assert train_generator_on(ctx, "v1") == first and trained == [1]
+    longer = RunContext(make_config(storage_config, tiny, "night", max_steps=2), storage)
+    resumed = train_generator_on(longer, "v1")
+    assert trained == [1, 2] and resumed != first
+    assert json.loads((Path(resumed).parent / "meta.json").read_text())["step"] == 2
