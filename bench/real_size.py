@@ -18,7 +18,9 @@ On CUDA the production config's counts run (steps, fine-tuning steps, batch size
 warm-up. On a CPU a reduced count runs (one denoising step, one fine-tuning step, one
 candidate, the assistant's LLM at 1 and 2 of its 40 layers) and each figure is extrapolated per
 step, per view or per layer; every printed line says what ran and how it was scaled. On a CPU,
-G reuses ProFusion's 512-px VAE decode figure (the same VAE) rather than running it again.
+G and IP-Adapter reuse ProFusion's 512-px VAE decode figure (the same VAE architecture) rather
+than running it again. Weights are noise, filled without the libraries' initialisers (on a CPU
+those take longer than the timed work for DINOv2-giant); --compile compiles a static shape per part.
 
 Writes the per-step figures for this device kind into factory/cost_figures.json (read by
 `python -m factory.run --dry-run --device-kind KIND` and the version report) and appends a
