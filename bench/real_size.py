@@ -297,8 +297,8 @@ def cafe_models(bench: Bench) -> dict[str, Any]:
         dtype = _dtype(bench.config.generate.generators["cafe"].options.get("dtype"), bench.device)
         encoders = random_encoders(bench, dtype)
         model = filled(lambda: CafeUNet(unet_config=model_config("sd2_unet", bench.counts.tiny),
-                                                clip_dim=encoders.clip.config.projection_dim,
-                                                dino_dim=encoders.dino.config.hidden_size))
+                                        clip_dim=encoders.clip.config.projection_dim,
+                                        dino_dim=encoders.dino.config.hidden_size))
         prepare_unet(model.unet, bench)
         bench.shared["cafe"] = {"model": model.to(bench.device, dtype).eval(), "encoders": encoders,
                                 "vae": build("sd2_vae", bench, dtype).eval(), "dtype": dtype}

@@ -3,17 +3,15 @@ process (one worker, no Ray). The train stage and SID's fine-tuning call these."
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from factory import layout
-from factory.checkpoints import latest_checkpoint, model_folder
+from factory.checkpoints import model_folder
 from factory.config import FactoryConfig, PromptNetConfig, StorageConfig, TrainConfig
 from factory.context import RunContext
 from factory.storage import Storage, open_storage
 from models.training.job import TrainJob, make_job
-from models.training.loop import Worker, summary, train_loop
+from models.training.loop import Worker, finished_run, summary, train_loop
 
 if TYPE_CHECKING:
     from ray.train import ScalingConfig
@@ -103,22 +101,6 @@ def train_model_on(ctx: RunContext, model: str, version: str, init_from: str | N
     else:
         result = train_in_process(job, ctx.storage)
     return model_folder(ctx.storage, result["checkpoint"])
-
-
-def finished_run(storage: Storage, job: TrainJob, world: int) -> bool:
-    """Whether `train_loop` would train no step more: the run's last checkpoint was taken with the
-    same settings and number of workers (so on the same epoch plan: a version never changes) after
-    its last epoch or at `max_steps`. A resubmitted SID night then skips starting Ray Train and
-    loading the model only to find that (half a minute on 2 CPU cores, per fine-tune)."""
-    settings = job.settings
-    folder = latest_checkpoint(storage, job.model, job.run_id) if settings.resume else None
-    if folder is None:
-        return False
-    meta = json.loads(storage.read_bytes(layout.checkpoint_meta(folder)))
-    if (meta.get("version"), meta.get("train"), meta.get("world_size")) != (job.version, job.train, world):
-        return False  # the loop decides (and refuses a run trained on another version)
-    return meta["epochs_completed"] >= settings.epochs or (
-        settings.max_steps is not None and meta["step"] >= settings.max_steps)
 
 
 def train_in_process(job: TrainJob, storage: Storage, device: str | None = None) -> dict[str, Any]:
