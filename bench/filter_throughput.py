@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 import pandas as pd  # noqa: E402
 
 from bench.synthetic import photo_like_jpeg  # noqa: E402
-from factory.config import FactoryConfig  # noqa: E402
+from factory.framework.config import FactoryConfig  # noqa: E402
 from factory.tiny.dino import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from stages.filter import Filter  # noqa: E402
 
@@ -127,7 +127,7 @@ class Reference:
         """Forward passes alone on tensors prepared beforehand; (wall, CPU) seconds."""
         import torch
 
-        from factory.images import decode_image
+        from factory.framework.images import decode_image
 
         clip, dino, rows = self.stage.clip, self.stage.dino, self.rows
         targets = [decode_image(data) for data in rows["target_image"]]

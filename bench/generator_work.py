@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from factory.config import load_config
+    from factory.framework.config import load_config
 
     for library in (diffusers_logging, transformers_logging):  # load reports of the tiny models: noise here
         library.set_verbosity_error()

@@ -5,9 +5,9 @@
 Both sides run generate -> filter -> dialogue (the same `UnitWorker` code) on the same plan
 (drawn twice from the same config under two fresh run ids, checked equal), in one run:
 
-- loop: `factory.pipeline.run_steps_inline` in a fresh Python process, timed from process
+- loop: `factory.framework.executor.run_steps_inline` in a fresh Python process, timed from process
   start to exit (imports and model loads included);
-- pipeline: `factory.pipeline.run_steps` on a local Ray cluster started beforehand (its
+- pipeline: `factory.framework.executor.run_steps` on a local Ray cluster started beforehand (its
   start is not counted: a production cluster is already up), timed around the call (actor
   start, imports and model loads included).
 
@@ -49,7 +49,7 @@ SCRIPT = Path(__file__).resolve()
 REPO = SCRIPT.parents[1]
 sys.path.insert(0, str(REPO))
 
-from factory.config import FactoryConfig, load_config, validate_config  # noqa: E402
+from factory.framework.config import FactoryConfig, load_config, validate_config  # noqa: E402
 
 STEP_NAMES = ("generate", "filter", "dialogue")
 PROFUSION = "generate.generators.profusion"
@@ -192,7 +192,7 @@ class Side:
 
 def unit_timeline(ctx, stage: str, started: float) -> list[dict]:
     """When each unit's file of `stage` was written (seconds after `started`) and its stage seconds."""
-    from factory.units import finished_units, read_unit
+    from factory.framework.units import finished_units, read_unit
 
     rows = []
     for unit in sorted(finished_units(ctx.storage, ctx.config.run_id, stage)):
@@ -206,7 +206,7 @@ def unit_timeline(ctx, stage: str, started: float) -> list[dict]:
 def final_outputs(ctx) -> dict[str, tuple]:
     import pandas as pd
 
-    from factory.units import finished_units, read_unit
+    from factory.framework.units import finished_units, read_unit
 
     units = sorted(finished_units(ctx.storage, ctx.config.run_id, STEP_NAMES[-1]))
     run = ctx.config.run_id
@@ -231,12 +231,11 @@ def loop_child(config_path: str) -> None:
     started = time.perf_counter()
     import torch
 
-    from factory.context import RunContext
-    from factory.pipeline import STEPS, run_steps_inline
+    from factory.framework.context import RunContext
+    from factory.framework.executor import run_steps_inline
+    from factory.run import UNIT_STEPS  # imports the stage modules (torch, diffusers, transformers, open_clip)
 
-    steps = [STEPS[name] for name in STEP_NAMES]
-    for step in steps:
-        step.stage_class()  # import the stage modules (torch, diffusers, transformers, open_clip)
+    steps = [step for step in UNIT_STEPS if step.name in STEP_NAMES]
     imported = time.perf_counter() - started
     config = validate_config(json.loads(Path(config_path).read_text()))
     summary = run_steps_inline(RunContext(config), steps)
@@ -246,7 +245,7 @@ def loop_child(config_path: str) -> None:
 
 
 def run_loop(config: FactoryConfig, workdir: Path, threads: int) -> tuple[Side, dict]:
-    from factory.context import RunContext
+    from factory.framework.context import RunContext
 
     config_path = workdir / f"{config.run_id}.json"
     config_path.write_text(json.dumps(config.snapshot()))
@@ -305,14 +304,15 @@ def actor_threads(config: FactoryConfig) -> str:
 
 
 def run_pipeline(config: FactoryConfig) -> Side:
-    from factory.context import RunContext
-    from factory.pipeline import STEPS, run_steps
+    from factory.framework.context import RunContext
+    from factory.framework.executor import run_steps
+    from factory.run import UNIT_STEPS
 
     ctx = RunContext(config)
     load_before = os.getloadavg()[0]
     started, clock = time.time(), time.perf_counter()
     with TreeCpuMeter() as meter:
-        summary = run_steps(ctx, [STEPS[name] for name in STEP_NAMES])
+        summary = run_steps(ctx, [step for step in UNIT_STEPS if step.name in STEP_NAMES])
     wall = time.perf_counter() - clock
     side = Side("pipeline", wall, meter.seconds, started, (load_before, os.getloadavg()[0]))
     if summary["ran"] != summary["units"]:
@@ -328,8 +328,8 @@ def run_pipeline(config: FactoryConfig) -> Side:
 
 def prepare(workdir: Path) -> Path:
     """Build the demo's tiny models under workdir (once) and a fresh storage root with references."""
-    from factory.context import RunContext
     from factory.demo import prepare_demo
+    from factory.framework.context import RunContext
     from stages import references
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -348,8 +348,8 @@ def case_config(case: str, side: str, store: Path, stamp: str) -> FactoryConfig:
 
 
 def plan(config: FactoryConfig) -> list[str]:
-    from factory.context import RunContext
-    from factory.pipeline import read_plan
+    from factory.framework.context import RunContext
+    from factory.framework.executor import read_plan
     from stages import plan as plan_stage
 
     ctx = RunContext(config)
@@ -526,8 +526,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def plan_units_of(config: FactoryConfig) -> list[int]:
-    from factory.context import RunContext
-    from factory.units import plan_units
+    from factory.framework.context import RunContext
+    from factory.framework.units import plan_units
 
     return plan_units(RunContext(config).storage, config.run_id)
 

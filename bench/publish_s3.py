@@ -5,7 +5,7 @@
 One moto `ThreadedMotoServer` on 127.0.0.1, in its own process (so no side shares its GIL
 with the server), receives, in one run:
 
-- factory: `factory.manifest.publish_version` to an `s3://` root (tar encoding, sha256,
+- factory: `factory.dataset.manifest.publish_version` to an `s3://` root (tar encoding, sha256,
   shard uploads, index.parquet, manifest), timed around the call;
 - boto3: `client.upload_file` (default transfer settings: multipart above 8 MiB, 10 threads)
   of the very same shard bytes (checked by sha256), written to local files beforehand, timed
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 
 from bench.synthetic import photo_like_jpeg  # noqa: E402
-from factory.shards import Sample, cut_shards, encode_shard  # noqa: E402
+from factory.dataset.shards import Sample, cut_shards, encode_shard  # noqa: E402
 
 BUCKET = "bench-publish"
 FAKE_KEYS = {
@@ -122,9 +122,9 @@ def s3_client(endpoint: str):
 
 
 def run_factory(endpoint: str, samples: list[Sample], shard_bytes: int, version: str) -> dict:
-    from factory.config import StorageConfig
-    from factory.manifest import VersionSpec, publish_version
-    from factory.storage import S3Storage
+    from factory.dataset.manifest import VersionSpec, publish_version
+    from factory.framework.config import StorageConfig
+    from factory.framework.storage import S3Storage
 
     root = f"s3://{BUCKET}/factory"
     storage = S3Storage(root, StorageConfig(root=root, endpoint_url=endpoint))

@@ -450,7 +450,7 @@ def filter_stage(bench: Bench, folder: Path):
     from transformers import ViTImageProcessor
 
     from bench.published_models import open_clip_config_file
-    from factory.config import FactoryConfig
+    from factory.framework.config import FactoryConfig
     from factory.tiny.dino import IMAGENET_MEAN, IMAGENET_STD
     from stages.filter import Filter
 
@@ -511,7 +511,7 @@ def generator_task(bench: Bench):
 
 def training_samples(count: int, side: int):
     from bench.synthetic import photo_like_jpeg
-    from factory.shards import Sample
+    from factory.dataset.shards import Sample
 
     return [Sample(f"k{n}", photo_like_jpeg(2 * n, side), photo_like_jpeg(2 * n + 1, side), "user", "answer", {})
             for n in range(count)]
@@ -703,7 +703,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from factory.config import load_config
+    from factory.framework.config import load_config
 
     args = parse_args(argv)
     parts = [part.strip() for part in args.parts.split(",") if part.strip()]

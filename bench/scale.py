@@ -3,12 +3,12 @@
     python bench/scale.py [--sizes 1000 10000 100000] [--unit-size 64] [--alive-every 14]
 
 The stages here cost nothing: `FreeGenerate`, `FreeFilter` and `FreeDialogue` are stages on
-the real base (`factory.stage.Stage`), for this benchmark only, that run no model. FreeGenerate
+the real base (`factory.framework.stage.Stage`), for this benchmark only, that run no model. FreeGenerate
 "draws" a pre-encoded 512-px photo-like JPEG (about the bytes of a real candidate), FreeFilter
 keeps one candidate in `--alive-every` by a hash of its key, FreeDialogue writes fixed texts.
 Everything else is the factory's: a reference set of 512-px JPEGs, the plan stage, the unit
-pipeline on local Ray (`factory.pipeline.run_steps`: actor pools, image joins, unit files), then
-`factory.publisher.write_version` from the run (local disk) to a moto S3 server on 127.0.0.1
+pipeline on local Ray (`factory.framework.executor.run_steps`: actor pools, image joins, unit files), then
+`factory.dataset.publisher.write_version` from the run (local disk) to a moto S3 server on 127.0.0.1
 in its own process.
 
 Printed per size: peak private RSS (`RssAnon`: Ray's shared object store pages are not the
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.publish_s3 import BUCKET, FAKE_KEYS, MotoProcess, machine, s3_client  # noqa: E402
 from bench.synthetic import photo_like_jpeg  # noqa: E402
-from factory.stage import Stage  # noqa: E402
+from factory.framework.stage import Stage  # noqa: E402
 
 JPEGS = [photo_like_jpeg(seed, 512) for seed in range(8)]
 
@@ -177,7 +177,7 @@ def mib(value: float) -> float:
 
 
 def config_for(root: Path, size: int, unit_size: int):
-    from factory.config import load_config
+    from factory.framework.config import load_config
 
     return load_config(None, [
         f"storage.root={root}", f"run_id=scale{size}", f"plan.total_jobs={size}", f"plan.unit_size={unit_size}",
@@ -188,8 +188,8 @@ def config_for(root: Path, size: int, unit_size: int):
 
 
 def write_references(storage, count: int) -> None:
-    from factory import layout
-    from factory.reference_sets import write_parts
+    from factory.dataset.reference_sets import write_parts
+    from factory.framework import layout
 
     rows = ({"reference_id": f"ref{n:06d}", "image": photo_like_jpeg(10_000 + n % 64, 512), "width": 512,
              "height": 512, "subject": "dog", "domain": "object", "source": "bench", "origin": f"bench/{n}",
@@ -199,21 +199,20 @@ def write_references(storage, count: int) -> None:
 
 
 def run_size(size: int, unit_size: int, endpoint: str, moto_pid: int, scratch: Path) -> dict:
-    from factory.config import StorageConfig
-    from factory.context import RunContext
-    from factory.manifest import VersionSpec
-    from factory.pipeline import Step, run_steps
-    from factory.publisher import RunSamples, write_version
-    from factory.storage import S3Storage
-    from factory.units import finished_units, unit_meta
+    from factory.dataset.manifest import VersionSpec
+    from factory.dataset.publisher import RunSamples, write_version
+    from factory.framework.config import StorageConfig
+    from factory.framework.context import RunContext
+    from factory.framework.executor import Step, run_steps
+    from factory.framework.storage import S3Storage
+    from factory.framework.units import finished_units, unit_meta
     from stages import plan
 
     root = scratch / f"root{size}"
     ctx = RunContext(config_for(root, size, unit_size))
     write_references(ctx.storage, max(8, size // 12))
     plan.run(ctx)
-    steps = [Step(name, f"bench.scale:{cls}") for name, cls in
-             (("generate", "FreeGenerate"), ("filter", "FreeFilter"), ("dialogue", "FreeDialogue"))]
+    steps = [Step("generate", FreeGenerate), Step("filter", FreeFilter), Step("dialogue", FreeDialogue)]
     with PeakRss({moto_pid}) as pipeline_rss:
         started = time.perf_counter()
         summary = run_steps(ctx, steps)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from factory.config import FactoryConfig, config_sha256
-from factory.manifest import VersionError, VersionSpec, load_manifest, read_index
-from factory.publisher import VersionSamples, write_version
-from factory.storage import Storage
+from factory.dataset.manifest import VersionError, VersionSpec, load_manifest, read_index
+from factory.dataset.publisher import VersionSamples, write_version
+from factory.framework.config import FactoryConfig, config_sha256
+from factory.framework.storage import Storage
 from filters.rules import apply_thresholds
 
 

@@ -14,41 +14,51 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from importlib import import_module
 from typing import Any
 
-from factory.config import ConfigError, FactoryConfig, load_config, missing_promptnet_hint, untrained_promptnet
-from factory.context import RunContext
+import stages.dialogue
+import stages.eval
+import stages.filter
+import stages.generate
+import stages.plan
+import stages.promptnet
+import stages.publish
+import stages.references
+import stages.sid
+import stages.train
+from factory.framework.config import (
+    ConfigError,
+    FactoryConfig,
+    load_config,
+    missing_promptnet_hint,
+    untrained_promptnet,
+)
+from factory.framework.context import RunContext
+from factory.framework.executor import Step, run_steps
 
 log = logging.getLogger("factory.run")
 
-STAGES = ("references", "plan", "generate", "filter", "dialogue", "publish", "all", "train", "sid", "eval",
-          "promptnet")
+EntryPoint = Callable[[RunContext], dict[str, Any]]
+# The stages this command line assembles, by `--stage` name ("all" is `run_all`, below).
+STAGE_RUNS: dict[str, EntryPoint] = {
+    "references": stages.references.run, "plan": stages.plan.run, "generate": stages.generate.run,
+    "filter": stages.filter.run, "dialogue": stages.dialogue.run, "publish": stages.publish.run,
+    "train": stages.train.run, "sid": stages.sid.run, "eval": stages.eval.run, "promptnet": stages.promptnet.run,
+}
+# generate -> filter -> dialogue, streamed unit by unit: `--stage all` runs them once, SID once per round
+UNIT_STEPS = (Step("generate", stages.generate.Generate), Step("filter", stages.filter.Filter),
+              Step("dialogue", stages.dialogue.Dialogue))
+STAGES = (*STAGE_RUNS, "all")
 NEEDS_RAY = {"generate", "filter", "dialogue", "publish", "all", "train", "sid", "eval", "promptnet"}
-EXIT_FAILED, EXIT_CONFIG, EXIT_NOT_BUILT = 1, 2, 3
+EXIT_FAILED, EXIT_CONFIG = 1, 2
 
 
-class StageNotBuilt(RuntimeError):
-    pass
-
-
-def stage_entry(name: str) -> Callable[[RunContext], dict[str, Any]]:
-    if name == "all":
-        return run_all
-    try:
-        module = import_module(f"stages.{name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"stages.{name}":
-            raise StageNotBuilt(f"stage {name!r} is not built yet") from None
-        raise
-    entry = getattr(module, "run", None)
-    if entry is None:
-        raise StageNotBuilt(f"stage {name!r} is not built yet (stages/{name}.py has no run())")
-    return entry
+def stage_entry(name: str) -> EntryPoint:
+    return run_all if name == "all" else STAGE_RUNS[name]
 
 
 def references_exist(ctx: RunContext) -> bool:
-    from factory.reference_sets import set_complete
+    from factory.dataset.reference_sets import set_complete
 
     return set_complete(ctx.storage, ctx.config.references.set)
 
@@ -98,7 +108,7 @@ def model_settings(config: FactoryConfig, stage: str) -> dict[str, str | None]:
 def check_inputs(config: FactoryConfig, stage: str) -> None:
     """Model paths (local, or S3 prefixes: listed, refused when empty) and the instruction bank,
     checked before any work; errors name the key."""
-    from factory.models_cache import ModelUnavailable, describe_s3, is_s3
+    from factory.framework.models_cache import ModelUnavailable, describe_s3, is_s3
 
     missing = []
     for key, value in model_settings(config, stage).items():
@@ -114,28 +124,25 @@ def check_inputs(config: FactoryConfig, stage: str) -> None:
     if stage in ("generate", "all") and untrained_promptnet(config):
         raise ConfigError(untrained_promptnet(config))
     if stage in ("plan", "all"):
-        from factory.instructions import load_bank
+        from factory.dataset.instructions import load_bank
 
         load_bank(config.plan.instructions)
 
 
 def run_all(ctx: RunContext) -> dict[str, Any]:
     """references (when missing) -> plan -> generate/filter/dialogue streamed -> publish."""
-    from factory.pipeline import STEPS, run_steps
-
     summary: dict[str, Any] = {}
     if not references_exist(ctx):
         summary["references"] = timed("references", stage_entry("references"), ctx)
     summary["plan"] = timed("plan", stage_entry("plan"), ctx)
-    steps = [STEPS["generate"], STEPS["filter"], STEPS["dialogue"]]
-    summary["pipeline"] = timed("generate->filter->dialogue", lambda c: run_steps(c, steps), ctx)
+    summary["pipeline"] = timed("generate->filter->dialogue", lambda c: run_steps(c, list(UNIT_STEPS)), ctx)
     summary["publish"] = timed("publish", stage_entry("publish"), ctx)
     return summary
 
 
 def bootstrap_demo(ctx: RunContext) -> None:
     """SID and eval on the embedded demo start from the demo's bootstrap version: make it when missing."""
-    from factory.manifest import latest_version
+    from factory.dataset.manifest import latest_version
 
     config = ctx.config
     if config.sid.parent or latest_version(ctx.storage, config.dataset, kinds=("bootstrap", "union")):
@@ -228,14 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             prepare_demo(config)
         if args.stage in ("plan", "generate", "filter", "dialogue", "all", "train", "sid", "eval", "promptnet"):
             check_inputs(config, args.stage)
-        ctx = RunContext(config)
+        ctx = RunContext(config, unit_steps=UNIT_STEPS)
         ctx.storage.check()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except StageNotBuilt as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_NOT_BUILT
     except Exception as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_CONFIG

@@ -6,8 +6,7 @@ import argparse
 import json
 import sys
 
-from factory.config import ConfigError, load_config
-from factory.manifest import (
+from factory.dataset.manifest import (
     VersionError,
     VersionSpec,
     list_versions,
@@ -15,8 +14,9 @@ from factory.manifest import (
     union_versions,
     verify_version,
 )
+from factory.framework.config import ConfigError, load_config
+from factory.framework.storage import StorageError, open_storage
 from factory.review.studio import ReviewError
-from factory.storage import StorageError, open_storage
 
 
 def cmd_list(storage, config, args) -> int:

@@ -55,7 +55,7 @@ class CafeAssistant(nn.Module):
         storage: Any = None,
     ) -> CafeAssistant:
         """New heads over the LLM at `llm_model`, sized for the two encoders (references recorded as
-        given; `storage` fetches S3 ones, `factory.models_cache`)."""
+        given; `storage` fetches S3 ones, `factory.framework.models_cache`)."""
         from models.cafe import encoder_dims
 
         clip_dim, dino_dim = encoder_dims(clip_model, dino_model, storage)
@@ -209,7 +209,7 @@ def assistant_loss(output: AssistantOutput, clip_targets: torch.Tensor, clip_wei
 def load_llm(path: str, dtype=torch.float32, storage: Any = None) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from factory.models_cache import local_model
+    from factory.framework.models_cache import local_model
 
     path = local_model(path, storage, "llm_model")
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -33,7 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 from torch import nn
 
-from factory.models_cache import local_model, model_ref
+from factory.framework.models_cache import local_model, model_ref
 from models.base import EvaluationCounter, GenJob, GenResult
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class CafeUNet(ModelMixin, ConfigMixin):
         """A new G from a Stable Diffusion folder (its `unet/`) and the two encoders' configs.
 
         The references are recorded as given (an S3 URL stays one); `storage` (the run's storage
-        section) is how an S3 one is fetched (`factory.models_cache`)."""
+        section) is how an S3 one is fetched (`factory.framework.models_cache`)."""
         base = local_model(base_model, storage, "base_model")
         base_unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
         clip_dim, dino_dim = encoder_dims(clip_model, dino_model, storage)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.models_cache import local_model, model_ref
+from factory.framework.models_cache import local_model, model_ref
 from models.base import (
     DIFFUSERS_LOADING,
     EvaluationCounter,
@@ -31,7 +31,7 @@ from models.base import (
 )
 
 if TYPE_CHECKING:
-    from factory.config import GeneratorSpec
+    from factory.framework.config import GeneratorSpec
 
 
 
@@ -127,7 +127,7 @@ class IPAdapterGenerator:
         """Embed `reference` once, then draw one image per job, in order."""
         if not jobs:
             return []
-        from factory.images import to_rgb
+        from factory.framework.images import to_rgb
 
         started = time.perf_counter()
         results: list[GenResult] = []

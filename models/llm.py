@@ -1,6 +1,6 @@
 """Chat LLM engines behind one interface, chosen by `config.dialogue.engine`.
 
-    engine = build_engine(config.dialogue)
+    engine = build_engine(config.dialogue)  # models.engines
     texts = engine.generate(conversations, seeds, json_schema)
 
 - `conversations`: one chat per prompt, each a list of `{"role": ..., "content": ...}`
@@ -21,11 +21,10 @@ Implementations: `models.llm_transformers` (tests and the embedded demo), `model
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from factory.config import DialogueConfig
+    from factory.framework.config import DialogueConfig
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -70,23 +69,6 @@ class BatchEngine:
     ) -> list[str | None]:
         raise NotImplementedError
 
-
-IMPLEMENTATIONS = {
-    "transformers": "models.llm_transformers:TransformersEngine",
-    "vllm": "models.llm_vllm:VllmEngine",
-    "openai": "models.llm_openai:OpenAIEngine",
-}
-
-
-def build_engine(config: DialogueConfig, storage: Any = None) -> Engine:
-    """Build the engine named by `config.engine` (its module is imported only now); `storage` (the run's
-    storage section) fetches an `s3://` model for the engines that load weights."""
-    target = IMPLEMENTATIONS.get(config.engine)
-    if target is None:
-        raise EngineError(f"unknown LLM engine {config.engine!r} (known: {sorted(IMPLEMENTATIONS)})")
-    module_name, class_name = target.split(":")
-    cls = getattr(import_module(module_name), class_name)
-    return cls(config, storage=storage) if config.engine != "openai" else cls(config)
 
 
 def sampling_settings(config: DialogueConfig) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 from models.llm import BatchEngine, Conversation, EngineError, EngineUnavailable, sampling_settings
 
 if TYPE_CHECKING:
-    from factory.config import DialogueConfig
+    from factory.framework.config import DialogueConfig
 
 log = logging.getLogger(__name__)
 

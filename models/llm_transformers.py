@@ -19,7 +19,7 @@ import torch
 from models.llm import BatchEngine, Conversation, EngineError, sampling_settings
 
 if TYPE_CHECKING:
-    from factory.config import DialogueConfig
+    from factory.framework.config import DialogueConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class TransformersEngine(BatchEngine):
     def __init__(self, config: DialogueConfig, device: str | None = None, storage: Any = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from factory.models_cache import local_model
+        from factory.framework.models_cache import local_model
 
         self.config = config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -49,7 +49,7 @@ class TransformersEngine(BatchEngine):
         self._grammars: dict[str, str] = {}
 
     def describe(self) -> dict[str, Any]:
-        from factory.models_cache import model_ref
+        from factory.framework.models_cache import model_ref
 
         return {"engine": self.name, "model": model_ref(self.config.model), **sampling_settings(self.config)}
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from factory.models_cache import local_model, model_ref
+from factory.framework.models_cache import local_model, model_ref
 from models.llm import BatchEngine, Conversation, EngineUnavailable, sampling_settings
 
 if TYPE_CHECKING:
-    from factory.config import DialogueConfig
+    from factory.framework.config import DialogueConfig
 
 INSTALL_HINT = "install the vllm extra (pip install 'cafe-factory[vllm]') on GPU nodes"
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from factory.models_cache import local_model, model_ref
+from factory.framework.models_cache import local_model, model_ref
 from models.base import (
     DIFFUSERS_LOADING,
     EvaluationCounter,
@@ -55,7 +55,7 @@ from models.promptnet import (
 )
 
 if TYPE_CHECKING:
-    from factory.config import GeneratorSpec
+    from factory.framework.config import GeneratorSpec
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +379,7 @@ class ProFusionGenerator:
     # --- images and latents ------------------------------------------------------------
 
     def _reference_pixels(self, reference: Image.Image) -> torch.Tensor:
-        from factory.images import to_rgb
+        from factory.framework.images import to_rgb
 
         image = to_rgb(reference)
         side = min(image.size)
@@ -445,7 +445,7 @@ class PromptNetTraining:
     def __init__(self, model: str, *, checkpoint: str | None = None, image_encoder: str | None = None,
                  device: str = "cpu", image_size: int = 512, prompt: str = "a photo of {subject}",
                  storage: Any = None):
-        from factory.config import GeneratorSpec
+        from factory.framework.config import GeneratorSpec
 
         spec = GeneratorSpec(
             kind="profusion", model=model, checkpoint=checkpoint, image_size=image_size,

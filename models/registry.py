@@ -1,27 +1,24 @@
-"""Named generators from config: `kind` picks the implementation, imported lazily."""
+"""Named generators from config: `kind` picks the implementation."""
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
 
+from models.cafe import CafeGenerator
+from models.ip_adapter import IPAdapterGenerator
+from models.profusion import ProFusionGenerator
+
 if TYPE_CHECKING:
-    from factory.config import GeneratorSpec, StorageConfig
+    from factory.framework.config import GeneratorSpec, StorageConfig
     from models.base import Generator
 
-IMPLEMENTATIONS = {
-    "profusion": "models.profusion:ProFusionGenerator",
-    "cafe": "models.cafe:CafeGenerator",
-    "ip_adapter": "models.ip_adapter:IPAdapterGenerator",
-}
+IMPLEMENTATIONS = {"profusion": ProFusionGenerator, "cafe": CafeGenerator, "ip_adapter": IPAdapterGenerator}
 
 
 def build_generator(name: str, spec: GeneratorSpec, device: str = "cpu", storage: StorageConfig | None = None
                     ) -> Generator:
     """The generator `spec` names; `storage` (the run's storage section) fetches `s3://` models."""
-    target = IMPLEMENTATIONS.get(spec.kind)
-    if target is None:
+    cls = IMPLEMENTATIONS.get(spec.kind)
+    if cls is None:
         raise NotImplementedError(f"generator kind {spec.kind!r} is not implemented (known: {sorted(IMPLEMENTATIONS)})")
-    module_name, class_name = target.split(":")
-    cls = getattr(import_module(module_name), class_name)
     return cls(name=name, spec=spec, device=device, storage=storage)

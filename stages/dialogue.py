@@ -7,7 +7,7 @@ Per alive row (`reject_reason` null): draw the style of `y` from `dialogue.style
 (deterministic per sample key and `dialogue.seed`), render the prompt, generate in batches of
 `dialogue.batch_size`, validate, retry the invalid ones with a new seed up to
 `dialogue.max_attempts` times, then reject with the validator's reason (`dialogue:not_json`).
-Rows are never dropped; rows rejected earlier pass through untouched (`factory.stage`).
+Rows are never dropped; rows rejected earlier pass through untouched (`factory.framework.stage`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import yaml
 
-from factory.config import DialogueConfig, FactoryConfig
-from factory.stage import Stage
+from factory.framework.config import DialogueConfig, FactoryConfig
+from factory.framework.executor import Step, run_steps
+from factory.framework.stage import Stage
 
 if TYPE_CHECKING:
     from models.llm import Conversation, Engine
@@ -295,7 +296,7 @@ class Dialogue(Stage):
     shaped_by = ("references", "plan", "generate", "filter", "dialogue")
 
     def __init__(self, config: FactoryConfig, engine: Engine | None = None):
-        from models.llm import build_engine
+        from models.engines import build_engine
 
         super().__init__(config)
         self.settings = config.dialogue
@@ -359,6 +360,4 @@ class Dialogue(Stage):
 
 def run(ctx) -> dict:
     """Draft dialogues for every unit's filtered candidates (an actor pool over units)."""
-    from factory.pipeline import STEPS, run_steps
-
-    return run_steps(ctx, [STEPS["dialogue"]])
+    return run_steps(ctx, [Step("dialogue", Dialogue)])

@@ -7,11 +7,11 @@ The filter's scorers then measure DINO (image vs reference, DINO ViT-S/16), CLIP
 vs reference, CLIP ViT-B/32) and CLIP-T (image vs prompt).
 
 The pairs are `eval.pairs` / `eval.pairs_file` and, with `eval.reference_set`, every reference
-of that stored set with DreamBench's object or live-subject prompts (`factory.eval_sets`). The
+of that stored set with DreamBench's object or live-subject prompts (`factory.dataset.eval_sets`). The
 checkpoint is `eval.checkpoint`, default the newest G under `checkpoints/generator/` (on the
 embedded demo a tiny G is trained on the newest version first when there is none). The JSON
 report is stored per checkpoint and eval set: `evals/generator/<checkpoint>/<eval set>.json`
-(`factory.layout.eval_result`), with the version G was trained on, so the version report shows it.
+(`factory.framework.layout.eval_result`), with the version G was trained on, so the version report shows it.
 
 The (reference, prompt) rows run on a Ray Data actor pool (`eval.concurrency` actors of
 `EvalWorker`, each holding G and the scorers); the driver only gathers the per-image scores.
@@ -32,14 +32,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from factory import layout
-from factory.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec, StorageConfig
-from factory.context import RunContext
-from factory.eval_sets import eval_set_name, reference_set_pairs
-from factory.images import decode_image
-from factory.keys import safe_id
-from factory.models_cache import model_ref
-from factory.storage import Storage
+from factory.dataset.eval_sets import eval_set_name, reference_set_pairs
+from factory.framework import layout
+from factory.framework.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec, StorageConfig
+from factory.framework.context import RunContext
+from factory.framework.images import decode_image
+from factory.framework.keys import safe_id
+from factory.framework.models_cache import model_ref
+from factory.framework.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,11 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 def locate_generator(ctx: RunContext) -> Located:
     """`eval.checkpoint`, else the newest trained G; the embedded demo trains a tiny one when there is none."""
-    from factory.checkpoints import newest_checkpoint
+    from factory.dataset.checkpoints import newest_checkpoint
 
     config = ctx.config
     if config.eval.checkpoint is None and newest_checkpoint(ctx.storage, "generator") is None and is_demo(config):
-        from factory.manifest import latest_version
+        from factory.dataset.manifest import latest_version
         from models.training.runner import train_generator_on
 
         version = latest_version(ctx.storage, config.dataset, kinds=("bootstrap", "union"))  # as SID picks it
@@ -99,7 +99,7 @@ class Located:
 
     @classmethod
     def resolve(cls, storage: Storage, given: str | None, model: str) -> "Located":
-        from factory.checkpoints import newest_checkpoint
+        from factory.dataset.checkpoints import newest_checkpoint
 
         if given and (Path(given).is_dir() or given.startswith("s3://")):
             return cls(given, False)
@@ -117,8 +117,8 @@ class Located:
 
     def materialize(self, storage: Storage, scratch: Path, settings: StorageConfig | None = None) -> str:
         """A local folder holding the model (a copy under `scratch` when it is in storage)."""
-        from factory.checkpoints import fetch_checkpoint
-        from factory.models_cache import local_model
+        from factory.dataset.checkpoints import fetch_checkpoint
+        from factory.framework.models_cache import local_model
 
         if not self.in_storage:
             return local_model(self.name, settings, "eval.checkpoint")
@@ -193,9 +193,9 @@ class EvalWorker:
     def __init__(self, config_snapshot: dict[str, Any], generator: Located, assistant: Located | None = None):
         import torch
 
-        from factory.config import validate_config
-        from factory.models_cache import loader_paths
-        from factory.storage import open_storage
+        from factory.framework.config import validate_config
+        from factory.framework.models_cache import loader_paths
+        from factory.framework.storage import open_storage
         from filters.clip import ClipScorer
         from filters.dino import DinoScorer
         from models.cafe import CafeGenerator
@@ -305,7 +305,7 @@ def semantic_source(settings: EvalConfig, generator, assistant_folder: str | Non
 
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-    from factory.models_cache import local_model
+    from factory.framework.models_cache import local_model
 
     clip_path = local_model(generator.paths["clip_model"], storage, "clip_model")
     tokenizer = AutoTokenizer.from_pretrained(clip_path)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from factory.config import FactoryConfig
-from factory.images import ImageRejected, decode_image
-from factory.stage import Stage
+from factory.framework.config import FactoryConfig
+from factory.framework.executor import Step, run_steps
+from factory.framework.images import ImageRejected, decode_image
+from factory.framework.stage import Stage
 from filters.rules import RULES, first_failure, rule_flags
 from models.base import pick_device
 
@@ -50,7 +51,7 @@ class Filter(Stage):
     shaped_by = ("references", "plan", "generate", "filter")
 
     def __init__(self, config: FactoryConfig, device: str | None = None):
-        from factory.models_cache import loader_paths
+        from factory.framework.models_cache import loader_paths
         from filters.clip import clip_scorer_from_config
         from filters.dino import DinoScorer
 
@@ -148,6 +149,4 @@ def readable_text(value: object) -> str | None:
 
 def run(ctx) -> dict:
     """Score every unit's generated candidates (an actor pool over units)."""
-    from factory.pipeline import STEPS, run_steps
-
-    return run_steps(ctx, [STEPS["filter"]])
+    return run_steps(ctx, [Step("filter", Filter)])

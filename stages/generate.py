@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from factory.config import FactoryConfig
-from factory.images import ImageRejected, decode_image, encode_jpeg
-from factory.stage import Stage
+from factory.framework.config import FactoryConfig
+from factory.framework.executor import Step, run_steps
+from factory.framework.images import ImageRejected, decode_image, encode_jpeg
+from factory.framework.stage import Stage
 from models.base import GenJob, pick_device
 
 if TYPE_CHECKING:
-    from factory.context import RunContext
+    from factory.framework.context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,5 @@ def with_batch_size(spec, batch_size: int):
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
-    from factory.pipeline import STEPS, run_steps
-
-    return run_steps(ctx, [STEPS["generate"]])
+    """Draw every unit's candidates (an actor pool over units)."""
+    return run_steps(ctx, [Step("generate", Generate)])

@@ -12,15 +12,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from factory import layout
-from factory.context import RunContext
-from factory.keys import portable_ref, sample_key
-from factory.planning import PLAN_SCHEMA, PlanError, cut_units, instruction_table, reference_catalog  # noqa: F401
-from factory.units import write_plan
+from factory.dataset.planning import PLAN_SCHEMA, PlanError, cut_units, instruction_table, reference_catalog  # noqa: F401
+from factory.framework import layout
+from factory.framework.context import RunContext
+from factory.framework.keys import portable_ref, sample_key
+from factory.framework.units import write_plan
 
 
 def draw_jobs(references: pd.DataFrame, instructions: pd.DataFrame, ctx: RunContext) -> pd.DataFrame:
-    from factory.instructions import render
+    from factory.dataset.instructions import render
 
     plan_config = ctx.config.plan
     rng = np.random.default_rng(plan_config.seed)

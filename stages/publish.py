@@ -1,6 +1,6 @@
 """publish: a run's accepted candidates -> a dataset version (shards in key order, index, manifest).
 
-The work is `factory.publisher.publish_run`, a Ray job (SID publishes its rounds with it
+The work is `factory.dataset.publisher.publish_run`, a Ray job (SID publishes its rounds with it
 too); the funnel and the cost are summed from the counters each unit file keeps, so the
 manifest states what happened to every planned job.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from factory import layout
-from factory.context import RunContext
-from factory.publisher import publish_run
+from factory.dataset.publisher import publish_run
+from factory.framework import layout
+from factory.framework.context import RunContext
 
 
 def run(ctx: RunContext) -> dict[str, Any]:

@@ -1,11 +1,11 @@
-"""references stage: ingest reference images into a reference set (`factory.reference_sets`).
+"""references stage: ingest reference images into a reference set (`factory.dataset.reference_sets`).
 
-The sources and how a candidate is named and given a subject are in `factory.reference_sources`;
-drawing the generated ones with Stable Diffusion is `factory.reference_drawing`. The stage lists
+The sources and how a candidate is named and given a subject are in `factory.dataset.reference_sources`;
+drawing the generated ones with Stable Diffusion is `factory.dataset.reference_drawing`. The stage lists
 every candidate (errors that make the whole stage pointless are raised before any image is read),
 then reads or draws them a part at a time.
 
-Every image is decoded by `factory.images.decode_image` (size checked before decoding, EXIF
+Every image is decoded by `factory.framework.images.decode_image` (size checked before decoding, EXIF
 rotation applied, every mode to RGB), refused when too flat ("degenerate_image"), fit within
 `store_size` and re-encoded as JPEG. One bad input is one counted rejection, never a stop.
 Parts hold `part_size` references sorted by id, so the same inputs give byte-identical parts;
@@ -26,11 +26,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from factory import layout
-from factory.images import ImageRejected, decode_image, encode_jpeg, fit_within
-from factory.reference_drawing import Drawer
-from factory.reference_sets import write_parts, write_rejections
-from factory.reference_sources import (
+from factory.dataset.reference_drawing import Drawer
+from factory.dataset.reference_sets import write_parts, write_rejections
+from factory.dataset.reference_sources import (
     Candidate,
     Rejected,
     folder_candidates,
@@ -38,11 +36,13 @@ from factory.reference_sources import (
     s3_candidates,
     webdataset_candidates,
 )
-from factory.storage import S3Storage, StorageError
+from factory.framework import layout
+from factory.framework.images import ImageRejected, decode_image, encode_jpeg, fit_within
+from factory.framework.storage import S3Storage, StorageError
 
 if TYPE_CHECKING:
-    from factory.config import ReferencesConfig
-    from factory.context import RunContext
+    from factory.framework.config import ReferencesConfig
+    from factory.framework.context import RunContext
 
 log = logging.getLogger(__name__)
 

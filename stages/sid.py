@@ -21,11 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from factory import layout
-from factory.config import FactoryConfig, StorageConfig
-from factory.context import RunContext
-from factory.keys import portable_ref, sample_key
-from factory.manifest import (
+from factory.dataset.manifest import (
     VersionSpec,
     latest_version,
     load_manifest,
@@ -34,14 +30,18 @@ from factory.manifest import (
     union_versions,
     version_exists,
 )
+from factory.framework import layout
+from factory.framework.config import FactoryConfig, StorageConfig
+from factory.framework.context import RunContext
+from factory.framework.keys import portable_ref, sample_key
 
 log = logging.getLogger(__name__)
 
 
 def plan_schema() -> pa.Schema:
     """The plan's columns and `w_pool`, the pool a `pool:` w_id is in. No image bytes: generate
-    joins `w` by `w_id` (`factory.units.ImageJoin`)."""
-    from factory.planning import PLAN_SCHEMA
+    joins `w` by `w_id` (`factory.framework.units.ImageJoin`)."""
+    from factory.dataset.planning import PLAN_SCHEMA
 
     return PLAN_SCHEMA.append(pa.field("w_pool", pa.string()))
 
@@ -74,7 +74,7 @@ class RoundModels:
 def ensure_checkpoint(ctx: RunContext, parent: str) -> str:
     """G's checkpoint folder: `sid.checkpoint`, else the newest trained G, else (the first night
     after the bootstrap) G trained on the parent now, with the `train` settings."""
-    from factory.checkpoints import latest_generator_checkpoint
+    from factory.dataset.checkpoints import latest_generator_checkpoint
     from models.training.runner import train_generator_on
 
     checkpoint = ctx.config.sid.checkpoint or latest_generator_checkpoint(ctx)
@@ -87,7 +87,7 @@ def ensure_checkpoint(ctx: RunContext, parent: str) -> str:
 def ensure_assistant(ctx: RunContext, parent: str) -> str:
     """The assistant's checkpoint folder: `sid.assistant_checkpoint`, else the newest trained one,
     else the assistant trained on the parent now (paper 4.1: first on the bootstrap samples)."""
-    from factory.checkpoints import latest_assistant_checkpoint
+    from factory.dataset.checkpoints import latest_assistant_checkpoint
     from models.training.runner import train_assistant_on
 
     checkpoint = ctx.config.sid.assistant_checkpoint or latest_assistant_checkpoint(ctx)
@@ -112,8 +112,8 @@ def instruction_weights(instructions: pd.DataFrame, parent_index: pd.DataFrame, 
 
 
 def draw_round_jobs(ctx: RunContext, parent: str, round_: int) -> pd.DataFrame:
-    from factory.instructions import render
-    from factory.planning import instruction_table, reference_catalog
+    from factory.dataset.instructions import render
+    from factory.dataset.planning import instruction_table, reference_catalog
 
     sid = ctx.config.sid
     rng = np.random.default_rng([sid.seed, round_])
@@ -148,7 +148,7 @@ def draw_round_jobs(ctx: RunContext, parent: str, round_: int) -> pd.DataFrame:
 def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
     """Give every job its `w` by id: the pool image closest to the instruction (`pool:<id>`, the
     pool in `w_pool`), or an SD drawing of it (`sd:<id>`, drawn once per instruction and seed and
-    stored once under the run, `factory.layout.run_w_dir`)."""
+    stored once under the run, `factory.framework.layout.run_w_dir`)."""
     if ctx.config.sid.w_source == "generate":
         jobs["w_id"] = [drawn_w_id(instruction, seed) for instruction, seed in zip(jobs["instruction"], jobs["seed"])]
         jobs["w_pool"] = None
@@ -227,7 +227,7 @@ def store_drawn_w(ctx: RunContext, w_ids: list[str], images: list[bytes]) -> Non
     """The drawn images, once each, as a pool-like set of parts and ids under the run (ids written last)."""
     from functools import partial
 
-    from factory.pool import store_images
+    from factory.framework.image_parts import store_images
 
     run_id = ctx.config.run_id
     stored = store_images(ctx.storage, partial(layout.run_w_part, run_id), layout.run_w_ids(run_id),
@@ -236,7 +236,7 @@ def store_drawn_w(ctx: RunContext, w_ids: list[str], images: list[bytes]) -> Non
 
 
 def clip_scorer(config: FactoryConfig):
-    from factory.models_cache import loader_paths
+    from factory.framework.models_cache import loader_paths
     from filters.clip import clip_scorer_from_config
 
     return clip_scorer_from_config(config, local=loader_paths(config.storage))
@@ -251,8 +251,8 @@ def load_or_build_pool(ctx: RunContext, parent: str):
     (CLIP on an actor pool sized like the filter's)."""
     from functools import partial
 
-    from factory import layout
-    from factory.pool import ImagePool, build_pool_from_shards
+    from factory.dataset.pool import ImagePool, build_pool_from_shards
+    from factory.framework import layout
 
     name = pool_name(ctx, parent)
     try:
@@ -276,7 +276,7 @@ class WDrawer:
         import torch
         from diffusers import StableDiffusionPipeline
 
-        from factory.models_cache import local_model
+        from factory.framework.models_cache import local_model
 
         sd_model = local_model(sd_model, storage, "references.sd_model")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -288,7 +288,7 @@ class WDrawer:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
 
-        from factory.images import encode_jpeg
+        from factory.framework.images import encode_jpeg
 
         generators = [torch.Generator(self.device).manual_seed(int(seed)) for seed in batch["seed"]]
         images = self.pipe(list(batch["instruction"]), num_inference_steps=self.steps, height=self.size,
@@ -317,7 +317,7 @@ def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> l
 
 
 def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> pa.Table:
-    from factory.planning import cut_units
+    from factory.dataset.planning import cut_units
 
     jobs = draw_round_jobs(ctx, parent, round_)
     if jobs.empty:
@@ -344,20 +344,20 @@ def round_context(ctx: RunContext, round_: int, checkpoint: str) -> RunContext:
     snapshot["publish"]["version"] = name
     generator = snapshot["generate"]["generators"].setdefault(ctx.config.sid.generator, {"kind": "cafe"})
     generator["model"] = checkpoint
-    return RunContext(FactoryConfig.model_validate(snapshot), storage=ctx.storage)
+    return RunContext(FactoryConfig.model_validate(snapshot), storage=ctx.storage, unit_steps=ctx.unit_steps)
 
 
 def run_round(ctx: RunContext, parent: str, round_: int, models: RoundModels) -> dict[str, Any]:
-    from factory.pipeline import STEPS, run_steps
-    from factory.publisher import publish_run
-    from factory.units import plan_exists, write_plan
+    from factory.dataset.publisher import publish_run
+    from factory.framework.executor import run_steps
+    from factory.framework.units import plan_exists, write_plan
 
     checkpoint = models.generator
     rctx = round_context(ctx, round_, checkpoint)
     if not plan_exists(rctx.storage, rctx.config.run_id):
         plan = plan_round(rctx, parent, round_, checkpoint)
         write_plan(rctx.storage, rctx.config.run_id, plan, ctx.config.sid.unit_size)
-    run_steps(rctx, [STEPS["generate"], STEPS["filter"], STEPS["dialogue"]])
+    run_steps(rctx, list(rctx.unit_steps))
     alphas = round_alphas(rctx)
     planned_w = rctx.storage.read_parquet(layout.plan(rctx.config.run_id), columns=["instruction_id", "w_id"])
     round_manifest = publish_run(rctx, kind="sid", parents=[parent], extra={
@@ -379,7 +379,7 @@ def run_round(ctx: RunContext, parent: str, round_: int, models: RoundModels) ->
 
 def round_alphas(rctx: RunContext) -> pd.Series:
     """How many candidates each alpha was drawn for, read one unit's column at a time."""
-    from factory.units import finished_units, read_unit
+    from factory.framework.units import finished_units, read_unit
 
     counts = pd.Series(dtype="int64")
     for unit in sorted(finished_units(rctx.storage, rctx.config.run_id, "dialogue")):
@@ -392,6 +392,9 @@ def run(ctx: RunContext) -> dict[str, Any]:
     """This night's rounds: they follow the published ones (round k+1 after `<run-id>-union<k>`),
     so a nightly job needs no hand-set run id, and a failed night, submitted again, resumes its
     round (its unit files are kept; its settings are the same)."""
+    if not ctx.unit_steps:
+        raise ValueError("SID runs generate -> filter -> dialogue each round: give them as RunContext.unit_steps "
+                         "(factory.run.UNIT_STEPS)")
     done = completed_rounds(ctx)
     parent = union_name(ctx, done) if done else ensure_parent(ctx)
     models = round_models(ctx, parent, done)
@@ -456,8 +459,8 @@ def clip_scorer_from_snapshot(snapshot: dict, device: str | None = None):
     defaults to cuda when present."""
     import torch
 
-    from factory.config import validate_config
-    from factory.models_cache import loader_paths
+    from factory.framework.config import validate_config
+    from factory.framework.models_cache import loader_paths
     from filters.clip import clip_scorer_from_config
 
     if device is None:

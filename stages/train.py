@@ -2,17 +2,17 @@
 
 `run` is the stage. How training runs (`train_on_ray`, the in-process `train_generator` /
 `train_assistant`, SID's `train_generator_on` / `train_assistant_on`), the per-worker loop, its
-data and the two tasks are `models.training`; checkpoints are read back through `factory.checkpoints`.
+data and the two tasks are `models.training`; checkpoints are read back through `factory.dataset.checkpoints`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from factory.config import FactoryConfig
-from factory.context import RunContext
-from factory.manifest import latest_version
-from factory.storage import Storage
+from factory.dataset.manifest import latest_version
+from factory.framework.config import FactoryConfig
+from factory.framework.context import RunContext
+from factory.framework.storage import Storage
 from models.training.runner import (  # noqa: F401  (the stage's public entry points)
     train_assistant,
     train_assistant_on,

@@ -48,7 +48,7 @@ def s3_bucket(s3_server):
 @pytest.fixture(params=["local", "s3"])
 def storage_config(request, tmp_path):
     """A StorageConfig for each backend, so a test runs on both."""
-    from factory.config import StorageConfig
+    from factory.framework.config import StorageConfig
 
     if request.param == "local":
         return StorageConfig(root=str(tmp_path / "root"))
@@ -58,14 +58,14 @@ def storage_config(request, tmp_path):
 
 @pytest.fixture
 def storage(storage_config):
-    from factory.storage import open_storage
+    from factory.framework.storage import open_storage
 
     return open_storage(storage_config)
 
 
 @pytest.fixture(autouse=True)
 def model_cache(tmp_path, monkeypatch):
-    """Each test fetches S3 models into its own cache folder (`factory.models_cache`)."""
+    """Each test fetches S3 models into its own cache folder (`factory.framework.models_cache`)."""
     folder = tmp_path / "model-cache"
     monkeypatch.setenv("FACTORY_MODEL_CACHE", str(folder))
     return folder

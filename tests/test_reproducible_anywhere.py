@@ -53,9 +53,9 @@ def png(seed: int) -> bytes:
 
 def ingest_and_plan(folder: Path, tiny_sd: Path, monkeypatch) -> tuple[object, object]:
     """Lay out one working folder, then run references and plan from inside it."""
-    from factory.config import load_config
-    from factory.context import RunContext
-    from factory.reference_sets import load_references
+    from factory.dataset.reference_sets import load_references
+    from factory.framework.config import load_config
+    from factory.framework.context import RunContext
     from stages import plan, references
 
     (folder / "inputs" / "sub").mkdir(parents=True)
@@ -69,7 +69,7 @@ def ingest_and_plan(folder: Path, tiny_sd: Path, monkeypatch) -> tuple[object, o
     ctx = RunContext(config)
     references.run(ctx)
     plan.run(ctx)
-    from factory import layout
+    from factory.framework import layout
 
     return load_references(ctx.storage, "refs"), ctx.storage.read_parquet(layout.plan("anywhere"))
 
@@ -86,8 +86,8 @@ def test_two_working_folders_give_the_same_ids_keys_and_seeds(tmp_path, tiny_sd,
 
 
 def test_a_changed_file_gets_a_new_reference_id(tmp_path, tiny_sd, monkeypatch):
-    from factory.config import ReferencesConfig, ReferenceSource
-    from factory.reference_sources import folder_candidates
+    from factory.dataset.reference_sources import folder_candidates
+    from factory.framework.config import ReferencesConfig, ReferenceSource
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -104,7 +104,7 @@ def test_a_changed_file_gets_a_new_reference_id(tmp_path, tiny_sd, monkeypatch):
 
 
 def test_generator_describe_holds_no_absolute_path(tmp_path, monkeypatch):
-    from factory.config import GeneratorSpec
+    from factory.framework.config import GeneratorSpec
     from factory.tiny.sd import build_tiny_promptnet, build_tiny_sd
     from models.profusion import ProFusionGenerator
 

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from factory.config import FactoryConfig
+from factory.framework.config import FactoryConfig
 
 log = logging.getLogger(__name__)
 

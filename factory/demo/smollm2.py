@@ -73,7 +73,7 @@ def build_smollm2(target: Path, cached: bool = True) -> None:
     (`$FACTORY_MODEL_CACHE`) and copy from there, so a demo in a new folder skips the minute."""
     if not cached:
         return convert_from_package(target)
-    from factory.models_cache import cache_root
+    from factory.framework.models_cache import cache_root
 
     entry = cache_root() / f"demo-smollm2-135m-instruct-{VERSION}"
     if not entry.exists():

@@ -11,11 +11,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from factory import layout
-from factory.manifest import VersionError, load_manifest
+from factory.dataset.manifest import VersionError, load_manifest
+from factory.framework import layout
+from factory.framework.storage import Storage
 from factory.report.evals import evals_of_version
 from factory.report.summary import INDEX_COLUMNS, CandidateSummary, IndexSummary
-from factory.storage import Storage
 
 log = logging.getLogger(__name__)
 

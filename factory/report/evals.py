@@ -1,7 +1,7 @@
 """The version report's eval section: DreamBench-style scores of the generators trained on this version.
 
 `--stage eval` stores one JSON report per (checkpoint, eval set) under `evals/generator/`
-(`factory.layout.eval_result`), naming the version the checkpoint was trained on; the report of
+(`factory.framework.layout.eval_result`), naming the version the checkpoint was trained on; the report of
 that version lists them, newest first.
 """
 
@@ -11,8 +11,8 @@ import json
 import logging
 from typing import Any
 
-from factory import layout
-from factory.storage import Storage, StorageError
+from factory.framework import layout
+from factory.framework.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 

@@ -9,14 +9,14 @@ from typing import Any
 
 import pandas as pd
 
-from factory import layout
-from factory.images import ImageRejected, decode_image, encode_jpeg, fit_within
-from factory.manifest import version_keys
+from factory.dataset.manifest import version_keys
+from factory.dataset.shards import read_shard
+from factory.framework import layout
+from factory.framework.images import ImageRejected, decode_image, encode_jpeg, fit_within
+from factory.framework.storage import Storage
+from factory.framework.units import IMAGE_HOMES, ImageJoin
 from factory.report.data import VersionData, read_columns, text
 from factory.report.summary import SCORES, rank
-from factory.shards import read_shard
-from factory.storage import Storage
-from factory.units import IMAGE_HOMES, ImageJoin
 
 JOIN_COLUMNS = ("unit", "reference_part", "reference_id")  # where a candidate's images are stored
 CARD_COLUMNS = ("key", "input_image", "target_image", "instruction", "user", "assistant", "clip_t", "dino",

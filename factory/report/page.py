@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from factory.framework.storage import Storage, StorageError
 from factory.report.data import VersionData, default_out_dir, load_version_data, text
 from factory.report.evals import eval_rows
 from factory.report.gallery import Card, accepted_cards, near_threshold_cards
 from factory.report.plots import cost_rows, funnel_steps, render_plots
 from factory.report.review import disagreement_cards, figure_rows
 from factory.report.summary import SCORES, CandidateSummary
-from factory.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 

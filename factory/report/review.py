@@ -9,13 +9,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from factory import layout
-from factory.manifest import VersionError, load_manifest, read_index
+from factory.dataset.manifest import VersionError, load_manifest, read_index
+from factory.dataset.shards import read_shard
+from factory.framework import layout
+from factory.framework.storage import Storage
+from factory.framework.units import IMAGE_HOMES, ImageJoin
 from factory.report.data import candidate_files, read_columns, text
 from factory.report.gallery import CARD_COLUMNS, GALLERY_SIZE, JOIN_COLUMNS, Card, scores_of, with_images
-from factory.shards import read_shard
-from factory.storage import Storage
-from factory.units import IMAGE_HOMES, ImageJoin
 
 
 def disagreements(storage: Storage, manifest: dict[str, Any]) -> list[dict[str, Any]]:

@@ -20,17 +20,17 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from factory import layout
-from factory.images import ImageRejected, decode_image, encode_jpeg, fit_within
-from factory.manifest import load_manifest, shard_key, version_keys
+from factory.dataset.manifest import load_manifest, shard_key, version_keys
+from factory.dataset.shards import read_shard
+from factory.framework import layout
+from factory.framework.images import ImageRejected, decode_image, encode_jpeg, fit_within
+from factory.framework.storage import Storage
+from factory.framework.units import IMAGE_HOMES, ImageJoin
 from factory.report.data import candidate_files, read_columns, text
 from factory.report.gallery import CARD_COLUMNS, JOIN_COLUMNS
 from factory.report.summary import FILTER_REASONS, rank, threshold_miss
 from factory.review import studio
 from factory.review.verdicts import PUBLISHED, REJECTED
-from factory.shards import read_shard
-from factory.storage import Storage
-from factory.units import IMAGE_HOMES, ImageJoin
 
 IMAGE_SIDE = 512
 FRAME_COLUMNS = ("key", "clip_t", "dino", "reject_reason")

@@ -20,8 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from factory import layout
-from factory.manifest import (
+from factory.dataset.manifest import (
     VersionError,
     VersionSpec,
     claim_version,
@@ -32,10 +31,11 @@ from factory.manifest import (
     shard_key,
     version_exists,
 )
+from factory.framework import layout
+from factory.framework.storage import Storage
 from factory.review import studio
 from factory.review.export import latest_record
 from factory.review.verdicts import PUBLISHED, KeyVerdict, Vote, figures, gather
-from factory.storage import Storage
 
 VERDICTS_SCHEMA = pa.schema([("key", pa.string()), ("origin", pa.string()), ("verdict", pa.string()),
                              ("keeps", pa.int64()), ("drops", pa.int64()), ("votes", pa.string())])

@@ -2,7 +2,7 @@
 
 `stages.train` is the entry (on Ray Train, or in this process); this package is what it runs:
 - `job`: the `TrainJob`, everything a worker needs as plain data;
-- `loop`: the per-worker loop, its steps and its checkpoints (`factory.checkpoints` reads them);
+- `loop`: the per-worker loop, its steps and its checkpoints (`factory.dataset.checkpoints` reads them);
 - `data`: which samples each rank reads in an epoch (`EpochPlan`), batches, shard prefetch;
 - `tasks`: G and the assistant heads as tasks (a model, a per-sample loss, save and load);
 - `optimizer_state`: the optimizer state in the name-keyed form every wrapper shares.

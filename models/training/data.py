@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from factory.manifest import shard_key
-from factory.shards import Sample, read_shard_bytes
-from factory.storage import Storage
+from factory.dataset.manifest import shard_key
+from factory.dataset.shards import Sample, read_shard_bytes
+from factory.framework.storage import Storage
 
 
 @dataclass
@@ -42,7 +42,8 @@ class EpochPlan:
     @classmethod
     def build(cls, manifest: dict[str, Any], world: int, epoch: int, seed: int,
               keep: frozenset[str] | None = None) -> EpochPlan:
-        """`keep`: the version's keys (`factory.manifest.version_keys`) when its shards hold other samples too."""
+        """`keep`: the version's keys (`factory.dataset.manifest.version_keys`) when its shards hold
+        other samples too."""
         keys = [shard_key(manifest, shard["path"]) for shard in manifest["shards"]]
         sizes = [int(shard.get("version_samples", shard["samples"]) if keep is not None else shard["samples"])
                  for shard in manifest["shards"]]
@@ -119,6 +120,6 @@ def prefetched(storage: Storage, keys: list[str]) -> Iterator[bytes]:
 
 
 def decode_images(blobs: list[bytes]):
-    from factory.images import decode_image
+    from factory.framework.images import decode_image
 
     return [decode_image(blob) for blob in blobs]

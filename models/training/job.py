@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from factory import layout
-from factory.config import FactoryConfig, TrainConfig
+from factory.framework import layout
+from factory.framework.config import FactoryConfig, TrainConfig
 
 MODELS = ("generator", "assistant")
 

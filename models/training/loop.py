@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from factory import layout
-from factory.checkpoints import checkpoint_meta, fetch_checkpoint, latest_checkpoint
-from factory.config import TrainConfig
-from factory.manifest import load_manifest, version_keys
-from factory.storage import Storage
+from factory.dataset.checkpoints import checkpoint_meta, fetch_checkpoint, latest_checkpoint
+from factory.dataset.manifest import load_manifest, version_keys
+from factory.framework import layout
+from factory.framework.config import TrainConfig
+from factory.framework.storage import Storage
 from models.training.data import Batch, EpochPlan
 from models.training.job import TrainJob
 from models.training.optimizer_state import (

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from factory import layout
-from factory.storage import Storage
+from factory.framework import layout
+from factory.framework.storage import Storage
 
 
 def full_state_options(**extra):

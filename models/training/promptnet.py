@@ -10,7 +10,7 @@ optimizer state, `progress.json` last) under `runs/<run-id>/promptnet/`; a resta
 (Ray Train's `max_failures`, or the job submitted again) resumes from the latest save as if never
 stopped. At the end rank 0 saves the PromptNet (config, weights, and the CLIP image encoder it
 reads in `image_encoder/`) to the output, a local folder or an `s3://` prefix written through
-`factory.storage`, with `training.json` last: a PromptNet folder is complete iff that exists.
+`factory.framework.storage`, with `training.json` last: a PromptNet folder is complete iff that exists.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from factory import layout
-from factory.config import FactoryConfig, PromptNetConfig, StorageConfig
-from factory.models_cache import model_ref
-from factory.reference_sets import list_parts, load_references, read_part
-from factory.storage import Storage, open_storage
+from factory.dataset.reference_sets import list_parts, load_references, read_part
+from factory.framework import layout
+from factory.framework.config import FactoryConfig, PromptNetConfig, StorageConfig
+from factory.framework.models_cache import model_ref
+from factory.framework.storage import Storage, open_storage
 from models.training.loop import Worker, step_seed
 from models.training.optimizer_state import (
     get_optimizer_state,
@@ -109,7 +109,7 @@ def refuse_trained_output(job: PromptNetJob) -> None:
 def worker_images(storage: Storage, set_name: str, rank: int, world: int) -> list:
     """This rank's references, decoded: whole parts round-robin, or references round-robin when
     there are fewer parts than workers."""
-    from factory.images import decode_image
+    from factory.framework.images import decode_image
 
     parts = list_parts(storage, set_name)
     if len(parts) >= world:

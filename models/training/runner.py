@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from factory.checkpoints import model_folder
-from factory.config import FactoryConfig, PromptNetConfig, StorageConfig, TrainConfig
-from factory.context import RunContext
-from factory.storage import Storage, open_storage
+from factory.dataset.checkpoints import model_folder
+from factory.framework.config import FactoryConfig, PromptNetConfig, StorageConfig, TrainConfig
+from factory.framework.context import RunContext
+from factory.framework.storage import Storage, open_storage
 from models.training.job import TrainJob, make_job
 from models.training.loop import Worker, finished_run, summary, train_loop
 

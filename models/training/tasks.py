@@ -9,7 +9,7 @@ from models.training.data import decode_images
 from models.training.optimizer_state import full_state_options
 
 if TYPE_CHECKING:
-    from factory.shards import Sample
+    from factory.dataset.shards import Sample
     from models.training.job import TrainJob
 
 
@@ -20,8 +20,8 @@ class GeneratorTask:
         import torch
         from diffusers import AutoencoderKL, DDPMScheduler
 
-        from factory.config import StorageConfig
-        from factory.models_cache import local_model
+        from factory.framework.config import StorageConfig
+        from factory.framework.models_cache import local_model
         from models.cafe import CafeUNet, ImageEncoders, local_folder
 
         s = job.settings
@@ -72,7 +72,7 @@ class AssistantTask:
     def __init__(self, job: TrainJob, device):
         import torch
 
-        from factory.config import StorageConfig
+        from factory.framework.config import StorageConfig
         from models.assistant import CafeAssistant
         from models.cafe import ImageEncoders, local_folder
 

@@ -4,7 +4,7 @@ configured steps, guidance passes and fine-tuning work, per candidate."""
 import pytest
 
 from bench import generator_work
-from factory.config import load_config
+from factory.framework.config import load_config
 
 DEMO = "factory/demo/demo.yaml"
 

@@ -73,7 +73,7 @@ def test_the_unreduced_path_a_gpu_takes_runs_on_tiny_models(one_torch_thread):
     """Warm-up runs, the optimizer over every parameter, the LLM at all its layers: what CUDA runs,
     with small counts on tiny models (the CUDA-only settings themselves need a GPU)."""
     from bench.real_size import PARTS, PRODUCTION_CONFIG, Bench, Counts, run_parts
-    from factory.config import load_config
+    from factory.framework.config import load_config
 
     counts = Counts(reduced=False, tiny=True, sample_steps=2, finetune_steps=2, finetune_batch=2, finetune_views=2,
                     batch=2, filter_candidates=4, filter_batch=2, train_batch=2, assistant_batch=2, image_size=64)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from factory.config import StorageConfig
-from factory.manifest import load_manifest, verify_version
-from factory.storage import open_storage
+from factory.dataset.manifest import load_manifest, verify_version
+from factory.framework.config import StorageConfig
+from factory.framework.storage import open_storage
 from tests.e2e.conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from factory.config import StorageConfig
-from factory.storage import open_storage
+from factory.framework.config import StorageConfig
+from factory.framework.storage import open_storage
 from tests.e2e.conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -3,10 +3,10 @@ references -> plan -> generate -> filter -> dialogue -> publish, on 4 jobs."""
 
 import pytest
 
-from factory.config import StorageConfig
-from factory.manifest import load_manifest, shard_key, verify_version
-from factory.shards import read_shard
-from factory.storage import open_storage
+from factory.dataset.manifest import load_manifest, shard_key, verify_version
+from factory.dataset.shards import read_shard
+from factory.framework.config import StorageConfig
+from factory.framework.storage import open_storage
 from tests.e2e.conftest import run_cli
 
 pytestmark = pytest.mark.slow  # about a minute on 2 CPU cores, most of it Ray's start and SmolLM2's dialogues

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from factory.config import GeneratorSpec, StorageConfig
-from factory.storage import open_storage
+from factory.framework.config import GeneratorSpec, StorageConfig
+from factory.framework.storage import open_storage
 from tests.e2e.conftest import run_cli
 from tests.factory.conftest import jpeg
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_promptnet_on_the_demo_references_writes_a_checkpoint_profusion_loads_from_s3(demo, s3_bucket):
-    from factory.images import decode_image
+    from factory.framework.images import decode_image
     from models.base import GenJob
     from models.profusion import ProFusionGenerator
 

@@ -9,10 +9,10 @@ import time
 import pandas as pd
 import pytest
 
-from factory.config import StorageConfig
-from factory.manifest import load_manifest, read_index, shard_key, verify_version
-from factory.shards import read_shard
-from factory.storage import open_storage
+from factory.dataset.manifest import load_manifest, read_index, shard_key, verify_version
+from factory.dataset.shards import read_shard
+from factory.framework.config import StorageConfig
+from factory.framework.storage import open_storage
 from tests.e2e.conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ def test_w_is_joined_by_id_and_stored_in_no_run_file(sid_round):
 
     import pyarrow as pa
 
-    from factory import layout
+    from factory.framework import layout
 
     storage, _ = sid_round
     plan = storage.read_parquet(layout.plan("demo-sid1"))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory.keys import sample_key
-from factory.shards import Sample
+from factory.dataset.shards import Sample
+from factory.framework.keys import sample_key
 
 
 def jpeg(seed: int, size: int = 24) -> bytes:

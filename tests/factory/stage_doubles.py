@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from factory.stage import Stage
+from factory.framework.stage import Stage
 
 
 class Stamp(Stage):

@@ -1,6 +1,6 @@
 import pytest
 
-from factory.config import ConfigError, load_config
+from factory.framework.config import ConfigError, load_config
 
 
 def write(tmp_path, text):
@@ -16,7 +16,7 @@ def test_demo_config_loads_and_hash_is_stable():
 
 
 def test_production_defaults_are_the_papers():
-    from factory.config import FactoryConfig
+    from factory.framework.config import FactoryConfig
 
     config = FactoryConfig()
     assert config.filter.thresholds == {"clip_t": 0.3, "dino": 0.6}

@@ -9,7 +9,7 @@ import re
 import pandas as pd
 import pytest
 
-from factory.config import load_config
+from factory.framework.config import load_config
 from stages.dialogue import Dialogue, DialogueLimits, validate_dialogue
 
 pytestmark = pytest.mark.slow

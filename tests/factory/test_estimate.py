@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from factory import layout
 from factory.cost import PAPER_TRIAL_GPU_HOURS, write_device_figures
+from factory.framework import layout
 from factory.run import main
 
 ROOT = Path(__file__).resolve().parents[2]

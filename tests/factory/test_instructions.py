@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from factory.instructions import (
+from factory.dataset.instructions import (
     CATEGORIES,
     DOMAINS,
     BankError,

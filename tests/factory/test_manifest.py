@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from factory.manifest import (
+from factory.dataset.manifest import (
     SCHEMA,
     VersionError,
     VersionSpec,

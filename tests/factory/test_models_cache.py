@@ -1,4 +1,4 @@
-"""factory.models_cache against moto's S3 server: one download per node, never a half one, clear errors."""
+"""factory.framework.models_cache against moto's S3 server: one download per node, never a half one, clear errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.config import StorageConfig
+from factory.framework.config import StorageConfig
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def tiny_dino(tmp_path_factory) -> str:
 
 
 def upload(folder: str | Path, endpoint: str, url: str) -> StorageConfig:
-    from factory.storage import S3Storage
+    from factory.framework.storage import S3Storage
 
     settings = StorageConfig(root=url, endpoint_url=endpoint)
     storage = S3Storage(url, settings)
@@ -31,7 +31,7 @@ def upload(folder: str | Path, endpoint: str, url: str) -> StorageConfig:
 @pytest.fixture
 def counted_gets(monkeypatch):
     """Every object the resolver downloads, by key."""
-    from factory.storage import S3Storage
+    from factory.framework.storage import S3Storage
 
     gets: list[str] = []
     real = S3Storage.download_file
@@ -45,7 +45,7 @@ def counted_gets(monkeypatch):
 
 
 def test_an_s3_dino_loads_through_the_real_scorer_and_downloads_once(tiny_dino, s3_bucket, counted_gets, model_cache):
-    from factory.models_cache import local_model
+    from factory.framework.models_cache import local_model
     from filters.dino import DinoScorer
 
     endpoint, bucket = s3_bucket
@@ -64,8 +64,8 @@ def test_an_s3_dino_loads_through_the_real_scorer_and_downloads_once(tiny_dino, 
 
 
 def test_a_changed_model_is_a_new_cache_entry(tiny_dino, s3_bucket):
-    from factory.models_cache import local_model
-    from factory.storage import S3Storage
+    from factory.framework.models_cache import local_model
+    from factory.framework.storage import S3Storage
 
     endpoint, bucket = s3_bucket
     url = f"s3://{bucket}/models/tiny-dino"
@@ -77,7 +77,7 @@ def test_a_changed_model_is_a_new_cache_entry(tiny_dino, s3_bucket):
 
 
 def test_a_killed_half_download_is_never_used(tiny_dino, s3_bucket, model_cache, counted_gets):
-    from factory.models_cache import describe_s3, local_model
+    from factory.framework.models_cache import describe_s3, local_model
 
     endpoint, bucket = s3_bucket
     url = f"s3://{bucket}/models/tiny-dino"
@@ -97,7 +97,7 @@ def test_a_killed_half_download_is_never_used(tiny_dino, s3_bucket, model_cache,
 
 
 def test_two_threads_resolving_at_once_download_once(tiny_dino, s3_bucket, counted_gets):
-    from factory.models_cache import local_model
+    from factory.framework.models_cache import local_model
 
     endpoint, bucket = s3_bucket
     url = f"s3://{bucket}/models/tiny-dino"
@@ -120,7 +120,7 @@ def test_two_threads_resolving_at_once_download_once(tiny_dino, s3_bucket, count
 
 
 def test_a_single_object_model_resolves_to_its_file(tmp_path, s3_bucket):
-    from factory.models_cache import local_model
+    from factory.framework.models_cache import local_model
     from factory.tiny.clip import build_tiny_clip
     from filters.clip import ClipScorer
 
@@ -135,7 +135,7 @@ def test_a_single_object_model_resolves_to_its_file(tmp_path, s3_bucket):
 
 
 def test_a_missing_s3_model_fails_naming_the_key(s3_bucket):
-    from factory.models_cache import ModelUnavailable, local_model
+    from factory.framework.models_cache import ModelUnavailable, local_model
 
     endpoint, bucket = s3_bucket
     settings = StorageConfig(root=f"s3://{bucket}", endpoint_url=endpoint)
@@ -147,7 +147,7 @@ def test_a_missing_s3_model_fails_naming_the_key(s3_bucket):
 
 
 def test_check_inputs_lists_s3_models_before_any_work(tiny_dino, s3_bucket):
-    from factory.config import ConfigError, load_config
+    from factory.framework.config import ConfigError, load_config
     from factory.run import check_inputs
 
     endpoint, bucket = s3_bucket
@@ -165,7 +165,7 @@ def test_check_inputs_lists_s3_models_before_any_work(tiny_dino, s3_bucket):
 
 
 def test_the_manifest_names_an_s3_model_by_url_and_etag_digest(tiny_dino, s3_bucket):
-    from factory.models_cache import describe_s3, model_fingerprint
+    from factory.framework.models_cache import describe_s3, model_fingerprint
 
     endpoint, bucket = s3_bucket
     url = f"s3://{bucket}/models/tiny-dino"
@@ -177,7 +177,7 @@ def test_the_manifest_names_an_s3_model_by_url_and_etag_digest(tiny_dino, s3_buc
 
 def test_check_inputs_checks_only_the_generator_the_stage_draws_with(tmp_path):
     """A night that draws with ProFusion is not refused for an IP-Adapter it never loads."""
-    from factory.config import ConfigError, load_config
+    from factory.framework.config import ConfigError, load_config
     from factory.run import check_inputs
 
     overrides = ["filter.clip_pretrained=openai", "filter.clip_model_config=null", "filter.dino_model=hub/dino",

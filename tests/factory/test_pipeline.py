@@ -3,13 +3,15 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from factory.config import load_config
-from factory.context import RunContext
-from factory.pipeline import RunChanged, Step, run_steps, run_steps_inline
-from factory.units import finished_units as finished
-from factory.units import read_unit, unit_meta, write_plan
+from factory.framework.config import load_config
+from factory.framework.context import RunContext
+from factory.framework.executor import RunChanged, Step, run_steps, run_steps_inline
+from factory.framework.units import finished_units as finished
+from factory.framework.units import read_unit, unit_meta, write_plan
+from factory.run import UNIT_STEPS
+from tests.factory.stage_doubles import DropsRows, Stamp
 
-STAMP = Step("filter", "tests.factory.stage_doubles:Stamp")
+STAMP = Step("filter", Stamp)
 
 
 def finished_units(ctx, stage):
@@ -80,7 +82,7 @@ def test_a_run_refuses_units_made_with_other_settings(tmp_path):
 def test_a_stage_that_drops_rows_is_an_error(tmp_path):
     ctx = make_ctx(tmp_path, units=1)
     with pytest.raises(RuntimeError, match="keeps every live row"):
-        run_steps_inline(ctx, [Step("filter", "tests.factory.stage_doubles:DropsRows")])
+        run_steps_inline(ctx, [Step("filter", DropsRows)])
 
 
 def test_killed_actor_is_restarted_and_its_unit_retried(tmp_path, ray_local):
@@ -108,10 +110,10 @@ def test_failed_run_resumes_only_missing_units(tmp_path, ray_local):
 
 
 def test_neighbouring_steps_with_equal_resources_share_an_actor(tmp_path):
-    from factory.pipeline import STEPS, pool_groups
+    from factory.framework.executor import pool_groups
 
     ctx = make_ctx(tmp_path, units=1)
-    steps = [STEPS["generate"], STEPS["filter"], STEPS["dialogue"]]
+    steps = list(UNIT_STEPS)
     assert [[s.name for s in group] for group in pool_groups(steps, ctx.config)] == [["generate", "filter", "dialogue"]]
     ctx.config.filter.num_gpus = 0.25
     groups = pool_groups(steps, ctx.config)

@@ -7,12 +7,12 @@ from functools import partial
 import numpy as np
 import pytest
 
-from factory import layout
-from factory.config import ActorPool, StorageConfig
-from factory.images import decode_image
-from factory.pool import ImagePool, build_pool_from_shards
-from factory.shards import encode_shard
-from factory.storage import open_storage
+from factory.dataset.pool import ImagePool, build_pool_from_shards
+from factory.dataset.shards import encode_shard
+from factory.framework import layout
+from factory.framework.config import ActorPool, StorageConfig
+from factory.framework.images import decode_image
+from factory.framework.storage import open_storage
 from tests.factory.conftest import make_samples
 
 

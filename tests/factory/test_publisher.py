@@ -11,14 +11,14 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from factory import layout
-from factory.config import load_config
-from factory.context import RunContext
-from factory.manifest import VersionError, load_manifest, verify_version
-from factory.publisher import PartialRun, publish_run, sample_from_row
-from factory.shards import cut_shards, encode_shard
-from factory.stage import fingerprint
-from factory.units import write_plan, write_unit
+from factory.dataset.manifest import VersionError, load_manifest, verify_version
+from factory.dataset.publisher import PartialRun, publish_run, sample_from_row
+from factory.dataset.shards import cut_shards, encode_shard
+from factory.framework import layout
+from factory.framework.config import load_config
+from factory.framework.context import RunContext
+from factory.framework.stage import fingerprint
+from factory.framework.units import write_plan, write_unit
 from tests.factory.conftest import jpeg
 
 UNITS, PER_UNIT = 24, 6
@@ -100,7 +100,7 @@ def test_local_publish_of_a_grown_run_matches_the_in_process_writer(storage_conf
 
 @pytest.mark.slow
 def test_ray_publish_on_s3_gives_the_same_shards_as_the_in_process_writer(s3_bucket, ray_local):
-    from factory.config import StorageConfig
+    from factory.framework.config import StorageConfig
 
     endpoint, bucket = s3_bucket
     ctx = context(StorageConfig(root=f"s3://{bucket}/f", endpoint_url=endpoint), "publish.executor=ray")
@@ -111,7 +111,7 @@ def test_ray_publish_on_s3_gives_the_same_shards_as_the_in_process_writer(s3_buc
 
 
 def test_a_partial_run_is_refused_unless_allowed_and_then_says_so(tmp_path):
-    from factory.config import StorageConfig
+    from factory.framework.config import StorageConfig
 
     storage_config = StorageConfig(root=str(tmp_path / "root"))
     ctx = context(storage_config, "publish.executor=local")
@@ -127,7 +127,7 @@ def test_a_partial_run_is_refused_unless_allowed_and_then_says_so(tmp_path):
 
 
 def test_a_run_made_with_other_thresholds_is_not_published_under_these(tmp_path):
-    from factory.config import StorageConfig
+    from factory.framework.config import StorageConfig
 
     storage_config = StorageConfig(root=str(tmp_path / "root"))
     grow_run(context(storage_config, "publish.executor=local"))
@@ -138,7 +138,7 @@ def test_a_run_made_with_other_thresholds_is_not_published_under_these(tmp_path)
 
 
 def test_rethreshold_through_the_local_passes_keeps_a_stricter_subset(tmp_path):
-    from factory.config import StorageConfig
+    from factory.framework.config import StorageConfig
     from factory.rethreshold import rethreshold_version
 
     storage_config = StorageConfig(root=str(tmp_path / "root"))
@@ -154,7 +154,7 @@ def test_rethreshold_through_the_local_passes_keeps_a_stricter_subset(tmp_path):
 
 
 def test_generator_work_sums_unet_evaluations_per_accepted_sample():
-    from factory.publisher import generator_work
+    from factory.dataset.publisher import generator_work
 
     units = [{"unet_evals": 30.0, "finetune_unet_evals": 4.0}, {"unet_evals": 15.0}, {}]
     work = generator_work(units, accepted=5)

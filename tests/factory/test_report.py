@@ -22,11 +22,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from factory import layout
-from factory.config import StorageConfig
-from factory.manifest import VersionSpec, publish_version, union_versions
+from factory.dataset.manifest import VersionSpec, publish_version, union_versions
+from factory.framework import layout
+from factory.framework.config import StorageConfig
+from factory.framework.storage import LocalStorage, Storage, open_storage
 from factory.report import GALLERY_MAX_SHARDS, GALLERY_SIZE, NEAR_SIZE, write_report
-from factory.storage import LocalStorage, Storage, open_storage
 from factory.versions import main
 from tests.factory.conftest import jpeg, make_samples
 
@@ -316,7 +316,7 @@ def test_candidates_are_read_one_unit_file_at_a_time(tmp_path, monkeypatch):
     import gc
     import weakref
 
-    from factory.manifest import load_manifest
+    from factory.dataset.manifest import load_manifest
     from factory.report import data
 
     storage = build_root(LocalStorage(tmp_path / "root"), units=7)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from factory import layout
-from factory.config import StorageConfig
+from factory.framework import layout
+from factory.framework.config import StorageConfig
+from factory.framework.storage import open_storage
 from factory.report.evals import evals_of_version
 from factory.report.page import evals_section
-from factory.storage import open_storage
 
 
 def eval_report(version: str, created: str, clip_t: float) -> bytes:

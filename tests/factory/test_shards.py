@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from factory.shards import Sample, cut_shards, encode_shard, read_shard, write_shards
+from factory.dataset.shards import Sample, cut_shards, encode_shard, read_shard, write_shards
 from tests.factory.conftest import make_samples
 
 
@@ -37,8 +37,8 @@ def test_dotted_key_is_refused():
 def test_shards_load_with_webdataset_and_hf_datasets(tmp_path, samples):
     import webdataset as wds
 
-    from factory.config import StorageConfig
-    from factory.storage import open_storage
+    from factory.framework.config import StorageConfig
+    from factory.framework.storage import open_storage
 
     storage = open_storage(StorageConfig(root=str(tmp_path)))
     infos = write_shards(storage, "v", "v1", samples, max_bytes=10**9, max_samples=6)

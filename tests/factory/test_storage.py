@@ -3,8 +3,8 @@ import threading
 import pyarrow as pa
 import pytest
 
-from factory.config import StorageConfig
-from factory.storage import AlreadyExists, StorageError, open_storage
+from factory.framework.config import StorageConfig
+from factory.framework.storage import AlreadyExists, StorageError, open_storage
 
 
 def test_write_read_list_delete(storage):

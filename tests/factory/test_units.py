@@ -9,9 +9,9 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from factory import layout
-from factory.storage import LocalStorage
-from factory.units import ImageJoin, read_plan_unit, row_groups_of, write_plan, write_unit
+from factory.framework import layout
+from factory.framework.storage import LocalStorage
+from factory.framework.units import ImageJoin, read_plan_unit, row_groups_of, write_plan, write_unit
 
 
 class CountingStorage(LocalStorage):

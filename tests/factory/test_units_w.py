@@ -8,10 +8,10 @@ from functools import partial
 import pandas as pd
 import pytest
 
-from factory import layout
-from factory import pool as pool_module
-from factory.pool import ImagePool, build_pool, store_images
-from factory.units import ImageJoin, without_images
+from factory.dataset.pool import ImagePool, build_pool
+from factory.framework import image_parts, layout
+from factory.framework.image_parts import store_images
+from factory.framework.units import ImageJoin, without_images
 from tests.factory.conftest import jpeg
 
 RUN = "r-sid1"
@@ -44,8 +44,8 @@ def unit_rows(pairs: list[tuple[str | None, str | None]]) -> pd.DataFrame:
 def test_w_is_joined_by_id_from_the_pool_and_the_drawn_set(storage, stored, monkeypatch):
     pool_images, drawn = stored
     reads = []
-    real = pool_module.read_part_rows
-    monkeypatch.setattr(pool_module, "read_part_rows", lambda s, key, rows: reads.append((key, sorted(rows)))
+    real = image_parts.read_part_rows
+    monkeypatch.setattr(image_parts, "read_part_rows", lambda s, key, rows: reads.append((key, sorted(rows)))
                         or real(s, key, rows))
     rows = unit_rows([("pool:img5", "p"), ("sd:12-bbb", None), (None, None), ("pool:img0", "p"),
                       ("sd:11-aaa", None), ("pool:img5", "p")])

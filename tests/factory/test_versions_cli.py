@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from factory.manifest import VersionSpec, load_manifest, publish_version, verify_version
+from factory.dataset.manifest import VersionSpec, load_manifest, publish_version, verify_version
 from factory.versions import main
 from tests.factory.conftest import make_samples
 

@@ -55,8 +55,8 @@ def staging_bucket(s3_server, tmp_path_factory):
     import numpy as np
     from PIL import Image
 
-    from factory.config import load_config
     from factory.demo import prepare_demo
+    from factory.framework.config import load_config
 
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket=BUCKET)
@@ -127,14 +127,14 @@ def rehearsal(cluster):
 
 @pytest.fixture(scope="module")
 def staging_storage(rehearsal, staging_bucket):
-    from factory.config import StorageConfig
-    from factory.storage import open_storage
+    from factory.framework.config import StorageConfig
+    from factory.framework.storage import open_storage
 
     return open_storage(StorageConfig(root=f"s3://{BUCKET}/factory", endpoint_url=staging_bucket))
 
 
 def test_two_nights_publish_two_rounds_with_their_lineage(staging_storage):
-    from factory.manifest import load_manifest, verify_version
+    from factory.dataset.manifest import load_manifest, verify_version
 
     manifest = {name: load_manifest(staging_storage, "cafe-staging", name) for name in
                 ("bootstrap-0001", "bootstrap-0001-sid1", "bootstrap-0001-union1",
@@ -149,7 +149,7 @@ def test_two_nights_publish_two_rounds_with_their_lineage(staging_storage):
 
 
 def test_every_model_was_read_from_s3(staging_storage):
-    from factory.manifest import load_manifest
+    from factory.dataset.manifest import load_manifest
 
     for version in ("bootstrap-0001", "bootstrap-0001-sid2"):
         sources = model_sources(load_manifest(staging_storage, "cafe-staging", version)["models"])

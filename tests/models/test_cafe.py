@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from factory.config import GeneratorSpec
+from factory.framework.config import GeneratorSpec
 from models.base import GenJob
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/models/conftest.py
@@ -224,8 +224,8 @@ def test_cafe_generator_refuses_unknown_options(g_folder):
 
 
 def test_a_g_folder_in_s3_is_fetched_to_local_disk(g_folder, s3_bucket):
-    from factory.config import StorageConfig
-    from factory.storage import open_storage
+    from factory.framework.config import StorageConfig
+    from factory.framework.storage import open_storage
     from models.cafe import local_folder
 
     endpoint, bucket = s3_bucket

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from factory.config import GeneratorSpec
-from factory.models_cache import model_ref
+from factory.framework.config import GeneratorSpec
+from factory.framework.models_cache import model_ref
 from factory.tiny.ip_adapter import build_tiny_ip_adapter
 from models.base import GenJob
 
@@ -153,7 +153,7 @@ def test_a_missing_adapter_file_says_which(tiny_sd, tiny_adapter):
 def test_the_shipped_configs_ip_adapter_specs_are_valid_and_not_selected(config):
     from pathlib import Path
 
-    from factory.config import load_config
+    from factory.framework.config import load_config
     from models.ip_adapter import IPAdapterOptions
 
     path = None if config == "demo" else Path(__file__).resolve().parents[2] / "configs" / f"{config}.yaml"
@@ -169,8 +169,8 @@ def test_the_shipped_configs_ip_adapter_specs_are_valid_and_not_selected(config)
 def test_an_adapter_on_s3_is_fetched_and_named_by_its_url(s3_bucket, tiny_sd, tiny_adapter, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from factory.config import StorageConfig
-    from factory.storage import S3Storage
+    from factory.framework.config import StorageConfig
+    from factory.framework.storage import S3Storage
     from models.registry import build_generator
 
     monkeypatch.setenv("FACTORY_MODEL_CACHE", str(tmp_path / "cache"))
@@ -213,7 +213,7 @@ def with_safety_checker(sd: str, folder) -> str:
 def test_images_the_safety_checker_flags_are_rejected_by_the_stage_not_passed_on(tmp_path, tiny_sd, tiny_adapter):
     import pandas as pd
 
-    from factory.config import FactoryConfig
+    from factory.framework.config import FactoryConfig
     from stages.generate import Generate
     from tests.factory.conftest import jpeg
 

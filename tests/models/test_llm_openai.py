@@ -10,8 +10,9 @@ import time
 import pandas as pd
 import pytest
 
-from factory.config import DialogueConfig, FactoryConfig
-from models.llm import EngineUnavailable, build_engine
+from factory.framework.config import DialogueConfig, FactoryConfig
+from models.engines import build_engine
+from models.llm import EngineUnavailable
 from tests.models.conftest import Reply
 
 KEY_ENV = "FACTORY_TEST_LLM_KEY"

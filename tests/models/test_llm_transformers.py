@@ -8,8 +8,8 @@ import jsonschema
 import pytest
 import torch
 
-from factory.config import DialogueConfig
-from models.llm import build_engine
+from factory.framework.config import DialogueConfig
+from models.engines import build_engine
 from models.llm_transformers import top_p_filter, unpack_bitmask
 from stages.dialogue import DialogueLimits, dialogue_schema
 

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from factory.config import DialogueConfig
-from models.llm import EngineUnavailable, build_engine
+from factory.framework.config import DialogueConfig
+from models.engines import build_engine
+from models.llm import EngineUnavailable
 
 SCHEMA = {"type": "object", "properties": {"user": {"type": "string"}}, "required": ["user"]}
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from factory.config import GeneratorSpec
+from factory.framework.config import GeneratorSpec
 from factory.tiny.sd import build_tiny_promptnet
 from models.base import GenJob
 

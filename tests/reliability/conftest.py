@@ -60,8 +60,8 @@ def reference_run(workdir, s3_server):
     """One uninterrupted `--stage all` of the demo on s3://rel-reference through moto."""
     import boto3
 
-    from factory.config import StorageConfig
-    from factory.storage import open_storage
+    from factory.framework.config import StorageConfig
+    from factory.framework.storage import open_storage
 
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=REFERENCE_BUCKET)
     root = f"s3://{REFERENCE_BUCKET}/factory"
@@ -80,7 +80,7 @@ def reference_run(workdir, s3_server):
 @pytest.fixture(scope="session")
 def publish_inputs(reference_run, workdir):
     """A local root holding the reference run's references and unit files, not its version."""
-    from factory.storage import LocalStorage
+    from factory.framework.storage import LocalStorage
 
     target = workdir / "publish-inputs"
     local = LocalStorage(target)

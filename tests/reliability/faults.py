@@ -101,7 +101,7 @@ class Injector:
 
 def install(spec: dict[str, Any]) -> Injector:
     """Patch LocalStorage and S3Storage writes of this process per `spec`."""
-    import factory.storage as storage
+    import factory.framework.storage as storage
 
     injector = Injector(spec)
     local_write = storage.LocalStorage.write_bytes
@@ -157,9 +157,9 @@ def preload() -> None:
     """Import what `--stage publish` needs, once, before any fork (no threads are started)."""
     import boto3  # noqa: F401
 
+    import factory.dataset.manifest  # noqa: F401
     import factory.demo  # noqa: F401
-    import factory.manifest  # noqa: F401
-    import factory.pipeline  # noqa: F401
+    import factory.framework.executor  # noqa: F401
     import factory.run  # noqa: F401
     import stages.dialogue  # noqa: F401
     import stages.plan  # noqa: F401

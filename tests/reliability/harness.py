@@ -209,7 +209,7 @@ class ForkResult:
 
 def version_facts(storage, dataset: str = DATASET, version: str = VERSION) -> dict[str, Any]:
     """What must be identical between two publishes of the same inputs."""
-    from factory.manifest import load_manifest, verify_version, version_dir
+    from factory.dataset.manifest import load_manifest, verify_version, version_dir
 
     manifest = load_manifest(storage, dataset, version)
     index = storage.read_parquet(f"{version_dir(dataset, version)}/index.parquet").to_pylist()
@@ -223,7 +223,7 @@ def version_facts(storage, dataset: str = DATASET, version: str = VERSION) -> di
 
 def visible_strays(storage, dataset: str = DATASET, version: str = VERSION) -> list[str]:
     """Objects a reader can see under the version folder that the manifest does not account for."""
-    from factory.manifest import load_manifest, version_dir
+    from factory.dataset.manifest import load_manifest, version_dir
 
     folder = version_dir(dataset, version)
     manifest = load_manifest(storage, dataset, version)

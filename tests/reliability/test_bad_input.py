@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import factory.run
-from factory.config import demo_config_path
+from factory.framework.config import demo_config_path
 from tests.reliability.conftest import CANARIES
 
 MODEL_KEYS = {  # besides every generator's model and checkpoint

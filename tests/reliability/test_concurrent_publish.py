@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from factory.manifest import load_manifest, version_dir
-from factory.shards import read_shard
-from factory.storage import LocalStorage
+from factory.dataset.manifest import load_manifest, version_dir
+from factory.dataset.shards import read_shard
+from factory.framework.storage import LocalStorage
 from tests.reliability.harness import demo_args, sha256_tree, version_facts
 
 LOSER_MESSAGES = ("being published by another run", "published by another run first", "already exists")

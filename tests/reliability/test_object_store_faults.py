@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory.config import StorageConfig
-from factory.keys import sample_key
-from factory.manifest import (
+from factory.dataset.manifest import (
     VersionSpec,
     publish_version,
     release_stale_lock,
@@ -23,8 +21,10 @@ from factory.manifest import (
     version_dir,
     version_exists,
 )
-from factory.shards import Sample
-from factory.storage import StorageError, open_storage
+from factory.dataset.shards import Sample
+from factory.framework.config import StorageConfig
+from factory.framework.keys import sample_key
+from factory.framework.storage import StorageError, open_storage
 from tests.conftest import S3_TEST_KEYS
 from tests.reliability.s3proxy import Fault, FaultProxy
 

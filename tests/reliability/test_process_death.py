@@ -23,10 +23,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from factory.config import StorageConfig, load_config
-from factory.context import RunContext
-from factory.manifest import VersionError, load_manifest, version_exists
-from factory.storage import LocalStorage, open_storage
+from factory.dataset.manifest import VersionError, load_manifest, version_exists
+from factory.framework.config import StorageConfig, load_config
+from factory.framework.context import RunContext
+from factory.framework.storage import LocalStorage, open_storage
 from tests.conftest import S3_TEST_KEYS
 from tests.reliability.harness import (
     accepted_keys,
@@ -169,8 +169,8 @@ def test_a_kill_between_manifest_and_lock_release_leaves_no_lock_after_the_rerun
 
 MULTIPART_KILL = textwrap.dedent("""
     import os, signal, sys
-    from factory.config import StorageConfig
-    from factory.storage import open_storage
+    from factory.framework.config import StorageConfig
+    from factory.framework.storage import open_storage
     storage = open_storage(StorageConfig(root=sys.argv[1], endpoint_url=sys.argv[2],
                                          multipart_threshold_mb=5, multipart_chunk_mb=5))
     parts = []

@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from factory.config import StorageConfig
-from factory.storage import LocalStorage, open_storage
+from factory.framework.config import StorageConfig
+from factory.framework.storage import LocalStorage, open_storage
 from tests.reliability.conftest import CANARIES
 from tests.reliability.harness import demo_args
 from tests.reliability.s3proxy import Fault, FaultProxy

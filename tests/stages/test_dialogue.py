@@ -9,7 +9,7 @@ import jsonschema
 import pandas as pd
 import pytest
 
-from factory.config import FactoryConfig
+from factory.framework.config import FactoryConfig
 from stages.dialogue import (
     Dialogue,
     DialogueLimits,

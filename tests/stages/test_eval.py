@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from factory.config import FactoryConfig, StorageConfig
-from factory.context import RunContext
-from factory.storage import open_storage
+from factory.framework.config import FactoryConfig, StorageConfig
+from factory.framework.context import RunContext
+from factory.framework.storage import open_storage
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +162,8 @@ def test_eval_needs_pairs(tmp_path, tiny):
 
 def store_reference_set(storage, name: str, subjects: list[tuple[str, str, str]]) -> None:
     """A complete reference set of (reference_id, subject, domain) rows with real JPEG bytes."""
-    from factory import layout
-    from factory.reference_sets import write_parts
+    from factory.dataset.reference_sets import write_parts
+    from factory.framework import layout
 
     rows = [{"reference_id": rid, "image": reference_jpeg(), "width": 40, "height": 40, "subject": subject,
              "domain": domain, "source": "folder", "origin": rid, "prompt": None, "seed": None}
@@ -173,7 +173,7 @@ def store_reference_set(storage, name: str, subjects: list[tuple[str, str, str]]
 
 
 def test_dreambench_ships_25_object_and_25_live_prompts():
-    from factory.eval_sets import load_prompt_lists
+    from factory.dataset.eval_sets import load_prompt_lists
 
     lists = load_prompt_lists("dreambench")
     assert len(lists.object) == len(set(lists.object)) == 25 and len(lists.live) == len(set(lists.live)) == 25
@@ -184,8 +184,8 @@ def test_dreambench_ships_25_object_and_25_live_prompts():
 
 
 def test_reference_set_pairs_take_each_class_its_prompt_list(tmp_path):
-    from factory.config import EvalConfig
-    from factory.eval_sets import eval_set_name, load_prompt_lists, reference_set_pairs
+    from factory.dataset.eval_sets import eval_set_name, load_prompt_lists, reference_set_pairs
+    from factory.framework.config import EvalConfig
 
     storage = open_storage(StorageConfig(root=str(tmp_path / "root")))
     store_reference_set(storage, "bench", [("r3", "dog2", "object"), ("r1", "dog2", "object"),
@@ -204,8 +204,8 @@ def test_reference_set_pairs_take_each_class_its_prompt_list(tmp_path):
 
 
 def test_an_unbuilt_reference_set_is_refused_saying_how_to_build_it(tmp_path):
-    from factory.config import EvalConfig
-    from factory.eval_sets import reference_set_pairs
+    from factory.dataset.eval_sets import reference_set_pairs
+    from factory.framework.config import EvalConfig
 
     storage = open_storage(StorageConfig(root=str(tmp_path / "root")))
     with pytest.raises(ValueError, match="--stage references --set references.set=absent"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from factory.config import EvalConfig
+from factory.framework.config import EvalConfig
 
 CLIP_IMAGE = torch.tensor([[1.0, 2.0, 0.0], [2.0, -1.0, 1.0], [0.5, 0.5, 3.0]])  # rows: reference, image 1, image 2
 CLIP_TEXT = torch.tensor([[0.0, 1.0, 1.0], [-3.0, 1.0, 0.5]])  # rows: the two prompts

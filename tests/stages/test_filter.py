@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from factory.config import FactoryConfig
-from factory.images import decode_image
+from factory.framework.config import FactoryConfig
+from factory.framework.images import decode_image
 from filters.clip import ClipScorer
 from filters.dino import DinoScorer
 from filters.rules import apply_thresholds
@@ -148,8 +148,8 @@ def test_micro_batches_do_not_change_scores(tiny_models, stage):
 def test_the_filter_scores_the_same_with_its_models_on_s3(stage, tiny_models, s3_bucket, model_cache):
     from pathlib import Path
 
-    from factory.config import StorageConfig
-    from factory.storage import S3Storage
+    from factory.framework.config import StorageConfig
+    from factory.framework.storage import S3Storage
 
     clip, dino = tiny_models
     endpoint, bucket = s3_bucket

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from factory.config import FactoryConfig
+from factory.framework.config import FactoryConfig
 from stages.generate import Generate
 from tests.factory.conftest import jpeg
 
@@ -32,7 +32,7 @@ def stage(tmp_path_factory) -> Generate:
 
 
 def plan_rows() -> pd.DataFrame:
-    """Plan rows of one unit (as `factory.units.ImageJoin` hands them over): two live jobs on
+    """Plan rows of one unit (as `factory.framework.units.ImageJoin` hands them over): two live jobs on
     reference r0, one on r1, a job whose reference bytes are corrupt, a bootstrap job whose
     w_id names an image that was not found, and two rows that arrive already rejected."""
     good, other = jpeg(1, size=40), jpeg(2, size=40)

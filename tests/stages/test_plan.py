@@ -1,8 +1,8 @@
 import pytest
 
-from factory import layout
-from factory.config import load_config
-from factory.context import RunContext
+from factory.framework import layout
+from factory.framework.config import load_config
+from factory.framework.context import RunContext
 from stages import plan, references
 from stages.plan import PlanError
 from tests.factory.conftest import jpeg

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import factory.run
-from factory import layout
-from factory.config import FactoryConfig, GeneratorSpec, StorageConfig, load_config
-from factory.storage import open_storage
+from factory.framework import layout
+from factory.framework.config import FactoryConfig, GeneratorSpec, StorageConfig, load_config
+from factory.framework.storage import open_storage
 from tests.factory.conftest import jpeg
 
 PRODUCTION = Path(__file__).resolve().parents[2] / "configs" / "production.yaml"
@@ -29,7 +29,7 @@ def tiny(tmp_path_factory) -> dict[str, str]:
 
 
 def store_references(storage, name: str, count: int, part_size: int) -> None:
-    from factory.reference_sets import write_parts
+    from factory.dataset.reference_sets import write_parts
 
     rows = [{"reference_id": f"r{n}", "image": jpeg(n, size=40), "width": 40, "height": 40, "subject": "dog",
              "domain": "object", "source": "folder", "origin": f"r{n}", "prompt": None, "seed": None}
@@ -164,7 +164,7 @@ def test_production_bootstrap_with_its_promptnet_not_yet_on_s3_refuses_saying_ho
 
 
 def test_the_refusal_can_be_turned_off_and_the_demo_passes(tmp_path):
-    from factory.config import untrained_promptnet
+    from factory.framework.config import untrained_promptnet
 
     production = load_config(PRODUCTION, ["generate.generators.profusion.checkpoint=null"])
     assert untrained_promptnet(production)

@@ -14,11 +14,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory.config import ConfigError, FactoryConfig, validate_config
-from factory.context import RunContext
-from factory.reference_drawing import ReferenceDrawer
-from factory.reference_sets import list_parts, load_references, load_rejections, read_part
-from factory.reference_sources import ReferencesError, generated_candidates, is_clean_s3_name, unsafe_member_name
+from factory.dataset.reference_drawing import ReferenceDrawer
+from factory.dataset.reference_sets import list_parts, load_references, load_rejections, read_part
+from factory.dataset.reference_sources import (
+    ReferencesError,
+    generated_candidates,
+    is_clean_s3_name,
+    unsafe_member_name,
+)
+from factory.framework.config import ConfigError, FactoryConfig, validate_config
+from factory.framework.context import RunContext
 from stages import references
 
 # --- helpers -------------------------------------------------------------------------------

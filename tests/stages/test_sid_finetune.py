@@ -11,11 +11,12 @@ import json
 import pyarrow as pa
 import pytest
 
-from factory import layout
-from factory.config import FactoryConfig, StorageConfig
-from factory.context import RunContext
-from factory.manifest import VersionSpec, load_manifest, publish_version
-from factory.storage import open_storage
+from factory.dataset.manifest import VersionSpec, load_manifest, publish_version
+from factory.framework import layout
+from factory.framework.config import FactoryConfig, StorageConfig
+from factory.framework.context import RunContext
+from factory.framework.storage import open_storage
+from factory.run import UNIT_STEPS
 from tests.stages.test_train import make_config, make_samples, publish, tiny  # noqa: F401  (tiny: fixture)
 
 
@@ -23,9 +24,9 @@ from tests.stages.test_train import make_config, make_samples, publish, tiny  # 
 def rounds_without_drawing(monkeypatch):
     """`run_round` as it is, with its plan, its generate/filter/dialogue steps and its publishing
     replaced by four fixed samples per round."""
-    import factory.pipeline
-    import factory.publisher
-    import factory.units
+    import factory.dataset.publisher
+    import factory.framework.executor
+    import factory.framework.units
 
     def plan_exists(storage, run_id):
         plan = pa.table({"instruction_id": ["i0"], "w_id": ["pool:x"]})
@@ -37,9 +38,9 @@ def rounds_without_drawing(monkeypatch):
         spec = VersionSpec(rctx.config.dataset, rctx.version, kind, parents=parents, extra=extra)
         return publish_version(rctx.storage, spec, make_samples(4, start=100 * round_))
 
-    monkeypatch.setattr(factory.units, "plan_exists", plan_exists)
-    monkeypatch.setattr(factory.pipeline, "run_steps", lambda rctx, steps: None)
-    monkeypatch.setattr(factory.publisher, "publish_run", publish_run)
+    monkeypatch.setattr(factory.framework.units, "plan_exists", plan_exists)
+    monkeypatch.setattr(factory.framework.executor, "run_steps", lambda rctx, steps: None)
+    monkeypatch.setattr(factory.dataset.publisher, "publish_run", publish_run)
 
 
 def sid_context(tmp_path, tiny, **sid) -> RunContext:  # noqa: F811
@@ -48,7 +49,7 @@ def sid_context(tmp_path, tiny, **sid) -> RunContext:  # noqa: F811
     publish(storage, "v1", count=4)
     snapshot = make_config(storage_config, tiny, "night", max_steps=1).snapshot()
     snapshot["sid"] = {"parent": "v1", **sid}
-    return RunContext(FactoryConfig.model_validate(snapshot), storage)
+    return RunContext(FactoryConfig.model_validate(snapshot), storage, unit_steps=UNIT_STEPS)
 
 
 def checkpoint_meta(folder: str) -> dict:

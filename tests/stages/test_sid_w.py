@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from factory import layout
-from factory.config import FactoryConfig
-from factory.context import RunContext
-from factory.images import decode_image
-from factory.pool import build_pool
-from factory.units import ImageJoin
+from factory.dataset.pool import build_pool
+from factory.framework import layout
+from factory.framework.config import FactoryConfig
+from factory.framework.context import RunContext
+from factory.framework.images import decode_image
+from factory.framework.units import ImageJoin
 from tests.factory.conftest import jpeg
 
 

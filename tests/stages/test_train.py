@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from factory.config import FactoryConfig, StorageConfig
-from factory.manifest import VersionSpec, load_manifest, publish_version, shard_key
-from factory.shards import Sample, read_shard
-from factory.storage import open_storage
+from factory.dataset.manifest import VersionSpec, load_manifest, publish_version, shard_key
+from factory.dataset.shards import Sample, read_shard
+from factory.framework.config import FactoryConfig, StorageConfig
+from factory.framework.storage import open_storage
 
 SAMPLES = 10
 SHARD_SAMPLES = 3  # 4 shards: shard-wise split for 2-4 workers, sample-wise beyond
@@ -95,7 +95,7 @@ def test_each_epoch_deals_every_sample_to_exactly_one_worker(tmp_path, world):
 
 
 def test_a_union_is_read_through_its_parents_shards(tmp_path):
-    from factory.manifest import union_versions
+    from factory.dataset.manifest import union_versions
     from models.training.data import EpochPlan
 
     storage = open_storage(StorageConfig(root=str(tmp_path)))
@@ -112,7 +112,7 @@ def test_a_union_is_read_through_its_parents_shards(tmp_path):
 
 def fixed_batch_loss(job, folder=None) -> float:
     """Equation 3 / 2 on the first four samples with fixed noise, timesteps and drops."""
-    from factory.checkpoints import fetch_checkpoint
+    from factory.dataset.checkpoints import fetch_checkpoint
     from models.training.tasks import build_task
 
     storage = open_storage(StorageConfig.model_validate(job.storage))
@@ -138,7 +138,7 @@ def trainable_weights(job, folder) -> dict[str, torch.Tensor]:
 
 
 def train_resume_and_compare(storage_config, tiny, model: str, steps: int):
-    from factory import layout
+    from factory.framework import layout
     from models.training.job import make_job
     from stages.train import train_in_process
 
@@ -186,8 +186,8 @@ def test_assistant_trains_checkpoints_and_resumes_on_s3(s3_bucket, tiny):
 
 
 def test_sid_trains_and_fine_tunes_g_through_the_helpers(tmp_path, tiny):
-    from factory.checkpoints import latest_generator_checkpoint
-    from factory.context import RunContext
+    from factory.dataset.checkpoints import latest_generator_checkpoint
+    from factory.framework.context import RunContext
     from models.cafe import CafeUNet
     from stages.train import train_generator_on
 
@@ -262,7 +262,7 @@ def test_a_finished_run_returns_its_checkpoint_without_training_again(tmp_path, 
     import ray
 
     import models.training.runner as runner
-    from factory.context import RunContext
+    from factory.framework.context import RunContext
     from stages.train import train_generator_on
 
     storage_config = StorageConfig(root=str(tmp_path / "root"))

@@ -9,9 +9,9 @@ import json
 import pytest
 from PIL import Image
 
-from factory import layout
-from factory.manifest import list_versions, load_manifest, read_index, verify_version
-from factory.storage import LocalStorage
+from factory.dataset.manifest import list_versions, load_manifest, read_index, verify_version
+from factory.framework import layout
+from factory.framework.storage import LocalStorage
 from factory.versions import main
 from tests.factory.review.conftest import REVIEWERS
 from tests.factory.test_report import build_root

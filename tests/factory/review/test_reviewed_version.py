@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from factory import layout
-from factory.manifest import VersionSpec, load_manifest, read_index, union_versions, verify_version
+from factory.dataset.manifest import VersionSpec, load_manifest, read_index, union_versions, verify_version
+from factory.framework import layout
+from factory.framework.storage import LocalStorage
 from factory.report import write_report
 from factory.review.publish import publish_reviewed
 from factory.review.verdicts import PUBLISHED, REJECTED, Vote, gather
-from factory.storage import LocalStorage
 from tests.factory.test_report import Tables, build_root, card_keys
 
 
@@ -39,7 +39,7 @@ def test_the_reviewed_version_lists_the_kept_samples_and_verifies(reviewed):
 
 
 def test_training_reads_only_the_kept_samples_of_the_listed_shards(reviewed):
-    from factory.manifest import version_keys
+    from factory.dataset.manifest import version_keys
     from models.training.data import EpochPlan
 
     storage, manifest, published = reviewed

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from factory import layout
-from factory.config import EvalConfig, EvalPair
-from factory.reference_sets import load_references, set_complete
-from factory.storage import Storage
+from factory.dataset.reference_sets import load_references, set_complete
+from factory.framework import layout
+from factory.framework.config import EvalConfig, EvalPair
+from factory.framework.storage import Storage
 
 
 @dataclass(frozen=True)

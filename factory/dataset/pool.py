@@ -1,6 +1,6 @@
 """The retrieval pool for SID's `w`: CLIP image embeddings in a faiss index, image bytes in Parquet.
 
-A pool `name` is three kinds of object (keys from `factory.layout`):
+A pool `name` is three kinds of object (keys from `factory.framework.layout`):
 
     pools/<name>/part-<n>.parquet   image_id, image (encoded bytes); row groups of ROW_GROUP rows
     pools/<name>/ids.parquet        image_id, part, row: one row per index entry, in index order
@@ -11,8 +11,8 @@ the asked-for images and nothing else. Up to EXACT_LIMIT images the index is exa
 (cosine on normalised vectors); beyond that it is HNSW, which needs no training and answers in
 about log(N).
 
-`store_images` / `fetch_images` are the same parts and ids without an index, for images stored
-once and fetched by id elsewhere (SID's SD-drawn `w`, joined by `factory.units.ImageJoin`).
+The parts and the ids table are `factory.framework.image_parts`, which SID's SD-drawn `w` set uses
+too (stored once, fetched by id by `factory.framework.units.ImageJoin`).
 
 Building: `build_pool` embeds an iterable of (image_id, bytes) in one process (tests, small
 pools); `build_pool_from_shards` is the Ray Data job that reads a version's shards, one task per
@@ -22,7 +22,6 @@ same `PoolEmbedder` callable and `finish_pool`.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,20 +32,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from factory import layout
-from factory.images import ImageRejected, decode_image
-from factory.storage import LocalStorage, Storage
+from factory.framework import layout
+from factory.framework.image_parts import IDS_SCHEMA, fetch_images, write_image_part
+from factory.framework.images import ImageRejected, decode_image
+from factory.framework.storage import Storage
 
 if TYPE_CHECKING:
-    from factory.config import ActorPool, StorageConfig
+    from factory.framework.config import ActorPool, StorageConfig
 
 log = logging.getLogger(__name__)
 
-PART_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary())])
-IDS_SCHEMA = pa.schema([("image_id", pa.string()), ("part", pa.int32()), ("row", pa.int32())])
-ROW_GROUP = 64  # images per Parquet row group: the unit `fetch` reads
 EXACT_LIMIT = 200_000  # up to this many images the index is exact; beyond, HNSW
 HNSW_M = 32  # graph degree: about 4 * M * 4 bytes per image on top of the vectors
 HNSW_EF_CONSTRUCTION = 200
@@ -160,64 +156,8 @@ class ImagePool:
         return [found[image_id] for image_id in wanted]
 
 
-def fetch_images(storage: Storage, ids: pd.DataFrame, part_key: Callable[[int], str],
-                 image_ids: Iterable[str]) -> dict[str, bytes]:
-    """{image_id: bytes} for those of `image_ids` that `ids` (image_id, part, row) lists, reading
-    only the row groups that hold them; ids it does not list are left out."""
-    wanted = set(image_ids)
-    located = ids[ids["image_id"].isin(wanted)]
-    found: dict[str, bytes] = {}
-    for part, rows in located.groupby("part"):
-        found.update(read_part_rows(storage, part_key(int(part)), rows["row"].tolist()))
-    return found
-
-
-def read_part_rows(storage: Storage, key: str, rows: list[int]) -> dict[str, bytes]:
-    """{image_id: bytes} of the given rows of one part, reading only their row groups."""
-    source = storage.url(key) if isinstance(storage, LocalStorage) else io.BytesIO(storage.read_bytes(key))
-    parquet = pq.ParquetFile(source)
-    starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
-    groups = sorted({int(np.searchsorted(starts, row, side="right")) - 1 for row in rows})
-    table = parquet.read_row_groups(groups, columns=["image_id", "image"])
-    offsets = {group: int(sum(starts[g + 1] - starts[g] for g in groups[:n])) for n, group in enumerate(groups)}
-    out = {}
-    for row in rows:
-        group = int(np.searchsorted(starts, row, side="right")) - 1
-        at = offsets[group] + row - int(starts[group])
-        out[table.column("image_id")[at].as_py()] = table.column("image")[at].as_py()
-    return out
-
-
 def write_part(storage: Storage, name: str, part: int, image_ids: list[str], images: list[bytes]) -> None:
     write_image_part(storage, layout.pool_part(name, part), image_ids, images)
-
-
-def write_image_part(storage: Storage, key: str, image_ids: list[str], images: list[bytes]) -> None:
-    table = pa.Table.from_pydict({"image_id": image_ids, "image": images}, schema=PART_SCHEMA)
-    storage.write_parquet(key, table, row_group_size=ROW_GROUP)
-
-
-def store_images(storage: Storage, part_key: Callable[[int], str], ids_key: str,
-                 images: Iterable[tuple[str, bytes]], part_size: int = 4096) -> int:
-    """Store `(image_id, bytes)` pairs once each (the first of a repeated id wins) as parts of
-    `part_size` images and, last, the ids table `fetch_images` reads; returns how many were stored."""
-    def first_of_each(pairs: Iterable[tuple[str, bytes]]):
-        seen: set[str] = set()
-        for image_id, data in pairs:
-            if image_id not in seen:
-                seen.add(image_id)
-                yield image_id, data
-
-    located = []
-    part = 0
-    unique = first_of_each(images)
-    while chunk := list(islice(unique, part_size)):
-        write_image_part(storage, part_key(part), [image_id for image_id, _ in chunk], [data for _, data in chunk])
-        located += [(image_id, part, row) for row, (image_id, _) in enumerate(chunk)]
-        part += 1
-    frame = pd.DataFrame(located, columns=["image_id", "part", "row"])
-    storage.write_parquet(ids_key, pa.Table.from_pandas(frame, schema=IDS_SCHEMA, preserve_index=False))
-    return len(located)
 
 
 def finish_pool(storage: Storage, name: str, embedded: pd.DataFrame, exact_limit: int = EXACT_LIMIT) -> dict[str, int]:
@@ -296,8 +236,8 @@ def build_pool(storage: Storage, name: str, images: Iterable[tuple[str, bytes]],
 def shard_to_part(batch: pd.DataFrame, storage_config: StorageConfig, name: str) -> pd.DataFrame:
     """map_batches function, one shard per call: write the shard's target images as pool part
     `part`, and pass them on as rows (image_id, part, row, image) for embedding."""
-    from factory.shards import read_shard
-    from factory.storage import open_storage
+    from factory.dataset.shards import read_shard
+    from factory.framework.storage import open_storage
 
     storage = open_storage(storage_config)
     frames = []

@@ -1,19 +1,26 @@
-"""What every stage's `run(ctx)` receives: the validated config and the opened storage."""
+"""What every stage's `run(ctx)` receives: the validated config, the opened storage and the unit
+steps (generate -> filter -> dialogue) that the application assembling the stages (`factory.run`)
+hands to a stage that runs them itself (SID, once per round)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-from factory import layout
-from factory.config import FactoryConfig
-from factory.storage import Storage, open_storage
+from factory.framework import layout
+from factory.framework.config import FactoryConfig
+from factory.framework.storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from factory.framework.executor import Step  # the executor builds on this module
 
 
 @dataclass
 class RunContext:
     config: FactoryConfig
     storage: Storage = field(default=None)  # opened from config.storage when not given
+    unit_steps: tuple[Step, ...] = ()
 
     def __post_init__(self) -> None:
         if self.storage is None:

@@ -4,7 +4,7 @@ A unit's output is one Parquet file per stage (`runs/<run>/<stage>/unit-<n>.parq
 written atomically when the unit is done. A unit whose file exists is skipped, so a
 stopped run, started again, does only the units still missing, and never writes a
 sample twice. Rows carry scores, texts and reasons (rejections included) but no copy of an
-image drawn or stored elsewhere (`factory.units.ImageJoin` joins the bytes a stage needs),
+image drawn or stored elsewhere (`factory.framework.units.ImageJoin` joins the bytes a stage needs),
 and each file's footer says what made it, so the funnel and the cost are counted from the
 files, not from logs, and a changed config is refused instead of mixed in (`check_made_with`).
 """
@@ -14,17 +14,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from importlib import import_module
 from typing import Any
 
 import numpy as np
 
-from factory import layout
-from factory.config import ActorPool, ConfigError, FactoryConfig, validate_config
-from factory.context import RunContext
-from factory.stage import Stage, changed_keys, fingerprint
-from factory.storage import open_storage
-from factory.units import (
+from factory.framework import layout
+from factory.framework.config import ActorPool, ConfigError, FactoryConfig, validate_config
+from factory.framework.context import RunContext
+from factory.framework.stage import Stage, changed_keys, fingerprint
+from factory.framework.storage import open_storage
+from factory.framework.units import (
     ImageJoin,
     finished_units,
     plan_units,
@@ -43,33 +42,24 @@ class Step:
     """One model stage in the unit pipeline: its name (also its output folder) and class."""
 
     name: str
-    target: str  # "module:Class", a `factory.stage.Stage` subclass
+    stage_class: type[Stage]
 
     def pool(self, config: FactoryConfig) -> ActorPool:
         return getattr(config, self.name)
-
-    def stage_class(self) -> type[Stage]:
-        module_name, attribute = self.target.split(":")
-        return getattr(import_module(module_name), attribute)
-
-
-STEPS = {
-    "generate": Step("generate", "stages.generate:Generate"),
-    "filter": Step("filter", "stages.filter:Filter"),
-    "dialogue": Step("dialogue", "stages.dialogue:Dialogue"),
-}
 
 
 class RunChanged(ConfigError):
     """A run's unit files were made with other settings than the config now says."""
 
 
-def changed_settings(config: FactoryConfig, step: Step, made_with: dict[str, Any] | None) -> list[str]:
-    """`key: old -> new` for each setting that shapes `step` and differs between a unit file's
-    footer (`made_with`) and `config`; empty when they agree or the file records none."""
+def changed_settings(config: FactoryConfig, made_with: dict[str, Any] | None) -> list[str]:
+    """`key: old -> new` for each setting a unit file's footer (`made_with`) records and `config`
+    now sets otherwise (the footer's sections are those that shaped its stage); empty when they
+    agree or the file records none."""
     if made_with is None:
         return []
-    return changed_keys(made_with, fingerprint(config, step.stage_class().shaped_by))
+    sections = tuple(sorted({key.split(".", 1)[0] for key in made_with}))
+    return changed_keys(made_with, fingerprint(config, sections))
 
 
 def check_made_with(ctx: RunContext, steps: list[Step]) -> None:
@@ -80,7 +70,7 @@ def check_made_with(ctx: RunContext, steps: list[Step]) -> None:
         if not done:
             continue
         made_with = unit_meta(ctx.storage, ctx.config.run_id, step.name, done[0]).get("shaped_by")
-        changes = changed_settings(ctx.config, step, made_with)
+        changes = changed_settings(ctx.config, made_with)
         if changes:
             raise RunChanged(
                 f"run {ctx.config.run_id!r} already has {len(done)} {step.name} units made with other settings:\n  "
@@ -95,7 +85,7 @@ class UnitWorker:
         self.step = step
         self.run_id = config.run_id
         self.storage = open_storage(config.storage)
-        self.stage = step.stage_class()(config)
+        self.stage = step.stage_class(config)
         self.images = ImageJoin(self.storage, self.run_id)
         self.shaped_by = fingerprint(config, self.stage.shaped_by)
 

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from factory import layout
-from factory.context import RunContext
+from factory.framework import layout
+from factory.framework.context import RunContext
 
 PLAN_SCHEMA = pa.schema(
     [
@@ -38,7 +38,7 @@ class PlanError(ValueError):
 
 def reference_catalog(ctx: RunContext) -> pd.DataFrame:
     """Reference ids with their subject, domain and part file, sorted by id."""
-    from factory.reference_sets import list_parts, set_complete
+    from factory.dataset.reference_sets import list_parts, set_complete
 
     set_name = ctx.config.references.set
     parts = list_parts(ctx.storage, set_name)
@@ -54,7 +54,7 @@ def reference_catalog(ctx: RunContext) -> pd.DataFrame:
 
 
 def instruction_table(path: str | None) -> pd.DataFrame:
-    from factory.instructions import load_bank
+    from factory.dataset.instructions import load_bank
 
     bank = load_bank(path)
     return pd.DataFrame(

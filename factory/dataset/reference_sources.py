@@ -9,7 +9,7 @@ Sources (config `references.sources`):
   never extracted; a member named to escape (absolute, `..`, NUL, drive letter) is
   "unsafe_member_name", a link or device "unsupported_member". A sample's image is its first
   jpg/jpeg/png/webp member, its subject the `.json` "subject"/"class", `.cls` or `.txt`.
-- generated: one candidate per image to draw (`factory.reference_drawing` draws them): `per_prompt`
+- generated: one candidate per image to draw (`factory.dataset.reference_drawing` draws them): `per_prompt`
   for each class in `prompts`, each with its own seed (a hash of the source seed, the class and
   the image's index, so adding classes changes no other seed); subject = the class.
 
@@ -18,8 +18,8 @@ gives "golden retriever") or the sample's metadata (webdataset), else "person" f
 human domain, else the reference is rejected as "missing_subject".
 
 Ids hash the source kind, the outside name relative to the source's root and the content (a
-sha256 of the file or tar member, an S3 object's ETag) with `factory.keys.safe_id`; a generated
-one hashes its prompt, seed and drawing settings, with the model as `factory.models_cache.model_ref`
+sha256 of the file or tar member, an S3 object's ETag) with `factory.framework.keys.safe_id`; a generated
+one hashes its prompt, seed and drawing settings, with the model as `factory.framework.models_cache.model_ref`
 writes it. No absolute path goes in, so the same inputs have the same ids in any working folder
 or storage root (a moved source keeps its ids, a changed file gets a new one); the same file in
 two sources is one reference ("duplicate_reference"). Names are data only (`origin`).
@@ -43,13 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from factory.instructions import render
-from factory.keys import safe_id
-from factory.models_cache import model_ref
-from factory.storage import Storage, StorageError, clean_key
+from factory.dataset.instructions import render
+from factory.framework.keys import safe_id
+from factory.framework.models_cache import model_ref
+from factory.framework.storage import Storage, StorageError, clean_key
 
 if TYPE_CHECKING:
-    from factory.config import ReferencesConfig, ReferenceSource
+    from factory.framework.config import ReferencesConfig, ReferenceSource
 
 log = logging.getLogger(__name__)
 

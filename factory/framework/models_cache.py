@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from factory.keys import portable_ref, safe_id
-from factory.storage import S3Storage, StorageError
+from factory.framework.keys import portable_ref, safe_id
+from factory.framework.storage import S3Storage, StorageError
 
 if TYPE_CHECKING:
-    from factory.config import StorageConfig
+    from factory.framework.config import StorageConfig
 
 CACHE_ENV = "FACTORY_MODEL_CACHE"
 _partial_names = itertools.count()
@@ -73,7 +73,7 @@ def cache_root() -> Path:
 
 def model_ref(ref: str | None) -> str | None:
     """A model reference as ids, keys and sample metadata carry it: an S3 URL or hub id as is,
-    a local path under the working folder relative to it (`factory.keys.portable_ref`)."""
+    a local path under the working folder relative to it (`factory.framework.keys.portable_ref`)."""
     return portable_ref(ref)
 
 
@@ -83,7 +83,7 @@ def loader_paths(storage: StorageConfig | None):
 
 
 def _storage(url: str, storage: StorageConfig | None) -> S3Storage:
-    from factory.config import StorageConfig
+    from factory.framework.config import StorageConfig
 
     settings = storage.model_dump() if storage is not None else {}
     return S3Storage(url, StorageConfig(**{**settings, "root": url}))

@@ -16,7 +16,7 @@ from typing import Any
 
 import webdataset as wds
 
-from factory.storage import Storage
+from factory.framework.storage import Storage
 
 MEMBERS = ("input.jpg", "target.jpg", "user.txt", "assistant.txt", "json")
 TAR_MTIME = 0.0

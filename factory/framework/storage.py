@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
-    from factory.config import StorageConfig
+    from factory.framework.config import StorageConfig
 
 
 class StorageError(RuntimeError):
@@ -206,7 +206,7 @@ class S3Storage(Storage):
             from botocore.config import Config
         except ImportError as err:  # pragma: no cover - boto3 is a core dependency
             raise StorageError("install boto3 to use an s3:// storage root") from err
-        from factory.config import StorageConfig
+        from factory.framework.config import StorageConfig
 
         config = config or StorageConfig(root=root)
         self.root = root.rstrip("/")

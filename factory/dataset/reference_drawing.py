@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from factory.reference_sources import Candidate, ReferencesError, Rejected
+from factory.dataset.reference_sources import Candidate, ReferencesError, Rejected
 
 if TYPE_CHECKING:
-    from factory.config import FactoryConfig
+    from factory.framework.config import FactoryConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ReferenceDrawer:
         self.cfg = config.references
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         half = {"torch_dtype": torch.float16} if self.device == "cuda" else {}
-        from factory.models_cache import local_model
+        from factory.framework.models_cache import local_model
 
         model = local_model(self.cfg.sd_model, config.storage, "references.sd_model")
         self.pipe = StableDiffusionPipeline.from_pretrained(model, low_cpu_mem_usage=False, **half)

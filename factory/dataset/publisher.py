@@ -5,13 +5,13 @@ Three passes, none of which holds more than one part or one shard of image bytes
 1. **sizes**: a Ray Data job reads each part (a run's work unit, or a parent version's shard)
    and returns the key and estimated tar size of every accepted sample in it;
 2. **cut** (driver, keys and sizes only): keys sorted, the first part of a repeated key wins,
-   shards cut in key order under both limits (`factory.shards.cut_points`);
+   shards cut in key order under both limits (`factory.dataset.shards.cut_points`);
 3. **write**: a Ray Data job reads each part's accepted samples with their bytes, tags each with
    its shard, groups by shard (Ray's shuffle), and each group is encoded and uploaded by a worker.
 
 The index (rows grouped by shard) is streamed to a local Parquet file and uploaded; the manifest is written last,
-create-only, under the publish lock (`factory.manifest`). The same accepted samples give the
-same shards, byte for byte, as the in-process `factory.manifest.publish_version`.
+create-only, under the publish lock (`factory.dataset.manifest`). The same accepted samples give the
+same shards, byte for byte, as the in-process `factory.dataset.manifest.publish_version`.
 """
 
 from __future__ import annotations
@@ -33,10 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from factory import layout
-from factory.config import FactoryConfig, StorageConfig
-from factory.context import RunContext
-from factory.manifest import (
+from factory.dataset.manifest import (
     VersionError,
     VersionSpec,
     claim_version,
@@ -47,11 +44,14 @@ from factory.manifest import (
     release_stale_lock,
     version_exists,
 )
-from factory.models_cache import model_fingerprint
-from factory.pipeline import STEPS, changed_settings
-from factory.shards import Sample, cut_points, encode_shard, estimated_bytes, read_shard
-from factory.storage import Storage, open_storage
-from factory.units import ImageJoin, finished_units, plan_units, read_unit, unit_meta
+from factory.dataset.shards import Sample, cut_points, encode_shard, estimated_bytes, read_shard
+from factory.framework import layout
+from factory.framework.config import FactoryConfig, StorageConfig
+from factory.framework.context import RunContext
+from factory.framework.executor import changed_settings
+from factory.framework.models_cache import model_fingerprint
+from factory.framework.storage import Storage, open_storage
+from factory.framework.units import ImageJoin, finished_units, plan_units, read_unit, unit_meta
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ def partial_units(ctx: RunContext, done: set[int]) -> dict[str, Any] | None:
 
 def check_units_made_with(ctx: RunContext, dialogue_meta: dict[str, Any]) -> None:
     """A manifest states this config's thresholds and models: refuse units made otherwise."""
-    changes = changed_settings(ctx.config, STEPS["dialogue"], dialogue_meta.get("shaped_by"))
+    changes = changed_settings(ctx.config, dialogue_meta.get("shaped_by"))
     if changes:
         raise VersionError(f"run {ctx.config.run_id!r} was made with other settings than this config:\n  "
                            + "\n  ".join(changes)

@@ -1,12 +1,12 @@
 """The storage layout: every key the factory reads or writes is named here, and only here.
 
 Mirrors the layout block of docs/architecture.md. Keys are relative to the storage root
-(a local folder or `s3://bucket/prefix`); `factory.storage` turns them into paths or URLs.
+(a local folder or `s3://bucket/prefix`); `factory.framework.storage` turns them into paths or URLs.
 """
 
 from __future__ import annotations
 
-from factory.storage import clean_key
+from factory.framework.storage import clean_key
 
 # --- reference sets --------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 A run's checkpoints are `checkpoints/<model>/<run-id>/step-<n>/` (the model folder, the optimizer
 state, `meta.json` written last) with `latest.json` beside them pointing at the newest complete
-step; keys come from `factory.layout`.
+step; keys come from `factory.framework.layout`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from factory import layout
-from factory.storage import Storage, StorageError
+from factory.framework import layout
+from factory.framework.storage import Storage, StorageError
 
 if TYPE_CHECKING:
-    from factory.context import RunContext
+    from factory.framework.context import RunContext
 
 
 def latest_checkpoint(storage: Storage, model: str, run_id: str) -> str | None:

@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import factory
-from factory import layout
-from factory.shards import Sample, ShardInfo, read_shard_bytes, write_shards
-from factory.storage import AlreadyExists, Storage, StorageError
+from factory.dataset.shards import Sample, ShardInfo, read_shard_bytes, write_shards
+from factory.framework import layout
+from factory.framework.storage import AlreadyExists, Storage, StorageError
 
 SCHEMA = "factory.manifest/1"
 KINDS = ("bootstrap", "sid", "union", "rethreshold", "reviewed")
@@ -274,7 +274,7 @@ def publish_version(
 ) -> dict[str, Any]:
     """Write a version from samples in this process: shards in key order (first of a key wins),
     index, manifest. For a few samples (tests, tools); a run is published by
-    `factory.publisher.write_version`, which gives the same shards from Ray workers."""
+    `factory.dataset.publisher.write_version`, which gives the same shards from Ray workers."""
     claim_version(storage, spec)
     unique: dict[str, Sample] = {}
     for sample in samples:

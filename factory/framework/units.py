@@ -19,9 +19,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from factory import layout
-from factory.pool import fetch_images
-from factory.storage import Storage
+from factory.framework import layout
+from factory.framework.image_parts import fetch_images
+from factory.framework.storage import Storage
 
 log = logging.getLogger(__name__)
 

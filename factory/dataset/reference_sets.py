@@ -1,7 +1,7 @@
 """Reference sets in storage: the parts, the rejections, and the marker of a finished ingest.
 
 The references stage writes a set; plan, SID and `python -m factory.run` read it. Keys come from
-`factory.layout` (`references/<set>/part-<00000>.parquet`, `rejections.parquet`, `_complete.json`).
+`factory.framework.layout` (`references/<set>/part-<00000>.parquet`, `rejections.parquet`, `_complete.json`).
 Parts hold `part_size` references sorted by id, so the same inputs give byte-identical parts;
 a set is usable once `_complete.json` exists (written last by a finished ingest).
 """
@@ -17,8 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from factory import layout
-from factory.storage import Storage
+from factory.framework import layout
+from factory.framework.storage import Storage
 
 PART_NAME = re.compile(r"^part-(\d{5})\.parquet$")
 
