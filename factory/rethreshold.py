@@ -15,7 +15,7 @@ from factory.dataset.manifest import VersionError, VersionSpec, load_manifest, r
 from factory.dataset.publisher import VersionSamples, write_version
 from factory.framework.config import FactoryConfig, config_sha256
 from factory.framework.storage import Storage
-from filters.rules import apply_thresholds
+from filters.rules import SCORE_COLUMNS, apply_thresholds
 
 
 def rethreshold_version(storage: Storage, config: FactoryConfig, parent: str, child: str,
@@ -26,7 +26,7 @@ def rethreshold_version(storage: Storage, config: FactoryConfig, parent: str, ch
     if looser:
         raise VersionError(f"thresholds for {looser} are looser than {parent}'s {manifest['thresholds']}: "
                            "candidates below the old thresholds have no dialogue; re-run the dialogue stage instead")
-    index = read_index(storage, config.dataset, parent, columns=["key", "clip_t", "dino"]).to_pandas()
+    index = read_index(storage, config.dataset, parent, columns=["key", *SCORE_COLUMNS]).to_pandas()
     verdict = apply_thresholds(index, new_thresholds)
     keep = frozenset(index.loc[verdict["threshold_reason"].isna(), "key"])
     snapshot = copy.deepcopy(manifest["config"])

@@ -35,6 +35,7 @@ from factory.framework.config import (
 )
 from factory.framework.context import RunContext
 from factory.framework.executor import Step, run_steps
+from filters.rules import RULES
 
 log = logging.getLogger("factory.run")
 
@@ -183,7 +184,7 @@ def print_outcome(stage: str, result: dict[str, Any]) -> None:
     if not publish or "funnel" not in publish:
         return
     funnel = publish["funnel"]
-    gates = ("planned", "generated", "passed_clip", "passed_dino", "dialogue_accepted", "written")
+    gates = ("planned", "generated", *(rule.funnel for rule in RULES.values()), "dialogue_accepted", "written")
     print("funnel: " + " -> ".join(f"{name} {funnel[name]}" for name in gates))
     for reason, count in funnel.get("rejections", {}).items():
         print(f"  rejected {count:>6}  {reason}")

@@ -19,7 +19,7 @@ from factory.framework.config import FactoryConfig
 from factory.framework.executor import Step, run_steps
 from factory.framework.images import ImageRejected, decode_image
 from factory.framework.stage import Stage
-from filters.rules import RULES, first_failure, rule_flags
+from filters.rules import RULES, first_failure, funnel_counts, rule_flags
 from models.base import pick_device
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class Filter(Stage):
 
     def process(self, rows: pd.DataFrame) -> pd.DataFrame:
         scores = {rule: np.full(len(rows), np.nan) for rule in RULES}
+        scored = np.zeros(len(rows), dtype=bool)
         reasons = np.full(len(rows), None, dtype=object)
         size = self.settings.batch_size
         for start in range(0, len(rows), size):
@@ -73,14 +74,14 @@ class Filter(Stage):
                 reasons[position] = reason
             if prepared.positions:
                 scores["clip_t"][prepared.positions], scores["dino"][prepared.positions] = self.score(prepared)
+                scored[prepared.positions] = True
         flags = rule_flags(scores, self.settings.thresholds)
-        scored = ~np.isnan(scores["clip_t"])
         for column, values in {**scores, **flags}.items():
             rows[column] = values
         rows["reject"] = np.where(scored, first_failure(flags), reasons)
         self.count("scored", int(scored.sum()))
-        self.count("passed_clip", int((scored & flags["pass_clip_t"]).sum()))
-        self.count("passed_dino", int((scored & flags["pass_clip_t"] & flags["pass_dino"]).sum()))
+        for gate, count in funnel_counts(scored, flags).items():
+            self.count(gate, count)
         return rows
 
     def prepare(self, rows: pd.DataFrame, positions: np.ndarray) -> Prepared:

@@ -24,11 +24,12 @@ import factory
 from factory.dataset.shards import Sample, ShardInfo, read_shard_bytes, write_shards
 from factory.framework import layout
 from factory.framework.storage import AlreadyExists, Storage, StorageError
+from filters.rules import SCORE_COLUMNS
 
 SCHEMA = "factory.manifest/1"
 KINDS = ("bootstrap", "sid", "union", "rethreshold", "reviewed")
 INDEX_COLUMNS = ("key", "shard", "reference_id", "subject", "domain", "instruction_id", "category", "instruction",
-                 "style", "round", "alpha", "clip_t", "dino")
+                 "style", "round", "alpha", *SCORE_COLUMNS)
 
 
 class VersionError(RuntimeError):
@@ -114,8 +115,7 @@ def index_row(sample: Sample, shard_path: str) -> dict[str, Any]:
         "style": meta.get("style"),
         "round": meta.get("round"),
         "alpha": meta.get("generator", {}).get("alpha"),
-        "clip_t": scores.get("clip_t"),
-        "dino": scores.get("dino"),
+        **{name: scores.get(name) for name in SCORE_COLUMNS},
     }
 
 
@@ -133,8 +133,7 @@ def index_schema() -> pa.Schema:
             ("style", pa.string()),
             ("round", pa.int64()),
             ("alpha", pa.float64()),
-            ("clip_t", pa.float64()),
-            ("dino", pa.float64()),
+            *((name, pa.float64()) for name in SCORE_COLUMNS),
         ]
     )
 
@@ -238,7 +237,7 @@ def _manifest(spec: VersionSpec, shards: list[dict[str, Any]], index: pa.Table) 
         "shards": shards,
         "samples": index.num_rows,
         "score_stats": {name: score_stats(index.column(name).to_numpy(zero_copy_only=False).astype(float))
-                        for name in ("clip_t", "dino")},
+                        for name in SCORE_COLUMNS},
         **spec.extra,
     }
 
@@ -251,7 +250,7 @@ def commit_version(storage: Storage, spec: VersionSpec, shards: list[dict[str, A
         storage.write_parquet(key, index)
     else:
         storage.upload_file(index, key)
-        index = pq.read_table(index, columns=["clip_t", "dino"])
+        index = pq.read_table(index, columns=list(SCORE_COLUMNS))
     manifest = _manifest(spec, shards, index)
     body = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
     key = manifest_key(spec.dataset, spec.version)

@@ -52,13 +52,14 @@ from factory.framework.executor import changed_settings
 from factory.framework.models_cache import model_fingerprint
 from factory.framework.storage import Storage, open_storage
 from factory.framework.units import ImageJoin, finished_units, plan_units, read_unit, unit_meta
+from filters.rules import RULES, SCORE_COLUMNS
 
 log = logging.getLogger(__name__)
 
 MODEL_STAGES = ("generate", "filter", "dialogue")
 ROW_COLUMNS = ("key", "unit", "reference_set", "reference_part", "reference_id", "subject", "domain", "instruction",
-               "instruction_id", "category", "style", "round", "seed", "alpha", "w_id", "generator_info", "clip_t",
-               "dino", "user", "assistant", "input_bytes", "target_bytes", "reject_reason")
+               "instruction_id", "category", "style", "round", "seed", "alpha", "w_id", "generator_info",
+               *SCORE_COLUMNS, "user", "assistant", "input_bytes", "target_bytes", "reject_reason")
 
 
 class PartialRun(VersionError):
@@ -164,7 +165,7 @@ def sample_from_row(row: dict[str, Any], dataset: str, version: str) -> Sample:
             "alpha": None if alpha is None or pd.isna(alpha) else float(alpha),
             "w": row.get("w_id"),
         },
-        "scores": {"clip_t": float(row["clip_t"]), "dino": float(row["dino"])},
+        "scores": {name: float(row[name]) for name in SCORE_COLUMNS},
     }
     return Sample(row["key"], row["input_image"], row["target_image"], row["user"], row["assistant"], meta)
 
@@ -410,8 +411,7 @@ def funnel(metas: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return {
         "planned": total("dialogue", "rows"),
         "generated": total("generate", "live_out"),
-        "passed_clip": total("filter", "passed_clip"),
-        "passed_dino": total("filter", "passed_dino"),
+        **{rule.funnel: total("filter", rule.funnel) for rule in RULES.values()},
         "dialogue_accepted": total("dialogue", "live_out"),
         "written": 0,
         "rejections": dict(sorted(rejections.items())),

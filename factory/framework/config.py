@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from filters.rules import PAPER_THRESHOLDS
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
@@ -164,7 +166,7 @@ class GenerateConfig(ActorPool):
     jpeg_quality: int = Field(95, ge=50, le=100)
 
 
-FILTER_THRESHOLDS = {"clip_t": 0.3, "dino": 0.6}  # the paper's filter (section 3.2)
+FILTER_THRESHOLDS = PAPER_THRESHOLDS  # the paper's filter (section 3.2); the rules are filters.rules
 
 
 class FilterConfig(ActorPool):

@@ -16,10 +16,11 @@ from factory.framework import layout
 from factory.framework.storage import Storage
 from factory.report.evals import evals_of_version
 from factory.report.summary import INDEX_COLUMNS, CandidateSummary, IndexSummary
+from filters.rules import SCORE_COLUMNS
 
 log = logging.getLogger(__name__)
 
-CANDIDATE_COLUMNS = ("key", "unit", "alpha", "clip_t", "dino", "reject_stage", "reject_reason")
+CANDIDATE_COLUMNS = ("key", "unit", "alpha", *SCORE_COLUMNS, "reject_stage", "reject_reason")
 ANCESTRY_DEPTH = 8
 INDEX_BATCH_ROWS = 65536
 

@@ -17,9 +17,10 @@ from factory.framework.storage import Storage
 from factory.framework.units import IMAGE_HOMES, ImageJoin
 from factory.report.data import VersionData, read_columns, text
 from factory.report.summary import SCORES, rank
+from filters.rules import SCORE_COLUMNS
 
 JOIN_COLUMNS = ("unit", "reference_part", "reference_id")  # where a candidate's images are stored
-CARD_COLUMNS = ("key", "input_image", "target_image", "instruction", "user", "assistant", "clip_t", "dino",
+CARD_COLUMNS = ("key", "input_image", "target_image", "instruction", "user", "assistant", *SCORE_COLUMNS,
                 "reject_stage", "reject_reason")
 GALLERY_SIZE = 8
 GALLERY_MAX_SHARDS = 2  # shards read for the gallery, however large the version

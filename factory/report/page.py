@@ -18,6 +18,7 @@ from factory.report.gallery import Card, accepted_cards, near_threshold_cards
 from factory.report.plots import cost_rows, funnel_steps, render_plots
 from factory.report.review import disagreement_cards, figure_rows
 from factory.report.summary import SCORES, CandidateSummary
+from filters.rules import RULES
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,8 @@ def alpha_rows(candidates: CandidateSummary | None) -> list[list[Any]]:
 def score_badges(scores: dict[str, float], thresholds: dict[str, Any]) -> str:
     badges = []
     for name, value in scores.items():
-        passed = not np.isnan(value) and (name not in thresholds or value >= float(thresholds[name]))
+        passed = bool(RULES[name].passes(value, thresholds[name])) if name in thresholds and name in RULES \
+            else not np.isnan(value)
         badges.append(f'<span class="{"pass" if passed else "fail"}">{esc(name)} {number(value)}</span>')
     return " ".join(badges)
 

@@ -9,12 +9,12 @@ import numpy as np
 
 from factory.report.data import VersionData
 from factory.report.summary import SCORE_BINS, SCORE_RANGE, SCORES, IndexSummary, empty_counts
+from filters.rules import RULES
 
 FUNNEL_STEPS = (
     ("planned", "planned"),
     ("generated", "generated"),
-    ("passed_clip", "passed CLIP"),
-    ("passed_dino", "passed DINO"),
+    *((rule.funnel, f"passed {rule.scorer}") for rule in RULES.values()),
     ("dialogue_accepted", "dialogue accepted"),
     ("written", "written"),
 )

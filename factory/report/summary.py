@@ -21,11 +21,11 @@ import pyarrow as pa
 
 from filters.rules import RULES
 
-SCORES = {"clip_t": "CLIP-T (x~ vs instruction)", "dino": "DINO (x~ vs x)"}
+SCORES = {rule.name: rule.label for rule in RULES.values()}
 SCORE_RANGE = (-1.0, 1.0)  # cosine similarities; a value outside is counted in the edge bin
 SCORE_BINS = 2000  # 0.001 wide; the plot merges them into about 30 bars over the occupied range
 GROUPS = ("accepted", "rejected")
-FILTER_REASONS = tuple(RULES.values())
+FILTER_REASONS = tuple(rule.reason for rule in RULES.values())
 NEAR_SIZE = 8
 
 
