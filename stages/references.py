@@ -1,7 +1,7 @@
 """references stage: ingest reference images into a reference set (`factory.dataset.reference_sets`).
 
 The sources and how a candidate is named and given a subject are in `factory.dataset.reference_sources`;
-drawing the generated ones with Stable Diffusion is `factory.dataset.reference_drawing`. The stage lists
+the generated ones are drawn by `models.sd_drawer` (`Drawer`, below). The stage lists
 every candidate (errors that make the whole stage pointless are raised before any image is read),
 then reads or draws them a part at a time.
 
@@ -25,11 +25,14 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
+import ray
+from ray.util import ActorPool
 
-from factory.dataset.reference_drawing import Drawer
 from factory.dataset.reference_sets import write_parts, write_rejections
 from factory.dataset.reference_sources import (
     Candidate,
+    ReferencesError,
     Rejected,
     folder_candidates,
     generated_candidates,
@@ -39,9 +42,10 @@ from factory.dataset.reference_sources import (
 from factory.framework import layout
 from factory.framework.images import ImageRejected, decode_image, encode_jpeg, fit_within
 from factory.framework.storage import S3Storage, StorageError
+from models.sd_drawer import StableDiffusionDrawer
 
 if TYPE_CHECKING:
-    from factory.framework.config import ReferencesConfig
+    from factory.framework.config import FactoryConfig, ReferencesConfig
     from factory.framework.context import RunContext
 
 log = logging.getLogger(__name__)
@@ -164,3 +168,52 @@ def is_degenerate(image, min_std: float) -> bool:
 def rejection(candidate: Candidate, reason: str) -> dict:
     return {"reference_id": candidate.reference_id, "source": candidate.source,
             "origin": candidate.origin, "reason": reason}
+
+
+class Drawer:
+    """Draws the generated references with `models.sd_drawer` in batches of `batch_size`: on the
+    driver, or, with num_gpus > 0, concurrency > 1 or resources, on a pool of Ray actors that
+    lives through the whole ingest. A failed batch is counted, never a stop; a model that cannot
+    be loaded stops the stage before any image is read."""
+
+    def __init__(self, config: FactoryConfig):
+        cfg = config.references
+        self.batch_size = cfg.batch_size
+        self.pool = None
+        try:
+            if cfg.num_gpus > 0 or cfg.concurrency > 1 or cfg.resources:
+                self.pool = ray_pool(config)
+            else:
+                self.local = StableDiffusionDrawer(cfg, config.storage)
+        except Exception as err:
+            raise ReferencesError(
+                f"cannot load the Stable Diffusion pipeline references.sd_model={cfg.sd_model!r}: "
+                f"{type(err).__name__}: {err}"
+            ) from None
+
+    def draw(self, candidates: list[Candidate]) -> dict[str, bytes | Rejected]:
+        batches = [
+            pd.DataFrame({"reference_id": [c.reference_id for c in batch], "prompt": [c.prompt for c in batch],
+                          "seed": [c.seed for c in batch]})
+            for batch in (candidates[i : i + self.batch_size] for i in range(0, len(candidates), self.batch_size))
+        ]
+        if self.pool is not None:
+            results = self.pool.map(lambda actor, batch: actor.draw_batch.remote(batch), batches)
+        else:
+            results = map(self.local, batches)
+        drawn: dict[str, bytes | Rejected] = {}
+        for frame in results:
+            for ident, image, error in zip(frame["reference_id"], frame["image"], frame["error"]):
+                drawn[ident] = image if image is not None else Rejected(error)
+        return drawn
+
+
+def ray_pool(config: FactoryConfig) -> ActorPool:
+    cfg = config.references
+    if not ray.is_initialized():
+        local = {"num_cpus": config.ray.num_cpus} if config.ray.address is None else {}
+        ray.init(address=config.ray.address, ignore_reinit_error=True, **local)
+    remote = ray.remote(**cfg.ray_options())(StableDiffusionDrawer)
+    actors = [remote.remote(cfg, config.storage) for _ in range(cfg.concurrency)]
+    ray.get([actor.ready.remote() for actor in actors])  # surface a bad model path now
+    return ActorPool(actors)

@@ -31,9 +31,10 @@ from factory.dataset.manifest import (
     version_exists,
 )
 from factory.framework import layout
-from factory.framework.config import FactoryConfig, StorageConfig
+from factory.framework.config import FactoryConfig
 from factory.framework.context import RunContext
 from factory.framework.keys import portable_ref, sample_key
+from models.sd_drawer import StableDiffusionDrawer
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def drawn_w_id(instruction: str, seed: int) -> str:
     return f"sd:{int(seed)}-{hashlib.sha256(instruction.encode()).hexdigest()[:12]}"
 
 
-def store_drawn_w(ctx: RunContext, w_ids: list[str], images: list[bytes]) -> None:
+def store_drawn_w(ctx: RunContext, w_ids: list[str], images: list[bytes | None]) -> None:
     """The drawn images, once each, as a pool-like set of parts and ids under the run (ids written last)."""
     from functools import partial
 
@@ -231,7 +232,7 @@ def store_drawn_w(ctx: RunContext, w_ids: list[str], images: list[bytes]) -> Non
 
     run_id = ctx.config.run_id
     stored = store_images(ctx.storage, partial(layout.run_w_part, run_id), layout.run_w_ids(run_id),
-                          ((w_id[len("sd:"):], image) for w_id, image in zip(w_ids, images)))
+                          ((w_id[len("sd:"):], image) for w_id, image in zip(w_ids, images) if image is not None))
     log.info("stored %d SD-drawn w images under %s", stored, ctx.storage.url(layout.run_w_dir(run_id)))
 
 
@@ -268,52 +269,23 @@ def load_or_build_pool(ctx: RunContext, parent: str):
     return ImagePool.load(ctx.storage, name)
 
 
-class WDrawer:
-    """map_batches callable holding a Stable Diffusion pipeline: adds `w_image` (JPEG bytes) drawn
-    from each row's `instruction` with a generator seeded by the row's own `seed`."""
-
-    def __init__(self, sd_model: str, steps: int, size: int, storage: StorageConfig | None = None):
-        import torch
-        from diffusers import StableDiffusionPipeline
-
-        from factory.framework.models_cache import local_model
-
-        sd_model = local_model(sd_model, storage, "references.sd_model")
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipe = StableDiffusionPipeline.from_pretrained(sd_model, safety_checker=None,
-                                                            requires_safety_checker=False).to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.steps, self.size = steps, size
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        import torch
-
-        from factory.framework.images import encode_jpeg
-
-        generators = [torch.Generator(self.device).manual_seed(int(seed)) for seed in batch["seed"]]
-        images = self.pipe(list(batch["instruction"]), num_inference_steps=self.steps, height=self.size,
-                           width=self.size, generator=generators).images
-        out = batch.reset_index(drop=True)
-        out["w_image"] = [encode_jpeg(image) for image in images]
-        return out
-
-
-def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> list[bytes]:
-    """SD drawings of the jobs' instructions, on an actor pool sized like the reference ingest's SD pool."""
+def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> list[bytes | None]:
+    """SD drawings of the jobs' instructions by the references' drawer (`models.sd_drawer`), on an
+    actor pool sized like the reference ingest's; None where a drawing failed (its jobs are then
+    rejected by generate, counted, for want of a stored `w`)."""
     import ray
 
     refs = ctx.config.references
-    frame = pd.DataFrame({"order": np.arange(len(jobs)), "instruction": jobs["instruction"].to_numpy(),
+    frame = pd.DataFrame({"order": np.arange(len(jobs)), "prompt": jobs["instruction"].to_numpy(),
                           "seed": jobs["seed"].to_numpy(dtype=np.int64)})
     drawn = ray.data.from_pandas(frame).map_batches(
-        WDrawer, fn_constructor_args=(refs.sd_model, refs.sd_steps, refs.sd_size, ctx.config.storage),
-        batch_size=batch_size,
+        StableDiffusionDrawer, fn_constructor_args=(refs, ctx.config.storage), batch_size=batch_size,
         batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=refs.concurrency),
         **refs.ray_options(),
-    ).select_columns(["order", "w_image"]).to_pandas()
-    if len(drawn) != len(jobs):
-        raise RuntimeError(f"SD drew {len(drawn)} w images for {len(jobs)} jobs")
-    return drawn.sort_values("order")["w_image"].tolist()
+    ).select_columns(["order", "image", "error"]).to_pandas().sort_values("order")
+    for error, count in drawn["error"].value_counts().items():
+        log.warning("SID w: %d drawings not stored (%s)", count, error)
+    return drawn["image"].tolist()
 
 
 def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> pa.Table:

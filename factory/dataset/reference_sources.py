@@ -9,7 +9,7 @@ Sources (config `references.sources`):
   never extracted; a member named to escape (absolute, `..`, NUL, drive letter) is
   "unsafe_member_name", a link or device "unsupported_member". A sample's image is its first
   jpg/jpeg/png/webp member, its subject the `.json` "subject"/"class", `.cls` or `.txt`.
-- generated: one candidate per image to draw (`factory.dataset.reference_drawing` draws them): `per_prompt`
+- generated: one candidate per image to draw (`models.sd_drawer` draws them): `per_prompt`
   for each class in `prompts`, each with its own seed (a hash of the source seed, the class and
   the image's index, so adding classes changes no other seed); subject = the class.
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory.dataset.reference_drawing import ReferenceDrawer
 from factory.dataset.reference_sets import list_parts, load_references, load_rejections, read_part
 from factory.dataset.reference_sources import (
     ReferencesError,
@@ -24,6 +23,7 @@ from factory.dataset.reference_sources import (
 )
 from factory.framework.config import ConfigError, FactoryConfig, validate_config
 from factory.framework.context import RunContext
+from models.sd_drawer import StableDiffusionDrawer
 from stages import references
 
 # --- helpers -------------------------------------------------------------------------------
@@ -399,14 +399,14 @@ def test_generated_with_a_missing_model_fails_before_any_work(tmp_path):
 
 
 def test_a_failed_drawing_batch_is_counted_and_the_stage_goes_on(tmp_path, tiny_sd, monkeypatch):
-    real_call = ReferenceDrawer.__call__
+    real_call = StableDiffusionDrawer.__call__
 
     def fail_on_apples(self, rows):
         if any("apple" in prompt for prompt in rows["prompt"]):
             rows = rows.assign(prompt=None)  # the real pipeline refuses a batch without prompts
         return real_call(self, rows)
 
-    monkeypatch.setattr(ReferenceDrawer, "__call__", fail_on_apples)
+    monkeypatch.setattr(StableDiffusionDrawer, "__call__", fail_on_apples)
     summary, ctx = run_stage(generated_config(tmp_path, tiny_sd, batch_size=1))
     assert summary["references"] == 2 and summary["rejected"] == {"generation_failed": 2}
     assert set(load_references(ctx.storage, "refs")["subject"]) == {"dog"}

@@ -76,7 +76,8 @@ def tiny_sd(tmp_path_factory):
 
 
 def test_sd_w_is_drawn_on_an_actor_pool_with_each_jobs_seed(tmp_path, tiny_sd, ray_local):
-    from stages.sid import WDrawer, attach_w, drawn_w_id
+    from models.sd_drawer import StableDiffusionDrawer
+    from stages.sid import attach_w, drawn_w_id
 
     ctx = make_ctx(tmp_path, sid={"w_source": "generate"},
                    references={"sd_model": tiny_sd, "sd_steps": 2, "sd_size": 64})
@@ -93,8 +94,8 @@ def test_sd_w_is_drawn_on_an_actor_pool_with_each_jobs_seed(tmp_path, tiny_sd, r
     drawn = [np.asarray(decode_image(data)) for data in joined]
     assert all(image.shape == (64, 64, 3) for image in drawn)
 
-    direct = WDrawer(tiny_sd, 2, 64)(planned)  # the callable on its own, no Ray
-    for data, image in zip(direct["w_image"], drawn):
+    direct = StableDiffusionDrawer(ctx.config.references)(planned.rename(columns={"instruction": "prompt"}))
+    for data, image in zip(direct["image"], drawn):  # the drawer on its own, no Ray
         assert np.abs(np.asarray(decode_image(data)).astype(int) - image.astype(int)).max() <= 2
     assert np.abs(drawn[0].astype(int) - drawn[1].astype(int)).mean() > 1  # another instruction and seed
 
