@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from factory.cost import (
     PAPER_GPU,
     GeneratorSettings,
@@ -25,8 +27,11 @@ from factory.cost import (
     sid_from_manifest,
     source_kind,
 )
+from factory.dataset.manifest import list_versions
+from factory.dataset.reference_sets import list_parts, set_complete
+from factory.dataset.reference_sources import is_image_name, walk_files
 from factory.framework.config import FactoryConfig
-from factory.framework.storage import Storage
+from factory.framework.storage import Storage, StorageError, open_storage
 
 SID_GENERATOR = "cafe"
 
@@ -83,10 +88,6 @@ class ReferenceCount:
 
 def stored_reference_count(storage: Storage, set_name: str) -> int | None:
     """Rows of the complete stored set (from the part files' footers), None when it is missing."""
-    import pyarrow.parquet as pq
-
-    from factory.dataset.reference_sets import list_parts, set_complete
-
     if not set_complete(storage, set_name):
         return None
     total = 0
@@ -98,8 +99,6 @@ def stored_reference_count(storage: Storage, set_name: str) -> int | None:
 
 def source_count(source, config: FactoryConfig) -> int | None:
     """Images a configured source would offer: counted for folders and S3, None for shards."""
-    from factory.dataset.reference_sources import is_image_name, walk_files
-
     if source.kind == "generated":
         return len(source.prompts) * source.per_prompt
     if source.kind == "folder":
@@ -157,8 +156,6 @@ def generator_settings(config: FactoryConfig) -> GeneratorSettings:
 
 
 def latest_manifest(storage: Storage, dataset: str, kinds: tuple[str, ...]) -> dict | None:
-    from factory.dataset.manifest import list_versions
-
     wanted = [m for m in list_versions(storage, dataset) if m.get("kind") in kinds]
     return wanted[-1] if wanted else None
 
@@ -346,8 +343,6 @@ def format_estimate(result: Estimate, config_name: str) -> list[str]:
 def dry_run(config: FactoryConfig, stage: str, config_name: str, device_kind: str | None = None,
             figures: str | None = None) -> list[str]:
     """The printed estimate; opens storage without checking it (a local check would create the root)."""
-    from factory.framework.storage import StorageError, open_storage
-
     storage = open_storage(config.storage)
     if not config.storage.root.startswith("s3://") and not os.path.isdir(storage.root):
         storage = EmptyStorage()

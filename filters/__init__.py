@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
+
 
 def autocast_dtype(device: str, dtype: str | None):
     """The torch dtype to autocast to, or None for full float32.
@@ -12,8 +14,6 @@ def autocast_dtype(device: str, dtype: str | None):
     "auto" means bfloat16 on a CUDA card that has it, float16 on an older card, and
     float32 on the CPU.
     """
-    import torch
-
     if dtype in (None, "float32"):
         return None
     if dtype == "auto":
@@ -26,8 +26,6 @@ def autocast_dtype(device: str, dtype: str | None):
 @contextmanager
 def inference_context(device: str, dtype: str | None):
     """`torch.inference_mode`, plus autocast where a reduced precision applies."""
-    import torch
-
     target = autocast_dtype(device, dtype)
     with torch.inference_mode():
         if target is None:

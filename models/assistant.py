@@ -19,6 +19,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from factory.framework.models_cache import local_model
+from models.cafe import encoder_dims
 
 CONFIG_FILE = "assistant_config.json"
 WEIGHTS_FILE = "assistant.safetensors"
@@ -56,8 +61,6 @@ class CafeAssistant(nn.Module):
     ) -> CafeAssistant:
         """New heads over the LLM at `llm_model`, sized for the two encoders (references recorded as
         given; `storage` fetches S3 ones, `factory.framework.models_cache`)."""
-        from models.cafe import encoder_dims
-
         clip_dim, dino_dim = encoder_dims(clip_model, dino_model, storage)
         config = {
             "llm_model": llm_model,
@@ -207,10 +210,6 @@ def assistant_loss(output: AssistantOutput, clip_targets: torch.Tensor, clip_wei
 
 
 def load_llm(path: str, dtype=torch.float32, storage: Any = None) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from factory.framework.models_cache import local_model
-
     path = local_model(path, storage, "llm_model")
     tokenizer = AutoTokenizer.from_pretrained(path)
     llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -218,8 +217,6 @@ def load_llm(path: str, dtype=torch.float32, storage: Any = None) -> tuple[nn.Mo
 
 
 def _pad(rows: list[torch.Tensor], labels: list[torch.Tensor]):
-    from torch.nn.utils.rnn import pad_sequence
-
     inputs = pad_sequence(rows, batch_first=True)
     padded_labels = pad_sequence(labels, batch_first=True, padding_value=IGNORE)
     lengths = torch.tensor([len(row) for row in rows], device=inputs.device)

@@ -11,6 +11,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import torch
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 
@@ -70,8 +71,6 @@ def parse_options(name: str, options_model: type[Options], options: dict[str, An
 
 def resolve_dtype(name: str, device: Any):
     """An options `dtype` on `device`: half precision only on CUDA ("auto": float16); float32 on the CPU."""
-    import torch
-
     if device.type != "cuda":
         return torch.float32
     return torch.float16 if name == "auto" else getattr(torch, name)
@@ -79,14 +78,10 @@ def resolve_dtype(name: str, device: Any):
 
 def synchronize(device: Any) -> None:
     """Wait for `device`'s queued work (CUDA runs asynchronously), so a timer reads the work's end."""
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def pick_device(num_gpus: float) -> str:
     """CUDA when the actor was given GPUs and one is visible, else the CPU."""
-    import torch
-
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"

@@ -32,6 +32,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
 from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
 
 from factory.framework.models_cache import local_model, model_ref
 from models.base import EvaluationCounter, GenJob, GenResult
@@ -232,8 +233,6 @@ def _plain_config(config: Any) -> dict[str, Any]:
 
 def encoder_dims(clip_model: str, dino_model: str, storage: Any = None) -> tuple[int, int]:
     """(CLIP projection width, DINOv2 hidden width) read from the encoders' configs."""
-    from transformers import AutoConfig
-
     clip_config = AutoConfig.from_pretrained(local_model(clip_model, storage, "clip_model"))
     dino_config = AutoConfig.from_pretrained(local_model(dino_model, storage, "dino_model"))
     return int(clip_config.projection_dim), int(dino_config.hidden_size)
@@ -247,8 +246,6 @@ class ImageEncoders:
 
     def __init__(self, clip_model: str, dino_model: str, device: str | torch.device = "cpu", dtype=torch.float32,
                  storage: Any = None):
-        from transformers import AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
-
         clip_model = local_model(clip_model, storage, "clip_model")
         dino_model = local_model(dino_model, storage, "dino_model")
         self.device = torch.device(device)

@@ -16,9 +16,11 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from factory.framework.images import to_rgb
 from factory.framework.models_cache import local_model, model_ref
 from models.base import (
     DIFFUSERS_LOADING,
@@ -74,8 +76,6 @@ class IPAdapterGenerator:
         self.unet_evals = EvaluationCounter(self.pipeline.unet)
 
     def _load(self, spec: GeneratorSpec):
-        from diffusers import StableDiffusionPipeline
-
         where = f"generate.generators.{self.name}"
         model = local_model(spec.model, self.storage, f"{where}.model")
         checkpoint = local_model(spec.checkpoint, self.storage, f"{where}.checkpoint")
@@ -93,8 +93,6 @@ class IPAdapterGenerator:
 
     def _prepare(self, pipeline):
         """Scheduler, adapter scale, device and eval mode for a pipeline with its adapter loaded."""
-        from diffusers import DDIMScheduler
-
         if self.options.scheduler == "ddim":
             pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
         pipeline.set_ip_adapter_scale(self.options.scale)
@@ -127,7 +125,6 @@ class IPAdapterGenerator:
         """Embed `reference` once, then draw one image per job, in order."""
         if not jobs:
             return []
-        from factory.framework.images import to_rgb
 
         started = time.perf_counter()
         results: list[GenResult] = []

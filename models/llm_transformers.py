@@ -15,7 +15,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from factory.framework.models_cache import local_model, model_ref
 from models.llm import BatchEngine, Conversation, EngineError, sampling_settings
 
 if TYPE_CHECKING:
@@ -30,10 +32,6 @@ class TransformersEngine(BatchEngine):
     name = "transformers"
 
     def __init__(self, config: DialogueConfig, device: str | None = None, storage: Any = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from factory.framework.models_cache import local_model
-
         self.config = config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         path = local_model(config.model, storage, "dialogue.model")
@@ -49,8 +47,6 @@ class TransformersEngine(BatchEngine):
         self._grammars: dict[str, str] = {}
 
     def describe(self) -> dict[str, Any]:
-        from factory.framework.models_cache import model_ref
-
         return {"engine": self.name, "model": model_ref(self.config.model), **sampling_settings(self.config)}
 
     def _generate(

@@ -29,12 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import CLIPTextModel, CLIPTokenizer
 
+from factory.framework.config import GeneratorSpec
+from factory.framework.images import to_rgb
 from factory.framework.models_cache import local_model, model_ref
 from models.base import (
     DIFFUSERS_LOADING,
@@ -112,9 +117,6 @@ class ProFusionGenerator:
     # --- loading -----------------------------------------------------------------------
 
     def _load(self, spec: GeneratorSpec) -> None:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         frozen = dict(torch_dtype=self.dtype, **DIFFUSERS_LOADING)
         where = f"generate.generators.{self.name}"
         model = local_model(spec.model, self.storage, f"{where}.model")
@@ -379,8 +381,6 @@ class ProFusionGenerator:
     # --- images and latents ------------------------------------------------------------
 
     def _reference_pixels(self, reference: Image.Image) -> torch.Tensor:
-        from factory.framework.images import to_rgb
-
         image = to_rgb(reference)
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -445,8 +445,6 @@ class PromptNetTraining:
     def __init__(self, model: str, *, checkpoint: str | None = None, image_encoder: str | None = None,
                  device: str = "cpu", image_size: int = 512, prompt: str = "a photo of {subject}",
                  storage: Any = None):
-        from factory.framework.config import GeneratorSpec
-
         spec = GeneratorSpec(
             kind="profusion", model=model, checkpoint=checkpoint, image_size=image_size,
             options={"image_encoder": image_encoder, "finetune_unet_attention": False},
@@ -573,9 +571,6 @@ def refine_step(latents: torch.Tensor, eps: torch.Tensor, alpha_t: float, alpha_
 
 
 def _load_scheduler(model: str, choice: str):
-    import diffusers
-    from diffusers import DDIMScheduler
-
     config = DDIMScheduler.load_config(model, subfolder="scheduler")
     if choice == "ddim":
         return DDIMScheduler.from_config(config)

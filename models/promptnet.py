@@ -36,6 +36,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
 from torch import nn
+from transformers import CLIPVisionModel
 
 IMAGE_ENCODER_FOLDER = "image_encoder"
 PROMPT_HEADS = ("pooled", "regions")
@@ -415,8 +416,6 @@ def _read_release_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_image_encoder(source: str | Path, **kwargs):
     """The CLIP vision tower PromptNet reads (ProFusion: OpenCLIP ViT-H/14's last hidden state)."""
-    from transformers import CLIPVisionModel
-
     return CLIPVisionModel.from_pretrained(str(source), **kwargs)
 
 

@@ -29,6 +29,7 @@ import yaml
 from factory.framework.config import DialogueConfig, FactoryConfig
 from factory.framework.executor import Step, run_steps
 from factory.framework.stage import Stage
+from models.engines import build_engine
 
 if TYPE_CHECKING:
     from models.llm import Conversation, Engine
@@ -296,8 +297,6 @@ class Dialogue(Stage):
     shaped_by = ("references", "plan", "generate", "filter", "dialogue")
 
     def __init__(self, config: FactoryConfig, engine: Engine | None = None):
-        from models.engines import build_engine
-
         super().__init__(config)
         self.settings = config.dialogue
         self.limits = DialogueLimits.from_config(self.settings)

@@ -30,16 +30,23 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import ray
+import torch
 import yaml
+from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
+from factory.dataset.checkpoints import fetch_checkpoint, newest_checkpoint
 from factory.dataset.eval_sets import eval_set_name, reference_set_pairs
 from factory.framework import layout
-from factory.framework.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec, StorageConfig
+from factory.framework.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec, StorageConfig, validate_config
 from factory.framework.context import RunContext
 from factory.framework.images import decode_image
 from factory.framework.keys import safe_id
-from factory.framework.models_cache import model_ref
-from factory.framework.storage import Storage
+from factory.framework.models_cache import loader_paths, local_model, model_ref
+from factory.framework.storage import Storage, open_storage
+from filters.clip import ClipScorer
+from filters.dino import DinoScorer
+from models.cafe import CafeGenerator
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +72,6 @@ def run(ctx: RunContext) -> dict[str, Any]:
 
 def locate_generator(ctx: RunContext) -> Located:
     """`eval.checkpoint`, else the newest trained G; the embedded demo trains a tiny one when there is none."""
-    from factory.dataset.checkpoints import newest_checkpoint
-
     config = ctx.config
     if config.eval.checkpoint is None and newest_checkpoint(ctx.storage, "generator") is None and is_demo(config):
         from factory.dataset.manifest import latest_version
@@ -99,8 +104,6 @@ class Located:
 
     @classmethod
     def resolve(cls, storage: Storage, given: str | None, model: str) -> "Located":
-        from factory.dataset.checkpoints import newest_checkpoint
-
         if given and (Path(given).is_dir() or given.startswith("s3://")):
             return cls(given, False)
         key = given or newest_checkpoint(storage, model)
@@ -117,9 +120,6 @@ class Located:
 
     def materialize(self, storage: Storage, scratch: Path, settings: StorageConfig | None = None) -> str:
         """A local folder holding the model (a copy under `scratch` when it is in storage)."""
-        from factory.dataset.checkpoints import fetch_checkpoint
-        from factory.framework.models_cache import local_model
-
         if not self.in_storage:
             return local_model(self.name, settings, "eval.checkpoint")
         if self.step:
@@ -191,15 +191,6 @@ class EvalWorker:
     `eval_rows`, returns per-row metrics (`dino`, `clip_i`, `clip_t`: one value per image)."""
 
     def __init__(self, config_snapshot: dict[str, Any], generator: Located, assistant: Located | None = None):
-        import torch
-
-        from factory.framework.config import validate_config
-        from factory.framework.models_cache import loader_paths
-        from factory.framework.storage import open_storage
-        from filters.clip import ClipScorer
-        from filters.dino import DinoScorer
-        from models.cafe import CafeGenerator
-
         config = validate_config(config_snapshot)
         settings = config.eval
         device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
@@ -251,8 +242,6 @@ class EvalWorker:
 
 def eval_gpus(settings: EvalConfig) -> float:
     """One GPU per eval actor when asked for and the cluster has GPUs; else CPU actors."""
-    import ray
-
     return 1.0 if settings.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
@@ -263,8 +252,6 @@ def evaluate(
     assistant: Located | None = None,
 ) -> dict[str, Any]:
     """Draw and score on an actor pool of `EvalWorker`s; returns the report (metrics are means over all images)."""
-    import ray
-
     started = time.perf_counter()
     rows = eval_rows(config, inputs)
     scored = ray.data.from_pandas(rows).map_batches(
@@ -288,8 +275,6 @@ def report_from_scored(scored: pd.DataFrame, settings: EvalConfig, seconds: floa
 def semantic_source(settings: EvalConfig, generator, assistant_folder: str | None, device: str,
                     storage: StorageConfig | None = None):
     """A function (E(x), prompt) -> the CLIP condition (1, d) for G."""
-    import torch
-
     if settings.semantic == "assistant":
         from models.assistant import CafeAssistant
 
@@ -303,9 +288,7 @@ def semantic_source(settings: EvalConfig, generator, assistant_folder: str | Non
 
         return from_assistant
 
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-    from factory.framework.models_cache import local_model
 
     clip_path = local_model(generator.paths["clip_model"], storage, "clip_model")
     tokenizer = AutoTokenizer.from_pretrained(clip_path)

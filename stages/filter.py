@@ -14,11 +14,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
 from factory.framework.config import FactoryConfig
 from factory.framework.executor import Step, run_steps
 from factory.framework.images import ImageRejected, decode_image
+from factory.framework.models_cache import loader_paths
 from factory.framework.stage import Stage
+from filters.clip import clip_scorer_from_config, paired_cosines
+from filters.dino import DinoScorer
 from filters.rules import RULES, first_failure, funnel_counts, rule_flags
 from models.base import pick_device
 
@@ -51,10 +55,6 @@ class Filter(Stage):
     shaped_by = ("references", "plan", "generate", "filter")
 
     def __init__(self, config: FactoryConfig, device: str | None = None):
-        from factory.framework.models_cache import loader_paths
-        from filters.clip import clip_scorer_from_config
-        from filters.dino import DinoScorer
-
         super().__init__(config)
         self.settings = config.filter
         self.device = device or pick_device(self.settings.num_gpus)
@@ -119,10 +119,6 @@ class Filter(Stage):
 
     def score(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
         """(clip_t, dino) for the prepared rows: one CLIP image, one CLIP text and one DINO pass."""
-        import torch
-
-        from filters.clip import paired_cosines
-
         image_features = self.clip.embed_pixels(torch.stack(prepared.clip_pixels))
         text_features = self.clip.embed_texts(prepared.texts)
         dino_features = self.dino.embed_pixels(torch.stack([*prepared.dino_targets, *prepared.dino_inputs]))

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from factory.dataset.instructions import render
 from factory.dataset.planning import PLAN_SCHEMA, PlanError, cut_units, instruction_table, reference_catalog  # noqa: F401
 from factory.framework import layout
 from factory.framework.context import RunContext
@@ -20,8 +21,6 @@ from factory.framework.units import write_plan
 
 
 def draw_jobs(references: pd.DataFrame, instructions: pd.DataFrame, ctx: RunContext) -> pd.DataFrame:
-    from factory.dataset.instructions import render
-
     plan_config = ctx.config.plan
     rng = np.random.default_rng(plan_config.seed)
     if plan_config.total_jobs is not None:

@@ -15,12 +15,17 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import ray
+import torch
 
+from factory.dataset.checkpoints import latest_assistant_checkpoint, latest_generator_checkpoint
+from factory.dataset.instructions import render
 from factory.dataset.manifest import (
     VersionSpec,
     latest_version,
@@ -30,11 +35,20 @@ from factory.dataset.manifest import (
     union_versions,
     version_exists,
 )
+from factory.dataset.planning import PLAN_SCHEMA, cut_units, instruction_table, reference_catalog
+from factory.dataset.pool import ImagePool, build_pool_from_shards
+from factory.dataset.publisher import publish_run
 from factory.framework import layout
-from factory.framework.config import FactoryConfig
+from factory.framework.config import FactoryConfig, validate_config
 from factory.framework.context import RunContext
+from factory.framework.executor import run_steps
+from factory.framework.image_parts import store_images
 from factory.framework.keys import portable_ref, sample_key
+from factory.framework.models_cache import loader_paths
+from factory.framework.units import finished_units, plan_exists, read_unit, write_plan
+from filters.clip import clip_scorer_from_config
 from models.sd_drawer import StableDiffusionDrawer
+from models.training.runner import train_assistant_on, train_generator_on
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +56,6 @@ log = logging.getLogger(__name__)
 def plan_schema() -> pa.Schema:
     """The plan's columns and `w_pool`, the pool a `pool:` w_id is in. No image bytes: generate
     joins `w` by `w_id` (`factory.framework.units.ImageJoin`)."""
-    from factory.dataset.planning import PLAN_SCHEMA
-
     return PLAN_SCHEMA.append(pa.field("w_pool", pa.string()))
 
 
@@ -75,9 +87,6 @@ class RoundModels:
 def ensure_checkpoint(ctx: RunContext, parent: str) -> str:
     """G's checkpoint folder: `sid.checkpoint`, else the newest trained G, else (the first night
     after the bootstrap) G trained on the parent now, with the `train` settings."""
-    from factory.dataset.checkpoints import latest_generator_checkpoint
-    from models.training.runner import train_generator_on
-
     checkpoint = ctx.config.sid.checkpoint or latest_generator_checkpoint(ctx)
     if checkpoint:
         return checkpoint
@@ -88,9 +97,6 @@ def ensure_checkpoint(ctx: RunContext, parent: str) -> str:
 def ensure_assistant(ctx: RunContext, parent: str) -> str:
     """The assistant's checkpoint folder: `sid.assistant_checkpoint`, else the newest trained one,
     else the assistant trained on the parent now (paper 4.1: first on the bootstrap samples)."""
-    from factory.dataset.checkpoints import latest_assistant_checkpoint
-    from models.training.runner import train_assistant_on
-
     checkpoint = ctx.config.sid.assistant_checkpoint or latest_assistant_checkpoint(ctx)
     if checkpoint:
         return checkpoint
@@ -113,9 +119,6 @@ def instruction_weights(instructions: pd.DataFrame, parent_index: pd.DataFrame, 
 
 
 def draw_round_jobs(ctx: RunContext, parent: str, round_: int) -> pd.DataFrame:
-    from factory.dataset.instructions import render
-    from factory.dataset.planning import instruction_table, reference_catalog
-
     sid = ctx.config.sid
     rng = np.random.default_rng([sid.seed, round_])
     references = reference_catalog(ctx)
@@ -226,10 +229,6 @@ def drawn_w_id(instruction: str, seed: int) -> str:
 
 def store_drawn_w(ctx: RunContext, w_ids: list[str], images: list[bytes | None]) -> None:
     """The drawn images, once each, as a pool-like set of parts and ids under the run (ids written last)."""
-    from functools import partial
-
-    from factory.framework.image_parts import store_images
-
     run_id = ctx.config.run_id
     stored = store_images(ctx.storage, partial(layout.run_w_part, run_id), layout.run_w_ids(run_id),
                           ((w_id[len("sd:"):], image) for w_id, image in zip(w_ids, images) if image is not None))
@@ -237,9 +236,6 @@ def store_drawn_w(ctx: RunContext, w_ids: list[str], images: list[bytes | None])
 
 
 def clip_scorer(config: FactoryConfig):
-    from factory.framework.models_cache import loader_paths
-    from filters.clip import clip_scorer_from_config
-
     return clip_scorer_from_config(config, local=loader_paths(config.storage))
 
 
@@ -250,11 +246,6 @@ def pool_name(ctx: RunContext, parent: str) -> str:
 def load_or_build_pool(ctx: RunContext, parent: str):
     """The configured pool, or one built by a Ray Data job from the parent's target images
     (CLIP on an actor pool sized like the filter's)."""
-    from functools import partial
-
-    from factory.dataset.pool import ImagePool, build_pool_from_shards
-    from factory.framework import layout
-
     name = pool_name(ctx, parent)
     try:
         return ImagePool.load(ctx.storage, name)
@@ -273,8 +264,6 @@ def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> l
     """SD drawings of the jobs' instructions by the references' drawer (`models.sd_drawer`), on an
     actor pool sized like the reference ingest's; None where a drawing failed (its jobs are then
     rejected by generate, counted, for want of a stored `w`)."""
-    import ray
-
     refs = ctx.config.references
     frame = pd.DataFrame({"order": np.arange(len(jobs)), "prompt": jobs["instruction"].to_numpy(),
                           "seed": jobs["seed"].to_numpy(dtype=np.int64)})
@@ -289,8 +278,6 @@ def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> l
 
 
 def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> pa.Table:
-    from factory.dataset.planning import cut_units
-
     jobs = draw_round_jobs(ctx, parent, round_)
     if jobs.empty:
         raise RuntimeError("SID round planned no jobs: no reference has instructions in its domain")
@@ -320,10 +307,6 @@ def round_context(ctx: RunContext, round_: int, checkpoint: str) -> RunContext:
 
 
 def run_round(ctx: RunContext, parent: str, round_: int, models: RoundModels) -> dict[str, Any]:
-    from factory.dataset.publisher import publish_run
-    from factory.framework.executor import run_steps
-    from factory.framework.units import plan_exists, write_plan
-
     checkpoint = models.generator
     rctx = round_context(ctx, round_, checkpoint)
     if not plan_exists(rctx.storage, rctx.config.run_id):
@@ -351,8 +334,6 @@ def run_round(ctx: RunContext, parent: str, round_: int, models: RoundModels) ->
 
 def round_alphas(rctx: RunContext) -> pd.Series:
     """How many candidates each alpha was drawn for, read one unit's column at a time."""
-    from factory.framework.units import finished_units, read_unit
-
     counts = pd.Series(dtype="int64")
     for unit in sorted(finished_units(rctx.storage, rctx.config.run_id, "dialogue")):
         rows = read_unit(rctx.storage, rctx.config.run_id, "dialogue", unit, columns=["alpha"])
@@ -401,8 +382,6 @@ def finetuned_models(ctx: RunContext, union: str, models: RoundModels) -> RoundM
     `sid.finetune_assistant` for the assistant) fine-tuned on `union` from the one the round
     started with (runs `<run-id>-g-<union>` / `<run-id>-a-<union>`: a run that had finished
     returns at once, one that stopped resumes from its last step); the others as they were."""
-    from models.training.runner import train_assistant_on, train_generator_on
-
     sid = ctx.config.sid
     generator = train_generator_on(ctx, union, init_from=models.generator) if sid.finetune else models.generator
     assistant = models.assistant
@@ -429,12 +408,6 @@ def round_models(ctx: RunContext, parent: str, done: int) -> RoundModels:
 def clip_scorer_from_snapshot(snapshot: dict, device: str | None = None):
     """The filter's CLIP scorer from a config snapshot (what a Ray actor is given); `device`
     defaults to cuda when present."""
-    import torch
-
-    from factory.framework.config import validate_config
-    from factory.framework.models_cache import loader_paths
-    from filters.clip import clip_scorer_from_config
-
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     config = validate_config(snapshot)

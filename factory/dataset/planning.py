@@ -7,6 +7,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from factory.dataset.instructions import load_bank
+from factory.dataset.reference_sets import list_parts, set_complete
 from factory.framework import layout
 from factory.framework.context import RunContext
 
@@ -38,8 +40,6 @@ class PlanError(ValueError):
 
 def reference_catalog(ctx: RunContext) -> pd.DataFrame:
     """Reference ids with their subject, domain and part file, sorted by id."""
-    from factory.dataset.reference_sets import list_parts, set_complete
-
     set_name = ctx.config.references.set
     parts = list_parts(ctx.storage, set_name)
     if not parts or not set_complete(ctx.storage, set_name):
@@ -54,8 +54,6 @@ def reference_catalog(ctx: RunContext) -> pd.DataFrame:
 
 
 def instruction_table(path: str | None) -> pd.DataFrame:
-    from factory.dataset.instructions import load_bank
-
     bank = load_bank(path)
     return pd.DataFrame(
         {"instruction_id": [i.id for i in bank], "domain": [i.domain for i in bank],

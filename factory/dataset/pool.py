@@ -32,11 +32,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import ray
 
+from factory.dataset.shards import read_shard
 from factory.framework import layout
 from factory.framework.image_parts import IDS_SCHEMA, fetch_images, write_image_part
 from factory.framework.images import ImageRejected, decode_image
-from factory.framework.storage import Storage
+from factory.framework.storage import Storage, open_storage
 
 if TYPE_CHECKING:
     from factory.framework.config import ActorPool, StorageConfig
@@ -236,9 +238,6 @@ def build_pool(storage: Storage, name: str, images: Iterable[tuple[str, bytes]],
 def shard_to_part(batch: pd.DataFrame, storage_config: StorageConfig, name: str) -> pd.DataFrame:
     """map_batches function, one shard per call: write the shard's target images as pool part
     `part`, and pass them on as rows (image_id, part, row, image) for embedding."""
-    from factory.dataset.shards import read_shard
-    from factory.framework.storage import open_storage
-
     storage = open_storage(storage_config)
     frames = []
     for shard, part in zip(batch["shard"], batch["part"]):
@@ -257,8 +256,6 @@ def build_pool_from_shards(storage: Storage, storage_config: StorageConfig, name
                            exact_limit: int = EXACT_LIMIT) -> dict[str, int]:
     """The Ray Data job: shards -> parts (tasks, one shard each) -> CLIP embeddings (actor pool) ->
     ids and index, written by the driver from the small (id, part, row, embedding) rows."""
-    import ray
-
     if not shard_keys:
         raise ValueError(f"pool {name}: no shards to build it from")
     shards = ray.data.from_items([{"shard": key, "part": n} for n, key in enumerate(shard_keys)],

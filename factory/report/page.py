@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from factory.cost import version_estimates
 from factory.framework.storage import Storage, StorageError
 from factory.report.data import VersionData, default_out_dir, load_version_data, text
 from factory.report.evals import eval_rows
@@ -130,8 +131,6 @@ def cost_section(data: VersionData, plots: dict[str, bytes]) -> str:
 
 def estimate_section(manifest: dict) -> str:
     """GPU-hours per 1M accepted at this version's pass rate, per device kind (`factory.cost`)."""
-    from factory.cost import version_estimates
-
     rows = version_estimates(manifest)
     if not rows:
         return ""

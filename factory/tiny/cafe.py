@@ -7,6 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config, Dinov2Model
+
+from factory.tiny.llama import build_tiny_llama, build_tiny_tokenizer
+from models.assistant import CafeAssistant
+from models.cafe import CafeUNet
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -17,9 +25,6 @@ TINY_SD_IMAGE_SIZE = 16  # generator output; VAE factor 2 -> 8 x 8 latents
 
 def build_tiny_dinov2(path: str | Path, seed: int = 0) -> str:
     """A 2-layer `Dinov2Model` (hidden 32, patch 14, image 28: 4 patches + CLS) with its processor."""
-    import torch
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
     config = Dinov2Config(
         hidden_size=32,
         num_hidden_layers=2,
@@ -45,11 +50,6 @@ def build_tiny_dinov2(path: str | Path, seed: int = 0) -> str:
 def build_tiny_cafe_clip(path: str | Path, seed: int = 0) -> str:
     """A tiny full `CLIPModel` (projection 16) with image processor and tokenizer: loads as
     `CLIPVisionModelWithProjection` (F) and `CLIPTextModelWithProjection` like the real one."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from factory.tiny.llama import build_tiny_tokenizer
-
     tokenizer = build_tiny_tokenizer()
     tokenizer.pad_token = tokenizer.eos_token
     config = CLIPConfig(
@@ -92,9 +92,6 @@ def build_tiny_cafe_clip(path: str | Path, seed: int = 0) -> str:
 
 def build_tiny_sd_base(path: str | Path, seed: int = 0) -> str:
     """A Stable-Diffusion-2-shaped folder with `unet/`, `vae/` and `scheduler/` (what G uses)."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
     path = Path(path)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -142,8 +139,6 @@ def build_tiny_cafe_parts(path: str | Path) -> dict[str, str]:
 
 def build_tiny_cafe_generator(path: str | Path, parts: dict[str, str] | None = None) -> str:
     """An untrained G checkpoint folder at `path/generator` (its parts built beside it unless given)."""
-    from models.cafe import CafeUNet
-
     path = Path(path)
     parts = parts or build_tiny_cafe_parts(path)
     model = CafeUNet.from_base(parts["base_model"], parts["clip_model"], parts["dino_model"])
@@ -153,9 +148,6 @@ def build_tiny_cafe_generator(path: str | Path, parts: dict[str, str] | None = N
 
 def build_tiny_cafe_assistant(path: str | Path, parts: dict[str, str] | None = None) -> str:
     """An untrained assistant checkpoint (new layers only) at `path/assistant`, over a tiny Llama."""
-    from factory.tiny.llama import build_tiny_llama
-    from models.assistant import CafeAssistant
-
     path = Path(path)
     if parts is None:
         parts = {"clip_model": build_tiny_cafe_clip(path / "clip"), "dino_model": build_tiny_dinov2(path / "dinov2")}

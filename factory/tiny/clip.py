@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+import open_clip
+import torch
+
 TINY_CLIP_NAME = "tiny-clip"
 
 TINY_CLIP_CONFIG = {
@@ -26,9 +29,6 @@ class TinyClip(NamedTuple):
 def build_tiny_clip(path: str | Path, seed: int = 0) -> TinyClip:
     """Write `<path>/tiny-clip.json` (open_clip model config) and `<path>/tiny-clip.pt`
     (random weights, saved as a plain state dict), and return how to load them."""
-    import open_clip
-    import torch
-
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     config_file = folder / f"{TINY_CLIP_NAME}.json"

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def build_tiny_dino(path: str | Path, seed: int = 0, image_size: int = 64) -> str:
     """Save a 2-layer ViT (patch 16) and its image processor under `path`; return the path."""
-    import torch
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
     config = ViTConfig(
         hidden_size=32,
         num_hidden_layers=2,

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
 IMAGE_TOKENS = 4  # diffusers fixes the plain IP-Adapter at 4 image tokens
 TINY_IMAGE_EMBED_DIM = 24  # the tiny vision tower's projection size (ViT-H/14's is 1024)
 
@@ -23,10 +27,6 @@ def build_tiny_ip_adapter(path: str | Path, sd_path: str | Path, subfolder: str 
                           weight_name: str = "ip-adapter_sd15.bin", seed: int = 0) -> str:
     """Save a tiny IP-Adapter for the UNet of the pipeline at `sd_path` under `path`; returns `path`.
     `weight_name` ending in .safetensors is written flat with "image_proj."/"ip_adapter." prefixes."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     folder = Path(path) / subfolder
     folder.mkdir(parents=True, exist_ok=True)
     unet = UNet2DConditionModel.from_pretrained(str(sd_path), subfolder="unet", low_cpu_mem_usage=False)
@@ -52,8 +52,6 @@ def build_tiny_ip_adapter(path: str | Path, sd_path: str | Path, subfolder: str 
 
 def ip_adapter_state_dict(unet, image_embed_dim: int, std: float = 0.5) -> dict:
     """Random weights with the keys and shapes of a plain IP-Adapter for `unet`."""
-    import torch
-
     cross = unet.config.cross_attention_dim
     image_proj = {
         "proj.weight": torch.randn(IMAGE_TOKENS * cross, image_embed_dim) * std,

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 # Llama-2-chat's prompt format: [INST] <<SYS>> system <</SYS>> user [/INST] answer </s>
 LLAMA2_CHAT_TEMPLATE = (
     "{% if messages and messages[0]['role'] == 'system' %}"
@@ -51,9 +55,6 @@ Subject: vase. Domain: object. Instruction: a vase in cubism style. Style: ambig
 
 def build_tiny_tokenizer(vocab_size: int = 400):
     """A byte-level BPE tokenizer (every string round-trips) with Llama-2 special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -75,9 +76,6 @@ def build_tiny_tokenizer(vocab_size: int = 400):
 
 def build_tiny_llama(path: str | Path, hidden_size: int = 48, seed: int = 0) -> str:
     """Save a tiny random LlamaForCausalLM and its tokenizer under `path`; return the path."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = Path(path)
     tokenizer = build_tiny_tokenizer()
     config = LlamaConfig(

@@ -13,6 +13,14 @@ import json
 import tempfile
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from open_clip.tokenizer import bytes_to_unicode, default_bpe
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
+
+from models.profusion import save_promptnet
+from models.promptnet import PromptNet
+
 TINY_MERGES = 1000  # CLIP BPE merges kept: enough for common words, a 2.5k-token vocabulary
 TINY_IMAGE_SIZE = 64  # pixels; the VAE downsamples 8x, so latents are 8x8 like the UNet's sample_size
 HIDDEN = 32
@@ -20,9 +28,6 @@ HIDDEN = 32
 
 def build_tiny_sd(path: str | Path, seed: int = 0) -> str:
     """Save a tiny SD2-like `StableDiffusionPipeline` under `path`; returns the folder."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -47,13 +52,6 @@ def build_tiny_sd(path: str | Path, seed: int = 0) -> str:
 def build_tiny_promptnet(path: str | Path, sd_path: str | Path, image_encoder: bool = True, seed: int = 0) -> str:
     """Save a tiny PromptNet started from the tiny UNet's down path (plus a tiny CLIP vision
     tower in `image_encoder/` when `image_encoder`); returns the checkpoint folder."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from models.profusion import save_promptnet
-    from models.promptnet import PromptNet
-
     folder = Path(path)
     unet = UNet2DConditionModel.from_pretrained(str(sd_path), subfolder="unet", low_cpu_mem_usage=False)
     with torch.random.fork_rng():
@@ -78,9 +76,6 @@ def build_tiny_promptnet(path: str | Path, sd_path: str | Path, image_encoder: b
 
 def build_tiny_clip_tokenizer(path: str | Path, merges: int = TINY_MERGES):
     """A `CLIPTokenizer` over the first `merges` CLIP BPE merges (vocab.json + merges.txt)."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-    from transformers import CLIPTokenizer
-
     with gzip.open(default_bpe(), "rt", encoding="utf-8") as handle:
         merge_lines = handle.read().split("\n")[1 : merges + 1]
     symbols = list(bytes_to_unicode().values())
@@ -96,8 +91,6 @@ def build_tiny_clip_tokenizer(path: str | Path, merges: int = TINY_MERGES):
 
 
 def _tiny_unet():
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -114,8 +107,6 @@ def _tiny_unet():
 
 
 def _tiny_vae():
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -130,8 +121,6 @@ def _tiny_vae():
 
 
 def _tiny_text_encoder(tokenizer):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=HIDDEN,
@@ -150,8 +139,6 @@ def _tiny_text_encoder(tokenizer):
 
 def _sd2_ddim_scheduler():
     """The noise schedule of stabilityai/stable-diffusion-2-base, sampled with DDIM."""
-    from diffusers import DDIMScheduler
-
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

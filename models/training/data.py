@@ -12,6 +12,7 @@ import numpy as np
 
 from factory.dataset.manifest import shard_key
 from factory.dataset.shards import Sample, read_shard_bytes
+from factory.framework.images import decode_image
 from factory.framework.storage import Storage
 
 
@@ -120,6 +121,4 @@ def prefetched(storage: Storage, keys: list[str]) -> Iterator[bytes]:
 
 
 def decode_images(blobs: list[bytes]):
-    from factory.framework.images import decode_image
-
     return [decode_image(blob) for blob in blobs]

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.train.torch
+import torch
 
 from factory.dataset.checkpoints import checkpoint_meta, fetch_checkpoint, latest_checkpoint
 from factory.dataset.manifest import load_manifest, version_keys
@@ -43,8 +45,6 @@ class Worker:
         """DDP (or FSDP) through Ray Train on a distributed run; the model itself otherwise."""
         if not self.distributed:
             return model.to(self.device)
-        import ray.train.torch
-
         if fsdp:
             return ray.train.torch.prepare_model(
                 model, parallel_strategy="fsdp", parallel_strategy_kwargs={"use_orig_params": True}
@@ -76,8 +76,6 @@ class TrainState:
 
 def train_loop(job: TrainJob, storage: Storage, worker: Worker) -> TrainState:
     """The loop every worker runs (also the in-process path, with world size 1)."""
-    import torch
-
     settings = job.settings
     manifest = load_manifest(storage, job.dataset, job.version)
     if manifest["samples"] < worker.world:
@@ -182,8 +180,6 @@ def train_step(task, model, optimizer, batch: Batch, global_count: int, worker: 
     The loss is scaled by world / global_count, so DDP's average of the workers' gradients
     is the gradient of the mean loss over the real samples of the whole global batch.
     """
-    import torch
-
     model.train()
     weights = torch.tensor(batch.weights, dtype=torch.float32, device=worker.device)
     with autocast(worker.device):
@@ -200,8 +196,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def autocast(device):
-    import torch
-
     if getattr(device, "type", str(device)) == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -7,31 +7,27 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+
 from factory.framework import layout
 from factory.framework.storage import Storage
 
 
 def full_state_options(**extra):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra)
 
 
 def get_optimizer_state(model, optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     return get_optimizer_state_dict(model, optimizer, options=full_state_options())
 
 
 def set_optimizer_state(model, optimizer, state: dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def write_optimizer_state(state: dict[str, Any], folder: Path) -> None:
-    from safetensors.torch import save_file
-
     tensors = {
         f"{name}::{slot}": value.detach().cpu().contiguous()
         for name, slots in state["state"].items()
@@ -42,8 +38,6 @@ def write_optimizer_state(state: dict[str, Any], folder: Path) -> None:
 
 
 def read_optimizer_state(storage: Storage, folder: str) -> dict[str, Any]:
-    from safetensors.torch import load as load_safetensors
-
     tensors = load_safetensors(storage.read_bytes(layout.checkpoint_file(folder, layout.OPTIMIZER_TENSORS)))
     state: dict[str, dict[str, Any]] = {}
     for flat, value in tensors.items():

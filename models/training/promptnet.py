@@ -25,11 +25,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+
 from factory.dataset.reference_sets import list_parts, load_references, read_part
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, PromptNetConfig, StorageConfig
+from factory.framework.images import decode_image
 from factory.framework.models_cache import model_ref
 from factory.framework.storage import Storage, open_storage
+from models.profusion import PromptNetTraining
 from models.training.loop import Worker, step_seed
 from models.training.optimizer_state import (
     get_optimizer_state,
@@ -37,6 +43,7 @@ from models.training.optimizer_state import (
     set_optimizer_state,
     write_optimizer_state,
 )
+from models.training.runner import fit_on_ray, ray_worker, scaling
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +116,6 @@ def refuse_trained_output(job: PromptNetJob) -> None:
 def worker_images(storage: Storage, set_name: str, rank: int, world: int) -> list:
     """This rank's references, decoded: whole parts round-robin, or references round-robin when
     there are fewer parts than workers."""
-    from factory.framework.images import decode_image
-
     parts = list_parts(storage, set_name)
     if len(parts) >= world:
         blobs = [blob for index in range(rank, len(parts), world)
@@ -126,10 +131,6 @@ def worker_images(storage: Storage, set_name: str, rank: int, world: int) -> lis
 def promptnet_loop(job: PromptNetJob, worker: Worker) -> dict[str, Any] | None:
     """Train (from the latest progress save, when there is one), then (rank 0) save and upload;
     returns the training record on rank 0."""
-    import torch
-
-    from models.profusion import PromptNetTraining
-
     settings = job.config
     storage = open_storage(job.storage_config)
     images = worker_images(storage, job.reference_set, worker.rank, worker.world)
@@ -184,8 +185,6 @@ def latest_progress(storage: Storage, job: PromptNetJob) -> dict[str, Any] | Non
 def save_progress(storage: Storage, job: PromptNetJob, worker: Worker, model, optimizer, promptnet,
                   number: int, recent: list[float]) -> None:
     """Rank 0 writes weights, optimizer state and progress.json (last), then points latest.json at them."""
-    from safetensors.torch import save_file
-
     state = get_optimizer_state(model, optimizer)  # a collective under FSDP; plain under DDP
     if worker.rank == 0:
         folder = layout.promptnet_progress_step(job.run_id, number)
@@ -204,8 +203,6 @@ def save_progress(storage: Storage, job: PromptNetJob, worker: Worker, model, op
 
 
 def load_progress_weights(storage: Storage, folder: str, promptnet) -> None:
-    from safetensors.torch import load as load_safetensors
-
     promptnet.load_state_dict(load_safetensors(storage.read_bytes(f"{folder}/promptnet.safetensors")), strict=True)
 
 
@@ -240,8 +237,6 @@ def read_training_record(job: PromptNetJob) -> dict[str, Any]:
 
 def train_promptnet_in_process(job: PromptNetJob, device: str | None = None) -> dict[str, Any]:
     """The same loop as one worker, without Ray."""
-    import torch
-
     chosen = device or ("cuda" if job.config.use_gpu and torch.cuda.is_available() else "cpu")
     promptnet_loop(job, Worker(rank=0, world=1, device=torch.device(chosen)))
     return read_training_record(job)
@@ -249,8 +244,6 @@ def train_promptnet_in_process(job: PromptNetJob, device: str | None = None) -> 
 
 def train_promptnet_on_ray(job: PromptNetJob) -> dict[str, Any]:
     """Fit on the current Ray cluster with `promptnet.num_workers` workers; returns the training record."""
-    from models.training.runner import fit_on_ray, scaling
-
     settings = job.config
     fit_on_ray(_ray_promptnet_loop, {"job": asdict(job)}, f"promptnet-{job.run_id}", scaling(settings),
                settings.max_failures)
@@ -258,6 +251,4 @@ def train_promptnet_on_ray(job: PromptNetJob) -> dict[str, Any]:
 
 
 def _ray_promptnet_loop(loop_config: dict[str, Any]) -> None:
-    from models.training.runner import ray_worker
-
     promptnet_loop(PromptNetJob(**loop_config["job"]), ray_worker())

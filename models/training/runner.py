@@ -6,6 +6,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
 from factory.dataset.checkpoints import model_folder
 from factory.framework.config import FactoryConfig, PromptNetConfig, StorageConfig, TrainConfig
 from factory.framework.context import RunContext
@@ -35,9 +42,6 @@ def train_on_ray(
 def fit_on_ray(loop, loop_config: dict[str, Any], name: str, scaling_config: ScalingConfig, max_failures: int,
                ray_storage_path: str | None = None):
     """Run `loop(loop_config)` on Ray Train workers (`TorchTrainer`); returns Ray's result."""
-    from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -50,8 +54,6 @@ def fit_on_ray(loop, loop_config: dict[str, Any], name: str, scaling_config: Sca
 
 def scaling(settings: TrainConfig | PromptNetConfig) -> ScalingConfig:
     """Ray Train's workers: one GPU each with use_gpu, plus the custom resources that pin them to a node type."""
-    from ray.train import ScalingConfig
-
     extra = dict(settings.resources_per_worker)
     if not extra:
         return ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu)
@@ -87,8 +89,6 @@ def train_model_on(ctx: RunContext, model: str, version: str, init_from: str | N
     """Train `model` on `version` with the `train` settings, from `init_from` when given: on Ray
     Train when Ray is up, in this process otherwise. Returns the new model folder (a local path or
     an s3:// URL); a run that had finished returns at once (training resumes from its last step)."""
-    import ray
-
     config = ctx.config.model_copy(deep=True)
     if init_from:
         config.train.init_from = init_from
@@ -104,8 +104,6 @@ def train_model_on(ctx: RunContext, model: str, version: str, init_from: str | N
 
 
 def train_in_process(job: TrainJob, storage: Storage, device: str | None = None) -> dict[str, Any]:
-    import torch
-
     chosen = device or ("cuda" if job.settings.use_gpu and torch.cuda.is_available() else "cpu")
     train_loop(job, storage, Worker(rank=0, world=1, device=torch.device(chosen)))
     return summary(storage, job)
@@ -113,9 +111,6 @@ def train_in_process(job: TrainJob, storage: Storage, device: str | None = None)
 
 def ray_worker():
     """This Ray Train worker's rank, world size and device."""
-    import ray.train
-    import ray.train.torch
-
     context = ray.train.get_context()
     return Worker(rank=context.get_world_rank(), world=context.get_world_size(),
                   device=ray.train.torch.get_device(), distributed=True)

@@ -5,6 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+from factory.framework.config import StorageConfig
+from factory.framework.models_cache import local_model
+from models.assistant import WEIGHTS_FILE, CafeAssistant, assistant_loss
+from models.cafe import CafeUNet, ImageEncoders, diffusion_loss, encode_latents, images_to_pixels, local_folder
 from models.training.data import decode_images
 from models.training.optimizer_state import full_state_options
 
@@ -17,13 +26,6 @@ class GeneratorTask:
     """G with frozen E, F and VAE; loss is equation 3 per sample."""
 
     def __init__(self, job: TrainJob, device):
-        import torch
-        from diffusers import AutoencoderKL, DDPMScheduler
-
-        from factory.framework.config import StorageConfig
-        from factory.framework.models_cache import local_model
-        from models.cafe import CafeUNet, ImageEncoders, local_folder
-
         s = job.settings
         storage = StorageConfig(**job.storage)
         self.settings = s
@@ -43,8 +45,6 @@ class GeneratorTask:
         self.image_size = s.image_size or self.model.unet.config.sample_size * vae_factor
 
     def loss(self, model, samples: list[Sample], generator):
-        from models.cafe import diffusion_loss, encode_latents, images_to_pixels
-
         inputs = decode_images([s.input_image for s in samples])
         targets = decode_images([s.target_image for s in samples])
         dino = self.encoders.dino_features(inputs)
@@ -61,8 +61,6 @@ class GeneratorTask:
         unwrap(model).save_pretrained(folder)
 
     def load(self, folder: Path) -> None:
-        from models.cafe import CafeUNet
-
         self.model.load_state_dict(CafeUNet.from_pretrained(folder).state_dict(), strict=True)
 
 
@@ -70,12 +68,6 @@ class AssistantTask:
     """The assistant heads over the frozen LLM, with frozen E and F; loss is equation 2."""
 
     def __init__(self, job: TrainJob, device):
-        import torch
-
-        from factory.framework.config import StorageConfig
-        from models.assistant import CafeAssistant
-        from models.cafe import ImageEncoders, local_folder
-
         s = job.settings
         storage = StorageConfig(**job.storage)
         self.settings = s
@@ -90,8 +82,6 @@ class AssistantTask:
         self.encoders = ImageEncoders(s.clip_model, s.dino_model, device, llm_dtype, storage)
 
     def loss(self, model, samples: list[Sample], generator):
-        from models.assistant import assistant_loss
-
         inputs = decode_images([s.input_image for s in samples])
         targets = decode_images([s.target_image for s in samples])
         dino = self.encoders.dino_features(inputs)
@@ -101,8 +91,6 @@ class AssistantTask:
 
     def gather_state(self, model) -> dict[str, Any]:
         """The trainable layers, whole (gathered from the shards under FSDP)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         state = get_model_state_dict(model, options=full_state_options(ignore_frozen_params=True))
         new_layers = set(unwrap(model).new_layers())
         return {name: value for name, value in state.items() if name in new_layers}  # tied frozen weights slip in
@@ -111,10 +99,6 @@ class AssistantTask:
         unwrap(model).save_pretrained(folder, new_layers=state)
 
     def load(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        from models.assistant import WEIGHTS_FILE
-
         self.model.load_new_layers(load_file(str(folder / WEIGHTS_FILE)))
 
 

@@ -57,7 +57,7 @@ def test_the_demo_in_another_folder_publishes_byte_identical_shards(demo, machin
     assert second["samples"] == first["samples"] > 0
 
 
-def test_unbuilt_or_bad_input_gives_clear_exit_codes(tmp_path):
+def test_bad_input_gives_clear_exit_codes(tmp_path):
     bad = run_cli(tmp_path, "--stage", "plan", "--set", "plan.unit_size=-1")
     assert bad.returncode == 2 and "plan.unit_size" in bad.stderr
     missing = run_cli(tmp_path, "--stage", "publish", "--config", str(tmp_path / "none.yaml"))

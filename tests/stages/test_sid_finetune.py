@@ -24,9 +24,7 @@ from tests.stages.test_train import make_config, make_samples, publish, tiny  # 
 def rounds_without_drawing(monkeypatch):
     """`run_round` as it is, with its plan, its generate/filter/dialogue steps and its publishing
     replaced by four fixed samples per round."""
-    import factory.dataset.publisher
-    import factory.framework.executor
-    import factory.framework.units
+    import stages.sid
 
     def plan_exists(storage, run_id):
         plan = pa.table({"instruction_id": ["i0"], "w_id": ["pool:x"]})
@@ -38,9 +36,9 @@ def rounds_without_drawing(monkeypatch):
         spec = VersionSpec(rctx.config.dataset, rctx.version, kind, parents=parents, extra=extra)
         return publish_version(rctx.storage, spec, make_samples(4, start=100 * round_))
 
-    monkeypatch.setattr(factory.framework.units, "plan_exists", plan_exists)
-    monkeypatch.setattr(factory.framework.executor, "run_steps", lambda rctx, steps: None)
-    monkeypatch.setattr(factory.dataset.publisher, "publish_run", publish_run)
+    monkeypatch.setattr(stages.sid, "plan_exists", plan_exists)
+    monkeypatch.setattr(stages.sid, "run_steps", lambda rctx, steps: None)
+    monkeypatch.setattr(stages.sid, "publish_run", publish_run)
 
 
 def sid_context(tmp_path, tiny, **sid) -> RunContext:  # noqa: F811
