@@ -58,8 +58,8 @@ def code_version() -> str:
     return f"{factory.__version__}+{sha}" if sha else factory.__version__
 
 
-REQUIRED_FIELDS = {"dataset": str, "version": str, "kind": str, "parents": list, "created": str,
-                   "thresholds": dict, "shards": list, "samples": int}
+REQUIRED_FIELDS = {"dataset": str, "version": str, "kind": str, "parents": list, "created": str, "config": dict,
+                   "thresholds": dict, "funnel": dict, "shards": list, "samples": int}
 SHARD_FIELDS = {"path": str, "samples": int, "bytes": int, "sha256": str}
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from factory.config import ConfigError, FactoryConfig, load_config, missing_promptnet_hint, untrained_promptnet
 from factory.context import RunContext
+from factory.manifest import VersionError, load_manifest
 
 log = logging.getLogger("factory.run")
 
@@ -117,6 +118,15 @@ def check_inputs(config: FactoryConfig, stage: str) -> None:
         from factory.instructions import load_bank
 
         load_bank(config.plan.instructions)
+
+
+def check_named_versions(ctx: RunContext, stage: str) -> None:
+    """The versions the config names for this stage (`train.version`, `sid.parent`) exist and their
+    manifests read, before any work: `VersionError` naming the version otherwise."""
+    config = ctx.config
+    named = {"train": config.train.version, "sid": config.sid.parent}.get(stage)
+    if named:
+        load_manifest(ctx.storage, config.dataset, named)
 
 
 def run_all(ctx: RunContext) -> dict[str, Any]:
@@ -226,11 +236,12 @@ def main(argv: list[str] | None = None) -> int:
             from factory.demo import prepare_demo
 
             prepare_demo(config)
-        if args.stage in ("plan", "generate", "filter", "dialogue", "all", "train", "sid", "eval", "promptnet"):
-            check_inputs(config, args.stage)
         ctx = RunContext(config)
         ctx.storage.check()
-    except ConfigError as err:
+        check_named_versions(ctx, args.stage)
+        if args.stage in ("plan", "generate", "filter", "dialogue", "all", "train", "sid", "eval", "promptnet"):
+            check_inputs(config, args.stage)
+    except (ConfigError, VersionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except StageNotBuilt as err:
