@@ -45,7 +45,8 @@ BAD_NAMES = ["../x", "x/../../evil2", "../../evilds", "a/b", "", LONG, ".", ".."
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A storage root holding `demo/v1` (10 samples), `demo/v2` (4) and a `broken` dataset with one
-    good version, one manifest that is not JSON and one without `shards`; a run config file on it."""
+    good version, one manifest that is not JSON, one without `shards` and one that lists a shard of
+    another dataset; a run config file on it."""
     base = tmp_path_factory.mktemp("hostile")
     storage = LocalStorage(base / "root")
     publish(storage, "demo", "v1", make_samples(10))
@@ -55,6 +56,10 @@ def world(tmp_path_factory):
     shardless = json.loads(storage.read_bytes("datasets/broken/good/manifest.json"))
     del shardless["shards"]
     storage.write_bytes("datasets/broken/noshards/manifest.json", json.dumps(shardless).encode())
+    elsewhere = json.loads(storage.read_bytes("datasets/broken/good/manifest.json"))
+    elsewhere["version"] = "elsewhere"  # lists a shard of another dataset, root-relative
+    elsewhere["shards"][0]["path"] = "datasets/demo/v1/shards/v1-000000.tar"
+    storage.write_bytes("datasets/broken/elsewhere/manifest.json", json.dumps(elsewhere).encode())
     config = yaml.safe_load(demo_config_path().read_text())
     config["storage"]["root"] = storage.root
     config["publish"] = {"executor": "local"}
@@ -205,6 +210,10 @@ def malformed_cases():
         named("versions", ["--set", "dataset=broken", "union", "u-ok", "good", "notjson"], 2, "not valid JSON",
               "union-of-a-malformed-manifest"),
         named("versions", ["--set", "dataset=broken", "list"], 1, "BAD noshards: manifest", "list-marks-bad"),
+        named("versions", ["--set", "dataset=broken", "verify", "elsewhere"], 2, "leaves its folder 'datasets/broken'",
+              "verify-a-shard-of-another-dataset"),
+        named("versions", ["--set", "dataset=broken", "union", "u-ok", "elsewhere"], 2, "leaves its folder",
+              "union-of-a-shard-of-another-dataset"),
     ]
 
 
@@ -249,9 +258,9 @@ def test_hostile_input_is_refused_cleanly(world, no_work, capsys, cli, argv, cod
 def test_list_shows_the_good_versions_beside_the_bad_ones(world, capsys):
     assert call("versions", ["--set", "dataset=broken", "list"], world) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("good ") and "3 samples" in out[0]
-    assert out[1].startswith("BAD noshards: manifest ") and "'shards' is missing" in out[1]
-    assert out[2].startswith("BAD notjson: manifest ") and "notjson/manifest.json is not valid JSON" in out[2]
+    assert sorted(line.split()[0] for line in out[:2]) == ["elsewhere", "good"] and "3 samples" in out[0]
+    assert out[2].startswith("BAD noshards: manifest ") and "'shards' is missing" in out[2]
+    assert out[3].startswith("BAD notjson: manifest ") and "notjson/manifest.json is not valid JSON" in out[3]
 
 
 # --- files others can read ----------------------------------------------------------------
