@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ import factory
 from factory import layout
 from factory.shards import Sample, ShardInfo, read_shard_bytes, write_shards
 from factory.storage import AlreadyExists, Storage, StorageError
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "factory.manifest/1"
 KINDS = ("bootstrap", "sid", "union", "rethreshold", "reviewed")
@@ -114,8 +117,11 @@ def scan_versions(storage: Storage, dataset: str) -> tuple[list[dict[str, Any]],
 
 
 def list_versions(storage: Storage, dataset: str) -> list[dict[str, Any]]:
-    """The dataset's readable versions, oldest first (`scan_versions` also names the unreadable ones)."""
-    return scan_versions(storage, dataset)[0]
+    """The dataset's readable versions, oldest first; each unreadable one is logged (and left out)."""
+    manifests, bad = scan_versions(storage, dataset)
+    for reason in bad.values():
+        log.warning("left out: %s", reason)
+    return manifests
 
 
 def latest_version(storage: Storage, dataset: str, kinds: Iterable[str] = KINDS) -> str | None:
