@@ -263,6 +263,16 @@ def test_list_shows_the_good_versions_beside_the_bad_ones(world, capsys):
     assert out[3].startswith("BAD notjson: manifest ") and "notjson/manifest.json is not valid JSON" in out[3]
 
 
+@pytest.mark.parametrize("options", [{"refine_guidance_scale": math.nan}, {"class_guidance_scale": math.inf},
+                                     {"finetune_seed": -1}, {"finetune_seed": 2**32}, {"finetune_min_crop": 0}])
+def test_generator_options_out_of_range_are_refused_naming_the_generator(options):
+    from models.base import parse_options
+    from models.profusion import ProFusionOptions
+
+    with pytest.raises(ValueError, match="generator 'profusion': invalid options"):
+        parse_options("profusion", ProFusionOptions, options)
+
+
 # --- files others can read ----------------------------------------------------------------
 
 
