@@ -263,6 +263,19 @@ def test_list_shows_the_good_versions_beside_the_bad_ones(world, capsys):
     assert out[3].startswith("BAD notjson: manifest ") and "notjson/manifest.json is not valid JSON" in out[3]
 
 
+def test_failed_work_exits_1_with_one_line_and_no_traceback(world, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(factory.versions, "verify_version", broken)
+    assert call("versions", ["verify", "v1"], world) == 1
+    monkeypatch.setattr("jobs.auth_token.fetch_token", broken)
+    assert call("jobs", ["token", "--ssm-parameter", "/cluster/token"], world) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: verify failed: RuntimeError: the disk went away",
+                                "error: token failed: RuntimeError: the disk went away"]
+
+
 @pytest.mark.parametrize("options", [{"refine_guidance_scale": math.nan}, {"class_guidance_scale": math.inf},
                                      {"finetune_seed": -1}, {"finetune_seed": 2**32}, {"finetune_min_crop": 0}])
 def test_generator_options_out_of_range_are_refused_naming_the_generator(options):
