@@ -23,7 +23,7 @@ from factory.manifest import (
     verify_version,
 )
 from factory.names import check_name
-from factory.rethreshold import parse_thresholds
+from factory.rethreshold import parse_thresholds, rethreshold_version
 from factory.review.studio import ReviewError
 from factory.storage import StorageError, open_storage
 
@@ -71,7 +71,6 @@ def cmd_union(storage, config, args) -> int:
 def cmd_rethreshold(storage, config, args) -> int:
     import ray
 
-    from factory.rethreshold import rethreshold_version
     from factory.run import init_ray
 
     thresholds = parse_thresholds(args.threshold)
@@ -204,7 +203,7 @@ def check_names(args) -> None:
         for name in value if isinstance(value, list) else [value]:
             check_name(name, what)
     if args.command == "review":
-        split_version("demo", args.version)
+        split_version("demo", args.version)  # checks both parts of DATASET/VERSION (a bare VERSION: the config's)
         if getattr(args, "name", None) is not None:
             check_name(args.name, "review import --name")
 
