@@ -9,13 +9,47 @@ same Ray job that publishes a run (one parent shard or one new shard per worker 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from factory.dataset.manifest import VersionError, VersionSpec, load_manifest, read_index
 from factory.dataset.publisher import VersionSamples, write_version
 from factory.framework.config import FactoryConfig, config_sha256
 from factory.framework.storage import Storage
-from filters.rules import SCORE_COLUMNS, apply_thresholds
+from filters.rules import RULES, SCORE_COLUMNS, apply_thresholds
+
+
+class ThresholdError(ValueError):
+    """A `--threshold RULE=VALUE` that is not a known rule with a finite value in [-1, 1]."""
+
+
+def parse_thresholds(items: list[str]) -> dict[str, float]:
+    """`["clip_t=0.32", ...]` as {rule: value}: each rule known and given once, each value a
+    finite number in [-1, 1] (the scores are cosine similarities)."""
+    thresholds: dict[str, float] = {}
+    for item in items:
+        rule, value = parse_threshold(item)
+        if rule in thresholds:
+            raise ThresholdError(f"--threshold {rule} is given twice")
+        thresholds[rule] = value
+    return thresholds
+
+
+def parse_threshold(item: str) -> tuple[str, float]:
+    shown = repr(item if len(item) <= 60 else item[:60] + "...")
+    rule, equals, text = item.partition("=")
+    rule = rule.strip()
+    if not equals:
+        raise ThresholdError(f"--threshold expects RULE=VALUE, got {shown}")
+    if rule not in RULES:
+        raise ThresholdError(f"--threshold {shown}: unknown rule; rules are {', '.join(RULES)}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ThresholdError(f"--threshold {shown}: {rule}'s value is not a number") from None
+    if not math.isfinite(value) or not -1.0 <= value <= 1.0:
+        raise ThresholdError(f"--threshold {shown}: {rule} must be a finite number in [-1, 1]")
+    return rule, value
 
 
 def rethreshold_version(storage: Storage, config: FactoryConfig, parent: str, child: str,

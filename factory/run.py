@@ -26,6 +26,7 @@ import stages.publish
 import stages.references
 import stages.sid
 import stages.train
+from factory.dataset.manifest import VersionError, load_manifest
 from factory.framework.config import (
     ConfigError,
     FactoryConfig,
@@ -128,6 +129,15 @@ def check_inputs(config: FactoryConfig, stage: str) -> None:
         from factory.dataset.instructions import load_bank
 
         load_bank(config.plan.instructions)
+
+
+def check_named_versions(ctx: RunContext, stage: str) -> None:
+    """The versions the config names for this stage (`train.version`, `sid.parent`) exist and their
+    manifests read, before any work: `VersionError` naming the version otherwise."""
+    config = ctx.config
+    named = {"train": config.train.version, "sid": config.sid.parent}.get(stage)
+    if named:
+        load_manifest(ctx.storage, config.dataset, named)
 
 
 def run_all(ctx: RunContext) -> dict[str, Any]:
@@ -234,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
             from factory.demo import prepare_demo
 
             prepare_demo(config)
-        if args.stage in ("plan", "generate", "filter", "dialogue", "all", "train", "sid", "eval", "promptnet"):
-            check_inputs(config, args.stage)
         ctx = RunContext(config, unit_steps=UNIT_STEPS)
         ctx.storage.check()
-    except ConfigError as err:
+        check_named_versions(ctx, args.stage)
+        if args.stage in ("plan", "generate", "filter", "dialogue", "all", "train", "sid", "eval", "promptnet"):
+            check_inputs(config, args.stage)
+    except (ConfigError, VersionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as err:

@@ -1,30 +1,42 @@
-"""`python -m factory.versions {list,show,verify,union,rethreshold,report,review}`: manage dataset versions."""
+"""`python -m factory.versions {list,show,verify,union,rethreshold,report,review}`: manage dataset versions.
+
+Exit codes: 0 done; 1 the work failed or found a problem (`verify` found a damaged shard, `list`
+met an unreadable manifest: it prints the other versions and a `BAD <version>: <reason>` line);
+2 bad input or a refusal (a name that breaks the name rule, a bad `--threshold`, an unknown or
+malformed version, a version that exists already), always a one-line `error:` and no traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from factory.dataset.manifest import (
     VersionError,
     VersionSpec,
-    list_versions,
     load_manifest,
+    scan_versions,
     union_versions,
     verify_version,
 )
 from factory.framework.config import ConfigError, load_config
+from factory.framework.names import check_name
 from factory.framework.storage import StorageError, open_storage
+from factory.rethreshold import parse_thresholds, rethreshold_version
 from factory.review.studio import ReviewError
 
 
 def cmd_list(storage, config, args) -> int:
-    for manifest in list_versions(storage, config.dataset):
-        parents = ",".join(manifest["parents"]) or "-"
+    manifests, bad = scan_versions(storage, config.dataset)
+    for manifest in manifests:
+        parents = ",".join(map(str, manifest["parents"])) or "-"
         print(f"{manifest['version']:<24} {manifest['kind']:<11} {manifest['samples']:>9} samples  "
               f"parents {parents}  {manifest['created']}")
-    return 0
+    for version, reason in sorted(bad.items()):
+        print(f"BAD {version}: {reason}")
+    return 1 if bad else 0
 
 
 def cmd_show(storage, config, args) -> int:
@@ -59,16 +71,15 @@ def cmd_union(storage, config, args) -> int:
 def cmd_rethreshold(storage, config, args) -> int:
     import ray
 
-    from factory.rethreshold import rethreshold_version
     from factory.run import init_ray
 
+    thresholds = parse_thresholds(args.threshold)
+    load_manifest(storage, config.dataset, args.version)  # a missing or malformed parent: before Ray starts
     started_ray = config.publish.executor == "ray" and not ray.is_initialized()
     if started_ray:
         init_ray(config)  # the child's shards are written by a Ray job
-    thresholds = dict(item.split("=", 1) for item in args.threshold)
     try:
-        manifest = rethreshold_version(storage, config, args.version, args.name,
-                                       {name: float(value) for name, value in thresholds.items()})
+        manifest = rethreshold_version(storage, config, args.version, args.name, thresholds)
     finally:
         if started_ray:
             ray.shutdown()
@@ -110,10 +121,10 @@ def cmd_review(storage, config, args) -> int:
 
 
 def split_version(dataset: str, name: str) -> tuple[str, str]:
-    """`DATASET/VERSION` or a bare `VERSION` of the config's dataset."""
+    """`DATASET/VERSION` or a bare `VERSION` of the config's dataset; both parts follow the name rule."""
     if "/" in name:
         dataset, name = name.split("/", 1)
-    return dataset, name
+    return check_name(dataset, "review DATASET"), check_name(name, "review VERSION")
 
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "verify": cmd_verify, "union": cmd_union,
@@ -146,32 +157,70 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def bounded(kind: type, low: float, high: float):
+    """An argparse type: a finite `kind` in [low, high], else argparse's exit 2 naming the option."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not in [{low}, {high}]")
+        return value
+    return parse
+
+
 def add_review_parser(sub) -> None:
     review = sub.add_parser("review", help="human review in Label Studio (token in LABEL_STUDIO_API_KEY)")
     actions = review.add_subparsers(dest="action", required=True)
     export = actions.add_parser("export", help="a Label Studio project with one task per sample")
     export.add_argument("version", help="VERSION or DATASET/VERSION")
     export.add_argument("--url", help="Label Studio server (default: $LABEL_STUDIO_URL)")
-    export.add_argument("--rejected", type=int, default=0, metavar="N",
+    export.add_argument("--rejected", type=bounded(int, 0, 1_000_000), default=0, metavar="N",
                         help="also send N filter-rejected candidates near the thresholds (for the recall estimate)")
-    export.add_argument("--margin", type=float, default=0.05, help="how near a threshold a rejection must be")
-    export.add_argument("--seed", type=int, default=0, help="seed of the rejected sample")
+    export.add_argument("--margin", type=bounded(float, 0, 2), default=0.05,
+                        help="how near a threshold a rejection must be (a cosine distance, in [0, 2])")
+    export.add_argument("--seed", type=bounded(int, 0, 2**32 - 1), default=0, help="seed of the rejected sample")
     imported = actions.add_parser("import", help="publish a `reviewed` version of the samples people kept")
     imported.add_argument("version", help="VERSION or DATASET/VERSION (the version that was exported)")
     imported.add_argument("--url", help="Label Studio server (default: the one exported to)")
-    imported.add_argument("--project", type=int, help="Label Studio project id (default: the newest export)")
+    imported.add_argument("--project", type=bounded(int, 1, 2**63 - 1),
+                          help="Label Studio project id (default: the newest export)")
     imported.add_argument("--name", help="name of the reviewed version (default: VERSION-reviewed-<votes digest>)")
+
+
+NAMED_ARGUMENTS = {  # the arguments of each command that name a version, and how errors call them
+    "show": {"version": "VERSION"}, "verify": {"version": "VERSION"}, "report": {"version": "VERSION"},
+    "union": {"name": "union NAME", "parents": "union PARENT"},
+    "rethreshold": {"version": "rethreshold VERSION", "name": "rethreshold NAME"},
+}
+
+
+def check_names(args) -> None:
+    """Every version name on the command line follows the name rule, before any work."""
+    for attribute, what in NAMED_ARGUMENTS.get(args.command, {}).items():
+        value = getattr(args, attribute)
+        for name in value if isinstance(value, list) else [value]:
+            check_name(name, what)
+    if args.command == "review":
+        split_version("demo", args.version)  # checks both parts of DATASET/VERSION (a bare VERSION: the config's)
+        if getattr(args, "name", None) is not None:
+            check_name(args.name, "review import --name")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_names(args)
         config = load_config(args.config, args.overrides)
         storage = open_storage(config.storage)
         return COMMANDS[args.command](storage, config, args)
     except (ConfigError, VersionError, StorageError, ValueError, ReviewError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # the work failed: say what, no traceback (bad input is refused above)
+        print(f"error: {args.command} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

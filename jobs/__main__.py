@@ -6,7 +6,8 @@
   python -m jobs token --ssm-parameter NAME [--region R] [--out PATH]
 
 `submit` exits 0 when the job SUCCEEDED, 1 when it FAILED, 3 when it was STOPPED
-(or ran past its timeout_s) and 2 when it could not be submitted.
+(or ran past its timeout_s) and 2 when it could not be submitted. Every command exits 2 for bad
+input (a spec, name or `--set` that does not validate) and 1 when its work failed, never with a traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 from jobs import schedule
 from jobs.spec import SpecError, get_spec, load_specs
-from jobs.submit import EXIT_ERROR, SubmitError, submit_spec
+from jobs.submit import EXIT_ERROR, EXIT_FAILED, SubmitError, submit_spec
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, SubmitError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as err:  # the work failed (SSM unreachable, ...): say what, no traceback
+        print(f"error: {args.command} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -116,6 +116,8 @@ def load_specs(path: str | Path | None = None) -> dict[str, JobSpec]:
         raw = yaml.safe_load(source.read_text())
     except FileNotFoundError:
         raise SpecError(f"job spec file not found: {source}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"job spec file {source} cannot be read: {getattr(err, 'strerror', None) or err}") from None
     except yaml.YAMLError as err:
         raise SpecError(f"job spec file {source} is not valid YAML: {err}") from None
     if isinstance(raw, dict):  # top-level `x-...` keys hold YAML anchors (as in docker compose)

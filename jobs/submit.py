@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+from factory.framework.config import ConfigError, load_config
 from jobs.auth_token import default_token_path
 from jobs.spec import JobSpec, SpecError
 
@@ -86,6 +87,22 @@ def entrypoint_with_overrides(spec: JobSpec, overrides: list[str], config: str |
             raise SpecError(f"--set expects key=value, got {override!r}")
     entrypoint = spec.entrypoint if config is None else with_config(spec.entrypoint, config)
     return entrypoint + "".join(f" --set {shlex.quote(item)}" for item in overrides)
+
+
+def check_factory_config(spec: JobSpec, overrides: list[str], config: str | None = None) -> None:
+    """A `factory.run` job's config and `--set` overrides validated here, as the job would on the
+    cluster, so a bad name or number is refused before submitting (when the config is readable here)."""
+    words = shlex.split(spec.entrypoint if config is None else with_config(spec.entrypoint, config))
+    if "factory.run" not in words or "://" in spec.runtime_env.working_dir:
+        return
+    named = words[words.index("--config") + 1] if "--config" in words[:-1] else None
+    path = Path(spec.runtime_env.working_dir).expanduser() / named if named else None
+    if path is not None and not path.is_file():
+        return  # only on the cluster (a file the working dir gets elsewhere): the job checks it there
+    try:
+        load_config(path, overrides)
+    except ConfigError as err:
+        raise SpecError(f"job {spec.name}: {err}") from None
 
 
 def with_config(entrypoint: str, config: str) -> str:
@@ -229,6 +246,7 @@ def submit_spec(
 ) -> SubmitResult:
     """Submit `spec`, and (unless `wait` is False) wait for its end and report it."""
     kwargs = submit_kwargs(spec, overrides or [], config)
+    check_factory_config(spec, overrides or [], config)
     token = find_token()
     client = connect(address, token)
     try:

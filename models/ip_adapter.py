@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 class IPAdapterOptions(BaseModel):
     """`GeneratorSpec.options` for kind "ip_adapter"; the file layout defaults are h94/IP-Adapter's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN passes no bound and is not JSON
 
     subfolder: str = Field("models", description="folder of the weights inside the checkpoint")
     weight_name: str = Field("ip-adapter_sd15.bin", description="the adapter's weight file (.bin or .safetensors)")

@@ -71,7 +71,7 @@ PROFUSION_IMAGE_ENCODER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # ProFusion's
 class ProFusionOptions(BaseModel):
     """`GeneratorSpec.options` for kind "profusion"; defaults follow ProFusion's released code."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN passes no bound and is not JSON
 
     # test-time fine-tuning on the one reference
     finetune_steps: int = Field(50, ge=0)
@@ -82,7 +82,7 @@ class ProFusionOptions(BaseModel):
     finetune_min_crop: float = Field(0.7, gt=0, le=1, description="smallest crop side, as a fraction")
     finetune_unet_attention: bool = Field(True, description="also tune the UNet's attention q/k/v")
     finetune_prompt: str = "a photo of {subject}"
-    finetune_seed: int = 0
+    finetune_seed: int = Field(0, ge=0, lt=2**32, description="numpy and torch take [0, 2**32)")
     # fusion sampling
     fusion: bool = Field(True, description="False: plain classifier-free guidance on the S* prompt")
     class_guidance_scale: float = 5.0

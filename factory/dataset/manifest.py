@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from factory.dataset.shards import Sample, ShardInfo, read_shard_bytes, write_sh
 from factory.framework import layout
 from factory.framework.storage import AlreadyExists, Storage, StorageError
 from filters.rules import SCORE_COLUMNS
+
+log = logging.getLogger(__name__)
 
 SCHEMA = "factory.manifest/1"
 KINDS = ("bootstrap", "sid", "union", "rethreshold", "reviewed")
@@ -59,24 +62,67 @@ def code_version() -> str:
     return f"{factory.__version__}+{sha}" if sha else factory.__version__
 
 
+REQUIRED_FIELDS = {"dataset": str, "version": str, "kind": str, "parents": list, "created": str, "config": dict,
+                   "thresholds": dict, "funnel": dict, "shards": list, "samples": int}
+SHARD_FIELDS = {"path": str, "samples": int, "bytes": int, "sha256": str}
+
+
 def load_manifest(storage: Storage, dataset: str, version: str) -> dict[str, Any]:
     key = manifest_key(dataset, version)
     try:
-        return json.loads(storage.read_bytes(key))
+        body = storage.read_bytes(key)
     except StorageError:
         raise VersionError(f"version {dataset}/{version} does not exist (no {storage.url(key)})") from None
+    return parse_manifest(body, storage.url(key))
+
+
+def parse_manifest(body: bytes, where: str) -> dict[str, Any]:
+    """A manifest's JSON, or `VersionError` naming `where` when it is not JSON or lacks a field readers use."""
+    try:
+        manifest = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise VersionError(f"manifest {where} is not valid JSON: {err}") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise VersionError(f"manifest {where} is malformed: {problem}")
+    return manifest
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What makes a parsed manifest unusable (a missing or ill-typed field), or None."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    for name, kind in REQUIRED_FIELDS.items():
+        if not isinstance(manifest.get(name), kind):
+            return f"field {name!r} is missing or not a {kind.__name__}"
+    for number, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict) or not all(isinstance(shard.get(f), t) for f, t in SHARD_FIELDS.items()):
+            return f"shard entry {number} lacks one of {sorted(SHARD_FIELDS)}"
+    return None
 
 
 def version_exists(storage: Storage, dataset: str, version: str) -> bool:
     return storage.exists(manifest_key(dataset, version))
 
 
-def list_versions(storage: Storage, dataset: str) -> list[dict[str, Any]]:
-    manifests = []
+def scan_versions(storage: Storage, dataset: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """(the dataset's readable manifests, oldest first; {version folder: why its manifest is unreadable})."""
+    manifests, bad = [], {}
     for key in storage.list(layout.dataset_dir(dataset)):
         if layout.is_manifest(key):
-            manifests.append(json.loads(storage.read_bytes(key)))
-    return sorted(manifests, key=lambda m: (m["created"], m["version"]))
+            try:
+                manifests.append(parse_manifest(storage.read_bytes(key), storage.url(key)))
+            except (VersionError, StorageError) as err:
+                bad[key.split("/")[2]] = str(err)
+    return sorted(manifests, key=lambda m: (m["created"], m["version"])), bad
+
+
+def list_versions(storage: Storage, dataset: str) -> list[dict[str, Any]]:
+    """The dataset's readable versions, oldest first; each unreadable one is logged (and left out)."""
+    manifests, bad = scan_versions(storage, dataset)
+    for reason in bad.values():
+        log.warning("left out: %s", reason)
+    return manifests
 
 
 def latest_version(storage: Storage, dataset: str, kinds: Iterable[str] = KINDS) -> str | None:
@@ -245,14 +291,14 @@ def _manifest(spec: VersionSpec, shards: list[dict[str, Any]], index: pa.Table) 
 def commit_version(storage: Storage, spec: VersionSpec, shards: list[dict[str, Any]],
                    index: pa.Table | str | Path) -> dict[str, Any]:
     """Write the index (a table, or a local Parquet file), then the manifest, then drop the lock."""
+    table = index if isinstance(index, pa.Table) else pq.read_table(index, columns=["clip_t", "dino"])
+    manifest = _manifest(spec, shards, table)
+    body = manifest_bytes(manifest)  # before any write: a manifest that cannot be JSON writes nothing
     key = layout.index(spec.dataset, spec.version)
     if isinstance(index, pa.Table):
         storage.write_parquet(key, index)
     else:
         storage.upload_file(index, key)
-        index = pq.read_table(index, columns=list(SCORE_COLUMNS))
-    manifest = _manifest(spec, shards, index)
-    body = json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8")
     key = manifest_key(spec.dataset, spec.version)
     try:
         storage.write_bytes(key, body, create_only=True)
@@ -262,6 +308,15 @@ def commit_version(storage: Storage, spec: VersionSpec, shards: list[dict[str, A
             raise VersionError(f"version {spec.dataset}/{spec.version} was published by another run first") from None
     storage.delete(layout.publish_lock(spec.dataset, spec.version))
     return manifest
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest as strict JSON: a NaN or an infinity anywhere is a ValueError, never written."""
+    try:
+        return json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
+    except ValueError as err:
+        raise VersionError(f"manifest of {manifest['dataset']}/{manifest['version']} holds a NaN or an "
+                           f"infinity ({err}); nothing was written") from None
 
 
 def publish_version(
@@ -296,10 +351,11 @@ def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:
     """A version whose shards are its parents' shards, listed by root-relative path; nothing is copied."""
     if len(spec.parents) < 1:
         raise VersionError("a union needs at least one parent version")
-    claim_version(storage, spec)
+    if len(set(spec.parents)) < len(spec.parents):
+        raise VersionError(f"union parents {spec.parents} name a version twice; a union must not repeat a sample")
+    manifests = [load_manifest(storage, spec.dataset, parent) for parent in spec.parents]
     shards, indexes, funnel_totals = [], [], {}
-    for parent in spec.parents:
-        manifest = load_manifest(storage, spec.dataset, parent)
+    for parent, manifest in zip(spec.parents, manifests):
         shards.extend({**shard, "path": shard_key(manifest, shard["path"])} for shard in manifest["shards"])
         index = read_index(storage, spec.dataset, parent).cast(index_schema())
         paths = pa.array([shard_key(manifest, path) for path in index.column("shard").to_pylist()], pa.string())
@@ -310,8 +366,9 @@ def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:
     if duplicates:
         raise VersionError(f"parents {spec.parents} share {duplicates} sample keys; a union must not repeat a sample")
     spec.funnel = spec.funnel or {"written": index.num_rows, "from_parents": funnel_totals}
-    if any(load_manifest(storage, spec.dataset, parent).get("shards_superset") for parent in spec.parents):
+    if any(manifest.get("shards_superset") for manifest in manifests):
         spec.extra["shards_superset"] = True  # a reviewed parent's shards hold samples its index left out
+    claim_version(storage, spec)  # after every check on the parents: a refused union leaves no lock
     return commit_version(storage, spec, shards, index)
 
 

@@ -12,11 +12,20 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from factory.framework.names import check_name
 from filters.rules import PAPER_THRESHOLDS
 
 
@@ -25,7 +34,18 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every float finite: NaN passes no `ge`/`le` bound by itself and is not valid JSON in a manifest
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# A name that becomes part of a storage key: the one rule of factory.framework.layout.check_name.
+Name = Annotated[str, AfterValidator(check_name)]
+# Seeds go to numpy, torch and vLLM; every one of them takes [0, 2**32).
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# A filter threshold: a cosine similarity, so finite and in [-1, 1].
+Threshold = Annotated[float, Field(ge=-1.0, le=1.0)]
+# Custom Ray resources (per actor or worker): Ray refuses negative amounts.
+RayResources = dict[str, Annotated[float, Field(ge=0)]]
 
 
 # --- storage -------------------------------------------------------------------------
@@ -45,8 +65,8 @@ class StorageConfig(Section):
     multipart_threshold_mb: int = Field(64, ge=5)
     multipart_chunk_mb: int = Field(16, ge=5)
     max_attempts: int = Field(8, ge=1, description="botocore retry budget per S3 call")
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
 
 
 # --- stages --------------------------------------------------------------------------
@@ -58,7 +78,7 @@ class ActorPool(Section):
     concurrency: int = Field(1, ge=1, description="number of actors")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor; fractions share a card")
     num_cpus: float = Field(1.0, gt=0)
-    resources: dict[str, float] = Field(
+    resources: RayResources = Field(
         default_factory=dict,
         description="custom Ray resources per actor, e.g. {a100_40g: 1}: pins the pool to a node type of cluster.yaml",
     )
@@ -86,7 +106,7 @@ class ReferenceSource(Section):
         default_factory=list, description="kind=generated: class names, each drawn with references.sd_prompt"
     )
     per_prompt: int = Field(1, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _needs_input(self) -> ReferenceSource:
@@ -103,7 +123,7 @@ class ReferencesConfig(ActorPool):
     """Reference ingest. The ActorPool fields size the Stable Diffusion pool for generated
     references: with num_gpus > 0, concurrency > 1 or resources it runs as Ray actors, else on the driver."""
 
-    set: str = Field("demo", pattern=r"^[A-Za-z0-9_-]+$")
+    set: Name = "demo"
     sources: list[ReferenceSource] = Field(default_factory=list)
     max_pixels: int = Field(40_000_000, ge=1, description="refuse larger images before decoding")
     max_file_mb: float = Field(64, gt=0, description="refuse larger files before decoding")
@@ -136,7 +156,7 @@ class PlanConfig(Section):
     total_jobs: int | None = Field(None, ge=1)
     unit_size: int = Field(16, ge=1, description="jobs per work unit")
     generator: str = "profusion"
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _one_count(self) -> PlanConfig:
@@ -155,7 +175,7 @@ class GeneratorSpec(Section):
     checkpoint: str | None = Field(None, description="extra weights (PromptNet, trained G)")
     image_size: int = Field(512, ge=8)
     steps: int = Field(50, ge=1)
-    guidance_scale: float = 7.5
+    guidance_scale: float = Field(7.5, ge=0)
     options: dict[str, Any] = Field(default_factory=dict, description="implementation-specific")
 
 
@@ -183,7 +203,7 @@ class FilterConfig(ActorPool):
         "true for a local OpenAI checkpoint",
     )
     dino_model: str = "facebook/dino-vits16"
-    thresholds: dict[str, float] = Field(
+    thresholds: dict[str, Threshold] = Field(
         default_factory=lambda: dict(FILTER_THRESHOLDS),
         description="rule -> minimum score (>=); unset rules keep the default",
     )
@@ -220,10 +240,10 @@ class DialogueConfig(ActorPool):
     )
     max_attempts: int = Field(3, ge=1, description="tries per sample, each with a new seed")
     constrained: bool = Field(True, description="JSON-schema constrained decoding")
-    temperature: float = Field(0.8, ge=0)
+    temperature: float = Field(0.8, ge=0, le=2, description="vLLM and OpenAI-style servers take [0, 2]")
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(512, ge=8)
-    seed: int = 0
+    seed: Seed = 0
     min_user_chars: int = Field(3, ge=2)
     max_user_chars: int = Field(400, ge=2)
     min_assistant_chars: int = Field(10, ge=2)
@@ -269,7 +289,7 @@ class DialogueConfig(ActorPool):
 
 
 class PublishConfig(Section):
-    version: str | None = Field(None, description="version name; default: the run id")
+    version: Name | None = Field(None, description="version name; default: the run id")
     shard_max_bytes: int = Field(256 * 2**20, ge=1024)
     shard_max_samples: int = Field(10_000, ge=1)
     allow_partial: bool = Field(
@@ -281,7 +301,7 @@ class PublishConfig(Section):
 class TrainConfig(Section):
     """Training G or the assistant heads on a published version (paper sections 3.1, 4.1)."""
 
-    version: str | None = Field(None, description="dataset version to train on; default: latest")
+    version: Name | None = Field(None, description="dataset version to train on; default: latest")
     model: Literal["generator", "assistant"] = "generator"
     base_model: str = Field("stabilityai/stable-diffusion-2-base", description="SD folder with unet/, vae/, scheduler/")
     clip_model: str = Field("openai/clip-vit-large-patch14-336", description="F: CLIP image embedding")
@@ -307,11 +327,11 @@ class TrainConfig(Section):
     resume: bool = Field(True, description="continue from checkpoints/<model>/<run-id>/latest.json when present")
     num_workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each with use_gpu)")
     use_gpu: bool = True
-    resources_per_worker: dict[str, float] = Field(
+    resources_per_worker: RayResources = Field(
         default_factory=dict, description="custom Ray resources per worker, e.g. {a100_80g: 1}: a node type"
     )
     max_failures: int = Field(3, ge=0, description="Ray Train restarts; each resumes from the last checkpoint")
-    seed: int = 0
+    seed: Seed = 0
     log_sample_keys: bool = Field(False, description="write the keys each worker trained on, per epoch")
 
 
@@ -319,17 +339,17 @@ class SidConfig(Section):
     """Self-improvement via distillation: x~ = G(E(x), a*F(w) + (1-a)*F(x)), filtered, drafted, published."""
 
     rounds: int = Field(1, ge=1)
-    parent: str | None = Field(None, description="version G was trained on; default: the newest bootstrap or union")
+    parent: Name | None = Field(None, description="version G was trained on; default: the newest bootstrap or union")
     generator: str = Field("cafe", description="name under generate.generators (kind cafe)")
     checkpoint: str | None = Field(None, description="G checkpoint folder; default: the newest trained one")
     jobs_per_reference: int = Field(2, ge=1)
     max_references: int | None = Field(None, ge=1)
     unit_size: int = Field(16, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     alphas: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7], min_length=1)
     alpha_mode: Literal["random", "sweep"] = Field("random", description="sweep: every job at every alpha")
     w_source: Literal["retrieve", "generate"] = "retrieve"
-    pool: str | None = Field(None, description="image pool name; default: built from the parent's target images")
+    pool: Name | None = Field(None, description="image pool name; default: built from the parent's target images")
     w_top_k: int = Field(8, ge=1, description="retrieved w: a seeded pick among the k nearest eligible pool images")
     rarity_power: float = Field(1.0, ge=0, description="weight instructions by (1 + category count in parent)^-power")
     finetune: bool = Field(True, description="fine-tune G on the union to start the next round")
@@ -370,28 +390,28 @@ class EvalConfig(Section):
     )
     pairs: list[EvalPair] = Field(default_factory=list)
     pairs_file: str | None = Field(None, description="YAML list of pairs (reference, subject, prompts)")
-    reference_set: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_-]+$",
+    reference_set: Name | None = Field(
+        None,
         description="also evaluate on this stored reference set, each reference with `prompts`' list for its class",
     )
     prompts: str = Field("dreambench", description="prompt lists for reference_set: a shipped name or a YAML file")
     references_per_subject: int | None = Field(None, ge=1, description="first n references of each subject, by id")
     prompts_per_subject: int | None = Field(None, ge=1, description="n prompts spread evenly over the list")
-    name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_-]+$", description="the eval set's name in results; default: <prompts>-<set>"
+    name: Name | None = Field(
+        None, description="the eval set's name in results; default: <prompts>-<set>"
     )
     images_per_pair: int = Field(4, ge=1)
     image_size: int = Field(512, ge=8)
     steps: int = Field(50, ge=1)
-    clip_guidance_scale: float = 7.5
-    dino_guidance_scale: float = 2.0
+    clip_guidance_scale: float = Field(7.5, ge=0)
+    dino_guidance_scale: float = Field(2.0, ge=0)
     max_new_tokens: int = Field(128, ge=1, description="assistant answer length")
     clip_model: str | None = Field(None, description="CLIP-I / CLIP-T scorer; default: filter.clip_model")
     clip_pretrained: str | None = Field(None, description="default: filter.clip_pretrained")
     clip_model_config: str | None = Field(None, description="default: filter.clip_model_config")
     dino_model: str | None = Field(None, description="DINO scorer; default: filter.dino_model")
     use_gpu: bool = True
-    seed: int = 0
+    seed: Seed = 0
     concurrency: int = Field(
         1, ge=1, description="eval actors, each holding G and the scorers (one GPU each with use_gpu)")
 
@@ -404,7 +424,7 @@ class PromptNetConfig(Section):
         True, description="generate / all refuse to draw with a profusion generator that names no PromptNet "
         "checkpoint (train one with --stage promptnet); false draws from an untrained one (benchmarks)"
     )
-    reference_set: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$", description="default: references.set")
+    reference_set: Name | None = Field(None, description="default: references.set")
     generator: str = Field("profusion", description="the generate.generators entry (kind profusion) it is for: "
                                                     "its model, image_size and options.image_encoder")
     init_from: str | None = Field(None, description="PromptNet checkpoint to start from; default: the UNet's down path")
@@ -425,10 +445,10 @@ class PromptNetConfig(Section):
     log_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(1000, ge=1, description="steps between progress saves (runs/<run-id>/promptnet/)")
     resume: bool = Field(True, description="continue from the run's latest progress save when there is one")
-    seed: int = 0
+    seed: Seed = 0
     num_workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each with use_gpu)")
     use_gpu: bool = True
-    resources_per_worker: dict[str, float] = Field(
+    resources_per_worker: RayResources = Field(
         default_factory=dict, description="custom Ray resources per worker, e.g. {a100_80g: 1}: a node type"
     )
     max_failures: int = Field(3, ge=0, description="Ray Train restarts; each resumes from the latest progress save")
@@ -440,8 +460,8 @@ class RayConfig(Section):
 
 
 class FactoryConfig(Section):
-    dataset: str = Field("demo", pattern=r"^[A-Za-z0-9_-]+$")
-    run_id: str = Field("demo", pattern=r"^[A-Za-z0-9_-]+$")
+    dataset: Name = "demo"
+    run_id: Name = "demo"
     storage: StorageConfig = Field(default_factory=StorageConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     references: ReferencesConfig = Field(default_factory=ReferencesConfig)
@@ -512,6 +532,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = yaml.safe_load(source.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {source}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {source} cannot be read: {getattr(err, 'strerror', None) or err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -521,11 +543,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate_config(resolve_relative_paths(raw), origin=str(source))
 
 
+NAME_KEYS = frozenset({"dataset", "run_id", "version", "parent", "pool", "set", "reference_set", "name"})
+
+
 def resolve_relative_paths(node: Any) -> Any:
     """Make every `./` or `../` path absolute (against the current folder), so the config
-    means the same in Ray workers, which run in folders of their own."""
+    means the same in Ray workers, which run in folders of their own. Names (`NAME_KEYS`) are
+    never paths: they are left as written, so the name rule refuses them as the user wrote them."""
     if isinstance(node, dict):
-        return {key: resolve_relative_paths(value) for key, value in node.items()}
+        return {key: value if key in NAME_KEYS else resolve_relative_paths(value) for key, value in node.items()}
     if isinstance(node, list):
         return [resolve_relative_paths(value) for value in node]
     if isinstance(node, str) and node.startswith(("./", "../")):
@@ -549,11 +575,15 @@ def describe_errors(err: ValidationError) -> str:
         elif problem["type"] == "missing":
             message = "required field is missing"
         else:
-            message = problem["msg"]
+            message = problem["msg"].removeprefix("Value error, ")
             if "input" in problem and problem["type"] not in ("value_error",):
-                message += f" (got {problem['input']!r})"
+                message += f" (got {shorten(repr(problem['input']))})"
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

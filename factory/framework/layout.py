@@ -6,13 +6,24 @@ Mirrors the layout block of docs/architecture.md. Keys are relative to the stora
 
 from __future__ import annotations
 
+from factory.framework.names import BadName, check_name
 from factory.framework.storage import clean_key
+
+# --- names: every name in a key follows factory.framework.names' rule, and a key stays in its folder --------
+
+
+def inside(folder: str, key: str) -> str:
+    """`key`, after asserting that it normalises to a key under `folder` (no `..` way out)."""
+    if not clean_key(key).startswith(f"{clean_key(folder)}/"):
+        raise BadName(f"storage key {key!r} leaves its folder {folder!r}")
+    return key
+
 
 # --- reference sets --------------------------------------------------------------------
 
 
 def reference_set(set_name: str) -> str:
-    return f"references/{clean_key(set_name)}"
+    return f"references/{check_name(set_name, 'reference set')}"
 
 
 def reference_part(set_name: str, index: int) -> str:
@@ -32,7 +43,7 @@ def reference_complete(set_name: str) -> str:
 
 
 def run_dir(run_id: str) -> str:
-    return f"runs/{run_id}"
+    return f"runs/{check_name(run_id, 'run id')}"
 
 
 def plan(run_id: str) -> str:
@@ -64,11 +75,11 @@ def is_unit_file(key: str) -> bool:
 
 
 def dataset_dir(dataset: str) -> str:
-    return f"datasets/{dataset}"
+    return f"datasets/{check_name(dataset, 'dataset')}"
 
 
 def version_dir(dataset: str, version: str) -> str:
-    return f"{dataset_dir(dataset)}/{version}"
+    return inside(dataset_dir(dataset), f"{dataset_dir(dataset)}/{check_name(version, 'version')}")
 
 
 def manifest(dataset: str, version: str) -> str:
@@ -86,14 +97,15 @@ def publish_lock(dataset: str, version: str) -> str:
 
 def shard_relative(version: str, number: int) -> str:
     """A shard's path as the manifest lists it: relative to its version's folder."""
-    return f"shards/{version}-{number:06d}.tar"
+    return f"shards/{check_name(version, 'version')}-{number:06d}.tar"
 
 
 def shard(dataset: str, version: str, listed_path: str) -> str:
-    """The key of a shard as a manifest lists it (version-relative, or root-relative in a union)."""
+    """The key of a shard as a manifest lists it (version-relative, or root-relative in a union);
+    either way it must stay under the dataset's folder (a union lists its parents' shards)."""
     if listed_path.startswith("datasets/"):
-        return listed_path
-    return f"{version_dir(dataset, version)}/{listed_path}"
+        return inside(dataset_dir(dataset), listed_path)
+    return inside(version_dir(dataset, version), f"{version_dir(dataset, version)}/{listed_path}")
 
 
 def review_record(dataset: str, version: str, project_id: int) -> str:
@@ -119,7 +131,7 @@ def is_manifest(key: str) -> bool:
 
 
 def pool_dir(name: str) -> str:
-    return f"pools/{name}"
+    return f"pools/{check_name(name, 'pool')}"
 
 
 def pool_part(name: str, index: int) -> str:
@@ -140,11 +152,11 @@ def pool_index(name: str) -> str:
 
 
 def checkpoints(model: str) -> str:
-    return f"checkpoints/{model}"
+    return f"checkpoints/{check_name(model, 'model')}"
 
 
 def checkpoint_run(model: str, run_id: str) -> str:
-    return f"{checkpoints(model)}/{run_id}"
+    return f"{checkpoints(model)}/{check_name(run_id, 'run id')}"
 
 
 def checkpoint_step(model: str, run_id: str, step: int) -> str:

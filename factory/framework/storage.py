@@ -41,6 +41,17 @@ def clean_key(key: str) -> str:
     return norm
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask sets it, racing other threads' writes)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 class Storage:
     """Interface shared by the local and S3 backends."""
 
@@ -125,6 +136,7 @@ class LocalStorage(Storage):
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: others read as the umask allows
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()

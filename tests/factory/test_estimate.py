@@ -42,8 +42,9 @@ def store_reference_set(root: Path, count: int) -> None:
 
 
 def store_version(root: Path, version: str, kind: str, generated: int, passed: int, gpu_seconds: float) -> None:
-    manifest = {"schema": "factory.manifest/1", "dataset": "cafe", "version": version, "kind": kind,
-                "created": f"2026-11-0{1 + len(version) % 8}T00:00:00+00:00", "samples": passed,
+    manifest = {"schema": "factory.manifest/1", "dataset": "cafe", "version": version, "kind": kind, "parents": [],
+                "created": f"2026-11-0{1 + len(version) % 8}T00:00:00+00:00", "samples": passed, "shards": [],
+                "thresholds": {"clip_t": 0.3, "dino": 0.6},
                 "funnel": {"planned": generated, "generated": generated, "passed_clip": passed, "passed_dino": passed},
                 "cost": {"generate": {"actor_seconds": 99.0, "gpu_seconds": gpu_seconds},
                          "filter": {"actor_seconds": 1.0, "gpu_seconds": 0.0},

@@ -104,3 +104,12 @@ def test_verify_reports_missing_index_rows(storage, samples):
 def test_missing_version_is_a_clear_error(storage):
     with pytest.raises(VersionError, match="does not exist"):
         load_manifest(storage, "d", "nope")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_manifest_holding_nan_or_infinity_is_refused_before_index_and_manifest(storage, samples, bad):
+    nan_spec = spec("v1")
+    nan_spec.cost = {"generate": {"gpu_seconds": bad}}
+    with pytest.raises(VersionError, match="NaN or an infinity"):
+        publish_version(storage, nan_spec, samples)
+    assert not storage.exists("datasets/d/v1/manifest.json") and not storage.exists("datasets/d/v1/index.parquet")
