@@ -49,10 +49,13 @@ def fit_on_ray(loop, loop_config: dict[str, Any], name: str, scaling_config: Sca
 
 
 def scaling(settings: TrainConfig | PromptNetConfig) -> ScalingConfig:
-    """Ray Train's workers: one GPU each with use_gpu, plus the custom resources that pin them to a node type."""
+    """Ray Train's workers: one GPU each with use_gpu, plus the custom resources that pin them to a node type
+    and the memory each one uses."""
     from ray.train import ScalingConfig
 
     extra = dict(settings.resources_per_worker)
+    if settings.memory_per_worker:
+        extra["memory"] = settings.memory_per_worker
     if not extra:
         return ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu)
     per_worker = {"CPU": 1.0, **({"GPU": 1.0} if settings.use_gpu else {}), **extra}

@@ -295,8 +295,8 @@ def test_the_wait_fails_with_the_ray_job(cronjob_documents, tmp_path, final):
 
 
 def test_the_wait_gives_up_at_its_own_deadline(cronjob_documents, tmp_path):
-    code, out, _ = run_wait(cronjob_documents, tmp_path, ["Initializing//"], wait_s=1)
-    assert code == 1 and "still not finished after 1s (last status: Initializing//)" in out
+    code, out, _ = run_wait(cronjob_documents, tmp_path, ["Initializing//"], wait_s=4)  # room for a loaded machine
+    assert code == 1 and "still not finished after 4s (last status: Initializing//)" in out
 
 
 def test_the_deadlines_nest_and_the_role_has_the_verbs_the_script_uses(rayjob, cronjob_documents, tmp_path):
@@ -385,18 +385,44 @@ def pools(config) -> dict[str, dict]:
     """The Ray resources one actor (or training worker) of each production pool asks for."""
     asks = {name: getattr(config, name).ray_options() for name in ("references", "generate", "filter", "dialogue")}
     for name in ("train", "promptnet"):
-        asks[name] = {"num_gpus": 1.0 if getattr(config, name).use_gpu else 0.0,
-                      "resources": dict(getattr(config, name).resources_per_worker)}
+        settings = getattr(config, name)
+        asks[name] = {"num_gpus": 1.0 if settings.use_gpu else 0.0, "resources": dict(settings.resources_per_worker),
+                      "memory": settings.memory_per_worker}
     return asks
 
 
-def test_every_production_pool_fits_the_node_type_its_resources_pin_it_to(cluster):
-    config = load_config(REPO / "configs" / "production.yaml")
-    node_types = cluster["available_node_types"].values()
-    for name, ask in pools(config).items():
-        wanted = set(ask.get("resources", {}))
-        (node,) = [node for node in node_types if wanted and wanted <= set(node["resources"])] or [None]
-        assert node is not None, f"{name}: its custom resources {wanted} pin it to no node type"
+def pinned_node_type(ask: dict, node_types: dict[str, dict]) -> str | None:
+    wanted = set(ask.get("resources", {}))
+    names = [name for name, node in node_types.items() if wanted and wanted <= set(node["resources"])]
+    return names[0] if len(names) == 1 else None
+
+
+@pytest.fixture(scope="module")
+def production():
+    return load_config(REPO / "configs" / "production.yaml")
+
+
+def test_every_production_pool_fits_the_node_type_its_resources_pin_it_to(cluster, production):
+    node_types = cluster["available_node_types"]
+    for name, ask in pools(production).items():
+        node_type = pinned_node_type(ask, node_types)
+        assert node_type is not None, f"{name}: its custom resources {ask.get('resources')} pin it to no one node type"
+        node = node_types[node_type]
         assert ask["num_gpus"] <= node["resources"].get("GPU", 0), name
         for resource, amount in ask["resources"].items():
             assert amount <= node["resources"][resource], name
+
+
+def test_a_node_full_of_a_pools_actors_fits_in_its_ray_memory(rayjob, cluster, production):
+    """As many actors as the node's GPUs hold, each reserving its memory, within the memory Ray offers on
+    the group's pod: the container limit less Ray's default object store (30%)."""
+    workers = {name: group for name, group in groups(rayjob).items() if name != "head"}
+    limits = {GROUP_TO_NODE_TYPE[name]: quantity(group["template"]["spec"]["containers"][0]["resources"]["limits"]
+                                                 ["memory"]) for name, group in workers.items()}
+    node_types = cluster["available_node_types"]
+    for name, ask in pools(production).items():
+        node_type = pinned_node_type(ask, node_types)
+        per_node = int(node_types[node_type]["resources"]["GPU"] // ask["num_gpus"])
+        assert ask.get("memory", 0) > 0, f"{name} reserves no memory"
+        assert per_node * ask["memory"] <= 0.7 * limits[node_type], name
+    assert 0 < production.publish.task_memory and 0 < production.eval.memory
