@@ -23,6 +23,7 @@ import yaml
 
 from factory.config import load_config
 from jobs.spec import load_specs
+from tests.jobs.conftest import HEAD_RESOURCES
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "jobs" / "k8s"
@@ -170,6 +171,8 @@ def kuberay_submitter_command(rayjob: dict, address: str, job_id: str) -> list[s
     words += ["--submission-id", job_id]
     if spec.get("entrypointNumCpus", 0) > 0:
         words += ["--entrypoint-num-cpus", f"{float(spec['entrypointNumCpus']):f}"]
+    if spec.get("entrypointResources"):
+        words += ["--entrypoint-resources", go_quote(spec["entrypointResources"])]
     words += ["--", spec["entrypoint"].strip(), ";", "fi", ";", "ray", "job", "logs", "--address", address,
               "--follow", job_id]
     return ["/bin/bash", "-ce", "--", " ".join(words)]
@@ -213,6 +216,7 @@ def test_the_whole_pipeline_command_is_the_ray_job(rayjob, tmp_path):
     assert [call for call in calls if call[0] == "python" and call[1] != "-c"] == []  # nothing ran beside it
     assert calls[-1][:4] == ["ray", "job", "logs", "--address"]
     (submit,) = [call for call in calls if call[:3] == ["ray", "job", "submit"]]
+    assert json.loads(submit[submit.index("--entrypoint-resources") + 1]) == spec.resources.entrypoint_resources
     runtime_env = json.loads(submit[submit.index("--runtime-env-json") + 1])
     assert runtime_env["working_dir"] == "/home/ray/cafe-factory"
     assert runtime_env["env_vars"] == spec.runtime_env.env_vars
@@ -426,3 +430,15 @@ def test_a_node_full_of_a_pools_actors_fits_in_its_ray_memory(rayjob, cluster, p
         assert ask.get("memory", 0) > 0, f"{name} reserves no memory"
         assert per_node * ask["memory"] <= 0.7 * limits[node_type], name
     assert 0 < production.publish.task_memory and 0 < production.eval.memory
+
+
+def test_job_drivers_run_only_on_the_head(rayjob, cluster):
+    """Every job's driver asks for `job_driver`, which only the head offers, so losing a worker node
+    never takes a driver with it (docs/reliability.md, "Node loss")."""
+    assert {name: spec.resources.entrypoint_resources for name, spec in load_specs().items()} == \
+        {name: {"job_driver": 1.0} for name in load_specs()}
+    offering = {name for name, node in cluster["available_node_types"].items() if "job_driver" in node["resources"]}
+    assert offering == {cluster["head_node_type"]}
+    assert [name for name, group in groups(rayjob).items() if "job_driver" in group.get("resources", {})] == ["head"]
+    assert json.loads(rayjob["spec"]["entrypointResources"]) == {"job_driver": 1}
+    assert HEAD_RESOURCES["job_driver"] >= 1  # the staging and test heads offer it as well
