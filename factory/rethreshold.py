@@ -75,4 +75,4 @@ def rethreshold_version(storage: Storage, config: FactoryConfig, parent: str, ch
     )
     source = VersionSamples(config.storage, manifest, keep, child)
     return write_version(storage, config.storage, spec, source, config.publish.shard_max_bytes,
-                         config.publish.shard_max_samples, config.publish.executor)
+                         config.publish.shard_max_samples, config.publish.executor, config.publish.task_memory)

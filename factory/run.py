@@ -183,7 +183,7 @@ def init_ray(config: FactoryConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
+        ray.init(include_dashboard=False, **config.ray.local_cluster())
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()

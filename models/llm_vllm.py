@@ -1,11 +1,12 @@
 """The `vllm` engine: a thin adapter over `vllm.LLM.chat` for GPU nodes.
 
-Written against vLLM 0.12-0.33 (`SamplingParams(structured_outputs=StructuredOutputsParams(
-json=schema))`); on older releases (0.6-0.11) it falls back to `guided_decoding=
-GuidedDecodingParams(json=schema)`. vLLM is an optional extra (`pip install
-'cafe-factory[vllm]'`) that cannot be installed on the CPU test machines, so this module is
-covered by a test against a stand-in `vllm` module only; run it on a GPU node before relying
-on it.
+Written against vLLM 0.29.0, the version the `vllm` extra pins (the one Ray 2.60's `llm` extra
+pins, so every node of a cluster runs the same): `SamplingParams(structured_outputs=
+StructuredOutputsParams(json=schema))`. StructuredOutputsParams exists from 0.11 (0.11 has both
+it and the older `guided_decoding=GuidedDecodingParams`; 0.12 dropped GuidedDecodingParams), so
+the adapter needs 0.11 or later. vLLM cannot be installed on the CPU test machines: the test
+checks every call against a stand-in whose signatures are copied from vLLM 0.29.0's source, so a
+misspelt or removed argument fails it; run it on a GPU node before relying on it.
 
 Placement: the Ray Data actor that builds this engine asks for `dialogue.num_gpus >=
 tensor_parallel_size` GPUs, so Ray puts the whole tensor-parallel group on one node, and vLLM
@@ -71,6 +72,9 @@ class VllmEngine(BatchEngine):
         return [output.outputs[0].text if output.outputs else None for output in outputs]
 
     def sampling_params(self, seed: int, json_schema: dict[str, Any] | None):
+        return self.vllm.SamplingParams(**self.sampling_kwargs(seed, json_schema))
+
+    def sampling_kwargs(self, seed: int, json_schema: dict[str, Any] | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "temperature": self.config.temperature,
             "top_p": self.config.top_p,
@@ -78,12 +82,7 @@ class VllmEngine(BatchEngine):
             "seed": seed,
         }
         if json_schema is not None:
-            kwargs.update(self.structured_kwargs(json_schema))
-        return self.vllm.SamplingParams(**kwargs)
+            from vllm.sampling_params import StructuredOutputsParams
 
-    def structured_kwargs(self, json_schema: dict[str, Any]) -> dict[str, Any]:
-        from vllm import sampling_params
-
-        if hasattr(sampling_params, "StructuredOutputsParams"):  # vLLM >= 0.12 (0.10.2+ has both)
-            return {"structured_outputs": sampling_params.StructuredOutputsParams(json=json_schema)}
-        return {"guided_decoding": sampling_params.GuidedDecodingParams(json=json_schema)}
+            kwargs["structured_outputs"] = StructuredOutputsParams(json=json_schema)
+        return kwargs

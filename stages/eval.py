@@ -257,7 +257,7 @@ def evaluate(
     scored = ray.data.from_pandas(rows).map_batches(
         EvalWorker, fn_constructor_args=(config.snapshot(), generator, assistant), batch_size=1,
         batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=min(config.eval.concurrency, len(rows))),
-        num_gpus=eval_gpus(config.eval),
+        num_gpus=eval_gpus(config.eval), **({"memory": config.eval.memory} if config.eval.memory else {}),
     ).to_pandas()
     if len(scored) != len(rows):
         raise RuntimeError(f"eval scored {len(scored)} of {len(rows)} (pair, prompt) rows")

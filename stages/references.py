@@ -211,7 +211,7 @@ class Drawer:
 def ray_pool(config: FactoryConfig) -> ActorPool:
     cfg = config.references
     if not ray.is_initialized():
-        local = {"num_cpus": config.ray.num_cpus} if config.ray.address is None else {}
+        local = config.ray.local_cluster() if config.ray.address is None else {}
         ray.init(address=config.ray.address, ignore_reinit_error=True, **local)
     remote = ray.remote(**cfg.ray_options())(StableDiffusionDrawer)
     actors = [remote.remote(cfg, config.storage) for _ in range(cfg.concurrency)]

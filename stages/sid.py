@@ -256,7 +256,8 @@ def load_or_build_pool(ctx: RunContext, parent: str):
     shards = [layout.shard(manifest["dataset"], manifest["version"], shard["path"]) for shard in manifest["shards"]]
     log.info("building image pool %s from the target images of %s (%d shards)", name, parent, len(shards))
     build_pool_from_shards(ctx.storage, ctx.config.storage, name, shards,
-                           partial(clip_scorer_from_snapshot, ctx.config.snapshot()), ctx.config.filter)
+                           partial(clip_scorer_from_snapshot, ctx.config.snapshot()), ctx.config.filter,
+                           task_memory=ctx.config.publish.task_memory)
     return ImagePool.load(ctx.storage, name)
 
 

@@ -7,6 +7,8 @@ import uuid
 
 import pytest
 
+from factory.framework.config import load_config
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -73,13 +75,15 @@ def model_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray of 2 CPUs for one test module; its workers import this checkout."""
+    """A local Ray sized as the demo's (2 CPUs, its memory resource) for one test module; its workers
+    import this checkout."""
     from pathlib import Path
 
     import ray
 
     repo = Path(__file__).resolve().parents[1]
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(repo)}})
+    ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(repo)}},
+             **load_config().ray.local_cluster())
     yield
     ray.shutdown()
 

@@ -253,15 +253,17 @@ def shard_to_part(batch: pd.DataFrame, storage_config: StorageConfig, name: str)
 
 def build_pool_from_shards(storage: Storage, storage_config: StorageConfig, name: str, shard_keys: list[str],
                            make_scorer: Callable[[], Any], actors: ActorPool, batch_size: int = 64,
-                           exact_limit: int = EXACT_LIMIT) -> dict[str, int]:
-    """The Ray Data job: shards -> parts (tasks, one shard each) -> CLIP embeddings (actor pool) ->
-    ids and index, written by the driver from the small (id, part, row, embedding) rows."""
+                           exact_limit: int = EXACT_LIMIT, task_memory: int = 0) -> dict[str, int]:
+    """The Ray Data job: shards -> parts (tasks, one shard each, reserving `task_memory` bytes) -> CLIP
+    embeddings (actor pool) -> ids and index, written by the driver from the small (id, part, row, embedding) rows."""
+    task_options = {"memory": task_memory} if task_memory else {}
+
     if not shard_keys:
         raise ValueError(f"pool {name}: no shards to build it from")
     shards = ray.data.from_items([{"shard": key, "part": n} for n, key in enumerate(shard_keys)],
                                  override_num_blocks=len(shard_keys))
     rows = shards.map_batches(shard_to_part, fn_kwargs={"storage_config": storage_config, "name": name},
-                              batch_size=1, batch_format="pandas")
+                              batch_size=1, batch_format="pandas", **task_options)
     embedded = rows.map_batches(
         PoolEmbedder, fn_constructor_args=(make_scorer, batch_size), batch_size=batch_size, batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=actors.concurrency), **actors.ray_options(),

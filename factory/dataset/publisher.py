@@ -219,10 +219,11 @@ def first_of_each_key(keys: pa.Table) -> tuple[pa.Table, set[tuple[str, str]]]:
 
 
 def write_version(storage: Storage, storage_config: StorageConfig, spec: VersionSpec, source: SampleSource,
-                  max_bytes: int, max_samples: int, executor: str = "ray") -> dict[str, Any]:
-    """Shards, index and manifest of `spec` from `source`: on Ray workers (`executor="ray"`),
-    or in this process (`"local"`: one part or one shard in memory, the rest spilled to disk)."""
-    run = RayPasses() if executor == "ray" else LocalPasses()
+                  max_bytes: int, max_samples: int, executor: str = "ray", task_memory: int = 0) -> dict[str, Any]:
+    """Shards, index and manifest of `spec` from `source`: on Ray workers (`executor="ray"`, each
+    task reserving `task_memory` bytes), or in this process (`"local"`: one part or one shard in
+    memory, the rest spilled to disk)."""
+    run = RayPasses(task_memory) if executor == "ray" else LocalPasses()
     claim_version(storage, spec)
     started = time.perf_counter()
     parts = source.parts()
@@ -256,6 +257,9 @@ class RayPasses:
     reads small metadata when the source says so (a run's dialogue rows): threads in the driver
     then, which costs less than scheduling a task per unit; else (parent shards) Ray tasks."""
 
+    def __init__(self, task_memory: int = 0):
+        self.options = {"memory": task_memory} if task_memory else {}
+
     def sizes(self, source: SampleSource, parts: list[str]) -> Iterator[pd.DataFrame]:
         import ray
 
@@ -264,7 +268,8 @@ class RayPasses:
         if getattr(source, "sizes_are_metadata", False):
             return LocalPasses().sizes(source, parts)
         items = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=blocks_for(parts))
-        mapped = items.map_batches(part_sizes, fn_args=(source,), batch_size=None, batch_format="pandas")
+        mapped = items.map_batches(part_sizes, fn_args=(source,), batch_size=None, batch_format="pandas",
+                                   **self.options)
         return mapped.iter_batches(batch_format="pandas", batch_size=65536)
 
     def shards(self, source: SampleSource, parts: list[str], boundaries: list[str], losers: set[tuple[str, str]],
@@ -283,9 +288,9 @@ class RayPasses:
         try:
             items = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=blocks_for(parts))
             tagged = items.map_batches(part_samples, fn_args=(source, boundaries, losers), batch_size=None,
-                                       batch_format="pandas")
+                                       batch_format="pandas", **self.options)
             written = tagged.groupby("shard", num_partitions=len(boundaries)).map_groups(
-                write_shard, fn_args=shard_args, batch_format="pandas")
+                write_shard, fn_args=shard_args, batch_format="pandas", **self.options)
             yield from written.iter_batches(batch_format="pandas", batch_size=4096)
         finally:
             context.shuffle_strategy = saved
@@ -370,7 +375,7 @@ def publish_run(ctx: RunContext, kind: str = "bootstrap", parents: list[str] | N
             "dialogue_prompt", {}), **({"partial": partial} if partial else {}), **(extra or {})},
     )
     manifest = write_version(storage, config.storage, spec, source, config.publish.shard_max_bytes,
-                             config.publish.shard_max_samples, config.publish.executor)
+                             config.publish.shard_max_samples, config.publish.executor, config.publish.task_memory)
     manifest["funnel"]["written"] = manifest["samples"]
     return manifest
 

@@ -69,6 +69,12 @@ class StorageConfig(Section):
     read_timeout_s: float = Field(60.0, gt=0)
 
 
+def memory_field(what: str) -> Any:
+    """Bytes of RAM Ray reserves per actor, task or worker (Ray's `memory` resource): what one uses at
+    its peak, so Ray never places more on a node than its memory holds. 0 reserves none."""
+    return Field(0, ge=0, description=f"bytes of RAM Ray reserves per {what}, its peak use; 0 reserves none")
+
+
 # --- stages --------------------------------------------------------------------------
 
 
@@ -82,11 +88,14 @@ class ActorPool(Section):
         default_factory=dict,
         description="custom Ray resources per actor, e.g. {a100_40g: 1}: pins the pool to a node type of cluster.yaml",
     )
+    memory: int = memory_field("actor")
     batch_size: int = Field(16, ge=1, description="candidates per model forward pass")
 
     def ray_options(self) -> dict[str, Any]:
         """What each actor of the pool asks Ray for."""
         options: dict[str, Any] = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+        if self.memory:
+            options["memory"] = self.memory
         if self.resources:
             options["resources"] = dict(self.resources)
         return options
@@ -296,6 +305,7 @@ class PublishConfig(Section):
         False, description="publish a run whose plan has units without output (--allow-partial)")
     executor: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray workers build and upload shards; local: this process, one shard at a time")
+    task_memory: int = memory_field("publish task")
 
 
 class TrainConfig(Section):
@@ -330,6 +340,7 @@ class TrainConfig(Section):
     resources_per_worker: RayResources = Field(
         default_factory=dict, description="custom Ray resources per worker, e.g. {a100_80g: 1}: a node type"
     )
+    memory_per_worker: int = memory_field("worker")
     max_failures: int = Field(3, ge=0, description="Ray Train restarts; each resumes from the last checkpoint")
     seed: Seed = 0
     log_sample_keys: bool = Field(False, description="write the keys each worker trained on, per epoch")
@@ -414,6 +425,7 @@ class EvalConfig(Section):
     seed: Seed = 0
     concurrency: int = Field(
         1, ge=1, description="eval actors, each holding G and the scorers (one GPU each with use_gpu)")
+    memory: int = memory_field("actor")
 
 
 class PromptNetConfig(Section):
@@ -451,12 +463,23 @@ class PromptNetConfig(Section):
     resources_per_worker: RayResources = Field(
         default_factory=dict, description="custom Ray resources per worker, e.g. {a100_80g: 1}: a node type"
     )
+    memory_per_worker: int = memory_field("worker")
     max_failures: int = Field(3, ge=0, description="Ray Train restarts; each resumes from the latest progress save")
 
 
 class RayConfig(Section):
     address: str | None = Field(None, description="cluster address; default: $RAY_ADDRESS or local")
     num_cpus: int | None = Field(None, ge=1, description="for a local cluster only")
+    memory: int | None = Field(
+        None, ge=1, description="for a local cluster only: Ray's memory resource in bytes; default: Ray's share of "
+        "what is free when it starts, which varies on a shared machine")
+
+    def local_cluster(self) -> dict[str, Any]:
+        """ray.init's sizes for a local cluster: CPUs, and the memory resource (`_memory`) when set."""
+        sizes: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.memory:
+            sizes["_memory"] = self.memory
+        return sizes
 
 
 class FactoryConfig(Section):

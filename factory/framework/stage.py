@@ -24,7 +24,7 @@ from factory.framework.config import FactoryConfig
 from factory.framework.keys import portable_ref
 
 REJECT_COLUMNS = ("reject_stage", "reject_reason")
-POOL_SETTINGS = ("concurrency", "num_cpus", "num_gpus", "resources")  # where a stage runs, not what it makes
+POOL_SETTINGS = ("concurrency", "num_cpus", "num_gpus", "memory", "resources")  # where a stage runs, not what it makes
 
 
 class Stage:

@@ -4,7 +4,7 @@ process (one worker, no Ray). The train stage and SID's fine-tuning call these."
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 import ray.train
@@ -19,9 +19,6 @@ from factory.framework.context import RunContext
 from factory.framework.storage import Storage, open_storage
 from models.training.job import TrainJob, make_job
 from models.training.loop import Worker, finished_run, summary, train_loop
-
-if TYPE_CHECKING:
-    from ray.train import ScalingConfig
 
 
 def train_on_ray(
@@ -53,8 +50,11 @@ def fit_on_ray(loop, loop_config: dict[str, Any], name: str, scaling_config: Sca
 
 
 def scaling(settings: TrainConfig | PromptNetConfig) -> ScalingConfig:
-    """Ray Train's workers: one GPU each with use_gpu, plus the custom resources that pin them to a node type."""
+    """Ray Train's workers: one GPU each with use_gpu, plus the custom resources that pin them to a node type
+    and the memory each one uses."""
     extra = dict(settings.resources_per_worker)
+    if settings.memory_per_worker:
+        extra["memory"] = settings.memory_per_worker
     if not extra:
         return ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu)
     per_worker = {"CPU": 1.0, **({"GPU": 1.0} if settings.use_gpu else {}), **extra}

@@ -19,6 +19,13 @@ def test_demo_prints_the_funnel_and_where_the_version_is(demo):
     assert f"manifest at {manifest_path}" in result.stdout
 
 
+def test_every_pool_asks_ray_for_its_memory_so_ray_does_not_warn(demo):
+    _, result = demo
+    output = result.stdout + result.stderr
+    assert "MapBatches(UnitChain)" in output  # Ray Data ran the model pool and its log is here
+    assert "of memory per worker" not in output and "consider setting `memory=" not in output
+
+
 def test_demo_version_is_sound_and_its_funnel_adds_up(demo):
     cwd, _ = demo
     storage = open_storage(StorageConfig(root=str(cwd / "factory-data")))

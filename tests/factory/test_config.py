@@ -85,3 +85,20 @@ def test_production_config_names_the_papers_checkpoints():
     assert config.dialogue.engine == "vllm" and config.dialogue.model == "meta-llama/Llama-2-70b-chat-hf"
     assert config.dialogue.tensor_parallel_size == 4
     assert config.storage.root.startswith("s3://")
+
+
+def test_a_pool_asks_ray_for_the_memory_it_uses():
+    config = load_config(None, ["filter.memory=1073741824"])
+    assert config.filter.ray_options()["memory"] == 2**30
+    assert "memory" not in load_config(None, ["filter.memory=0"]).filter.ray_options()  # 0 reserves none
+    with pytest.raises(ConfigError, match="filter.memory"):
+        load_config(None, ["filter.memory=-1"])
+
+
+def test_the_demos_model_pools_reserve_memory_that_its_ray_holds():
+    config = load_config()
+    pools = [config.generate.memory, config.filter.memory, config.dialogue.memory, config.eval.memory,
+             config.train.memory_per_worker, config.promptnet.memory_per_worker, config.publish.task_memory]
+    assert all(pools) and max(pools) <= config.ray.memory <= 12 * 2**30  # half of a 24 GiB machine at most
+    assert config.generate.memory == config.filter.memory == config.dialogue.memory  # one shared actor
+    assert config.ray.local_cluster() == {"num_cpus": 2, "_memory": config.ray.memory}  # ray.init's arguments

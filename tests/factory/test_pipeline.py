@@ -75,7 +75,8 @@ def test_a_run_refuses_units_made_with_other_settings(tmp_path):
     old = ctx.config.filter.thresholds["clip_t"]
     with pytest.raises(RunChanged, match=rf"filter.thresholds.clip_t: {old} -> 0.35"):
         run_steps_inline(changed, [STAMP])
-    moved = RunContext(load_config(None, [f"storage.root={tmp_path}", "run_id=t", "filter.concurrency=3"]))
+    moved = RunContext(load_config(None, [f"storage.root={tmp_path}", "run_id=t", "filter.concurrency=3",
+                                          "filter.memory=1073741824"]))
     assert run_steps_inline(moved, [STAMP])["ran"] == 1  # where a stage runs is not what it makes
 
 

@@ -27,6 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 180
+HEAD_RESOURCES = {"job_driver": 4}  # as cluster.yaml's head: the job specs place their drivers there
 
 
 @dataclass
@@ -66,7 +67,8 @@ def head_command(root: Path) -> tuple[list[str], str, str]:
     command = [
         str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2", "--object-store-memory=200000000",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+        f"--resources={json.dumps(HEAD_RESOURCES)}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}",
         *node_ports(), f"--temp-dir={root / 'ray'}",
     ]
     return command, f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from factory.dataset.manifest import VersionSpec, load_manifest, publish_version, shard_key
 from factory.dataset.shards import Sample, read_shard
-from factory.framework.config import FactoryConfig, StorageConfig
+from factory.framework.config import FactoryConfig, StorageConfig, load_config
 from factory.framework.storage import open_storage
 
 SAMPLES = 10
@@ -226,7 +226,7 @@ def test_resolve_version_takes_the_latest(tmp_path, tiny):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(include_dashboard=False, **load_config().ray.local_cluster())  # the demo's CPUs and memory
     yield
     ray.shutdown()
 
