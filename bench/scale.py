@@ -41,6 +41,9 @@ sys.path.insert(0, str(REPO))
 from bench.publish_s3 import BUCKET, FAKE_KEYS, MotoProcess, machine, s3_client  # noqa: E402
 from bench.synthetic import photo_like_jpeg  # noqa: E402
 from factory.framework.stage import Stage  # noqa: E402
+from stages.dialogue import Dialogue  # noqa: E402
+from stages.filter import Filter  # noqa: E402
+from stages.generate import Generate  # noqa: E402
 
 JPEGS = [photo_like_jpeg(seed, 512) for seed in range(8)]
 
@@ -52,6 +55,7 @@ class FreeGenerate(Stage):
     """Benchmark-only: "draws" a stored 512-px JPEG per job; no model runs."""
 
     name = "generate"
+    adds = Generate.adds
     source = "plan"
     needs_images = ("input_image",)
     draws_images = ("target_image",)
@@ -72,6 +76,7 @@ class FreeFilter(Stage):
     images like the real filter, decodes none."""
 
     name = "filter"
+    adds = Filter.adds
     source = "generate"
     needs_images = ("target_image", "input_image")
     shaped_by = ("plan",)
@@ -93,6 +98,7 @@ class FreeDialogue(Stage):
     """Benchmark-only: fixed user and assistant texts."""
 
     name = "dialogue"
+    adds = Dialogue.adds
     source = "filter"
     shaped_by = ("plan",)
 

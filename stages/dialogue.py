@@ -294,6 +294,7 @@ class Dialogue(Stage):
 
     name = "dialogue"
     source = "filter"
+    adds = ("user", "assistant", "style", "dialogue_attempts")
     shaped_by = ("references", "plan", "generate", "filter", "dialogue")
 
     def __init__(self, config: FactoryConfig, engine: Engine | None = None):

@@ -23,7 +23,7 @@ from factory.framework.models_cache import loader_paths
 from factory.framework.stage import Stage
 from filters.clip import clip_scorer_from_config, paired_cosines
 from filters.dino import DinoScorer
-from filters.rules import RULES, first_failure, funnel_counts, rule_flags
+from filters.rules import RULES, SCORE_COLUMNS, first_failure, funnel_counts, rule_flags
 from models.base import pick_device
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Filter(Stage):
     the reason of its first failed rule."""
 
     name = "filter"
+    adds = (*SCORE_COLUMNS, *(rule.flag for rule in RULES.values()))
     source = "generate"
     needs_images = ("target_image", "input_image")
     shaped_by = ("references", "plan", "generate", "filter")

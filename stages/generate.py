@@ -34,6 +34,7 @@ class Generate(Stage):
     source = "plan"
     needs_images = ("input_image", "w_image")
     draws_images = ("target_image",)
+    adds = ("target_image", "input_bytes", "target_bytes", "generator_info", "gpu_seconds")
     shaped_by = ("references", "plan", "generate")
 
     def __init__(self, config: FactoryConfig):

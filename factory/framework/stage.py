@@ -2,13 +2,16 @@
 
     class Filter(Stage):
         name = "filter"; source = "generate"; needs_images = ("target_image", "input_image")
+        adds = ("clip_t", "dino", "pass_clip_t", "pass_dino")
         def process(self, rows): ...   # only live rows; set rows["reject"] to refuse one
 
 The base keeps the rows a stage must not see (already rejected upstream) and puts them back
 untouched, turns a `reject` value into `reject_stage` / `reject_reason`, times the call and
-keeps counters (`self.count(name, n)`), from which a unit's funnel is read. So a stage never
-drops a row, every rejection has one format (`stage:reason` when printed), and a stage is
-tested as a plain callable on a DataFrame, without Ray.
+keeps counters (`self.count(name, n)`), from which a unit's funnel is read. A stage declares the
+columns it adds (`adds`): adding another is an error, and a declared one it did not set is null,
+so every unit file of a stage has the same columns. So a stage never drops a row, every
+rejection has one format (`stage:reason` when printed), and a stage is tested as a plain
+callable on a DataFrame, without Ray.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Stage:
     source: ClassVar[str] = "plan"  # the stage whose unit files are this stage's input
     needs_images: ClassVar[tuple[str, ...]] = ()  # image columns joined into its input rows
     draws_images: ClassVar[tuple[str, ...]] = ()  # image columns it makes; stored once, in its own files
+    adds: ClassVar[tuple[str, ...]] = ()  # every column it adds to the rows (its drawn images included)
     shaped_by: ClassVar[tuple[str, ...]] = ()  # config sections its output depends on (upstream ones too)
 
     def __init__(self, config: FactoryConfig):
@@ -59,6 +63,7 @@ class Stage:
         done = self.process(rows[live].copy())
         if len(done) != int(live.sum()) or not done.index.equals(rows.index[live]):
             raise RuntimeError(f"stage {self.name} changed its rows; a stage keeps every live row it is given")
+        done = self.with_declared_columns(rows, done)
         out = merge_live(rows, done, live)
         reasons = done["reject"] if "reject" in done else pd.Series(dtype=object)
         rejected = reasons[reasons.notna()]
@@ -73,6 +78,16 @@ class Stage:
             self.count(f"rejected:{reason}", int(number))
         self.count("seconds", time.perf_counter() - started)
         return out
+
+
+    def with_declared_columns(self, rows: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
+        undeclared = sorted(set(done.columns) - set(rows.columns) - set(self.adds) - {"reject"})
+        if undeclared:
+            raise RuntimeError(f"stage {self.name} added columns it does not declare in `adds`: {undeclared}")
+        for column in self.adds:
+            if column not in done:
+                done[column] = pd.Series([None] * len(done), index=done.index, dtype=object)
+        return done
 
 
 def with_reject_columns(rows: pd.DataFrame) -> pd.DataFrame:

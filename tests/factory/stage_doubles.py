@@ -14,6 +14,7 @@ class Stamp(Stage):
 
     name = "filter"
     source = "plan"
+    adds = ("stamped",)
     shaped_by = ("filter",)
 
     def __init__(self, config):

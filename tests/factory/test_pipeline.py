@@ -1,4 +1,7 @@
 
+import re
+from pathlib import Path
+
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -7,7 +10,7 @@ from factory.framework.config import load_config
 from factory.framework.context import RunContext
 from factory.framework.executor import RunChanged, Step, run_steps, run_steps_inline
 from factory.framework.units import finished_units as finished
-from factory.framework.units import read_unit, unit_meta, write_plan
+from factory.framework.units import read_plan_unit, read_unit, unit_meta, write_plan
 from factory.run import UNIT_STEPS
 from tests.factory.stage_doubles import DropsRows, Stamp
 
@@ -130,3 +133,33 @@ def test_a_unit_with_no_live_row_still_gets_the_stage_columns(tmp_path):
     out = Stamp(ctx.config)(rows)
     assert "stamped" in out and out["stamped"].isna().all()
     assert out["reject_reason"].tolist() == ["bad_job", "bad_job"]
+
+
+def test_a_stage_adds_only_the_columns_it_declares_and_every_one_of_them(tmp_path):
+    class Undeclared(Stamp):
+        def process(self, rows):
+            rows = super().process(rows)
+            rows["surprise"] = 1
+            return rows
+
+    class DeclaresMore(Stamp):
+        adds = ("stamped", "later")
+
+    ctx = make_ctx(tmp_path, units=1)
+    with pytest.raises(RuntimeError, match=r"does not declare in `adds`: \['surprise'\]"):
+        Undeclared(ctx.config)(read_plan_unit(ctx.storage, ctx.config.run_id, 0))
+    out = DeclaresMore(ctx.config)(read_plan_unit(ctx.storage, ctx.config.run_id, 0))
+    assert "later" in out and out["later"].isna().all()
+
+
+def test_the_candidate_rows_table_in_the_docs_lists_what_each_stage_declares():
+    """docs/architecture.md's contract between stages is the stages' own `adds`."""
+    table = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    table = table[table.index("## Candidate rows"):table.index("## Module map")]
+    for step in UNIT_STEPS:
+        documented = set()
+        for line in table.splitlines():
+            cells = [cell.strip() for cell in line.split("|")]
+            if len(cells) > 3 and cells[2] == step.name:
+                documented.update(re.findall(r"`([a-z_]+)`", cells[1]))
+        assert documented == set(step.stage_class.adds), step.name
