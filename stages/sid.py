@@ -166,23 +166,32 @@ def attach_retrieved_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.D
     """`pool:<id>` per job: a pick seeded by the job among the `sid.w_top_k` pool images nearest
     to its instruction, never its own reference nor an image drawn from it (pool ids that are
     the parent's sample keys are traced to their reference). Jobs left with no eligible image
-    are dropped from the round, with a warning."""
+    are dropped from the round, with a warning.
+
+    Each distinct instruction text is encoded and searched once, deep enough to serve every job
+    after its exclusions (a round of 1.5M jobs has a few thousand texts: instructions x subjects);
+    its jobs share the one list of neighbours."""
     sid = ctx.config.sid
     pool = load_or_build_pool(ctx, parent)
-    scorer = clip_scorer(ctx.config)
-    texts = jobs["instruction"].tolist()
-    queries = np.concatenate([scorer.embed_texts(texts[i : i + 256]).cpu().numpy() for i in range(0, len(texts), 256)])
+    texts, text_of_job = np.unique(jobs["instruction"].to_numpy(dtype=str), return_inverse=True)
+    queries = embed_texts(clip_scorer(ctx.config), texts.tolist())
     excluded = excluded_w(jobs, drawn_from(ctx, parent))
-    depth = min(len(pool), sid.w_top_k + max(len(ids) for ids in excluded))
-    nearest, _ = pool.search_ids(queries, k=depth)
+    depth = min(len(pool), sid.w_top_k + max((len(ids) for ids in excluded), default=0))
+    nearest_by_text, _ = pool.search_ids(queries, k=depth)
     seeds = [[sid.seed, int(seed)] for seed in jobs["seed"]]
-    chosen = choose_w(nearest, excluded, sid.w_top_k, seeds)
+    chosen = choose_w([nearest_by_text[text] for text in text_of_job], excluded, sid.w_top_k, seeds)
     missing = [n for n, image_id in enumerate(chosen) if image_id is None]
     if missing:
         log.warning("%d of %d SID jobs have no pool image but their own reference's: dropped", len(missing), len(jobs))
     jobs["w_id"] = [None if image_id is None else f"pool:{image_id}" for image_id in chosen]
     jobs["w_pool"] = pool.name
     return jobs.drop(index=jobs.index[missing]).reset_index(drop=True)
+
+
+def embed_texts(scorer, texts: list[str], batch: int = 256) -> np.ndarray:
+    """CLIP text embeddings of `texts`, `batch` at a time."""
+    return np.concatenate([scorer.embed_texts(texts[i : i + batch]).cpu().numpy()
+                           for i in range(0, len(texts), batch)])
 
 
 def choose_w(nearest: list[list[str]], excluded: list[set[str]], top_k: int, seeds: list) -> list[str | None]:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from factory.dataset.pool import build_pool
+from factory.dataset.pool import ImagePool, build_pool
 from factory.framework import layout
 from factory.framework.config import FactoryConfig
 from factory.framework.context import RunContext
@@ -166,3 +166,34 @@ def test_retrieval_varies_w_and_never_uses_the_jobs_own_images(tmp_path, tiny_cl
         assert used and not used & own
         assert len(used) > 1  # not one w for every job of the instruction
     assert w_variety(out) == {"beach": out["w_id"].nunique()} and out["w_id"].nunique() > 2
+
+
+def test_one_search_per_distinct_instruction_chooses_what_a_search_per_job_chooses(tmp_path, tiny_clip, monkeypatch):
+    import stages.sid as sid
+    from stages.sid import attach_w, choose_w, clip_scorer, embed_texts, excluded_w
+
+    ctx = make_ctx(tmp_path, tiny_clip, sid={"pool": "given", "w_top_k": 3})
+    scorer = clip_scorer(ctx.config)
+    images = {f"img{n:02d}": jpeg(n, size=32) for n in range(12)}
+    build_pool(ctx.storage, "given", list(images.items()), scorer, part_size=4)
+    pool = ImagePool.load(ctx.storage, "given")
+    drawn = {"img00": "refA", "img01": "refA", "img05": "refB", "img07": "refC"}  # each job's own images
+    monkeypatch.setattr(sid, "drawn_from", lambda ctx, parent: drawn)
+    encoded = []
+
+    def counting(scorer, texts):
+        encoded.append(len(texts))
+        return embed_texts(scorer, texts)
+
+    monkeypatch.setattr(sid, "embed_texts", counting)
+    planned = jobs(30).assign(reference_id=[("refA", "refB", "refC")[n % 3] for n in range(30)])
+
+    out = attach_w(ctx, planned.copy(), parent="unused")
+
+    assert encoded == [4]  # four distinct instructions for thirty jobs
+    excluded = excluded_w(planned, drawn)
+    per_job, _ = pool.search_ids(embed_texts(scorer, planned["instruction"].tolist()), k=len(images))
+    seeds = [[ctx.config.sid.seed, int(seed)] for seed in planned["seed"]]
+    expected = choose_w(per_job, excluded, 3, seeds)
+    assert out["w_id"].tolist() == [f"pool:{image_id}" for image_id in expected]
+    assert not any(w[len("pool:"):] in banned for w, banned in zip(out["w_id"], excluded))
