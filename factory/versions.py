@@ -26,6 +26,7 @@ from factory.framework.names import check_name
 from factory.framework.storage import StorageError, open_storage
 from factory.rethreshold import parse_thresholds, rethreshold_version
 from factory.review.studio import ReviewError
+from factory.status import run_status, status_lines
 
 
 def cmd_list(storage, config, args) -> int:
@@ -88,6 +89,12 @@ def cmd_rethreshold(storage, config, args) -> int:
     return 0
 
 
+def cmd_status(storage, config, args) -> int:
+    status = run_status(storage, config, args.run)
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else "\n".join(status_lines(status)))
+    return 0
+
+
 def cmd_report(storage, config, args) -> int:
     import time
 
@@ -128,7 +135,7 @@ def split_version(dataset: str, name: str) -> tuple[str, str]:
 
 
 COMMANDS = {"list": cmd_list, "show": cmd_show, "verify": cmd_verify, "union": cmd_union,
-            "rethreshold": cmd_rethreshold, "report": cmd_report, "review": cmd_review}
+            "rethreshold": cmd_rethreshold, "report": cmd_report, "review": cmd_review, "status": cmd_status}
 
 
 def parse_args(argv):
@@ -153,6 +160,9 @@ def parse_args(argv):
     report = sub.add_parser("report", help="write an HTML report (funnel, scores, cost, lineage, gallery)")
     report.add_argument("version")
     report.add_argument("--out", help="output folder (default: reports/<dataset>/<version>/)")
+    status = sub.add_parser("status", help="how far a run is, from storage alone: units, funnel, rate, ETA, cost, lock")
+    status.add_argument("run", help="the run id")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts and dashboards")
     add_review_parser(sub)
     return parser.parse_args(argv)
 
@@ -191,6 +201,7 @@ def add_review_parser(sub) -> None:
 
 NAMED_ARGUMENTS = {  # the arguments of each command that name a version, and how errors call them
     "show": {"version": "VERSION"}, "verify": {"version": "VERSION"}, "report": {"version": "VERSION"},
+    "status": {"run": "status RUN"},
     "union": {"name": "union NAME", "parents": "union PARENT"},
     "rethreshold": {"version": "rethreshold VERSION", "name": "rethreshold NAME"},
 }

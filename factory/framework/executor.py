@@ -110,7 +110,7 @@ class UnitWorker:
         seconds = time.perf_counter() - started
         out[f"seconds_{self.step.name}"] = seconds / max(len(out), 1)
         meta = {"stage": self.step.name, "unit": unit, "shaped_by": self.shaped_by,
-                "counters": dict(self.stage.counters), "describe": self.stage.describe()}
+                "counters": dict(self.stage.counters), "describe": self.stage.describe(), "finished_at": time.time()}
         write_unit(self.storage, self.run_id, self.step.name, unit, without_images(out, self.stage.draws_images), meta)
         return seconds, len(out)
 
