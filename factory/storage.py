@@ -7,6 +7,7 @@ rename; S3: a single PUT or a completed multipart upload).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
@@ -29,6 +30,10 @@ class StorageError(RuntimeError):
 
 class AlreadyExists(StorageError):
     """A create-only write found the object already there."""
+
+
+class DamagedFile(StorageError):
+    """An object is there but does not read back as what it should be (a torn or corrupt Parquet file)."""
 
 
 def clean_key(key: str) -> str:
@@ -87,13 +92,25 @@ class Storage:
         """The table, or some columns, or the rows `filters` keeps (pyarrow's DNF filters): only
         the row groups whose statistics can hold them are read (a plan written one row group per
         unit reads one unit)."""
-        with self.open(key) as handle:
+        with self.open(key) as handle, damaged_as_error(self.url(key)):
             return pq.read_table(handle, columns=columns, filters=filters)
 
     def parquet_metadata(self, key: str) -> dict[bytes, bytes]:
         """A Parquet file's key-value metadata, read from its footer alone."""
-        with self.open(key) as handle:
-            return dict(pq.ParquetFile(handle).schema_arrow.metadata or {})
+        with self.parquet(key) as parquet:
+            return dict(parquet.schema_arrow.metadata or {})
+
+    def parquet_footer(self, key: str) -> pq.FileMetaData:
+        """A Parquet file's footer (rows, row groups and their statistics), read alone."""
+        with self.parquet(key) as parquet:
+            return parquet.metadata
+
+    @contextlib.contextmanager
+    def parquet(self, key: str) -> Iterator[pq.ParquetFile]:
+        """The open Parquet file at `key`: a torn or corrupt one, found at its footer or later while
+        reading it inside the block, is a DamagedFile naming the key."""
+        with self.open(key) as handle, damaged_as_error(self.url(key)):
+            yield pq.ParquetFile(handle)
 
     def write_parquet(self, key: str, table: pa.Table, **kwargs) -> None:
         buffer = io.BytesIO()
@@ -104,6 +121,16 @@ class Storage:
         data = self.read_bytes(key)
         for start in range(0, len(data), chunk_size):
             yield data[start : start + chunk_size]
+
+
+@contextlib.contextmanager
+def damaged_as_error(where: str) -> Iterator[None]:
+    """Turn pyarrow's errors about a file's bytes (which name it `<Buffer>`) into a DamagedFile naming `where`."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as err:
+        detail = str(err).replace("'<Buffer>'", "the file").replace("<Buffer>", "the file").splitlines()[0]
+        raise DamagedFile(f"damaged Parquet file {where}: {detail}") from None
 
 
 class LocalStorage(Storage):

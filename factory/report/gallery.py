@@ -11,10 +11,9 @@ import pandas as pd
 
 from factory import layout
 from factory.images import ImageRejected, decode_image, encode_jpeg, fit_within
-from factory.manifest import version_keys
+from factory.manifest import read_checked_shard, shard_checksums, version_keys
 from factory.report.data import VersionData, read_columns, text
 from factory.report.summary import SCORES, rank
-from factory.shards import read_shard
 from factory.storage import Storage
 from factory.units import IMAGE_HOMES, ImageJoin
 
@@ -74,8 +73,10 @@ def accepted_cards(storage: Storage, data: VersionData) -> list[Card]:
     """A deterministic sample: the first keys, by rank, of the GALLERY_MAX_SHARDS shards that hold the first ranks."""
     manifest = data.manifest
     keep = version_keys(storage, manifest)  # a reviewed version's shards also hold the samples people dropped
-    samples = (sample for shard in data.index.gallery_shards(GALLERY_MAX_SHARDS)
-               for sample in read_shard(storage, layout.shard(manifest["dataset"], manifest["version"], shard))
+    sums = shard_checksums(manifest)
+    keys = (layout.shard(manifest["dataset"], manifest["version"], shard)
+            for shard in data.index.gallery_shards(GALLERY_MAX_SHARDS))
+    samples = (sample for key in keys for sample in read_checked_shard(storage, key, sums.get(key))
                if keep is None or sample.key in keep)
     cards = []
     for sample in heapq.nsmallest(GALLERY_SIZE, samples, key=lambda sample: rank(manifest["version"], sample.key)):

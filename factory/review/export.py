@@ -22,13 +22,12 @@ from typing import Any
 
 from factory import layout
 from factory.images import ImageRejected, decode_image, encode_jpeg, fit_within
-from factory.manifest import load_manifest, shard_key, version_keys
+from factory.manifest import load_manifest, read_checked_shard, shard_key, version_keys
 from factory.report.data import candidate_files, read_columns, text
 from factory.report.gallery import CARD_COLUMNS, JOIN_COLUMNS
 from factory.report.summary import FILTER_REASONS, rank, threshold_miss
 from factory.review import studio
 from factory.review.verdicts import PUBLISHED, REJECTED
-from factory.shards import read_shard
 from factory.storage import Storage
 from factory.units import IMAGE_HOMES, ImageJoin
 
@@ -55,7 +54,7 @@ def published_tasks(storage: Storage, manifest: dict[str, Any]) -> Iterator[dict
     """One task per sample of the version, shard by shard (a reviewed version's shards hold more)."""
     wanted = version_keys(storage, manifest)
     for shard in manifest["shards"]:
-        for sample in read_shard(storage, shard_key(manifest, shard["path"])):
+        for sample in read_checked_shard(storage, shard_key(manifest, shard["path"]), shard["sha256"]):
             if wanted is None or sample.key in wanted:
                 yield task(sample.key, sample.input_image, sample.target_image, sample.meta.get("instruction"),
                            sample.user, sample.assistant)

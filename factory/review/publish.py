@@ -24,10 +24,10 @@ from factory import layout
 from factory.manifest import (
     VersionError,
     VersionSpec,
-    claim_version,
     commit_version,
     index_schema,
     load_manifest,
+    publishing,
     read_index,
     shard_key,
     version_exists,
@@ -95,14 +95,14 @@ def publish_reviewed(storage: Storage, record: dict[str, Any], counted: Tally, n
                        models=parent.get("models", {}), thresholds=parent.get("thresholds", {}),
                        funnel=review_funnel(parent, review, len(kept)),
                        extra={"shards_superset": True, "review": review})
-    claim_version(storage, spec)
-    index = kept_index(storage, parent, kept)
-    kept_per_shard = Counter(index.column("shard").to_pylist())
-    shards = [{**shard, "path": shard_key(parent, shard["path"]),
-               "version_samples": kept_per_shard[shard_key(parent, shard["path"])]}
-              for shard in parent["shards"] if shard_key(parent, shard["path"]) in kept_per_shard]
-    storage.write_parquet(layout.review_verdicts(dataset, name), verdicts_table(verdicts))
-    return commit_version(storage, spec, shards, index)
+    with publishing(storage, spec):
+        index = kept_index(storage, parent, kept)
+        kept_per_shard = Counter(index.column("shard").to_pylist())
+        shards = [{**shard, "path": shard_key(parent, shard["path"]),
+                   "version_samples": kept_per_shard[shard_key(parent, shard["path"])]}
+                  for shard in parent["shards"] if shard_key(parent, shard["path"]) in kept_per_shard]
+        storage.write_parquet(layout.review_verdicts(dataset, name), verdicts_table(verdicts))
+        return commit_version(storage, spec, shards, index)
 
 
 def review_funnel(parent: dict[str, Any], review: dict[str, Any], kept: int) -> dict[str, Any]:
