@@ -15,6 +15,7 @@ from factory.storage import LocalStorage
 from factory.versions import main
 from tests.factory.review.conftest import REVIEWERS
 from tests.factory.test_report import build_root
+from tests.reliability.test_tampered_parents import flip_a_byte
 
 pytestmark = pytest.mark.slow
 
@@ -194,3 +195,12 @@ def test_import_counts_every_ignored_vote_by_reason_and_refuses_when_none_is_val
     verdicts = storage.read_parquet(layout.review_verdicts("demo", reviewed["version"])).to_pylist()
     reasons = sorted(vote["reason"] for row in verdicts for vote in json.loads(row["votes"]))
     assert reasons == ["second thoughts", ("why " * 2000)[:2000]]
+
+
+def test_export_refuses_a_version_whose_shard_was_changed_naming_it(label_studio, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "root"
+    storage = build_root(LocalStorage(root))
+    shard = flip_a_byte(storage, load_manifest(storage, "demo", "v1"))
+    code, said = run(capsys, monkeypatch, label_studio, root, "review", "export", "v1", "--url", label_studio.url)
+    assert code == 2 and shard in said and "does not match its manifest" in said, said
+    assert not storage.list(layout.review_records("demo", "v1"))  # no record: nothing can be imported from it
