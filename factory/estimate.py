@@ -83,7 +83,6 @@ class ReferenceCount:
 
 def stored_reference_count(storage: Storage, set_name: str) -> int | None:
     """Rows of the complete stored set (from the part files' footers), None when it is missing."""
-    import pyarrow.parquet as pq
 
     from factory.reference_sets import list_parts, set_complete
 
@@ -91,8 +90,7 @@ def stored_reference_count(storage: Storage, set_name: str) -> int | None:
         return None
     total = 0
     for part in list_parts(storage, set_name):
-        with storage.open(part) as handle:
-            total += pq.ParquetFile(handle).metadata.num_rows
+        total += storage.parquet_footer(part).num_rows
     return total
 
 

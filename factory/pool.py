@@ -22,7 +22,6 @@ same `PoolEmbedder` callable and `finish_pool`.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,11 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from factory import layout
 from factory.images import ImageRejected, decode_image
-from factory.storage import LocalStorage, Storage
+from factory.storage import Storage
 
 if TYPE_CHECKING:
     from factory.config import ActorPool, StorageConfig
@@ -174,11 +172,10 @@ def fetch_images(storage: Storage, ids: pd.DataFrame, part_key: Callable[[int], 
 
 def read_part_rows(storage: Storage, key: str, rows: list[int]) -> dict[str, bytes]:
     """{image_id: bytes} of the given rows of one part, reading only their row groups."""
-    source = storage.url(key) if isinstance(storage, LocalStorage) else io.BytesIO(storage.read_bytes(key))
-    parquet = pq.ParquetFile(source)
-    starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
-    groups = sorted({int(np.searchsorted(starts, row, side="right")) - 1 for row in rows})
-    table = parquet.read_row_groups(groups, columns=["image_id", "image"])
+    with storage.parquet(key) as parquet:
+        starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+        groups = sorted({int(np.searchsorted(starts, row, side="right")) - 1 for row in rows})
+        table = parquet.read_row_groups(groups, columns=["image_id", "image"], use_threads=storage.parquet_threads)
     offsets = {group: int(sum(starts[g + 1] - starts[g] for g in groups[:n])) for n, group in enumerate(groups)}
     out = {}
     for row in rows:

@@ -91,8 +91,11 @@ class RunSamples:
     run_id: str
     dataset: str
     version: str
+    units: list[int] | None = None  # the units to publish; default: every whole dialogue unit
 
     def parts(self) -> list[str]:
+        if self.units is not None:
+            return [str(unit) for unit in sorted(self.units)]
         storage = open_storage(self.storage_config)
         return [str(unit) for unit in sorted(finished_units(storage, self.run_id, "dialogue"))]
 
@@ -370,7 +373,7 @@ def publish_run(ctx: RunContext, kind: str = "bootstrap", parents: list[str] | N
     partial = partial_units(ctx, done)
     metas = {stage: [unit_meta(storage, config.run_id, stage, unit) for unit in sorted(done)] for stage in MODEL_STAGES}
     check_units_made_with(ctx, metas["dialogue"][0])
-    source = RunSamples(config.storage, config.run_id, config.dataset, ctx.version)
+    source = RunSamples(config.storage, config.run_id, config.dataset, ctx.version, sorted(done))
     spec = VersionSpec(
         dataset=config.dataset, version=ctx.version, kind=kind, parents=parents or [], config=config.snapshot(),
         config_sha256=config.sha256(), models=models_used(config), thresholds=dict(config.filter.thresholds),

@@ -190,8 +190,9 @@ class ImageJoin:
             key = layout.unit_file(self.run_id, stage, int(unit))
             with self.storage.parquet(key) as parquet:
                 groups = row_groups_of(parquet, group["_position"].tolist()) if positions is not None else None
-                table = (parquet.read_row_groups(groups, columns=["key", column]) if groups is not None
-                         else parquet.read(columns=["key", column]))
+                threads = self.storage.parquet_threads
+                table = (parquet.read_row_groups(groups, columns=["key", column], use_threads=threads)
+                         if groups is not None else parquet.read(columns=["key", column], use_threads=threads))
             found.update(zip(table.column("key").to_pylist(), table.column(column).to_pylist()))
         return [found.get(key) for key in rows["key"]]
 

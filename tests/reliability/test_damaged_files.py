@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 
 from factory import layout
+from factory.manifest import load_manifest, verify_version
 from factory.pipeline import run_steps_inline
 from factory.storage import DamagedFile, LocalStorage
 from factory.units import read_unit, write_unit
@@ -98,3 +99,17 @@ def test_publish_over_a_damaged_run_file_refuses_naming_it_and_leaves_no_lock(fo
     assert str(root / RUN_FILES[damaged]) in said and "<Buffer>" not in said
     assert not list(root.glob("datasets/**/_publishing.json")) and not list(root.glob("datasets/**/manifest.json"))
     assert hidden_temp_files(root) == []
+
+
+@pytest.mark.slow
+def test_allow_partial_publishes_around_a_damaged_generate_unit(fork_server, publish_inputs, tmp_path):
+    """The unit whose generate file is damaged is left out and counted missing; the others publish."""
+    root = copy_tree(publish_inputs, tmp_path / "root")
+    truncate(root / RUN_FILES["generate_unit"])
+    result = fork_server.run_one(tmp_path / "logs" / "publish",
+                                 demo_args("publish", str(root), "publish.allow_partial=true"))
+    assert result.rc == 0, result.output()[-3000:]
+    storage = LocalStorage(root)
+    manifest = load_manifest(storage, "demo", "demo")
+    assert manifest["partial"]["first_missing"] == [1] and verify_version(storage, "demo", "demo") == []
+    assert not list(root.glob("datasets/**/_publishing.json"))
