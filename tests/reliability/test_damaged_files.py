@@ -113,3 +113,17 @@ def test_allow_partial_publishes_around_a_damaged_generate_unit(fork_server, pub
     manifest = load_manifest(storage, "demo", "demo")
     assert manifest["partial"]["first_missing"] == [1] and verify_version(storage, "demo", "demo") == []
     assert not list(root.glob("datasets/**/_publishing.json"))
+
+
+@pytest.mark.slow
+def test_a_damaged_plan_is_named_and_drawn_again_then_the_run_publishes(fork_server, publish_inputs, tmp_path):
+    root = copy_tree(publish_inputs, tmp_path / "root")
+    plan = root / RUN_FILES["plan"]
+    original = LocalStorage(root).read_parquet(RUN_FILES["plan"])
+    truncate(plan)
+    drawn = fork_server.run_one(tmp_path / "logs" / "plan", demo_args("plan", str(root)))
+    assert drawn.rc == 0 and str(plan) in drawn.output() and "drawn again" in drawn.output(), drawn.output()[-3000:]
+    assert LocalStorage(root).read_parquet(RUN_FILES["plan"]).equals(original)
+    published = fork_server.run_one(tmp_path / "logs" / "publish", demo_args("publish", str(root)))
+    assert published.rc == 0, published.output()[-3000:]
+    assert verify_version(LocalStorage(root), "demo", "demo") == []
