@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from factory.cost import (
     PAPER_GPU,
     GeneratorSettings,
@@ -92,8 +90,7 @@ def stored_reference_count(storage: Storage, set_name: str) -> int | None:
         return None
     total = 0
     for part in list_parts(storage, set_name):
-        with storage.open(part) as handle:
-            total += pq.ParquetFile(handle).metadata.num_rows
+        total += storage.parquet_footer(part).num_rows
     return total
 
 

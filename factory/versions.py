@@ -108,7 +108,7 @@ def cmd_report(storage, config, args) -> int:
 
 def cmd_review(storage, config, args) -> int:
     from factory.review.export import export_review
-    from factory.review.publish import import_review
+    from factory.review.publish import ignored_text, import_review
 
     dataset, version = split_version(config.dataset, args.version)
     if args.action == "export":
@@ -124,6 +124,8 @@ def cmd_review(storage, config, args) -> int:
           f"{manifest['funnel']['parent_samples']} samples kept by {review['reviewers']} reviewer(s); "
           f"precision {review['precision']['value']}, recall estimate {review['recall_estimate']['value']}, "
           f"agreement {review['agreement']['pairwise']}")
+    print(f"ignored annotations: {ignored_text(review)}; reasons cut to {review.get('reason_limit')} characters: "
+          f"{review.get('reasons_capped', 0)}")
     return 0
 
 

@@ -49,9 +49,12 @@ def cmd_cron(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from jobs.auth_token import fetch_token, write_token  # boto3 only when needed
+    from jobs.auth_token import TokenFileError, fetch_token, write_token  # boto3 only when needed
 
-    path = write_token(fetch_token(args.ssm_parameter, region=args.region), args.out)
+    try:
+        path = write_token(fetch_token(args.ssm_parameter, region=args.region), args.out)
+    except TokenFileError as err:
+        raise SubmitError(str(err)) from None
     print(f"Ray auth token from SSM parameter {args.ssm_parameter} written to {path}")
     return 0
 

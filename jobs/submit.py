@@ -75,6 +75,30 @@ def redact(text: str, token: str | None) -> str:
     return text.replace(token, "<redacted>") if token else text
 
 
+class StreamRedactor:
+    """Redact `token` from a text that arrives in chunks, also where a chunk boundary cuts it.
+
+    Each `feed` holds back the last len(token) - 1 characters (they may be the start of a token
+    the next chunk completes); `flush` releases them at the end of the stream.
+    """
+
+    def __init__(self, token: str | None):
+        self.token = token
+        self.held = ""
+
+    def feed(self, chunk: str) -> str:
+        if not self.token:
+            return chunk
+        text = redact(self.held + chunk, self.token)
+        cut = max(0, len(text) - (len(self.token) - 1))
+        self.held = text[cut:]
+        return text[:cut]
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
 # --- building the submission ----------------------------------------------------------
 
 
@@ -211,8 +235,13 @@ def wait_for_end(client, job_id: str, timeout_s: int | None, poll_s: float, out:
 
 
 async def stream_logs(client, job_id: str, out: TextIO, token: str | None) -> None:
-    async for chunk in client.tail_job_logs(job_id):
-        out.write(redact(chunk, token))
+    redactor = StreamRedactor(token)
+    try:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(redactor.feed(chunk))
+            out.flush()
+    finally:
+        out.write(redactor.flush())
         out.flush()
 
 

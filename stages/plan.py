@@ -6,6 +6,7 @@ seeded generator over inputs in a fixed order.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,10 @@ from factory.dataset.planning import PLAN_SCHEMA, PlanError, cut_units, instruct
 from factory.framework import layout
 from factory.framework.context import RunContext
 from factory.framework.keys import portable_ref, sample_key
+from factory.framework.storage import DamagedFile
 from factory.framework.units import write_plan
+
+log = logging.getLogger(__name__)
 
 
 def draw_jobs(references: pd.DataFrame, instructions: pd.DataFrame, ctx: RunContext) -> pd.DataFrame:
@@ -63,14 +67,25 @@ def build_plan(ctx: RunContext) -> pa.Table:
 def run(ctx: RunContext) -> dict[str, Any]:
     table = build_plan(ctx)
     key = layout.plan(ctx.config.run_id)
-    if ctx.storage.exists(key):
-        existing = ctx.storage.read_parquet(key)
-        if not existing.equals(table):
-            raise PlanError(
-                f"{ctx.storage.url(key)} exists and differs from the plan this config draws; "
-                "use a new run_id for a new plan"
-            )
-    else:
+    existing = stored_plan(ctx, key)
+    if existing is None:
         write_plan(ctx.storage, ctx.config.run_id, table, ctx.config.plan.unit_size)
+    elif not existing.equals(table):
+        raise PlanError(
+            f"{ctx.storage.url(key)} exists and differs from the plan this config draws; "
+            "use a new run_id for a new plan"
+        )
     units = len(set(table.column("unit").to_pylist()))
     return {"jobs": table.num_rows, "units": units}
+
+
+def stored_plan(ctx: RunContext, key: str) -> pa.Table | None:
+    """The run's stored plan; None when there is none, or when it is damaged (named in a warning):
+    the plan is drawn again from the config, so writing it again gives the same plan."""
+    if not ctx.storage.exists(key):
+        return None
+    try:
+        return ctx.storage.read_parquet(key)
+    except DamagedFile as err:
+        log.warning("%s: the plan is drawn again", err)
+        return None

@@ -32,6 +32,7 @@ from factory.dataset.manifest import (
     load_manifest,
     read_index,
     release_stale_lock,
+    shard_checksums,
     union_versions,
     version_exists,
 )
@@ -262,7 +263,7 @@ def load_or_build_pool(ctx: RunContext, parent: str):
         if ctx.config.sid.pool:
             raise
     manifest = load_manifest(ctx.storage, ctx.config.dataset, parent)
-    shards = [layout.shard(manifest["dataset"], manifest["version"], shard["path"]) for shard in manifest["shards"]]
+    shards = shard_checksums(manifest)
     log.info("building image pool %s from the target images of %s (%d shards)", name, parent, len(shards))
     build_pool_from_shards(ctx.storage, ctx.config.storage, name, shards,
                            partial(clip_scorer_from_snapshot, ctx.config.snapshot()), ctx.config.filter,

@@ -6,11 +6,12 @@ published version is never overwritten and of two concurrent publishers exactly 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +47,42 @@ manifest_key = layout.manifest
 def shard_key(manifest: dict[str, Any], shard_path: str) -> str:
     """Storage key of a shard listed in a manifest (paths are version- or root-relative)."""
     return layout.shard(manifest["dataset"], manifest["version"], shard_path)
+
+
+def shard_checksums(manifest: dict[str, Any]) -> dict[str, str]:
+    """Storage key -> sha256 of every shard the manifest lists."""
+    return {shard_key(manifest, shard["path"]): shard["sha256"] for shard in manifest["shards"]}
+
+
+def checked_shard(storage: Storage, key: str, data: bytes, sha256: str | None) -> bytes:
+    """`data`, read from shard `key`, if its sha256 is the one the manifest lists (`sha256`); else the
+    version was changed after it was published and reading it is refused, naming the shard."""
+    if sha256 is None:
+        raise VersionError(f"shard {storage.url(key)} is not listed in the version's manifest; refusing to read it")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise _tampered(storage, key, hashlib.sha256(data).hexdigest(), sha256)
+    return data
+
+
+def read_checked_shard(storage: Storage, key: str, sha256: str | None) -> Iterator[Sample]:
+    """The samples of a published shard, read once and checked against its manifest's sha256 first."""
+    yield from read_shard_bytes(checked_shard(storage, key, storage.read_bytes(key), sha256))
+
+
+def check_shards(storage: Storage, manifest: dict[str, Any]) -> None:
+    """Hash every shard of a version as it streams in; refuse the first that does not match its manifest."""
+    for key, sha256 in shard_checksums(manifest).items():
+        digest = hashlib.sha256()
+        for chunk in storage.iter_chunks(key):
+            digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            raise _tampered(storage, key, digest.hexdigest(), sha256)
+
+
+def _tampered(storage: Storage, key: str, actual: str, listed: str) -> VersionError:
+    return VersionError(f"shard {storage.url(key)} does not match its manifest (sha256 {actual[:16]}..., the manifest "
+                        f"says {listed[:16]}...): the published version was changed; refusing to read it "
+                        "(`versions verify` lists every damaged shard)")
 
 
 def code_version() -> str:
@@ -261,6 +298,20 @@ def claim_version(storage: Storage, spec: VersionSpec) -> None:
     raise VersionError(f"could not take the publish lock {storage.url(lock)}: it keeps changing hands")
 
 
+@contextlib.contextmanager
+def publishing(storage: Storage, spec: VersionSpec) -> Iterator[None]:
+    """Hold the version's publish lock over the block. An error inside it (a damaged input, a refused
+    union) releases the lock, so no lock outlives a publisher that failed cleanly; a killed one
+    leaves it for the same run to take back."""
+    claim_version(storage, spec)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(StorageError):
+            storage.delete(layout.publish_lock(spec.dataset, spec.version))
+        raise
+
+
 def _already_exists(spec: VersionSpec) -> VersionError:
     return VersionError(f"version {spec.dataset}/{spec.version} already exists; publishing never overwrites")
 
@@ -329,18 +380,18 @@ def publish_version(
     """Write a version from samples in this process: shards in key order (first of a key wins),
     index, manifest. For a few samples (tests, tools); a run is published by
     `factory.dataset.publisher.write_version`, which gives the same shards from Ray workers."""
-    claim_version(storage, spec)
-    unique: dict[str, Sample] = {}
-    for sample in samples:
-        unique.setdefault(sample.key, sample)
-    ordered = [unique[key] for key in sorted(unique)]
-    folder = version_dir(spec.dataset, spec.version)
-    infos = write_shards(storage, folder, spec.version, ordered, shard_max_bytes, shard_max_samples)
-    by_key = {s.key: s for s in ordered}
-    index = [index_row(by_key[key], info.path) for info in infos for key in info.keys]
-    if "written" in spec.funnel:
-        spec.funnel["written"] = len(index)
-    return commit_version(storage, spec, [_shard_entry(info) for info in infos], index_table(index))
+    with publishing(storage, spec):
+        unique: dict[str, Sample] = {}
+        for sample in samples:
+            unique.setdefault(sample.key, sample)
+        ordered = [unique[key] for key in sorted(unique)]
+        folder = version_dir(spec.dataset, spec.version)
+        infos = write_shards(storage, folder, spec.version, ordered, shard_max_bytes, shard_max_samples)
+        by_key = {s.key: s for s in ordered}
+        index = [index_row(by_key[key], info.path) for info in infos for key in info.keys]
+        if "written" in spec.funnel:
+            spec.funnel["written"] = len(index)
+        return commit_version(storage, spec, [_shard_entry(info) for info in infos], index_table(index))
 
 
 def _shard_entry(info: ShardInfo) -> dict[str, Any]:
@@ -354,6 +405,8 @@ def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:
     if len(set(spec.parents)) < len(spec.parents):
         raise VersionError(f"union parents {spec.parents} name a version twice; a union must not repeat a sample")
     manifests = [load_manifest(storage, spec.dataset, parent) for parent in spec.parents]
+    for manifest in manifests:
+        check_shards(storage, manifest)  # a union copies nothing: a tampered parent would carry into it
     shards, indexes, funnel_totals = [], [], {}
     for parent, manifest in zip(spec.parents, manifests):
         shards.extend({**shard, "path": shard_key(manifest, shard["path"])} for shard in manifest["shards"])
@@ -368,8 +421,8 @@ def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:
     spec.funnel = spec.funnel or {"written": index.num_rows, "from_parents": funnel_totals}
     if any(manifest.get("shards_superset") for manifest in manifests):
         spec.extra["shards_superset"] = True  # a reviewed parent's shards hold samples its index left out
-    claim_version(storage, spec)  # after every check on the parents: a refused union leaves no lock
-    return commit_version(storage, spec, shards, index)
+    with publishing(storage, spec):  # after every check on the parents: a refused union leaves no lock
+        return commit_version(storage, spec, shards, index)
 
 
 def verify_version(storage: Storage, dataset: str, version: str) -> list[str]:

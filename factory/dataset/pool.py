@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import ray
 
-from factory.dataset.shards import read_shard
+from factory.dataset.manifest import read_checked_shard
 from factory.framework import layout
 from factory.framework.image_parts import IDS_SCHEMA, fetch_images, write_image_part
 from factory.framework.images import ImageRejected, decode_image
@@ -237,11 +237,12 @@ def build_pool(storage: Storage, name: str, images: Iterable[tuple[str, bytes]],
 
 def shard_to_part(batch: pd.DataFrame, storage_config: StorageConfig, name: str) -> pd.DataFrame:
     """map_batches function, one shard per call: write the shard's target images as pool part
-    `part`, and pass them on as rows (image_id, part, row, image) for embedding."""
+    `part`, and pass them on as rows (image_id, part, row, image) for embedding. Each shard is
+    checked against the sha256 its version's manifest lists."""
     storage = open_storage(storage_config)
     frames = []
-    for shard, part in zip(batch["shard"], batch["part"]):
-        samples = [(sample.key, sample.target_image) for sample in read_shard(storage, shard)]
+    for shard, sha256, part in zip(batch["shard"], batch["sha256"], batch["part"]):
+        samples = [(sample.key, sample.target_image) for sample in read_checked_shard(storage, shard, sha256)]
         image_ids, images = [key for key, _ in samples], [data for _, data in samples]
         write_part(storage, name, int(part), image_ids, images)
         frames.append(pd.DataFrame({"image_id": image_ids, "part": int(part), "row": range(len(samples)),
@@ -251,16 +252,18 @@ def shard_to_part(batch: pd.DataFrame, storage_config: StorageConfig, name: str)
     return pd.concat(frames, ignore_index=True)
 
 
-def build_pool_from_shards(storage: Storage, storage_config: StorageConfig, name: str, shard_keys: list[str],
+def build_pool_from_shards(storage: Storage, storage_config: StorageConfig, name: str, shard_keys: dict[str, str],
                            make_scorer: Callable[[], Any], actors: ActorPool, batch_size: int = 64,
                            exact_limit: int = EXACT_LIMIT, task_memory: int = 0) -> dict[str, int]:
     """The Ray Data job: shards -> parts (tasks, one shard each, reserving `task_memory` bytes) -> CLIP
-    embeddings (actor pool) -> ids and index, written by the driver from the small (id, part, row, embedding) rows."""
+    embeddings (actor pool) -> ids and index, written by the driver from the small (id, part, row, embedding) rows.
+    `shard_keys`: storage key -> the sha256 the version's manifest lists (`manifest.shard_checksums`)."""
     task_options = {"memory": task_memory} if task_memory else {}
 
     if not shard_keys:
         raise ValueError(f"pool {name}: no shards to build it from")
-    shards = ray.data.from_items([{"shard": key, "part": n} for n, key in enumerate(shard_keys)],
+    shards = ray.data.from_items([{"shard": key, "sha256": sha256, "part": n}
+                                  for n, (key, sha256) in enumerate(shard_keys.items())],
                                  override_num_blocks=len(shard_keys))
     rows = shards.map_batches(shard_to_part, fn_kwargs={"storage_config": storage_config, "name": name},
                               batch_size=1, batch_format="pandas", **task_options)

@@ -36,15 +36,17 @@ import pyarrow.parquet as pq
 from factory.dataset.manifest import (
     VersionError,
     VersionSpec,
-    claim_version,
     commit_version,
     index_row,
     index_schema,
     load_manifest,
+    publishing,
+    read_checked_shard,
     release_stale_lock,
+    shard_checksums,
     version_exists,
 )
-from factory.dataset.shards import Sample, cut_points, encode_shard, estimated_bytes, read_shard
+from factory.dataset.shards import Sample, cut_points, encode_shard, estimated_bytes
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, StorageConfig
 from factory.framework.context import RunContext
@@ -90,8 +92,11 @@ class RunSamples:
     run_id: str
     dataset: str
     version: str
+    units: list[int] | None = None  # the units to publish; default: every whole dialogue unit
 
     def parts(self) -> list[str]:
+        if self.units is not None:
+            return [str(unit) for unit in sorted(self.units)]
         storage = open_storage(self.storage_config)
         return [str(unit) for unit in sorted(finished_units(storage, self.run_id, "dialogue"))]
 
@@ -138,8 +143,9 @@ class VersionSamples:
 
     def samples(self, part: str) -> list[Sample]:
         storage = open_storage(self.storage_config)
+        sha256 = shard_checksums(self.manifest).get(part)
         return [replace(sample, meta={**sample.meta, "version": self.version})
-                for sample in read_shard(storage, part) if sample.key in self.keep]
+                for sample in read_checked_shard(storage, part, sha256) if sample.key in self.keep]
 
 
 def sample_from_row(row: dict[str, Any], dataset: str, version: str) -> Sample:
@@ -224,7 +230,13 @@ def write_version(storage: Storage, storage_config: StorageConfig, spec: Version
     task reserving `task_memory` bytes), or in this process (`"local"`: one part or one shard in
     memory, the rest spilled to disk)."""
     run = RayPasses(task_memory) if executor == "ray" else LocalPasses()
-    claim_version(storage, spec)
+    with publishing(storage, spec):
+        return publish_passes(storage, storage_config, spec, source, max_bytes, max_samples, run)
+
+
+def publish_passes(storage: Storage, storage_config: StorageConfig, spec: VersionSpec, source: SampleSource,
+                   max_bytes: int, max_samples: int, run: RayPasses | LocalPasses) -> dict[str, Any]:
+    """The size pass, the shard pass, the index and the manifest (the caller holds the lock)."""
     started = time.perf_counter()
     parts = source.parts()
     won, losers = first_of_each_key(accepted_keys(run.sizes(source, parts), parts))
@@ -360,13 +372,14 @@ def publish_run(ctx: RunContext, kind: str = "bootstrap", parents: list[str] | N
         release_stale_lock(storage, config.dataset, ctx.version)
         log.info("version %s/%s is already published", config.dataset, ctx.version)
         return manifest
-    done = finished_units(storage, config.run_id, "dialogue")
+    done = set.intersection(*(finished_units(storage, config.run_id, stage) for stage in MODEL_STAGES))
+    check_reference_parts(storage, config.references.set)
     if not done:
         raise VersionError(f"nothing to publish: no dialogue output under {storage.url(layout.run_dir(config.run_id))}")
     partial = partial_units(ctx, done)
     metas = {stage: [unit_meta(storage, config.run_id, stage, unit) for unit in sorted(done)] for stage in MODEL_STAGES}
     check_units_made_with(ctx, metas["dialogue"][0])
-    source = RunSamples(config.storage, config.run_id, config.dataset, ctx.version)
+    source = RunSamples(config.storage, config.run_id, config.dataset, ctx.version, sorted(done))
     spec = VersionSpec(
         dataset=config.dataset, version=ctx.version, kind=kind, parents=parents or [], config=config.snapshot(),
         config_sha256=config.sha256(), models=models_used(config), thresholds=dict(config.filter.thresholds),
@@ -386,10 +399,19 @@ def partial_units(ctx: RunContext, done: set[int]) -> dict[str, Any] | None:
         return None
     first = ", ".join(str(unit) for unit in missing[:10])
     if not ctx.config.publish.allow_partial:
-        raise PartialRun(f"run {ctx.config.run_id!r} has {len(missing)} planned units without dialogue output "
-                         f"(first: {first}); finish them (--stage all) or publish anyway with --allow-partial")
+        raise PartialRun(f"run {ctx.config.run_id!r} has {len(missing)} planned units without a whole unit file of "
+                         f"each stage (missing or damaged; first: {first}); finish them (--stage all) or publish "
+                         "anyway with --allow-partial")
     log.warning("publishing a partial run: %d units missing (first: %s)", len(missing), first)
     return {"missing_units": len(missing), "first_missing": missing[:10]}
+
+
+def check_reference_parts(storage: Storage, set_name: str) -> None:
+    """Every part of the reference set reads back (footers only): a damaged one is refused, naming it,
+    before the lock is taken or any worker reads it."""
+    for key in storage.list(layout.reference_set(set_name)):
+        if key.rsplit("/", 1)[-1].startswith("part-") and key.endswith(".parquet"):
+            storage.parquet_footer(key)
 
 
 def check_units_made_with(ctx: RunContext, dialogue_meta: dict[str, Any]) -> None:

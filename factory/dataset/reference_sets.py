@@ -8,14 +8,12 @@ a set is usable once `_complete.json` exists (written last by a finished ingest)
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from factory.framework import layout
 from factory.framework.storage import Storage
@@ -112,4 +110,4 @@ def load_rejections(storage: Storage, set_name: str) -> pd.DataFrame:
 
 
 def _read(storage: Storage, key: str, columns: list[str] | None) -> pd.DataFrame:
-    return pq.read_table(io.BytesIO(storage.read_bytes(key)), columns=columns).to_pandas()
+    return storage.read_parquet(key, columns=columns).to_pandas()

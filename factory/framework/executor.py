@@ -1,9 +1,10 @@
 """Work units on Ray Data: each model stage is an actor pool, units stream between them.
 
 A unit's output is one Parquet file per stage (`runs/<run>/<stage>/unit-<n>.parquet`),
-written atomically when the unit is done. A unit whose file exists is skipped, so a
-stopped run, started again, does only the units still missing, and never writes a
-sample twice. Rows carry scores, texts and reasons (rejections included) but no copy of an
+written atomically when the unit is done. A unit whose file is whole (its footer reads and
+holds the plan's rows for the unit) is skipped, so a stopped run, started again, does only
+the units still missing or damaged, and never writes a sample twice. Rows carry scores,
+texts and reasons (rejections included) but no copy of an
 image drawn or stored elsewhere (`factory.framework.units.ImageJoin` joins the bytes a stage needs),
 and each file's footer says what made it, so the funnel and the cost are counted from the
 files, not from logs, and a changed config is refused instead of mixed in (`check_made_with`).
@@ -26,9 +27,11 @@ from factory.framework.storage import open_storage
 from factory.framework.units import (
     ImageJoin,
     finished_units,
+    plan_unit_rows,
     plan_units,
     read_plan_unit,
     read_unit,
+    unit_is_whole,
     unit_meta,
     without_images,
     write_unit,
@@ -88,6 +91,7 @@ class UnitWorker:
         self.stage = step.stage_class(config)
         self.images = ImageJoin(self.storage, self.run_id)
         self.shaped_by = fingerprint(config, self.stage.shaped_by)
+        self.planned_rows: dict[int, int] | None = None  # rows per unit, read from the plan's footer once
 
     def input_rows(self, unit: int):
         source = self.stage.source
@@ -99,8 +103,8 @@ class UnitWorker:
         return self.images.add(rows, needed)
 
     def run_unit(self, unit: int) -> tuple[float, int]:
-        """Process one unit unless its output exists; return (seconds spent, rows processed)."""
-        if self.storage.exists(self.unit_key(unit)):
+        """Process one unit unless its output is whole; return (seconds spent, rows processed)."""
+        if self.finished(unit):
             return 0.0, 0
         started = time.perf_counter()
         rows = self.input_rows(unit)
@@ -116,6 +120,14 @@ class UnitWorker:
 
     def unit_key(self, unit: int) -> str:
         return layout.unit_file(self.run_id, self.step.name, unit)
+
+    def finished(self, unit: int) -> bool:
+        key = self.unit_key(unit)
+        if not self.storage.exists(key):
+            return False
+        if self.planned_rows is None:
+            self.planned_rows = plan_unit_rows(self.storage, self.run_id)
+        return unit_is_whole(self.storage, key, self.planned_rows.get(unit))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done = [self.run_unit(int(unit)) for unit in batch["unit"]]
@@ -161,8 +173,7 @@ def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
 
     check_made_with(ctx, steps)
     units = plan_units(ctx.storage, ctx.config.run_id)
-    last = steps[-1].name
-    pending = sorted(set(units) - finished_units(ctx.storage, ctx.config.run_id, last))
+    pending = unfinished(ctx, steps, units)
     summary = {"units": len(units), "skipped": len(units) - len(pending), "ran": len(pending)}
     if not pending:
         return summary
@@ -185,6 +196,15 @@ def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     return summary
 
 
+def unfinished(ctx: RunContext, steps: list[Step], units: list[int]) -> list[int]:
+    """The units some step has no whole file for (missing or damaged: a later stage's whole file
+    does not make up for an earlier stage's damaged one, which publish reads too)."""
+    pending: set[int] = set()
+    for step in steps:
+        pending |= set(units) - finished_units(ctx.storage, ctx.config.run_id, step.name)
+    return sorted(pending)
+
+
 def stage_summary(step: Step, config: FactoryConfig, results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     """Counts, rate and accelerator time of one step, for the per-stage summary line."""
     rows = int(sum(row[f"rows_{step.name}"] for row in results))
@@ -204,10 +224,7 @@ def run_steps_inline(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     workers = [UnitWorker(step, ctx.config.snapshot()) for step in steps]
     started = time.perf_counter()
     ran = 0
-    done = finished_units(ctx.storage, ctx.config.run_id, steps[-1].name)
-    for unit in units:
-        if unit in done:
-            continue
+    for unit in unfinished(ctx, steps, units):
         for worker in workers:
             worker.run_unit(unit)
         ran += 1

@@ -6,16 +6,14 @@ this way (`factory.dataset.pool`), and so does a SID round's SD-drawn `w` set; `
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterable
 from itertools import islice
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from factory.framework.storage import LocalStorage, Storage
+from factory.framework.storage import Storage
 
 PART_SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.binary())])
 IDS_SCHEMA = pa.schema([("image_id", pa.string()), ("part", pa.int32()), ("row", pa.int32())])
@@ -36,11 +34,10 @@ def fetch_images(storage: Storage, ids: pd.DataFrame, part_key: Callable[[int], 
 
 def read_part_rows(storage: Storage, key: str, rows: list[int]) -> dict[str, bytes]:
     """{image_id: bytes} of the given rows of one part, reading only their row groups."""
-    source = storage.url(key) if isinstance(storage, LocalStorage) else io.BytesIO(storage.read_bytes(key))
-    parquet = pq.ParquetFile(source)
-    starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
-    groups = sorted({int(np.searchsorted(starts, row, side="right")) - 1 for row in rows})
-    table = parquet.read_row_groups(groups, columns=["image_id", "image"])
+    with storage.parquet(key) as parquet:
+        starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+        groups = sorted({int(np.searchsorted(starts, row, side="right")) - 1 for row in rows})
+        table = parquet.read_row_groups(groups, columns=["image_id", "image"], use_threads=storage.parquet_threads)
     offsets = {group: int(sum(starts[g + 1] - starts[g] for g in groups[:n])) for n, group in enumerate(groups)}
     out = {}
     for row in rows:

@@ -7,6 +7,7 @@ rename; S3: a single PUT or a completed multipart upload).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import posixpath
@@ -14,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +30,10 @@ class StorageError(RuntimeError):
 
 class AlreadyExists(StorageError):
     """A create-only write found the object already there."""
+
+
+class DamagedFile(StorageError):
+    """An object is there but does not read back as what it should be (a torn or corrupt Parquet file)."""
 
 
 def clean_key(key: str) -> str:
@@ -94,17 +99,41 @@ class Storage:
         column, one row group) fetch only those bytes."""
         return io.BytesIO(self.read_bytes(key))
 
+    # Arrow reads a Python file object (the S3 reader) by calling back into Python from its own
+    # threads. When such a read fails on a damaged file, Arrow's background reads can outlive it
+    # and the interpreter's exit aborts the process ("terminate called without an active
+    # exception", exit 134, in about 1 run of 8 measured). So a Python source is read in the
+    # calling thread with no read-ahead; a backend that gives Arrow a native file (local) is not.
+    parquet_threads = False
+
+    def parquet_source(self, key: str) -> Any:
+        """A file Arrow reads `key` from: here a Python file object (see `parquet_threads`)."""
+        return self.open(key)
+
     def read_parquet(self, key: str, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
         """The table, or some columns, or the rows `filters` keeps (pyarrow's DNF filters): only
         the row groups whose statistics can hold them are read (a plan written one row group per
         unit reads one unit)."""
-        with self.open(key) as handle:
-            return pq.read_table(handle, columns=columns, filters=filters)
+        with self.parquet_source(key) as source, damaged_as_error(self.url(key)):
+            return pq.read_table(source, columns=columns, filters=filters, use_threads=self.parquet_threads,
+                                 pre_buffer=self.parquet_threads)
 
     def parquet_metadata(self, key: str) -> dict[bytes, bytes]:
         """A Parquet file's key-value metadata, read from its footer alone."""
-        with self.open(key) as handle:
-            return dict(pq.ParquetFile(handle).schema_arrow.metadata or {})
+        with self.parquet(key) as parquet:
+            return dict(parquet.schema_arrow.metadata or {})
+
+    def parquet_footer(self, key: str) -> pq.FileMetaData:
+        """A Parquet file's footer (rows, row groups and their statistics), read alone."""
+        with self.parquet(key) as parquet:
+            return parquet.metadata
+
+    @contextlib.contextmanager
+    def parquet(self, key: str) -> Iterator[pq.ParquetFile]:
+        """The open Parquet file at `key` (read it with `use_threads=self.parquet_threads`): a torn
+        or corrupt one, found at its footer or later inside the block, is a DamagedFile naming the key."""
+        with self.parquet_source(key) as source, damaged_as_error(self.url(key)):
+            yield pq.ParquetFile(source, pre_buffer=self.parquet_threads)
 
     def write_parquet(self, key: str, table: pa.Table, **kwargs) -> None:
         buffer = io.BytesIO()
@@ -115,6 +144,16 @@ class Storage:
         data = self.read_bytes(key)
         for start in range(0, len(data), chunk_size):
             yield data[start : start + chunk_size]
+
+
+@contextlib.contextmanager
+def damaged_as_error(where: str) -> Iterator[None]:
+    """Turn pyarrow's errors about a file's bytes (which name it `<Buffer>`) into a DamagedFile naming `where`."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as err:
+        detail = str(err).replace("'<Buffer>'", "the file").replace("<Buffer>", "the file").splitlines()[0]
+        raise DamagedFile(f"damaged Parquet file {where}: {detail}") from None
 
 
 class LocalStorage(Storage):
@@ -149,6 +188,14 @@ class LocalStorage(Storage):
     def open(self, key: str) -> BinaryIO:
         try:
             return self._path(key).open("rb")
+        except FileNotFoundError:
+            raise StorageError(f"not found: {self.url(key)}") from None
+
+    parquet_threads = True  # an Arrow-native file: Arrow's threads never call into Python
+
+    def parquet_source(self, key: str) -> pa.OSFile:
+        try:
+            return pa.OSFile(str(self._path(key)))
         except FileNotFoundError:
             raise StorageError(f"not found: {self.url(key)}") from None
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from factory.framework import layout
 from factory.framework.image_parts import fetch_images
-from factory.framework.storage import Storage
+from factory.framework.storage import DamagedFile, Storage
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ W_SETS = {"pool": (layout.pool_ids, layout.pool_part), "sd": (layout.run_w_ids, 
 # Rows per row group in a unit file that holds images: a reader that needs a few of them
 # (publish takes about one candidate in 14) reads only their groups.
 IMAGE_ROW_GROUP = 4
+FOOTER_THREADS = 16  # footers read at once when a run looks for its finished units (S3 round trips)
 
 
 # --- the plan ----------------------------------------------------------------------------
@@ -58,12 +60,51 @@ def read_plan_unit(storage: Storage, run_id: str, unit: int) -> pd.DataFrame:
     return storage.read_parquet(layout.plan(run_id), filters=[("unit", "=", unit)]).to_pandas()
 
 
+def plan_unit_rows(storage: Storage, run_id: str) -> dict[int, int]:
+    """Rows per unit, from the plan's footer alone: one row group per unit, named by its `unit`
+    statistics (a plan written otherwise has its `unit` column read instead)."""
+    footer = storage.parquet_footer(layout.plan(run_id))
+    column = footer.schema.to_arrow_schema().get_field_index("unit")
+    rows: Counter[int] = Counter()
+    for number in range(footer.num_row_groups):
+        group = footer.row_group(number)
+        stats = group.column(column).statistics
+        if stats is None or not stats.has_min_max or stats.min != stats.max:
+            units = storage.read_parquet(layout.plan(run_id), columns=["unit"]).column("unit").to_pylist()
+            return dict(Counter(int(unit) for unit in units))
+        rows[int(stats.min)] += group.num_rows
+    return dict(rows)
+
+
 # --- stage unit files ----------------------------------------------------------------------
 
 
 def finished_units(storage: Storage, run_id: str, stage: str) -> set[int]:
-    numbers = (layout.unit_number(key) for key in storage.list(layout.stage_dir(run_id, stage)))
-    return {number for number in numbers if number is not None}
+    """The units whose `stage` file is whole (see `unit_is_whole`); a damaged one is named in a
+    warning and left out, so the run redoes it. Reads footers only, several at a time."""
+    files = {number: key for key in storage.list(layout.stage_dir(run_id, stage))
+             if (number := layout.unit_number(key)) is not None}
+    if not files:
+        return set()
+    expected = plan_unit_rows(storage, run_id)
+    with ThreadPoolExecutor(min(FOOTER_THREADS, len(files))) as pool:
+        whole = pool.map(lambda number: unit_is_whole(storage, files[number], expected.get(number)), files)
+        return {number for number, ok in zip(files, whole) if ok}
+
+
+def unit_is_whole(storage: Storage, key: str, planned_rows: int | None) -> bool:
+    """Whether the unit file at `key` is finished: there, its footer reads back, and it holds the
+    plan's rows for its unit. A torn, corrupt or short file is named in a warning."""
+    try:
+        rows = storage.parquet_footer(key).num_rows
+    except DamagedFile as err:
+        log.warning("%s: the unit is redone", err)
+        return False
+    if rows != planned_rows:
+        log.warning("unit file %s holds %d rows where the plan has %s: the unit is redone",
+                     storage.url(key), rows, planned_rows)
+        return False
+    return True
 
 
 def write_unit(storage: Storage, run_id: str, stage: str, unit: int, rows: pd.DataFrame, meta: dict[str, Any]) -> None:
@@ -147,11 +188,11 @@ class ImageJoin:
         places = rows.assign(_position=positions if positions is not None else -1)
         for unit, group in places.groupby(places["unit"].astype(int)):
             key = layout.unit_file(self.run_id, stage, int(unit))
-            with self.storage.open(key) as handle:
-                parquet = pq.ParquetFile(handle)
+            with self.storage.parquet(key) as parquet:
                 groups = row_groups_of(parquet, group["_position"].tolist()) if positions is not None else None
-                table = (parquet.read_row_groups(groups, columns=["key", column]) if groups is not None
-                         else parquet.read(columns=["key", column]))
+                threads = self.storage.parquet_threads
+                table = (parquet.read_row_groups(groups, columns=["key", column], use_threads=threads)
+                         if groups is not None else parquet.read(columns=["key", column], use_threads=threads))
             found.update(zip(table.column("key").to_pylist(), table.column(column).to_pylist()))
         return [found.get(key) for key in rows["key"]]
 

@@ -56,10 +56,10 @@ def summarise_index(storage: Storage, dataset: str, version: str) -> IndexSummar
     """Running counts over the index, read in batches of INDEX_BATCH_ROWS (pyarrow reads row group by row group)
     and only the columns the report uses."""
     summary = IndexSummary(version)
-    with storage.open(layout.index(dataset, version)) as handle:
-        parquet = pq.ParquetFile(handle)
+    with storage.parquet(layout.index(dataset, version)) as parquet:
         columns = [name for name in INDEX_COLUMNS if name in parquet.schema_arrow.names]
-        for batch in parquet.iter_batches(batch_size=INDEX_BATCH_ROWS, columns=columns):
+        for batch in parquet.iter_batches(batch_size=INDEX_BATCH_ROWS, columns=columns,
+                                          use_threads=storage.parquet_threads):
             summary.add_batch(batch)
     return summary
 

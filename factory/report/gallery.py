@@ -9,8 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from factory.dataset.manifest import version_keys
-from factory.dataset.shards import read_shard
+from factory.dataset.manifest import read_checked_shard, shard_checksums, version_keys
 from factory.framework import layout
 from factory.framework.images import ImageRejected, decode_image, encode_jpeg, fit_within
 from factory.framework.storage import Storage
@@ -75,8 +74,10 @@ def accepted_cards(storage: Storage, data: VersionData) -> list[Card]:
     """A deterministic sample: the first keys, by rank, of the GALLERY_MAX_SHARDS shards that hold the first ranks."""
     manifest = data.manifest
     keep = version_keys(storage, manifest)  # a reviewed version's shards also hold the samples people dropped
-    samples = (sample for shard in data.index.gallery_shards(GALLERY_MAX_SHARDS)
-               for sample in read_shard(storage, layout.shard(manifest["dataset"], manifest["version"], shard))
+    sums = shard_checksums(manifest)
+    keys = (layout.shard(manifest["dataset"], manifest["version"], shard)
+            for shard in data.index.gallery_shards(GALLERY_MAX_SHARDS))
+    samples = (sample for key in keys for sample in read_checked_shard(storage, key, sums.get(key))
                if keep is None or sample.key in keep)
     cards = []
     for sample in heapq.nsmallest(GALLERY_SIZE, samples, key=lambda sample: rank(manifest["version"], sample.key)):

@@ -9,8 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from factory.dataset.manifest import VersionError, load_manifest, read_index
-from factory.dataset.shards import read_shard
+from factory.dataset.manifest import VersionError, load_manifest, read_checked_shard, read_index, shard_checksums
 from factory.framework import layout
 from factory.framework.storage import Storage
 from factory.framework.units import IMAGE_HOMES, ImageJoin
@@ -34,9 +33,10 @@ def published_cards(storage: Storage, parent: dict[str, Any], rows: dict[str, di
     index = read_index(storage, parent["dataset"], parent["version"], columns=["key", "shard"])
     wanted = pc.is_in(index.column("key"), value_set=pa.array(list(rows), pa.string()))
     shards = set(index.filter(wanted).column("shard").to_pylist())
-    cards = []
+    cards, sums = [], shard_checksums(parent)
     for shard in sorted(shards):
-        for sample in read_shard(storage, layout.shard(parent["dataset"], parent["version"], shard)):
+        key = layout.shard(parent["dataset"], parent["version"], shard)
+        for sample in read_checked_shard(storage, key, sums.get(key)):
             if sample.key in rows:
                 card = Card(sample.key, "disagreement", text(sample.meta.get("instruction")), sample.user,
                             sample.assistant, scores_of(sample.meta.get("scores") or {}))

@@ -20,8 +20,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from factory.dataset.manifest import load_manifest, shard_key, version_keys
-from factory.dataset.shards import read_shard
+from factory.dataset.manifest import load_manifest, read_checked_shard, shard_key, version_keys
 from factory.framework import layout
 from factory.framework.images import ImageRejected, decode_image, encode_jpeg, fit_within
 from factory.framework.storage import Storage
@@ -55,7 +54,7 @@ def published_tasks(storage: Storage, manifest: dict[str, Any]) -> Iterator[dict
     """One task per sample of the version, shard by shard (a reviewed version's shards hold more)."""
     wanted = version_keys(storage, manifest)
     for shard in manifest["shards"]:
-        for sample in read_shard(storage, shard_key(manifest, shard["path"])):
+        for sample in read_checked_shard(storage, shard_key(manifest, shard["path"]), shard["sha256"]):
             if wanted is None or sample.key in wanted:
                 yield task(sample.key, sample.input_image, sample.target_image, sample.meta.get("instruction"),
                            sample.user, sample.assistant)

@@ -23,10 +23,10 @@ import pyarrow.compute as pc
 from factory.dataset.manifest import (
     VersionError,
     VersionSpec,
-    claim_version,
     commit_version,
     index_schema,
     load_manifest,
+    publishing,
     read_index,
     shard_key,
     version_exists,
@@ -35,7 +35,7 @@ from factory.framework import layout
 from factory.framework.storage import Storage
 from factory.review import studio
 from factory.review.export import latest_record
-from factory.review.verdicts import PUBLISHED, KeyVerdict, Vote, figures, gather
+from factory.review.verdicts import PUBLISHED, KeyVerdict, Tally, Vote, figures, gather, tally
 
 VERDICTS_SCHEMA = pa.schema([("key", pa.string()), ("origin", pa.string()), ("verdict", pa.string()),
                              ("keeps", pa.int64()), ("drops", pa.int64()), ("votes", pa.string())])
@@ -52,10 +52,10 @@ def import_review(storage: Storage, dataset: str, version: str, url: str | None 
     """Publish the reviewed version of the project's votes: (its manifest, whether it is new)."""
     record = latest_record(storage, dataset, version, project_id)
     client = studio.connect(url or record["url"])
-    votes = studio.read_votes(client, record["project_id"])
-    if not votes:
-        raise studio.ReviewError(f"project {record['project_id']} on {record['url']} has no submitted keep/drop "
-                                 f"annotation yet: nothing to import ({record['tasks']} tasks wait for reviewers)")
+    counted = tally(record["origins"], studio.read_ballots(client, record["project_id"]))
+    if not counted.votes:
+        raise studio.ReviewError(no_vote_message(record, counted))
+    votes = counted.votes
     digest = votes_digest(record, votes)
     name = name or f"{version}-reviewed-{digest[:8]}"
     if version_exists(storage, dataset, name):
@@ -64,30 +64,45 @@ def import_review(storage: Storage, dataset: str, version: str, url: str | None 
             return existing, False
         raise VersionError(f"version {dataset}/{name} exists with other votes; publishing never overwrites "
                            "(choose another --name)")
-    verdicts = gather(record["origins"], votes)
-    return publish_reviewed(storage, record, verdicts, name, digest), True
+    return publish_reviewed(storage, record, counted, name, digest), True
 
 
-def publish_reviewed(storage: Storage, record: dict[str, Any], verdicts: list[KeyVerdict], name: str,
+def no_vote_message(record: dict[str, Any], counted: Tally) -> str:
+    where = f"project {record['project_id']} on {record['url']}"
+    if not counted.ignored:
+        return (f"{where} has no submitted keep/drop annotation yet: nothing to import "
+                f"({record['tasks']} tasks wait for reviewers)")
+    return (f"{where} has no valid keep/drop vote: {sum(counted.ignored.values())} annotation(s) ignored "
+            f"({ignored_text(counted.summary())}); nothing published")
+
+
+def ignored_text(summary: dict[str, Any]) -> str:
+    """`unknown_key 2, duplicate 1` or `none`."""
+    return ", ".join(f"{reason} {count}" for reason, count in summary.get("ignored", {}).items()) or "none"
+
+
+def publish_reviewed(storage: Storage, record: dict[str, Any], counted: Tally, name: str,
                      digest: str) -> dict[str, Any]:
     dataset, parent = record["dataset"], load_manifest(storage, record["dataset"], record["version"])
+    verdicts = gather(record["origins"], counted.votes)
     kept = sorted(item.key for item in verdicts if item.origin == PUBLISHED and item.verdict == "keep")
     review = {"project_id": record["project_id"], "url": record["url"], "exported": record["created"],
               "imported": datetime.now(timezone.utc).isoformat(timespec="seconds"), "votes_sha256": digest,
-              "table": "review.parquet", **figures(verdicts, int(parent["samples"]), record["frame"])}
+              "table": "review.parquet", **counted.summary(),
+              **figures(verdicts, int(parent["samples"]), record["frame"])}
     spec = VersionSpec(dataset=dataset, version=name, kind="reviewed", parents=[parent["version"]],
                        config=parent.get("config", {}), config_sha256=parent.get("config_sha256", ""),
                        models=parent.get("models", {}), thresholds=parent.get("thresholds", {}),
                        funnel=review_funnel(parent, review, len(kept)),
                        extra={"shards_superset": True, "review": review})
-    claim_version(storage, spec)
-    index = kept_index(storage, parent, kept)
-    kept_per_shard = Counter(index.column("shard").to_pylist())
-    shards = [{**shard, "path": shard_key(parent, shard["path"]),
-               "version_samples": kept_per_shard[shard_key(parent, shard["path"])]}
-              for shard in parent["shards"] if shard_key(parent, shard["path"]) in kept_per_shard]
-    storage.write_parquet(layout.review_verdicts(dataset, name), verdicts_table(verdicts))
-    return commit_version(storage, spec, shards, index)
+    with publishing(storage, spec):
+        index = kept_index(storage, parent, kept)
+        kept_per_shard = Counter(index.column("shard").to_pylist())
+        shards = [{**shard, "path": shard_key(parent, shard["path"]),
+                   "version_samples": kept_per_shard[shard_key(parent, shard["path"])]}
+                  for shard in parent["shards"] if shard_key(parent, shard["path"]) in kept_per_shard]
+        storage.write_parquet(layout.review_verdicts(dataset, name), verdicts_table(verdicts))
+        return commit_version(storage, spec, shards, index)
 
 
 def review_funnel(parent: dict[str, Any], review: dict[str, Any], kept: int) -> dict[str, Any]:

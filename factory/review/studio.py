@@ -41,9 +41,19 @@ class ReviewError(RuntimeError):
     """A review cannot be exported or imported; the message says why (and never holds the token)."""
 
 
+BODY_LIMIT = 300  # characters of a server's error body quoted in a message
+_END = object()
+
+
 def masked(text: str) -> str:
     token = os.environ.get(TOKEN_VARIABLE)
     return text.replace(token, "***") if token else text
+
+
+def one_line(text: str, limit: int = BODY_LIMIT) -> str:
+    """`text` on one line, masked first and only then cut to `limit` characters (a cut cannot split the token)."""
+    text = " ".join(masked(text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def server_url(url: str | None) -> str:
@@ -62,20 +72,32 @@ def connect(url: str | None):
     token = os.environ.get(TOKEN_VARIABLE)
     if not token:
         raise ReviewError(f"set {TOKEN_VARIABLE} to a Label Studio personal access token")
-    return LabelStudio(base_url=server_url(url), api_key=token, timeout=120)
+    base_url = server_url(url)
+    return call(f"connect to {base_url}", LabelStudio, base_url=base_url, api_key=token, timeout=120)
 
 
 def call(what: str, function, *args, **kwargs):
-    """Run one SDK call; its failure becomes a ReviewError naming `what`, status and body, token masked."""
+    """Run one SDK call; its failure becomes a one-line ReviewError naming `what`, status and body, token
+    masked before anything is cut. A refused token (401, 403) says so, without the server's body."""
     from label_studio_sdk.core.api_error import ApiError
 
     try:
         return function(*args, **kwargs)
     except ApiError as err:
-        body = str(err.body)[:300]
-        raise ReviewError(masked(f"Label Studio refused to {what}: HTTP {err.status_code}: {body}")) from None
+        if err.status_code in (401, 403):
+            raise ReviewError(f"Label Studio refused the token in {TOKEN_VARIABLE} (HTTP {err.status_code}) "
+                              f"when trying to {what}: it is invalid, expired or lacks access; mint a new "
+                              "personal access token") from None
+        raise ReviewError(one_line(f"Label Studio refused to {what}: HTTP {err.status_code}: {err.body}")) from None
     except Exception as err:  # httpx transport errors, token refresh failures
-        raise ReviewError(masked(f"could not {what}: {type(err).__name__}: {err}")) from None
+        raise ReviewError(one_line(f"could not {what}: {type(err).__name__}: {err}")) from None
+
+
+def each(what: str, items: Iterable[Any]) -> Iterator[Any]:
+    """Iterate an SDK pager through `call`: fetching page 2, 3, ... fails as clearly as the first call."""
+    iterator = call(what, iter, items)
+    while (item := call(what, next, iterator, _END)) is not _END:
+        yield item
 
 
 def create_project(client, title: str, description: str) -> int:
@@ -103,34 +125,38 @@ def _send(client, project_id: int, batch: list[dict[str, Any]]) -> int:
 
 
 def project_tasks(client, project_id: int) -> Iterator[Any]:
-    pages = call(f"list the tasks of project {project_id}", client.tasks.list, project=project_id, fields="all")
-    yield from pages
+    what = f"list the tasks of project {project_id}"
+    yield from each(what, call(what, client.tasks.list, project=project_id, fields="all"))
 
 
-def read_votes(client, project_id: int) -> list[Vote]:
-    """Every submitted (not cancelled) annotation as a vote; the reviewer is named by Label Studio user id."""
+def read_ballots(client, project_id: int) -> Iterator[Vote | str]:
+    """Every annotation of the project, in Label Studio's order: a Vote, or the reason it is ignored."""
     call(f"open project {project_id}", client.projects.get, id=project_id)
-    votes = []
     for task in project_tasks(client, project_id):
-        key = str((task.data or {}).get("key", ""))
+        key = (task.data or {}).get("key")
         for annotation in task.annotations or []:
-            vote = annotation_vote(key, annotation)
-            if vote is not None:
-                votes.append(vote)
-    return votes
+            yield annotation_vote(key, annotation if isinstance(annotation, dict) else annotation.dict())
 
 
-def annotation_vote(key: str, annotation: Any) -> Vote | None:
-    record = annotation if isinstance(annotation, dict) else annotation.dict()
+def annotation_vote(key: Any, record: dict[str, Any]) -> Vote | str:
+    """One annotation as a Vote, or why it is not one (see verdicts.IGNORED)."""
     if record.get("was_cancelled"):
-        return None
-    verdict, reason = None, ""
+        return "cancelled"
+    reviewer = record.get("completed_by")
+    if isinstance(reviewer, dict):
+        reviewer = reviewer.get("id")
+    if reviewer is None or reviewer == "":
+        return "no_reviewer"
+    choices, reason = [], ""
     for region in record.get("result") or []:
         value = region.get("value") or {}
-        if region.get("from_name") == VERDICT_FIELD and value.get("choices"):
-            verdict = value["choices"][0]
+        if region.get("from_name") == VERDICT_FIELD:
+            choices += list(value.get("choices") or [])
         elif region.get("from_name") == REASON_FIELD and value.get("text"):
-            reason = "\n".join(value["text"])
-    if verdict not in VERDICTS:
-        return None
-    return Vote(key=key, reviewer=f"user-{record.get('completed_by')}", verdict=verdict, reason=reason)
+            reason = "\n".join(str(line) for line in value["text"])
+    if len(choices) > 1:
+        return "several_choices"
+    if not choices or choices[0] not in VERDICTS:
+        return "no_verdict"
+    return Vote(key=key if isinstance(key, str) else "", reviewer=f"user-{reviewer}", verdict=choices[0],
+                reason=reason)

@@ -17,12 +17,18 @@ strict majority of its votes; a tie is `tie` and a key nobody voted on is `unrev
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 VERDICTS = ("keep", "drop")
 PUBLISHED, REJECTED = "published", "rejected"  # where a reviewed key came from
+# why an annotation is not counted as a vote, in the order the import prints them
+IGNORED = ("unknown_key", "not_exported", "duplicate", "cancelled", "several_choices", "no_reviewer", "no_verdict")
+REASON_LIMIT = 2000  # characters of a reviewer's reason that are kept
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # sample keys have no dots, slashes or spaces
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,46 @@ class Vote:
     reviewer: str
     verdict: str  # "keep" | "drop"
     reason: str = ""
+
+
+@dataclass
+class Tally:
+    """What an import counts: the votes it keeps, the annotations it ignores by reason, the reasons it cut."""
+
+    votes: list[Vote] = field(default_factory=list)
+    ignored: Counter = field(default_factory=Counter)
+    reasons_capped: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"ignored": {name: self.ignored[name] for name in IGNORED if self.ignored[name]},
+                "reasons_capped": self.reasons_capped, "reason_limit": REASON_LIMIT}
+
+
+def tally(origins: dict[str, str], ballots: Iterable[Vote | str]) -> Tally:
+    """Sort every annotation (a Vote, or the reason it is no vote) into counted votes and ignored ones.
+
+    A vote on a key that is not a sample key is `unknown_key`, on a key the export did not send
+    `not_exported`; a reviewer's earlier vote on a key they voted on again is a `duplicate` (the later
+    one counts); a reason longer than REASON_LIMIT is cut to it and counted.
+    """
+    result, latest = Tally(), {}
+    for ballot in ballots:
+        reason = ballot if isinstance(ballot, str) else ignored_reason(origins, ballot)
+        if reason:
+            result.ignored[reason] += 1
+            continue
+        if (ballot.key, ballot.reviewer) in latest:
+            result.ignored["duplicate"] += 1
+        latest[ballot.key, ballot.reviewer] = ballot
+    result.reasons_capped = sum(len(vote.reason) > REASON_LIMIT for vote in latest.values())
+    result.votes = [replace(vote, reason=vote.reason[:REASON_LIMIT]) for vote in latest.values()]
+    return result
+
+
+def ignored_reason(origins: dict[str, str], vote: Vote) -> str | None:
+    if not KEY_PATTERN.fullmatch(vote.key):
+        return "unknown_key"
+    return None if vote.key in origins else "not_exported"
 
 
 @dataclass

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from factory.dataset.manifest import shard_key
+from factory.dataset.manifest import checked_shard, shard_key
 from factory.dataset.shards import Sample, read_shard_bytes
 from factory.framework.images import decode_image
 from factory.framework.storage import Storage
@@ -31,6 +31,7 @@ class EpochPlan:
     """Which samples each rank reads in one epoch, in which order."""
 
     shard_keys: list[str]  # storage keys, in the manifest's order
+    shard_sha256: list[str]  # what the manifest lists: every shard is checked as it is read
     shard_sizes: list[int]
     world: int
     seed: int
@@ -56,7 +57,8 @@ class EpochPlan:
             counts = [sum(sizes[i] for i in shards) for shards in rank_shards]
         else:
             counts = [len(range(rank, total, world)) for rank in range(world)]
-        return cls(keys, sizes, world, seed, epoch, shard_mode, counts, rank_shards, keep)
+        sha256 = [shard["sha256"] for shard in manifest["shards"]]
+        return cls(keys, sha256, sizes, world, seed, epoch, shard_mode, counts, rank_shards, keep)
 
     def steps(self, per_worker: int) -> int:
         return math.ceil(max(self.counts) / per_worker)
@@ -73,7 +75,7 @@ class EpochPlan:
 
     def _shard_samples(self, storage: Storage, rank: int) -> Iterator[Sample]:
         shards = self.rank_shards[rank]
-        for shard_index, data in zip(shards, prefetched(storage, [self.shard_keys[i] for i in shards])):
+        for shard_index, data in zip(shards, self.shard_bytes(storage, shards)):
             samples = list(self._read(data))
             order = np.random.default_rng([self.seed, self.epoch, shard_index]).permutation(len(samples))
             yield from (samples[i] for i in order)
@@ -84,12 +86,18 @@ class EpochPlan:
         mine = {int(global_index): slot for slot, global_index in enumerate(permutation[rank :: self.world])}
         kept: dict[int, Sample] = {}
         position = 0
-        for data in prefetched(storage, self.shard_keys):
+        for data in self.shard_bytes(storage, range(len(self.shard_keys))):
             for sample in self._read(data):
                 if position in mine:
                     kept[mine[position]] = sample
                 position += 1
         yield from (kept[slot] for slot in sorted(kept))
+
+    def shard_bytes(self, storage: Storage, indices: Iterable[int]) -> Iterator[bytes]:
+        """The shards' bytes in order, each refused unless it matches the manifest's sha256."""
+        indices = list(indices)
+        for index, data in zip(indices, prefetched(storage, [self.shard_keys[i] for i in indices])):
+            yield checked_shard(storage, self.shard_keys[index], data, self.shard_sha256[index])
 
     def _read(self, data: bytes) -> Iterator[Sample]:
         return (s for s in read_shard_bytes(data) if self.keep is None or s.key in self.keep)

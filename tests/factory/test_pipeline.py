@@ -6,6 +6,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from factory.framework import layout
 from factory.framework.config import load_config
 from factory.framework.context import RunContext
 from factory.framework.executor import RunChanged, Step, run_steps, run_steps_inline
@@ -111,6 +112,16 @@ def test_failed_run_resumes_only_missing_units(tmp_path, ray_local):
     assert again["skipped"] == len(done_before) and again["ran"] == 6 - len(done_before)
     out = read_stage(ctx, "filter")
     assert out["key"].is_unique and len(out) == 18
+
+
+def test_a_truncated_unit_file_is_redone_on_ray_and_not_counted_skipped(tmp_path, ray_local):
+    ctx = make_ctx(tmp_path, units=3)
+    run_steps(ctx, [STAMP])
+    path = tmp_path / layout.unit_file(ctx.config.run_id, "filter", 1)
+    path.write_bytes(path.read_bytes()[:50])
+    again = run_steps(ctx, [STAMP])
+    assert (again["skipped"], again["ran"]) == (2, 1)
+    assert len(read_unit(ctx.storage, ctx.config.run_id, "filter", 1)) == 3
 
 
 def test_neighbouring_steps_with_equal_resources_share_an_actor(tmp_path):

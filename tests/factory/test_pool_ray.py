@@ -1,6 +1,7 @@
 """The pool built by the Ray Data job (shards -> parts -> CLIP actor pool -> index) holds the
 same embeddings as embedding the images directly."""
 
+import hashlib
 from dataclasses import replace
 from functools import partial
 
@@ -30,11 +31,12 @@ def test_pool_built_on_ray_data_matches_direct_embedding(tmp_path, ray_local, ti
     storage = open_storage(config)
     samples = make_samples(10)
     samples[4] = replace(samples[4], target_image=b"not an image")
-    shard_keys = []
+    shard_keys = {}  # storage key -> sha256, as a manifest lists them
     for number, group in enumerate([samples[:4], samples[4:7], samples[7:]]):
         key = layout.shard("d", "v1", layout.shard_relative("v1", number))
-        storage.write_bytes(key, encode_shard(group))
-        shard_keys.append(key)
+        data = encode_shard(group)
+        storage.write_bytes(key, data)
+        shard_keys[key] = hashlib.sha256(data).hexdigest()
 
     make_scorer = partial(ClipScorer, tiny_clip.model_name, tiny_clip.pretrained, model_config=tiny_clip.model_config)
     summary = build_pool_from_shards(storage, config, "rp", shard_keys, make_scorer, ActorPool(concurrency=1),

@@ -15,6 +15,7 @@ from factory.framework.storage import LocalStorage
 from factory.versions import main
 from tests.factory.review.conftest import REVIEWERS
 from tests.factory.test_report import build_root
+from tests.reliability.test_tampered_parents import flip_a_byte
 
 pytestmark = pytest.mark.slow
 
@@ -151,3 +152,55 @@ def test_a_wrong_token_is_refused_without_echoing_it(label_studio, tmp_path, cap
     out, err = capsys.readouterr()
     assert code == 2 and "error:" in err
     assert bad not in out + err
+
+
+def annotate(server, reviewer, task_id, choices, reason="", **fields):
+    result = [{"from_name": "verdict", "to_name": "x_new", "type": "choices", "value": {"choices": choices}}]
+    if reason:
+        result.append({"from_name": "reason", "to_name": "x_new", "type": "textarea", "value": {"text": [reason]}})
+    client(server, reviewer).annotations.create(id=task_id, result=result, **fields)
+
+
+def test_import_counts_every_ignored_vote_by_reason_and_refuses_when_none_is_valid(label_studio, tmp_path, capsys,
+                                                                                  monkeypatch):
+    root = tmp_path / "root"
+    storage = build_root(LocalStorage(root))
+    assert run(capsys, monkeypatch, label_studio, root, "review", "export", "v1", "--url", label_studio.url)[0] == 0
+    project_id = newest_record(storage)["project_id"]
+    fields = {"x": "", "x_new": "", "instruction": "", "user": "", "assistant": ""}
+    client(label_studio, REVIEWERS[0]).projects.import_tasks(  # tasks the export never sent
+        id=project_id, request=[{"data": {**fields, "key": key}} for key in ("neverexported", "../../evil")])
+    tasks = tasks_by_key(label_studio, project_id)
+    annotate(label_studio, REVIEWERS[1], tasks["neverexported"].id, ["keep"])
+    annotate(label_studio, REVIEWERS[1], tasks["../../evil"].id, ["keep"])
+
+    code, said = run(capsys, monkeypatch, label_studio, root, "review", "import", "v1")
+    assert code == 2 and "no valid keep/drop vote" in said and "nothing published" in said
+    assert "unknown_key 1" in said and "not_exported 1" in said
+    assert [m["kind"] for m in list_versions(storage, "demo")].count("reviewed") == 0
+
+    published = sorted(key for key in tasks if key in newest_record(storage)["origins"])
+    annotate(label_studio, REVIEWERS[1], tasks[published[0]].id, ["keep"])
+    annotate(label_studio, REVIEWERS[1], tasks[published[0]].id, ["drop"], "second thoughts")  # the first: duplicate
+    annotate(label_studio, REVIEWERS[1], tasks[published[1]].id, [], was_cancelled=True)
+    annotate(label_studio, REVIEWERS[1], tasks[published[2]].id, ["keep", "drop"])
+    annotate(label_studio, REVIEWERS[1], tasks[published[3]].id, ["keep"], "why " * 2000)
+    code, said = run(capsys, monkeypatch, label_studio, root, "review", "import", "v1")
+    assert code == 0, said
+    expected = {"unknown_key": 1, "not_exported": 1, "duplicate": 1, "cancelled": 1, "several_choices": 1}
+    assert "ignored annotations: " + ", ".join(f"{k} {n}" for k, n in expected.items()) in said
+    assert "reasons cut to 2000 characters: 1" in said
+    reviewed = next(m for m in list_versions(storage, "demo") if m["kind"] == "reviewed")
+    assert reviewed["review"]["ignored"] == expected and reviewed["review"]["votes"] == 2
+    verdicts = storage.read_parquet(layout.review_verdicts("demo", reviewed["version"])).to_pylist()
+    reasons = sorted(vote["reason"] for row in verdicts for vote in json.loads(row["votes"]))
+    assert reasons == ["second thoughts", ("why " * 2000)[:2000]]
+
+
+def test_export_refuses_a_version_whose_shard_was_changed_naming_it(label_studio, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "root"
+    storage = build_root(LocalStorage(root))
+    shard = flip_a_byte(storage, load_manifest(storage, "demo", "v1"))
+    code, said = run(capsys, monkeypatch, label_studio, root, "review", "export", "v1", "--url", label_studio.url)
+    assert code == 2 and shard in said and "does not match its manifest" in said, said
+    assert not storage.list(layout.review_records("demo", "v1"))  # no record: nothing can be imported from it

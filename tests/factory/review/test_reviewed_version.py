@@ -9,7 +9,7 @@ from factory.framework import layout
 from factory.framework.storage import LocalStorage
 from factory.report import write_report
 from factory.review.publish import publish_reviewed
-from factory.review.verdicts import PUBLISHED, REJECTED, Vote, gather
+from factory.review.verdicts import PUBLISHED, REJECTED, Vote, tally
 from tests.factory.test_report import Tables, build_root, card_keys
 
 
@@ -25,8 +25,8 @@ def reviewed(tmp_path_factory):
               Vote(published[1], "user-1", "drop", "<b>blurry</b> & odd"), Vote(published[1], "user-2", "keep"),
               Vote(published[2], "user-1", "keep"), Vote(published[2], "user-2", "drop", "wrong colour")]
     record = {"dataset": "demo", "version": "v1", "project_id": 7, "url": "http://127.0.0.1:1", "created": "now",
-              "frame": {"size": 5, "margin": 0.05}}
-    manifest = publish_reviewed(storage, record, gather(origins, votes), "v1-reviewed", "0" * 64)
+              "frame": {"size": 5, "margin": 0.05}, "origins": origins}
+    manifest = publish_reviewed(storage, record, tally(origins, votes), "v1-reviewed", "0" * 64)
     return storage, manifest, published
 
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from factory.review.studio import annotation_vote
 from factory.review.verdicts import (
     PUBLISHED,
+    REASON_LIMIT,
     REJECTED,
     Vote,
     figures,
     gather,
     krippendorff_alpha,
     pairwise_agreement,
+    tally,
     wilson_interval,
 )
 
@@ -60,3 +63,42 @@ def test_precision_and_the_recall_estimate_follow_the_frame():
 def test_wilson_interval_stays_inside_zero_and_one():
     assert wilson_interval(0, 0) is None
     assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(10, 10)[0] > 0.6
+
+
+def annotation(verdicts=("keep",), reviewer=7, reason="", cancelled=False):
+    """An annotation as Label Studio's API returns it (the fields the import reads)."""
+    result = [{"from_name": "verdict", "to_name": "x_new", "type": "choices", "value": {"choices": list(verdicts)}}]
+    if reason:
+        result.append({"from_name": "reason", "to_name": "x_new", "type": "textarea", "value": {"text": [reason]}})
+    return {"id": 1, "completed_by": reviewer, "was_cancelled": cancelled, "result": result}
+
+
+def test_every_ignored_annotation_is_counted_by_its_reason():
+    origins = {"a": PUBLISHED, "b": PUBLISHED}
+    ballots = [annotation_vote(key, record) for key, record in [
+        ("a", annotation()), ("b", annotation(["drop"], reviewer=8)),
+        ("../a", annotation()), ("", annotation()), (None, annotation()), ("zzz", annotation()),
+        ("a", annotation(["drop"])),  # reviewer 7 again: the earlier vote is the duplicate
+        ("a", annotation(cancelled=True)), ("b", annotation(["keep", "drop"])),
+        ("b", annotation(reviewer=None)), ("b", annotation(reviewer="")), ("b", annotation([])),
+        ("b", annotation(["maybe"])),
+    ]]
+    counted = tally(origins, ballots)
+    assert sorted((vote.key, vote.reviewer, vote.verdict) for vote in counted.votes) == [
+        ("a", "user-7", "drop"), ("b", "user-8", "drop")]
+    assert counted.summary()["ignored"] == {"unknown_key": 3, "not_exported": 1, "duplicate": 1, "cancelled": 1,
+                                            "several_choices": 1, "no_reviewer": 2, "no_verdict": 2}
+
+
+def test_a_reviewer_given_as_an_object_is_named_by_its_id():
+    vote = annotation_vote("a", annotation(reviewer={"id": 12, "email": "r@example.com"}))
+    assert vote.reviewer == "user-12"
+    assert annotation_vote("a", annotation(reviewer={"email": "r@example.com"})) == "no_reviewer"
+
+
+def test_a_reason_past_the_cap_is_cut_and_counted():
+    long = "x" * (5 * 1024 * 1024)
+    ballots = [annotation_vote("a", annotation(reason=long)), annotation_vote("b", annotation(reason="short"))]
+    counted = tally({"a": PUBLISHED, "b": PUBLISHED}, ballots)
+    assert sorted(len(vote.reason) for vote in counted.votes) == [5, REASON_LIMIT]
+    assert counted.summary()["reasons_capped"] == 1

@@ -1,0 +1,119 @@
+"""Label Studio servers that fail: the token never shows, whichever call or page fails.
+
+A small stdlib HTTP server stands in for Label Studio here: a real one cannot be made to fail on
+page 2 of a task list or to echo the request's token in a 401 body. The client is the real SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from factory.framework import layout
+from factory.framework.storage import LocalStorage
+from factory.versions import main
+
+TOKEN = secrets.token_hex(20)  # a legacy (non-JWT) token: the SDK sends it as it is, `Token <key>`
+
+
+class StandIn(BaseHTTPRequestHandler):
+    """Label Studio's project and task endpoints; `fail_on(path, page)` gives the status of an error answer
+    (whose body echoes the request's token) or None."""
+
+    fail_on = staticmethod(lambda path, page: None)
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        url = urlparse(self.path)
+        page = int(parse_qs(url.query).get("page", ["1"])[0])
+        failure = self.fail_on(url.path, page)
+        if failure:
+            self.answer(failure, self.echo())
+        elif url.path.startswith("/api/projects/"):
+            self.answer(200, {"id": 1, "title": "review"})
+        elif url.path == "/api/tasks/":
+            self.answer(200, {"tasks": [{"id": page, "data": {"key": f"k{page}"}, "annotations": []}],
+                              "total": 3, "total_annotations": 0, "total_predictions": 0})
+        else:
+            self.answer(404, {"detail": "not found"})
+
+    def echo(self) -> str:
+        """A body that quotes the request's token many times, so one copy straddles any cut."""
+        said = self.headers.get("Authorization", "")
+        return " ".join(f"[{n}] you sent {said!r}" for n in range(40))
+
+    def answer(self, status: int, body) -> None:
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json" if not isinstance(body, str) else "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stand_in():
+    servers = []
+
+    def start(fail_on):
+        handler = type("Handler", (StandIn,), {"fail_on": staticmethod(fail_on)})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def review_import(tmp_path, url, monkeypatch, capsys) -> tuple[int, str]:
+    """`versions review import demo/v1` against `url`, from a review record written by hand."""
+    root = tmp_path / "root"
+    record = {"dataset": "demo", "version": "v1", "project_id": 1, "url": url, "created": "2026-12-06T00:00:00",
+              "tasks": 3, "published_samples": 3, "frame": {"size": 0}, "origins": {"k1": "published"}}
+    LocalStorage(root).write_bytes(layout.review_record("demo", "v1", 1), json.dumps(record).encode())
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
+    code = main(["--set", f"storage.root={root}", "--set", "dataset=demo", "review", "import", "demo/v1"])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def leaked_pieces(text: str) -> list[str]:
+    """Every run of 8 characters of the token that `text` holds."""
+    return [TOKEN[i:i + 8] for i in range(len(TOKEN) - 7) if TOKEN[i:i + 8] in text]
+
+
+def test_a_server_failing_on_page_two_is_a_clear_error_without_the_token(stand_in, tmp_path, monkeypatch, capsys,
+                                                                          caplog):
+    url = stand_in(lambda path, page: 500 if path == "/api/tasks/" and page == 2 else None)
+    code, said = review_import(tmp_path, url, monkeypatch, capsys)
+    assert code == 2
+    assert "list the tasks of project 1: HTTP 500" in said and len(said.strip().splitlines()) == 1
+    assert "Traceback" not in said
+    assert leaked_pieces(said + caplog.text) == []
+
+
+def test_a_401_that_echoes_the_token_is_one_line_saying_the_token_was_refused(stand_in, tmp_path, monkeypatch,
+                                                                              capsys, caplog):
+    url = stand_in(lambda path, page: 401)
+    code, said = review_import(tmp_path, url, monkeypatch, capsys)
+    assert code == 2
+    assert "refused the token in LABEL_STUDIO_API_KEY (HTTP 401)" in said and len(said.strip().splitlines()) == 1
+    assert leaked_pieces(said + caplog.text) == []
+
+
+def test_an_error_body_cut_to_300_characters_never_holds_a_piece_of_the_token(stand_in, tmp_path, monkeypatch,
+                                                                              capsys):
+    url = stand_in(lambda path, page: 502 if path.startswith("/api/projects/") else None)
+    code, said = review_import(tmp_path, url, monkeypatch, capsys)
+    assert code == 2 and "open project 1: HTTP 502" in said
+    assert leaked_pieces(said) == []
