@@ -29,7 +29,7 @@ from factory.dataset.manifest import list_versions
 from factory.dataset.reference_sets import list_parts, set_complete
 from factory.dataset.reference_sources import is_image_name, walk_files
 from factory.framework.config import FactoryConfig
-from factory.framework.storage import Storage, StorageError, open_storage
+from factory.framework.storage import S3Storage, Storage, StorageError, open_storage
 
 SID_GENERATOR = "cafe"
 
@@ -102,8 +102,6 @@ def source_count(source, config: FactoryConfig) -> int | None:
         root = Path(source.path).expanduser()
         return sum(1 for name, _ in walk_files(root) if is_image_name(name)) if root.is_dir() else 0
     if source.kind == "s3":
-        from factory.framework.storage import S3Storage, StorageError
-
         try:
             objects = S3Storage(source.path, config.storage).list_objects("")
         except StorageError:

@@ -16,6 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import ray
+import ray.data
+
 import stages.dialogue
 import stages.eval
 import stages.filter
@@ -26,7 +29,11 @@ import stages.publish
 import stages.references
 import stages.sid
 import stages.train
-from factory.dataset.manifest import VersionError, load_manifest
+from factory.dataset.instructions import load_bank
+from factory.dataset.manifest import VersionError, latest_version, load_manifest
+from factory.dataset.reference_sets import set_complete
+from factory.demo import prepare_demo
+from factory.estimate import dry_run as estimate_lines
 from factory.framework.config import (
     ConfigError,
     FactoryConfig,
@@ -36,6 +43,7 @@ from factory.framework.config import (
 )
 from factory.framework.context import RunContext
 from factory.framework.executor import Step, run_steps
+from factory.framework.models_cache import ModelUnavailable, describe_s3, is_s3
 from filters.rules import RULES
 
 log = logging.getLogger("factory.run")
@@ -60,8 +68,6 @@ def stage_entry(name: str) -> EntryPoint:
 
 
 def references_exist(ctx: RunContext) -> bool:
-    from factory.dataset.reference_sets import set_complete
-
     return set_complete(ctx.storage, ctx.config.references.set)
 
 
@@ -110,8 +116,6 @@ def model_settings(config: FactoryConfig, stage: str) -> dict[str, str | None]:
 def check_inputs(config: FactoryConfig, stage: str) -> None:
     """Model paths (local, or S3 prefixes: listed, refused when empty) and the instruction bank,
     checked before any work; errors name the key."""
-    from factory.framework.models_cache import ModelUnavailable, describe_s3, is_s3
-
     missing = []
     for key, value in model_settings(config, stage).items():
         if looks_local(value) and not os.path.exists(os.path.expanduser(value)):
@@ -126,8 +130,6 @@ def check_inputs(config: FactoryConfig, stage: str) -> None:
     if stage in ("generate", "all") and untrained_promptnet(config):
         raise ConfigError(untrained_promptnet(config))
     if stage in ("plan", "all"):
-        from factory.dataset.instructions import load_bank
-
         load_bank(config.plan.instructions)
 
 
@@ -153,8 +155,6 @@ def run_all(ctx: RunContext) -> dict[str, Any]:
 
 def bootstrap_demo(ctx: RunContext) -> None:
     """SID and eval on the embedded demo start from the demo's bootstrap version: make it when missing."""
-    from factory.dataset.manifest import latest_version
-
     config = ctx.config
     if config.sid.parent or latest_version(ctx.storage, config.dataset, kinds=("bootstrap", "union")):
         return
@@ -175,8 +175,6 @@ def timed(label: str, entry: Callable[[RunContext], dict[str, Any]], ctx: RunCon
 
 
 def init_ray(config: FactoryConfig) -> None:
-    import ray
-
     if ray.is_initialized():
         return
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
@@ -184,8 +182,6 @@ def init_ray(config: FactoryConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, **config.ray.local_cluster())
-    import ray.data
-
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
@@ -220,8 +216,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def dry_run(args: argparse.Namespace, config: FactoryConfig) -> int:
     """The bill before the run (`factory.estimate`): no Ray, no demo models, nothing written."""
-    from factory.estimate import dry_run as estimate_lines
-
     try:
         lines = estimate_lines(config, args.stage, args.config or "(embedded demo)", args.device_kind, args.figures)
     except ValueError as err:
@@ -241,8 +235,6 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run(args, config)
         entry = stage_entry(args.stage)
         if args.config is None:
-            from factory.demo import prepare_demo
-
             prepare_demo(config)
         ctx = RunContext(config, unit_steps=UNIT_STEPS)
         ctx.storage.check()

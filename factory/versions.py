@@ -12,6 +12,9 @@ import argparse
 import json
 import math
 import sys
+import time
+
+import ray
 
 from factory.dataset.manifest import (
     VersionError,
@@ -24,8 +27,12 @@ from factory.dataset.manifest import (
 from factory.framework.config import ConfigError, load_config
 from factory.framework.names import check_name
 from factory.framework.storage import StorageError, open_storage
+from factory.report import write_report
 from factory.rethreshold import parse_thresholds, rethreshold_version
+from factory.review.export import export_review
+from factory.review.publish import ignored_text, import_review
 from factory.review.studio import ReviewError
+from factory.run import init_ray
 from factory.status import run_status, status_lines
 
 
@@ -70,10 +77,6 @@ def cmd_union(storage, config, args) -> int:
 
 
 def cmd_rethreshold(storage, config, args) -> int:
-    import ray
-
-    from factory.run import init_ray
-
     thresholds = parse_thresholds(args.threshold)
     load_manifest(storage, config.dataset, args.version)  # a missing or malformed parent: before Ray starts
     started_ray = config.publish.executor == "ray" and not ray.is_initialized()
@@ -96,10 +99,6 @@ def cmd_status(storage, config, args) -> int:
 
 
 def cmd_report(storage, config, args) -> int:
-    import time
-
-    from factory.report import write_report
-
     started = time.perf_counter()
     path = write_report(storage, config.dataset, args.version, args.out)
     print(f"version {config.dataset}/{args.version}: report {path} ({time.perf_counter() - started:.1f} s)")
@@ -107,9 +106,6 @@ def cmd_report(storage, config, args) -> int:
 
 
 def cmd_review(storage, config, args) -> int:
-    from factory.review.export import export_review
-    from factory.review.publish import ignored_text, import_review
-
     dataset, version = split_version(config.dataset, args.version)
     if args.action == "export":
         record = export_review(storage, dataset, version, args.url, args.rejected, args.margin, args.seed)

@@ -20,7 +20,7 @@ def default_token_path() -> Path:
 
 def fetch_token(parameter: str, region: str | None = None, endpoint_url: str | None = None) -> str:
     """The decrypted value of SSM parameter `parameter` (credentials: the usual AWS chain)."""
-    import boto3
+    import boto3  # only `jobs token` reads SSM: the other job commands start without it
 
     ssm = boto3.client("ssm", region_name=region, endpoint_url=endpoint_url)
     token = ssm.get_parameter(Name=parameter, WithDecryption=True)["Parameter"]["Value"].strip()

@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+from ray.job_submission import JobSubmissionClient
+
 from factory.framework.config import ConfigError, load_config
 from jobs.auth_token import default_token_path
 from jobs.spec import JobSpec, SpecError
@@ -202,8 +204,6 @@ def api_server_address(address: str) -> Iterator[None]:
 
 
 def connect(address: str | None, token: str | None):
-    from ray.job_submission import JobSubmissionClient
-
     target = resolve_address(address)
     try:
         with api_server_address(target):

@@ -14,6 +14,9 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
+import llguidance
+import llguidance.hf
+import llguidance.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -118,8 +121,6 @@ class TransformersEngine(BatchEngine):
     # --- constrained decoding (llguidance) ---------------------------------------------
 
     def _matchers(self, json_schema: dict[str, Any], count: int) -> list:
-        import llguidance
-
         grammar = self._grammar(json_schema)
         matchers = [llguidance.LLMatcher(self._llguidance_tokenizer(), grammar) for _ in range(count)]
         if matchers[0].is_error():
@@ -127,8 +128,6 @@ class TransformersEngine(BatchEngine):
         return matchers
 
     def _grammar(self, json_schema: dict[str, Any]) -> str:
-        import llguidance
-
         key = json.dumps(json_schema, sort_keys=True)
         if key not in self._grammars:
             # compact JSON: a weak model cannot wander off into endless whitespace
@@ -139,14 +138,10 @@ class TransformersEngine(BatchEngine):
 
     def _llguidance_tokenizer(self):
         if self._ll_tokenizer is None:
-            import llguidance.hf
-
             self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, eos_token=self.eos_ids[0])
         return self._ll_tokenizer
 
     def _mask_logits(self, logits: torch.Tensor, matchers: list, done: list[bool]) -> None:
-        import llguidance.torch
-
         vocab = self._llguidance_tokenizer().vocab_size
         bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), vocab)
         for row, matcher in enumerate(matchers):

@@ -28,7 +28,7 @@ INSTALL_HINT = "install the vllm extra (pip install 'cafe-factory[vllm]') on GPU
 
 def import_vllm():
     try:
-        import vllm
+        import vllm  # the optional `vllm` extra, on GPU nodes only
     except ImportError as err:
         raise EngineUnavailable(
             f"dialogue.engine 'vllm' needs vLLM, which is not importable ({err}): {INSTALL_HINT}"
@@ -82,7 +82,7 @@ class VllmEngine(BatchEngine):
             "seed": seed,
         }
         if json_schema is not None:
-            from vllm.sampling_params import StructuredOutputsParams
+            from vllm.sampling_params import StructuredOutputsParams  # the optional `vllm` extra
 
             kwargs["structured_outputs"] = StructuredOutputsParams(json=json_schema)
         return kwargs

@@ -35,6 +35,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
+from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPVisionModel
 
@@ -404,8 +405,6 @@ def _read_release_weights(folder: Path) -> dict[str, torch.Tensor]:
         path = folder / name
         if path.is_file():
             if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
                 return load_file(str(path))
             return torch.load(path, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{folder} holds none of {RELEASE_WEIGHTS}")

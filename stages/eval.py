@@ -37,6 +37,7 @@ from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
 from factory.dataset.checkpoints import fetch_checkpoint, newest_checkpoint
 from factory.dataset.eval_sets import eval_set_name, reference_set_pairs
+from factory.dataset.manifest import latest_version
 from factory.framework import layout
 from factory.framework.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec, StorageConfig, validate_config
 from factory.framework.context import RunContext
@@ -46,7 +47,9 @@ from factory.framework.models_cache import loader_paths, local_model, model_ref
 from factory.framework.storage import Storage, open_storage
 from filters.clip import ClipScorer
 from filters.dino import DinoScorer
+from models.assistant import CafeAssistant
 from models.cafe import CafeGenerator
+from models.training.runner import train_generator_on
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +77,6 @@ def locate_generator(ctx: RunContext) -> Located:
     """`eval.checkpoint`, else the newest trained G; the embedded demo trains a tiny one when there is none."""
     config = ctx.config
     if config.eval.checkpoint is None and newest_checkpoint(ctx.storage, "generator") is None and is_demo(config):
-        from factory.dataset.manifest import latest_version
-        from models.training.runner import train_generator_on
-
         version = latest_version(ctx.storage, config.dataset, kinds=("bootstrap", "union"))  # as SID picks it
         if version is None:
             raise ValueError("demo: no published version to train a generator on (run --stage all first)")
@@ -276,8 +276,6 @@ def semantic_source(settings: EvalConfig, generator, assistant_folder: str | Non
                     storage: StorageConfig | None = None):
     """A function (E(x), prompt) -> the CLIP condition (1, d) for G."""
     if settings.semantic == "assistant":
-        from models.assistant import CafeAssistant
-
         if assistant_folder is None:
             raise ValueError("eval.semantic 'assistant' needs an assistant checkpoint")
         assistant = CafeAssistant.from_pretrained(assistant_folder, storage=storage).to(device).eval()

@@ -18,6 +18,7 @@ from factory.framework.executor import Step, run_steps
 from factory.framework.images import ImageRejected, decode_image, encode_jpeg
 from factory.framework.stage import Stage
 from models.base import GenJob, pick_device
+from models.registry import build_generator
 
 if TYPE_CHECKING:
     from factory.framework.context import RunContext
@@ -44,8 +45,6 @@ class Generate(Stage):
 
     def generator(self, name: str):
         if name not in self._generators:
-            from models.registry import build_generator
-
             spec = self.config.generate.generators.get(name)
             if spec is None:
                 raise KeyError(f"generator {name!r} is not configured under generate.generators")

@@ -53,7 +53,7 @@ HNSW_EF_SEARCH = 128
 
 def require_faiss():
     try:
-        import faiss
+        import faiss  # imported where a pool is built or searched, with an error saying what to install
     except ImportError as error:  # pragma: no cover - a dependency of the package
         raise ImportError("the SID image pool needs faiss: pip install faiss-cpu") from error
     return faiss

@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+from ray.data.context import ShuffleStrategy
 
 from factory.dataset.manifest import (
     VersionError,
@@ -273,8 +275,6 @@ class RayPasses:
         self.options = {"memory": task_memory} if task_memory else {}
 
     def sizes(self, source: SampleSource, parts: list[str]) -> Iterator[pd.DataFrame]:
-        import ray
-
         if not parts:
             return iter(())
         if getattr(source, "sizes_are_metadata", False):
@@ -286,9 +286,6 @@ class RayPasses:
 
     def shards(self, source: SampleSource, parts: list[str], boundaries: list[str], losers: set[tuple[str, str]],
                shard_args: tuple, scratch: Path) -> Iterator[pd.DataFrame]:
-        import ray
-        from ray.data.context import ShuffleStrategy
-
         if not parts:
             return
         # Pull-based sort shuffle: map tasks leave each shard's samples in the object store
@@ -311,8 +308,6 @@ class RayPasses:
 def blocks_for(parts: list[str], per_cpu: int = 4, most_parts_per_block: int = 64) -> int:
     """Enough blocks to keep every CPU busy a few times over, few enough that per-task
     overhead stays small, and never more than `most_parts_per_block` parts (units) per task."""
-    import ray
-
     cpus = int(ray.cluster_resources().get("CPU", 1))
     wanted = max(per_cpu * cpus, -(-len(parts) // most_parts_per_block))
     return max(1, min(len(parts), wanted))

@@ -66,7 +66,7 @@ def server_url(url: str | None) -> str:
 def connect(url: str | None):
     """An SDK client for the server, authenticated by the personal access token in LABEL_STUDIO_API_KEY."""
     try:
-        from label_studio_sdk import LabelStudio
+        from label_studio_sdk import LabelStudio  # the optional `review` extra
     except ImportError:
         raise ReviewError('reviews need the Label Studio SDK: pip install -e ".[review]"') from None
     token = os.environ.get(TOKEN_VARIABLE)
@@ -79,7 +79,7 @@ def connect(url: str | None):
 def call(what: str, function, *args, **kwargs):
     """Run one SDK call; its failure becomes a one-line ReviewError naming `what`, status and body, token
     masked before anything is cut. A refused token (401, 403) says so, without the server's body."""
-    from label_studio_sdk.core.api_error import ApiError
+    from label_studio_sdk.core.api_error import ApiError  # the optional `review` extra
 
     try:
         return function(*args, **kwargs)

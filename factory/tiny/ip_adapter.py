@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 IMAGE_TOKENS = 4  # diffusers fixes the plain IP-Adapter at 4 image tokens
@@ -41,8 +42,6 @@ def build_tiny_ip_adapter(path: str | Path, sd_path: str | Path, subfolder: str 
         weights = ip_adapter_state_dict(unet, TINY_IMAGE_EMBED_DIM)
     vision.save_pretrained(str(folder / "image_encoder"))
     if weight_name.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
         flat = {f"{part}.{key}": value for part, tensors in weights.items() for key, value in tensors.items()}
         save_file(flat, str(folder / weight_name))
     else:

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from factory.dataset.checkpoints import checkpoint_meta, fetch_checkpoint, latest_checkpoint
 from factory.dataset.manifest import load_manifest, version_keys
@@ -53,14 +55,10 @@ class Worker:
 
     def report(self, metrics: dict[str, Any]) -> None:
         if self.distributed:
-            import ray.train
-
             ray.train.report(metrics)
 
     def barrier(self) -> None:
         if self.distributed:
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.barrier()
 
