@@ -23,6 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import factory
+from factory.dataset.card import FILES as CARD_FILES
+from factory.dataset.card import card_files
 from factory.dataset.shards import Sample, ShardInfo, read_shard_bytes, write_shards
 from factory.framework import layout
 from factory.framework.storage import AlreadyExists, Storage, StorageError
@@ -335,14 +337,16 @@ def _manifest(spec: VersionSpec, shards: list[dict[str, Any]], index: pa.Table) 
         "samples": index.num_rows,
         "score_stats": {name: score_stats(index.column(name).to_numpy(zero_copy_only=False).astype(float))
                         for name in SCORE_COLUMNS},
+        "card": list(CARD_FILES),
         **spec.extra,
     }
 
 
 def commit_version(storage: Storage, spec: VersionSpec, shards: list[dict[str, Any]],
                    index: pa.Table | str | Path) -> dict[str, Any]:
-    """Write the index (a table, or a local Parquet file), then the manifest, then drop the lock."""
-    table = index if isinstance(index, pa.Table) else pq.read_table(index, columns=["clip_t", "dino"])
+    """Write the index (a table, or a local Parquet file), the dataset card, then the manifest, then
+    drop the lock."""
+    table = index if isinstance(index, pa.Table) else pq.read_table(index, columns=list(SCORE_COLUMNS))
     manifest = _manifest(spec, shards, table)
     body = manifest_bytes(manifest)  # before any write: a manifest that cannot be JSON writes nothing
     key = layout.index(spec.dataset, spec.version)
@@ -350,6 +354,8 @@ def commit_version(storage: Storage, spec: VersionSpec, shards: list[dict[str, A
         storage.write_parquet(key, index)
     else:
         storage.upload_file(index, key)
+    for name, data in card_files(manifest).items():
+        storage.write_bytes(layout.version_file(spec.dataset, spec.version, name), data)
     key = manifest_key(spec.dataset, spec.version)
     try:
         storage.write_bytes(key, body, create_only=True)

@@ -306,6 +306,8 @@ class PublishConfig(Section):
     executor: Literal["ray", "local"] = Field(
         "ray", description="ray: Ray workers build and upload shards; local: this process, one shard at a time")
     task_memory: int = memory_field("publish task")
+    license: str = Field("other", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._+-]+$",
+                         description="the dataset card's license field (a Hugging Face license id)")
 
 
 class TrainConfig(Section):

@@ -91,6 +91,11 @@ def index(dataset: str, version: str) -> str:
     return f"{version_dir(dataset, version)}/index.parquet"
 
 
+def version_file(dataset: str, version: str, name: str) -> str:
+    """A file beside the manifest (the dataset card's `README.md`, `croissant.json`)."""
+    return f"{version_dir(dataset, version)}/{check_name(name, 'version file')}"
+
+
 def publish_lock(dataset: str, version: str) -> str:
     return f"{version_dir(dataset, version)}/_publishing.json"
 

@@ -59,7 +59,8 @@ def test_union_copies_nothing_and_verifies(storage):
     before = set(storage.list("datasets"))
     union = union_versions(storage, spec("u1", kind="union", parents=["v1", "r1"]))
     added = set(storage.list("datasets")) - before
-    assert added == {"datasets/d/u1/index.parquet", "datasets/d/u1/manifest.json"}
+    files = ("index.parquet", "manifest.json", "README.md", "croissant.json")
+    assert added == {f"datasets/d/u1/{name}" for name in files}
     assert union["samples"] == 9 and union["parents"] == ["v1", "r1"]
     assert all(shard["path"].startswith("datasets/d/") for shard in union["shards"])
     assert verify_version(storage, "d", "u1") == []

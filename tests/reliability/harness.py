@@ -228,6 +228,7 @@ def visible_strays(storage, dataset: str = DATASET, version: str = VERSION) -> l
     folder = version_dir(dataset, version)
     manifest = load_manifest(storage, dataset, version)
     expected = {f"{folder}/manifest.json", f"{folder}/index.parquet"}
+    expected |= {f"{folder}/{name}" for name in manifest.get("card", [])}
     expected |= {f"{folder}/{s['path']}" for s in manifest["shards"]}
     return sorted(set(storage.list(folder)) - expected)
 
