@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import datasets
+import mlcroissant
 import pandas as pd
 import pytest
 
@@ -37,6 +39,21 @@ def test_round_and_union_versions_name_the_right_parents(sid_round):
     assert "version demo-sid1" in result.stdout
     assert storage.list("checkpoints/generator"), "G was trained before the round"
     assert round_manifest["assistant_checkpoint"] is None and not storage.list("checkpoints/assistant")  # off
+
+
+def test_every_version_the_demo_and_sid_publish_has_a_valid_croissant_and_loads_by_folder(sid_round, tmp_path,
+                                                                                          monkeypatch):
+    storage, _ = sid_round
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    for version in ("demo", "demo-sid1", "demo-union1"):
+        folder = storage.url(f"datasets/demo/{version}")
+        croissant = mlcroissant.Metadata.from_file(mlcroissant.Context(), f"{folder}/croissant.json")
+        assert croissant.issues.report() == "", version
+        loaded = datasets.load_dataset(folder, split="train")
+        keys = read_index(storage, "demo", version, columns=["key"]).column("key").to_pylist()
+        assert sorted(loaded["__key__"]) == sorted(keys), version
 
 
 def test_every_sample_records_alpha_and_w(sid_round):
