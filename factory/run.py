@@ -13,11 +13,15 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import ray
 import ray.data
+from diffusers.utils import logging as diffusers_logging
+from huggingface_hub.utils import disable_progress_bars as disable_hub_progress_bars
+from transformers.utils import logging as transformers_logging
 
 import stages.dialogue
 import stages.eval
@@ -35,6 +39,7 @@ from factory.dataset.reference_sets import set_complete
 from factory.demo import prepare_demo
 from factory.estimate import dry_run as estimate_lines
 from factory.framework.config import (
+    QUIET_ENV,
     ConfigError,
     FactoryConfig,
     load_config,
@@ -225,8 +230,20 @@ def dry_run(args: argparse.Namespace, config: FactoryConfig) -> int:
     return 0
 
 
+def quiet_model_loading() -> None:
+    """In this process what `QUIET_ENV` does for the workers (the libraries are already imported)."""
+    os.environ.update(QUIET_ENV)
+    disable_hub_progress_bars()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_model_loading()
     args = parse_args(argv)
     try:
         overrides = [*args.overrides, *(["publish.allow_partial=true"] if args.allow_partial else [])]

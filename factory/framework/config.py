@@ -28,6 +28,10 @@ from pydantic import (
 from factory.framework.names import check_name
 from filters.rules import PAPER_THRESHOLDS
 
+# The environment of processes that load models: no library progress bars, no deprecation chatter
+# (Ray forwards every worker's output to the driver, which prints one line per stage of its own).
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+             "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
@@ -477,8 +481,9 @@ class RayConfig(Section):
         "what is free when it starts, which varies on a shared machine")
 
     def local_cluster(self) -> dict[str, Any]:
-        """ray.init's sizes for a local cluster: CPUs, and the memory resource (`_memory`) when set."""
-        sizes: dict[str, Any] = {"num_cpus": self.num_cpus}
+        """ray.init's settings for a local cluster: CPUs, the memory resource (`_memory`) when set, and
+        workers that keep model loading quiet (`QUIET_ENV`)."""
+        sizes: dict[str, Any] = {"num_cpus": self.num_cpus, "runtime_env": {"env_vars": dict(QUIET_ENV)}}
         if self.memory:
             sizes["_memory"] = self.memory
         return sizes

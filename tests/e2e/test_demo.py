@@ -26,6 +26,16 @@ def test_every_pool_asks_ray_for_its_memory_so_ray_does_not_warn(demo):
     assert "of memory per worker" not in output and "consider setting `memory=" not in output
 
 
+def test_the_demos_output_fits_on_a_screen_without_library_chatter(demo):
+    """Model loading's progress bars and deprecation warnings stay out of the run's output (workers'
+    included: Ray forwards their output to the driver)."""
+    _, result = demo
+    output = result.stdout + result.stderr
+    for chatter in ("Loading weights", "Loading pipeline components", "FutureWarning", "past_key_values"):
+        assert chatter not in output, chatter
+    assert len(output.splitlines()) <= 40
+
+
 def test_demo_version_is_sound_and_its_funnel_adds_up(demo):
     cwd, _ = demo
     storage = open_storage(StorageConfig(root=str(cwd / "factory-data")))
