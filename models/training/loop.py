@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.train.torch
 import torch
 
 from factory.dataset.checkpoints import checkpoint_meta, fetch_checkpoint, latest_checkpoint
@@ -45,6 +44,8 @@ class Worker:
         """DDP (or FSDP) through Ray Train on a distributed run; the model itself otherwise."""
         if not self.distributed:
             return model.to(self.device)
+        import ray.train.torch  # ray: only on a distributed run (the in-process path runs without it)
+
         if fsdp:
             return ray.train.torch.prepare_model(
                 model, parallel_strategy="fsdp", parallel_strategy_kwargs={"use_orig_params": True}
