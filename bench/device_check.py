@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from filters import CPU_DTYPE_VARIABLE
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -92,7 +94,7 @@ def real_size_command(part: str, compiled: bool, out: Path, cpu: bool) -> list[s
             "--figures", str(out / f"cost_figures{suffix}.json"), "--results", str(out / f"RESULTS{suffix}.md")]
 
 
-def section_env(cpu: bool, work: Path) -> dict[str, str]:
+def section_env(cpu: bool, work: Path, cpu_dtype: str = "float32") -> dict[str, str]:
     """The environment a section runs in: the repository importable, offline, one thread on a
     shared CPU, and (in CPU mode) the device's missing packages refused (bench/absent)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -101,12 +103,14 @@ def section_env(cpu: bool, work: Path) -> dict[str, str]:
         paths.insert(0, str(REPO / "bench" / "absent"))
         env["DEVICE_CHECK_ABSENT"] = ",".join(ABSENT_ON_DEVICE)
         env["OMP_NUM_THREADS"] = "1"
+        env[CPU_DTYPE_VARIABLE] = cpu_dtype  # bfloat16: the CUDA path's half precision, rehearsed on the CPU
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["DEVICE_CHECK_WORK"] = str(work)  # the demo's models and storage: not under out, which travels back
     return env
 
 
-def run_section(name: str, out: Path, work: Path, cpu: bool, limit: float) -> dict[str, Any]:
+def run_section(name: str, out: Path, work: Path, cpu: bool, limit: float,
+                cpu_dtype: str = "float32") -> dict[str, Any]:
     """Run one section's processes within `limit` seconds; their output goes to out/<name>.log."""
     if cpu and name == "real_size_compile":
         return {"status": "skipped", "why": "real_size compiles only on CUDA"}
@@ -116,7 +120,8 @@ def run_section(name: str, out: Path, work: Path, cpu: bool, limit: float) -> di
             left = limit - (time.perf_counter() - started)
             log.write(f"$ {' '.join(command)}\n")
             log.flush()
-            outcomes[label] = run_process(command, cpu, work, log, left) if left > 5 else "skipped: out of time"
+            env = section_env(cpu, work, cpu_dtype)
+            outcomes[label] = run_process(command, env, log, left) if left > 5 else "skipped: out of time"
     failed = {label: outcome for label, outcome in outcomes.items() if outcome != "passed"}
     result = {"status": "passed" if not failed else "failed", "seconds": round(time.perf_counter() - started, 1),
               "runs": outcomes}
@@ -126,18 +131,20 @@ def run_section(name: str, out: Path, work: Path, cpu: bool, limit: float) -> di
     return result
 
 
-def run_process(command: list[str], cpu: bool, work: Path, log, limit: float) -> str:
+def run_process(command: list[str], env: dict[str, str], log, limit: float) -> str:
     try:
-        code = subprocess.run(command, cwd=REPO, env=section_env(cpu, work), stdout=log, stderr=subprocess.STDOUT,
+        code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                               timeout=limit).returncode
     except subprocess.TimeoutExpired:
         return f"timed out after {limit:.0f} s"
     return "passed" if code == 0 else f"failed (exit {code})"
 
 
-def run_all(out: Path, work: Path, cpu: bool, sections: list[str], budget: float) -> dict[str, Any]:
+def run_all(out: Path, work: Path, cpu: bool, sections: list[str], budget: float,
+            cpu_dtype: str = "float32") -> dict[str, Any]:
     limits = CPU_LIMITS if cpu else GPU_LIMITS
-    summary: dict[str, Any] = {"mode": "cpu (tiny models)" if cpu else "cuda", "machine": platform.node(),
+    mode = f"cpu (tiny models, {cpu_dtype})" if cpu else "cuda"
+    summary: dict[str, Any] = {"mode": mode, "machine": platform.node(),
                                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "sections": {}}
     deadline = time.monotonic() + budget
     for name in sections:
@@ -145,7 +152,7 @@ def run_all(out: Path, work: Path, cpu: bool, sections: list[str], budget: float
         if left < 10:
             summary["sections"][name] = {"status": "skipped", "why": "out of the check's time budget"}
             continue
-        summary["sections"][name] = run_section(name, out, work, cpu, min(limits[name], left))
+        summary["sections"][name] = run_section(name, out, work, cpu, min(limits[name], left), cpu_dtype)
         print(f"[{name}] {summary['sections'][name]['status']} in {summary['sections'][name].get('seconds', 0)} s",
               flush=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))  # a killed check still leaves a summary
@@ -297,6 +304,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true", help="tiny models on the CPU (automatic without a GPU)")
     parser.add_argument("--out", help="where figures, logs and summary.json go (default $OUT)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {','.join(SECTIONS)}")
+    parser.add_argument("--cpu-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="CPU mode: run the models in bfloat16 where CUDA runs half precision")
     parser.add_argument("--work", help="scratch folder for the demo's models and storage (default: a new temp dir)")
     parser.add_argument("--budget", type=float, default=420.0,
                         help="seconds for the whole check (default 420: 7 minutes on the GPU)")
@@ -316,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown section(s) {sorted(unknown)}; sections: {', '.join(SECTIONS)}")
     work = Path(args.work or tempfile.mkdtemp(prefix="device-check-")).resolve()
-    summary = run_all(out, work, cpu, sections, args.budget)
+    summary = run_all(out, work, cpu, sections, args.budget, args.cpu_dtype)
     failed = [name for name, result in summary["sections"].items() if result["status"] not in ("passed", "skipped")]
     print(f"device check ({summary['mode']}): {len(failed)} section(s) not passed {failed}; {out / 'summary.json'}")
     return 1 if failed else 0

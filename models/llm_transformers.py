@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factory.framework.models_cache import local_model, model_ref
+from models.base import half_dtype
 from models.llm import BatchEngine, Conversation, EngineError, sampling_settings
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ class TransformersEngine(BatchEngine):
     def _dtype(self) -> torch.dtype:
         if self.config.dtype != "auto":
             return DTYPES[self.config.dtype]
-        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return half_dtype(self.device, torch.bfloat16)
 
     def _eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id

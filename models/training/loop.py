@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ from factory.dataset.manifest import load_manifest, version_keys
 from factory.framework import layout
 from factory.framework.config import TrainConfig
 from factory.framework.storage import Storage
+from models.base import autocast_to, half_dtype
 from models.training.data import Batch, EpochPlan
 from models.training.job import TrainJob
 from models.training.optimizer_state import (
@@ -197,9 +197,9 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def autocast(device):
-    if getattr(device, "type", str(device)) == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Training's autocast: bfloat16 on CUDA, and on the CPU when half precision is rehearsed."""
+    device = torch.device(device)
+    return autocast_to(device, half_dtype(device, torch.bfloat16))
 
 
 def log_keys(storage: Storage, job: TrainJob, epoch: int, rank: int, first_batch: int, keys: list[str]) -> None:

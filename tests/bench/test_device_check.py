@@ -22,7 +22,7 @@ def test_the_device_check_runs_every_section_on_tiny_models_without_ray(tmp_path
     assert main(["--cpu", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     summary = json.loads((out / "summary.json").read_text())
     sections = summary["sections"]
-    assert summary["mode"] == "cpu (tiny models)"
+    assert summary["mode"] == "cpu (tiny models, float32)"
     assert {name: result["status"] for name, result in sections.items()} == {
         "environment": "passed", "cuda_tests": "passed", "demo": "passed", "real_size": "passed",
         "real_size_compile": "skipped"}
