@@ -572,10 +572,11 @@ def assistant_model(bench: Bench, layers: int):
     from bench.published_models import build_transformers, filled, model_config
     from factory.tiny.llama import build_tiny_tokenizer
     from models.assistant import CafeAssistant
+    from models.base import half_dtype
 
     config = model_config("llama2_13b", bench.counts.tiny)
     config["num_hidden_layers"] = layers
-    dtype = torch.bfloat16 if bench.device.type == "cuda" else torch.float32
+    dtype = half_dtype(bench.device, torch.bfloat16)
     llm = filled(lambda: build_transformers("LlamaForCausalLM", config)).to(bench.device, dtype)
     dims = {"clip_dim": 24 if bench.counts.tiny else 768, "dino_dim": 48 if bench.counts.tiny else 1536}
     return CafeAssistant(llm, build_tiny_tokenizer(), {**dims, "max_text_tokens": 256}).to(bench.device)

@@ -7,6 +7,7 @@ and calls it once per reference with all that reference's jobs, so per-reference
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -14,6 +15,8 @@ from typing import Any, Protocol, TypeVar
 import torch
 from PIL import Image
 from pydantic import BaseModel, ValidationError
+
+from filters import cpu_half_precision  # the one switch lives in the lowest layer
 
 # without accelerate, diffusers falls back to full-memory loading anyway (and warns each time)
 DIFFUSERS_LOADING = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
@@ -69,11 +72,27 @@ def parse_options(name: str, options_model: type[Options], options: dict[str, An
         raise ValueError(f"generator {name!r}: invalid options: {err}") from None
 
 
+def half_dtype(device: Any, cuda: torch.dtype) -> torch.dtype:
+    """The reduced precision a model runs in on `device`: `cuda` on CUDA; on the CPU bfloat16 when
+    half precision is rehearsed (CPUs have no fast float16), else float32."""
+    if device.type == "cuda":
+        return cuda
+    return torch.bfloat16 if cpu_half_precision() else torch.float32
+
+
 def resolve_dtype(name: str, device: Any):
-    """An options `dtype` on `device`: half precision only on CUDA ("auto": float16); float32 on the CPU."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.float16 if name == "auto" else getattr(torch, name)
+    """An options `dtype` on `device`: on CUDA as named ("auto": float16); on the CPU float32, or
+    bfloat16 for every choice but float32 when half precision is rehearsed (`cpu_half_precision`)."""
+    if device.type == "cuda":
+        return torch.float16 if name == "auto" else getattr(torch, name)
+    return half_dtype(device, torch.float16) if name != "float32" else torch.float32
+
+
+def autocast_to(device: Any, dtype: torch.dtype):
+    """Autocast to `dtype` on `device`'s type (CUDA, or the CPU's bfloat16 rehearsal); none in float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def synchronize(device: Any) -> None:

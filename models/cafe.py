@@ -35,7 +35,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
 
 from factory.framework.models_cache import local_model, model_ref
-from models.base import EvaluationCounter, GenJob, GenResult
+from models.base import EvaluationCounter, GenJob, GenResult, half_dtype
 
 log = logging.getLogger(__name__)
 
@@ -527,7 +527,7 @@ class CafeGenerator:
 
 def _dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return half_dtype(device, torch.float16)
     choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in choices:
         raise ValueError(f"dtype must be one of {sorted(choices)}, got {name!r}")

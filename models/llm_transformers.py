@@ -14,13 +14,11 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-import llguidance
-import llguidance.hf
-import llguidance.torch
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factory.framework.models_cache import local_model, model_ref
+from models.base import half_dtype
 from models.llm import BatchEngine, Conversation, EngineError, sampling_settings
 
 if TYPE_CHECKING:
@@ -121,6 +119,8 @@ class TransformersEngine(BatchEngine):
     # --- constrained decoding (llguidance) ---------------------------------------------
 
     def _matchers(self, json_schema: dict[str, Any], count: int) -> list:
+        import llguidance  # only for constrained decoding
+
         grammar = self._grammar(json_schema)
         matchers = [llguidance.LLMatcher(self._llguidance_tokenizer(), grammar) for _ in range(count)]
         if matchers[0].is_error():
@@ -128,6 +128,8 @@ class TransformersEngine(BatchEngine):
         return matchers
 
     def _grammar(self, json_schema: dict[str, Any]) -> str:
+        import llguidance  # only for constrained decoding
+
         key = json.dumps(json_schema, sort_keys=True)
         if key not in self._grammars:
             # compact JSON: a weak model cannot wander off into endless whitespace
@@ -138,10 +140,14 @@ class TransformersEngine(BatchEngine):
 
     def _llguidance_tokenizer(self):
         if self._ll_tokenizer is None:
+            import llguidance.hf  # only for constrained decoding
+
             self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer, eos_token=self.eos_ids[0])
         return self._ll_tokenizer
 
     def _mask_logits(self, logits: torch.Tensor, matchers: list, done: list[bool]) -> None:
+        import llguidance.torch  # only for constrained decoding
+
         vocab = self._llguidance_tokenizer().vocab_size
         bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), vocab)
         for row, matcher in enumerate(matchers):
@@ -155,7 +161,7 @@ class TransformersEngine(BatchEngine):
     def _dtype(self) -> torch.dtype:
         if self.config.dtype != "auto":
             return DTYPES[self.config.dtype]
-        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return half_dtype(self.device, torch.bfloat16)
 
     def _eos_ids(self) -> list[int]:
         ids = self.model.generation_config.eos_token_id

@@ -46,6 +46,7 @@ from models.base import (
     EvaluationCounter,
     GenJob,
     GenResult,
+    autocast_to,
     parse_options,
     resolve_dtype,
     synchronize,
@@ -407,9 +408,7 @@ class ProFusionGenerator:
 
 
     def _autocast(self):
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.dtype)
-        return contextlib.nullcontext()
+        return autocast_to(self.device, self.dtype)
 
 
 class ScaledAdamW:

@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import ray
-from ray.util import ActorPool
 
 from factory.dataset.reference_sets import write_parts, write_rejections
 from factory.dataset.reference_sources import (
@@ -45,6 +43,8 @@ from factory.framework.storage import S3Storage, StorageError
 from models.sd_drawer import StableDiffusionDrawer
 
 if TYPE_CHECKING:
+    from ray.util import ActorPool
+
     from factory.framework.config import FactoryConfig, ReferencesConfig
     from factory.framework.context import RunContext
 
@@ -209,6 +209,9 @@ class Drawer:
 
 
 def ray_pool(config: FactoryConfig) -> ActorPool:
+    import ray  # ray: only for a pool of drawer actors (a driver-side drawer runs without it)
+    from ray.util import ActorPool
+
     cfg = config.references
     if not ray.is_initialized():
         local = config.ray.local_cluster() if config.ray.address is None else {}

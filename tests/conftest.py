@@ -14,6 +14,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run only where a GPU is (bench/device_check.py runs them on a lent one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: bench/device_check.py runs these on a lent one")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 S3_TEST_KEYS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key"}
 
 

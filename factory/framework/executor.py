@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import ray
 
 from factory.framework import layout
 from factory.framework.config import ActorPool, ConfigError, FactoryConfig, validate_config
@@ -170,6 +169,8 @@ def resources(step: Step, config: FactoryConfig) -> tuple[int, dict[str, Any]]:
 
 def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     """Stream every unfinished unit through `steps` on Ray Data; return counts and timing."""
+    import ray  # ray: only here (the inline loop runs without it)
+
     check_made_with(ctx, steps)
     units = plan_units(ctx.storage, ctx.config.run_id)
     pending = unfinished(ctx, steps, units)

@@ -15,17 +15,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
-from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
 
-from factory.framework.config import StorageConfig
+if TYPE_CHECKING:
+    from factory.framework.config import StorageConfig
 
 
 class StorageError(RuntimeError):
@@ -263,6 +259,14 @@ class S3Storage(Storage):
     """S3 (or any S3-compatible server) through boto3, with botocore retries."""
 
     def __init__(self, root: str, config: StorageConfig | None = None):
+        try:
+            import boto3  # boto3: only for s3:// (the GPU check runs without it)
+            from boto3.s3.transfer import TransferConfig  # boto3: only for s3:// (the GPU check runs without it)
+            from botocore.config import Config  # boto3: only for s3:// (the GPU check runs without it)
+        except ImportError as err:  # pragma: no cover - boto3 is a core dependency
+            raise StorageError("install boto3 to use an s3:// storage root") from err
+        from factory.framework.config import StorageConfig
+
         config = config or StorageConfig(root=root)
         self.root = root.rstrip("/")
         self.location = S3Location.parse(self.root)
@@ -285,6 +289,11 @@ class S3Storage(Storage):
         return f"{self.location.prefix}/{key}" if self.location.prefix else key
 
     def _call(self, what: str, key: str, fn, **kwargs):
+        from botocore.exceptions import (  # boto3: only for s3:// (the GPU check runs without it)
+            BotoCoreError,
+            ClientError,
+        )
+
         try:
             return fn(Bucket=self.location.bucket, **kwargs)
         except ClientError as err:
@@ -325,6 +334,12 @@ class S3Storage(Storage):
             self._upload(key, handle)
 
     def _upload(self, key: str, handle) -> None:
+        from boto3.exceptions import S3UploadFailedError  # boto3: only for s3:// (the GPU check runs without it)
+        from botocore.exceptions import (  # boto3: only for s3:// (the GPU check runs without it)
+            BotoCoreError,
+            ClientError,
+        )
+
         try:
             self.client.upload_fileobj(handle, self.location.bucket, self._key(key), Config=self.transfer)
         except (ClientError, BotoCoreError, S3UploadFailedError) as err:
@@ -346,6 +361,11 @@ class S3Storage(Storage):
 
     def list_objects(self, prefix: str) -> list[tuple[str, str, int]]:
         """(key, ETag, size) of every object under the folder `prefix`, sorted by key."""
+        from botocore.exceptions import (  # boto3: only for s3:// (the GPU check runs without it)
+            BotoCoreError,
+            ClientError,
+        )
+
         folder = clean_key(prefix) if prefix.strip("/") else ""
         if folder:
             full = self._key(folder) + "/"
@@ -370,6 +390,12 @@ class S3Storage(Storage):
 
     def download_file(self, key: str, local_path: str | Path) -> None:
         """One object to a local file (multipart, in parallel, for large objects)."""
+        from boto3.exceptions import S3TransferFailedError  # boto3: only for s3:// (the GPU check runs without it)
+        from botocore.exceptions import (  # boto3: only for s3:// (the GPU check runs without it)
+            BotoCoreError,
+            ClientError,
+        )
+
         try:
             self.client.download_file(self.location.bucket, self._key(key), str(local_path), Config=self.transfer)
         except ClientError as err:
@@ -390,6 +416,11 @@ class S3Storage(Storage):
         return self._call("head", key, self.client.head_object, Key=self._key(key))["ContentLength"]
 
     def check(self) -> None:
+        from botocore.exceptions import (  # boto3: only for s3:// (the GPU check runs without it)
+            BotoCoreError,
+            ClientError,
+        )
+
         try:
             self.client.head_bucket(Bucket=self.location.bucket)
         except ClientError as err:

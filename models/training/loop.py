@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -13,8 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -23,6 +20,7 @@ from factory.dataset.manifest import load_manifest, version_keys
 from factory.framework import layout
 from factory.framework.config import TrainConfig
 from factory.framework.storage import Storage
+from models.base import autocast_to, half_dtype
 from models.training.data import Batch, EpochPlan
 from models.training.job import TrainJob
 from models.training.optimizer_state import (
@@ -47,6 +45,8 @@ class Worker:
         """DDP (or FSDP) through Ray Train on a distributed run; the model itself otherwise."""
         if not self.distributed:
             return model.to(self.device)
+        import ray.train.torch  # ray: only on a distributed run (the in-process path runs without it)
+
         if fsdp:
             return ray.train.torch.prepare_model(
                 model, parallel_strategy="fsdp", parallel_strategy_kwargs={"use_orig_params": True}
@@ -55,6 +55,8 @@ class Worker:
 
     def report(self, metrics: dict[str, Any]) -> None:
         if self.distributed:
+            import ray.train  # ray: only on a distributed run
+
             ray.train.report(metrics)
 
     def barrier(self) -> None:
@@ -194,9 +196,9 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def autocast(device):
-    if getattr(device, "type", str(device)) == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Training's autocast: bfloat16 on CUDA, and on the CPU when half precision is rehearsed."""
+    device = torch.device(device)
+    return autocast_to(device, half_dtype(device, torch.bfloat16))
 
 
 def log_keys(storage: Storage, job: TrainJob, epoch: int, rank: int, first_batch: int, keys: list[str]) -> None:

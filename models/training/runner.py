@@ -3,15 +3,11 @@ process (one worker, no Ray). The train stage and SID's fine-tuning call these."
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
-import ray.train
-import ray.train.torch
 import torch
-from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from factory.dataset.checkpoints import model_folder
 from factory.framework.config import FactoryConfig, PromptNetConfig, StorageConfig, TrainConfig
@@ -19,6 +15,9 @@ from factory.framework.context import RunContext
 from factory.framework.storage import Storage, open_storage
 from models.training.job import TrainJob, make_job
 from models.training.loop import Worker, finished_run, summary, train_loop
+
+if TYPE_CHECKING:
+    from ray.train import ScalingConfig
 
 
 def train_on_ray(
@@ -39,6 +38,9 @@ def train_on_ray(
 def fit_on_ray(loop, loop_config: dict[str, Any], name: str, scaling_config: ScalingConfig, max_failures: int,
                ray_storage_path: str | None = None):
     """Run `loop(loop_config)` on Ray Train workers (`TorchTrainer`); returns Ray's result."""
+    from ray.train import FailureConfig, RunConfig  # ray: only on Ray Train (in-process training runs without it)
+    from ray.train.torch import TorchTrainer
+
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -52,6 +54,8 @@ def fit_on_ray(loop, loop_config: dict[str, Any], name: str, scaling_config: Sca
 def scaling(settings: TrainConfig | PromptNetConfig) -> ScalingConfig:
     """Ray Train's workers: one GPU each with use_gpu, plus the custom resources that pin them to a node type
     and the memory each one uses."""
+    from ray.train import ScalingConfig  # ray: only on Ray Train
+
     extra = dict(settings.resources_per_worker)
     if settings.memory_per_worker:
         extra["memory"] = settings.memory_per_worker
@@ -92,7 +96,7 @@ def train_model_on(ctx: RunContext, model: str, version: str, init_from: str | N
     config = ctx.config.model_copy(deep=True)
     if init_from:
         config.train.init_from = init_from
-    on_ray = ray.is_initialized()
+    on_ray = ray_is_up()
     job = make_job(config, version, model, run_id)
     if finished_run(ctx.storage, job, config.train.num_workers if on_ray else 1):
         result = summary(ctx.storage, job)  # what the loop would return, without starting Ray Train
@@ -109,8 +113,17 @@ def train_in_process(job: TrainJob, storage: Storage, device: str | None = None)
     return summary(storage, job)
 
 
+def ray_is_up() -> bool:
+    """Whether this process has joined a Ray cluster (False where Ray is not even installed)."""
+    ray = sys.modules.get("ray")  # never imported here: a process without Ray trains in process
+    return ray is not None and ray.is_initialized()
+
+
 def ray_worker():
     """This Ray Train worker's rank, world size and device."""
+    import ray.train  # ray: only on a Ray Train worker
+    import ray.train.torch
+
     context = ray.train.get_context()
     return Worker(rank=context.get_world_rank(), world=context.get_world_size(),
                   device=ray.train.torch.get_device(), distributed=True)

@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from factory.framework.config import StorageConfig
 from factory.framework.models_cache import local_model
 from models.assistant import WEIGHTS_FILE, CafeAssistant, assistant_loss
+from models.base import half_dtype
 from models.cafe import CafeUNet, ImageEncoders, diffusion_loss, encode_latents, images_to_pixels, local_folder
 from models.training.data import decode_images
 from models.training.optimizer_state import full_state_options
@@ -36,7 +37,7 @@ class GeneratorTask:
         else:
             self.model = CafeUNet.from_base(s.base_model, s.clip_model, s.dino_model, storage=storage)
         self.model.set_trainable(s.generator_trainable)
-        frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        frozen_dtype = half_dtype(device, torch.bfloat16)
         self.encoders = ImageEncoders(s.clip_model, s.dino_model, device, frozen_dtype, storage)
         base = local_model(s.base_model, storage, "train.base_model")
         self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae").to(device).eval().requires_grad_(False)
@@ -72,7 +73,7 @@ class AssistantTask:
         storage = StorageConfig(**job.storage)
         self.settings = s
         self.lr, self.batch_size = s.assistant_lr, s.assistant_batch_size
-        llm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        llm_dtype = half_dtype(device, torch.bfloat16)
         if s.init_from:
             folder = local_folder(s.init_from, storage)
             self.model = CafeAssistant.from_pretrained(folder, llm_model=s.llm_model, dtype=llm_dtype, storage=storage)
