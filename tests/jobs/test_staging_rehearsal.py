@@ -8,111 +8,20 @@ submitted the way an operator submits them: `python -m jobs submit NAME --config
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.jobs.conftest import (
-    REPO,
-    RayHead,
-    head_command,
-    short_root,
-    start_node,
-    stop_node,
-    token_env,
-    wait_until_serving,
-    worker_command,
-)
+from tests.jobs.conftest import BUCKET, staging_cluster, submit
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first test sets up the whole rehearsal
-
-BUCKET = "cafe-staging"
-GPU_TYPES = {"a100_40g": 2, "a100_80g": 2}  # stand-ins for cluster.yaml's gpu_a100 and gpu_llm nodes
-MODEL_FOLDERS = {  # demo model -> where staging.yaml names it
-    "tiny-sd": "models/tiny-sd", "tiny-clip": "models/tiny-clip", "tiny-dino": "models/tiny-dino",
-    "tiny-llama": "models/tiny-llama", "tiny-cafe-clip": "models/tiny-cafe-clip",
-    "tiny-dinov2": "models/tiny-dinov2", "tiny-promptnet": "checkpoints/promptnet/tiny",
-    "tiny-ip-adapter": "models/tiny-ip-adapter",
-}
-
-
-def upload_folder(client, folder: Path, prefix: str) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(folder).as_posix()}")
-
-
-@pytest.fixture(scope="module")
-def staging_bucket(s3_server, tmp_path_factory):
-    """The staging bucket: the tiny models, a trained-PromptNet stand-in and a few face photos."""
-    import io
-    import os
-
-    import boto3
-    import numpy as np
-    from PIL import Image
-
-    from factory.demo import prepare_demo
-    from factory.framework.config import load_config
-
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
-    client.create_bucket(Bucket=BUCKET)
-    build = tmp_path_factory.mktemp("staging-models")
-    here = Path.cwd()
-    os.chdir(build)
-    try:
-        prepare_demo(load_config(str(REPO / "configs" / "staging.yaml")))  # the tiny models staging names
-    finally:
-        os.chdir(here)
-    for name, prefix in MODEL_FOLDERS.items():
-        upload_folder(client, build / "factory-data" / "models" / name, prefix)
-    rng = np.random.default_rng(3)
-    for n in range(3):
-        out = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (72, 60, 3), dtype=np.uint8)).save(out, format="PNG")
-        client.put_object(Bucket=BUCKET, Key=f"inputs/faces/face-{n}.png", Body=out.getvalue())
-    shutil.rmtree(build)
-    return s3_server
 
 
 @pytest.fixture(scope="module")
 def cluster(staging_bucket):
-    """A token-auth head (job drivers, light stages) and one 'GPU' worker node, each with its own
-    model cache as two machines would have; S3 settings come from the nodes' environment."""
-    from tests.conftest import S3_TEST_KEYS
-
-    root = short_root("rs")
-    env, token = token_env(root)
-    env.update(S3_TEST_KEYS, AWS_ENDPOINT_URL=staging_bucket, AWS_DEFAULT_REGION="us-east-1", OMP_NUM_THREADS="1")
-    command, url, gcs = head_command(root)
-    caches = {"head": root / "cache-head", "worker": root / "cache-worker"}
-    head = start_node(command, {**env, "FACTORY_MODEL_CACHE": str(caches["head"])}, root / "head.log")
-    nodes = [head]
-    try:
-        ray_head = RayHead(url=url, env=env, token=token, root=root)
-        wait_until_serving(ray_head, head, root / "head.log")
-        nodes.append(start_node(worker_command(root, gcs, GPU_TYPES),
-                                {**env, "FACTORY_MODEL_CACHE": str(caches["worker"])}, root / "worker.log"))
-        yield ray_head, caches
-    finally:
-        for node in reversed(nodes):
-            stop_node(node)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def submit(head: RayHead, job: str, night: int) -> tuple[int, str]:
-    """`python -m jobs submit JOB --config configs/staging.yaml --follow`: (exit code, its output).
-    The output also goes to a file under the cluster's folder, to `tail -f` while it runs."""
-    command = [sys.executable, "-m", "jobs", "submit", job, "--config", "configs/staging.yaml",
-               "--address", head.url, "--poll-s", "1", "--follow"]
-    log = head.root / f"{job}-{night}.log"
-    with open(log, "w") as out:
-        code = subprocess.run(command, cwd=REPO, env=head.client_env(), stdout=out, stderr=subprocess.STDOUT,
-                              timeout=600).returncode
-    return code, log.read_text()
+    """The staging cluster: a head for the job drivers and light stages, one 'GPU' worker node."""
+    with staging_cluster(staging_bucket, "rs") as staging:
+        yield staging.head, staging.caches
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +29,7 @@ def rehearsal(cluster):
     """bootstrap, nightly-sid on two nights, weekly-eval: each job must end SUCCEEDED."""
     head, caches = cluster
     for night, job in enumerate(("bootstrap", "nightly-sid", "nightly-sid", "weekly-eval")):
-        code, output = submit(head, job, night)
+        code, output = submit(head, job, f"{job}-{night}")
         assert code == 0 and "ended SUCCEEDED" in output, f"{job}:\n{output[-5000:]}"
     return caches
 

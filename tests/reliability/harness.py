@@ -72,7 +72,12 @@ class DemoRun:
 def run_pids(token: str) -> list[int]:
     """Live processes of one demo run: the driver, Ray's daemons and its workers (Ray gives
     workers their own process groups, so they are found by a variable of their environment)."""
-    marker = f"RELIABILITY_RUN={token}".encode() + b"\0"
+    return pids_with_env("RELIABILITY_RUN", token)
+
+
+def pids_with_env(variable: str, value: str) -> list[int]:
+    """Live processes whose environment holds `variable=value` (inherited by all they start)."""
+    marker = f"{variable}={value}".encode() + b"\0"
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
