@@ -17,7 +17,9 @@ factory-data/models, so a demo started in a new folder takes seconds for it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import os
 import shutil
@@ -63,7 +65,8 @@ def downloaded_gguf(folder: Path) -> Path:
 def convert(gguf: Path, target: Path) -> None:
     """GGUF -> a plain LlamaForCausalLM (bfloat16 safetensors) and its tokenizer, in `target`."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' GGUF reader draws its own tqdm bar
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = LlamaForCausalLM(loaded.config)
     plain.load_state_dict(loaded.state_dict())
     plain.to(torch.bfloat16).save_pretrained(target)
