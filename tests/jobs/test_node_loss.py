@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from factory.dataset.card import FILES as CARD_FILES
 from factory.dataset.manifest import verify_version
 from factory.framework import layout
 from factory.framework.config import StorageConfig
@@ -110,9 +111,9 @@ def disturbed(cluster, staging_bucket, undisturbed) -> tuple[Storage, dict[str, 
     return storage, ends
 
 
-def file_digests(storage: Storage, prefix: str, leave_out: str) -> dict[str, str]:
-    """sha256 of every object under `prefix` but `leave_out`, by its key relative to `prefix`."""
-    keys = (key for key in sorted(storage.list(prefix)) if not key.endswith(f"/{leave_out}"))
+def file_digests(storage: Storage, prefix: str, *leave_out: str) -> dict[str, str]:
+    """sha256 of every object under `prefix` but those named in `leave_out`, by key relative to `prefix`."""
+    keys = (key for key in sorted(storage.list(prefix)) if key.rsplit("/", 1)[-1] not in leave_out)
     return {key[len(prefix):].lstrip("/"): hashlib.sha256(storage.read_bytes(key)).hexdigest() for key in keys}
 
 
@@ -133,9 +134,11 @@ def test_a_worker_lost_in_dialogue_and_in_publish_leaves_the_same_version(undist
     assert bootstrap.succeeded(), bootstrap.output[-5000:]
     assert bootstrap.lost_at == ["in_dialogue", "in_publish"]
     version = layout.version_dir(DATASET, RUN)
-    expected = file_digests(undisturbed, version, "manifest.json")
+    # the manifest (compared below without its run-specific fields) and the card rendered from it
+    rendered = ("manifest.json", *CARD_FILES)
+    expected = file_digests(undisturbed, version, *rendered)
     assert len([key for key in expected if key.endswith(".tar")]) > 1, expected  # several shards to compare
-    assert file_digests(storage, version, "manifest.json") == expected
+    assert file_digests(storage, version, *rendered) == expected
     manifest = layout.manifest(DATASET, RUN)
     assert steady_record(storage, manifest) == steady_record(undisturbed, manifest)
     assert verify_version(storage, DATASET, RUN) == []
