@@ -186,7 +186,7 @@ def init_ray(config: FactoryConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, **config.ray.local_cluster())
+        ray.init(include_dashboard=False, runtime_env={"env_vars": dict(QUIET_ENV)}, **config.ray.local_cluster())
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 

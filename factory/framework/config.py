@@ -481,9 +481,8 @@ class RayConfig(Section):
         "what is free when it starts, which varies on a shared machine")
 
     def local_cluster(self) -> dict[str, Any]:
-        """ray.init's settings for a local cluster: CPUs, the memory resource (`_memory`) when set, and
-        workers that keep model loading quiet (`QUIET_ENV`)."""
-        sizes: dict[str, Any] = {"num_cpus": self.num_cpus, "runtime_env": {"env_vars": dict(QUIET_ENV)}}
+        """ray.init's sizes for a local cluster: CPUs, and the memory resource (`_memory`) when set."""
+        sizes: dict[str, Any] = {"num_cpus": self.num_cpus}
         if self.memory:
             sizes["_memory"] = self.memory
         return sizes
