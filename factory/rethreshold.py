@@ -36,6 +36,8 @@ def parse_thresholds(items: list[str]) -> dict[str, float]:
 
 
 def parse_threshold(item: str) -> tuple[str, float]:
+    if not isinstance(item, str):  # argparse turns `--threshold=--` into an empty list
+        raise ThresholdError(f"--threshold expects RULE=VALUE, got {item!r}")
     shown = repr(item if len(item) <= 60 else item[:60] + "...")
     rule, equals, text = item.partition("=")
     rule = rule.strip()

@@ -153,6 +153,8 @@ def threshold_cases():
              for n, (text, fragment) in enumerate(refusals)]
     cases.append(named("versions", ["rethreshold", "v1", "child", "--threshold", "clip_t=0.4", "--threshold",
                                     "clip_t=0.5"], 2, "twice", "threshold-twice"))
+    cases.append(named("versions", ["rethreshold", "v1", "child", "--threshold=--"], 2, "RULE=VALUE",
+                       "threshold-dashes"))  # found by hypothesis: argparse gives an empty list
     return cases
 
 
