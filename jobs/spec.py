@@ -11,8 +11,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from factory.framework.config import read_yaml_file
 
 DEFAULT_SPECS = Path(__file__).with_name("specs.yaml")
 
@@ -112,14 +113,7 @@ def check_cron(expression: str) -> None:
 def load_specs(path: str | Path | None = None) -> dict[str, JobSpec]:
     """The job specs in `path` (default: jobs/specs.yaml), by name."""
     source = Path(path) if path else DEFAULT_SPECS
-    try:
-        raw = yaml.safe_load(source.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"job spec file not found: {source}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpecError(f"job spec file {source} cannot be read: {getattr(err, 'strerror', None) or err}") from None
-    except yaml.YAMLError as err:
-        raise SpecError(f"job spec file {source} is not valid YAML: {err}") from None
+    raw = read_yaml_file(source, "job spec file", SpecError)
     if isinstance(raw, dict):  # top-level `x-...` keys hold YAML anchors (as in docker compose)
         raw = {key: value for key, value in raw.items() if not str(key).startswith("x-")}
     try:

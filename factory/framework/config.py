@@ -554,17 +554,22 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("factory") / "demo" / "demo.yaml"))
 
 
+def read_yaml_file(source: Path, what: str, error: type[Exception] = ConfigError) -> Any:
+    """The YAML in `source`; a missing, unreadable or malformed file is `error`, naming it as `what`."""
+    try:
+        return yaml.safe_load(source.read_text())
+    except FileNotFoundError:
+        raise error(f"{what} not found: {source}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{what} {source} cannot be read: {getattr(err, 'strerror', None) or err}") from None
+    except yaml.YAMLError as err:
+        raise error(f"{what} {source} is not valid YAML: {err}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FactoryConfig:
     """Load a YAML config (the embedded demo when `path` is None) and apply `k=v` overrides."""
     source = Path(path) if path else demo_config_path()
-    try:
-        raw = yaml.safe_load(source.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {source}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {source} cannot be read: {getattr(err, 'strerror', None) or err}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {source} is not valid YAML: {err}") from None
+    raw = read_yaml_file(source, "config file") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {source} must hold a mapping at the top level")
     for override in overrides or []:
