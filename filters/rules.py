@@ -44,10 +44,6 @@ SCORE_COLUMNS = tuple(RULES)
 PAPER_THRESHOLDS = {rule.name: rule.paper_threshold for rule in RULES.values()}
 
 
-def flag_column(rule: str) -> str:
-    return RULES[rule].flag
-
-
 Scores = pd.DataFrame | Mapping[str, np.ndarray]
 
 

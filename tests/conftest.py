@@ -112,3 +112,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """`factory.run` must refuse before Ray starts or a stage runs: either one fails the test."""
+    import factory.run
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("work started before the input was refused")
+
+    monkeypatch.setattr(factory.run, "init_ray", tripwire)
+    monkeypatch.setattr(factory.run, "timed", tripwire)

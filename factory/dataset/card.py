@@ -50,9 +50,14 @@ def size_category(samples: int) -> str:
     return next((name for bound, name in SIZE_CATEGORIES if samples < bound), "n>100M")
 
 
+def license_id(manifest: dict[str, Any]) -> str:
+    """`publish.license` of the config the version was published with."""
+    return (manifest.get("config") or {}).get("publish", {}).get("license", "other")
+
+
 def front_matter(manifest: dict[str, Any]) -> dict[str, Any]:
     return {
-        "license": (manifest.get("config") or {}).get("publish", {}).get("license", "other"),
+        "license": license_id(manifest),
         "task_categories": ["image-to-image", "text-generation"],
         "tags": ["image-customization", "cafe", "webdataset", "synthetic"],
         "size_categories": [size_category(manifest["samples"])],
@@ -133,7 +138,7 @@ def croissant(manifest: dict[str, Any]) -> dict[str, Any]:
         "name": f"{manifest['dataset']}-{manifest['version']}",
         "description": f"CAFE customization quadruplets ({manifest['kind']}, {manifest['samples']} samples).",
         "version": "1.0.0",
-        "license": front_matter(manifest)["license"],
+        "license": license_id(manifest),
         "url": f"datasets/{manifest['dataset']}/{manifest['version']}",
         "datePublished": manifest["created"],
         "citeAs": "Conversational image customization assistant (CAFE) training data, cafe-factory.",

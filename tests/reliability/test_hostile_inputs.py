@@ -82,14 +82,10 @@ def listing(folder: Path) -> dict[str, int]:
 
 
 @pytest.fixture
-def no_work(monkeypatch):
-    """`factory.run` must refuse before Ray starts or a stage runs."""
-    def tripwire(*args, **kwargs):
-        raise AssertionError("work started on hostile input")
-
-    monkeypatch.setattr(factory.run, "init_ray", tripwire)
-    monkeypatch.setattr(factory.run, "timed", tripwire)
-    monkeypatch.chdir(REPO)  # jobs read jobs/specs.yaml's configs/ paths from here
+def in_repo(no_work, monkeypatch):
+    """No work may start (tests/conftest.py's tripwires), in the checkout's folder: jobs read
+    jobs/specs.yaml's configs/ paths from here."""
+    monkeypatch.chdir(REPO)
 
 
 def call(cli: str, argv: list[str], base: Path) -> int:
@@ -245,7 +241,7 @@ def test_the_table_has_at_least_80_cases():
 
 
 @pytest.mark.parametrize(("cli", "argv", "code", "fragment"), CASES)
-def test_hostile_input_is_refused_cleanly(world, no_work, capsys, cli, argv, code, fragment):
+def test_hostile_input_is_refused_cleanly(world, in_repo, capsys, cli, argv, code, fragment):
     before, cwd_before = listing(world), sorted(os.listdir(REPO))
     exit_code = call(cli, argv, world)
     captured = capsys.readouterr()

@@ -125,16 +125,6 @@ def test_each_worker_reads_its_share_of_the_references(tmp_path):
 # --- the production bootstrap without a trained PromptNet ----------------------------
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Starting Ray or any stage fails the test: the refusal must come first."""
-    def tripped(*args, **kwargs):
-        raise AssertionError("work started before the config was refused")
-
-    monkeypatch.setattr(factory.run, "init_ray", tripped)
-    monkeypatch.setattr(factory.run, "timed", tripped)
-
-
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
     code = factory.run.main(argv)
     captured = capsys.readouterr()
