@@ -10,7 +10,6 @@ accelerator hours so far; and whether a publish holds the version's lock.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from factory.dataset.manifest import version_exists
@@ -18,18 +17,17 @@ from factory.dataset.publisher import MODEL_STAGES, cost, funnel
 from factory.framework import layout
 from factory.framework.config import FactoryConfig
 from factory.framework.storage import Storage
-from factory.framework.units import finished_units, plan_exists, plan_units, unit_meta
+from factory.framework.units import plan_exists, plan_units, whole_unit_metas
 from filters.rules import RULES
 
 HOUR = 3600.0
 
 
-def run_status(storage: Storage, config: FactoryConfig, run_id: str, now: float | None = None,
-               threads: int = 16) -> dict[str, Any]:
+def run_status(storage: Storage, config: FactoryConfig, run_id: str, now: float | None = None) -> dict[str, Any]:
     """Everything `status` prints, as one JSON-ready dict."""
     now = time.time() if now is None else now
     planned = plan_units(storage, run_id) if plan_exists(storage, run_id) else []
-    metas = {stage: footers(storage, run_id, stage, threads) for stage in MODEL_STAGES}
+    metas = {stage: footers(storage, run_id, stage) for stage in MODEL_STAGES}
     last = MODEL_STAGES[-1]
     stages = {stage: stage_status(metas[stage], len(planned), now) for stage in MODEL_STAGES}
     version = config.publish.version or run_id
@@ -45,11 +43,10 @@ def run_status(storage: Storage, config: FactoryConfig, run_id: str, now: float 
     }
 
 
-def footers(storage: Storage, run_id: str, stage: str, threads: int) -> list[dict[str, Any]]:
-    """The footer of every finished unit of `stage`, read in parallel (one small ranged read each)."""
-    units = sorted(finished_units(storage, run_id, stage))
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(lambda unit: unit_meta(storage, run_id, stage, unit), units))
+def footers(storage: Storage, run_id: str, stage: str) -> list[dict[str, Any]]:
+    """What the footer of every whole unit file of `stage` says, in unit order (one read each)."""
+    metas = whole_unit_metas(storage, run_id, stage)
+    return [metas[unit] for unit in sorted(metas)]
 
 
 def stage_status(metas: list[dict[str, Any]], planned: int, now: float) -> dict[str, Any]:

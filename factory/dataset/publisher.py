@@ -55,7 +55,7 @@ from factory.framework.context import RunContext
 from factory.framework.executor import changed_settings
 from factory.framework.models_cache import model_fingerprint
 from factory.framework.storage import Storage, open_storage
-from factory.framework.units import ImageJoin, finished_units, plan_units, read_unit, unit_meta
+from factory.framework.units import ImageJoin, finished_units, plan_units, read_unit, whole_unit_metas
 from filters.rules import RULES, SCORE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -367,12 +367,13 @@ def publish_run(ctx: RunContext, kind: str = "bootstrap", parents: list[str] | N
         release_stale_lock(storage, config.dataset, ctx.version)
         log.info("version %s/%s is already published", config.dataset, ctx.version)
         return manifest
-    done = set.intersection(*(finished_units(storage, config.run_id, stage) for stage in MODEL_STAGES))
+    whole = {stage: whole_unit_metas(storage, config.run_id, stage) for stage in MODEL_STAGES}
+    done = set.intersection(*(set(units) for units in whole.values()))
     check_reference_parts(storage, config.references.set)
     if not done:
         raise VersionError(f"nothing to publish: no dialogue output under {storage.url(layout.run_dir(config.run_id))}")
     partial = partial_units(ctx, done)
-    metas = {stage: [unit_meta(storage, config.run_id, stage, unit) for unit in sorted(done)] for stage in MODEL_STAGES}
+    metas = {stage: [whole[stage][unit] for unit in sorted(done)] for stage in MODEL_STAGES}
     check_units_made_with(ctx, metas["dialogue"][0])
     source = RunSamples(config.storage, config.run_id, config.dataset, ctx.version, sorted(done))
     spec = VersionSpec(

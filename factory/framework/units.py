@@ -80,31 +80,42 @@ def plan_unit_rows(storage: Storage, run_id: str) -> dict[int, int]:
 
 
 def finished_units(storage: Storage, run_id: str, stage: str) -> set[int]:
-    """The units whose `stage` file is whole (see `unit_is_whole`); a damaged one is named in a
+    """The units whose `stage` file is whole (see `whole_footer`); a damaged one is named in a
     warning and left out, so the run redoes it. Reads footers only, several at a time."""
+    return set(whole_unit_metas(storage, run_id, stage))
+
+
+def whole_unit_metas(storage: Storage, run_id: str, stage: str) -> dict[int, dict[str, Any]]:
+    """{unit: what its file's footer says (`unit_meta`)} for the units whose `stage` file is whole,
+    from one read of each footer, several at a time."""
     files = {number: key for key in storage.list(layout.stage_dir(run_id, stage))
              if (number := layout.unit_number(key)) is not None}
     if not files:
-        return set()
+        return {}
     expected = plan_unit_rows(storage, run_id)
     with ThreadPoolExecutor(min(FOOTER_THREADS, len(files))) as pool:
-        whole = pool.map(lambda number: unit_is_whole(storage, files[number], expected.get(number)), files)
-        return {number for number, ok in zip(files, whole) if ok}
+        footers = pool.map(lambda number: whole_footer(storage, files[number], expected.get(number)), files)
+        return {number: footer_meta(footer) for number, footer in zip(files, footers) if footer is not None}
 
 
 def unit_is_whole(storage: Storage, key: str, planned_rows: int | None) -> bool:
-    """Whether the unit file at `key` is finished: there, its footer reads back, and it holds the
-    plan's rows for its unit. A torn, corrupt or short file is named in a warning."""
+    return whole_footer(storage, key, planned_rows) is not None
+
+
+def whole_footer(storage: Storage, key: str, planned_rows: int | None) -> pq.FileMetaData | None:
+    """The footer of the unit file at `key` if the file is finished: there, its footer reads back,
+    and it holds the plan's rows for its unit; else None, and a torn, corrupt or short file is named
+    in a warning."""
     try:
-        rows = storage.parquet_footer(key).num_rows
+        footer = storage.parquet_footer(key)
     except DamagedFile as err:
         log.warning("%s: the unit is redone", err)
-        return False
-    if rows != planned_rows:
+        return None
+    if footer.num_rows != planned_rows:
         log.warning("unit file %s holds %d rows where the plan has %s: the unit is redone",
-                     storage.url(key), rows, planned_rows)
-        return False
-    return True
+                     storage.url(key), footer.num_rows, planned_rows)
+        return None
+    return footer
 
 
 def write_unit(storage: Storage, run_id: str, stage: str, unit: int, rows: pd.DataFrame, meta: dict[str, Any]) -> None:
@@ -123,6 +134,12 @@ def read_unit(storage: Storage, run_id: str, stage: str, unit: int, columns: lis
 def unit_meta(storage: Storage, run_id: str, stage: str, unit: int) -> dict[str, Any]:
     """What a unit file says about itself: stage, counters, the settings that shaped it."""
     raw = storage.parquet_metadata(layout.unit_file(run_id, stage, unit)).get(UNIT_META)
+    return json.loads(raw) if raw else {}
+
+
+def footer_meta(footer: pq.FileMetaData) -> dict[str, Any]:
+    """`unit_meta` from a footer already read (the key-value metadata holds the schema's)."""
+    raw = (footer.metadata or {}).get(UNIT_META)
     return json.loads(raw) if raw else {}
 
 
