@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-import ray.data
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub.utils import disable_progress_bars as disable_hub_progress_bars
 from transformers.utils import logging as transformers_logging
@@ -47,7 +46,7 @@ from factory.framework.config import (
     untrained_promptnet,
 )
 from factory.framework.context import RunContext
-from factory.framework.executor import Step, run_steps
+from factory.framework.executor import Step, run_steps, show_progress_bars
 from factory.framework.models_cache import ModelUnavailable, describe_s3, is_s3
 from filters.rules import RULES
 
@@ -179,6 +178,14 @@ def timed(label: str, entry: Callable[[RunContext], dict[str, Any]], ctx: RunCon
     return result
 
 
+def needs_ray(stage: str, config: FactoryConfig) -> bool:
+    if stage == "publish":
+        return config.publish.executor != "local"
+    if stage == "references":
+        return config.references.drawn_on_actors() and any(s.kind == "generated" for s in config.references.sources)
+    return stage in NEEDS_RAY
+
+
 def init_ray(config: FactoryConfig) -> None:
     if ray.is_initialized():
         return
@@ -187,7 +194,7 @@ def init_ray(config: FactoryConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, runtime_env={"env_vars": dict(QUIET_ENV)}, **config.ray.local_cluster())
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    show_progress_bars(sys.stderr.isatty())
 
 
 def print_outcome(stage: str, result: dict[str, Any]) -> None:
@@ -264,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.stage in NEEDS_RAY and not (args.stage == "publish" and config.publish.executor == "local"):
+    if needs_ray(args.stage, config):
         init_ray(config)
     try:
         if args.stage in ("sid", "eval") and args.config is None:

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import ray
 import torch
 import yaml
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
@@ -41,6 +40,7 @@ from factory.dataset.manifest import latest_version
 from factory.framework import layout
 from factory.framework.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec, StorageConfig, validate_config
 from factory.framework.context import RunContext
+from factory.framework.executor import MapStep, cluster_gpus, run_map
 from factory.framework.images import decode_image
 from factory.framework.keys import safe_id
 from factory.framework.models_cache import loader_paths, local_model, model_ref
@@ -242,7 +242,7 @@ class EvalWorker:
 
 def eval_gpus(settings: EvalConfig) -> float:
     """One GPU per eval actor when asked for and the cluster has GPUs; else CPU actors."""
-    return 1.0 if settings.use_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    return 1.0 if settings.use_gpu and cluster_gpus() >= 1 else 0.0
 
 
 def evaluate(
@@ -254,11 +254,10 @@ def evaluate(
     """Draw and score on an actor pool of `EvalWorker`s; returns the report (metrics are means over all images)."""
     started = time.perf_counter()
     rows = eval_rows(config, inputs)
-    scored = ray.data.from_pandas(rows).map_batches(
-        EvalWorker, fn_constructor_args=(config.snapshot(), generator, assistant), batch_size=1,
-        batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=min(config.eval.concurrency, len(rows))),
-        num_gpus=eval_gpus(config.eval), **({"memory": config.eval.memory} if config.eval.memory else {}),
-    ).to_pandas()
+    options = {"num_gpus": eval_gpus(config.eval), **({"memory": config.eval.memory} if config.eval.memory else {})}
+    worker = MapStep(EvalWorker, (config.snapshot(), generator, assistant), 1,
+                     actors=min(config.eval.concurrency, len(rows)), options=options)
+    scored = pd.concat(run_map(rows, [worker], blocks=len(rows)), ignore_index=True)
     if len(scored) != len(rows):
         raise RuntimeError(f"eval scored {len(scored)} of {len(rows)} (pair, prompt) rows")
     return report_from_scored(scored, config.eval, time.perf_counter() - started)

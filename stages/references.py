@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import tarfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -38,13 +38,12 @@ from factory.dataset.reference_sources import (
     webdataset_candidates,
 )
 from factory.framework import layout
+from factory.framework.executor import MapStep, run_map
 from factory.framework.images import ImageRejected, decode_image, encode_jpeg, fit_within
 from factory.framework.storage import S3Storage, StorageError
 from models.sd_drawer import StableDiffusionDrawer
 
 if TYPE_CHECKING:
-    from ray.util import ActorPool
-
     from factory.framework.config import FactoryConfig, ReferencesConfig
     from factory.framework.context import RunContext
 
@@ -55,11 +54,11 @@ def run(ctx: RunContext) -> dict:
     """Ingest every configured source into the reference set; return the counts."""
     cfg = ctx.config.references
     ctx.storage.delete(layout.reference_complete(cfg.set))  # the set is incomplete until this run finishes
+    rejections: list[dict] = []
     with ExitStack() as stack:
-        candidates = list_candidates(ctx, stack)
-        drawing = any(c.source == "generated" and not c.reject for c in candidates)
-        drawer = Drawer(ctx.config) if drawing else None
-        rejections: list[dict] = []
+        candidates = usable_candidates(list_candidates(ctx, stack), rejections)
+        generated = [c for c in candidates if c.source == "generated"]
+        drawer = Drawer(ctx.config, generated) if generated else None
         parts = write_parts(ctx.storage, cfg.set, ingest(candidates, cfg, drawer, rejections), cfg.part_size)
     write_rejections(ctx.storage, cfg.set, rejections)
     summary = {
@@ -90,22 +89,28 @@ def list_candidates(ctx: RunContext, stack: ExitStack) -> list[Candidate]:
     return sorted(found, key=lambda c: (c.reference_id, c.origin))
 
 
-def ingest(candidates: list[Candidate], cfg: ReferencesConfig, drawer: Drawer | None,
-           rejections: list[dict]) -> Iterator[dict]:
-    """Yield accepted rows in id order, a part's worth at a time; append every rejection to `rejections`."""
+def usable_candidates(candidates: list[Candidate], rejections: list[dict]) -> list[Candidate]:
+    """The candidates to read or draw, in id order; the others (repeated ids, refused when listed)
+    appended to `rejections`."""
     seen: set[str] = set()
-    pending: list[Candidate] = []
+    usable: list[Candidate] = []
     for candidate in candidates:
         if candidate.reference_id in seen:
             rejections.append(rejection(candidate, "duplicate_reference"))
         elif candidate.reject:
             rejections.append(rejection(candidate, candidate.reject))
         else:
-            pending.append(candidate)
+            usable.append(candidate)
         seen.add(candidate.reference_id)
+    return usable
+
+
+def ingest(candidates: list[Candidate], cfg: ReferencesConfig, drawer: Drawer | None,
+           rejections: list[dict]) -> Iterator[dict]:
+    """Yield accepted rows in id order, a part's worth at a time; append every rejection to `rejections`."""
     with ThreadPoolExecutor(max_workers=cfg.io_threads) as pool:
-        for start in range(0, len(pending), cfg.part_size):
-            chunk = pending[start : start + cfg.part_size]
+        for start in range(0, len(candidates), cfg.part_size):
+            chunk = candidates[start : start + cfg.part_size]
             drawn = drawer.draw([c for c in chunk if c.source == "generated"]) if drawer else {}
             for candidate, result in zip(chunk, pool.map(partial(load_one, drawn=drawn, cfg=cfg), chunk)):
                 if isinstance(result, Rejected):
@@ -171,52 +176,41 @@ def rejection(candidate: Candidate, reason: str) -> dict:
 
 
 class Drawer:
-    """Draws the generated references with `models.sd_drawer` in batches of `batch_size`: on the
-    driver, or, with num_gpus > 0, concurrency > 1 or resources, on a pool of Ray actors that
-    lives through the whole ingest. A failed batch is counted, never a stop; a model that cannot
-    be loaded stops the stage before any image is read."""
+    """Draws the generated references with `models.sd_drawer`, `batch_size` at a time, in one
+    stream over the whole ingest: in this process, or, with num_gpus > 0, concurrency > 1 or
+    resources, on an actor pool run by the executor. `draw` takes the next candidates of the
+    stream, in the order it was given. A failed batch is counted, never a stop; a model that
+    cannot be loaded stops the stage before any image is read."""
 
-    def __init__(self, config: FactoryConfig):
+    def __init__(self, config: FactoryConfig, candidates: list[Candidate]):
         cfg = config.references
-        self.batch_size = cfg.batch_size
-        self.pool = None
+        prompts = pd.DataFrame({"reference_id": [c.reference_id for c in candidates],
+                                "prompt": [c.prompt for c in candidates], "seed": [c.seed for c in candidates]})
+        step = MapStep.on_pool(StableDiffusionDrawer, (cfg, config.storage), cfg, batch_size=cfg.batch_size)
+        self.drawn: deque[tuple[str, bytes | None, str | None]] = deque()
         try:
-            if cfg.num_gpus > 0 or cfg.concurrency > 1 or cfg.resources:
-                self.pool = ray_pool(config)
-            else:
-                self.local = StableDiffusionDrawer(cfg, config.storage)
+            self.stream = run_map(prompts, [step], ordered=True, on_ray=cfg.drawn_on_actors())
+            self.pull()  # the model loads now, before any image is read
         except Exception as err:
             raise ReferencesError(
                 f"cannot load the Stable Diffusion pipeline references.sd_model={cfg.sd_model!r}: "
                 f"{type(err).__name__}: {err}"
             ) from None
 
+    def pull(self) -> bool:
+        frame = next(self.stream, None)
+        if frame is None:
+            return False
+        self.drawn.extend(zip(frame["reference_id"], frame["image"], frame["error"]))
+        return True
+
     def draw(self, candidates: list[Candidate]) -> dict[str, bytes | Rejected]:
-        batches = [
-            pd.DataFrame({"reference_id": [c.reference_id for c in batch], "prompt": [c.prompt for c in batch],
-                          "seed": [c.seed for c in batch]})
-            for batch in (candidates[i : i + self.batch_size] for i in range(0, len(candidates), self.batch_size))
-        ]
-        if self.pool is not None:
-            results = self.pool.map(lambda actor, batch: actor.draw_batch.remote(batch), batches)
-        else:
-            results = map(self.local, batches)
+        while len(self.drawn) < len(candidates) and self.pull():
+            pass
         drawn: dict[str, bytes | Rejected] = {}
-        for frame in results:
-            for ident, image, error in zip(frame["reference_id"], frame["image"], frame["error"]):
-                drawn[ident] = image if image is not None else Rejected(error)
+        for candidate in candidates:
+            ident, image, error = self.drawn.popleft()
+            if ident != candidate.reference_id:
+                raise RuntimeError(f"the drawer returned {ident!r} where {candidate.reference_id!r} was next")
+            drawn[ident] = image if image is not None else Rejected(error)
         return drawn
-
-
-def ray_pool(config: FactoryConfig) -> ActorPool:
-    import ray  # ray: only for a pool of drawer actors (a driver-side drawer runs without it)
-    from ray.util import ActorPool
-
-    cfg = config.references
-    if not ray.is_initialized():
-        local = config.ray.local_cluster() if config.ray.address is None else {}
-        ray.init(address=config.ray.address, ignore_reinit_error=True, **local)
-    remote = ray.remote(**cfg.ray_options())(StableDiffusionDrawer)
-    actors = [remote.remote(cfg, config.storage) for _ in range(cfg.concurrency)]
-    ray.get([actor.ready.remote() for actor in actors])  # surface a bad model path now
-    return ActorPool(actors)

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import ray
 import torch
 
 from factory.dataset.checkpoints import latest_assistant_checkpoint, latest_generator_checkpoint
@@ -42,7 +41,7 @@ from factory.dataset.publisher import publish_run
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, validate_config
 from factory.framework.context import RunContext
-from factory.framework.executor import run_steps
+from factory.framework.executor import MapStep, run_map, run_steps
 from factory.framework.image_parts import store_images
 from factory.framework.keys import portable_ref, sample_key
 from factory.framework.models_cache import loader_paths
@@ -278,11 +277,8 @@ def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> l
     refs = ctx.config.references
     frame = pd.DataFrame({"order": np.arange(len(jobs)), "prompt": jobs["instruction"].to_numpy(),
                           "seed": jobs["seed"].to_numpy(dtype=np.int64)})
-    drawn = ray.data.from_pandas(frame).map_batches(
-        StableDiffusionDrawer, fn_constructor_args=(refs, ctx.config.storage), batch_size=batch_size,
-        batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=refs.concurrency),
-        **refs.ray_options(),
-    ).select_columns(["order", "image", "error"]).to_pandas().sort_values("order")
+    drawer = MapStep.on_pool(StableDiffusionDrawer, (refs, ctx.config.storage), refs, batch_size=batch_size)
+    drawn = pd.concat(run_map(frame, [drawer]), ignore_index=True).sort_values("order")
     for error, count in drawn["error"].value_counts().items():
         log.warning("SID w: %d drawings not stored (%s)", count, error)
     return drawn["image"].tolist()

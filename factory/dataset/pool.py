@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import ray
 
 from factory.dataset.manifest import read_checked_shard
 from factory.framework import layout
+from factory.framework.executor import MapStep, run_map
 from factory.framework.image_parts import IDS_SCHEMA, fetch_images, write_image_part
 from factory.framework.images import ImageRejected, decode_image
 from factory.framework.storage import Storage, open_storage
@@ -262,16 +262,11 @@ def build_pool_from_shards(storage: Storage, storage_config: StorageConfig, name
 
     if not shard_keys:
         raise ValueError(f"pool {name}: no shards to build it from")
-    shards = ray.data.from_items([{"shard": key, "sha256": sha256, "part": n}
-                                  for n, (key, sha256) in enumerate(shard_keys.items())],
-                                 override_num_blocks=len(shard_keys))
-    rows = shards.map_batches(shard_to_part, fn_kwargs={"storage_config": storage_config, "name": name},
-                              batch_size=1, batch_format="pandas", **task_options)
-    embedded = rows.map_batches(
-        PoolEmbedder, fn_constructor_args=(make_scorer, batch_size), batch_size=batch_size, batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=actors.concurrency), **actors.ray_options(),
-    )
-    frames = list(embedded.iter_batches(batch_format="pandas", batch_size=None))
+    shards = pd.DataFrame({"shard": list(shard_keys), "sha256": list(shard_keys.values()),
+                           "part": range(len(shard_keys))})
+    steps = [MapStep(shard_to_part, (storage_config, name), options=task_options),
+             MapStep.on_pool(PoolEmbedder, (make_scorer, batch_size), actors, batch_size=batch_size)]
+    frames = list(run_map(shards, steps, blocks=len(shard_keys)))
     summary = finish_pool(storage, name, pd.concat(frames, ignore_index=True), exact_limit)
     log.info("pool %s: %s from %d shards", name, summary, len(shard_keys))
     return summary

@@ -32,8 +32,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
-from ray.data.context import ShuffleStrategy
 
 from factory.dataset.manifest import (
     VersionError,
@@ -52,7 +50,7 @@ from factory.dataset.shards import Sample, cut_points, encode_shard, estimated_b
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, StorageConfig
 from factory.framework.context import RunContext
-from factory.framework.executor import changed_settings
+from factory.framework.executor import GroupStep, MapStep, changed_settings, cluster_cpus, run_map
 from factory.framework.models_cache import model_fingerprint
 from factory.framework.storage import Storage, open_storage
 from factory.framework.units import ImageJoin, finished_units, plan_units, read_unit, whole_unit_metas
@@ -267,9 +265,10 @@ def publish_passes(storage: Storage, storage_config: StorageConfig, spec: Versio
 
 
 class RayPasses:
-    """The shard pass as a Ray Data job (Ray's shuffle groups samples by shard). The size pass
-    reads small metadata when the source says so (a run's dialogue rows): threads in the driver
-    then, which costs less than scheduling a task per unit; else (parent shards) Ray tasks."""
+    """The passes as executor jobs on Ray: the size pass reads small metadata when the source says
+    so (a run's dialogue rows): threads in the driver then, which costs less than scheduling a
+    task per unit; else (parent shards) Ray tasks. The shard pass maps parts to samples tagged
+    with their shard, and groups them by shard (one task writes one shard)."""
 
     def __init__(self, task_memory: int = 0):
         self.options = {"memory": task_memory} if task_memory else {}
@@ -279,37 +278,22 @@ class RayPasses:
             return iter(())
         if getattr(source, "sizes_are_metadata", False):
             return LocalPasses().sizes(source, parts)
-        items = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=blocks_for(parts))
-        mapped = items.map_batches(part_sizes, fn_args=(source,), batch_size=None, batch_format="pandas",
-                                   **self.options)
-        return mapped.iter_batches(batch_format="pandas", batch_size=65536)
+        return run_map(pd.DataFrame({"part": parts}), [MapStep(part_sizes, (source,), None, options=self.options)],
+                       blocks=blocks_for(parts))
 
     def shards(self, source: SampleSource, parts: list[str], boundaries: list[str], losers: set[tuple[str, str]],
                shard_args: tuple, scratch: Path) -> Iterator[pd.DataFrame]:
         if not parts:
-            return
-        # Pull-based sort shuffle: map tasks leave each shard's samples in the object store
-        # (spilled to disk when it fills) and one reduce task per shard pulls only its own, so
-        # no process holds more than a shard. Ray's default hash shuffle keeps every partition
-        # of an aggregator in its memory: it grew with the run (4.3 GB at 100k candidates here).
-        context = ray.data.DataContext.get_current()
-        saved, context.shuffle_strategy = context.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-        try:
-            items = ray.data.from_items([{"part": part} for part in parts], override_num_blocks=blocks_for(parts))
-            tagged = items.map_batches(part_samples, fn_args=(source, boundaries, losers), batch_size=None,
-                                       batch_format="pandas", **self.options)
-            written = tagged.groupby("shard", num_partitions=len(boundaries)).map_groups(
-                write_shard, fn_args=shard_args, batch_format="pandas", **self.options)
-            yield from written.iter_batches(batch_format="pandas", batch_size=4096)
-        finally:
-            context.shuffle_strategy = saved
+            return iter(())
+        tag = MapStep(part_samples, (source, boundaries, losers), None, options=self.options)
+        write = GroupStep("shard", len(boundaries), write_shard, shard_args, self.options)
+        return run_map(pd.DataFrame({"part": parts}), [tag], group=write, blocks=blocks_for(parts))
 
 
 def blocks_for(parts: list[str], per_cpu: int = 4, most_parts_per_block: int = 64) -> int:
     """Enough blocks to keep every CPU busy a few times over, few enough that per-task
     overhead stays small, and never more than `most_parts_per_block` parts (units) per task."""
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    wanted = max(per_cpu * cpus, -(-len(parts) // most_parts_per_block))
+    wanted = max(per_cpu * cluster_cpus(), -(-len(parts) // most_parts_per_block))
     return max(1, min(len(parts), wanted))
 
 

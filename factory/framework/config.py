@@ -162,6 +162,10 @@ class ReferencesConfig(ActorPool):
             raise ValueError("'sd_size' must be a multiple of 8 (the VAE's downsampling)")
         return self
 
+    def drawn_on_actors(self) -> bool:
+        """Whether generated references are drawn by a Ray actor pool (else on the driver)."""
+        return self.num_gpus > 0 or self.concurrency > 1 or bool(self.resources)
+
 
 class PlanConfig(Section):
     instructions: str | None = Field(None, description="instruction bank YAML; default: the shipped bank")

@@ -1,4 +1,13 @@
-"""Work units on Ray Data: each model stage is an actor pool, units stream between them.
+"""The one executor of distributed work: every Ray Data job of the factory is built here.
+
+`run_map` runs `MapStep`s (a function as Ray tasks, or a class on an actor pool: its constructor
+is the step's setup, where models load once per actor) and an optional `GroupStep` (rows
+grouped by a column, one group per task) over a table of rows, on Ray Data or, for tests and
+small runs, inline in this process with the same callables. Reference drawing, pool embedding,
+SID's `w` drawing, eval scoring and publish's passes are written as such steps.
+
+The unit pipeline (`run_steps`) is its main user: each model stage is an actor pool, units
+stream between them.
 
 A unit's output is one Parquet file per stage (`runs/<run>/<stage>/unit-<n>.parquet`),
 written atomically when the unit is done. A unit whose file is whole (its footer reads and
@@ -14,10 +23,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from factory.framework import layout
 from factory.framework.config import ActorPool, ConfigError, FactoryConfig, validate_config
@@ -49,6 +60,136 @@ class Step:
 
     def pool(self, config: FactoryConfig) -> ActorPool:
         return getattr(config, self.name)
+
+    def request(self, config: FactoryConfig) -> tuple[int, dict[str, Any]]:
+        """What its actor pool asks of the cluster."""
+        pool = self.pool(config)
+        return pool.concurrency, pool.ray_options()
+
+
+@dataclass(frozen=True)
+class MapStep:
+    """A map over batches of rows: `fn(batch, *args)` as Ray tasks, or, when `fn` is a class,
+    `fn(*args)` built once per actor of a pool of `actors` (its setup) and called on each batch."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    batch_size: int | None = 1  # rows per call; None: a whole block
+    actors: int = 0  # the pool's size, for a class
+    options: dict[str, Any] = field(default_factory=dict)  # what each task or actor asks Ray for
+
+    @classmethod
+    def on_pool(cls, fn: type, args: tuple[Any, ...], pool: ActorPool, batch_size: int | None = 1,
+                actors: int | None = None) -> MapStep:
+        return cls(fn, args, batch_size, actors or pool.concurrency, pool.ray_options())
+
+
+@dataclass(frozen=True)
+class GroupStep:
+    """Rows grouped by `by` into at most `groups` groups, `fn(group, *args)` once per group. On Ray
+    the pull-based sort shuffle moves them: each reducer pulls only its own group, so no process
+    holds more than one (Ray's default hash shuffle keeps every partition of an aggregator in its
+    memory, which grew with the run)."""
+
+    by: str
+    groups: int
+    fn: Callable[..., pd.DataFrame]
+    args: tuple[Any, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def run_map(rows: pd.DataFrame, steps: Sequence[MapStep], *, group: GroupStep | None = None,
+            blocks: int | None = None, ordered: bool = False, on_ray: bool = True) -> Iterator[pd.DataFrame]:
+    """The steps' output, a frame at a time: on Ray Data over `blocks` input blocks (default: one
+    per first batch, at most 1024), in input order when `ordered`; or inline, lazily, in this process."""
+    if rows.empty:
+        return iter(())
+    if not on_ray:
+        return map_inline(rows, steps, group)
+    return map_on_ray(rows, steps, group, blocks or default_blocks(rows, steps), ordered)
+
+
+def map_on_ray(rows: pd.DataFrame, steps: Sequence[MapStep], group: GroupStep | None, blocks: int,
+               ordered: bool) -> Iterator[pd.DataFrame]:
+    import ray  # ray: only here (the inline executor runs without it)
+    from ray.data.context import ShuffleStrategy
+
+    context = ray.data.DataContext.get_current()
+    saved = context.shuffle_strategy, context.execution_options.preserve_order
+    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    context.execution_options.preserve_order = ordered
+    try:
+        dataset = ray.data.from_items(rows.to_dict("records"), override_num_blocks=min(blocks, len(rows)))
+        for step in steps:
+            dataset = dataset.map_batches(step.fn, batch_size=step.batch_size, batch_format="pandas",
+                                          **ray_step_arguments(ray, step))
+        if group is not None:
+            dataset = dataset.groupby(group.by, num_partitions=max(1, group.groups)).map_groups(
+                group.fn, fn_args=group.args, batch_format="pandas", **group.options)
+        yield from dataset.iter_batches(batch_format="pandas", batch_size=None)
+    finally:
+        context.shuffle_strategy, context.execution_options.preserve_order = saved
+
+
+def ray_step_arguments(ray: Any, step: MapStep) -> dict[str, Any]:
+    if not isinstance(step.fn, type):
+        return {"fn_args": step.args, **step.options}
+    # Ray Data restarts dead actors and retries their batches (max_restarts=-1 by default)
+    return {"fn_constructor_args": step.args, "compute": ray.data.ActorPoolStrategy(size=max(1, step.actors)),
+            **step.options}
+
+
+def default_blocks(rows: pd.DataFrame, steps: Sequence[MapStep]) -> int:
+    size = steps[0].batch_size if steps else None
+    return max(1, min(1024, -(-len(rows) // size) if size else 1))
+
+
+def map_inline(rows: pd.DataFrame, steps: Sequence[MapStep], group: GroupStep | None) -> Iterator[pd.DataFrame]:
+    frames: Iterator[pd.DataFrame] = iter([rows.reset_index(drop=True)])
+    for step in steps:
+        frames = mapped_inline(step, frames)
+    if group is None:
+        return frames
+    whole = pd.concat(list(frames), ignore_index=True)
+    return (group.fn(part.reset_index(drop=True), *group.args) for _, part in whole.groupby(group.by, sort=True))
+
+
+def mapped_inline(step: MapStep, frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """`step` over `frames`, lazily; a class step is set up now (a model that cannot load fails here)."""
+    if isinstance(step.fn, type):
+        worker = step.fn(*step.args)
+        return (worker(batch) for batch in batches_of(frames, step.batch_size))
+    return (step.fn(batch, *step.args) for batch in batches_of(frames, step.batch_size))
+
+
+def batches_of(frames: Iterator[pd.DataFrame], size: int | None) -> Iterator[pd.DataFrame]:
+    for frame in frames:
+        if size is None:
+            yield frame
+            continue
+        for start in range(0, len(frame), size):
+            yield frame.iloc[start : start + size].reset_index(drop=True)
+
+
+def show_progress_bars(enabled: bool) -> None:
+    """Ray Data's own progress bars, for the jobs this process starts."""
+    import ray.data  # ray: only when connected to a cluster
+
+    ray.data.DataContext.get_current().enable_progress_bars = enabled
+
+
+def cluster_cpus() -> int:
+    """The CPUs of the Ray cluster this process is connected to."""
+    import ray  # ray: only when connected to a cluster
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def cluster_gpus() -> float:
+    """The GPUs of the Ray cluster this process is connected to."""
+    import ray  # ray: only when connected to a cluster
+
+    return float(ray.cluster_resources().get("GPU", 0))
 
 
 class RunChanged(ConfigError):
@@ -129,13 +270,10 @@ class UnitWorker:
             self.planned_rows = plan_unit_rows(self.storage, self.run_id)
         return unit_is_whole(self.storage, key, self.planned_rows.get(unit))
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         done = [self.run_unit(int(unit)) for unit in batch["unit"]]
-        return {
-            **batch,
-            f"seconds_{self.step.name}": np.asarray([seconds for seconds, _ in done], dtype=float),
-            f"rows_{self.step.name}": np.asarray([rows for _, rows in done], dtype=np.int64),
-        }
+        return batch.assign(**{f"seconds_{self.step.name}": np.asarray([seconds for seconds, _ in done], dtype=float),
+                               f"rows_{self.step.name}": np.asarray([rows for _, rows in done], dtype=np.int64)})
 
 
 class UnitChain:
@@ -145,7 +283,7 @@ class UnitChain:
     def __init__(self, steps: list[Step], config_snapshot: dict[str, Any]):
         self.workers = [UnitWorker(step, config_snapshot) for step in steps]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         for worker in self.workers:
             batch = worker(batch)
         return batch
@@ -155,22 +293,15 @@ def pool_groups(steps: list[Step], config: FactoryConfig) -> list[list[Step]]:
     """Split `steps` into runs of neighbours with identical actor-pool resources."""
     groups: list[list[Step]] = []
     for step in steps:
-        if groups and resources(groups[-1][-1], config) == resources(step, config):
+        if groups and groups[-1][-1].request(config) == step.request(config):
             groups[-1].append(step)
         else:
             groups.append([step])
     return groups
 
 
-def resources(step: Step, config: FactoryConfig) -> tuple[int, dict[str, Any]]:
-    pool = step.pool(config)
-    return pool.concurrency, pool.ray_options()
-
-
 def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     """Stream every unfinished unit through `steps` on Ray Data; return counts and timing."""
-    import ray  # ray: only here (the inline loop runs without it)
-
     check_made_with(ctx, steps)
     units = plan_units(ctx.storage, ctx.config.run_id)
     pending = unfinished(ctx, steps, units)
@@ -178,18 +309,11 @@ def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     if not pending:
         return summary
     snapshot = ctx.config.snapshot()
-    dataset = ray.data.from_items([{"unit": unit} for unit in pending], override_num_blocks=len(pending))
-    for group in pool_groups(steps, ctx.config):
-        concurrency, ray_options = resources(group[0], ctx.config)
-        dataset = dataset.map_batches(
-            UnitChain,
-            fn_constructor_args=(group, snapshot),
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
-            **ray_options,
-        )  # Ray Data restarts dead actors and retries their units (max_restarts=-1 by default)
+    chains = [MapStep.on_pool(UnitChain, (group, snapshot), group[0].pool(ctx.config))
+              for group in pool_groups(steps, ctx.config)]
     started = time.perf_counter()
-    results = dataset.take_all()
+    results = pd.concat(list(run_map(pd.DataFrame({"unit": pending}), chains, blocks=len(pending))),
+                        ignore_index=True)
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     for step in steps:
         summary[step.name] = stage_summary(step, ctx.config, results, summary["wall_seconds"])
@@ -205,10 +329,10 @@ def unfinished(ctx: RunContext, steps: list[Step], units: list[int]) -> list[int
     return sorted(pending)
 
 
-def stage_summary(step: Step, config: FactoryConfig, results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+def stage_summary(step: Step, config: FactoryConfig, results: pd.DataFrame, wall: float) -> dict[str, Any]:
     """Counts, rate and accelerator time of one step, for the per-stage summary line."""
-    rows = int(sum(row[f"rows_{step.name}"] for row in results))
-    actor_seconds = float(sum(row[f"seconds_{step.name}"] for row in results))
+    rows = int(results[f"rows_{step.name}"].sum())
+    actor_seconds = float(results[f"seconds_{step.name}"].sum())
     return {
         "candidates": rows,
         "per_second": round(rows / wall, 3) if wall else None,
