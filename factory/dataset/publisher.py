@@ -50,13 +50,15 @@ from factory.dataset.shards import Sample, cut_points, encode_shard, estimated_b
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, StorageConfig
 from factory.framework.context import RunContext
-from factory.framework.executor import GroupStep, MapStep, changed_settings, cluster_cpus, run_map
+from factory.framework.executor import GroupStep, MapStep, changed_settings, cluster_cpus, even_batches, run_map
 from factory.framework.models_cache import model_fingerprint
 from factory.framework.storage import Storage, open_storage
 from factory.framework.units import ImageJoin, finished_units, plan_units, read_unit, whole_unit_metas
 from filters.rules import RULES, SCORE_COLUMNS
 
 log = logging.getLogger(__name__)
+
+INDEX_ROWS_PER_GROUP = 4096  # the index's Parquet row groups, whatever the executor's batches
 
 MODEL_STAGES = ("generate", "filter", "dialogue")
 ROW_COLUMNS = ("key", "unit", "reference_set", "reference_part", "reference_id", "subject", "domain", "instruction",
@@ -252,7 +254,8 @@ def publish_passes(storage: Storage, storage_config: StorageConfig, spec: Versio
         shards: dict[int, dict[str, Any]] = {}
         with pq.ParquetWriter(index_path, index_schema()) as index_writer:
             shard_args = (storage_config, spec.dataset, spec.version)
-            for batch in run.shards(source, wanted, boundaries, losers, shard_args, Path(scratch)):
+            written = run.shards(source, wanted, boundaries, losers, shard_args, Path(scratch))
+            for batch in even_batches(written, INDEX_ROWS_PER_GROUP):
                 for row in batch.drop_duplicates("shard_number").to_dict("records"):
                     shards[int(row["shard_number"])] = {
                         "path": row["shard"], "samples": int(row["shard_samples"]),

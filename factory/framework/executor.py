@@ -171,6 +171,22 @@ def batches_of(frames: Iterator[pd.DataFrame], size: int | None) -> Iterator[pd.
             yield frame.iloc[start : start + size].reset_index(drop=True)
 
 
+def even_batches(frames: Iterator[pd.DataFrame], size: int) -> Iterator[pd.DataFrame]:
+    """The rows of `frames`, in order, `size` at a time (the last may be shorter): so what is written
+    from them does not depend on how the executor cut its output."""
+    pending: list[pd.DataFrame] = []
+    held = 0
+    for frame in frames:
+        pending.append(frame)
+        held += len(frame)
+        while held >= size:
+            whole = pd.concat(pending, ignore_index=True)
+            yield whole.iloc[:size].reset_index(drop=True)
+            pending, held = [whole.iloc[size:]], held - size
+    if held:
+        yield pd.concat(pending, ignore_index=True)
+
+
 def show_progress_bars(enabled: bool) -> None:
     """Ray Data's own progress bars, for the jobs this process starts."""
     import ray.data  # ray: only when connected to a cluster
