@@ -269,12 +269,13 @@ def survivor_samples(ctx) -> list:
 
 
 def train_on_survivors(ctx, cpu: bool) -> dict[str, Any]:
-    from factory.dataset.manifest import VersionSpec, publish_version
+    from factory.dataset.manifest import VersionSpec
+    from factory.dataset.publisher import publish_samples
     from models.training.job import make_job
     from models.training.runner import train_in_process
 
     samples = survivor_samples(ctx)
-    publish_version(ctx.storage, VersionSpec(ctx.config.dataset, "device-check", "bootstrap"), samples,
+    publish_samples(ctx.storage, VersionSpec(ctx.config.dataset, "device-check", "bootstrap"), samples,
                     shard_max_samples=8)
     device = "cpu" if cpu else "cuda"
     trained = {"samples": len(samples)}

@@ -5,7 +5,7 @@
 One moto `ThreadedMotoServer` on 127.0.0.1, in its own process (so no side shares its GIL
 with the server), receives, in one run:
 
-- factory: `factory.dataset.manifest.publish_version` to an `s3://` root (tar encoding, sha256,
+- factory: `factory.dataset.publisher.publish_samples` to an `s3://` root (tar encoding, sha256,
   shard uploads, index.parquet, manifest), timed around the call;
 - boto3: `client.upload_file` (default transfer settings: multipart above 8 MiB, 10 threads)
   of the very same shard bytes (checked by sha256), written to local files beforehand, timed
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 
 from bench.synthetic import photo_like_jpeg  # noqa: E402
-from factory.dataset.shards import Sample, cut_shards, encode_shard  # noqa: E402
+from factory.dataset.shards import Sample, cut_points, encode_shard, estimated_bytes  # noqa: E402
 
 BUCKET = "bench-publish"
 FAKE_KEYS = {
@@ -122,7 +122,8 @@ def s3_client(endpoint: str):
 
 
 def run_factory(endpoint: str, samples: list[Sample], shard_bytes: int, version: str) -> dict:
-    from factory.dataset.manifest import VersionSpec, publish_version
+    from factory.dataset.manifest import VersionSpec
+    from factory.dataset.publisher import publish_samples
     from factory.framework.config import StorageConfig
     from factory.framework.storage import S3Storage
 
@@ -130,16 +131,23 @@ def run_factory(endpoint: str, samples: list[Sample], shard_bytes: int, version:
     storage = S3Storage(root, StorageConfig(root=root, endpoint_url=endpoint))
     spec = VersionSpec(dataset="bench", version=version, kind="bootstrap", thresholds={"clip_t": 0.3, "dino": 0.6})
     started = time.perf_counter()
-    manifest = publish_version(storage, spec, samples, shard_max_bytes=shard_bytes)
+    manifest = publish_samples(storage, spec, samples, shard_max_bytes=shard_bytes)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "bytes": sum(s["bytes"] for s in manifest["shards"]),
             "shards": manifest["shards"], "files": len(manifest["shards"])}
 
 
+def shard_groups(samples: list[Sample], shard_bytes: int) -> list[list[Sample]]:
+    """The samples of each of the factory's shards: key order, cut by `cut_points`."""
+    ordered = sorted(samples, key=lambda sample: sample.key)
+    starts = cut_points([estimated_bytes(sample.payload_bytes()) for sample in ordered], shard_bytes, 10_000)
+    return [ordered[start:end] for start, end in zip(starts, [*starts[1:], len(ordered)])]
+
+
 def encode_seconds(samples: list[Sample], shard_bytes: int) -> float:
     """The factory's tar encoding + sha256 alone (no upload), for the breakdown."""
     started = time.perf_counter()
-    for group in cut_shards(samples, shard_bytes, 10_000):
+    for group in shard_groups(samples, shard_bytes):
         hashlib.sha256(encode_shard(group)).hexdigest()
     return time.perf_counter() - started
 
@@ -147,7 +155,7 @@ def encode_seconds(samples: list[Sample], shard_bytes: int) -> float:
 def shard_files(samples: list[Sample], shard_bytes: int, expected: list[dict], folder: Path) -> list[Path]:
     """The factory's shards, byte for byte (checked by sha256), as local files."""
     paths = []
-    for number, group in enumerate(cut_shards(samples, shard_bytes, 10_000)):
+    for number, group in enumerate(shard_groups(samples, shard_bytes)):
         data = encode_shard(group)
         if hashlib.sha256(data).hexdigest() != expected[number]["sha256"]:
             raise RuntimeError("boto3 side: shard bytes differ from the factory's")
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         factory, boto3 = median_run(factories), median_run(uploads)
         encode = encode_seconds(samples, shard_bytes)
         lines += [
-            f"factory publish_version: {factory['bytes'] / 2**20:7.1f} MiB in {factory['files']} shards, "
+            f"factory publish_samples: {factory['bytes'] / 2**20:7.1f} MiB in {factory['files']} shards, "
             f"median {factory['seconds']:.2f} s, {mb_per_s(factory):6.1f} MB/s "
             f"(runs: {', '.join(f'{mb_per_s(r):.1f}' for r in factories)}; tar encoding + sha256 alone {encode:.2f} s)",
             f"boto3 upload_file:       {boto3['bytes'] / 2**20:7.1f} MiB in {boto3['files']} files, "

@@ -206,7 +206,7 @@ def write_references(storage, count: int) -> None:
 
 def run_size(size: int, unit_size: int, endpoint: str, moto_pid: int, scratch: Path) -> dict:
     from factory.dataset.manifest import VersionSpec
-    from factory.dataset.publisher import RunSamples, write_version
+    from factory.dataset.publisher import RayPasses, RunSamples, write_version
     from factory.framework.config import StorageConfig
     from factory.framework.context import RunContext
     from factory.framework.executor import Step, run_steps
@@ -235,8 +235,8 @@ def run_size(size: int, unit_size: int, endpoint: str, moto_pid: int, scratch: P
     source = RunSamples(ctx.config.storage, ctx.config.run_id, "scale", spec.version)
     with PeakRss({moto_pid}) as publish_rss:
         started = time.perf_counter()
-        manifest = write_version(S3Storage(s3_root, s3_config), s3_config, spec, source,
-                                 ctx.config.publish.shard_max_bytes, ctx.config.publish.shard_max_samples, "ray")
+        manifest = write_version(S3Storage(s3_root, s3_config), spec, source, ctx.config.publish.shard_max_bytes,
+                                 ctx.config.publish.shard_max_samples, RayPasses(s3_config))
         publish_wall = time.perf_counter() - started
     boto3_seconds = bare_upload(endpoint, s3_root, manifest, scratch / f"shards{size}")
     return {

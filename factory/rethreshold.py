@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from factory.dataset.manifest import VersionError, VersionSpec, load_manifest, read_index
-from factory.dataset.publisher import VersionSamples, write_version
+from factory.dataset.publisher import VersionSamples, passes_for, write_version
 from factory.framework.config import FactoryConfig, config_sha256
 from factory.framework.storage import Storage
 from filters.rules import RULES, SCORE_COLUMNS, apply_thresholds
@@ -76,5 +76,5 @@ def rethreshold_version(storage: Storage, config: FactoryConfig, parent: str, ch
                 "rejections": {f"rethreshold:{reason}": int(n) for reason, n in reasons.items()}},
     )
     source = VersionSamples(config.storage, manifest, keep, child)
-    return write_version(storage, config.storage, spec, source, config.publish.shard_max_bytes,
-                         config.publish.shard_max_samples, config.publish.executor, config.publish.task_memory)
+    return write_version(storage, spec, source, config.publish.shard_max_bytes, config.publish.shard_max_samples,
+                         passes_for(config))

@@ -1,4 +1,6 @@
-"""Dataset versions: publish (shards, index, manifest last), load, list, union, verify.
+"""Dataset versions: the publish lock and commit (index, card, manifest last), load, list, union, verify.
+
+Shards are written by `factory.dataset.publisher.write_version`, the one shard writer.
 
 A version exists iff its `manifest.json` does. The manifest is written create-only, so a
 published version is never overwritten and of two concurrent publishers exactly one wins.
@@ -25,7 +27,7 @@ import pyarrow.parquet as pq
 import factory
 from factory.dataset.card import FILES as CARD_FILES
 from factory.dataset.card import card_files
-from factory.dataset.shards import Sample, ShardInfo, read_shard_bytes, write_shards
+from factory.dataset.shards import Sample, read_shard_bytes
 from factory.framework import layout
 from factory.framework.storage import AlreadyExists, Storage, StorageError
 from filters.rules import SCORE_COLUMNS
@@ -223,10 +225,6 @@ def index_schema() -> pa.Schema:
     )
 
 
-def index_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=index_schema())
-
-
 def read_index(storage: Storage, dataset: str, version: str, columns: list[str] | None = None) -> pa.Table:
     return storage.read_parquet(layout.index(dataset, version), columns=columns)
 
@@ -374,34 +372,6 @@ def manifest_bytes(manifest: dict[str, Any]) -> bytes:
     except ValueError as err:
         raise VersionError(f"manifest of {manifest['dataset']}/{manifest['version']} holds a NaN or an "
                            f"infinity ({err}); nothing was written") from None
-
-
-def publish_version(
-    storage: Storage,
-    spec: VersionSpec,
-    samples: list[Sample],
-    shard_max_bytes: int = 256 * 2**20,
-    shard_max_samples: int = 10_000,
-) -> dict[str, Any]:
-    """Write a version from samples in this process: shards in key order (first of a key wins),
-    index, manifest. For a few samples (tests, tools); a run is published by
-    `factory.dataset.publisher.write_version`, which gives the same shards from Ray workers."""
-    with publishing(storage, spec):
-        unique: dict[str, Sample] = {}
-        for sample in samples:
-            unique.setdefault(sample.key, sample)
-        ordered = [unique[key] for key in sorted(unique)]
-        folder = version_dir(spec.dataset, spec.version)
-        infos = write_shards(storage, folder, spec.version, ordered, shard_max_bytes, shard_max_samples)
-        by_key = {s.key: s for s in ordered}
-        index = [index_row(by_key[key], info.path) for info in infos for key in info.keys]
-        if "written" in spec.funnel:
-            spec.funnel["written"] = len(index)
-        return commit_version(storage, spec, [_shard_entry(info) for info in infos], index_table(index))
-
-
-def _shard_entry(info: ShardInfo) -> dict[str, Any]:
-    return {"path": info.path, "samples": info.samples, "bytes": info.bytes, "sha256": info.sha256}
 
 
 def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:

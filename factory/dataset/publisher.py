@@ -1,17 +1,17 @@
-"""Publishing as a distributed Ray job: accepted samples -> shards, index, manifest.
+"""The one shard writer: accepted samples -> shards, index, manifest, as a Ray job or in this process.
 
 Three passes, none of which holds more than one part or one shard of image bytes:
 
-1. **sizes**: a Ray Data job reads each part (a run's work unit, or a parent version's shard)
-   and returns the key and estimated tar size of every accepted sample in it;
+1. **sizes**: a Ray Data job reads each part (a run's work unit, a parent version's shard, or
+   samples in memory) and returns the key and estimated tar size of every accepted sample in it;
 2. **cut** (driver, keys and sizes only): keys sorted, the first part of a repeated key wins,
    shards cut in key order under both limits (`factory.dataset.shards.cut_points`);
 3. **write**: a Ray Data job reads each part's accepted samples with their bytes, tags each with
    its shard, groups by shard (Ray's shuffle), and each group is encoded and uploaded by a worker.
 
 The index (rows grouped by shard) is streamed to a local Parquet file and uploaded; the manifest is written last,
-create-only, under the publish lock (`factory.dataset.manifest`). The same accepted samples give the
-same shards, byte for byte, as the in-process `factory.dataset.manifest.publish_version`.
+create-only, under the publish lock (`factory.dataset.manifest`). `LocalPasses` run the same passes in
+this process (small runs, tests, `publish_samples`), and give the same shards, byte for byte, as `RayPasses`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import json
 import logging
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -138,16 +139,42 @@ class VersionSamples:
                 for shard in self.manifest["shards"]]
 
     def sizes(self, part: str) -> pd.DataFrame:
-        samples = self.samples(part)
-        return pd.DataFrame({"key": [sample.key for sample in samples],
-                             "bytes": estimated_bytes(np.asarray([sample.payload_bytes() for sample in samples],
-                                                                 dtype=np.int64))})
+        return sample_sizes(self.samples(part))
 
     def samples(self, part: str) -> list[Sample]:
         storage = open_storage(self.storage_config)
         sha256 = shard_checksums(self.manifest).get(part)
         return [replace(sample, meta={**sample.meta, "version": self.version})
                 for sample in read_checked_shard(storage, part, sha256) if sample.key in self.keep]
+
+
+class SampleList:
+    """Samples in memory (tests, tools). Part n holds the n-th repeat of each key, so the
+    first sample of a repeated key wins by the passes' own rule (the first part wins)."""
+
+    def __init__(self, samples: list[Sample]):
+        self.groups: list[list[Sample]] = []
+        seen: Counter[str] = Counter()
+        for sample in samples:
+            if seen[sample.key] == len(self.groups):
+                self.groups.append([])
+            self.groups[seen[sample.key]].append(sample)
+            seen[sample.key] += 1
+
+    def parts(self) -> list[str]:
+        return [str(number) for number in range(len(self.groups))]
+
+    def sizes(self, part: str) -> pd.DataFrame:
+        return sample_sizes(self.samples(part))
+
+    def samples(self, part: str) -> list[Sample]:
+        return self.groups[int(part)]
+
+
+def sample_sizes(samples: list[Sample]) -> pd.DataFrame:
+    """`key` and `bytes` (estimated tar size) of samples whose bytes are in hand."""
+    payload = np.asarray([sample.payload_bytes() for sample in samples], dtype=np.int64)
+    return pd.DataFrame({"key": [sample.key for sample in samples], "bytes": estimated_bytes(payload)})
 
 
 def sample_from_row(row: dict[str, Any], dataset: str, version: str) -> Sample:
@@ -201,7 +228,7 @@ def part_samples(batch: pd.DataFrame, source: SampleSource, boundaries: list[str
     return pd.DataFrame(rows, columns=["shard", "key", "input_image", "target_image", "user", "assistant", "meta"])
 
 
-def write_shard(group: pd.DataFrame, storage_config: StorageConfig, dataset: str, version: str) -> pd.DataFrame:
+def write_shard(group: pd.DataFrame, storage: Storage, dataset: str, version: str) -> pd.DataFrame:
     """Encode one shard's samples in key order and upload it; return its index rows."""
     group = group.sort_values("key", kind="stable")
     samples = [Sample(row["key"], row["input_image"], row["target_image"], row["user"], row["assistant"],
@@ -209,10 +236,16 @@ def write_shard(group: pd.DataFrame, storage_config: StorageConfig, dataset: str
     number = int(group["shard"].iloc[0])
     data = encode_shard(samples)
     relative = layout.shard_relative(version, number)
-    open_storage(storage_config).write_bytes(layout.shard(dataset, version, relative), data)
+    storage.write_bytes(layout.shard(dataset, version, relative), data)
     index = pd.DataFrame([index_row(sample, relative) for sample in samples])
     return index.assign(shard_number=number, shard_samples=len(samples), shard_bytes=len(data),
                         shard_sha256=hashlib.sha256(data).hexdigest())
+
+
+def write_shard_on_worker(group: pd.DataFrame, storage_config: StorageConfig, dataset: str,
+                          version: str) -> pd.DataFrame:
+    """`write_shard` in a Ray worker, which opens its own storage (a storage client does not pickle)."""
+    return write_shard(group, open_storage(storage_config), dataset, version)
 
 
 def first_of_each_key(keys: pa.Table) -> tuple[pa.Table, set[tuple[str, str]]]:
@@ -226,18 +259,31 @@ def first_of_each_key(keys: pa.Table) -> tuple[pa.Table, set[tuple[str, str]]]:
     return ordered.filter(pa.array(~repeat)), lost
 
 
-def write_version(storage: Storage, storage_config: StorageConfig, spec: VersionSpec, source: SampleSource,
-                  max_bytes: int, max_samples: int, executor: str = "ray", task_memory: int = 0) -> dict[str, Any]:
-    """Shards, index and manifest of `spec` from `source`: on Ray workers (`executor="ray"`, each
-    task reserving `task_memory` bytes), or in this process (`"local"`: one part or one shard in
-    memory, the rest spilled to disk)."""
-    run = RayPasses(task_memory) if executor == "ray" else LocalPasses()
+def write_version(storage: Storage, spec: VersionSpec, source: SampleSource, max_bytes: int, max_samples: int,
+                  passes: RayPasses | LocalPasses) -> dict[str, Any]:
+    """Shards, index and manifest of `spec` from `source`, under the publish lock: on Ray workers
+    (`RayPasses`), or in this process (`LocalPasses`: one part or one shard in memory, the rest
+    spilled to disk)."""
     with publishing(storage, spec):
-        return publish_passes(storage, storage_config, spec, source, max_bytes, max_samples, run)
+        return publish_passes(storage, spec, source, max_bytes, max_samples, passes)
 
 
-def publish_passes(storage: Storage, storage_config: StorageConfig, spec: VersionSpec, source: SampleSource,
-                   max_bytes: int, max_samples: int, run: RayPasses | LocalPasses) -> dict[str, Any]:
+def publish_samples(storage: Storage, spec: VersionSpec, samples: list[Sample], shard_max_bytes: int = 256 * 2**20,
+                    shard_max_samples: int = 10_000) -> dict[str, Any]:
+    """A version from samples in memory (tests, tools), by `write_version`'s passes in this process:
+    shards in key order, the first sample of a repeated key kept."""
+    return write_version(storage, spec, SampleList(samples), shard_max_bytes, shard_max_samples, LocalPasses())
+
+
+def passes_for(config: FactoryConfig) -> RayPasses | LocalPasses:
+    """The passes `publish.executor` names."""
+    if config.publish.executor == "ray":
+        return RayPasses(config.storage, config.publish.task_memory)
+    return LocalPasses()
+
+
+def publish_passes(storage: Storage, spec: VersionSpec, source: SampleSource, max_bytes: int, max_samples: int,
+                   run: RayPasses | LocalPasses) -> dict[str, Any]:
     """The size pass, the shard pass, the index and the manifest (the caller holds the lock)."""
     started = time.perf_counter()
     parts = source.parts()
@@ -253,8 +299,7 @@ def publish_passes(storage: Storage, storage_config: StorageConfig, spec: Versio
         index_path = Path(scratch) / "index.parquet"
         shards: dict[int, dict[str, Any]] = {}
         with pq.ParquetWriter(index_path, index_schema()) as index_writer:
-            shard_args = (storage_config, spec.dataset, spec.version)
-            written = run.shards(source, wanted, boundaries, losers, shard_args, Path(scratch))
+            written = run.shards(source, wanted, boundaries, losers, storage, spec)
             for batch in even_batches(written, INDEX_ROWS_PER_GROUP):
                 for row in batch.drop_duplicates("shard_number").to_dict("records"):
                     shards[int(row["shard_number"])] = {
@@ -271,9 +316,11 @@ class RayPasses:
     """The passes as executor jobs on Ray: the size pass reads small metadata when the source says
     so (a run's dialogue rows): threads in the driver then, which costs less than scheduling a
     task per unit; else (parent shards) Ray tasks. The shard pass maps parts to samples tagged
-    with their shard, and groups them by shard (one task writes one shard)."""
+    with their shard and groups them by shard (one task writes one shard). Workers open storage
+    from `storage_config`; each task reserves `task_memory` bytes."""
 
-    def __init__(self, task_memory: int = 0):
+    def __init__(self, storage_config: StorageConfig, task_memory: int = 0):
+        self.storage_config = storage_config
         self.options = {"memory": task_memory} if task_memory else {}
 
     def sizes(self, source: SampleSource, parts: list[str]) -> Iterator[pd.DataFrame]:
@@ -282,21 +329,22 @@ class RayPasses:
         if getattr(source, "sizes_are_metadata", False):
             return LocalPasses().sizes(source, parts)
         return run_map(pd.DataFrame({"part": parts}), [MapStep(part_sizes, (source,), None, options=self.options)],
-                       blocks=blocks_for(parts))
+                       blocks=blocks_for(parts, cluster_cpus()))
 
     def shards(self, source: SampleSource, parts: list[str], boundaries: list[str], losers: set[tuple[str, str]],
-               shard_args: tuple, scratch: Path) -> Iterator[pd.DataFrame]:
+               storage: Storage, spec: VersionSpec) -> Iterator[pd.DataFrame]:
         if not parts:
             return iter(())
         tag = MapStep(part_samples, (source, boundaries, losers), None, options=self.options)
-        write = GroupStep("shard", len(boundaries), write_shard, shard_args, self.options)
-        return run_map(pd.DataFrame({"part": parts}), [tag], group=write, blocks=blocks_for(parts))
+        write = GroupStep("shard", len(boundaries), write_shard_on_worker,
+                          (self.storage_config, spec.dataset, spec.version), self.options)
+        return run_map(pd.DataFrame({"part": parts}), [tag], group=write, blocks=blocks_for(parts, cluster_cpus()))
 
 
-def blocks_for(parts: list[str], per_cpu: int = 4, most_parts_per_block: int = 64) -> int:
+def blocks_for(parts: list[str], cpus: int, per_cpu: int = 4, most_parts_per_block: int = 64) -> int:
     """Enough blocks to keep every CPU busy a few times over, few enough that per-task
     overhead stays small, and never more than `most_parts_per_block` parts (units) per task."""
-    wanted = max(per_cpu * cluster_cpus(), -(-len(parts) // most_parts_per_block))
+    wanted = max(per_cpu * cpus, -(-len(parts) // most_parts_per_block))
     return max(1, min(len(parts), wanted))
 
 
@@ -309,17 +357,19 @@ class LocalPasses:
             yield from pool.map(lambda part: part_sizes(pd.DataFrame({"part": [part]}), source), parts)
 
     def shards(self, source: SampleSource, parts: list[str], boundaries: list[str], losers: set[tuple[str, str]],
-               shard_args: tuple, scratch: Path) -> Iterator[pd.DataFrame]:
-        spill = scratch / "spill"
-        for number, part in enumerate(parts):
-            rows = part_samples(pd.DataFrame({"part": [part]}), source, boundaries, losers)
-            for shard, group in rows.groupby("shard"):
-                folder = spill / f"{int(shard):06d}"
-                folder.mkdir(parents=True, exist_ok=True)
-                pq.write_table(pa.Table.from_pandas(group, preserve_index=False), folder / f"{number:06d}.parquet")
-        for folder in sorted(spill.iterdir()) if spill.exists() else ():
-            group = pa.concat_tables([pq.read_table(path) for path in sorted(folder.iterdir())]).to_pandas()
-            yield write_shard(group, *shard_args)
+               storage: Storage, spec: VersionSpec) -> Iterator[pd.DataFrame]:
+        with tempfile.TemporaryDirectory() as scratch:
+            spill = Path(scratch)
+            for number, part in enumerate(parts):
+                rows = part_samples(pd.DataFrame({"part": [part]}), source, boundaries, losers)
+                for shard, group in rows.groupby("shard"):
+                    folder = spill / f"{int(shard):06d}"
+                    folder.mkdir(exist_ok=True)
+                    pq.write_table(pa.Table.from_pandas(group, preserve_index=False),
+                                   folder / f"{number:06d}.parquet")
+            for folder in sorted(spill.iterdir()):
+                group = pa.concat_tables([pq.read_table(path) for path in sorted(folder.iterdir())]).to_pandas()
+                yield write_shard(group, storage, spec.dataset, spec.version)
 
 
 def accepted_keys(batches: Iterator[pd.DataFrame], parts: list[str]) -> pa.Table:
@@ -370,8 +420,8 @@ def publish_run(ctx: RunContext, kind: str = "bootstrap", parents: list[str] | N
         extra={"run_id": config.run_id, "dialogue_prompt": metas["dialogue"][0].get("describe", {}).get(
             "dialogue_prompt", {}), **({"partial": partial} if partial else {}), **(extra or {})},
     )
-    manifest = write_version(storage, config.storage, spec, source, config.publish.shard_max_bytes,
-                             config.publish.shard_max_samples, config.publish.executor, config.publish.task_memory)
+    manifest = write_version(storage, spec, source, config.publish.shard_max_bytes, config.publish.shard_max_samples,
+                             passes_for(config))
     manifest["funnel"]["written"] = manifest["samples"]
     return manifest
 

@@ -1,4 +1,6 @@
-"""WebDataset shards: five members per sample, cut by size or count, read back as a stream.
+"""WebDataset shards: five members per sample, where they are cut, read back as a stream.
+
+Written only by `factory.dataset.publisher.write_version`; keys come from `factory.framework.layout`.
 
 A shard's bytes depend only on its samples (fixed mtime and owner, members in a fixed
 order), so the same accepted samples always give the same sha256.
@@ -6,11 +8,10 @@ order), so the same accepted samples always give the same sha256.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,15 +51,6 @@ class Sample:
         }
 
 
-@dataclass(frozen=True)
-class ShardInfo:
-    path: str  # relative to the version folder
-    samples: int
-    bytes: int
-    sha256: str
-    keys: tuple[str, ...]
-
-
 def encode_shard(samples: list[Sample]) -> bytes:
     buffer = io.BytesIO()
     with wds.TarWriter(buffer, encoder=False, mtime=TAR_MTIME) as writer:
@@ -89,34 +81,6 @@ def cut_points(sizes: Any, max_bytes: int, max_samples: int) -> list[int]:
         count += 1
         size += estimate
     return starts
-
-
-def cut_shards(samples: Iterable[Sample], max_bytes: int, max_samples: int) -> Iterator[list[Sample]]:
-    """Group samples (already in key order) into shards under both limits."""
-    ordered = list(samples)
-    starts = cut_points((estimated_bytes(sample.payload_bytes()) for sample in ordered), max_bytes, max_samples)
-    for first, end in zip(starts, [*starts[1:], len(ordered)]):
-        yield ordered[first:end]
-
-
-def write_shards(
-    storage: Storage,
-    version_dir: str,
-    version: str,
-    samples: Iterable[Sample],
-    max_bytes: int,
-    max_samples: int,
-) -> list[ShardInfo]:
-    """Write shards `shards/<version>-000000.tar`, ... under `version_dir`; return their info."""
-    infos = []
-    for number, group in enumerate(cut_shards(samples, max_bytes, max_samples)):
-        data = encode_shard(group)
-        relative = f"shards/{version}-{number:06d}.tar"
-        storage.write_bytes(f"{version_dir}/{relative}", data)
-        infos.append(
-            ShardInfo(relative, len(group), len(data), hashlib.sha256(data).hexdigest(), tuple(s.key for s in group))
-        )
-    return infos
 
 
 def read_shard_bytes(data: bytes) -> Iterator[Sample]:

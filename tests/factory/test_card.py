@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from factory.dataset.card import FILES
-from factory.dataset.manifest import VersionSpec, publish_version, union_versions
+from factory.dataset.manifest import VersionSpec, union_versions
+from factory.dataset.publisher import publish_samples
 from factory.framework.config import StorageConfig
 from factory.framework.storage import open_storage
 from tests.factory.conftest import make_samples
@@ -35,7 +36,7 @@ def front_matter(storage, version) -> dict:
 
 
 def test_the_card_is_written_before_the_manifest_and_says_what_the_manifest_says(local):
-    manifest = publish_version(local, spec("v1"), make_samples(11), shard_max_samples=4)
+    manifest = publish_samples(local, spec("v1"), make_samples(11), shard_max_samples=4)
     assert manifest["card"] == list(FILES)
     meta = front_matter(local, "v1")
     assert meta["license"] == "cc-by-nc-4.0" and meta["size_categories"] == ["n<1K"]
@@ -48,7 +49,7 @@ def test_the_card_is_written_before_the_manifest_and_says_what_the_manifest_says
 
 
 def test_croissant_validates_and_reads_every_sample_from_the_shards(local, tmp_path):
-    manifest = publish_version(local, spec("v1"), make_samples(7), shard_max_samples=3)
+    manifest = publish_samples(local, spec("v1"), make_samples(7), shard_max_samples=3)
     path = tmp_path / "datasets/d/v1/croissant.json"
     assert mlcroissant.Metadata.from_file(mlcroissant.Context(), str(path)).issues.report() == ""
     records = list(mlcroissant.Dataset(jsonld=str(path)).records("user.txt"))
@@ -61,8 +62,8 @@ def test_load_dataset_reads_a_version_and_a_union_by_folder_alone(local, tmp_pat
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    publish_version(local, spec("v1"), make_samples(5), shard_max_samples=2)
-    publish_version(local, spec("v2"), make_samples(4, start=5), shard_max_samples=2)
+    publish_samples(local, spec("v1"), make_samples(5), shard_max_samples=2)
+    publish_samples(local, spec("v2"), make_samples(4, start=5), shard_max_samples=2)
     union_versions(local, spec("u", kind="union", parents=["v1", "v2"]))
 
     alone = datasets.load_dataset(str(tmp_path / "datasets/d/v1"), split="train")

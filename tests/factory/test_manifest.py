@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -8,11 +9,13 @@ from factory.dataset.manifest import (
     VersionSpec,
     list_versions,
     load_manifest,
-    publish_version,
+    shard_key,
     union_versions,
     verify_version,
     version_exists,
 )
+from factory.dataset.publisher import publish_samples
+from factory.dataset.shards import read_shard
 from tests.factory.conftest import make_samples
 
 
@@ -22,7 +25,7 @@ def spec(version, kind="bootstrap", parents=(), sha="cfg-a"):
 
 
 def test_publish_writes_shards_index_and_manifest_last(storage, samples):
-    manifest = publish_version(storage, spec("v1"), list(reversed(samples)) + samples[:2], shard_max_samples=4)
+    manifest = publish_samples(storage, spec("v1"), list(reversed(samples)) + samples[:2], shard_max_samples=4)
     assert manifest["schema"] == SCHEMA and manifest["samples"] == len(samples)
     assert manifest["thresholds"] == {"clip_t": 0.3, "dino": 0.6}
     assert [shard["samples"] for shard in manifest["shards"]] == [4, 4, 3]
@@ -36,26 +39,39 @@ def test_publish_writes_shards_index_and_manifest_last(storage, samples):
 
 
 def test_same_input_gives_identical_shards(storage, samples):
-    first = publish_version(storage, spec("a"), samples, shard_max_samples=5)
-    second = publish_version(storage, spec("b"), list(reversed(samples)), shard_max_samples=5)
+    first = publish_samples(storage, spec("a"), samples, shard_max_samples=5)
+    second = publish_samples(storage, spec("b"), list(reversed(samples)), shard_max_samples=5)
     assert len(first["shards"]) == 3
     assert [(s["sha256"], s["bytes"]) for s in first["shards"]] == [(s["sha256"], s["bytes"]) for s in second["shards"]]
 
 
+def published_users(storage, manifest) -> dict[str, str]:
+    return {sample.key: sample.user for shard in manifest["shards"]
+            for sample in read_shard(storage, shard_key(manifest, shard["path"]))}
+
+
+def test_the_first_sample_of_a_repeated_key_is_kept(storage, samples):
+    copy = replace(samples[3], user="a later copy")
+    first = published_users(storage, publish_samples(storage, spec("v1"), [*samples, copy], shard_max_samples=4))
+    second = published_users(storage, publish_samples(storage, spec("v2"), [copy, *samples], shard_max_samples=4))
+    assert len(first) == len(second) == len(samples)
+    assert first[copy.key] == samples[3].user and second[copy.key] == "a later copy"
+
+
 def test_never_overwrites_and_other_publisher_is_refused(storage, samples):
-    publish_version(storage, spec("v1"), samples)
+    publish_samples(storage, spec("v1"), samples)
     with pytest.raises(VersionError, match="already exists"):
-        publish_version(storage, spec("v1"), samples[:3])
+        publish_samples(storage, spec("v1"), samples[:3])
     lock = {"config_sha256": "other", "kind": "bootstrap"}
     storage.write_bytes("datasets/d/v2/_publishing.json", json.dumps(lock).encode())
     with pytest.raises(VersionError, match="being published by another run"):
-        publish_version(storage, spec("v2"), samples)
+        publish_samples(storage, spec("v2"), samples)
     assert not version_exists(storage, "d", "v2")
 
 
 def test_union_copies_nothing_and_verifies(storage):
-    publish_version(storage, spec("v1"), make_samples(5), shard_max_samples=2)
-    publish_version(storage, spec("r1", kind="sid", parents=["v1"]), make_samples(4, start=100, round_=1))
+    publish_samples(storage, spec("v1"), make_samples(5), shard_max_samples=2)
+    publish_samples(storage, spec("r1", kind="sid", parents=["v1"]), make_samples(4, start=100, round_=1))
     before = set(storage.list("datasets"))
     union = union_versions(storage, spec("u1", kind="union", parents=["v1", "r1"]))
     added = set(storage.list("datasets")) - before
@@ -68,15 +84,15 @@ def test_union_copies_nothing_and_verifies(storage):
 
 
 def test_union_refuses_repeated_samples(storage):
-    publish_version(storage, spec("v1"), make_samples(3))
-    publish_version(storage, spec("v2"), make_samples(3))
+    publish_samples(storage, spec("v1"), make_samples(3))
+    publish_samples(storage, spec("v2"), make_samples(3))
     with pytest.raises(VersionError, match="share 3 sample keys"):
         union_versions(storage, spec("u", kind="union", parents=["v1", "v2"]))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "alter", "delete"])
 def test_verify_names_the_damaged_shard(storage, samples, damage):
-    publish_version(storage, spec("v1"), samples, shard_max_samples=4)
+    publish_samples(storage, spec("v1"), samples, shard_max_samples=4)
     target = "datasets/d/v1/shards/v1-000001.tar"
     data = storage.read_bytes(target)
     if damage == "truncate":
@@ -94,7 +110,7 @@ def test_verify_names_the_damaged_shard(storage, samples, damage):
 
 def test_verify_reports_missing_index_rows(storage, samples):
 
-    publish_version(storage, spec("v1"), samples)
+    publish_samples(storage, spec("v1"), samples)
     index = storage.read_parquet("datasets/d/v1/index.parquet")
     storage.write_parquet("datasets/d/v1/index.parquet", index.slice(0, 5))
     problems = verify_version(storage, "d", "v1")
@@ -112,5 +128,5 @@ def test_a_manifest_holding_nan_or_infinity_is_refused_before_index_and_manifest
     nan_spec = spec("v1")
     nan_spec.cost = {"generate": {"gpu_seconds": bad}}
     with pytest.raises(VersionError, match="NaN or an infinity"):
-        publish_version(storage, nan_spec, samples)
+        publish_samples(storage, nan_spec, samples)
     assert not storage.exists("datasets/d/v1/manifest.json") and not storage.exists("datasets/d/v1/index.parquet")

@@ -1,9 +1,9 @@
-"""Publishing a run as a Ray job: the same shards as the in-process writer, partial runs
-refused, runs made with other settings refused, rethreshold through the same passes."""
+"""Publishing a run: the Ray passes and the local passes give the same shards as the same passes over
+the accepted samples in memory; partial runs refused, runs made with other settings refused,
+rethreshold through the same passes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -11,13 +11,13 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from factory.dataset.manifest import VersionError, load_manifest, verify_version
-from factory.dataset.publisher import PartialRun, publish_run, sample_from_row
-from factory.dataset.shards import cut_shards, encode_shard
+from factory.dataset.manifest import VersionError, VersionSpec, load_manifest, verify_version
+from factory.dataset.publisher import PartialRun, publish_run, publish_samples, sample_from_row
 from factory.framework import layout
-from factory.framework.config import load_config
+from factory.framework.config import StorageConfig, load_config
 from factory.framework.context import RunContext
 from factory.framework.stage import fingerprint
+from factory.framework.storage import open_storage
 from factory.framework.units import write_plan, write_unit
 from tests.factory.conftest import jpeg
 
@@ -75,21 +75,22 @@ def grow_run(ctx: RunContext) -> pd.DataFrame:
     return rows.assign(input_image=[references.loc[n % 5, "image"] for n in range(count)])
 
 
-def expected_shards(ctx: RunContext, rows: pd.DataFrame) -> list[str]:
-    """The shards the in-process writer (`publish_version`) makes of the same accepted samples."""
-    alive = rows[rows["reject_reason"].isna()]
-    samples = sorted((sample_from_row(row, ctx.config.dataset, "grown") for row in alive.to_dict("records")),
-                     key=lambda sample: sample.key)
-    return [hashlib.sha256(encode_shard(group)).hexdigest() for group in
-            cut_shards(samples, ctx.config.publish.shard_max_bytes, ctx.config.publish.shard_max_samples)]
+def expected_shards(ctx: RunContext, rows: pd.DataFrame, folder) -> list[str]:
+    """The sha256s `publish_samples` (the local passes over samples in memory, shuffled) gives the
+    run's accepted samples in a storage of their own under `folder`."""
+    alive = rows[rows["reject_reason"].isna()].sample(frac=1.0, random_state=3)
+    samples = [sample_from_row(row, ctx.config.dataset, "grown") for row in alive.to_dict("records")]
+    manifest = publish_samples(open_storage(StorageConfig(root=str(folder))), VersionSpec("demo", "grown", "bootstrap"),
+                               samples, ctx.config.publish.shard_max_bytes, ctx.config.publish.shard_max_samples)
+    return [shard["sha256"] for shard in manifest["shards"]]
 
 
-def test_local_publish_of_a_grown_run_matches_the_in_process_writer(storage_config):
+def test_local_publish_of_a_grown_run_matches_the_samples_in_memory(storage_config, tmp_path):
     ctx = context(storage_config, "publish.executor=local")
     rows = grow_run(ctx)
     manifest = publish_run(ctx)
     assert len(manifest["shards"]) > 3, "the run must span several shards for the test to mean anything"
-    assert [shard["sha256"] for shard in manifest["shards"]] == expected_shards(ctx, rows)
+    assert [shard["sha256"] for shard in manifest["shards"]] == expected_shards(ctx, rows, tmp_path / "memory")
     assert manifest["samples"] == int(rows["reject_reason"].isna().sum()) == manifest["funnel"]["written"]
     assert manifest["funnel"]["planned"] == UNITS * PER_UNIT
     rejected = int(rows["reject_reason"].notna().sum())
@@ -99,20 +100,17 @@ def test_local_publish_of_a_grown_run_matches_the_in_process_writer(storage_conf
 
 
 @pytest.mark.slow
-def test_ray_publish_on_s3_gives_the_same_shards_as_the_in_process_writer(s3_bucket, ray_local):
-    from factory.framework.config import StorageConfig
-
+def test_ray_publish_on_s3_gives_the_same_shards_as_the_local_passes(s3_bucket, ray_local, tmp_path):
     endpoint, bucket = s3_bucket
     ctx = context(StorageConfig(root=f"s3://{bucket}/f", endpoint_url=endpoint), "publish.executor=ray")
     rows = grow_run(ctx)
     manifest = publish_run(ctx)
-    assert [shard["sha256"] for shard in manifest["shards"]] == expected_shards(ctx, rows)
+    assert len(manifest["shards"]) > 3
+    assert [shard["sha256"] for shard in manifest["shards"]] == expected_shards(ctx, rows, tmp_path / "memory")
     assert verify_version(ctx.storage, ctx.config.dataset, "grown") == []
 
 
 def test_a_partial_run_is_refused_unless_allowed_and_then_says_so(tmp_path):
-    from factory.framework.config import StorageConfig
-
     storage_config = StorageConfig(root=str(tmp_path / "root"))
     ctx = context(storage_config, "publish.executor=local")
     grow_run(ctx)
@@ -127,8 +125,6 @@ def test_a_partial_run_is_refused_unless_allowed_and_then_says_so(tmp_path):
 
 
 def test_a_run_made_with_other_thresholds_is_not_published_under_these(tmp_path):
-    from factory.framework.config import StorageConfig
-
     storage_config = StorageConfig(root=str(tmp_path / "root"))
     grow_run(context(storage_config, "publish.executor=local"))
     stricter = context(storage_config, "publish.executor=local", "filter.thresholds.dino=0.7")
@@ -138,7 +134,6 @@ def test_a_run_made_with_other_thresholds_is_not_published_under_these(tmp_path)
 
 
 def test_rethreshold_through_the_local_passes_keeps_a_stricter_subset(tmp_path):
-    from factory.framework.config import StorageConfig
     from factory.rethreshold import rethreshold_version
 
     storage_config = StorageConfig(root=str(tmp_path / "root"))

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from factory.dataset.manifest import VersionSpec, publish_version, union_versions
+from factory.dataset.manifest import VersionSpec, union_versions
+from factory.dataset.publisher import publish_samples
 from factory.framework import layout
 from factory.framework.config import StorageConfig
 from factory.framework.storage import LocalStorage, Storage, open_storage
@@ -91,7 +92,7 @@ def build_root(storage: Storage, units: int | None = None) -> Storage:
     """v0 (bootstrap), v1 (SID round 1 of v0, with its run's rows) and u1 = v0 + v1.
 
     `units` spreads the same run rows over that many unit files (default: two)."""
-    publish_version(storage, VersionSpec(dataset="demo", version="v0", kind="bootstrap", thresholds=THRESHOLDS,
+    publish_samples(storage, VersionSpec(dataset="demo", version="v0", kind="bootstrap", thresholds=THRESHOLDS,
                                          funnel={"planned": 5, "written": 5}), make_samples(5))
     accepted = sid_samples()
     rows = run_rows(accepted)
@@ -110,7 +111,7 @@ def build_root(storage: Storage, units: int | None = None) -> Storage:
         storage.write_parquet(layout.unit_file("run1", "dialogue", unit), kept)
     spec = VersionSpec(dataset="demo", version="v1", kind="sid", parents=["v0"], thresholds=THRESHOLDS,
                        funnel=funnel(rows, len(accepted)), cost=COST, extra={"run_id": "run1", "round": 1})
-    publish_version(storage, spec, accepted, shard_max_samples=3)
+    publish_samples(storage, spec, accepted, shard_max_samples=3)
     union_versions(storage, VersionSpec(dataset="demo", version="u1", kind="union", parents=["v0", "v1"]))
     return storage
 

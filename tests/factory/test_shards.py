@@ -3,15 +3,24 @@ import os
 
 import pytest
 
-from factory.dataset.shards import Sample, cut_shards, encode_shard, read_shard, write_shards
+from factory.dataset.manifest import VersionSpec
+from factory.dataset.publisher import publish_samples
+from factory.dataset.shards import Sample, cut_points, encode_shard, estimated_bytes, read_shard
+from factory.framework import layout
 from tests.factory.conftest import make_samples
 
 
+def shard_sizes(samples, max_bytes, max_samples) -> list[int]:
+    """How many of `samples` (in key order) each shard gets under the cut rule."""
+    starts = cut_points([estimated_bytes(sample.payload_bytes()) for sample in samples], max_bytes, max_samples)
+    return [end - start for start, end in zip(starts, [*starts[1:], len(samples)])]
+
+
 def test_shards_cut_by_count_and_bytes(samples):
-    by_count = list(cut_shards(samples, max_bytes=10**9, max_samples=4))
-    assert [len(group) for group in by_count] == [4, 4, 3]
-    by_bytes = list(cut_shards(samples, max_bytes=2 * 4096 + 3000, max_samples=100))
-    assert all(len(group) <= 2 for group in by_bytes) and sum(map(len, by_bytes)) == len(samples)
+    assert shard_sizes(samples, max_bytes=10**9, max_samples=4) == [4, 4, 3]
+    by_bytes = shard_sizes(samples, max_bytes=2 * 4096 + 3000, max_samples=100)
+    assert all(count <= 2 for count in by_bytes) and sum(by_bytes) == len(samples)
+    assert cut_points([10, 500, 10, 10], max_bytes=100, max_samples=10) == [0, 1, 2]  # too big: a shard alone
 
 
 def test_same_samples_give_byte_identical_shards(samples):
@@ -19,13 +28,14 @@ def test_same_samples_give_byte_identical_shards(samples):
 
 
 def test_write_and_stream_back_all_members(storage, samples):
-    infos = write_shards(storage, "datasets/d/v1", "v1", samples, max_bytes=10**9, max_samples=5)
-    assert [info.path for info in infos] == ["shards/v1-000000.tar", "shards/v1-000001.tar", "shards/v1-000002.tar"]
-    back = [s for info in infos for s in read_shard(storage, f"datasets/d/v1/{info.path}")]
-    assert back == samples
-    for info in infos:
-        data = storage.read_bytes(f"datasets/d/v1/{info.path}")
-        assert info.bytes == len(data) and info.sha256 == hashlib.sha256(data).hexdigest()
+    shards = publish_samples(storage, VersionSpec("d", "v1", "bootstrap"), samples, shard_max_samples=5)["shards"]
+    assert [shard["path"] for shard in shards] == [layout.shard_relative("v1", n) for n in range(3)]
+    assert shards[0]["path"] == "shards/v1-000000.tar"
+    back = [s for shard in shards for s in read_shard(storage, layout.shard("d", "v1", shard["path"]))]
+    assert back == sorted(samples, key=lambda sample: sample.key)  # published in key order
+    for shard in shards:
+        data = storage.read_bytes(layout.shard("d", "v1", shard["path"]))
+        assert shard["bytes"] == len(data) and shard["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def test_dotted_key_is_refused():
@@ -41,8 +51,9 @@ def test_shards_load_with_webdataset_and_hf_datasets(tmp_path, samples):
     from factory.framework.storage import open_storage
 
     storage = open_storage(StorageConfig(root=str(tmp_path)))
-    infos = write_shards(storage, "v", "v1", samples, max_bytes=10**9, max_samples=6)
-    urls = [str(tmp_path / "v" / info.path) for info in infos]
+    samples = sorted(samples, key=lambda sample: sample.key)  # as they are published
+    shards = publish_samples(storage, VersionSpec("d", "v1", "bootstrap"), samples, shard_max_samples=6)["shards"]
+    urls = [str(tmp_path / layout.shard("d", "v1", shard["path"])) for shard in shards]
     loaded = list(wds.WebDataset(urls, shardshuffle=False))
     assert [item["__key__"] for item in loaded] == [s.key for s in samples]
     first = loaded[0]
@@ -52,7 +63,7 @@ def test_shards_load_with_webdataset_and_hf_datasets(tmp_path, samples):
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     import datasets
 
-    hf = datasets.load_dataset("webdataset", data_files={"train": str(tmp_path / "v" / "shards" / "*.tar")},
+    hf = datasets.load_dataset("webdataset", data_files={"train": urls},
                                split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert len(hf) == len(samples)
     row = hf[0]

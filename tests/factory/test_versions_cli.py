@@ -2,14 +2,15 @@ import json
 
 import pytest
 
-from factory.dataset.manifest import VersionSpec, load_manifest, publish_version, verify_version
+from factory.dataset.manifest import VersionSpec, load_manifest, verify_version
+from factory.dataset.publisher import publish_samples
 from factory.versions import main
 from tests.factory.conftest import make_samples
 
 
 @pytest.fixture
 def root(storage_config, storage):
-    publish_version(storage, VersionSpec(dataset="demo", version="v1", kind="bootstrap",
+    publish_samples(storage, VersionSpec(dataset="demo", version="v1", kind="bootstrap",
                                          thresholds={"clip_t": 0.3, "dino": 0.6}, config={"filter": {}}),
                     make_samples(10), shard_max_samples=4)
     args = ["--set", f"storage.root={storage_config.root}"]

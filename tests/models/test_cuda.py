@@ -84,7 +84,8 @@ def jpeg_image(seed: int):
 
 
 def test_generator_training_under_autocast_on_cuda(tmp_path):
-    from factory.dataset.manifest import VersionSpec, publish_version
+    from factory.dataset.manifest import VersionSpec
+    from factory.dataset.publisher import publish_samples
     from factory.dataset.shards import Sample
     from factory.framework.storage import open_storage
     from factory.tiny.cafe import build_tiny_cafe_parts
@@ -97,6 +98,6 @@ def test_generator_training_under_autocast_on_cuda(tmp_path):
                   "checkpoint_every": 2, "use_gpu": True, "num_workers": 1}})
     storage = open_storage(config.storage)
     samples = [Sample(f"k{n}", jpeg(n), jpeg(50 + n), "draw it", "here it is", {"key": f"k{n}"}) for n in range(4)]
-    publish_version(storage, VersionSpec("cuda", "v1", "bootstrap"), samples)
+    publish_samples(storage, VersionSpec("cuda", "v1", "bootstrap"), samples)
     result = train_in_process(make_job(config, "v1", "generator"), storage, "cuda")
     assert result["step"] == 2 and np.isfinite(result["loss"])

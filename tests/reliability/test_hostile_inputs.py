@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 import factory.run
 import factory.versions
 import jobs.__main__
-from factory.dataset.manifest import VersionSpec, publish_version
+from factory.dataset.manifest import VersionSpec
+from factory.dataset.publisher import publish_samples
 from factory.framework.config import FactoryConfig, demo_config_path
 from factory.framework.names import BadName, check_name
 from factory.framework.storage import LocalStorage
@@ -72,7 +73,7 @@ def world(tmp_path_factory):
 def publish(storage, dataset: str, version: str, samples) -> None:
     spec = VersionSpec(dataset=dataset, version=version, kind="bootstrap", thresholds={"clip_t": 0.3, "dino": 0.6},
                        config={"filter": {"thresholds": {"clip_t": 0.3, "dino": 0.6}}})
-    publish_version(storage, spec, samples, shard_max_samples=4)
+    publish_samples(storage, spec, samples, shard_max_samples=4)
 
 
 def listing(folder: Path) -> dict[str, int]:

@@ -15,12 +15,12 @@ from PIL import Image
 
 from factory.dataset.manifest import (
     VersionSpec,
-    publish_version,
     release_stale_lock,
     verify_version,
     version_dir,
     version_exists,
 )
+from factory.dataset.publisher import publish_samples
 from factory.dataset.shards import Sample
 from factory.framework.config import StorageConfig
 from factory.framework.keys import sample_key
@@ -103,7 +103,7 @@ def facts(storage, manifest) -> dict:
 @pytest.fixture
 def reference(buckets, s3_server):
     storage = storage_for(buckets[0], s3_server)
-    return facts(storage, publish_version(storage, spec(), samples(), shard_max_samples=SHARD_SAMPLES))
+    return facts(storage, publish_samples(storage, spec(), samples(), shard_max_samples=SHARD_SAMPLES))
 
 
 def test_every_fault_kind_once_and_the_version_is_the_same(proxy, buckets, reference):
@@ -120,7 +120,7 @@ def test_every_fault_kind_once_and_the_version_is_the_same(proxy, buckets, refer
         Fault("slowdown", "GET", "-000000.tar"),  # verify's reads
         Fault("reset", "GET", "index.parquet"),
     )
-    manifest = publish_version(storage, spec(), samples(), shard_max_samples=SHARD_SAMPLES)
+    manifest = publish_samples(storage, spec(), samples(), shard_max_samples=SHARD_SAMPLES)
     assert settled_facts(storage, manifest, proxy) == reference
     assert len(proxy.injected()) == 10 and all(rule.times == 0 for rule in proxy.rules)
 
@@ -128,7 +128,7 @@ def test_every_fault_kind_once_and_the_version_is_the_same(proxy, buckets, refer
 def test_a_seeded_storm_of_faults_gives_the_same_version(proxy, buckets, reference):
     storage = storage_for(buckets[1], proxy.url, max_attempts=10)
     proxy.start_storm(seed=8, rate=0.3, kinds=("500", "503", "slowdown", "reset", "slow", "lost"), delay_s=SLOW_S)
-    manifest = publish_version(storage, spec(), samples(), shard_max_samples=SHARD_SAMPLES)
+    manifest = publish_samples(storage, spec(), samples(), shard_max_samples=SHARD_SAMPLES)
     assert settled_facts(storage, manifest, proxy) == reference
     assert len({kind for _, _, kind in proxy.injected()}) >= 4, proxy.injected()
 
@@ -136,7 +136,7 @@ def test_a_seeded_storm_of_faults_gives_the_same_version(proxy, buckets, referen
 def test_a_manifest_write_whose_answer_was_lost_still_publishes(proxy, buckets, reference):
     storage = storage_for(buckets[1], proxy.url)
     proxy.add(Fault("lost", "PUT", "manifest.json"))
-    manifest = publish_version(storage, spec(), samples(), shard_max_samples=SHARD_SAMPLES)
+    manifest = publish_samples(storage, spec(), samples(), shard_max_samples=SHARD_SAMPLES)
     assert facts(storage, manifest) == reference
 
 
@@ -145,7 +145,7 @@ def test_past_the_retry_budget_a_clear_error_then_a_clean_resume(kind, proxy, bu
     storage = storage_for(buckets[1], proxy.url, max_attempts=2)
     proxy.add(Fault(kind, "PUT", "-000001.tar", times=100, delay_s=SLOW_S))
     with pytest.raises(StorageError) as caught:
-        publish_version(storage, spec(), samples(), shard_max_samples=SHARD_SAMPLES)
+        publish_samples(storage, spec(), samples(), shard_max_samples=SHARD_SAMPLES)
     message = str(caught.value)
     assert message.startswith("S3 put failed for s3://") and "shards/v1-000001.tar" in message, message
     assert not any(secret in message for secret in S3_TEST_KEYS.values())
@@ -153,5 +153,5 @@ def test_past_the_retry_budget_a_clear_error_then_a_clean_resume(kind, proxy, bu
     assert not version_exists(storage, "demo", "v1")
 
     proxy.clear()
-    manifest = publish_version(storage, spec(), samples(), shard_max_samples=SHARD_SAMPLES)
+    manifest = publish_samples(storage, spec(), samples(), shard_max_samples=SHARD_SAMPLES)
     assert facts(storage, manifest) == reference

@@ -11,7 +11,8 @@ import json
 import pyarrow as pa
 import pytest
 
-from factory.dataset.manifest import VersionSpec, load_manifest, publish_version
+from factory.dataset.manifest import VersionSpec, load_manifest
+from factory.dataset.publisher import publish_samples
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, StorageConfig
 from factory.framework.context import RunContext
@@ -34,7 +35,7 @@ def rounds_without_drawing(monkeypatch):
     def publish_run(rctx, kind, parents, extra):
         round_ = extra["round"]
         spec = VersionSpec(rctx.config.dataset, rctx.version, kind, parents=parents, extra=extra)
-        return publish_version(rctx.storage, spec, make_samples(4, start=100 * round_))
+        return publish_samples(rctx.storage, spec, make_samples(4, start=100 * round_))
 
     monkeypatch.setattr(stages.sid, "plan_exists", plan_exists)
     monkeypatch.setattr(stages.sid, "run_steps", lambda rctx, steps: None)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from factory.dataset.manifest import VersionSpec, load_manifest, publish_version, shard_key
+from factory.dataset.manifest import VersionSpec, load_manifest, shard_key
+from factory.dataset.publisher import publish_samples
 from factory.dataset.shards import Sample, read_shard
 from factory.framework.config import FactoryConfig, StorageConfig, load_config
 from factory.framework.storage import open_storage
@@ -47,7 +48,7 @@ def make_samples(count: int = SAMPLES, start: int = 0) -> list[Sample]:
 
 
 def publish(storage, version: str = "v1", count: int = SAMPLES, start: int = 0) -> dict:
-    return publish_version(storage, VersionSpec("tiny", version, "bootstrap"), make_samples(count, start),
+    return publish_samples(storage, VersionSpec("tiny", version, "bootstrap"), make_samples(count, start),
                            shard_max_samples=SHARD_SAMPLES)
 
 
