@@ -303,7 +303,11 @@ class Dialogue(Stage):
         self.limits = DialogueLimits.from_config(self.settings)
         self.prompt = load_prompt(self.settings)
         self.schema = dialogue_schema(self.limits) if self.settings.constrained else None
-        self.engine = engine if engine is not None else build_engine(self.settings, config.storage)
+        self.engine = engine
+
+    def setup(self) -> None:
+        if self.engine is None:
+            self.engine = build_engine(self.settings, self.config.storage)
 
     def describe(self) -> dict[str, Any]:
         return {"dialogue_prompt": prompt_fingerprint(self.config)}

@@ -59,8 +59,10 @@ class Filter(Stage):
         super().__init__(config)
         self.settings = config.filter
         self.device = device or pick_device(self.settings.num_gpus)
-        local = loader_paths(config.storage)
-        self.clip = clip_scorer_from_config(config, self.device, local)
+
+    def setup(self) -> None:
+        local = loader_paths(self.config.storage)
+        self.clip = clip_scorer_from_config(self.config, self.device, local)
         self.dino = DinoScorer(local(self.settings.dino_model, "filter.dino_model"), device=self.device,
                                dtype=self.settings.dtype)
 

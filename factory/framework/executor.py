@@ -246,6 +246,7 @@ class UnitWorker:
         self.run_id = config.run_id
         self.storage = open_storage(config.storage)
         self.stage = step.stage_class(config)
+        self.stage.ensure_setup()  # a model that cannot load fails the actor now, before any unit
         self.images = ImageJoin(self.storage, self.run_id)
         self.shaped_by = fingerprint(config, self.stage.shaped_by)
         self.planned_rows: dict[int, int] | None = None  # rows per unit, read from the plan's footer once

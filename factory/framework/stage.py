@@ -3,6 +3,7 @@
     class Filter(Stage):
         name = "filter"; source = "generate"; needs_images = ("target_image", "input_image")
         adds = ("clip_t", "dino", "pass_clip_t", "pass_dino")
+        def setup(self): ...           # load the models: once per actor, before the first rows
         def process(self, rows): ...   # only live rows; set rows["reject"] to refuse one
 
 The base keeps the rows a stage must not see (already rejected upstream) and puts them back
@@ -43,6 +44,16 @@ class Stage:
     def __init__(self, config: FactoryConfig):
         self.config = config
         self.counters: Counter[str] = Counter()
+        self.is_set_up = False
+
+    def setup(self) -> None:
+        """Load what `process` needs (models, engines). Constructing a stage loads nothing, so
+        the driver can read its declarations; the executor calls this once per actor."""
+
+    def ensure_setup(self) -> None:
+        if not self.is_set_up:
+            self.setup()
+            self.is_set_up = True
 
     def process(self, rows: pd.DataFrame) -> pd.DataFrame:
         """The live rows (same index) with this stage's columns, and `reject` (None or a reason)."""
@@ -56,6 +67,7 @@ class Stage:
         self.counters[name] += value
 
     def __call__(self, rows: pd.DataFrame) -> pd.DataFrame:
+        self.ensure_setup()
         started = time.perf_counter()
         self.counters = Counter()
         rows = with_reject_columns(rows.reset_index(drop=True))

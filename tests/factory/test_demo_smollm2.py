@@ -40,7 +40,9 @@ def candidates() -> pd.DataFrame:
 
 def draft(model: str) -> pd.DataFrame:
     config = load_config(None, [f"dialogue.model={model}"])  # the demo's dialogue settings
-    return Dialogue(config).process(candidates())
+    stage = Dialogue(config)
+    stage.ensure_setup()
+    return stage.process(candidates())
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,19 @@ def test_scores_are_the_scorers_cosines(stage, tiny_models):
     assert len(out) == len(rows) and list(out["key"]) == list(rows["key"])
 
 
+def test_models_load_in_setup_once_not_when_the_stage_is_built(tiny_models, tmp_path):
+    clip, _ = tiny_models
+    missing = Filter(make_config(tiny_models, dino_model=str(tmp_path / "no-dino")), device="cpu")  # loads nothing
+    with pytest.raises(Exception, match="no-dino"):
+        missing(candidates([jpeg(0)]))
+    fresh = Filter(make_config(tiny_models), device="cpu")
+    assert not hasattr(fresh, "clip")
+    fresh(candidates([jpeg(0)]))
+    loaded = fresh.clip
+    fresh(candidates([jpeg(1)]))
+    assert fresh.clip is loaded
+
+
 def test_mixed_batch_rejects_bad_ones_by_reason_and_scores_the_rest(stage):
     good, bad = good_images(), bad_images()
     targets = [*good.values(), *(data for data, _ in bad.values())]
@@ -166,6 +179,7 @@ def test_the_filter_scores_the_same_with_its_models_on_s3(stage, tiny_models, s3
                    "dino_model": f"{models}/dino"},
     })
     on_s3 = Filter(config, device="cpu")
+    on_s3.ensure_setup()
     assert len([p for p in model_cache.iterdir() if not p.name.startswith(".")]) == 3  # loaded from the cache
     rows = candidates([jpeg(number) for number in range(4)])
     local, remote = stage(rows.copy()), on_s3(rows.copy())
