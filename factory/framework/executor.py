@@ -189,7 +189,8 @@ def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
             **ray_options,
         )  # Ray Data restarts dead actors and retries their units (max_restarts=-1 by default)
     started = time.perf_counter()
-    results = dataset.take_all()
+    with ctx.watch([step.name for step in steps]):
+        results = dataset.take_all()
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     for step in steps:
         summary[step.name] = stage_summary(step, ctx.config, results, summary["wall_seconds"])
