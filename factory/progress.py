@@ -132,7 +132,7 @@ class TerminalBars:
 
     def __init__(self, stages: list[str], stream: TextIO):
         self.bars = {stage: tqdm(total=0, desc=f"factory {stage}", unit="unit", file=stream, leave=True,
-                                 dynamic_ncols=True, bar_format="{desc}: {n}/{total} |{bar:12}| {postfix}")
+                                 dynamic_ncols=True, bar_format="{desc}: |{bar:10}| {n}/{total} units{postfix}")
                      for stage in stages}
 
     def show(self, lines: list[StageProgress]) -> None:
