@@ -307,6 +307,19 @@ def estimate(config: FactoryConfig, storage: Storage, stage: str, device_kind: s
     return Estimate(stage, rows, inputs, notes)
 
 
+def unit_stage_hours(config: FactoryConfig, storage: Storage, candidates: int, generator: str,
+                     device_kind: str | None = None, figures: str | None = None) -> dict[str, float]:
+    """The dry run's GPU-hours of generate, filter and dialogue for a plan of `candidates` jobs drawn
+    by `generator` (SID's pass rate for G, the bootstrap's otherwise): what a live run is held against."""
+    inputs, _ = build_inputs(config, storage, device_kind, figures)
+    spec = config.generate.generators.get(generator)
+    sid = spec is not None and spec.kind == "cafe"
+    pass_rate, source = (inputs.sid_pass(), "sid_pass_rate") if sid else (inputs.pass_rate, "pass_rate")
+    rows = candidate_rows(candidates, config.plan.unit_size, generate_seconds(config, inputs, generator), pass_rate,
+                          inputs.source[source], inputs)
+    return {row.stage: row.hours for row in rows if row.stage != "publish"}
+
+
 # --- printing -----------------------------------------------------------------------------------
 
 

@@ -48,6 +48,7 @@ from factory.framework.config import (
 from factory.framework.context import RunContext
 from factory.framework.executor import Step, run_steps, show_progress_bars
 from factory.framework.models_cache import ModelUnavailable, describe_s3, is_s3
+from factory.progress import LOG_EVERY_SECONDS, progress_display
 from filters.rules import RULES
 
 log = logging.getLogger("factory.run")
@@ -223,6 +224,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "device kind (default: the paper's A100 figures)")
     parser.add_argument("--figures", help="with --dry-run: the measured figures file "
                         "(default: factory/cost_figures.json)")
+    parser.add_argument("--progress-every", type=float, default=LOG_EVERY_SECONDS, metavar="SECONDS",
+                        help="when stderr is not a terminal (Ray job logs): a progress line per unit stage this "
+                        f"often (default {LOG_EVERY_SECONDS:g}; 0: none); a terminal shows live bars")
     return parser.parse_args(argv)
 
 
@@ -260,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         entry = stage_entry(args.stage)
         if args.config is None:
             prepare_demo(config)
-        ctx = RunContext(config, unit_steps=UNIT_STEPS)
+        progress = progress_display(sys.stderr.isatty(), args.progress_every, args.device_kind, args.figures)
+        ctx = RunContext(config, unit_steps=UNIT_STEPS, progress=progress)
         ctx.storage.check()
         check_named_versions(ctx, args.stage)
         if args.stage in ("plan", "generate", "filter", "dialogue", "all", "train", "sid", "eval", "promptnet"):

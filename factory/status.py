@@ -1,10 +1,11 @@
 """`python -m factory.versions status RUN`: how far a run is, from its storage root alone.
 
-Reads the plan's unit column and each finished unit file's footer (counters, the time it was
+Reads the plan's footer and each finished unit file's footer (counters, the time it was
 written), never a row of data, and starts no Ray: it answers from any machine that can read the
-storage root, while the run goes on or after it stopped. Per stage: units done of planned; the
-funnel so far with every rejection reason; throughput over the last hour; an ETA at that rate;
-accelerator hours so far; and whether a publish holds the version's lock.
+storage root, while the run goes on or after it stopped. Per stage: units done of planned, pass
+rate so far, throughput over the last hour, an ETA at that rate and accelerator hours so far; the
+funnel so far with every rejection reason and each filter rule's pass rate; and whether a publish
+holds the version's lock. `factory.progress` shows the same numbers live during a run.
 """
 
 from __future__ import annotations
@@ -17,50 +18,76 @@ from factory.dataset.publisher import MODEL_STAGES, cost, funnel
 from factory.framework import layout
 from factory.framework.config import FactoryConfig
 from factory.framework.storage import Storage
-from factory.framework.units import plan_exists, plan_units, whole_unit_metas
+from factory.framework.units import plan_exists, plan_unit_rows, whole_unit_metas
 from filters.rules import RULES
 
 HOUR = 3600.0
 
 
-def run_status(storage: Storage, config: FactoryConfig, run_id: str, now: float | None = None) -> dict[str, Any]:
-    """Everything `status` prints, as one JSON-ready dict."""
+Footers = dict[str, dict[int, dict[str, Any]]]  # stage -> unit -> what its unit file's footer says
+
+
+def run_status(storage: Storage, config: FactoryConfig, run_id: str, now: float | None = None,
+               since: float | None = None, metas: Footers | None = None) -> dict[str, Any]:
+    """Everything `status` prints, as one JSON-ready dict. Throughput and ETA count the units
+    finished in the last hour, or since `since` when that is later (a watch that started then);
+    `metas`: the footers `unit_footers` read (default: read now)."""
     now = time.time() if now is None else now
-    planned = plan_units(storage, run_id) if plan_exists(storage, run_id) else []
-    metas = {stage: footers(storage, run_id, stage) for stage in MODEL_STAGES}
-    last = MODEL_STAGES[-1]
-    stages = {stage: stage_status(metas[stage], len(planned), now) for stage in MODEL_STAGES}
+    planned = len(plan_unit_rows(storage, run_id)) if plan_exists(storage, run_id) else 0  # the plan's footer
+    metas = unit_footers(storage, run_id) if metas is None else metas
+    ordered = {stage: [metas[stage][unit] for unit in sorted(metas[stage])] for stage in MODEL_STAGES}
+    window_start = now - HOUR if since is None else max(now - HOUR, since)
+    costs = cost(ordered, config)
+    stages = {stage: stage_status(ordered[stage], planned, now, window_start, costs[stage]["gpu_seconds"])
+              for stage in MODEL_STAGES}
+    funnel_now = funnel(ordered)
     version = config.publish.version or run_id
     return {
         "run": run_id,
-        "units": len(planned),
+        "units": planned,
         "stages": stages,
-        "funnel": {**funnel(metas), "planned_units": len(planned)},
-        "gpu_hours": round(sum(part["gpu_seconds"] for part in cost(metas, config).values()) / HOUR, 4),
-        "eta_seconds": eta(len(planned) - stages[last]["done"], stages[last]["units_last_hour"]),
+        "funnel": {**funnel_now, "planned_units": planned},
+        "rule_pass_rates": {rule.name: ratio(funnel_now[rule.funnel], stages["filter"]["live_in"])
+                            for rule in RULES.values()},
+        "gpu_hours": round(sum(part["gpu_seconds"] for part in costs.values()) / HOUR, 4),
+        "eta_seconds": stages[MODEL_STAGES[-1]]["eta_seconds"],
         "publish": {"version": version, "lock_held": storage.exists(layout.publish_lock(config.dataset, version)),
                     "published": version_exists(storage, config.dataset, version)},
     }
 
 
-def footers(storage: Storage, run_id: str, stage: str) -> list[dict[str, Any]]:
-    """What the footer of every whole unit file of `stage` says, in unit order (one read each)."""
-    metas = whole_unit_metas(storage, run_id, stage)
-    return [metas[unit] for unit in sorted(metas)]
+def unit_footers(storage: Storage, run_id: str, known: Footers | None = None) -> Footers:
+    """The footer of every whole unit file of each model stage (one read each; `known` ones not again)."""
+    known = known or {}
+    return {stage: whole_unit_metas(storage, run_id, stage, known.get(stage)) for stage in MODEL_STAGES}
 
 
-def stage_status(metas: list[dict[str, Any]], planned: int, now: float) -> dict[str, Any]:
-    recent = [meta for meta in metas if now - meta.get("finished_at", float("-inf")) <= HOUR]
+def stage_status(metas: list[dict[str, Any]], planned: int, now: float, window_start: float,
+                 gpu_seconds: float) -> dict[str, Any]:
+    """One stage's units done, candidates and pass rate so far, and its pace since `window_start`."""
+    recent = [meta for meta in metas if meta.get("finished_at", float("-inf")) >= window_start]
+    window = max(now - window_start, 1.0)
     rows = sum(meta.get("counters", {}).get("rows", 0) for meta in recent)
+    live_in, live_out = (int(sum(meta.get("counters", {}).get(name, 0) for meta in metas))
+                         for name in ("live_in", "live_out"))
     return {"done": len(metas), "planned": planned, "units_last_hour": len(recent),
-            "candidates_per_second": round(rows / HOUR, 4)}
+            "candidates_per_second": round(rows / window, 4),
+            "candidates": int(sum(meta.get("counters", {}).get("rows", 0) for meta in metas)),
+            "live_in": live_in, "accepted": live_out, "pass_rate": ratio(live_out, live_in),
+            "gpu_hours": round(gpu_seconds / HOUR, 4),
+            "eta_seconds": eta(planned - len(metas), len(recent), window)}
 
 
-def eta(remaining: int, units_last_hour: int) -> float | None:
-    """Seconds until the last stage is done at the last hour's pace; None when nothing finished in it."""
+def ratio(part: float, whole: float) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def eta(remaining: int, recent_units: int, window: float = HOUR) -> float | None:
+    """Seconds until `remaining` units are done at the pace of the `recent_units` finished in the last
+    `window` seconds; None when none finished in it."""
     if remaining <= 0:
         return 0.0
-    return round(remaining * HOUR / units_last_hour, 1) if units_last_hour else None
+    return round(remaining * window / recent_units, 1) if recent_units else None
 
 
 def status_lines(status: dict[str, Any]) -> list[str]:

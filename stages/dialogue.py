@@ -322,6 +322,7 @@ class Dialogue(Stage):
         rows["user"] = [accepted.get(pos, {}).get("user") for pos in alive]
         rows["assistant"] = [accepted.get(pos, {}).get("assistant") for pos in alive]
         rows["dialogue_attempts"] = attempts
+        self.count("attempts", sum(attempts))
         rows["reject"] = [failures.get(pos) for pos in alive]
         log.info("dialogue: %d accepted, rejected %s", len(accepted), dict(Counter(failures.values())))
         return rows

@@ -310,7 +310,8 @@ def round_context(ctx: RunContext, round_: int, checkpoint: str) -> RunContext:
     snapshot["publish"]["version"] = name
     generator = snapshot["generate"]["generators"].setdefault(ctx.config.sid.generator, {"kind": "cafe"})
     generator["model"] = checkpoint
-    return RunContext(FactoryConfig.model_validate(snapshot), storage=ctx.storage, unit_steps=ctx.unit_steps)
+    return RunContext(FactoryConfig.model_validate(snapshot), storage=ctx.storage, unit_steps=ctx.unit_steps,
+                      progress=ctx.progress)
 
 
 def run_round(ctx: RunContext, parent: str, round_: int, models: RoundModels) -> dict[str, Any]:

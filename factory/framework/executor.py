@@ -33,6 +33,7 @@ import pandas as pd
 from factory.framework import layout
 from factory.framework.config import ActorPool, ConfigError, FactoryConfig, validate_config
 from factory.framework.context import RunContext
+from factory.framework.metrics import UnitMetrics
 from factory.framework.stage import Stage, changed_keys, fingerprint
 from factory.framework.storage import open_storage
 from factory.framework.units import (
@@ -238,9 +239,10 @@ def check_made_with(ctx: RunContext, steps: list[Step]) -> None:
 
 
 class UnitWorker:
-    """Runs one stage on whole units inside a Ray actor (or inline, for tests and loops)."""
+    """Runs one stage on whole units inside a Ray actor (or inline, for tests and loops); inside
+    Ray (`in_ray`) each unit it writes is also recorded in Ray's metrics (`UnitMetrics`)."""
 
-    def __init__(self, step: Step, config_snapshot: dict[str, Any]):
+    def __init__(self, step: Step, config_snapshot: dict[str, Any], in_ray: bool = False):
         config = validate_config(config_snapshot)
         self.step = step
         self.run_id = config.run_id
@@ -250,6 +252,7 @@ class UnitWorker:
         self.images = ImageJoin(self.storage, self.run_id)
         self.shaped_by = fingerprint(config, self.stage.shaped_by)
         self.planned_rows: dict[int, int] | None = None  # rows per unit, read from the plan's footer once
+        self.metrics = UnitMetrics(self.run_id, step.name, step.pool(config).num_gpus) if in_ray else None
 
     def input_rows(self, unit: int):
         source = self.stage.source
@@ -274,6 +277,8 @@ class UnitWorker:
         meta = {"stage": self.step.name, "unit": unit, "shaped_by": self.shaped_by,
                 "counters": dict(self.stage.counters), "describe": self.stage.describe(), "finished_at": time.time()}
         write_unit(self.storage, self.run_id, self.step.name, unit, without_images(out, self.stage.draws_images), meta)
+        if self.metrics:
+            self.metrics.record(meta["counters"], seconds)
         return seconds, len(out)
 
     def unit_key(self, unit: int) -> str:
@@ -298,7 +303,7 @@ class UnitChain:
     start and one set of imports instead of several, and no hand-off between them."""
 
     def __init__(self, steps: list[Step], config_snapshot: dict[str, Any]):
-        self.workers = [UnitWorker(step, config_snapshot) for step in steps]
+        self.workers = [UnitWorker(step, config_snapshot, in_ray=True) for step in steps]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         for worker in self.workers:
@@ -329,8 +334,9 @@ def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     chains = [MapStep.on_pool(UnitChain, (group, snapshot), group[0].pool(ctx.config))
               for group in pool_groups(steps, ctx.config)]
     started = time.perf_counter()
-    results = pd.concat(list(run_map(pd.DataFrame({"unit": pending}), chains, blocks=len(pending))),
-                        ignore_index=True)
+    with ctx.watch([step.name for step in steps]):
+        results = pd.concat(list(run_map(pd.DataFrame({"unit": pending}), chains, blocks=len(pending))),
+                            ignore_index=True)
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     for step in steps:
         summary[step.name] = stage_summary(step, ctx.config, results, summary["wall_seconds"])

@@ -85,17 +85,23 @@ def finished_units(storage: Storage, run_id: str, stage: str) -> set[int]:
     return set(whole_unit_metas(storage, run_id, stage))
 
 
-def whole_unit_metas(storage: Storage, run_id: str, stage: str) -> dict[int, dict[str, Any]]:
+def whole_unit_metas(storage: Storage, run_id: str, stage: str,
+                     known: dict[int, dict[str, Any]] | None = None) -> dict[int, dict[str, Any]]:
     """{unit: what its file's footer says (`unit_meta`)} for the units whose `stage` file is whole,
-    from one read of each footer, several at a time."""
+    from one read of each footer, several at a time. `known`: footers an earlier call returned,
+    not read again (a whole unit file is never rewritten while its run goes on) but kept only
+    while their file is still listed."""
+    known = known or {}
     files = {number: key for key in storage.list(layout.stage_dir(run_id, stage))
              if (number := layout.unit_number(key)) is not None}
-    if not files:
-        return {}
+    new = [number for number in files if number not in known]
+    metas = {number: known[number] for number in files if number in known}
+    if not new:
+        return metas
     expected = plan_unit_rows(storage, run_id)
-    with ThreadPoolExecutor(min(FOOTER_THREADS, len(files))) as pool:
-        footers = pool.map(lambda number: whole_footer(storage, files[number], expected.get(number)), files)
-        return {number: footer_meta(footer) for number, footer in zip(files, footers) if footer is not None}
+    with ThreadPoolExecutor(min(FOOTER_THREADS, len(new))) as pool:
+        footers = pool.map(lambda number: whole_footer(storage, files[number], expected.get(number)), new)
+        return {**metas, **{number: footer_meta(footer) for number, footer in zip(new, footers) if footer is not None}}
 
 
 def unit_is_whole(storage: Storage, key: str, planned_rows: int | None) -> bool:
