@@ -29,6 +29,17 @@ MEMBERS = (
     ("assistant.txt", "text/plain", "y~: the assistant's answer (inferred intent and explanation)"),
     ("json", "application/json", "metadata: key, reference, instruction, generator, scores, round, version"),
 )
+# KEY.json's fields and their types (what `factory.dataset.publisher.sample_from_row` writes), declared
+# in the card so a reader never infers them from a first shard: a union mixes bootstrap samples,
+# whose generator `w` and `alpha` are null, with SID samples, whose are not.
+META_FIELDS: dict[str, Any] = {
+    "key": "string", "dataset": "string", "version": "string", "reference_id": "string",
+    "reference_set": "string", "subject": "string", "domain": "string", "instruction": "string",
+    "instruction_id": "string", "category": "string", "style": "string", "round": "int64",
+    "generator": {"name": "string", "kind": "string", "checkpoint": "string", "steps": "int64",
+                  "model": "string", "scale": "float64", "seed": "int64", "alpha": "float64", "w": "string"},
+    "scores": {name: "float64" for name in RULES},
+}
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"))
 
@@ -63,7 +74,21 @@ def front_matter(manifest: dict[str, Any]) -> dict[str, Any]:
         "size_categories": [size_category(manifest["samples"])],
         "configs": [{"config_name": "default",
                      "data_files": [{"split": "train", "path": shard_paths(manifest)}]}],
+        "dataset_info": {"config_name": "default", "features": sample_features()},
     }
+
+
+def sample_features() -> list[dict[str, Any]]:
+    """The members of a sample as Hugging Face `features` (the card's `dataset_info`)."""
+    members = [("__key__", "string"), ("__url__", "string"), ("input.jpg", "image"), ("target.jpg", "image"),
+               ("user.txt", "string"), ("assistant.txt", "string")]
+    return [*({"name": name, "dtype": dtype} for name, dtype in members), feature("json", META_FIELDS)]
+
+
+def feature(name: str, kind: str | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(kind, str):
+        return {"name": name, "dtype": kind}
+    return {"name": name, "struct": [feature(field, inner) for field, inner in kind.items()]}
 
 
 def dataset_card(manifest: dict[str, Any]) -> str:

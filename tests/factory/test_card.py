@@ -72,3 +72,43 @@ def test_load_dataset_reads_a_version_and_a_union_by_folder_alone(local, tmp_pat
     assert sorted(alone["__key__"]) == sorted(sample.key for sample in make_samples(5))
     assert sorted(together["__key__"]) == sorted(sample.key for sample in make_samples(9))
     assert front_matter(local, "u")["configs"][0]["data_files"][0]["path"][0].startswith("../v1/shards/")
+
+
+def sid_like(samples):
+    """The samples as a SID round writes them: generator `alpha` and `w` set where a bootstrap's are null."""
+    for sample in samples:
+        sample.meta["generator"] = {**sample.meta["generator"], "alpha": 0.3, "w": f"pool:{sample.key[:8]}"}
+    return samples
+
+
+def test_a_union_of_bootstrap_and_sid_samples_loads_by_folder_with_the_declared_features(local, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    publish_samples(local, spec("boot"), make_samples(4), shard_max_samples=2)
+    publish_samples(local, spec("sid1", kind="sid", parents=["boot"]), sid_like(make_samples(3, start=10, round_=1)))
+    union_versions(local, spec("u1", kind="union", parents=["boot", "sid1"]))
+
+    loaded = datasets.load_dataset(str(tmp_path / "datasets/d/u1"), split="train")
+
+    generators = {row["__key__"]: row["json"]["generator"] for row in loaded}
+    assert len(generators) == 7
+    assert sorted(g["w"] is None for g in generators.values()) == [False] * 3 + [True] * 4
+    assert {g["alpha"] for g in generators.values()} == {None, 0.3}
+
+
+def field_names(kind) -> dict:
+    return {name: field_names(inner) for name, inner in kind.items()} if isinstance(kind, dict) else {}
+
+
+def test_the_declared_json_fields_are_the_ones_publish_writes():
+    from factory.dataset.card import META_FIELDS
+    from factory.dataset.publisher import sample_from_row
+
+    row = {"key": "k", "reference_id": "r", "reference_set": "s", "subject": "dog", "domain": "object",
+           "instruction": "a dog", "instruction_id": "i", "category": "c", "style": "plain", "round": 1,
+           "seed": 3, "alpha": 0.3, "w_id": "pool:x", "clip_t": 0.4, "dino": 0.7, "input_image": b"",
+           "target_image": b"", "user": "u", "assistant": "a",
+           "generator_info": '{"name": "g", "kind": "cafe", "checkpoint": "c", "steps": 2, "model": "m", "scale": 1}'}
+    written = sample_from_row(row, "d", "v").meta
+    assert field_names(written) == field_names(META_FIELDS)
