@@ -39,12 +39,13 @@ from factory.dataset.planning import PLAN_SCHEMA, cut_units, instruction_table, 
 from factory.dataset.pool import ImagePool, build_pool_from_shards
 from factory.dataset.publisher import publish_run
 from factory.framework import layout
-from factory.framework.config import FactoryConfig, validate_config
+from factory.framework.config import ConfigError, FactoryConfig, validate_config
 from factory.framework.context import RunContext
 from factory.framework.executor import MapStep, run_map, run_steps
 from factory.framework.image_parts import store_images
 from factory.framework.keys import portable_ref, sample_key
 from factory.framework.models_cache import loader_paths
+from factory.framework.names import BadName, check_name
 from factory.framework.units import finished_units, plan_exists, read_unit, write_plan
 from filters.clip import clip_scorer_from_config
 from models.sd_drawer import StableDiffusionDrawer
@@ -305,7 +306,7 @@ def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> pa
 def round_context(ctx: RunContext, round_: int, checkpoint: str) -> RunContext:
     """The config a round runs under: its own run id and version, G's checkpoint as the generator."""
     snapshot = ctx.config.snapshot()
-    name = f"{ctx.config.run_id}-sid{round_}"
+    name = round_context_name(ctx, round_)
     snapshot["run_id"] = name
     snapshot["publish"]["version"] = name
     generator = snapshot["generate"]["generators"].setdefault(ctx.config.sid.generator, {"kind": "cafe"})
@@ -358,6 +359,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                          "(factory.run.UNIT_STEPS)")
     done = completed_rounds(ctx)
     parent = union_name(ctx, done) if done else ensure_parent(ctx)
+    check_derived_names(ctx, parent, range(done + 1, done + ctx.config.sid.rounds + 1))
     models = round_models(ctx, parent, done)
     rounds = []
     for round_ in range(done + 1, done + ctx.config.sid.rounds + 1):
@@ -371,6 +373,26 @@ def run(ctx: RunContext) -> dict[str, Any]:
     return {"rounds": rounds, "checkpoint": models.generator, "assistant_checkpoint": models.assistant,
             "publish": {"version": last["version"], "samples": last["samples"], "funnel": last["funnel"],
                         "manifest": last["manifest"]}}
+
+
+def check_derived_names(ctx: RunContext, parent: str, rounds: range) -> None:
+    """Refuse, before any work, a run id or dataset so long that a name the rounds derive from it
+    (the round's run id and version, its union, the image pool of each parent) breaks the name rule."""
+    derived = []
+    for round_ in rounds:
+        derived += [(round_context_name(ctx, round_), "round"), (union_name(ctx, round_), "union"),
+                    (pool_name(ctx, parent), "pool")]
+        parent = union_name(ctx, round_)
+    for name, what in derived:
+        try:
+            check_name(name, f"SID's {what} name")
+        except BadName as err:
+            raise ConfigError(f"{err}; it is derived from run_id {ctx.config.run_id!r} and dataset "
+                              f"{ctx.config.dataset!r}: shorten them (or set sid.pool)") from None
+
+
+def round_context_name(ctx: RunContext, round_: int) -> str:
+    return f"{ctx.config.run_id}-sid{round_}"
 
 
 def union_name(ctx: RunContext, round_: int) -> str:

@@ -106,3 +106,23 @@ def test_the_llm_is_checked_before_a_sid_night_only_when_the_assistant_is_fine_t
     assert "train.llm_model" not in settings()
     assert settings(finetune_assistant=True, assistant_checkpoint="/a")["sid.assistant_checkpoint"] == "/a"
     assert "train.llm_model" in settings(finetune_assistant=True)
+
+
+@pytest.mark.parametrize(("run_id", "dataset", "refused"), [
+    ("r" * 85, "demo", None),         # r...-union1 (92) and demo-r...-union1 (97) fit
+    ("r" * 93, "demo", "pool"),       # the round and union names fit, the pool of union 1 does not
+    ("r" * 95, "d", "union"),         # r...-union2 is 102 characters
+])
+def test_a_run_id_too_long_for_sids_derived_names_is_refused_before_any_work(tmp_path, run_id, dataset, refused):
+    import stages.sid
+    from factory.framework.config import ConfigError
+
+    config = FactoryConfig.model_validate({"storage": {"root": str(tmp_path)}, "run_id": run_id, "dataset": dataset,
+                                           "sid": {"rounds": 2}})
+    ctx = RunContext(config, unit_steps=UNIT_STEPS)
+    if refused is None:
+        stages.sid.check_derived_names(ctx, "boot", range(1, 3))
+        return
+    with pytest.raises(ConfigError, match=f"SID's {refused} name.*shorten"):
+        stages.sid.check_derived_names(ctx, "boot", range(1, 3))
+    assert not any(tmp_path.iterdir())
