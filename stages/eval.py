@@ -19,6 +19,7 @@ The (reference, prompt) rows run on a Ray Data actor pool (`eval.concurrency` ac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -40,10 +41,11 @@ from factory.dataset.manifest import latest_version
 from factory.framework import layout
 from factory.framework.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec, StorageConfig, validate_config
 from factory.framework.context import RunContext
-from factory.framework.executor import MapStep, cluster_gpus, run_map
+from factory.framework.executor import MapStep, Resume, cluster_gpus, run_resumable
 from factory.framework.images import decode_image
 from factory.framework.keys import safe_id
 from factory.framework.models_cache import loader_paths, local_model, model_ref
+from factory.framework.stage import fingerprint
 from factory.framework.storage import Storage, open_storage
 from filters.clip import ClipScorer
 from filters.dino import DinoScorer
@@ -54,6 +56,7 @@ from models.training.runner import train_generator_on
 log = logging.getLogger(__name__)
 
 METRICS = ("dino", "clip_i", "clip_t")
+EVAL_CHUNK_ROWS = 8  # (pair, prompt) rows scored between two saves
 
 
 def run(ctx: RunContext) -> dict[str, Any]:
@@ -63,7 +66,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     assistant = None
     if config.eval.semantic == "assistant":
         assistant = Located.resolve(ctx.storage, config.eval.assistant_checkpoint, "assistant")
-    report = evaluate(config, generator, inputs, assistant)
+    report = evaluate(config, generator, inputs, scoring_resume(ctx, generator, assistant), assistant)
     report.update(checkpoint=generator.name, assistant_checkpoint=assistant.name if assistant else None,
                   eval_set=eval_set_name(config.eval), trained_on=generator.trained_on(ctx.storage),
                   config_sha256=config.sha256())
@@ -71,6 +74,15 @@ def run(ctx: RunContext) -> dict[str, Any]:
     ctx.storage.write_bytes(key, json.dumps(report, indent=2, sort_keys=True).encode())
     log.info("eval of %s on %s: %s", generator.name, report["eval_set"], report["metrics"])
     return {"report": ctx.storage.url(key), "metrics": report["metrics"], "images": report["images"]}
+
+
+def scoring_resume(ctx: RunContext, generator: Located, assistant: Located | None) -> Resume:
+    """Where the scoring keeps its finished chunks: a folder per checkpoint, eval set and settings."""
+    settings = {**fingerprint(ctx.config, ("eval",)), "generator": generator.name,
+                "assistant": assistant.name if assistant else None}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    folder = layout.eval_scored("generator", generator.result_id(), eval_set_name(ctx.config.eval), digest)
+    return Resume(ctx.storage, folder, settings, inputs=("reference", "prompt", "seeds"), chunk_rows=EVAL_CHUNK_ROWS)
 
 
 def locate_generator(ctx: RunContext) -> Located:
@@ -249,15 +261,17 @@ def evaluate(
     config: FactoryConfig,
     generator: Located,
     inputs: list[tuple[EvalPair, bytes]],
+    resume: Resume,
     assistant: Located | None = None,
 ) -> dict[str, Any]:
-    """Draw and score on an actor pool of `EvalWorker`s; returns the report (metrics are means over all images)."""
+    """Draw and score on an actor pool of `EvalWorker`s, keeping finished chunks of scored rows
+    (`resume`: a killed eval scores only the rest); returns the report (metrics are means over all images)."""
     started = time.perf_counter()
     rows = eval_rows(config, inputs)
     options = {"num_gpus": eval_gpus(config.eval), **({"memory": config.eval.memory} if config.eval.memory else {})}
     worker = MapStep(EvalWorker, (config.snapshot(), generator, assistant), 1,
                      actors=min(config.eval.concurrency, len(rows)), options=options)
-    scored = pd.concat(run_map(rows, [worker], blocks=len(rows)), ignore_index=True)
+    scored = pd.concat(run_resumable(rows, [worker], resume), ignore_index=True)
     if len(scored) != len(rows):
         raise RuntimeError(f"eval scored {len(scored)} of {len(rows)} (pair, prompt) rows")
     return report_from_scored(scored, config.eval, time.perf_counter() - started)

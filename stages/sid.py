@@ -41,11 +41,12 @@ from factory.dataset.publisher import publish_run
 from factory.framework import layout
 from factory.framework.config import ConfigError, FactoryConfig, validate_config
 from factory.framework.context import RunContext
-from factory.framework.executor import MapStep, run_map, run_steps
+from factory.framework.executor import MapStep, Resume, run_resumable, run_steps
 from factory.framework.image_parts import store_images
 from factory.framework.keys import portable_ref, sample_key
 from factory.framework.models_cache import loader_paths
 from factory.framework.names import BadName, check_name
+from factory.framework.stage import fingerprint
 from factory.framework.units import finished_units, plan_exists, read_unit, write_plan
 from filters.clip import clip_scorer_from_config
 from models.sd_drawer import StableDiffusionDrawer
@@ -274,12 +275,15 @@ def load_or_build_pool(ctx: RunContext, parent: str):
 def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> list[bytes | None]:
     """SD drawings of the jobs' instructions by the references' drawer (`models.sd_drawer`), on an
     actor pool sized like the reference ingest's; None where a drawing failed (its jobs are then
-    rejected by generate, counted, for want of a stored `w`)."""
+    rejected by generate, counted, for want of a stored `w`). Finished chunks of drawings are kept
+    under the run, so a killed round redraws only the rest."""
     refs = ctx.config.references
     frame = pd.DataFrame({"order": np.arange(len(jobs)), "prompt": jobs["instruction"].to_numpy(),
                           "seed": jobs["seed"].to_numpy(dtype=np.int64)})
     drawer = MapStep.on_pool(StableDiffusionDrawer, (refs, ctx.config.storage), refs, batch_size=batch_size)
-    drawn = pd.concat(run_map(frame, [drawer]), ignore_index=True).sort_values("order")
+    settings = {key: value for key, value in fingerprint(ctx.config, ("references",)).items() if ".sd_" in key}
+    resume = Resume(ctx.storage, layout.run_w_drawn(ctx.config.run_id), settings, inputs=("prompt", "seed"))
+    drawn = pd.concat(run_resumable(frame, [drawer], resume), ignore_index=True).sort_values("order")
     for error, count in drawn["error"].value_counts().items():
         log.warning("SID w: %d drawings not stored (%s)", count, error)
     return drawn["image"].tolist()

@@ -21,6 +21,8 @@ files, not from logs, and a changed config is refused instead of mixed in (`chec
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,13 +31,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from factory.framework import layout
 from factory.framework.config import ActorPool, ConfigError, FactoryConfig, validate_config
 from factory.framework.context import RunContext
 from factory.framework.metrics import UnitMetrics
 from factory.framework.stage import Stage, changed_keys, fingerprint
-from factory.framework.storage import open_storage
+from factory.framework.storage import DamagedFile, Storage, open_storage
 from factory.framework.units import (
     ImageJoin,
     finished_units,
@@ -50,6 +53,8 @@ from factory.framework.units import (
 )
 
 log = logging.getLogger(__name__)
+
+CHUNK_META = b"factory.chunk"  # a resumable job's chunk footer: the settings that made it, its rows
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,73 @@ def run_map(rows: pd.DataFrame, steps: Sequence[MapStep], *, group: GroupStep | 
     if not on_ray:
         return map_inline(rows, steps, group)
     return map_on_ray(rows, steps, group, blocks or default_blocks(rows, steps), ordered)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a job keeps each finished chunk of its output (`folder`/chunk-<n>.parquet, its footer
+    holding the settings that shaped it), so a job run again after a kill does only the chunks
+    still missing, and never mixes in a chunk made with other settings (`RunChanged`)."""
+
+    storage: Storage
+    folder: str
+    made_with: dict[str, Any]
+    inputs: tuple[str, ...]  # the columns that say what an input row is (its chunk is refused if they differ)
+    chunk_rows: int = 64
+
+    def chunk_meta(self, rows: pd.DataFrame) -> dict[str, Any]:
+        identity = json.dumps(rows[list(self.inputs)].to_dict("list"), sort_keys=True, default=str)
+        return {"made_with": self.made_with, "inputs": hashlib.sha256(identity.encode()).hexdigest()}
+
+
+def run_resumable(rows: pd.DataFrame, steps: Sequence[MapStep], resume: Resume, *,
+                  on_ray: bool = True) -> Iterator[pd.DataFrame]:
+    """`run_map` of steps that keep their rows, a chunk of `resume.chunk_rows` input rows at a time:
+    each finished chunk is written before it is yielded, and the chunks a stopped run finished are
+    read back instead of done again. Yields the chunks in order."""
+    chunk_of = np.arange(len(rows)) // resume.chunk_rows
+    wanted = {chunk: resume.chunk_meta(part) for chunk, part in rows.groupby(chunk_of, sort=True)}
+    finished = finished_chunks(resume, wanted)
+    todo_rows = ~np.isin(chunk_of, sorted(finished))
+    sizes = pd.Series(chunk_of[todo_rows]).value_counts(sort=False)
+    fresh = even_batches(run_map(rows[todo_rows], steps, blocks=len(sizes), ordered=True, on_ray=on_ray),
+                         resume.chunk_rows)
+    for chunk, meta in wanted.items():
+        key = layout.chunk_file(resume.folder, chunk)
+        if chunk in finished:
+            yield resume.storage.read_parquet(key).to_pandas()
+            continue
+        out = next(fresh)
+        if len(out) != sizes[chunk]:
+            raise RuntimeError(f"a resumable job's steps must keep their rows: chunk {chunk} has {len(out)} "
+                               f"of {sizes[chunk]}")
+        table = pa.Table.from_pandas(out, preserve_index=False)
+        footer = json.dumps(meta, sort_keys=True, default=str).encode()
+        resume.storage.write_parquet(key, table.replace_schema_metadata({CHUNK_META: footer}))
+        yield out
+
+
+def finished_chunks(resume: Resume, wanted: dict[int, dict[str, Any]]) -> set[int]:
+    """The chunks whose file is whole and made from the same inputs; refuses any made with other settings."""
+    finished = set()
+    for key in resume.storage.list(resume.folder):
+        number = layout.chunk_number(key)
+        if number not in wanted:
+            continue
+        try:
+            raw = (resume.storage.parquet_footer(key).metadata or {}).get(CHUNK_META)
+        except DamagedFile as err:
+            log.warning("%s: the chunk is done again", err)
+            continue
+        stored = json.loads(raw) if raw else {}
+        changes = changed_keys(stored.get("made_with") or {}, resume.made_with)
+        if stored.get("inputs") != wanted[number]["inputs"]:
+            changes.append(f"the inputs of chunk {number}")
+        if changes:
+            raise RunChanged(f"{resume.storage.url(resume.folder)} holds chunks made with other settings:\n  "
+                             + "\n  ".join(changes) + "\ndelete that folder or restore those settings")
+        finished.add(number)
+    return finished
 
 
 def map_on_ray(rows: pd.DataFrame, steps: Sequence[MapStep], group: GroupStep | None, blocks: int,

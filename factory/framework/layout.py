@@ -238,6 +238,23 @@ def run_w_ids(run_id: str) -> str:
     return f"{run_w_dir(run_id)}/ids.parquet"
 
 
+def run_w_drawn(run_id: str) -> str:
+    """The drawing job's finished chunks (`chunk_file`), kept so a killed round redraws only the rest."""
+    return f"{run_w_dir(run_id)}/drawn"
+
+
+def chunk_file(folder: str, chunk: int) -> str:
+    """One finished chunk of a resumable executor job (`factory.framework.executor.Resume`)."""
+    return f"{folder}/chunk-{chunk:06d}.parquet"
+
+
+def chunk_number(key: str) -> int | None:
+    name = key.rsplit("/", 1)[-1]
+    if name.startswith("chunk-") and name.endswith(".parquet") and name[6:-8].isdigit():
+        return int(name[6:-8])
+    return None
+
+
 # --- evaluations -----------------------------------------------------------------------
 
 
@@ -248,3 +265,9 @@ def eval_results(model: str) -> str:
 def eval_result(model: str, checkpoint_id: str, eval_set: str) -> str:
     """One eval report: a checkpoint (`<run-id>/step-<n>`, or `external/<id>`) on one eval set."""
     return f"{eval_results(model)}/{checkpoint_id}/{clean_key(eval_set)}.json"
+
+
+def eval_scored(model: str, checkpoint_id: str, eval_set: str, settings_sha256: str) -> str:
+    """The scoring job's finished chunks of one eval report, kept so a killed eval redraws only the
+    rest; one folder per eval settings, so evaluating again with other settings starts afresh."""
+    return f"{eval_results(model)}/{checkpoint_id}/{clean_key(eval_set)}.scored/{settings_sha256[:16]}"

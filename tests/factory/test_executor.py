@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from factory.framework.executor import GroupStep, MapStep, run_map
+from factory.framework import layout
+from factory.framework.executor import GroupStep, MapStep, Resume, RunChanged, run_map, run_resumable
 
 REPO = Path(__file__).resolve().parents[2]
 PRODUCT = ("factory", "stages", "models", "filters", "jobs")
@@ -104,3 +105,47 @@ def test_only_the_executor_builds_ray_data_jobs():
     modules = [path for package in PRODUCT for path in (REPO / package).rglob("*.py") if path != EXECUTOR]
     assert [call for path in modules for call in ray_data_calls(path)] == []
     assert ray_data_calls(EXECUTOR)  # the check sees the calls where they are
+
+
+class FailsAt:
+    """A class step that counts the rows it sees and fails on row `fail_at` (a killed job)."""
+
+    seen: list[int] = []
+
+    def __init__(self, fail_at: int | None):
+        self.fail_at = fail_at
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.fail_at is not None and self.fail_at in set(batch["order"]):
+            raise RuntimeError("killed")
+        FailsAt.seen.extend(batch["order"])
+        return batch.assign(value=batch["value"] * 3)
+
+
+def resumed(storage, fail_at=None, made_with=None, given=None) -> pd.DataFrame:
+    resume = Resume(storage, "jobs/x", made_with or {"model.scale": 3}, inputs=("order", "value"), chunk_rows=4)
+    frames = run_resumable(given if given is not None else rows(10), [MapStep(FailsAt, (fail_at,), batch_size=2)],
+                           resume, on_ray=False)
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_a_resumable_job_killed_midway_does_only_its_missing_chunks_when_run_again(storage):
+    FailsAt.seen = []
+    with pytest.raises(RuntimeError, match="killed"):
+        resumed(storage, fail_at=9)  # chunks of 4 rows: 0-3 and 4-7 finish, 8-9 does not
+    assert sorted(storage.list("jobs/x")) == [layout.chunk_file("jobs/x", 0), layout.chunk_file("jobs/x", 1)]
+    FailsAt.seen = []
+    out = resumed(storage)
+    assert FailsAt.seen == [8, 9]
+    assert out["order"].tolist() == list(range(10)) and out["value"].tolist() == [3 * n for n in range(10)]
+    FailsAt.seen = []
+    assert resumed(storage)["value"].tolist() == out["value"].tolist() and FailsAt.seen == []
+
+
+def test_a_resumable_job_refuses_chunks_made_with_other_settings(storage):
+    resumed(storage)
+    with pytest.raises(RunChanged, match=r"model.scale: 3 -> 4"):
+        resumed(storage, made_with={"model.scale": 4})
+    other = rows(10).assign(value=lambda frame: frame["value"] + 1)
+    with pytest.raises(RunChanged, match="the inputs of chunk 0"):
+        resumed(storage, given=other)

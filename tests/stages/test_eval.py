@@ -115,10 +115,16 @@ def test_eval_with_clip_text_and_a_local_checkpoint(tmp_path, tiny, ray_local):
     config = make_config(root, tiny, semantic="clip_text", checkpoint=str(local), pairs=pairs, images_per_pair=2)
 
     result = run(RunContext(config, storage))
-    [key] = storage.list("evals/generator/external")
+    [key] = [key for key in storage.list("evals/generator/external") if key.endswith(".json")]
     assert result["report"] == storage.url(key) and key.endswith("/pairs.json")
     report = json.loads(storage.read_bytes(key))
     check_metrics(report, 2)
+
+    # run again: the scored chunks it kept are read back, none is drawn again
+    chunks = {key: (root / key).stat().st_mtime_ns for key in storage.list("evals/generator/external")
+              if key.endswith(".parquet")}
+    assert chunks and run(RunContext(config, storage))["metrics"] == result["metrics"]
+    assert {key: (root / key).stat().st_mtime_ns for key in chunks} == chunks
     assert report["semantic"] == "clip_text" and report["assistant_checkpoint"] is None
     assert report["trained_on"] is None
 
