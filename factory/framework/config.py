@@ -318,7 +318,20 @@ class PublishConfig(Section):
                          description="the dataset card's license field (a Hugging Face license id)")
 
 
-class TrainConfig(Section):
+class TrainWorkers(Section):
+    """Where a Ray Train run's workers go: how many, on GPUs or not, what each asks the cluster for,
+    and how many restarts (each resumes from the run's last save)."""
+
+    num_workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each with use_gpu)")
+    use_gpu: bool = True
+    resources_per_worker: RayResources = Field(
+        default_factory=dict, description="custom Ray resources per worker, e.g. {a100_80g: 1}: a node type"
+    )
+    memory_per_worker: int = memory_field("worker")
+    max_failures: int = Field(3, ge=0, description="Ray Train restarts; each resumes from the run's last save")
+
+
+class TrainConfig(TrainWorkers):
     """Training G or the assistant heads on a published version (paper sections 3.1, 4.1)."""
 
     version: Name | None = Field(None, description="dataset version to train on; default: latest")
@@ -345,13 +358,6 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.01, ge=0)
     checkpoint_every: int = Field(1000, ge=1, description="optimizer steps between checkpoints")
     resume: bool = Field(True, description="continue from checkpoints/<model>/<run-id>/latest.json when present")
-    num_workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each with use_gpu)")
-    use_gpu: bool = True
-    resources_per_worker: RayResources = Field(
-        default_factory=dict, description="custom Ray resources per worker, e.g. {a100_80g: 1}: a node type"
-    )
-    memory_per_worker: int = memory_field("worker")
-    max_failures: int = Field(3, ge=0, description="Ray Train restarts; each resumes from the last checkpoint")
     seed: Seed = 0
     log_sample_keys: bool = Field(False, description="write the keys each worker trained on, per epoch")
 
@@ -438,7 +444,7 @@ class EvalConfig(Section):
     memory: int = memory_field("actor")
 
 
-class PromptNetConfig(Section):
+class PromptNetConfig(TrainWorkers):
     """`--stage promptnet`: pre-train ProFusion's PromptNet on a reference set, on Ray Train
     (defaults: ProFusion's train.py, SD2-base, lr 2e-5, batch 8, 80k steps)."""
 
@@ -468,13 +474,6 @@ class PromptNetConfig(Section):
     checkpoint_every: int = Field(1000, ge=1, description="steps between progress saves (runs/<run-id>/promptnet/)")
     resume: bool = Field(True, description="continue from the run's latest progress save when there is one")
     seed: Seed = 0
-    num_workers: int = Field(8, ge=1, description="Ray Train workers (one GPU each with use_gpu)")
-    use_gpu: bool = True
-    resources_per_worker: RayResources = Field(
-        default_factory=dict, description="custom Ray resources per worker, e.g. {a100_80g: 1}: a node type"
-    )
-    memory_per_worker: int = memory_field("worker")
-    max_failures: int = Field(3, ge=0, description="Ray Train restarts; each resumes from the latest progress save")
 
 
 class RayConfig(Section):
