@@ -38,9 +38,10 @@ from factory.dataset.reference_sources import (
     webdataset_candidates,
 )
 from factory.framework import layout
-from factory.framework.executor import MapStep, run_map
+from factory.framework.executor import MapStep, Resume, run_resumable
 from factory.framework.images import ImageRejected, decode_image, encode_jpeg, fit_within
-from factory.framework.storage import S3Storage, StorageError
+from factory.framework.stage import fingerprint
+from factory.framework.storage import S3Storage, Storage, StorageError
 from models.sd_drawer import StableDiffusionDrawer
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def run(ctx: RunContext) -> dict:
     with ExitStack() as stack:
         candidates = usable_candidates(list_candidates(ctx, stack), rejections)
         generated = [c for c in candidates if c.source == "generated"]
-        drawer = Drawer(ctx.config, generated) if generated else None
+        drawer = Drawer(ctx.config, ctx.storage, generated) if generated else None
         parts = write_parts(ctx.storage, cfg.set, ingest(candidates, cfg, drawer, rejections), cfg.part_size)
     write_rejections(ctx.storage, cfg.set, rejections)
     summary = {
@@ -179,17 +180,21 @@ class Drawer:
     """Draws the generated references with `models.sd_drawer`, `batch_size` at a time, in one
     stream over the whole ingest: in this process, or, with num_gpus > 0, concurrency > 1 or
     resources, on an actor pool run by the executor. `draw` takes the next candidates of the
-    stream, in the order it was given. A failed batch is counted, never a stop; a model that
-    cannot be loaded stops the stage before any image is read."""
+    stream, in the order it was given. Finished chunks of drawings are kept under the set
+    (`drawn/`), so an ingest run again after a kill redraws only the rest. A failed batch is
+    counted, never a stop; a model that cannot be loaded stops the stage before any image is read."""
 
-    def __init__(self, config: FactoryConfig, candidates: list[Candidate]):
+    def __init__(self, config: FactoryConfig, storage: Storage, candidates: list[Candidate]):
         cfg = config.references
         prompts = pd.DataFrame({"reference_id": [c.reference_id for c in candidates],
                                 "prompt": [c.prompt for c in candidates], "seed": [c.seed for c in candidates]})
         step = MapStep.on_pool(StableDiffusionDrawer, (cfg, config.storage), cfg, batch_size=cfg.batch_size)
+        settings = {key: value for key, value in fingerprint(config, ("references",)).items() if ".sd_" in key}
+        resume = Resume(storage, layout.reference_drawn(cfg.set), settings, inputs=("reference_id", "prompt", "seed"),
+                        chunk_rows=cfg.batch_size)
         self.drawn: deque[tuple[str, bytes | None, str | None]] = deque()
         try:
-            self.stream = run_map(prompts, [step], ordered=True, on_ray=cfg.drawn_on_actors())
+            self.stream = run_resumable(prompts, [step], resume, on_ray=cfg.drawn_on_actors())
             self.pull()  # the model loads now, before any image is read
         except Exception as err:
             raise ReferencesError(

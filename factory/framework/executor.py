@@ -118,13 +118,14 @@ def run_map(rows: pd.DataFrame, steps: Sequence[MapStep], *, group: GroupStep | 
 @dataclass(frozen=True)
 class Resume:
     """Where a job keeps each finished chunk of its output (`folder`/chunk-<n>.parquet, its footer
-    holding the settings that shaped it), so a job run again after a kill does only the chunks
-    still missing, and never mixes in a chunk made with other settings (`RunChanged`)."""
+    holding the settings that shaped it and a digest of its input rows), so a job run again after a
+    kill does only the chunks still missing, and never mixes in a chunk made with other settings
+    (`RunChanged`)."""
 
     storage: Storage
     folder: str
     made_with: dict[str, Any]
-    inputs: tuple[str, ...]  # the columns that say what an input row is (its chunk is refused if they differ)
+    inputs: tuple[str, ...]  # the columns that say what an input row is (a chunk of other rows is done again)
     chunk_rows: int = 64
 
     def chunk_meta(self, rows: pd.DataFrame) -> dict[str, Any]:
@@ -160,7 +161,8 @@ def run_resumable(rows: pd.DataFrame, steps: Sequence[MapStep], resume: Resume, 
 
 
 def finished_chunks(resume: Resume, wanted: dict[int, dict[str, Any]]) -> set[int]:
-    """The chunks whose file is whole and made from the same inputs; refuses any made with other settings."""
+    """The chunks whose file is whole and made from the same input rows (a chunk cut otherwise is
+    done again); refuses any made with other settings."""
     finished = set()
     for key in resume.storage.list(resume.folder):
         number = layout.chunk_number(key)
@@ -173,12 +175,11 @@ def finished_chunks(resume: Resume, wanted: dict[int, dict[str, Any]]) -> set[in
             continue
         stored = json.loads(raw) if raw else {}
         changes = changed_keys(stored.get("made_with") or {}, resume.made_with)
-        if stored.get("inputs") != wanted[number]["inputs"]:
-            changes.append(f"the inputs of chunk {number}")
         if changes:
             raise RunChanged(f"{resume.storage.url(resume.folder)} holds chunks made with other settings:\n  "
                              + "\n  ".join(changes) + "\ndelete that folder or restore those settings")
-        finished.add(number)
+        if stored.get("inputs") == wanted[number]["inputs"]:  # else other rows (chunks cut otherwise): redone
+            finished.add(number)
     return finished
 
 

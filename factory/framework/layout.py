@@ -34,6 +34,11 @@ def reference_rejections(set_name: str) -> str:
     return f"{reference_set(set_name)}/rejections.parquet"
 
 
+def reference_drawn(set_name: str) -> str:
+    """The SD drawing job's finished chunks of generated references, so a killed ingest redraws only the rest."""
+    return f"{reference_set(set_name)}/drawn"
+
+
 def reference_complete(set_name: str) -> str:
     """Written last by a finished ingest: plan uses only complete sets."""
     return f"{reference_set(set_name)}/_complete.json"

@@ -146,6 +146,11 @@ def test_a_resumable_job_refuses_chunks_made_with_other_settings(storage):
     resumed(storage)
     with pytest.raises(RunChanged, match=r"model.scale: 3 -> 4"):
         resumed(storage, made_with={"model.scale": 4})
-    other = rows(10).assign(value=lambda frame: frame["value"] + 1)
-    with pytest.raises(RunChanged, match="the inputs of chunk 0"):
-        resumed(storage, given=other)
+
+
+def test_a_resumable_chunk_of_other_input_rows_is_done_again(storage):
+    resumed(storage)
+    FailsAt.seen = []
+    other = rows(10).assign(value=lambda frame: frame["value"].where(frame["order"] != 5, 50))
+    assert resumed(storage, given=other)["value"].tolist() == [3 * n if n != 5 else 150 for n in range(10)]
+    assert FailsAt.seen == [4, 5, 6, 7]  # the chunk holding the changed row, alone

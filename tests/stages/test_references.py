@@ -412,6 +412,29 @@ def test_a_failed_drawing_batch_is_counted_and_the_stage_goes_on(tmp_path, tiny_
     assert set(load_references(ctx.storage, "refs")["subject"]) == {"dog"}
 
 
+def test_a_killed_drawing_resumes_with_what_it_drew_and_ends_with_the_same_parts(tmp_path, tiny_sd, monkeypatch):
+    real_call = StableDiffusionDrawer.__call__
+    calls = []
+
+    def killed_at_the_third_batch(self, rows):
+        calls.append(list(rows["reference_id"]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process is stopped mid-ingest
+        return real_call(self, rows)
+
+    monkeypatch.setattr(StableDiffusionDrawer, "__call__", killed_at_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(generated_config(tmp_path, tiny_sd, batch_size=1))
+    drawn_first = [ids for ids in calls[:2]]
+    calls.clear()
+    _, ctx = run_stage(generated_config(tmp_path, tiny_sd, batch_size=1))
+    assert len(calls) == 2 and not set(map(tuple, calls)) & set(map(tuple, drawn_first))  # only the rest drawn
+    monkeypatch.setattr(StableDiffusionDrawer, "__call__", real_call)
+    _, clean = run_stage(generated_config(tmp_path, tiny_sd, root="clean", batch_size=1))
+    for key in list_parts(clean.storage, "refs"):
+        assert ctx.storage.read_bytes(key) == clean.storage.read_bytes(key)
+
+
 @pytest.mark.slow
 def test_generated_on_ray_actors_matches_the_driver(tmp_path, tiny_sd):
     import ray
