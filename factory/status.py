@@ -1,6 +1,6 @@
 """`python -m factory.versions status RUN`: how far a run is, from its storage root alone.
 
-Reads the plan's unit column and each finished unit file's footer (counters, the time it was
+Reads the plan's index and each finished unit file's footer (counters, the time it was
 written), never a row of data, and starts no Ray: it answers from any machine that can read the
 storage root, while the run goes on or after it stopped. Per stage: units done of planned; the
 funnel so far with every rejection reason; throughput over the last hour; an ETA at that rate;

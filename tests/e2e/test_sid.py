@@ -93,10 +93,10 @@ def test_w_is_joined_by_id_and_stored_in_no_run_file(sid_round):
 
     import pyarrow as pa
 
-    from factory.framework import layout
+    from factory.framework.units import read_plan
 
     storage, _ = sid_round
-    plan = storage.read_parquet(layout.plan("demo-sid1"))
+    plan = pa.concat_tables(read_plan(storage, "demo-sid1"))
     assert [field.name for field in plan.schema if pa.types.is_binary(field.type)] == []
     assert set(plan.column("w_pool").to_pylist()) == {"demo-demo"}  # the pool built from the parent
     generated = pd.concat([storage.read_parquet(key).to_pandas() for key in storage.list("runs/demo-sid1/generate")])
