@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,9 +72,14 @@ class PlanIndex:
 
 def write_plan_part(storage: Storage, run_id: str, partition: int, table: pa.Table, unit_size: int,
                     meta: dict[str, Any]) -> None:
-    """One partition's jobs, in unit order, one row group per unit (units are consecutive runs of
-    `unit_size` rows, the last one shorter); `meta` (what drew it) goes into the footer."""
-    stamped = {**meta, "format": PLAN_FORMAT, "partition": partition}
+    """One partition's jobs, in unit order, one row group per unit: units are consecutive numbers,
+    each a run of `unit_size` rows (the last one shorter). `meta` (what drew it) and the first unit
+    go into the footer, so a unit's rows are its row group's count (no column statistics read)."""
+    units = table.column("unit").to_numpy()
+    first = int(units[0]) if len(units) else 0
+    if not np.array_equal(units, first + np.arange(len(units)) // unit_size):
+        raise ValueError(f"plan partition {partition}: units must be consecutive runs of {unit_size} rows")
+    stamped = {**meta, "format": PLAN_FORMAT, "partition": partition, "first_unit": first}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            PLAN_META: json.dumps(stamped, sort_keys=True).encode()})
     storage.write_parquet(layout.plan_part(run_id, partition), table, row_group_size=unit_size)
@@ -94,19 +99,11 @@ def plan_part_meta(storage: Storage, run_id: str, partition: int) -> dict[str, A
 
 
 def part_unit_rows(storage: Storage, key: str) -> dict[int, int]:
-    """Rows per unit of one partition file, from its footer's `unit` statistics (its column is read
-    when a row group holds more than one unit)."""
+    """Rows per unit of one partition file, from its footer: row group g is unit `first_unit + g`."""
     footer = storage.parquet_footer(key)
-    column = footer.schema.to_arrow_schema().get_field_index("unit")
-    rows: Counter[int] = Counter()
-    for number in range(footer.num_row_groups):
-        group = footer.row_group(number)
-        stats = group.column(column).statistics
-        if stats is None or not stats.has_min_max or stats.min != stats.max:
-            units = storage.read_parquet(key, columns=["unit"]).column("unit").to_pylist()
-            return dict(Counter(int(unit) for unit in units))
-        rows[int(stats.min)] += group.num_rows
-    return dict(rows)
+    first = json.loads((footer.metadata or {})[PLAN_META])["first_unit"]
+    return {first + number: footer.row_group(number).num_rows
+            for number in range(footer.num_row_groups) if footer.row_group(number).num_rows}
 
 
 def plan_part_rows(storage: Storage, run_id: str, partition: int) -> int:
