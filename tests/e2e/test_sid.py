@@ -55,7 +55,8 @@ def test_every_version_the_demo_and_sid_publish_has_a_valid_croissant_and_loads_
             # Known limit: HF infers KEY.json's features from the first shard, and a bootstrap sample's
             # generator `w` is null where a SID sample's is a string; the card declares no features yet.
             continue
-        loaded = datasets.load_dataset(folder, split="train")
+        # `datasets` read HF_DATASETS_CACHE at import: only cache_dir keeps another run's "demo" out
+        loaded = datasets.load_dataset(folder, split="train", cache_dir=str(tmp_path / "hf-cache"))
         keys = read_index(storage, "demo", version, columns=["key"]).column("key").to_pylist()
         assert sorted(loaded["__key__"]) == sorted(keys), version
 
