@@ -1,6 +1,6 @@
-"""What a plan is made of, shared by the plan stage and SID's rounds: the plan's columns,
-the reference catalog, the instruction table, the partitions, the cut into work units, and the
-loop that writes a plan partition by partition.
+"""What a plan is made of, shared by the plan stage and SID's rounds: the plan's columns, the
+reference parts and their partitions, the instruction table, the vectorised draws, the cut into
+work units, and the loop that writes a plan partition by partition.
 
 A plan is drawn per partition: a run of consecutive reference parts holding about
 `PARTITION_JOBS` jobs (at least one part). Each partition draws its jobs with a generator seeded
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ from factory.framework import layout
 from factory.framework.context import RunContext
 from factory.framework.storage import Storage
 from factory.framework.units import PLAN_FORMAT, plan_part_meta, plan_part_rows, write_plan_index, write_plan_part
-
-log = logging.getLogger(__name__)
 
 PARTITION_JOBS = 65_536  # jobs a partition holds, about (at least one reference part); part of the plan's format
 FOOTER_THREADS = 16  # reference parts' footers read at once
