@@ -72,3 +72,21 @@ def test_a_round_is_the_same_whatever_the_partitions_drawn_at_once(tmp_path, tin
     own = jobs.loc[jobs["reference_id"] == "ref003", "w_id"]
     assert not set(own) & {"pool:img00", "pool:img01", "pool:ref003"}
     assert set(jobs["round"]) == {1} and jobs["instruction"].str.contains("person|dog|teapot").all()
+
+
+def test_an_sd_drawn_round_draws_each_w_once_after_its_partitions(tmp_path, tiny_clip, parent, monkeypatch):
+    calls = []
+
+    def draw_w_images(ctx, drawn):  # the SD actor pool's answer, without Ray: one image per row
+        calls.append(len(drawn))
+        return [jpeg(int(seed) % 200, size=16) for seed in drawn["seed"]]
+
+    monkeypatch.setattr(sid, "draw_w_images", draw_w_images)
+    ctx = round_context(tmp_path, tiny_clip, w_source="generate", alpha_mode="sweep")
+    sid.plan_round(ctx, "parent", 1, "g")
+    jobs = pa.concat_tables(read_plan(ctx.storage, "r")).to_pandas()
+    assert plan_index(ctx.storage, "r").meta["partitions"] > 2
+    assert jobs["w_id"].str.startswith("sd:").all() and jobs["w_pool"].isna().all()
+    assert calls == [jobs["w_id"].nunique()] == [len(jobs) // len(ctx.config.sid.alphas)]  # once, for the round
+    stored = ctx.storage.read_parquet(layout.run_w_ids("r")).column("image_id").to_pylist()
+    assert sorted(stored) == sorted(w_id[len("sd:"):] for w_id in jobs["w_id"].unique())
