@@ -1,6 +1,15 @@
 """Scale: does the data flow hold at 100x the data? Memory, overhead and publish at 1k/10k/100k.
 
     python bench/scale.py [--sizes 1000 10000 100000] [--unit-size 64] [--alive-every 14]
+    python bench/scale.py --plan-only [--sizes 100000 1000000]      the plan stage alone, per size
+    python bench/scale.py --sid-jobs 1500000                          a SID round's planning alone
+
+`--plan-only` and `--sid-jobs` run each case in a fresh process (no Ray: planning runs in the
+driver) and report that process's peak RSS over the planning alone (`/proc/self/clear_refs`
+resets it once the inputs are written), the planning's wall time and its time per job. The SID
+case plans one round over the demo's instruction bank (the shipped bank) with a tiny CLIP and a
+pool of 1,000 images; the parent version's index (categories, and which pool images were drawn
+from which reference, for the exclusions) is given in memory instead of a published version.
 
 The stages here cost nothing: `FreeGenerate`, `FreeFilter` and `FreeDialogue` are stages on
 the real base (`factory.framework.stage.Stage`), for this benchmark only, that run no model. FreeGenerate
@@ -193,15 +202,26 @@ def config_for(root: Path, size: int, unit_size: int):
     ])
 
 
-def write_references(storage, count: int) -> None:
+SUBJECTS = {"object": ["dog", "cat", "teapot", "backpack", "vase", "clock", "sneaker", "robot", "car", "chair",
+                       "bowl", "candle", "guitar", "lamp", "bicycle", "duck toy", "cup", "boot", "bear plushie",
+                       "sunglasses"],
+            "human": ["person", "man", "woman", "child", "old man", "old woman", "girl", "boy"]}
+
+
+def write_references(storage, count: int, images: list[bytes] | None = None, part_size: int = 256,
+                     set_name: str = "scale") -> None:
+    """`count` references (all dogs, or, with `images`, subjects of both domains and those bytes)."""
     from factory.dataset.reference_sets import write_parts
     from factory.framework import layout
 
-    rows = ({"reference_id": f"ref{n:06d}", "image": photo_like_jpeg(10_000 + n % 64, 512), "width": 512,
-             "height": 512, "subject": "dog", "domain": "object", "source": "bench", "origin": f"bench/{n}",
-             "prompt": None, "seed": n} for n in range(count))
-    write_parts(storage, "scale", rows, 256)
-    storage.write_bytes(layout.reference_complete("scale"), b"{}")
+    pictures = images or [photo_like_jpeg(10_000 + n, 512) for n in range(64)]
+    subjects = [("object", "dog")] if images is None else [(domain, subject) for domain, names in SUBJECTS.items()
+                                                           for subject in names]
+    rows = ({"reference_id": f"ref{n:07d}", "image": pictures[n % len(pictures)], "width": 512, "height": 512,
+             "subject": subjects[n % len(subjects)][1], "domain": subjects[n % len(subjects)][0], "source": "bench",
+             "origin": f"bench/{n}", "prompt": None, "seed": n} for n in range(count))
+    write_parts(storage, set_name, rows, part_size)
+    storage.write_bytes(layout.reference_complete(set_name), b"{}")
 
 
 def run_size(size: int, unit_size: int, endpoint: str, moto_pid: int, scratch: Path) -> dict:
@@ -269,6 +289,103 @@ def bare_upload(endpoint: str, s3_root: str, manifest: dict, folder: Path) -> fl
     return time.perf_counter() - started
 
 
+# --- planning alone (one fresh process per case, no Ray) ---------------------------------------
+
+
+def planning_peak_reset() -> None:
+    """From here on VmHWM is this process's peak RSS (Linux: 5 to clear_refs resets it)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def own_memory() -> dict[str, float]:
+    fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in
+              Path("/proc/self/status").read_text().splitlines() if line.startswith(("VmHWM:", "VmRSS:"))}
+    return {"peak_mib": mib(fields["VmHWM"]), "rss_mib": mib(fields["VmRSS"])}
+
+
+def plan_case(size: int, unit_size: int, scratch: Path, workers: int = 1) -> dict:
+    """The plan stage for `size` candidates (plan.total_jobs, 12 per reference) in this process,
+    `workers` partitions drawn at once (threads)."""
+    from factory.framework.context import RunContext
+    from factory.framework.units import plan_index
+    from stages import plan
+
+    ctx = RunContext(config_for(scratch / f"plan{size}", size, unit_size))
+    write_references(ctx.storage, max(8, size // 12), images=[photo_like_jpeg(1, 32)], part_size=4096)
+    before = own_memory()["rss_mib"]
+    planning_peak_reset()
+    started = time.perf_counter()
+    written = plan.run(ctx, workers=workers)
+    seconds = time.perf_counter() - started
+    index = plan_index(ctx.storage, ctx.config.run_id)
+    return {"case": f"plan x{workers}" if workers > 1 else "plan", "size": size, **written,
+            "partitions": index.meta["partitions"], "plan_s": seconds,
+            "us_per_job": 1e6 * seconds / written["jobs"], "before_mib": before, **own_memory(),
+            "load": os.getloadavg()[0]}
+
+
+def sid_case(jobs: int, unit_size: int, scratch: Path, jobs_per_reference: int = 6) -> dict:
+    """One SID round's planning (`stages.sid.plan_round`) of about `jobs` jobs in this process."""
+    import numpy as np
+
+    import stages.sid as sid
+    from factory.dataset.planning import instruction_table
+    from factory.dataset.pool import build_pool
+    from factory.framework.config import load_config
+    from factory.framework.context import RunContext
+    from factory.framework.units import plan_index
+    from factory.tiny.clip import build_tiny_clip
+
+    clip = build_tiny_clip(scratch / "clip")
+    config = load_config(None, [
+        f"storage.root={scratch / 'sid'}", "run_id=sidplan", "references.set=scale", "sid.pool=benchpool",
+        "sid.parent=parent", f"sid.jobs_per_reference={jobs_per_reference}", f"sid.unit_size={unit_size}",
+        f"filter.clip_model={clip.model_name}", f"filter.clip_pretrained={clip.pretrained}",
+        f"filter.clip_model_config={clip.model_config}"])
+    ctx = RunContext(config)
+    references = jobs // jobs_per_reference
+    write_references(ctx.storage, references, images=[photo_like_jpeg(1, 32)], part_size=4096)
+    pool = {f"key{n:05d}": photo_like_jpeg(n, 32) for n in range(1000)}
+    build_pool(ctx.storage, "benchpool", list(pool.items()), sid.clip_scorer(config))
+    rng = np.random.default_rng(0)
+    categories = instruction_table(None)["category"].to_numpy()
+    parent = pd.DataFrame({"key": [f"key{n:06d}" for n in range(148_000)],
+                           "category": rng.choice(categories, size=148_000)})
+    traced = {image_id: f"ref{int(n):07d}" for image_id, n in zip(pool, rng.integers(0, references, size=len(pool)))}
+    sid.parent_rows = lambda ctx, parent_name: parent  # the parent version's index, given in memory
+    sid.drawn_from = lambda ctx, parent_name: traced
+    before = own_memory()["rss_mib"]
+    planning_peak_reset()
+    started = time.perf_counter()
+    written = sid.plan_round(ctx, "parent", 1, "bench/g")
+    seconds = time.perf_counter() - started
+    index = plan_index(ctx.storage, ctx.config.run_id)
+    return {"case": "sid", "size": jobs, **written, "partitions": index.meta["partitions"], "plan_s": seconds,
+            "us_per_job": 1e6 * seconds / written["jobs"], "before_mib": before, **own_memory(),
+            "load": os.getloadavg()[0]}
+
+
+def planning_in_fresh_process(case: str, size: int, unit_size: int, workers: int = 1) -> dict:
+    """Run one planning case in a new Python process (its own peak RSS) and return its result."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as scratch:
+        done = subprocess.run([sys.executable, __file__, f"--{case}-case", str(size), "--unit-size", str(unit_size),
+                               "--scratch", scratch, "--plan-workers", str(workers)],
+                              capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def planning_table(results: list[dict]) -> list[str]:
+    lines = ["| case | jobs | units | partitions | planning s | us per job | driver peak MiB (before planning) | "
+             "load average |", "|" + "---|" * 8]
+    for r in results:
+        lines.append(f"| {r['case']} {r['size']:,} | {r['jobs']:,} | {r['units']:,} | {r['partitions']} | "
+                     f"{r['plan_s']:.1f} | {r['us_per_job']:.1f} | {r['peak_mib']:.0f} ({r['before_mib']:.0f}) | "
+                     f"{r['load']:.1f} |")
+    return lines
+
+
 # --- report ---------------------------------------------------------------------------------------
 
 
@@ -292,7 +409,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alive-every", type=int, default=14)
     parser.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     parser.add_argument("--no-results", action="store_true")
+    parser.add_argument("--plan-only", action="store_true", help="the plan stage alone at each size")
+    parser.add_argument("--sid-jobs", type=int, help="a SID round's planning alone, of about this many jobs")
+    parser.add_argument("--plan-case", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sid-case", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--plan-workers", type=int, default=1, help="partitions drawn at once (threads)")
     args = parser.parse_args(argv)
+    if args.plan_case or args.sid_case:
+        scratch = Path(args.scratch)
+        result = (plan_case(args.plan_case, args.unit_size, scratch, args.plan_workers) if args.plan_case
+                  else sid_case(args.sid_case, args.unit_size, scratch))
+        print(json.dumps(result), flush=True)
+        return
+    if args.plan_only or args.sid_jobs:
+        planning_main(args)
+        return
     os.environ.update(FAKE_KEYS)
     os.environ["SCALE_ALIVE_EVERY"] = str(args.alive_every)
     import ray
@@ -319,6 +451,26 @@ def main(argv: list[str] | None = None) -> None:
             out.write(f"\n## Scale: the data flow at {', '.join(f'{s:,}' for s in args.sizes)} candidates "
                       f"(bench/scale.py, {date.today()})\n\nMachine: {machine()}; units of {args.unit_size}, one "
                       f"candidate in {args.alive_every} accepted, 512-px JPEGs, stages that cost nothing.\n\n")
+            out.write("\n".join(lines) + "\n")
+
+
+def planning_main(args: argparse.Namespace) -> None:
+    results = []
+    cases = [("plan", size) for size in args.sizes] if args.plan_only else []
+    cases += [("sid", args.sid_jobs)] if args.sid_jobs else []
+    for case, size in cases:
+        results.append(planning_in_fresh_process(case, size, args.unit_size, args.plan_workers))
+        print(json.dumps(results[-1]), flush=True)
+    lines = planning_table(results)
+    plans = [r for r in results if r["case"].startswith("plan")]
+    if len(plans) > 1:
+        lines += ["", f"driver peak at {plans[-1]['size']:,} / at {plans[0]['size']:,}: "
+                      f"{plans[-1]['peak_mib'] / plans[0]['peak_mib']:.2f}x (goal <= 1.1x)"]
+    print("\n".join(lines))
+    if not args.no_results:
+        with open(args.results, "a", encoding="utf-8") as out:
+            out.write(f"\n## Planning alone (bench/scale.py --plan-only / --sid-jobs, {date.today()})\n\n"
+                      f"Machine: {machine()}; units of {args.unit_size}; one fresh process per case, no Ray.\n\n")
             out.write("\n".join(lines) + "\n")
 
 

@@ -1,6 +1,6 @@
 """`python -m factory.versions status RUN`: how far a run is, from its storage root alone.
 
-Reads the plan's footer and each finished unit file's footer (counters, the time it was
+Reads the plan's index and each finished unit file's footer (counters, the time it was
 written), never a row of data, and starts no Ray: it answers from any machine that can read the
 storage root, while the run goes on or after it stopped. Per stage: units done of planned, pass
 rate so far, throughput over the last hour, an ETA at that rate and accelerator hours so far; the
@@ -33,7 +33,7 @@ def run_status(storage: Storage, config: FactoryConfig, run_id: str, now: float 
     finished in the last hour, or since `since` when that is later (a watch that started then);
     `metas`: the footers `unit_footers` read (default: read now)."""
     now = time.time() if now is None else now
-    planned = len(plan_unit_rows(storage, run_id)) if plan_exists(storage, run_id) else 0  # the plan's footer
+    planned = len(plan_unit_rows(storage, run_id)) if plan_exists(storage, run_id) else 0  # the plan index
     metas = unit_footers(storage, run_id) if metas is None else metas
     ordered = {stage: [metas[stage][unit] for unit in sorted(metas[stage])] for stage in MODEL_STAGES}
     window_start = now - HOUR if since is None else max(now - HOUR, since)

@@ -1,7 +1,9 @@
 """plan: draw (reference, instruction, seed) jobs from the config seed and cut them into units.
 
-The same config gives the same plan, byte for byte: every random draw comes from one
-seeded generator over inputs in a fixed order.
+The plan is drawn partition by partition (`factory.dataset.planning`): each partition (a run of
+reference parts) draws its jobs with numpy from a generator seeded by `(plan.seed, partition)`
+and is written as soon as it is drawn, so the same config gives the same plan, byte for byte,
+however many partitions are drawn at once, and no process holds more than a partition.
 """
 
 from __future__ import annotations
@@ -11,81 +13,109 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
-from factory.dataset.instructions import render
-from factory.dataset.planning import PLAN_SCHEMA, PlanError, cut_units, instruction_table, reference_catalog  # noqa: F401
+from factory.dataset.planning import (
+    PLAN_SCHEMA,
+    Partition,
+    PlanError,
+    choose_instructions,
+    cut_units,
+    instruction_table,
+    job_columns,
+    partition_catalog,
+    partitions_of,
+    plan_fingerprint,
+    reference_parts,
+    write_partitions,
+)
 from factory.framework import layout
 from factory.framework.context import RunContext
 from factory.framework.keys import portable_ref, sample_key
 from factory.framework.storage import DamagedFile
-from factory.framework.units import write_plan
+from factory.framework.units import PlanIndex, plan_exists, plan_index
 
 log = logging.getLogger(__name__)
+__all__ = ["PlanError", "run"]
 
 
-def draw_jobs(references: pd.DataFrame, instructions: pd.DataFrame, ctx: RunContext) -> pd.DataFrame:
-    plan_config = ctx.config.plan
-    rng = np.random.default_rng(plan_config.seed)
-    if plan_config.total_jobs is not None:
-        picks = rng.integers(0, len(references), size=plan_config.total_jobs)
+def partitions(ctx: RunContext, parts: list[tuple[str, int]]) -> list[Partition]:
+    """The plan's partitions: `plan.jobs_per_reference` jobs per reference, or `plan.total_jobs`
+    spread over the parts by a multinomial draw seeded by `plan.seed` (each part's share is its
+    references')."""
+    plan = ctx.config.plan
+    sizes = np.array([rows for _, rows in parts], dtype=np.int64)
+    if plan.total_jobs is not None:
+        jobs = np.random.default_rng([plan.seed, 2**32 - 1]).multinomial(plan.total_jobs, sizes / sizes.sum())
     else:
-        picks = np.repeat(np.arange(len(references)), plan_config.jobs_per_reference)
-    spec = ctx.config.generate.generators.get(plan_config.generator)
+        jobs = sizes * plan.jobs_per_reference
+    return partitions_of(parts, jobs.tolist(), plan.unit_size)
+
+
+def draw_partition(ctx: RunContext, partition: Partition, instructions: pd.DataFrame) -> pd.DataFrame:
+    """One partition's jobs, in unit order, vectorised: references (every one `jobs_per_reference`
+    times, or drawn uniformly), an instruction of each reference's domain, a seed, then the keys."""
+    plan = ctx.config.plan
+    rng = np.random.default_rng([plan.seed, partition.index])
+    catalog = partition_catalog(ctx.storage, partition)
+    if plan.total_jobs is not None:
+        picks = rng.integers(0, len(catalog), size=partition.jobs)
+    else:
+        picks = np.repeat(np.arange(len(catalog)), plan.jobs_per_reference)
+    domains = catalog["domain"].to_numpy()[picks]
+    chosen = choose_instructions(rng, domains, instructions)
+    if (chosen < 0).any():
+        raise PlanError(f"the instruction bank has no templates for domain {domains[chosen < 0][0]!r}")
+    seeds = rng.integers(0, 2**31 - 1, size=len(picks)).tolist()
+    jobs = pd.DataFrame({**job_columns(catalog, picks, instructions, chosen, ctx.config.references.set),
+                         "seed": seeds, "generator": plan.generator, "round": 0, "alpha": None, "w_id": None})
+    checkpoint = generator_checkpoint(ctx)
+    jobs.insert(0, "key", [
+        sample_key(reference_id=reference_id, instruction_id=instruction_id, instruction=text, seed=seed,
+                   generator=plan.generator, checkpoint=checkpoint, round=0)
+        for reference_id, instruction_id, text, seed in zip(jobs["reference_id"], jobs["instruction_id"],
+                                                            jobs["instruction"], seeds)])
+    return cut_units(jobs, plan.unit_size, partition.first_unit)
+
+
+def generator_checkpoint(ctx: RunContext) -> str | None:
+    spec = ctx.config.generate.generators.get(ctx.config.plan.generator)
     if spec is None:
-        raise PlanError(f"plan.generator {plan_config.generator!r} is not configured under generate.generators")
-    by_domain = {domain: group for domain, group in instructions.groupby("domain")}
-    rows = []
-    for pick in picks:
-        reference = references.iloc[int(pick)]
-        choices = by_domain.get(reference["domain"])
-        if choices is None:
-            raise PlanError(f"the instruction bank has no templates for domain {reference['domain']!r}")
-        instruction = choices.iloc[int(rng.integers(0, len(choices)))]
-        seed = int(rng.integers(0, 2**31 - 1))
-        text = render(instruction["template"], reference["subject"])
-        key = sample_key(reference_id=reference["reference_id"], instruction_id=instruction["instruction_id"],
-                         instruction=text, seed=seed, generator=plan_config.generator,
-                         checkpoint=portable_ref(spec.checkpoint or spec.model), round=0)
-        rows.append({
-            "key": key, "reference_set": ctx.config.references.set, "reference_part": reference["reference_part"],
-            "reference_id": reference["reference_id"], "subject": reference["subject"], "domain": reference["domain"],
-            "instruction_id": instruction["instruction_id"], "category": instruction["category"],
-            "template": instruction["template"], "instruction": text, "seed": seed,
-            "generator": plan_config.generator, "round": 0, "alpha": None, "w_id": None,
-        })
-    return pd.DataFrame(rows)
+        raise PlanError(f"plan.generator {ctx.config.plan.generator!r} is not configured under generate.generators")
+    return portable_ref(spec.checkpoint or spec.model)
 
 
-def build_plan(ctx: RunContext) -> pa.Table:
-    references = reference_catalog(ctx)
+def fingerprint(ctx: RunContext, instructions: pd.DataFrame, parts: list[tuple[str, int]]) -> str:
+    settings = {"plan": ctx.config.plan.model_dump(exclude={"instructions"}), "checkpoint": generator_checkpoint(ctx),
+                "references.set": ctx.config.references.set}
+    return plan_fingerprint(settings, instructions, parts)
+
+
+def run(ctx: RunContext, workers: int = 1) -> dict[str, Any]:
+    """Write the run's plan, or check that the stored one is what this config draws (a plan of
+    another format, or drawn from other settings or references, is refused: use a new run_id).
+    Partitions already stored with the same settings (a plan stopped half-way) are kept."""
+    parts = reference_parts(ctx)
     instructions = instruction_table(ctx.config.plan.instructions)
-    jobs = cut_units(draw_jobs(references, instructions, ctx), ctx.config.plan.unit_size)
-    return pa.Table.from_pandas(jobs, schema=PLAN_SCHEMA, preserve_index=False)
+    digest = fingerprint(ctx, instructions, parts)
+    run_id = ctx.config.run_id
+    index = stored_index(ctx)
+    if index is not None:
+        if index.meta.get("fingerprint") != digest:
+            raise PlanError(f"{ctx.storage.url(layout.plan(run_id))} exists and differs from the plan this config "
+                            "draws; use a new run_id for a new plan")
+        return {"jobs": sum(index.rows.values()), "units": len(index.rows)}
+    return write_partitions(ctx.storage, run_id, partitions(ctx, parts),
+                            lambda partition: draw_partition(ctx, partition, instructions),
+                            PLAN_SCHEMA, ctx.config.plan.unit_size, digest, workers)
 
 
-def run(ctx: RunContext) -> dict[str, Any]:
-    table = build_plan(ctx)
-    key = layout.plan(ctx.config.run_id)
-    existing = stored_plan(ctx, key)
-    if existing is None:
-        write_plan(ctx.storage, ctx.config.run_id, table, ctx.config.plan.unit_size)
-    elif not existing.equals(table):
-        raise PlanError(
-            f"{ctx.storage.url(key)} exists and differs from the plan this config draws; "
-            "use a new run_id for a new plan"
-        )
-    units = len(set(table.column("unit").to_pylist()))
-    return {"jobs": table.num_rows, "units": units}
-
-
-def stored_plan(ctx: RunContext, key: str) -> pa.Table | None:
-    """The run's stored plan; None when there is none, or when it is damaged (named in a warning):
-    the plan is drawn again from the config, so writing it again gives the same plan."""
-    if not ctx.storage.exists(key):
+def stored_index(ctx: RunContext) -> PlanIndex | None:
+    """The run's stored plan index; None when there is none, or when it is damaged (named in a
+    warning): the plan is drawn again, and drawing gives the same plan. Another format is refused."""
+    if not plan_exists(ctx.storage, ctx.config.run_id):
         return None
     try:
-        return ctx.storage.read_parquet(key)
+        return plan_index(ctx.storage, ctx.config.run_id)
     except DamagedFile as err:
         log.warning("%s: the plan is drawn again", err)
         return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,7 +25,6 @@ import pyarrow as pa
 import torch
 
 from factory.dataset.checkpoints import latest_assistant_checkpoint, latest_generator_checkpoint
-from factory.dataset.instructions import render
 from factory.dataset.manifest import (
     VersionSpec,
     latest_version,
@@ -35,7 +35,19 @@ from factory.dataset.manifest import (
     union_versions,
     version_exists,
 )
-from factory.dataset.planning import PLAN_SCHEMA, cut_units, instruction_table, reference_catalog
+from factory.dataset.planning import (
+    PLAN_SCHEMA,
+    Partition,
+    choose_instructions,
+    cut_units,
+    instruction_table,
+    job_columns,
+    partition_catalog,
+    partitions_of,
+    plan_fingerprint,
+    reference_parts,
+    write_partitions,
+)
 from factory.dataset.pool import ImagePool, build_pool_from_shards
 from factory.dataset.publisher import publish_run
 from factory.framework import layout
@@ -47,7 +59,7 @@ from factory.framework.keys import portable_ref, sample_key
 from factory.framework.models_cache import loader_paths
 from factory.framework.names import BadName, check_name
 from factory.framework.stage import fingerprint
-from factory.framework.units import finished_units, plan_exists, read_unit, write_plan
+from factory.framework.units import finished_units, plan_exists, read_plan, read_unit
 from filters.clip import clip_scorer_from_config
 from models.sd_drawer import StableDiffusionDrawer
 from models.training.runner import train_assistant_on, train_generator_on
@@ -120,73 +132,108 @@ def instruction_weights(instructions: pd.DataFrame, parent_index: pd.DataFrame, 
     return (1.0 + seen) ** -power
 
 
-def draw_round_jobs(ctx: RunContext, parent: str, round_: int) -> pd.DataFrame:
+def round_partitions(ctx: RunContext, round_: int,
+                     parts: list[tuple[str, int]]) -> tuple[list[Partition], np.ndarray | None]:
+    """The round's partitions, and the references it draws for (global catalog positions, sorted;
+    None for all): `sid.max_references` of them chosen with a generator seeded by (sid.seed, round)."""
     sid = ctx.config.sid
-    rng = np.random.default_rng([sid.seed, round_])
-    references = reference_catalog(ctx)
-    if sid.max_references is not None and len(references) > sid.max_references:
-        chosen = np.sort(rng.choice(len(references), size=sid.max_references, replace=False))
-        references = references.iloc[chosen].reset_index(drop=True)
-    instructions = instruction_table(ctx.config.plan.instructions)
-    weights = instruction_weights(instructions, parent_rows(ctx, parent), sid.rarity_power)
-    rows = []
-    for _, reference in references.iterrows():
-        in_domain = np.flatnonzero(instructions["domain"].to_numpy() == reference["domain"])
-        if len(in_domain) == 0:
-            continue
-        p = weights[in_domain] / weights[in_domain].sum()
-        for _ in range(sid.jobs_per_reference):
-            instruction = instructions.iloc[int(rng.choice(in_domain, p=p))]
-            seed = int(rng.integers(0, 2**31 - 1))
-            alphas = sid.alphas if sid.alpha_mode == "sweep" else [float(rng.choice(sid.alphas))]
-            for alpha in alphas:
-                rows.append({
-                    "reference_set": ctx.config.references.set, "reference_part": reference["reference_part"],
-                    "reference_id": reference["reference_id"], "subject": reference["subject"],
-                    "domain": reference["domain"], "instruction_id": instruction["instruction_id"],
-                    "category": instruction["category"], "template": instruction["template"],
-                    "instruction": render(instruction["template"], reference["subject"]), "seed": seed,
-                    "generator": sid.generator, "round": round_, "alpha": float(alpha),
-                })
-    return pd.DataFrame(rows)
+    sizes = np.array([rows for _, rows in parts], dtype=np.int64)
+    chosen = None
+    per_part = sizes
+    if sid.max_references is not None and sizes.sum() > sid.max_references:
+        rng = np.random.default_rng([sid.seed, round_])
+        chosen = np.sort(rng.choice(int(sizes.sum()), size=sid.max_references, replace=False))
+        per_part = np.diff(np.searchsorted(chosen, np.concatenate([[0], np.cumsum(sizes)])))
+    per_reference = sid.jobs_per_reference * (len(sid.alphas) if sid.alpha_mode == "sweep" else 1)
+    return partitions_of(parts, (per_part * per_reference).tolist(), sid.unit_size), chosen
 
 
-def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
+def draw_round_jobs(ctx: RunContext, partition: Partition, round_: int, instructions: pd.DataFrame,
+                    weights: np.ndarray, chosen: np.ndarray | None, first_reference: int) -> pd.DataFrame:
+    """One partition of a round, vectorised: each (chosen) reference's `jobs_per_reference` jobs,
+    an instruction of its domain weighted by rarity (references whose domain has none are left out),
+    a seed, and one alpha drawn (or every alpha, `alpha_mode: sweep`, with one seed)."""
+    sid = ctx.config.sid
+    rng = np.random.default_rng([sid.seed, round_, partition.index])
+    catalog = partition_catalog(ctx.storage, partition)
+    if chosen is not None:
+        mine = chosen[(chosen >= first_reference) & (chosen < first_reference + len(catalog))] - first_reference
+        catalog = catalog.iloc[mine].reset_index(drop=True)
+    picks = np.repeat(np.arange(len(catalog)), sid.jobs_per_reference)
+    picked = choose_instructions(rng, catalog["domain"].to_numpy()[picks], instructions, weights)
+    picks, picked = picks[picked >= 0], picked[picked >= 0]
+    seeds = rng.integers(0, 2**31 - 1, size=len(picks))
+    if sid.alpha_mode == "sweep":
+        alphas = np.tile(np.asarray(sid.alphas, dtype=float), len(picks))
+        picks, picked, seeds = (np.repeat(column, len(sid.alphas)) for column in (picks, picked, seeds))
+    else:
+        alphas = rng.choice(np.asarray(sid.alphas, dtype=float), size=len(picks))
+    return pd.DataFrame({**job_columns(catalog, picks, instructions, picked, ctx.config.references.set),
+                         "seed": seeds.tolist(), "generator": sid.generator, "round": round_,
+                         "alpha": alphas.tolist()})
+
+
+def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str, search: WSearch | None = None) -> pd.DataFrame:
     """Give every job its `w` by id: the pool image closest to the instruction (`pool:<id>`, the
-    pool in `w_pool`), or an SD drawing of it (`sd:<id>`, drawn once per instruction and seed and
-    stored once under the run, `factory.framework.layout.run_w_dir`)."""
+    pool in `w_pool`; `search`: the round's, shared by its partitions), or an SD drawing of it
+    (`sd:<id>`, drawn once per instruction and seed and stored once under the run,
+    `factory.framework.layout.run_w_dir`)."""
     if ctx.config.sid.w_source == "generate":
-        jobs["w_id"] = [drawn_w_id(instruction, seed) for instruction, seed in zip(jobs["instruction"], jobs["seed"])]
-        jobs["w_pool"] = None
+        jobs = with_drawn_w_ids(jobs)
         drawn = jobs.drop_duplicates("w_id")
         store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
         return jobs
-    return attach_retrieved_w(ctx, jobs, parent)
+    return attach_retrieved_w(ctx, jobs, parent, search)
 
 
-def attach_retrieved_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
+def with_drawn_w_ids(jobs: pd.DataFrame) -> pd.DataFrame:
+    jobs["w_id"] = [drawn_w_id(instruction, seed) for instruction, seed in zip(jobs["instruction"], jobs["seed"])]
+    jobs["w_pool"] = None
+    return jobs
+
+
+class WSearch:
+    """The round's retrieval: the pool, the parent's images traced to their references, and each
+    distinct instruction text's nearest pool images, encoded and searched once for the whole round,
+    deep enough (`w_top_k` plus the most exclusions any reference has) to serve every job."""
+
+    def __init__(self, ctx: RunContext, parent: str):
+        self.pool = load_or_build_pool(ctx, parent)
+        self.scorer = clip_scorer(ctx.config)
+        self.sources = drawn_from(ctx, parent)
+        most = max(Counter(self.sources.values()).values(), default=0)
+        self.depth = min(len(self.pool), ctx.config.sid.w_top_k + 1 + most)
+        self.nearest: dict[str, list[str]] = {}
+
+    def lookup(self, texts: list[str]) -> list[list[str]]:
+        """The nearest pool ids of each text, best first (texts not seen yet encoded in one call)."""
+        missing = sorted(set(texts) - self.nearest.keys())
+        if missing:
+            found, _ = self.pool.search_ids(embed_texts(self.scorer, missing), k=self.depth)
+            self.nearest.update(zip(missing, found))
+        return [self.nearest[text] for text in texts]
+
+
+def attach_retrieved_w(ctx: RunContext, jobs: pd.DataFrame, parent: str, search: WSearch | None = None) -> pd.DataFrame:
     """`pool:<id>` per job: a pick seeded by the job among the `sid.w_top_k` pool images nearest
     to its instruction, never its own reference nor an image drawn from it (pool ids that are
     the parent's sample keys are traced to their reference). Jobs left with no eligible image
     are dropped from the round, with a warning.
 
-    Each distinct instruction text is encoded and searched once, deep enough to serve every job
-    after its exclusions (a round of 1.5M jobs has a few thousand texts: instructions x subjects);
-    its jobs share the one list of neighbours."""
+    Each distinct instruction text is encoded and searched once (`WSearch`: a round of 1.5M jobs
+    has a few thousand texts, instructions x subjects); its jobs share the one list of neighbours."""
     sid = ctx.config.sid
-    pool = load_or_build_pool(ctx, parent)
+    search = search or WSearch(ctx, parent)
     texts, text_of_job = np.unique(jobs["instruction"].to_numpy(dtype=str), return_inverse=True)
-    queries = embed_texts(clip_scorer(ctx.config), texts.tolist())
-    excluded = excluded_w(jobs, drawn_from(ctx, parent))
-    depth = min(len(pool), sid.w_top_k + max((len(ids) for ids in excluded), default=0))
-    nearest_by_text, _ = pool.search_ids(queries, k=depth)
+    nearest_by_text = search.lookup(texts.tolist())
+    excluded = excluded_w(jobs, search.sources)
     seeds = [[sid.seed, int(seed)] for seed in jobs["seed"]]
-    chosen = choose_w([nearest_by_text[text] for text in text_of_job], excluded, sid.w_top_k, seeds)
+    chosen = choose_w([nearest_by_text[text] for text in text_of_job.reshape(-1)], excluded, sid.w_top_k, seeds)
     missing = [n for n, image_id in enumerate(chosen) if image_id is None]
     if missing:
         log.warning("%d of %d SID jobs have no pool image but their own reference's: dropped", len(missing), len(jobs))
     jobs["w_id"] = [None if image_id is None else f"pool:{image_id}" for image_id in chosen]
-    jobs["w_pool"] = pool.name
+    jobs["w_pool"] = search.pool.name
     return jobs.drop(index=jobs.index[missing]).reset_index(drop=True)
 
 
@@ -289,19 +336,58 @@ def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> l
     return drawn["image"].tolist()
 
 
-def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> pa.Table:
-    jobs = draw_round_jobs(ctx, parent, round_)
-    if jobs.empty:
-        raise RuntimeError("SID round planned no jobs: no reference has instructions in its domain")
-    jobs = attach_w(ctx, jobs, parent)
-    jobs["key"] = [
-        sample_key(reference_id=row.reference_id, instruction_id=row.instruction_id, instruction=row.instruction,
-                   seed=row.seed, generator=row.generator, checkpoint=portable_ref(checkpoint), round=round_,
-                   alpha=row.alpha, w_id=row.w_id)
-        for row in jobs.itertuples()
-    ]
-    jobs = cut_units(jobs, ctx.config.sid.unit_size)
-    return pa.Table.from_pandas(jobs[plan_schema().names], schema=plan_schema(), preserve_index=False)
+def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str, workers: int = 1) -> dict[str, int]:
+    """Draw and write the round's plan partition by partition (like the bootstrap's plan), each
+    with its `w` and keys; an SD-drawn `w` is drawn once per distinct id after the partitions."""
+    sid = ctx.config.sid
+    parts = reference_parts(ctx)
+    partitions, chosen = round_partitions(ctx, round_, parts)
+    if not partitions:
+        raise RuntimeError("SID round planned no jobs: the reference set is empty")
+    instructions = instruction_table(ctx.config.plan.instructions)
+    weights = instruction_weights(instructions, parent_rows(ctx, parent), sid.rarity_power)
+    starts = dict(zip((key for key, _ in parts), np.cumsum([0] + [rows for _, rows in parts]).tolist()))
+    search = WSearch(ctx, parent) if sid.w_source == "retrieve" else None
+
+    def draw(partition: Partition) -> pd.DataFrame:
+        jobs = draw_round_jobs(ctx, partition, round_, instructions, weights, chosen, starts[partition.parts[0]])
+        jobs = attach_retrieved_w(ctx, jobs, parent, search) if search else with_drawn_w_ids(jobs)
+        jobs.insert(0, "key", round_keys(jobs, portable_ref(checkpoint), round_))
+        return cut_units(jobs, sid.unit_size, partition.first_unit)
+
+    settings = {"sid": sid.model_dump(), "round": round_, "parent": parent, "checkpoint": portable_ref(checkpoint),
+                "references.set": ctx.config.references.set}
+    written = write_partitions(ctx.storage, ctx.config.run_id, partitions, draw, plan_schema(), sid.unit_size,
+                               plan_fingerprint(settings, instructions, parts), workers)
+    if sid.w_source == "generate":
+        drawn = planned_drawn_w(ctx)
+        store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
+    return written
+
+
+def round_keys(jobs: pd.DataFrame, checkpoint: str | None, round_: int) -> list[str]:
+    return [sample_key(reference_id=reference_id, instruction_id=instruction_id, instruction=text, seed=seed,
+                       generator=generator, checkpoint=checkpoint, round=round_, alpha=alpha, w_id=w_id)
+            for reference_id, instruction_id, text, seed, generator, alpha, w_id in zip(
+                jobs["reference_id"], jobs["instruction_id"], jobs["instruction"], jobs["seed"].tolist(),
+                jobs["generator"], jobs["alpha"].tolist(), jobs["w_id"])]
+
+
+def planned_drawn_w(ctx: RunContext) -> pd.DataFrame:
+    """The round's distinct SD-drawn `w` (w_id, instruction, seed), read back partition by partition
+    (one row per distinct drawing: the only part of an SD-drawn round held whole)."""
+    frames = [part.to_pandas().drop_duplicates("w_id") for part in
+              read_plan(ctx.storage, ctx.config.run_id, columns=["w_id", "instruction", "seed"])]
+    return pd.concat(frames, ignore_index=True).drop_duplicates("w_id").reset_index(drop=True)
+
+
+def planned_w_variety(ctx: RunContext) -> dict[str, int]:
+    """`w_variety` of the round's stored plan, read partition by partition."""
+    pairs: set[tuple[str, str]] = set()
+    for part in read_plan(ctx.storage, ctx.config.run_id, columns=["instruction_id", "w_id"]):
+        frame = part.to_pandas().dropna(subset=["w_id"]).drop_duplicates()
+        pairs.update(zip(frame["instruction_id"], frame["w_id"]))
+    return w_variety(pd.DataFrame(sorted(pairs), columns=["instruction_id", "w_id"]))
 
 
 # --- running rounds ------------------------------------------------------------------
@@ -323,16 +409,14 @@ def run_round(ctx: RunContext, parent: str, round_: int, models: RoundModels) ->
     checkpoint = models.generator
     rctx = round_context(ctx, round_, checkpoint)
     if not plan_exists(rctx.storage, rctx.config.run_id):
-        plan = plan_round(rctx, parent, round_, checkpoint)
-        write_plan(rctx.storage, rctx.config.run_id, plan, ctx.config.sid.unit_size)
+        plan_round(rctx, parent, round_, checkpoint)
     run_steps(rctx, list(rctx.unit_steps))
     alphas = round_alphas(rctx)
-    planned_w = rctx.storage.read_parquet(layout.plan(rctx.config.run_id), columns=["instruction_id", "w_id"])
     round_manifest = publish_run(rctx, kind="sid", parents=[parent], extra={
         "round": round_, **models.lineage(),
         "alphas": {f"{alpha:g}": int(count) for alpha, count in alphas.items()},
         "w_source": ctx.config.sid.w_source, "w_top_k": ctx.config.sid.w_top_k,
-        "w_per_instruction": w_variety(planned_w.to_pandas())})
+        "w_per_instruction": planned_w_variety(rctx)})
     union_name = f"{ctx.config.run_id}-union{round_}"
     release_stale_lock(ctx.storage, ctx.config.dataset, union_name)
     if not version_exists(ctx.storage, ctx.config.dataset, union_name):

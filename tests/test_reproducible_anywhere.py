@@ -69,9 +69,11 @@ def ingest_and_plan(folder: Path, tiny_sd: Path, monkeypatch) -> tuple[object, o
     ctx = RunContext(config)
     references.run(ctx)
     plan.run(ctx)
-    from factory.framework import layout
+    import pyarrow as pa
 
-    return load_references(ctx.storage, "refs"), ctx.storage.read_parquet(layout.plan("anywhere"))
+    from factory.framework.units import read_plan
+
+    return load_references(ctx.storage, "refs"), pa.concat_tables(read_plan(ctx.storage, "anywhere"))
 
 
 def test_two_working_folders_give_the_same_ids_keys_and_seeds(tmp_path, tiny_sd, monkeypatch):

@@ -41,8 +41,9 @@ from factory.framework.stage import Stage, changed_keys, fingerprint
 from factory.framework.storage import DamagedFile, Storage, open_storage
 from factory.framework.units import (
     ImageJoin,
+    PlanIndex,
     finished_units,
-    plan_unit_rows,
+    plan_index,
     plan_units,
     read_plan_unit,
     read_unit,
@@ -324,13 +325,13 @@ class UnitWorker:
         self.stage.ensure_setup()  # a model that cannot load fails the actor now, before any unit
         self.images = ImageJoin(self.storage, self.run_id)
         self.shaped_by = fingerprint(config, self.stage.shaped_by)
-        self.planned_rows: dict[int, int] | None = None  # rows per unit, read from the plan's footer once
+        self.plan: PlanIndex | None = None  # the plan's index (rows and partition per unit), read once
         self.metrics = UnitMetrics(self.run_id, step.name, step.pool(config).num_gpus) if in_ray else None
 
     def input_rows(self, unit: int):
         source = self.stage.source
         if source == "plan":
-            rows = read_plan_unit(self.storage, self.run_id, unit)
+            rows = read_plan_unit(self.storage, self.run_id, unit, self.plan_index())
         else:
             rows = read_unit(self.storage, self.run_id, source, unit)
         needed = tuple(column for column in self.stage.needs_images if column not in rows)
@@ -361,9 +362,12 @@ class UnitWorker:
         key = self.unit_key(unit)
         if not self.storage.exists(key):
             return False
-        if self.planned_rows is None:
-            self.planned_rows = plan_unit_rows(self.storage, self.run_id)
-        return unit_is_whole(self.storage, key, self.planned_rows.get(unit))
+        return unit_is_whole(self.storage, key, self.plan_index().rows.get(unit))
+
+    def plan_index(self) -> PlanIndex:
+        if self.plan is None:
+            self.plan = plan_index(self.storage, self.run_id)
+        return self.plan
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         done = [self.run_unit(int(unit)) for unit in batch["unit"]]

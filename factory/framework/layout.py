@@ -52,7 +52,13 @@ def run_dir(run_id: str) -> str:
 
 
 def plan(run_id: str) -> str:
+    """The plan's index (one row per unit: its partition and rows); written last."""
     return f"{run_dir(run_id)}/plan.parquet"
+
+
+def plan_part(run_id: str, partition: int) -> str:
+    """One partition of the plan: its jobs, one row group per unit."""
+    return f"{run_dir(run_id)}/plan/part-{partition:05d}.parquet"
 
 
 def stage_dir(run_id: str, stage: str) -> str:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter, OrderedDict
+from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -21,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from factory.framework import layout
+from factory.framework.config import ConfigError
 from factory.framework.image_parts import fetch_images
 from factory.framework.storage import DamagedFile, Storage
 
@@ -40,40 +43,141 @@ FOOTER_THREADS = 16  # footers read at once when a run looks for its finished un
 
 
 # --- the plan ----------------------------------------------------------------------------
+#
+# A plan is partitioned: `runs/<run>/plan/part-<p>.parquet` holds partition p's jobs, one row
+# group per unit (a unit never spans partitions), and `runs/<run>/plan.parquet`, written last, is
+# its index: one row per unit (unit, partition, rows), with the plan's format and what drew it in
+# its footer. A plan exists iff its index does.
+
+PLAN_META = b"factory.plan"
+# 1: one plan.parquet holding every job (no format recorded); 2: partitions and an index
+PLAN_FORMAT = 2
 
 
-def write_plan(storage: Storage, run_id: str, table: pa.Table, unit_size: int) -> None:
-    """One row group per unit (units are consecutive runs of `unit_size` rows)."""
-    storage.write_parquet(layout.plan(run_id), table, row_group_size=unit_size)
+class PlanFormatError(ConfigError):
+    """A run's stored plan is of another format than this code writes: runs are never mixed."""
+
+
+@dataclass(frozen=True)
+class PlanIndex:
+    """Where each unit of a plan is, and how many jobs it holds (from the plan's index)."""
+
+    partition_of: dict[int, int]
+    rows: dict[int, int]
+    meta: dict[str, Any]
+
+    def units(self) -> list[int]:
+        return sorted(self.rows)
+
+
+def write_plan_part(storage: Storage, run_id: str, partition: int, table: pa.Table, unit_size: int,
+                    meta: dict[str, Any]) -> None:
+    """One partition's jobs, in unit order, one row group per unit: units are consecutive numbers,
+    each a run of `unit_size` rows (the last one shorter). `meta` (what drew it) and the first unit
+    go into the footer, so a unit's rows are its row group's count (no column statistics read)."""
+    units = table.column("unit").to_numpy()
+    first = int(units[0]) if len(units) else 0
+    if not np.array_equal(units, first + np.arange(len(units)) // unit_size):
+        raise ValueError(f"plan partition {partition}: units must be consecutive runs of {unit_size} rows")
+    stamped = {**meta, "format": PLAN_FORMAT, "partition": partition, "first_unit": first}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           PLAN_META: json.dumps(stamped, sort_keys=True).encode()})
+    storage.write_parquet(layout.plan_part(run_id, partition), table, row_group_size=unit_size)
+
+
+def plan_part_meta(storage: Storage, run_id: str, partition: int) -> dict[str, Any] | None:
+    """What a stored partition's footer says it was drawn with; None when it is missing or damaged."""
+    key = layout.plan_part(run_id, partition)
+    if not storage.exists(key):
+        return None
+    try:
+        raw = storage.parquet_metadata(key).get(PLAN_META)
+    except DamagedFile as err:
+        log.warning("%s: the partition is drawn again", err)
+        return None
+    return json.loads(raw) if raw else None
+
+
+def part_unit_rows(storage: Storage, key: str) -> dict[int, int]:
+    """Rows per unit of one partition file, from its footer: row group g is unit `first_unit + g`."""
+    footer = storage.parquet_footer(key)
+    first = json.loads((footer.metadata or {})[PLAN_META])["first_unit"]
+    return {first + number: footer.row_group(number).num_rows
+            for number in range(footer.num_row_groups) if footer.row_group(number).num_rows}
+
+
+def plan_part_rows(storage: Storage, run_id: str, partition: int) -> int:
+    return storage.parquet_footer(layout.plan_part(run_id, partition)).num_rows
+
+
+def write_plan_index(storage: Storage, run_id: str, partitions: list[int], meta: dict[str, Any]) -> PlanIndex:
+    """The plan's index from its partitions' footers, written last: from now on the plan exists."""
+    units, where, rows = [], [], []
+    for partition in partitions:
+        for unit, count in sorted(part_unit_rows(storage, layout.plan_part(run_id, partition)).items()):
+            units.append(unit), where.append(partition), rows.append(count)
+    table = pa.table({"unit": pa.array(units, pa.int64()), "partition": pa.array(where, pa.int64()),
+                      "rows": pa.array(rows, pa.int64())})
+    stamped = {**meta, "format": PLAN_FORMAT, "partitions": len(partitions), "jobs": int(sum(rows))}
+    table = table.replace_schema_metadata({PLAN_META: json.dumps(stamped, sort_keys=True).encode()})
+    storage.write_parquet(layout.plan(run_id), table)
+    return PlanIndex(dict(zip(units, where)), dict(zip(units, rows)), stamped)
+
+
+def write_plan(storage: Storage, run_id: str, table: pa.Table, unit_size: int,
+               meta: dict[str, Any] | None = None) -> None:
+    """A plan of one partition (small plans, tests): `table` in unit order, units of `unit_size`."""
+    write_plan_part(storage, run_id, 0, table, unit_size, meta or {})
+    write_plan_index(storage, run_id, [0], meta or {})
 
 
 def plan_exists(storage: Storage, run_id: str) -> bool:
     return storage.exists(layout.plan(run_id))
 
 
+def check_plan_format(url: str, metadata: dict[bytes, bytes] | None) -> dict[str, Any]:
+    """The plan's recorded metadata; a plan of another format (or none: format 1) is refused."""
+    raw = (metadata or {}).get(PLAN_META)
+    meta = json.loads(raw) if raw else {"format": 1}
+    if meta.get("format") != PLAN_FORMAT:
+        raise PlanFormatError(
+            f"{url} is a plan of format {meta.get('format')}; this factory reads and writes plan format "
+            f"{PLAN_FORMAT} (partitioned) and never mixes formats in one run: start a new run (--set run_id=NEW)")
+    return meta
+
+
+def plan_index(storage: Storage, run_id: str) -> PlanIndex:
+    key = layout.plan(run_id)
+    meta = check_plan_format(storage.url(key), storage.parquet_metadata(key))
+    table = storage.read_parquet(key)
+    units = table.column("unit").to_pylist()
+    return PlanIndex(dict(zip(units, table.column("partition").to_pylist())),
+                     dict(zip(units, table.column("rows").to_pylist())), meta)
+
+
 def plan_units(storage: Storage, run_id: str) -> list[int]:
-    units = storage.read_parquet(layout.plan(run_id), columns=["unit"]).column("unit")
-    return sorted(set(units.to_pylist()))
+    return plan_index(storage, run_id).units()
 
 
-def read_plan_unit(storage: Storage, run_id: str, unit: int) -> pd.DataFrame:
-    return storage.read_parquet(layout.plan(run_id), filters=[("unit", "=", unit)]).to_pandas()
+def read_plan_unit(storage: Storage, run_id: str, unit: int, index: PlanIndex | None = None) -> pd.DataFrame:
+    """One unit's jobs: one row group of its partition (`index`: the plan's, when already read)."""
+    index = index or plan_index(storage, run_id)
+    if unit not in index.partition_of:
+        raise KeyError(f"unit {unit} is not in the plan of run {run_id!r}")
+    key = layout.plan_part(run_id, index.partition_of[unit])
+    return storage.read_parquet(key, filters=[("unit", "=", unit)]).to_pandas()
+
+
+def read_plan(storage: Storage, run_id: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The plan one partition at a time, in partition order."""
+    index = plan_index(storage, run_id)
+    for partition in sorted(set(index.partition_of.values())):
+        yield storage.read_parquet(layout.plan_part(run_id, partition), columns=columns)
 
 
 def plan_unit_rows(storage: Storage, run_id: str) -> dict[int, int]:
-    """Rows per unit, from the plan's footer alone: one row group per unit, named by its `unit`
-    statistics (a plan written otherwise has its `unit` column read instead)."""
-    footer = storage.parquet_footer(layout.plan(run_id))
-    column = footer.schema.to_arrow_schema().get_field_index("unit")
-    rows: Counter[int] = Counter()
-    for number in range(footer.num_row_groups):
-        group = footer.row_group(number)
-        stats = group.column(column).statistics
-        if stats is None or not stats.has_min_max or stats.min != stats.max:
-            units = storage.read_parquet(layout.plan(run_id), columns=["unit"]).column("unit").to_pylist()
-            return dict(Counter(int(unit) for unit in units))
-        rows[int(stats.min)] += group.num_rows
-    return dict(rows)
+    """Rows per unit, from the plan's index alone."""
+    return plan_index(storage, run_id).rows
 
 
 # --- stage unit files ----------------------------------------------------------------------

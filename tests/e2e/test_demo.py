@@ -74,6 +74,20 @@ def test_the_demo_in_another_folder_publishes_byte_identical_shards(demo, machin
     assert second["samples"] == first["samples"] > 0
 
 
+# The demo's shards, pinned: a change to the demo's plan (format 2, the partitioned plan, drew new
+# jobs), its models or the shard writer changes them; update them on purpose, never to make a test pass.
+DEMO_SHARDS = [
+    ("shards/demo-000000.tar", "2ce82055589673dc20467051b4a558d28c41a46c18c5021a32d7289a4e5a8c28"),
+    ("shards/demo-000001.tar", "de75dece76d888d37ec8bd44ffebabbd38585072fd883b08119caba0f41b7cb7"),
+]
+
+
+def test_the_demo_publishes_its_pinned_shards(demo):
+    cwd, _ = demo
+    manifest = json.loads((cwd / "factory-data/datasets/demo/demo/manifest.json").read_text())
+    assert [(shard["path"], shard["sha256"]) for shard in manifest["shards"]] == DEMO_SHARDS
+
+
 def test_bad_input_gives_clear_exit_codes(tmp_path):
     bad = run_cli(tmp_path, "--stage", "plan", "--set", "plan.unit_size=-1")
     assert bad.returncode == 2 and "plan.unit_size" in bad.stderr

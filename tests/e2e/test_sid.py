@@ -51,7 +51,8 @@ def test_every_version_the_demo_and_sid_publish_has_a_valid_croissant_and_loads_
         folder = storage.url(f"datasets/demo/{version}")
         croissant = mlcroissant.Metadata.from_file(mlcroissant.Context(), f"{folder}/croissant.json")
         assert croissant.issues.report() == "", version
-        loaded = datasets.load_dataset(folder, split="train")
+        # `datasets` read HF_DATASETS_CACHE at import: only cache_dir keeps another run's "demo" out
+        loaded = datasets.load_dataset(folder, split="train", cache_dir=str(tmp_path / "hf-cache"))
         keys = read_index(storage, "demo", version, columns=["key"]).column("key").to_pylist()
         assert sorted(loaded["__key__"]) == sorted(keys), version
 
@@ -89,10 +90,10 @@ def test_w_is_joined_by_id_and_stored_in_no_run_file(sid_round):
 
     import pyarrow as pa
 
-    from factory.framework import layout
+    from factory.framework.units import read_plan
 
     storage, _ = sid_round
-    plan = storage.read_parquet(layout.plan("demo-sid1"))
+    plan = pa.concat_tables(read_plan(storage, "demo-sid1"))
     assert [field.name for field in plan.schema if pa.types.is_binary(field.type)] == []
     assert set(plan.column("w_pool").to_pylist()) == {"demo-demo"}  # the pool built from the parent
     generated = pd.concat([storage.read_parquet(key).to_pandas() for key in storage.list("runs/demo-sid1/generate")])

@@ -46,7 +46,7 @@ def test_the_plan_is_read_one_unit_at_a_time(storage):
     plan = pd.DataFrame({"key": [f"k{n:03d}" for n in range(40)], "unit": [n // 8 for n in range(40)],
                          "note": [os.urandom(20000) for _ in range(40)]})
     write_plan(storage, "r", pa.Table.from_pandas(plan, preserve_index=False), 8)
-    whole = storage.size(layout.plan("r"))
+    whole = storage.size(layout.plan_part("r", 0))
     storage.read = 0
     unit = read_plan_unit(storage, "r", 3)
     assert unit["key"].tolist() == [f"k{n:03d}" for n in range(24, 32)]

@@ -1,11 +1,30 @@
+import pandas as pd
+import pyarrow as pa
 import pytest
 
+from factory.dataset import planning
 from factory.framework import layout
 from factory.framework.config import load_config
 from factory.framework.context import RunContext
+from factory.framework.units import PlanFormatError, plan_index, read_plan, read_plan_unit
 from stages import plan, references
 from stages.plan import PlanError
 from tests.factory.conftest import jpeg
+
+
+def stored(ctx) -> pd.DataFrame:
+    return pa.concat_tables(read_plan(ctx.storage, ctx.config.run_id)).to_pandas()
+
+
+def stored_bytes(ctx) -> dict[str, bytes]:
+    return {key: ctx.storage.read_bytes(key) for key in ctx.storage.list(layout.run_dir(ctx.config.run_id))}
+
+
+def drawn(ctx_factory, *overrides) -> pd.DataFrame:
+    """The plan a config draws, in a run of its own."""
+    ctx = ctx_factory(*overrides, f"run_id=probe{abs(hash(overrides)) % 10**6}")
+    plan.run(ctx)
+    return stored(ctx)
 
 
 @pytest.fixture
@@ -28,21 +47,20 @@ def test_same_config_same_plan_byte_for_byte(ctx_factory):
     ctx = ctx_factory()
     references.run(ctx)
     assert plan.run(ctx) == {"jobs": 18, "units": 3}
-    first = ctx.storage.read_bytes("runs/demo/plan.parquet")
-    again = plan.build_plan(ctx_factory())
-    assert again.equals(ctx.storage.read_parquet("runs/demo/plan.parquet"))
-    ctx.storage.delete("runs/demo/plan.parquet")
+    first = stored_bytes(ctx)
+    assert plan.run(ctx_factory()) == {"jobs": 18, "units": 3}  # the stored plan is what the config draws
+    for key in first:
+        ctx.storage.delete(key)
     plan.run(ctx_factory())
-    assert ctx.storage.read_bytes("runs/demo/plan.parquet") == first
+    assert stored_bytes(ctx) == first
 
 
 def test_a_changed_seed_changes_the_plan_and_an_existing_plan_is_not_replaced(ctx_factory):
     ctx = ctx_factory()
     references.run(ctx)
     plan.run(ctx)
-    other = plan.build_plan(ctx_factory("plan.seed=1")).to_pandas()
-    base = plan.build_plan(ctx).to_pandas()
-    assert list(base["key"]) != list(other["key"])
+    other = drawn(ctx_factory, "plan.seed=1")
+    assert list(stored(ctx)["key"]) != list(other["key"])
     with pytest.raises(PlanError, match="differs from the plan this config draws"):
         plan.run(ctx_factory("plan.seed=1"))
 
@@ -50,7 +68,8 @@ def test_a_changed_seed_changes_the_plan_and_an_existing_plan_is_not_replaced(ct
 def test_jobs_per_reference_units_and_keys(ctx_factory):
     ctx = ctx_factory("plan.jobs_per_reference=4", "plan.unit_size=5")
     references.run(ctx)
-    jobs = plan.build_plan(ctx).to_pandas()
+    plan.run(ctx)
+    jobs = stored(ctx)
     assert len(jobs) == 24 and jobs["key"].is_unique
     assert (jobs.groupby("reference_id").size() == 4).all()
     assert list(jobs["unit"]) == [n // 5 for n in range(24)]
@@ -63,7 +82,7 @@ def test_jobs_per_reference_units_and_keys(ctx_factory):
 def test_total_jobs_mode_draws_exactly_that_many(ctx_factory):
     ctx = ctx_factory("plan.total_jobs=7")
     references.run(ctx)
-    assert plan.build_plan(ctx).num_rows == 7
+    assert plan.run(ctx)["jobs"] == 7 and len(stored(ctx)) == 7
 
 
 def test_an_unfinished_reference_set_is_never_planned_from(ctx_factory):
@@ -72,3 +91,57 @@ def test_an_unfinished_reference_set_is_never_planned_from(ctx_factory):
     ctx.storage.delete(layout.reference_complete("demo"))
     with pytest.raises(PlanError, match="unfinished reference set"):
         plan.run(ctx)
+
+
+# --- partitions ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def many_parts(ctx_factory, monkeypatch):
+    """Six reference parts of one reference each, and partitions of at most 8 jobs: several partitions."""
+    monkeypatch.setattr(planning, "PARTITION_JOBS", 8)
+    ctx = ctx_factory("references.part_size=1")
+    references.run(ctx)
+    return ctx
+
+
+@pytest.mark.parametrize("overrides", [("plan.jobs_per_reference=5", "plan.unit_size=3"),
+                                       ("plan.total_jobs=40", "plan.unit_size=4")])
+def test_the_partitioned_plan_is_the_same_however_many_partitions_are_drawn_at_once(ctx_factory, many_parts,
+                                                                                     overrides):
+    plans = {}
+    for workers in (1, 3):
+        ctx = ctx_factory("references.part_size=1", *overrides, f"run_id=w{workers}")
+        plan.run(ctx, workers=workers)
+        plans[workers] = {key.rsplit("/", 1)[-1]: ctx.storage.read_bytes(key)
+                          for key in ctx.storage.list(layout.run_dir(ctx.config.run_id))}
+    assert plans[1] == plans[3]
+    assert len([name for name in plans[1] if name.startswith("part-")]) > 2  # several partitions
+    index = plan_index(ctx.storage, ctx.config.run_id)
+    jobs = stored(ctx)
+    assert jobs["key"].is_unique and sorted(jobs["unit"].unique()) == index.units()
+    for unit in index.units():
+        rows = read_plan_unit(ctx.storage, ctx.config.run_id, unit)
+        assert len(rows) == index.rows[unit] and set(rows["unit"]) == {unit}
+    units_by_part = [set(part.column("unit").to_pylist()) for part in read_plan(ctx.storage, ctx.config.run_id)]
+    assert sum(map(len, units_by_part)) == len(set().union(*units_by_part))  # a unit never spans partitions
+
+
+def test_a_plan_stopped_half_way_keeps_its_drawn_partitions_and_ends_the_same(ctx_factory, many_parts):
+    ctx = ctx_factory("references.part_size=1", "plan.jobs_per_reference=5")
+    plan.run(ctx)
+    whole = stored_bytes(ctx)
+    ctx.storage.delete(layout.plan(ctx.config.run_id))  # the index is written last
+    ctx.storage.delete(layout.plan_part(ctx.config.run_id, 1))
+    plan.run(ctx)
+    assert stored_bytes(ctx) == whole
+
+
+def test_a_stored_plan_of_another_format_is_refused(ctx_factory):
+    ctx = ctx_factory()
+    references.run(ctx)
+    old = pa.table({"key": ["k0"], "unit": [0]})  # format 1: one plan.parquet of jobs, no format recorded
+    ctx.storage.write_parquet(layout.plan(ctx.config.run_id), old)
+    for attempt in (lambda: plan.run(ctx), lambda: read_plan_unit(ctx.storage, ctx.config.run_id, 0)):
+        with pytest.raises(PlanFormatError, match="plan of format 1.*run_id=NEW"):
+            attempt()

@@ -17,6 +17,7 @@ from factory.framework import layout
 from factory.framework.config import FactoryConfig, StorageConfig
 from factory.framework.context import RunContext
 from factory.framework.storage import open_storage
+from factory.framework.units import write_plan
 from factory.run import UNIT_STEPS
 from tests.stages.test_train import make_config, make_samples, publish, tiny  # noqa: F401  (tiny: fixture)
 
@@ -28,8 +29,7 @@ def rounds_without_drawing(monkeypatch):
     import stages.sid
 
     def plan_exists(storage, run_id):
-        plan = pa.table({"instruction_id": ["i0"], "w_id": ["pool:x"]})
-        storage.write_parquet(layout.plan(run_id), plan)
+        write_plan(storage, run_id, pa.table({"unit": [0], "instruction_id": ["i0"], "w_id": ["pool:x"]}), 16)
         return True
 
     def publish_run(rctx, kind, parents, extra):

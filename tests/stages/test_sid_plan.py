@@ -1,0 +1,92 @@
+"""A SID round is planned per partition like the bootstrap's plan: the same plan, byte for byte,
+however many partitions are drawn at once; an alpha sweep keeps one job's seed and `w` for every
+alpha; no job's `w` is its own reference's image."""
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+import stages.sid as sid
+from factory.dataset import planning
+from factory.dataset.pool import build_pool
+from factory.dataset.reference_sets import write_parts
+from factory.framework import layout
+from factory.framework.config import FactoryConfig
+from factory.framework.context import RunContext
+from factory.framework.units import plan_index, read_plan
+from tests.factory.conftest import jpeg
+
+SUBJECTS = [("object", "dog"), ("object", "teapot"), ("human", "person")]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from factory.tiny.clip import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def round_context(root, tiny_clip, **sid_settings) -> RunContext:
+    ctx = RunContext(FactoryConfig.model_validate({
+        "run_id": "r", "storage": {"root": str(root)}, "references": {"set": "refs"},
+        "filter": {"clip_model": tiny_clip.model_name, "clip_pretrained": tiny_clip.pretrained,
+                   "clip_model_config": tiny_clip.model_config},
+        "sid": {"pool": "given", "jobs_per_reference": 2, "unit_size": 3, **sid_settings}}))
+    rows = ({"reference_id": f"ref{n:03d}", "image": jpeg(n, size=16), "width": 16, "height": 16,
+             "subject": SUBJECTS[n % 3][1], "domain": SUBJECTS[n % 3][0], "source": "test", "origin": f"t/{n}",
+             "prompt": None, "seed": n} for n in range(8))
+    write_parts(ctx.storage, "refs", rows, part_size=2)
+    ctx.storage.write_bytes(layout.reference_complete("refs"), b"{}")
+    images = [(f"img{n:02d}", jpeg(50 + n, size=32)) for n in range(10)] + [("ref003", jpeg(3, size=16))]
+    build_pool(ctx.storage, "given", images, sid.clip_scorer(ctx.config), part_size=4)
+    return ctx
+
+
+@pytest.fixture
+def parent(monkeypatch):
+    monkeypatch.setattr(planning, "PARTITION_JOBS", 6)  # several partitions of eight references
+    monkeypatch.setattr(sid, "parent_rows", lambda ctx, name: pd.DataFrame({"key": ["k"], "category": ["scene"]}))
+    monkeypatch.setattr(sid, "drawn_from", lambda ctx, name: {"img00": "ref003", "img01": "ref003"})
+
+
+def run_files(ctx: RunContext) -> dict[str, bytes]:
+    prefix = layout.run_dir(ctx.config.run_id)
+    return {key[len(prefix):]: ctx.storage.read_bytes(key) for key in ctx.storage.list(prefix)}
+
+
+@pytest.mark.parametrize("alpha_mode", ["random", "sweep"])
+def test_a_round_is_the_same_whatever_the_partitions_drawn_at_once(tmp_path, tiny_clip, parent, alpha_mode):
+    drawn = {}
+    for workers in (1, 3):
+        ctx = round_context(tmp_path / f"w{workers}", tiny_clip, alpha_mode=alpha_mode)
+        written = sid.plan_round(ctx, "parent", 1, "g", workers=workers)
+        drawn[workers] = run_files(ctx)
+    assert drawn[1] == drawn[3]
+    assert plan_index(ctx.storage, "r").meta["partitions"] > 2
+    jobs = pa.concat_tables(read_plan(ctx.storage, "r")).to_pandas()
+    assert written == {"jobs": len(jobs), "units": jobs["unit"].nunique()} and jobs["key"].is_unique
+    alphas = len(ctx.config.sid.alphas) if alpha_mode == "sweep" else 1
+    assert len(jobs) == 8 * 2 * alphas  # every reference has instructions in its domain, every job a w
+    per_job = jobs.groupby(["reference_id", "seed"])
+    assert (per_job["alpha"].nunique() == alphas).all() and (per_job["w_id"].nunique() == 1).all()
+    own = jobs.loc[jobs["reference_id"] == "ref003", "w_id"]
+    assert not set(own) & {"pool:img00", "pool:img01", "pool:ref003"}
+    assert set(jobs["round"]) == {1} and jobs["instruction"].str.contains("person|dog|teapot").all()
+
+
+def test_an_sd_drawn_round_draws_each_w_once_after_its_partitions(tmp_path, tiny_clip, parent, monkeypatch):
+    calls = []
+
+    def draw_w_images(ctx, drawn):  # the SD actor pool's answer, without Ray: one image per row
+        calls.append(len(drawn))
+        return [jpeg(int(seed) % 200, size=16) for seed in drawn["seed"]]
+
+    monkeypatch.setattr(sid, "draw_w_images", draw_w_images)
+    ctx = round_context(tmp_path, tiny_clip, w_source="generate", alpha_mode="sweep")
+    sid.plan_round(ctx, "parent", 1, "g")
+    jobs = pa.concat_tables(read_plan(ctx.storage, "r")).to_pandas()
+    assert plan_index(ctx.storage, "r").meta["partitions"] > 2
+    assert jobs["w_id"].str.startswith("sd:").all() and jobs["w_pool"].isna().all()
+    assert calls == [jobs["w_id"].nunique()] == [len(jobs) // len(ctx.config.sid.alphas)]  # once, for the round
+    stored = ctx.storage.read_parquet(layout.run_w_ids("r")).column("image_id").to_pylist()
+    assert sorted(stored) == sorted(w_id[len("sd:"):] for w_id in jobs["w_id"].unique())
