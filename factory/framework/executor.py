@@ -4,7 +4,8 @@
 is the step's setup, where models load once per actor) and an optional `GroupStep` (rows
 grouped by a column, one group per task) over a table of rows, on Ray Data or, for tests and
 small runs, inline in this process with the same callables. Reference drawing, pool embedding,
-SID's `w` drawing, eval scoring and publish's passes are written as such steps.
+SID's `w` drawing, eval scoring and publish's passes are written as such steps. `run_resumable`
+keeps each finished chunk of a job's output (`Resume`), so a killed job does only the rest.
 
 The unit pipeline (`run_steps`) is its main user: each model stage is an actor pool, units
 stream between them.
@@ -55,7 +56,7 @@ from factory.framework.units import (
 
 log = logging.getLogger(__name__)
 
-CHUNK_META = b"factory.chunk"  # a resumable job's chunk footer: the settings that made it, its rows
+CHUNK_META = b"factory.chunk"  # a resumable job's chunk footer: the settings that made it, its inputs' digest
 
 
 @dataclass(frozen=True)
