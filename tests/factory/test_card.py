@@ -66,8 +66,9 @@ def test_load_dataset_reads_a_version_and_a_union_by_folder_alone(local, tmp_pat
     publish_samples(local, spec("v2"), make_samples(4, start=5), shard_max_samples=2)
     union_versions(local, spec("u", kind="union", parents=["v1", "v2"]))
 
-    alone = datasets.load_dataset(str(tmp_path / "datasets/d/v1"), split="train")
-    together = datasets.load_dataset(str(tmp_path / "datasets/d/u"), split="train")
+    cache = str(tmp_path / "hf-cache")  # datasets read HF_DATASETS_CACHE at import: the setenv is too late
+    alone = datasets.load_dataset(str(tmp_path / "datasets/d/v1"), split="train", cache_dir=cache)
+    together = datasets.load_dataset(str(tmp_path / "datasets/d/u"), split="train", cache_dir=cache)
 
     assert sorted(alone["__key__"]) == sorted(sample.key for sample in make_samples(5))
     assert sorted(together["__key__"]) == sorted(sample.key for sample in make_samples(9))
@@ -89,7 +90,7 @@ def test_a_union_of_bootstrap_and_sid_samples_loads_by_folder_with_the_declared_
     publish_samples(local, spec("sid1", kind="sid", parents=["boot"]), sid_like(make_samples(3, start=10, round_=1)))
     union_versions(local, spec("u1", kind="union", parents=["boot", "sid1"]))
 
-    loaded = datasets.load_dataset(str(tmp_path / "datasets/d/u1"), split="train")
+    loaded = datasets.load_dataset(str(tmp_path / "datasets/d/u1"), split="train", cache_dir=str(tmp_path / "hf-cache"))
 
     generators = {row["__key__"]: row["json"]["generator"] for row in loaded}
     assert len(generators) == 7
