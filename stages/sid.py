@@ -313,9 +313,10 @@ def load_or_build_pool(ctx: RunContext, parent: str):
     manifest = load_manifest(ctx.storage, ctx.config.dataset, parent)
     shards = shard_checksums(manifest)
     log.info("building image pool %s from the target images of %s (%d shards)", name, parent, len(shards))
+    clip_settings = {key: value for key, value in fingerprint(ctx.config, ("filter",)).items()
+                     if key.startswith("filter.clip_")}
     build_pool_from_shards(ctx.storage, ctx.config.storage, name, shards,
-                           partial(clip_scorer_from_snapshot, ctx.config.snapshot()), ctx.config.filter,
-                           task_memory=ctx.config.publish.task_memory)
+                           partial(clip_scorer_from_snapshot, ctx.config.snapshot()), ctx.config.filter, clip_settings)
     return ImagePool.load(ctx.storage, name)
 
 

@@ -15,9 +15,9 @@ The parts and the ids table are `factory.framework.image_parts`, which SID's SD-
 too (stored once, fetched by id by `factory.framework.units.ImageJoin`).
 
 Building: `build_pool` embeds an iterable of (image_id, bytes) in one process (tests, small
-pools); `build_pool_from_shards` is the Ray Data job that reads a version's shards, one task per
-shard writing that shard's part, and embeds them on an actor pool of CLIP models. Both use the
-same `PoolEmbedder` callable and `finish_pool`.
+pools); `build_pool_from_shards` is the executor job in which an actor pool of CLIP models reads
+a version's shards, writes each one's part and embeds it, keeping finished chunks of shards so a
+killed build resumes. Both use the same `PoolEmbedder` callable and `finish_pool`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from factory.dataset.manifest import read_checked_shard
 from factory.framework import layout
-from factory.framework.executor import MapStep, run_map
+from factory.framework.executor import MapStep, Resume, run_resumable
 from factory.framework.image_parts import IDS_SCHEMA, fetch_images, write_image_part
 from factory.framework.images import ImageRejected, decode_image
 from factory.framework.storage import Storage, open_storage
@@ -235,38 +235,47 @@ def build_pool(storage: Storage, name: str, images: Iterable[tuple[str, bytes]],
 # --- building on Ray Data --------------------------------------------------------------------
 
 
-def shard_to_part(batch: pd.DataFrame, storage_config: StorageConfig, name: str) -> pd.DataFrame:
-    """map_batches function, one shard per call: write the shard's target images as pool part
-    `part`, and pass them on as rows (image_id, part, row, image) for embedding. Each shard is
-    checked against the sha256 its version's manifest lists."""
-    storage = open_storage(storage_config)
-    frames = []
-    for shard, sha256, part in zip(batch["shard"], batch["sha256"], batch["part"]):
-        samples = [(sample.key, sample.target_image) for sample in read_checked_shard(storage, shard, sha256)]
+class ShardEmbedder:
+    """Executor step, one shard per call: write the shard's target images as pool part `part`
+    and embed them; returns the shard's row with its images' ids, rows and embeddings (None where
+    an image does not decode). Each shard is checked against the sha256 its manifest lists."""
+
+    def __init__(self, storage_config: StorageConfig, name: str, make_scorer: Callable[[], Any], batch_size: int):
+        self.storage = open_storage(storage_config)
+        self.name = name
+        self.embedder = PoolEmbedder(make_scorer, batch_size)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        embedded = [self.embed_shard(shard, sha256, int(part))
+                    for shard, sha256, part in zip(batch["shard"], batch["sha256"], batch["part"])]
+        return batch.assign(image_id=[list(frame["image_id"]) for frame in embedded],
+                            row=[list(frame["row"]) for frame in embedded],
+                            embedding=[list(frame["embedding"]) for frame in embedded])
+
+    def embed_shard(self, shard: str, sha256: str, part: int) -> pd.DataFrame:
+        samples = [(sample.key, sample.target_image) for sample in read_checked_shard(self.storage, shard, sha256)]
         image_ids, images = [key for key, _ in samples], [data for _, data in samples]
-        write_part(storage, name, int(part), image_ids, images)
-        frames.append(pd.DataFrame({"image_id": image_ids, "part": int(part), "row": range(len(samples)),
-                                    "image": images}))
-    if not frames:
-        return pd.DataFrame({"image_id": [], "part": [], "row": [], "image": []})
-    return pd.concat(frames, ignore_index=True)
+        write_part(self.storage, self.name, part, image_ids, images)
+        return self.embedder(pd.DataFrame({"image_id": image_ids, "row": range(len(samples)), "image": images}))
 
 
 def build_pool_from_shards(storage: Storage, storage_config: StorageConfig, name: str, shard_keys: dict[str, str],
-                           make_scorer: Callable[[], Any], actors: ActorPool, batch_size: int = 64,
-                           exact_limit: int = EXACT_LIMIT, task_memory: int = 0) -> dict[str, int]:
-    """The Ray Data job: shards -> parts (tasks, one shard each, reserving `task_memory` bytes) -> CLIP
-    embeddings (actor pool) -> ids and index, written by the driver from the small (id, part, row, embedding) rows.
+                           make_scorer: Callable[[], Any], actors: ActorPool, made_with: dict[str, Any],
+                           batch_size: int = 64, exact_limit: int = EXACT_LIMIT) -> dict[str, int]:
+    """The executor job: each shard -> its part and CLIP embeddings (an actor pool; a shard's
+    images in one actor's memory at a time) -> ids and index, written by the driver from the small
+    (id, part, row, embedding) rows. Finished chunks of shards are kept (`pools/<name>/embedded/`),
+    so a build run again after a kill embeds only the shards still missing (`made_with`: the
+    scorer's settings; a chunk embedded with others is refused).
     `shard_keys`: storage key -> the sha256 the version's manifest lists (`manifest.shard_checksums`)."""
-    task_options = {"memory": task_memory} if task_memory else {}
-
     if not shard_keys:
         raise ValueError(f"pool {name}: no shards to build it from")
     shards = pd.DataFrame({"shard": list(shard_keys), "sha256": list(shard_keys.values()),
                            "part": range(len(shard_keys))})
-    steps = [MapStep(shard_to_part, (storage_config, name), options=task_options),
-             MapStep.on_pool(PoolEmbedder, (make_scorer, batch_size), actors, batch_size=batch_size)]
-    frames = list(run_map(shards, steps, blocks=len(shard_keys)))
-    summary = finish_pool(storage, name, pd.concat(frames, ignore_index=True), exact_limit)
+    step = MapStep.on_pool(ShardEmbedder, (storage_config, name, make_scorer, batch_size), actors)
+    resume = Resume(storage, layout.pool_embedded(name), made_with, inputs=("shard", "sha256", "part"), chunk_rows=1)
+    embedded = pd.concat(run_resumable(shards, [step], resume), ignore_index=True)
+    rows = embedded.explode(["image_id", "row", "embedding"], ignore_index=True).dropna(subset=["image_id"])
+    summary = finish_pool(storage, name, rows[["image_id", "part", "row", "embedding"]], exact_limit)
     log.info("pool %s: %s from %d shards", name, summary, len(shard_keys))
     return summary

@@ -154,6 +154,11 @@ def pool_part(name: str, index: int) -> str:
     return f"{pool_dir(name)}/part-{index:05d}.parquet"
 
 
+def pool_embedded(name: str) -> str:
+    """The pool build's finished chunks of embedded shards, so a killed build embeds only the rest."""
+    return f"{pool_dir(name)}/embedded"
+
+
 def pool_ids(name: str) -> str:
     """The pool's image ids in index order, with the part and row holding each image."""
     return f"{pool_dir(name)}/ids.parquet"

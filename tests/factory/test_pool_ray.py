@@ -12,6 +12,7 @@ from factory.dataset.pool import ImagePool, build_pool_from_shards
 from factory.dataset.shards import encode_shard
 from factory.framework import layout
 from factory.framework.config import ActorPool, StorageConfig
+from factory.framework.executor import RunChanged
 from factory.framework.images import decode_image
 from factory.framework.storage import open_storage
 from tests.factory.conftest import make_samples
@@ -40,7 +41,7 @@ def test_pool_built_on_ray_data_matches_direct_embedding(tmp_path, ray_local, ti
 
     make_scorer = partial(ClipScorer, tiny_clip.model_name, tiny_clip.pretrained, model_config=tiny_clip.model_config)
     summary = build_pool_from_shards(storage, config, "rp", shard_keys, make_scorer, ActorPool(concurrency=1),
-                                     batch_size=3)
+                                     {"clip": "tiny"}, batch_size=3)
     assert summary == {"images": 9, "rejected": 1, "duplicates": 0}
     assert [key for key in storage.list(layout.pool_dir("rp")) if "/part-" in key] == [
         layout.pool_part("rp", n) for n in range(3)]
@@ -52,3 +53,17 @@ def test_pool_built_on_ray_data_matches_direct_embedding(tmp_path, ray_local, ti
     direct = make_scorer().embed_images([decode_image(by_key[key]) for key in pool.image_ids]).numpy()
     assert np.allclose(pool.vectors(), direct, atol=1e-5)
     assert pool.fetch(pool.image_ids[::-1]) == [by_key[key] for key in pool.image_ids[::-1]]
+
+    # killed after every shard was embedded, before the ids and index: run again, nothing is embedded
+    storage.delete(layout.pool_index("rp"))
+    storage.delete(layout.pool_ids("rp"))
+    again = build_pool_from_shards(storage, config, "rp", shard_keys, no_scorer, ActorPool(concurrency=1),
+                                   {"clip": "tiny"}, batch_size=3)
+    assert again == summary and np.allclose(ImagePool.load(storage, "rp").vectors(), pool.vectors())
+    with pytest.raises(RunChanged, match="clip: 'tiny' -> 'other'"):
+        build_pool_from_shards(storage, config, "rp", shard_keys, no_scorer, ActorPool(concurrency=1),
+                               {"clip": "other"}, batch_size=3)
+
+
+def no_scorer():
+    raise AssertionError("a finished shard is not embedded again")
