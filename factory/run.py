@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage in ("sid", "eval") and args.config is None:
             bootstrap_demo(ctx)
         result = timed(args.stage, entry, ctx)
+    except ConfigError as err:  # a refusal found once the stage looked at what is stored (settings, formats)
+        print(f"error: stage {args.stage} refused: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     except Exception as err:
         log.exception("stage %s failed", args.stage)
         print(f"error: stage {args.stage} failed: {type(err).__name__}: {err}", file=sys.stderr)

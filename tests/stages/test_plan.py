@@ -1,6 +1,7 @@
 import pandas as pd
 import pyarrow as pa
 import pytest
+import yaml
 
 from factory.dataset import planning
 from factory.framework import layout
@@ -145,3 +146,15 @@ def test_a_stored_plan_of_another_format_is_refused(ctx_factory):
     for attempt in (lambda: plan.run(ctx), lambda: read_plan_unit(ctx.storage, ctx.config.run_id, 0)):
         with pytest.raises(PlanFormatError, match="plan of format 1.*run_id=NEW"):
             attempt()
+
+
+def test_the_command_line_exits_2_on_a_refusal_found_inside_a_stage(ctx_factory, tmp_path, capsys):
+    from factory.run import main
+
+    ctx = ctx_factory()
+    references.run(ctx)
+    ctx.storage.write_parquet(layout.plan(ctx.config.run_id), pa.table({"key": ["k0"], "unit": [0]}))
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(ctx.config.snapshot()))
+    assert main(["--stage", "plan", "--config", str(config_file)]) == 2
+    assert "refused" in capsys.readouterr().err
