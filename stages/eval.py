@@ -41,7 +41,7 @@ from factory.dataset.manifest import latest_version
 from factory.framework import layout
 from factory.framework.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec, StorageConfig, validate_config
 from factory.framework.context import RunContext
-from factory.framework.executor import MapStep, Resume, cluster_gpus, run_resumable
+from factory.framework.executor import MapStep, Resume, cluster_resources, run_resumable
 from factory.framework.images import decode_image
 from factory.framework.keys import safe_id
 from factory.framework.models_cache import loader_paths, local_model, model_ref
@@ -254,7 +254,7 @@ class EvalWorker:
 
 def eval_gpus(settings: EvalConfig) -> float:
     """One GPU per eval actor when asked for and the cluster has GPUs; else CPU actors."""
-    return 1.0 if settings.use_gpu and cluster_gpus() >= 1 else 0.0
+    return 1.0 if settings.use_gpu and cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
 def evaluate(

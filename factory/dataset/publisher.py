@@ -51,7 +51,7 @@ from factory.dataset.shards import Sample, cut_points, encode_shard, estimated_b
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, StorageConfig
 from factory.framework.context import RunContext
-from factory.framework.executor import GroupStep, MapStep, changed_settings, cluster_cpus, even_batches, run_map
+from factory.framework.executor import GroupStep, MapStep, changed_settings, cluster_resources, even_batches, run_map
 from factory.framework.models_cache import model_fingerprint
 from factory.framework.storage import Storage, open_storage
 from factory.framework.units import ImageJoin, finished_units, plan_units, read_unit, whole_unit_metas
@@ -329,7 +329,7 @@ class RayPasses:
         if getattr(source, "sizes_are_metadata", False):
             return LocalPasses().sizes(source, parts)
         return run_map(pd.DataFrame({"part": parts}), [MapStep(part_sizes, (source,), None, options=self.options)],
-                       blocks=blocks_for(parts, cluster_cpus()))
+                       blocks=self.blocks(parts))
 
     def shards(self, source: SampleSource, parts: list[str], boundaries: list[str], losers: set[tuple[str, str]],
                storage: Storage, spec: VersionSpec) -> Iterator[pd.DataFrame]:
@@ -338,7 +338,10 @@ class RayPasses:
         tag = MapStep(part_samples, (source, boundaries, losers), None, options=self.options)
         write = GroupStep("shard", len(boundaries), write_shard_on_worker,
                           (self.storage_config, spec.dataset, spec.version), self.options)
-        return run_map(pd.DataFrame({"part": parts}), [tag], group=write, blocks=blocks_for(parts, cluster_cpus()))
+        return run_map(pd.DataFrame({"part": parts}), [tag], group=write, blocks=self.blocks(parts))
+
+    def blocks(self, parts: list[str]) -> int:
+        return blocks_for(parts, int(cluster_resources().get("CPU", 1)))
 
 
 def blocks_for(parts: list[str], cpus: int, per_cpu: int = 4, most_parts_per_block: int = 64) -> int:

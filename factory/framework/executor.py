@@ -87,9 +87,8 @@ class MapStep:
     options: dict[str, Any] = field(default_factory=dict)  # what each task or actor asks Ray for
 
     @classmethod
-    def on_pool(cls, fn: type, args: tuple[Any, ...], pool: ActorPool, batch_size: int | None = 1,
-                actors: int | None = None) -> MapStep:
-        return cls(fn, args, batch_size, actors or pool.concurrency, pool.ray_options())
+    def on_pool(cls, fn: type, args: tuple[Any, ...], pool: ActorPool, batch_size: int | None = 1) -> MapStep:
+        return cls(fn, args, batch_size, pool.concurrency, pool.ray_options())
 
 
 @dataclass(frozen=True)
@@ -270,18 +269,11 @@ def show_progress_bars(enabled: bool) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = enabled
 
 
-def cluster_cpus() -> int:
-    """The CPUs of the Ray cluster this process is connected to."""
+def cluster_resources() -> dict[str, float]:
+    """What the Ray cluster this process is connected to has in all (`CPU`, `GPU`, custom ones)."""
     import ray  # ray: only when connected to a cluster
 
-    return int(ray.cluster_resources().get("CPU", 1))
-
-
-def cluster_gpus() -> float:
-    """The GPUs of the Ray cluster this process is connected to."""
-    import ray  # ray: only when connected to a cluster
-
-    return float(ray.cluster_resources().get("GPU", 0))
+    return ray.cluster_resources()
 
 
 class RunChanged(ConfigError):
