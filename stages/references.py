@@ -40,7 +40,7 @@ from factory.dataset.reference_sources import (
 from factory.framework import layout
 from factory.framework.executor import MapStep, Resume, run_resumable
 from factory.framework.images import ImageRejected, decode_image, encode_jpeg, fit_within
-from factory.framework.stage import fingerprint
+from factory.framework.stage import settings_named
 from factory.framework.storage import S3Storage, Storage, StorageError
 from models.sd_drawer import StableDiffusionDrawer
 
@@ -189,7 +189,7 @@ class Drawer:
         prompts = pd.DataFrame({"reference_id": [c.reference_id for c in candidates],
                                 "prompt": [c.prompt for c in candidates], "seed": [c.seed for c in candidates]})
         step = MapStep.on_pool(StableDiffusionDrawer, (cfg, config.storage), cfg, batch_size=cfg.batch_size)
-        settings = {key: value for key, value in fingerprint(config, ("references",)).items() if ".sd_" in key}
+        settings = settings_named(config, "references.sd_")
         resume = Resume(storage, layout.reference_drawn(cfg.set), settings, inputs=("reference_id", "prompt", "seed"),
                         chunk_rows=cfg.batch_size)
         self.drawn: deque[tuple[str, bytes | None, str | None]] = deque()

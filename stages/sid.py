@@ -58,7 +58,7 @@ from factory.framework.image_parts import store_images
 from factory.framework.keys import portable_ref, sample_key
 from factory.framework.models_cache import loader_paths
 from factory.framework.names import BadName, check_name
-from factory.framework.stage import fingerprint
+from factory.framework.stage import settings_named
 from factory.framework.units import finished_units, plan_exists, read_plan, read_unit
 from filters.clip import clip_scorer_from_config
 from models.sd_drawer import StableDiffusionDrawer
@@ -313,8 +313,7 @@ def load_or_build_pool(ctx: RunContext, parent: str):
     manifest = load_manifest(ctx.storage, ctx.config.dataset, parent)
     shards = shard_checksums(manifest)
     log.info("building image pool %s from the target images of %s (%d shards)", name, parent, len(shards))
-    clip_settings = {key: value for key, value in fingerprint(ctx.config, ("filter",)).items()
-                     if key.startswith("filter.clip_")}
+    clip_settings = settings_named(ctx.config, "filter.clip_")
     build_pool_from_shards(ctx.storage, ctx.config.storage, name, shards,
                            partial(clip_scorer_from_snapshot, ctx.config.snapshot()), ctx.config.filter, clip_settings)
     return ImagePool.load(ctx.storage, name)
@@ -329,7 +328,7 @@ def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> l
     frame = pd.DataFrame({"order": np.arange(len(jobs)), "prompt": jobs["instruction"].to_numpy(),
                           "seed": jobs["seed"].to_numpy(dtype=np.int64)})
     drawer = MapStep.on_pool(StableDiffusionDrawer, (refs, ctx.config.storage), refs, batch_size=batch_size)
-    settings = {key: value for key, value in fingerprint(ctx.config, ("references",)).items() if ".sd_" in key}
+    settings = settings_named(ctx.config, "references.sd_")
     resume = Resume(ctx.storage, layout.run_w_drawn(ctx.config.run_id), settings, inputs=("prompt", "seed"))
     drawn = pd.concat(run_resumable(frame, [drawer], resume), ignore_index=True).sort_values("order")
     for error, count in drawn["error"].value_counts().items():

@@ -146,6 +146,12 @@ def fingerprint(config: FactoryConfig, sections: tuple[str, ...]) -> dict[str, A
     return flat
 
 
+def settings_named(config: FactoryConfig, prefix: str) -> dict[str, Any]:
+    """The `fingerprint` settings whose `section.key` starts with `prefix` (e.g. "references.sd_")."""
+    return {key: value for key, value in fingerprint(config, (prefix.split(".", 1)[0],)).items()
+            if key.startswith(prefix)}
+
+
 def changed_keys(made_with: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every setting that differs."""
     return [f"{key}: {made_with.get(key)!r} -> {now.get(key)!r}"
