@@ -266,6 +266,11 @@ def release_stale_lock(storage: Storage, dataset: str, version: str) -> None:
         storage.delete(layout.publish_lock(dataset, version))
 
 
+def publish_owner(spec: VersionSpec) -> dict[str, Any]:
+    """Who publishes a version: its lock holds this, and so does each shard the publisher wrote."""
+    return {"config_sha256": spec.config_sha256, "kind": spec.kind}
+
+
 def claim_version(storage: Storage, spec: VersionSpec) -> None:
     """Take the version's publish lock, or fail clearly if another publisher holds it.
 
@@ -273,7 +278,7 @@ def claim_version(storage: Storage, spec: VersionSpec) -> None:
     its own lock back; a different run is refused, so no version is ever mixed.
     """
     lock = layout.publish_lock(spec.dataset, spec.version)
-    owner = json.dumps({"config_sha256": spec.config_sha256, "kind": spec.kind}, sort_keys=True).encode()
+    owner = json.dumps(publish_owner(spec), sort_keys=True).encode()
     for _ in range(3):
         if version_exists(storage, spec.dataset, spec.version):
             raise _already_exists(spec)

@@ -2,30 +2,34 @@
 
 Three passes, none of which holds more than one part or one shard of image bytes:
 
-1. **sizes**: a Ray Data job reads each part (a run's work unit, a parent version's shard, or
-   samples in memory) and returns the key and estimated tar size of every accepted sample in it;
+1. **sizes**: each part (a run's work unit, a parent version's shard, or samples in memory) gives
+   the key and estimated tar size of every accepted sample in it;
 2. **cut** (driver, keys and sizes only): keys sorted, the first part of a repeated key wins,
    shards cut in key order under both limits (`factory.dataset.shards.cut_points`);
-3. **write**: a Ray Data job reads each part's accepted samples with their bytes, tags each with
-   its shard, groups by shard (Ray's shuffle), and each group is encoded and uploaded by a worker.
+3. **write**: one task per shard reads its own samples from the parts that hold them (a run's
+   images by row group from the unit files: no image moves through Ray's object store), writes the
+   tar to a local file, hashes and uploads it, and keeps its index rows as a chunk under
+   `_written/` (`layout.publish_written`), so a publisher stopped half-way, run again, writes only
+   the shards still missing.
 
-The index (rows grouped by shard) is streamed to a local Parquet file and uploaded; the manifest is written last,
-create-only, under the publish lock (`factory.dataset.manifest`). `LocalPasses` run the same passes in
-this process (small runs, tests, `publish_samples`), and give the same shards, byte for byte, as `RayPasses`.
+The index (rows in key order) is streamed to a local Parquet file and uploaded; the manifest is
+written last, create-only, under the publish lock (`factory.dataset.manifest`). `LocalPasses` run the
+same tasks in this process (small runs, tests, `publish_samples`) and give the same shards, byte for
+byte, as `RayPasses`.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import logging
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,17 +45,27 @@ from factory.dataset.manifest import (
     index_row,
     index_schema,
     load_manifest,
+    publish_owner,
     publishing,
     read_checked_shard,
     release_stale_lock,
     shard_checksums,
     version_exists,
 )
-from factory.dataset.shards import Sample, cut_points, encode_shard, estimated_bytes
+from factory.dataset.shards import Sample, cut_points, estimated_bytes, write_shard_file
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, StorageConfig
 from factory.framework.context import RunContext
-from factory.framework.executor import GroupStep, MapStep, changed_settings, cluster_resources, even_batches, run_map
+from factory.framework.executor import (
+    MapStep,
+    changed_settings,
+    chunk_is_finished,
+    chunk_meta,
+    cluster_resources,
+    even_batches,
+    run_map,
+    write_chunk,
+)
 from factory.framework.models_cache import model_fingerprint
 from factory.framework.storage import Storage, open_storage
 from factory.framework.units import ImageJoin, finished_units, plan_units, read_unit, whole_unit_metas
@@ -82,12 +96,26 @@ class SampleSource(Protocol):
     def sizes(self, part: str) -> pd.DataFrame:
         """`key`, `bytes` (estimated tar size) of each accepted sample of the part."""
 
-    def samples(self, part: str) -> list[Sample]:
-        """The part's accepted samples, images included."""
+    def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
+        """The part's accepted samples (those of `keys` only, when given), images included."""
+
+
+class StoredSource:
+    """A source read from storage: opened from `storage_config` once per process (an S3 client takes
+    a fifth of a second to make, and does not pickle: a Ray worker opens its own)."""
+
+    storage_config: StorageConfig
+
+    @cached_property
+    def storage(self) -> Storage:
+        return open_storage(self.storage_config)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: value for name, value in self.__dict__.items() if name != "storage"}
 
 
 @dataclass
-class RunSamples:
+class RunSamples(StoredSource):
     """A run's accepted candidates: dialogue rows joined with their images by reference."""
 
     sizes_are_metadata = True  # sizes come from the dialogue rows alone, no image is read
@@ -100,33 +128,34 @@ class RunSamples:
     def parts(self) -> list[str]:
         if self.units is not None:
             return [str(unit) for unit in sorted(self.units)]
-        storage = open_storage(self.storage_config)
-        return [str(unit) for unit in sorted(finished_units(storage, self.run_id, "dialogue"))]
+        return [str(unit) for unit in sorted(finished_units(self.storage, self.run_id, "dialogue"))]
 
-    def rows(self, storage: Storage, part: str) -> pd.DataFrame:
+    def rows(self, part: str) -> pd.DataFrame:
         """The unit's accepted rows; the index is each row's place in the unit's files."""
-        rows = read_unit(storage, self.run_id, "dialogue", int(part))
+        rows = read_unit(self.storage, self.run_id, "dialogue", int(part))
         rows = rows[rows["reject_reason"].isna()]
         return rows[[column for column in ROW_COLUMNS if column in rows]]
 
     def sizes(self, part: str) -> pd.DataFrame:
-        rows = self.rows(open_storage(self.storage_config), part)
+        rows = self.rows(part)
         if rows.empty:
             return pd.DataFrame({"key": pd.Series(dtype=str), "bytes": pd.Series(dtype="int64")})
         sizes = (rows["input_bytes"] + rows["target_bytes"] + rows["user"].str.len() + rows["assistant"].str.len())
         return pd.DataFrame({"key": rows["key"], "bytes": estimated_bytes(sizes.to_numpy(dtype=np.int64))})
 
-    def samples(self, part: str) -> list[Sample]:
-        storage = open_storage(self.storage_config)
-        rows = self.rows(storage, part)
+    def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
+        rows = self.rows(part)
+        if keys is not None:
+            rows = rows[rows["key"].isin(keys)]
         if rows.empty:
             return []
-        rows = ImageJoin(storage, self.run_id).add(rows, ("input_image", "target_image"), positions=list(rows.index))
+        images = ImageJoin(self.storage, self.run_id)
+        rows = images.add(rows, ("input_image", "target_image"), positions=list(rows.index))
         return [sample_from_row(row, self.dataset, self.version) for row in rows.to_dict("records")]
 
 
 @dataclass
-class VersionSamples:
+class VersionSamples(StoredSource):
     """A parent version's samples that a `keep` predicate selects (rethreshold), relabelled."""
 
     storage_config: StorageConfig
@@ -141,11 +170,11 @@ class VersionSamples:
     def sizes(self, part: str) -> pd.DataFrame:
         return sample_sizes(self.samples(part))
 
-    def samples(self, part: str) -> list[Sample]:
-        storage = open_storage(self.storage_config)
+    def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
         sha256 = shard_checksums(self.manifest).get(part)
+        wanted = self.keep if keys is None else self.keep.intersection(keys)
         return [replace(sample, meta={**sample.meta, "version": self.version})
-                for sample in read_checked_shard(storage, part, sha256) if sample.key in self.keep]
+                for sample in read_checked_shard(self.storage, part, sha256) if sample.key in wanted]
 
 
 class SampleList:
@@ -167,8 +196,9 @@ class SampleList:
     def sizes(self, part: str) -> pd.DataFrame:
         return sample_sizes(self.samples(part))
 
-    def samples(self, part: str) -> list[Sample]:
-        return self.groups[int(part)]
+    def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
+        group = self.groups[int(part)]
+        return group if keys is None else [sample for sample in group if sample.key in keys]
 
 
 def sample_sizes(samples: list[Sample]) -> pd.DataFrame:
@@ -213,50 +243,92 @@ def part_sizes(batch: pd.DataFrame, source: SampleSource) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["key", "bytes", "part"])
 
 
-def part_samples(batch: pd.DataFrame, source: SampleSource, boundaries: list[str],
-                 losers: set[tuple[str, str]]) -> pd.DataFrame:
-    """A part's winning samples as rows tagged with their shard number."""
-    rows = []
-    for part in batch["part"]:
-        for sample in source.samples(str(part)):
-            if (sample.key, str(part)) in losers:
-                continue
-            rows.append({"shard": bisect.bisect_right(boundaries, sample.key) - 1, "key": sample.key,
-                         "input_image": sample.input_image, "target_image": sample.target_image,
-                         "user": sample.user, "assistant": sample.assistant,
-                         "meta": json.dumps(sample.meta, sort_keys=True)})
-    return pd.DataFrame(rows, columns=["shard", "key", "input_image", "target_image", "user", "assistant", "meta"])
+@dataclass(frozen=True)
+class ShardTarget:
+    """Where a version's shards go, and what its publish lock says made them."""
+
+    dataset: str
+    version: str
+    made_with: dict[str, Any]
+
+    @classmethod
+    def of(cls, spec: VersionSpec) -> ShardTarget:
+        return cls(spec.dataset, spec.version, publish_owner(spec))
 
 
-def write_shard(group: pd.DataFrame, storage: Storage, dataset: str, version: str) -> pd.DataFrame:
-    """Encode one shard's samples in key order and upload it; return its index rows."""
-    group = group.sort_values("key", kind="stable")
-    samples = [Sample(row["key"], row["input_image"], row["target_image"], row["user"], row["assistant"],
-                      json.loads(row["meta"])) for row in group.to_dict("records")]
-    number = int(group["shard"].iloc[0])
-    data = encode_shard(samples)
-    relative = layout.shard_relative(version, number)
-    storage.write_bytes(layout.shard(dataset, version, relative), data)
+def shard_plan(won: pa.Table, firsts: list[int]) -> pd.DataFrame:
+    """One row per shard: its number and its samples' keys (in key order) with the part each comes from."""
+    keys = won.column("key").to_numpy(zero_copy_only=False)
+    parts = won.column("part").to_numpy(zero_copy_only=False)
+    ends = [*firsts[1:], len(keys)]
+    return pd.DataFrame({"shard": range(len(firsts)),
+                         "keys": [keys[start:end].tolist() for start, end in zip(firsts, ends)],
+                         "parts": [parts[start:end].tolist() for start, end in zip(firsts, ends)]})
+
+
+def write_planned_shards(batch: pd.DataFrame, source: SampleSource, target: ShardTarget,
+                         where: Storage | StorageConfig) -> pd.DataFrame:
+    """Each planned shard of `batch` written (or its finished chunk read back): its index rows.
+    `where` is the storage, or on a Ray worker its config (a storage client does not pickle)."""
+    storage = where if isinstance(where, Storage) else open_storage(where)
+    return pd.concat([planned_shard(storage, source, target, int(row["shard"]), list(row["keys"]), list(row["parts"]))
+                      for row in batch.to_dict("records")], ignore_index=True)
+
+
+def planned_shard(storage: Storage, source: SampleSource, target: ShardTarget, number: int, keys: list[str],
+                  parts: list[str]) -> pd.DataFrame:
+    chunk = layout.chunk_file(layout.publish_written(target.dataset, target.version), number)
+    meta = chunk_meta(target.made_with, {"keys": keys, "parts": parts})
+    if storage.exists(chunk) and chunk_is_finished(storage, chunk, meta):
+        return storage.read_parquet(chunk).to_pandas()
+    index = write_shard(storage, target, number, gathered(source, keys, parts))
+    write_chunk(storage, chunk, pa.Table.from_pandas(index, preserve_index=False), meta)
+    return index
+
+
+def gathered(source: SampleSource, keys: list[str], parts: list[str], threads: int = 8) -> list[Sample]:
+    """The samples `keys` name, in that order, each read from its part (parts read concurrently: I/O)."""
+    wanted: dict[str, set[str]] = {}
+    for key, part in zip(keys, parts):
+        wanted.setdefault(part, set()).add(key)
+    found: dict[str, Sample] = {}
+    with ThreadPoolExecutor(min(threads, len(wanted))) as pool:
+        for samples in pool.map(lambda part: source.samples(part, wanted[part]), wanted):
+            found.update((sample.key, sample) for sample in samples)
+    missing = [key for key in keys if key not in found]
+    if missing:
+        raise VersionError(f"{len(missing)} samples changed while publishing (first: {missing[0]}): "
+                           "their parts no longer hold them; publish again")
+    return [found[key] for key in keys]
+
+
+def write_shard(storage: Storage, target: ShardTarget, number: int, samples: list[Sample]) -> pd.DataFrame:
+    """Encode one shard's samples (in key order) to a local file, upload it; return its index rows."""
+    relative = layout.shard_relative(target.version, number)
+    with tempfile.NamedTemporaryFile(suffix=".tar") as local:
+        write_shard_file(samples, local)
+        local.flush()
+        size, sha256 = local.tell(), file_sha256(local.name)
+        storage.upload_file(local.name, layout.shard(target.dataset, target.version, relative))
     index = pd.DataFrame([index_row(sample, relative) for sample in samples])
-    return index.assign(shard_number=number, shard_samples=len(samples), shard_bytes=len(data),
-                        shard_sha256=hashlib.sha256(data).hexdigest())
+    return index.assign(shard_number=number, shard_samples=len(samples), shard_bytes=size, shard_sha256=sha256)
 
 
-def write_shard_on_worker(group: pd.DataFrame, storage_config: StorageConfig, dataset: str,
-                          version: str) -> pd.DataFrame:
-    """`write_shard` in a Ray worker, which opens its own storage (a storage client does not pickle)."""
-    return write_shard(group, open_storage(storage_config), dataset, version)
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def first_of_each_key(keys: pa.Table) -> tuple[pa.Table, set[tuple[str, str]]]:
-    """The rows in key order with the first part of each key kept, and the (key, part) others."""
+def first_of_each_key(keys: pa.Table) -> pa.Table:
+    """The rows in key order, with the first part of each key kept."""
     ordered = keys.sort_by([("key", "ascending"), ("rank", "ascending")])
     names = ordered.column("key").to_numpy(zero_copy_only=False)
     repeat = np.zeros(len(names), dtype=bool)
     repeat[1:] = names[1:] == names[:-1]
-    losers = ordered.filter(pa.array(repeat))
-    lost = set(zip(losers.column("key").to_pylist(), losers.column("part").to_pylist()))
-    return ordered.filter(pa.array(~repeat)), lost
+    return ordered.filter(pa.array(~repeat))
 
 
 def write_version(storage: Storage, spec: VersionSpec, source: SampleSource, max_bytes: int, max_samples: int,
@@ -287,20 +359,17 @@ def publish_passes(storage: Storage, spec: VersionSpec, source: SampleSource, ma
     """The size pass, the shard pass, the index and the manifest (the caller holds the lock)."""
     started = time.perf_counter()
     parts = source.parts()
-    won, losers = first_of_each_key(accepted_keys(run.sizes(source, parts), parts))
-    firsts = cut_points(won.column("bytes").to_numpy(), max_bytes, max_samples)
-    boundaries = [won.column("key")[int(first)].as_py() for first in firsts]
+    won = first_of_each_key(accepted_keys(run.sizes(source, parts), parts))
+    plan = shard_plan(won, cut_points(won.column("bytes").to_numpy(), max_bytes, max_samples))
     if "written" in spec.funnel:
         spec.funnel["written"] = won.num_rows
-    wanted = sorted(set(won.column("part").to_pylist()), key=parts.index)
-    log.info("publishing %d samples from %d parts into %d shards (sizes read in %.1f s)", won.num_rows, len(wanted),
-             len(boundaries), time.perf_counter() - started)
+    log.info("publishing %d samples from %d parts into %d shards (sizes read in %.1f s)", won.num_rows,
+             len(set(won.column("part").to_pylist())), len(plan), time.perf_counter() - started)
     with tempfile.TemporaryDirectory() as scratch:
         index_path = Path(scratch) / "index.parquet"
         shards: dict[int, dict[str, Any]] = {}
         with pq.ParquetWriter(index_path, index_schema()) as index_writer:
-            written = run.shards(source, wanted, boundaries, losers, storage, spec)
-            for batch in even_batches(written, INDEX_ROWS_PER_GROUP):
+            for batch in even_batches(run.shards(source, plan, storage, ShardTarget.of(spec)), INDEX_ROWS_PER_GROUP):
                 for row in batch.drop_duplicates("shard_number").to_dict("records"):
                     shards[int(row["shard_number"])] = {
                         "path": row["shard"], "samples": int(row["shard_samples"]),
@@ -309,15 +378,22 @@ def publish_passes(storage: Storage, spec: VersionSpec, source: SampleSource, ma
                                                               schema=index_schema(), preserve_index=False))
         entries = [shards[number] for number in sorted(shards)]
         log.info("%d shards written in %.1f s since the start", len(entries), time.perf_counter() - started)
+        delete_written(storage, spec)
         return commit_version(storage, spec, entries, index_path)
+
+
+def delete_written(storage: Storage, spec: VersionSpec) -> None:
+    """The shard pass's chunks, once every shard is written and before the manifest is (a publisher
+    stopped between the two writes its shards again: the version's folder never keeps them)."""
+    for key in storage.list(layout.publish_written(spec.dataset, spec.version)):
+        storage.delete(key)
 
 
 class RayPasses:
     """The passes as executor jobs on Ray: the size pass reads small metadata when the source says
     so (a run's dialogue rows): threads in the driver then, which costs less than scheduling a
-    task per unit; else (parent shards) Ray tasks. The shard pass maps parts to samples tagged
-    with their shard and groups them by shard (one task writes one shard). Workers open storage
-    from `storage_config`; each task reserves `task_memory` bytes."""
+    task per unit; else (parent shards) Ray tasks. The shard pass is one task per shard. Workers
+    open storage from `storage_config`; each task reserves `task_memory` bytes."""
 
     def __init__(self, storage_config: StorageConfig, task_memory: int = 0):
         self.storage_config = storage_config
@@ -328,20 +404,15 @@ class RayPasses:
             return iter(())
         if getattr(source, "sizes_are_metadata", False):
             return LocalPasses().sizes(source, parts)
+        blocks = blocks_for(parts, int(cluster_resources().get("CPU", 1)))
         return run_map(pd.DataFrame({"part": parts}), [MapStep(part_sizes, (source,), None, options=self.options)],
-                       blocks=self.blocks(parts))
+                       blocks=blocks)
 
-    def shards(self, source: SampleSource, parts: list[str], boundaries: list[str], losers: set[tuple[str, str]],
-               storage: Storage, spec: VersionSpec) -> Iterator[pd.DataFrame]:
-        if not parts:
-            return iter(())
-        tag = MapStep(part_samples, (source, boundaries, losers), None, options=self.options)
-        write = GroupStep("shard", len(boundaries), write_shard_on_worker,
-                          (self.storage_config, spec.dataset, spec.version), self.options)
-        return run_map(pd.DataFrame({"part": parts}), [tag], group=write, blocks=self.blocks(parts))
-
-    def blocks(self, parts: list[str]) -> int:
-        return blocks_for(parts, int(cluster_resources().get("CPU", 1)))
+    def shards(self, source: SampleSource, plan: pd.DataFrame, storage: Storage,
+               target: ShardTarget) -> Iterator[pd.DataFrame]:
+        """`storage` is this process's; the tasks open theirs from `storage_config`."""
+        step = MapStep(write_planned_shards, (source, target, self.storage_config), 1, options=self.options)
+        return run_map(plan, [step], ordered=True)
 
 
 def blocks_for(parts: list[str], cpus: int, per_cpu: int = 4, most_parts_per_block: int = 64) -> int:
@@ -352,27 +423,15 @@ def blocks_for(parts: list[str], cpus: int, per_cpu: int = 4, most_parts_per_blo
 
 
 class LocalPasses:
-    """The same passes in this process, for small runs and tests: samples are spilled to one
-    local folder per shard, then each shard is written from its folder."""
+    """The same passes in this process, for small runs and tests: one shard at a time."""
 
     def sizes(self, source: SampleSource, parts: list[str], threads: int = 16) -> Iterator[pd.DataFrame]:
         with ThreadPoolExecutor(threads) as pool:  # reads are I/O: small files, or S3 round trips
             yield from pool.map(lambda part: part_sizes(pd.DataFrame({"part": [part]}), source), parts)
 
-    def shards(self, source: SampleSource, parts: list[str], boundaries: list[str], losers: set[tuple[str, str]],
-               storage: Storage, spec: VersionSpec) -> Iterator[pd.DataFrame]:
-        with tempfile.TemporaryDirectory() as scratch:
-            spill = Path(scratch)
-            for number, part in enumerate(parts):
-                rows = part_samples(pd.DataFrame({"part": [part]}), source, boundaries, losers)
-                for shard, group in rows.groupby("shard"):
-                    folder = spill / f"{int(shard):06d}"
-                    folder.mkdir(exist_ok=True)
-                    pq.write_table(pa.Table.from_pandas(group, preserve_index=False),
-                                   folder / f"{number:06d}.parquet")
-            for folder in sorted(spill.iterdir()):
-                group = pa.concat_tables([pq.read_table(path) for path in sorted(folder.iterdir())]).to_pandas()
-                yield write_shard(group, storage, spec.dataset, spec.version)
+    def shards(self, source: SampleSource, plan: pd.DataFrame, storage: Storage,
+               target: ShardTarget) -> Iterator[pd.DataFrame]:
+        return run_map(plan, [MapStep(write_planned_shards, (source, target, storage))], on_ray=False)
 
 
 def accepted_keys(batches: Iterator[pd.DataFrame], parts: list[str]) -> pa.Table:

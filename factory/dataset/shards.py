@@ -13,7 +13,7 @@ import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import webdataset as wds
 
@@ -51,11 +51,16 @@ class Sample:
         }
 
 
-def encode_shard(samples: list[Sample]) -> bytes:
-    buffer = io.BytesIO()
-    with wds.TarWriter(buffer, encoder=False, mtime=TAR_MTIME) as writer:
+def write_shard_file(samples: list[Sample], stream: BinaryIO) -> None:
+    """One shard's tar, its samples in the order given, written to an open binary file."""
+    with wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
         for sample in samples:
             writer.write(sample.members())
+
+
+def encode_shard(samples: list[Sample]) -> bytes:
+    buffer = io.BytesIO()
+    write_shard_file(samples, buffer)
     return buffer.getvalue()
 
 

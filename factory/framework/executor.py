@@ -1,9 +1,8 @@
 """The one executor of distributed work: every Ray Data job of the factory is built here.
 
 `run_map` runs `MapStep`s (a function as Ray tasks, or a class on an actor pool: its constructor
-is the step's setup, where models load once per actor) and an optional `GroupStep` (rows
-grouped by a column, one group per task) over a table of rows, on Ray Data or, for tests and
-small runs, inline in this process with the same callables. Reference drawing, pool embedding,
+is the step's setup, where models load once per actor) over a table of rows, on Ray Data or, for
+tests and small runs, inline in this process with the same callables. Reference drawing, pool embedding,
 SID's `w` drawing, eval scoring and publish's passes are written as such steps. `run_resumable`
 keeps each finished chunk of a job's output (`Resume`), so a killed job does only the rest.
 
@@ -91,29 +90,15 @@ class MapStep:
         return cls(fn, args, batch_size, pool.concurrency, pool.ray_options())
 
 
-@dataclass(frozen=True)
-class GroupStep:
-    """Rows grouped by `by` into at most `groups` groups, `fn(group, *args)` once per group. On Ray
-    the pull-based sort shuffle moves them: each reducer pulls only its own group, so no process
-    holds more than one (Ray's default hash shuffle keeps every partition of an aggregator in its
-    memory, which grew with the run)."""
-
-    by: str
-    groups: int
-    fn: Callable[..., pd.DataFrame]
-    args: tuple[Any, ...] = ()
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-def run_map(rows: pd.DataFrame, steps: Sequence[MapStep], *, group: GroupStep | None = None,
-            blocks: int | None = None, ordered: bool = False, on_ray: bool = True) -> Iterator[pd.DataFrame]:
+def run_map(rows: pd.DataFrame, steps: Sequence[MapStep], *, blocks: int | None = None, ordered: bool = False,
+            on_ray: bool = True) -> Iterator[pd.DataFrame]:
     """The steps' output, a frame at a time: on Ray Data over `blocks` input blocks (default: one
     per first batch, at most 1024), in input order when `ordered`; or inline, lazily, in this process."""
     if rows.empty:
         return iter(())
     if not on_ray:
-        return map_inline(rows, steps, group)
-    return map_on_ray(rows, steps, group, blocks or default_blocks(rows, steps), ordered)
+        return map_inline(rows, steps)
+    return map_on_ray(rows, steps, blocks or default_blocks(rows, steps), ordered)
 
 
 @dataclass(frozen=True)
@@ -130,8 +115,13 @@ class Resume:
     chunk_rows: int = 64
 
     def chunk_meta(self, rows: pd.DataFrame) -> dict[str, Any]:
-        identity = json.dumps(rows[list(self.inputs)].to_dict("list"), sort_keys=True, default=str)
-        return {"made_with": self.made_with, "inputs": hashlib.sha256(identity.encode()).hexdigest()}
+        return chunk_meta(self.made_with, rows[list(self.inputs)].to_dict("list"))
+
+
+def chunk_meta(made_with: dict[str, Any], inputs: Any) -> dict[str, Any]:
+    """A chunk's footer: the settings that made it and a digest of the inputs (JSON) it was made from."""
+    identity = json.dumps(inputs, sort_keys=True, default=str)
+    return {"made_with": made_with, "inputs": hashlib.sha256(identity.encode()).hexdigest()}
 
 
 def run_resumable(rows: pd.DataFrame, steps: Sequence[MapStep], resume: Resume, *,
@@ -155,55 +145,54 @@ def run_resumable(rows: pd.DataFrame, steps: Sequence[MapStep], resume: Resume, 
         if len(out) != sizes[chunk]:
             raise RuntimeError(f"a resumable job's steps must keep their rows: chunk {chunk} has {len(out)} "
                                f"of {sizes[chunk]}")
-        table = pa.Table.from_pandas(out, preserve_index=False)
-        footer = json.dumps(meta, sort_keys=True, default=str).encode()
-        resume.storage.write_parquet(key, table.replace_schema_metadata({CHUNK_META: footer}))
+        write_chunk(resume.storage, key, pa.Table.from_pandas(out, preserve_index=False), meta)
         yield out
 
 
 def finished_chunks(resume: Resume, wanted: dict[int, dict[str, Any]]) -> set[int]:
     """The chunks whose file is whole and made from the same input rows (a chunk cut otherwise is
     done again); refuses any made with other settings."""
-    finished = set()
-    for key in resume.storage.list(resume.folder):
-        number = layout.chunk_number(key)
-        if number not in wanted:
-            continue
-        try:
-            raw = (resume.storage.parquet_footer(key).metadata or {}).get(CHUNK_META)
-        except DamagedFile as err:
-            log.warning("%s: the chunk is done again", err)
-            continue
-        stored = json.loads(raw) if raw else {}
-        changes = changed_keys(stored.get("made_with") or {}, resume.made_with)
-        if changes:
-            raise RunChanged(f"{resume.storage.url(resume.folder)} holds chunks made with other settings:\n  "
-                             + "\n  ".join(changes) + "\ndelete that folder or restore those settings")
-        if stored.get("inputs") == wanted[number]["inputs"]:  # else other rows (chunks cut otherwise): redone
-            finished.add(number)
-    return finished
+    return {number for number in map(layout.chunk_number, resume.storage.list(resume.folder))
+            if number in wanted and chunk_is_finished(resume.storage, layout.chunk_file(resume.folder, number),
+                                                      wanted[number])}
 
 
-def map_on_ray(rows: pd.DataFrame, steps: Sequence[MapStep], group: GroupStep | None, blocks: int,
-               ordered: bool) -> Iterator[pd.DataFrame]:
+def write_chunk(storage: Storage, key: str, table: pa.Table, meta: dict[str, Any]) -> None:
+    """A finished chunk of a job's output, with `chunk_meta`'s footer."""
+    footer = json.dumps(meta, sort_keys=True, default=str).encode()
+    storage.write_parquet(key, table.replace_schema_metadata({CHUNK_META: footer}))
+
+
+def chunk_is_finished(storage: Storage, key: str, wanted: dict[str, Any]) -> bool:
+    """Whether the stored chunk at `key` is whole and made from the inputs `wanted` names (else it is
+    done again: damaged, or cut from other rows); refuses one made with other settings."""
+    try:
+        raw = (storage.parquet_footer(key).metadata or {}).get(CHUNK_META)
+    except DamagedFile as err:
+        log.warning("%s: the chunk is done again", err)
+        return False
+    stored = json.loads(raw) if raw else {}
+    changes = changed_keys(stored.get("made_with") or {}, wanted["made_with"])
+    if changes:
+        raise RunChanged(f"{storage.url(key)} was made with other settings:\n  " + "\n  ".join(changes)
+                         + "\ndelete that folder or restore those settings")
+    return stored.get("inputs") == wanted["inputs"]
+
+
+def map_on_ray(rows: pd.DataFrame, steps: Sequence[MapStep], blocks: int, ordered: bool) -> Iterator[pd.DataFrame]:
     import ray  # ray: only here (the inline executor runs without it)
-    from ray.data.context import ShuffleStrategy
 
-    context = ray.data.DataContext.get_current()
-    saved = context.shuffle_strategy, context.execution_options.preserve_order
-    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    context = ray.data.DataContext.get_current()  # a dataset copies the context when it is created
+    saved = context.execution_options.preserve_order
     context.execution_options.preserve_order = ordered
     try:
         dataset = ray.data.from_items(rows.to_dict("records"), override_num_blocks=min(blocks, len(rows)))
         for step in steps:
             dataset = dataset.map_batches(step.fn, batch_size=step.batch_size, batch_format="pandas",
                                           **ray_step_arguments(ray, step))
-        if group is not None:
-            dataset = dataset.groupby(group.by, num_partitions=max(1, group.groups)).map_groups(
-                group.fn, fn_args=group.args, batch_format="pandas", **group.options)
         yield from dataset.iter_batches(batch_format="pandas", batch_size=None)
     finally:
-        context.shuffle_strategy, context.execution_options.preserve_order = saved
+        context.execution_options.preserve_order = saved
 
 
 def ray_step_arguments(ray: Any, step: MapStep) -> dict[str, Any]:
@@ -219,14 +208,11 @@ def default_blocks(rows: pd.DataFrame, steps: Sequence[MapStep]) -> int:
     return max(1, min(1024, -(-len(rows) // size) if size else 1))
 
 
-def map_inline(rows: pd.DataFrame, steps: Sequence[MapStep], group: GroupStep | None) -> Iterator[pd.DataFrame]:
+def map_inline(rows: pd.DataFrame, steps: Sequence[MapStep]) -> Iterator[pd.DataFrame]:
     frames: Iterator[pd.DataFrame] = iter([rows.reset_index(drop=True)])
     for step in steps:
         frames = mapped_inline(step, frames)
-    if group is None:
-        return frames
-    whole = pd.concat(list(frames), ignore_index=True)
-    return (group.fn(part.reset_index(drop=True), *group.args) for _, part in whole.groupby(group.by, sort=True))
+    return frames
 
 
 def mapped_inline(step: MapStep, frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:

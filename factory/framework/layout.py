@@ -111,6 +111,12 @@ def publish_lock(dataset: str, version: str) -> str:
     return f"{version_dir(dataset, version)}/_publishing.json"
 
 
+def publish_written(dataset: str, version: str) -> str:
+    """While a version is published: one chunk per shard written (its index rows; `chunk_file`), so a
+    publisher stopped half-way and run again writes only the missing shards. Deleted once committed."""
+    return f"{version_dir(dataset, version)}/_written"
+
+
 def shard_relative(version: str, number: int) -> str:
     """A shard's path as the manifest lists it: relative to its version's folder."""
     return f"shards/{check_name(version, 'version')}-{number:06d}.tar"

@@ -330,7 +330,11 @@ class S3Storage(Storage):
         self._upload(key, io.BytesIO(data))
 
     def upload_file(self, local_path: str | Path, key: str) -> None:
+        """One PUT streamed from the file below the multipart threshold (as `write_bytes`), else multipart."""
         with open(local_path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size < self.transfer.multipart_threshold:
+                self._call("put", key, self.client.put_object, Key=self._key(key), Body=handle)
+                return
             self._upload(key, handle)
 
     def _upload(self, key: str, handle) -> None:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from factory.framework import layout
-from factory.framework.executor import GroupStep, MapStep, Resume, RunChanged, run_map, run_resumable
+from factory.framework.executor import MapStep, Resume, RunChanged, run_map, run_resumable
 
 REPO = Path(__file__).resolve().parents[2]
 PRODUCT = ("factory", "stages", "models", "filters", "jobs")
@@ -34,10 +34,6 @@ class Tagger:
         return batch.assign(setup=self.label, call=self.calls)
 
 
-def group_sum(group: pd.DataFrame, scale: int) -> pd.DataFrame:
-    return pd.DataFrame({"bucket": [int(group["bucket"].iloc[0])], "total": [int(group["value"].sum()) * scale]})
-
-
 def rows(n: int = 12) -> pd.DataFrame:
     return pd.DataFrame({"order": range(n), "value": range(n), "bucket": [i % 3 for i in range(n)]})
 
@@ -56,13 +52,6 @@ def test_inline_steps_run_in_order_with_their_arguments_and_one_setup():
     assert out.groupby("call").size().max() == 2  # batches of at most 2 rows
 
 
-def test_inline_group_step_sees_each_group_whole():
-    out = pd.concat(run_map(rows(), [MapStep(doubled, (1,), batch_size=4)], on_ray=False,
-                            group=GroupStep("bucket", 3, group_sum, (2,))))
-    assert dict(zip(out["bucket"], out["total"])) == {0: 2 * (0 + 3 + 6 + 9), 1: 2 * (1 + 4 + 7 + 10),
-                                                      2: 2 * (2 + 5 + 8 + 11)}
-
-
 def test_no_rows_runs_nothing():
     assert list(run_map(rows(0), STEPS, on_ray=False)) == []
 
@@ -75,9 +64,6 @@ def test_ray_gives_the_inline_rows_with_a_setup_per_actor_and_ordered_output():
     assert 1 <= there["setup"].nunique() <= 2  # an actor pool of 2: never a setup per batch
     ordered = pd.concat(run_map(rows(), STEPS, blocks=6, ordered=True), ignore_index=True)
     assert ordered["order"].tolist() == list(range(12))
-    grouped = pd.concat(run_map(rows(), [MapStep(doubled, (1,), batch_size=4)], blocks=3,
-                                group=GroupStep("bucket", 3, group_sum, (2,))))
-    assert dict(zip(grouped["bucket"], grouped["total"])) == {0: 36, 1: 44, 2: 52}
 
 
 def ray_data_calls(path: Path) -> list[str]:

@@ -11,7 +11,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from factory.dataset.manifest import VersionError, VersionSpec, load_manifest, verify_version
+from factory.dataset import publisher
+from factory.dataset.manifest import VersionError, VersionSpec, load_manifest, verify_version, version_exists
 from factory.dataset.publisher import PartialRun, publish_run, publish_samples, sample_from_row
 from factory.framework import layout
 from factory.framework.config import StorageConfig, load_config
@@ -97,6 +98,30 @@ def test_local_publish_of_a_grown_run_matches_the_samples_in_memory(storage_conf
     assert manifest["funnel"]["rejections"] == {"filter:clip_t_below_threshold": rejected}
     assert verify_version(ctx.storage, ctx.config.dataset, "grown") == []
     assert publish_run(ctx)["created"] == manifest["created"]  # a re-run is a no-op
+
+
+def test_a_publisher_stopped_halfway_writes_only_the_missing_shards_when_run_again(storage_config, tmp_path,
+                                                                                 monkeypatch):
+    ctx = context(storage_config, "publish.executor=local")
+    rows = grow_run(ctx)
+    written, write_shard = [], publisher.write_shard
+
+    def lost_at_the_third_shard(storage, target, number, samples):
+        written.append(number)
+        if written == [0, 1, 2]:
+            raise OSError("the publisher's node was lost")
+        return write_shard(storage, target, number, samples)
+
+    monkeypatch.setattr(publisher, "write_shard", lost_at_the_third_shard)
+    with pytest.raises(OSError, match="node was lost"):
+        publish_run(ctx)
+    assert not version_exists(ctx.storage, ctx.config.dataset, "grown")
+    written.clear()
+    manifest = publish_run(ctx)
+    assert written == list(range(2, len(manifest["shards"]))), "only the shards not finished are written again"
+    assert [shard["sha256"] for shard in manifest["shards"]] == expected_shards(ctx, rows, tmp_path / "memory")
+    assert verify_version(ctx.storage, ctx.config.dataset, "grown") == []
+    assert ctx.storage.list(layout.publish_written(ctx.config.dataset, "grown")) == []
 
 
 @pytest.mark.slow
