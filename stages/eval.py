@@ -43,7 +43,7 @@ from factory.framework.config import EvalConfig, EvalPair, FactoryConfig, Genera
 from factory.framework.context import RunContext
 from factory.framework.executor import MapStep, Resume, cluster_resources, run_resumable
 from factory.framework.images import decode_image
-from factory.framework.keys import safe_id
+from factory.framework.layout import safe_id
 from factory.framework.models_cache import loader_paths, local_model, model_ref
 from factory.framework.stage import fingerprint
 from factory.framework.storage import Storage, open_storage

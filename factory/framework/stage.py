@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from factory.framework.config import FactoryConfig
-from factory.framework.keys import portable_ref
+from factory.framework.layout import portable_ref
 
 REJECT_COLUMNS = ("reject_stage", "reject_reason")
 POOL_SETTINGS = ("concurrency", "num_cpus", "num_gpus", "memory", "resources")  # where a stage runs, not what it makes
@@ -127,7 +127,7 @@ def fingerprint(config: FactoryConfig, sections: tuple[str, ...]) -> dict[str, A
     """The config settings that shape a stage's output, flattened to `section.key` -> value.
 
     Pool sizes are left out (where a stage runs does not change what it makes), and local
-    model paths are written as `factory.framework.keys.portable_ref` writes them.
+    model paths are written as `factory.framework.layout.portable_ref` writes them.
     """
     snapshot = config.snapshot()
     flat: dict[str, Any] = {}
