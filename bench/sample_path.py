@@ -49,8 +49,8 @@ import stages.publish  # noqa: E402
 import stages.references  # noqa: E402
 from factory.demo import prepare_demo  # noqa: E402
 from factory.framework.config import load_config  # noqa: E402
-from factory.framework.context import RunContext  # noqa: E402
 from factory.framework.executor import Step, run_steps_inline  # noqa: E402
+from factory.framework.stage import RunContext  # noqa: E402
 
 PACKAGES = ("factory", "stages", "models", "filters")
 SETTINGS = [

@@ -40,13 +40,12 @@ from factory.dataset.reference_sources import (
 from factory.framework import layout
 from factory.framework.executor import MapStep, Resume, run_resumable
 from factory.framework.images import ImageRejected, decode_image, encode_jpeg, fit_within
-from factory.framework.stage import settings_named
+from factory.framework.stage import RunContext, settings_named
 from factory.framework.storage import S3Storage, Storage, StorageError
 from models.sd_drawer import StableDiffusionDrawer
 
 if TYPE_CHECKING:
     from factory.framework.config import FactoryConfig, ReferencesConfig
-    from factory.framework.context import RunContext
 
 log = logging.getLogger(__name__)
 

@@ -50,9 +50,9 @@ from factory.dataset.manifest import (
 from factory.dataset.shards import Sample, cut_points, encode_shard, estimated_bytes
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, StorageConfig
-from factory.framework.context import RunContext
 from factory.framework.executor import GroupStep, MapStep, changed_settings, cluster_resources, even_batches, run_map
 from factory.framework.models_cache import model_fingerprint
+from factory.framework.stage import RunContext
 from factory.framework.storage import Storage, open_storage
 from factory.framework.units import ImageJoin, finished_units, plan_units, read_unit, whole_unit_metas
 from filters.rules import RULES, SCORE_COLUMNS
