@@ -53,7 +53,7 @@ from factory.dataset.publisher import publish_run
 from factory.framework import layout
 from factory.framework.config import ConfigError, FactoryConfig, validate_config
 from factory.framework.executor import MapStep, Resume, run_resumable, run_steps
-from factory.framework.image_parts import store_images
+from factory.framework.images import store_images
 from factory.framework.layout import BadName, check_name, portable_ref, sample_key
 from factory.framework.models_cache import loader_paths
 from factory.framework.stage import RunContext, settings_named
