@@ -31,7 +31,6 @@ from factory.dataset.reference_sets import write_parts, write_rejections
 from factory.dataset.reference_sources import (
     Candidate,
     ReferencesError,
-    Rejected,
     folder_candidates,
     generated_candidates,
     s3_candidates,
@@ -48,6 +47,14 @@ if TYPE_CHECKING:
     from factory.framework.config import FactoryConfig, ReferencesConfig
 
 log = logging.getLogger(__name__)
+
+
+class Rejected(Exception):
+    """One input that cannot become a reference; `reason` is a countable tag."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def run(ctx: RunContext) -> dict:

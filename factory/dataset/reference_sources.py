@@ -68,14 +68,6 @@ class ReferencesError(RuntimeError):
     """The stage cannot start (a missing folder, bucket, shard or model)."""
 
 
-class Rejected(Exception):
-    """One input that cannot become a reference; `reason` is a countable tag."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class Candidate:
     """One would-be reference, before its bytes are read or drawn."""
