@@ -11,7 +11,7 @@ executor's inline loop (`run_steps_inline`, the tiny random Llama drafting) and 
 counted) and splits them into:
 
 - per sample: a function of the file ran while a sample was being made or moved: a reference drawn,
-  read or stored (`Drawer.draw`, `load_one`, `write_parts`), a plan partition drawn
+  read or stored (`Drawer.pull`, `Drawer.draw`, `load_one`, `write_parts`), a plan partition drawn
   (`write_partitions`), a unit processed (`UnitWorker.run_unit`), a sample read for or written into
   a shard (`part_sizes`, `part_samples`, `write_shard`);
 - set-up only: every other file that ran (config loading, opening storage, loading models, the
@@ -64,7 +64,8 @@ SETTINGS = [
 ]
 # (file, qualified name) of the functions inside which a sample is being made or moved
 SAMPLE_WORK = {
-    ("stages/references.py", "Drawer.draw"), ("stages/references.py", "load_one"),
+    ("stages/references.py", "Drawer.pull"), ("stages/references.py", "Drawer.draw"),
+    ("stages/references.py", "load_one"),
     ("factory/dataset/reference_sets.py", "write_parts"),
     ("factory/dataset/planning.py", "write_partitions"),
     ("factory/framework/executor.py", "UnitWorker.run_unit"),
