@@ -201,8 +201,8 @@ def demo(cpu: bool) -> dict[str, Any]:
     import stages.plan
     import stages.references
     from factory.demo import prepare_demo
-    from factory.framework.context import RunContext
     from factory.framework.executor import Step, run_steps_inline
+    from factory.framework.stage import RunContext
 
     work = Path(os.environ.get("DEVICE_CHECK_WORK") or tempfile.mkdtemp(prefix="device-check-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -231,8 +231,8 @@ def loop_child(config_path: str) -> None:
     started = time.perf_counter()
     import torch
 
-    from factory.framework.context import RunContext
     from factory.framework.executor import run_steps_inline
+    from factory.framework.stage import RunContext
     from factory.run import UNIT_STEPS  # imports the stage modules (torch, diffusers, transformers, open_clip)
 
     steps = [step for step in UNIT_STEPS if step.name in STEP_NAMES]
@@ -245,7 +245,7 @@ def loop_child(config_path: str) -> None:
 
 
 def run_loop(config: FactoryConfig, workdir: Path, threads: int) -> tuple[Side, dict]:
-    from factory.framework.context import RunContext
+    from factory.framework.stage import RunContext
 
     config_path = workdir / f"{config.run_id}.json"
     config_path.write_text(json.dumps(config.snapshot()))
@@ -304,8 +304,8 @@ def actor_threads(config: FactoryConfig) -> str:
 
 
 def run_pipeline(config: FactoryConfig) -> Side:
-    from factory.framework.context import RunContext
     from factory.framework.executor import run_steps
+    from factory.framework.stage import RunContext
     from factory.run import UNIT_STEPS
 
     ctx = RunContext(config)
@@ -329,7 +329,7 @@ def run_pipeline(config: FactoryConfig) -> Side:
 def prepare(workdir: Path) -> Path:
     """Build the demo's tiny models under workdir (once) and a fresh storage root with references."""
     from factory.demo import prepare_demo
-    from factory.framework.context import RunContext
+    from factory.framework.stage import RunContext
     from stages import references
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -348,8 +348,8 @@ def case_config(case: str, side: str, store: Path, stamp: str) -> FactoryConfig:
 
 
 def plan(config: FactoryConfig) -> list[str]:
-    from factory.framework.context import RunContext
     from factory.framework.executor import read_plan
+    from factory.framework.stage import RunContext
     from stages import plan as plan_stage
 
     ctx = RunContext(config)
@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def plan_units_of(config: FactoryConfig) -> list[int]:
-    from factory.framework.context import RunContext
+    from factory.framework.stage import RunContext
     from factory.framework.units import plan_units
 
     return plan_units(RunContext(config).storage, config.run_id)

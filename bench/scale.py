@@ -228,8 +228,8 @@ def run_size(size: int, unit_size: int, endpoint: str, moto_pid: int, scratch: P
     from factory.dataset.manifest import VersionSpec
     from factory.dataset.publisher import RayPasses, RunSamples, write_version
     from factory.framework.config import StorageConfig
-    from factory.framework.context import RunContext
     from factory.framework.executor import Step, run_steps
+    from factory.framework.stage import RunContext
     from factory.framework.storage import S3Storage
     from factory.framework.units import finished_units, unit_meta
     from stages import plan
@@ -306,7 +306,7 @@ def own_memory() -> dict[str, float]:
 def plan_case(size: int, unit_size: int, scratch: Path, workers: int = 1) -> dict:
     """The plan stage for `size` candidates (plan.total_jobs, 12 per reference) in this process,
     `workers` partitions drawn at once (threads)."""
-    from factory.framework.context import RunContext
+    from factory.framework.stage import RunContext
     from factory.framework.units import plan_index
     from stages import plan
 
@@ -332,7 +332,7 @@ def sid_case(jobs: int, unit_size: int, scratch: Path, jobs_per_reference: int =
     from factory.dataset.planning import instruction_table
     from factory.dataset.pool import build_pool
     from factory.framework.config import load_config
-    from factory.framework.context import RunContext
+    from factory.framework.stage import RunContext
     from factory.framework.units import plan_index
     from factory.tiny.clip import build_tiny_clip
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from factory.estimate import unit_stage_hours
 from factory.framework import layout
-from factory.framework.context import RunContext
+from factory.framework.stage import RunContext
 from factory.framework.units import plan_unit_rows
 from factory.status import HOUR, Footers, run_status, unit_footers
 

@@ -45,9 +45,9 @@ from factory.framework.config import (
     missing_promptnet_hint,
     untrained_promptnet,
 )
-from factory.framework.context import RunContext
 from factory.framework.executor import Step, run_steps, show_progress_bars
 from factory.framework.models_cache import ModelUnavailable, describe_s3, is_s3
+from factory.framework.stage import RunContext
 from factory.progress import LOG_EVERY_SECONDS, progress_display
 from filters.rules import RULES
 

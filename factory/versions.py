@@ -25,7 +25,7 @@ from factory.dataset.manifest import (
     verify_version,
 )
 from factory.framework.config import ConfigError, load_config
-from factory.framework.names import check_name
+from factory.framework.layout import check_name
 from factory.framework.storage import StorageError, open_storage
 from factory.report import write_report
 from factory.rethreshold import parse_thresholds, rethreshold_version

@@ -40,12 +40,11 @@ from factory.dataset.eval_sets import eval_set_name, reference_set_pairs
 from factory.dataset.manifest import latest_version
 from factory.framework import layout
 from factory.framework.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec, StorageConfig, validate_config
-from factory.framework.context import RunContext
 from factory.framework.executor import MapStep, Resume, cluster_resources, run_resumable
 from factory.framework.images import decode_image
-from factory.framework.keys import safe_id
+from factory.framework.layout import safe_id
 from factory.framework.models_cache import loader_paths, local_model, model_ref
-from factory.framework.stage import fingerprint
+from factory.framework.stage import RunContext, fingerprint
 from factory.framework.storage import Storage, open_storage
 from filters.clip import ClipScorer
 from filters.dino import DinoScorer

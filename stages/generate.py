@@ -9,19 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from factory.framework.config import FactoryConfig
 from factory.framework.executor import Step, run_steps
 from factory.framework.images import ImageRejected, decode_image, encode_jpeg
-from factory.framework.stage import Stage
+from factory.framework.stage import RunContext, Stage
 from models.base import GenJob, pick_device
 from models.registry import build_generator
-
-if TYPE_CHECKING:
-    from factory.framework.context import RunContext
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from factory.dataset.planning import (
     write_partitions,
 )
 from factory.framework import layout
-from factory.framework.context import RunContext
-from factory.framework.keys import portable_ref, sample_key
+from factory.framework.layout import portable_ref, sample_key
+from factory.framework.stage import RunContext
 from factory.framework.storage import DamagedFile
 from factory.framework.units import PlanIndex, plan_exists, plan_index
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from factory.framework.context import RunContext
+from factory.framework.stage import RunContext
 from models.training.promptnet import make_promptnet_job, refuse_trained_output, train_promptnet_on_ray
 
 log = logging.getLogger(__name__)

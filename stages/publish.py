@@ -11,7 +11,7 @@ from typing import Any
 
 from factory.dataset.publisher import publish_run
 from factory.framework import layout
-from factory.framework.context import RunContext
+from factory.framework.stage import RunContext
 
 
 def run(ctx: RunContext) -> dict[str, Any]:

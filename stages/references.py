@@ -31,7 +31,6 @@ from factory.dataset.reference_sets import write_parts, write_rejections
 from factory.dataset.reference_sources import (
     Candidate,
     ReferencesError,
-    Rejected,
     folder_candidates,
     generated_candidates,
     s3_candidates,
@@ -40,15 +39,22 @@ from factory.dataset.reference_sources import (
 from factory.framework import layout
 from factory.framework.executor import MapStep, Resume, run_resumable
 from factory.framework.images import ImageRejected, decode_image, encode_jpeg, fit_within
-from factory.framework.stage import settings_named
+from factory.framework.stage import RunContext, settings_named
 from factory.framework.storage import S3Storage, Storage, StorageError
 from models.sd_drawer import StableDiffusionDrawer
 
 if TYPE_CHECKING:
     from factory.framework.config import FactoryConfig, ReferencesConfig
-    from factory.framework.context import RunContext
 
 log = logging.getLogger(__name__)
+
+
+class Rejected(Exception):
+    """One input that cannot become a reference; `reason` is a countable tag."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def run(ctx: RunContext) -> dict:

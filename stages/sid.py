@@ -52,13 +52,11 @@ from factory.dataset.pool import ImagePool, build_pool_from_shards
 from factory.dataset.publisher import publish_run
 from factory.framework import layout
 from factory.framework.config import ConfigError, FactoryConfig, validate_config
-from factory.framework.context import RunContext
 from factory.framework.executor import MapStep, Resume, run_resumable, run_steps
-from factory.framework.image_parts import store_images
-from factory.framework.keys import portable_ref, sample_key
+from factory.framework.images import store_images
+from factory.framework.layout import BadName, check_name, portable_ref, sample_key
 from factory.framework.models_cache import loader_paths
-from factory.framework.names import BadName, check_name
-from factory.framework.stage import settings_named
+from factory.framework.stage import RunContext, settings_named
 from factory.framework.units import finished_units, plan_exists, read_plan, read_unit
 from filters.clip import clip_scorer_from_config
 from models.sd_drawer import StableDiffusionDrawer

@@ -11,7 +11,7 @@ from typing import Any
 
 from factory.dataset.manifest import latest_version
 from factory.framework.config import FactoryConfig
-from factory.framework.context import RunContext
+from factory.framework.stage import RunContext
 from factory.framework.storage import Storage
 from models.training.runner import (  # noqa: F401  (the stage's public entry points)
     train_assistant,

@@ -55,7 +55,7 @@ def ingest_and_plan(folder: Path, tiny_sd: Path, monkeypatch) -> tuple[object, o
     """Lay out one working folder, then run references and plan from inside it."""
     from factory.dataset.reference_sets import load_references
     from factory.framework.config import load_config
-    from factory.framework.context import RunContext
+    from factory.framework.stage import RunContext
     from stages import plan, references
 
     (folder / "inputs" / "sub").mkdir(parents=True)

@@ -15,7 +15,7 @@ from factory.framework import layout
 from factory.framework.storage import Storage, StorageError
 
 if TYPE_CHECKING:
-    from factory.framework.context import RunContext
+    from factory.framework.stage import RunContext
 
 
 def latest_checkpoint(storage: Storage, model: str, run_id: str) -> str | None:

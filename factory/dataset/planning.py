@@ -25,7 +25,7 @@ import pyarrow as pa
 from factory.dataset.instructions import load_bank, render
 from factory.dataset.reference_sets import list_parts, set_complete
 from factory.framework import layout
-from factory.framework.context import RunContext
+from factory.framework.stage import RunContext
 from factory.framework.storage import Storage
 from factory.framework.units import PLAN_FORMAT, plan_part_meta, plan_part_rows, write_plan_index, write_plan_part
 

@@ -11,7 +11,7 @@ the asked-for images and nothing else. Up to EXACT_LIMIT images the index is exa
 (cosine on normalised vectors); beyond that it is HNSW, which needs no training and answers in
 about log(N).
 
-The parts and the ids table are `factory.framework.image_parts`, which SID's SD-drawn `w` set uses
+The parts and the ids table are those of `factory.framework.images`, which SID's SD-drawn `w` set uses
 too (stored once, fetched by id by `factory.framework.units.ImageJoin`).
 
 Building: `build_pool` embeds an iterable of (image_id, bytes) in one process (tests, small
@@ -36,8 +36,7 @@ import pyarrow as pa
 from factory.dataset.manifest import read_checked_shard
 from factory.framework import layout
 from factory.framework.executor import MapStep, Resume, run_resumable
-from factory.framework.image_parts import IDS_SCHEMA, fetch_images, write_image_part
-from factory.framework.images import ImageRejected, decode_image
+from factory.framework.images import IDS_SCHEMA, ImageRejected, decode_image, fetch_images, write_image_part
 from factory.framework.storage import Storage, open_storage
 
 if TYPE_CHECKING:

@@ -55,7 +55,6 @@ from factory.dataset.manifest import (
 from factory.dataset.shards import Sample, cut_points, estimated_bytes, write_shard_file
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, StorageConfig
-from factory.framework.context import RunContext
 from factory.framework.executor import (
     MapStep,
     changed_settings,
@@ -67,6 +66,7 @@ from factory.framework.executor import (
     write_chunk,
 )
 from factory.framework.models_cache import model_fingerprint
+from factory.framework.stage import RunContext
 from factory.framework.storage import Storage, open_storage
 from factory.framework.units import ImageJoin, finished_units, plan_units, read_unit, whole_unit_metas
 from filters.rules import RULES, SCORE_COLUMNS

@@ -18,7 +18,7 @@ gives "golden retriever") or the sample's metadata (webdataset), else "person" f
 human domain, else the reference is rejected as "missing_subject".
 
 Ids hash the source kind, the outside name relative to the source's root and the content (a
-sha256 of the file or tar member, an S3 object's ETag) with `factory.framework.keys.safe_id`; a generated
+sha256 of the file or tar member, an S3 object's ETag) with `factory.framework.layout.safe_id`; a generated
 one hashes its prompt, seed and drawing settings, with the model as `factory.framework.models_cache.model_ref`
 writes it. No absolute path goes in, so the same inputs have the same ids in any working folder
 or storage root (a moved source keeps its ids, a changed file gets a new one); the same file in
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 from braceexpand import braceexpand
 
 from factory.dataset.instructions import render
-from factory.framework.keys import safe_id
+from factory.framework.layout import safe_id
 from factory.framework.models_cache import model_ref
 from factory.framework.storage import Storage, StorageError, clean_key
 
@@ -66,14 +66,6 @@ HUMAN_DEFAULT_SUBJECT = "person"
 
 class ReferencesError(RuntimeError):
     """The stage cannot start (a missing folder, bucket, shard or model)."""
-
-
-class Rejected(Exception):
-    """One input that cannot become a reference; `reason` is a countable tag."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from factory.framework.names import check_name
+from factory.framework.layout import check_name
 from filters.rules import PAPER_THRESHOLDS
 
 # The environment of processes that load models: no library progress bars, no deprecation chatter

@@ -35,9 +35,8 @@ import pyarrow as pa
 
 from factory.framework import layout
 from factory.framework.config import ActorPool, ConfigError, FactoryConfig, validate_config
-from factory.framework.context import RunContext
 from factory.framework.metrics import UnitMetrics
-from factory.framework.stage import Stage, changed_keys, fingerprint
+from factory.framework.stage import RunContext, Stage, changed_keys, fingerprint
 from factory.framework.storage import DamagedFile, Storage, open_storage
 from factory.framework.units import (
     ImageJoin,

@@ -1,15 +1,48 @@
-"""The storage layout: every key the factory reads or writes is named here, and only here.
+"""Names and keys: what a name may be, the ids and keys made from names and content, and every storage key.
 
-Mirrors the layout block of docs/architecture.md. Keys are relative to the storage root
-(a local folder or `s3://bucket/prefix`); `factory.framework.storage` turns them into paths or URLs.
+Every key the factory reads or writes is named here, and only here; the storage keys mirror the
+layout block of docs/architecture.md. They are relative to the storage root (a local folder or
+`s3://bucket/prefix`); `factory.framework.storage` turns them into paths or URLs. What goes into a
+key never depends on where the job runs: user-given names follow one rule (`check_name`), outside
+names become safe ids (`safe_id`), a sample's key is a hash of what defines it (`sample_key`), and a
+model path under the working folder is written relative to it (`portable_ref`).
 """
 
 from __future__ import annotations
 
-from factory.framework.names import BadName, check_name
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
 from factory.framework.storage import clean_key
 
-# --- names: every name in a key follows factory.framework.names' rule, and a key stays in its folder --------
+# --- names: the one rule for every name a user gives that becomes part of a storage key -----------
+# Dataset, run id, version (published, union, rethreshold and reviewed children), reference set, pool
+# and eval set names all follow it, in the config (`factory.framework.config.Name`), in the command
+# lines and again below, where every key is built from them; and a key stays in its folder.
+
+NAME_MAX = 100
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NAME_RULE = (f"letters, digits, '_', '-' and '.', starting with a letter or digit, no '..', "
+             f"at most {NAME_MAX} characters")
+
+
+class BadName(ValueError):
+    """A user-given name (dataset, run id, version, ...) that breaks the name rule, or a key
+    built from names that would leave its folder."""
+
+
+def check_name(name: object, what: str = "name") -> str:
+    """`name` when it follows the one name rule (`NAME_RULE`), else `BadName` naming `what`.
+
+    Every name a user gives that becomes part of a storage key (dataset, run id, version,
+    reference set, pool, eval set) is checked with this rule, in the config and in the CLIs."""
+    if not isinstance(name, str) or len(name) > NAME_MAX or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 40 else repr(name[:40]) + "..."
+        raise BadName(f"{what} {shown} is not a valid name: use {NAME_RULE}")
+    return name
 
 
 def inside(folder: str, key: str) -> str:
@@ -17,6 +50,47 @@ def inside(folder: str, key: str) -> str:
     if not clean_key(key).startswith(f"{clean_key(folder)}/"):
         raise BadName(f"storage key {key!r} leaves its folder {folder!r}")
     return key
+
+
+# --- ids and sample keys: from content and config, never from where the job runs ------------------
+
+
+def safe_id(text: str, prefix: str = "") -> str:
+    """A filesystem- and key-safe id for an outside name (a file path, a tar member).
+
+    Outside names never become paths: the id is a readable slug plus a hash of the full
+    name, so `../x`, `a/b`, NUL and non-ASCII all map to distinct, harmless ids.
+    """
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    slug = "".join(ch if (ch.isascii() and ch.isalnum()) else "_" for ch in text)[-40:].strip("_")
+    return f"{prefix}{slug}_{digest}" if slug else f"{prefix}{digest}"
+
+
+KEY_FIELDS = (
+    "reference_id", "instruction_id", "instruction", "seed", "generator", "checkpoint", "round", "alpha", "w_id",
+)
+
+
+def sample_key(**fields: Any) -> str:
+    """Hash what defines a sample into a 24-character hex key: the same job always gets the same
+    key, and keys have no dots (WebDataset splits member names at the first dot).
+
+    Unknown fields are refused, so two call sites cannot silently key on different things.
+    """
+    unknown = set(fields) - set(KEY_FIELDS)
+    if unknown:
+        raise ValueError(f"not a key field: {sorted(unknown)}; key fields are {KEY_FIELDS}")
+    canonical = json.dumps({name: fields.get(name) for name in KEY_FIELDS}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
+
+
+def portable_ref(ref: str | None) -> str | None:
+    """A model reference as it goes into keys: a local path under the current folder is
+    written relative to it, so a job shipped to another working folder keeps its keys."""
+    if not ref or "://" in ref or not os.path.isabs(ref):
+        return ref
+    relative = os.path.relpath(ref, os.getcwd())
+    return ref if relative.startswith("..") else relative
 
 
 # --- reference sets --------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from factory.framework.config import StorageConfig
-from factory.framework.keys import portable_ref, safe_id
+from factory.framework.layout import portable_ref, safe_id
 from factory.framework.storage import S3Storage, StorageError
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def cache_root() -> Path:
 
 def model_ref(ref: str | None) -> str | None:
     """A model reference as ids, keys and sample metadata carry it: an S3 URL or hub id as is,
-    a local path under the working folder relative to it (`factory.framework.keys.portable_ref`)."""
+    a local path under the working folder relative to it (`factory.framework.layout.portable_ref`)."""
     return portable_ref(ref)
 
 

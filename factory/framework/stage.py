@@ -1,4 +1,5 @@
-"""The base every model stage is built on: a stage declares itself and writes one method.
+"""What a stage is written against: the `RunContext` every stage's entry `run(ctx)` receives, and
+the base every model stage is built on, where a stage declares itself and writes one method.
 
     class Filter(Stage):
         name = "filter"; source = "generate"; needs_images = ("target_image", "input_image")
@@ -19,16 +20,60 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any, ClassVar
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
+from factory.framework import layout
 from factory.framework.config import FactoryConfig
-from factory.framework.keys import portable_ref
+from factory.framework.storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from factory.framework.executor import Step  # the executor builds on this module
 
 REJECT_COLUMNS = ("reject_stage", "reject_reason")
 POOL_SETTINGS = ("concurrency", "num_cpus", "num_gpus", "memory", "resources")  # where a stage runs, not what it makes
+
+
+@dataclass
+class RunContext:
+    """What every stage's `run(ctx)` receives: the validated config, the opened storage, and what the
+    application assembling the stages (`factory.run`) hands down: the unit steps (generate -> filter ->
+    dialogue) for a stage that runs them itself (SID, once per round), and the live progress display
+    the executor opens while units run (`factory.progress`)."""
+
+    config: FactoryConfig
+    storage: Storage = field(default=None)  # opened from config.storage when not given
+    unit_steps: tuple[Step, ...] = ()
+    # opens the live progress of a run's unit stages (by name) while they run; None: no display
+    progress: Callable[[RunContext, list[str]], AbstractContextManager] | None = None
+
+    def __post_init__(self) -> None:
+        if self.storage is None:
+            self.storage = open_storage(self.config.storage)
+
+    @cached_property
+    def run_dir(self) -> str:
+        return layout.run_dir(self.config.run_id)
+
+    def watch(self, stages: list[str]) -> AbstractContextManager:
+        """The live progress of `stages` while the `with` block runs (nothing without a `progress`)."""
+        return self.progress(self, stages) if self.progress else nullcontext()
+
+    def unit_key(self, stage: str, unit: int) -> str:
+        return layout.unit_file(self.config.run_id, stage, unit)
+
+    @property
+    def version(self) -> str:
+        return self.config.publish.version or self.config.run_id
+
+
+# --- the model stages' base ----------------------------------------------------------------
 
 
 class Stage:
@@ -127,7 +172,7 @@ def fingerprint(config: FactoryConfig, sections: tuple[str, ...]) -> dict[str, A
     """The config settings that shape a stage's output, flattened to `section.key` -> value.
 
     Pool sizes are left out (where a stage runs does not change what it makes), and local
-    model paths are written as `factory.framework.keys.portable_ref` writes them.
+    model paths are written as `factory.framework.layout.portable_ref` writes them.
     """
     snapshot = config.snapshot()
     flat: dict[str, Any] = {}
@@ -137,7 +182,7 @@ def fingerprint(config: FactoryConfig, sections: tuple[str, ...]) -> dict[str, A
             for key in sorted(node):
                 walk(f"{prefix}.{key}", node[key])
         else:
-            flat[prefix] = portable_ref(node) if isinstance(node, str) else node
+            flat[prefix] = layout.portable_ref(node) if isinstance(node, str) else node
 
     for section in sections:
         for key, value in sorted(snapshot[section].items()):

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from factory.framework import layout
 from factory.framework.config import ConfigError
-from factory.framework.image_parts import fetch_images
+from factory.framework.images import fetch_images
 from factory.framework.storage import DamagedFile, Storage
 
 log = logging.getLogger(__name__)

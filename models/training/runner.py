@@ -11,7 +11,7 @@ import torch
 
 from factory.dataset.checkpoints import model_folder
 from factory.framework.config import FactoryConfig, PromptNetConfig, StorageConfig, TrainConfig
-from factory.framework.context import RunContext
+from factory.framework.stage import RunContext
 from factory.framework.storage import Storage, open_storage
 from models.training.job import TrainJob, make_job
 from models.training.loop import Worker, finished_run, summary, train_loop

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from factory.dataset.shards import Sample
-from factory.framework.keys import sample_key
+from factory.framework.layout import sample_key
 
 
 def jpeg(seed: int, size: int = 24) -> bytes:

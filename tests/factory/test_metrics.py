@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from factory.demo import prepare_demo
 from factory.framework.config import QUIET_ENV, load_config
-from factory.framework.context import RunContext
 from factory.framework.metrics import prometheus_names
+from factory.framework.stage import RunContext
 from factory.framework.units import read_unit, whole_unit_metas
 from factory.progress import ProgressWatch
 from factory.run import UNIT_STEPS, run_all

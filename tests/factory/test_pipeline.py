@@ -8,8 +8,8 @@ import pytest
 
 from factory.framework import layout
 from factory.framework.config import load_config
-from factory.framework.context import RunContext
 from factory.framework.executor import RunChanged, Step, run_steps, run_steps_inline
+from factory.framework.stage import RunContext
 from factory.framework.units import finished_units as finished
 from factory.framework.units import read_plan_unit, read_unit, unit_meta, write_plan
 from factory.run import UNIT_STEPS

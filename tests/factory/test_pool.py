@@ -4,7 +4,8 @@ import pytest
 
 from factory.dataset import pool as pool_module
 from factory.dataset.pool import ImagePool, build_index, build_pool, search_index
-from factory.framework import image_parts, layout
+from factory.framework import images as stored_images
+from factory.framework import layout
 from tests.factory.conftest import jpeg
 
 
@@ -66,7 +67,7 @@ def test_pool_round_trip_and_exact_search(storage, scorer):
 
 
 def test_images_are_fetched_by_id_from_their_row_groups_only(storage, scorer, monkeypatch):
-    monkeypatch.setattr(image_parts, "ROW_GROUP", 2)
+    monkeypatch.setattr(stored_images, "ROW_GROUP", 2)
     images = {f"img{n:02d}": jpeg(n, size=32) for n in range(12)}
     build_pool(storage, "f", list(images.items()), scorer, part_size=6)  # 2 parts of 3 row groups
     pool = ImagePool.load(storage, "f")

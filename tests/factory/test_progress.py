@@ -12,9 +12,8 @@ import pytest
 
 from factory.framework import layout
 from factory.framework.config import load_config
-from factory.framework.context import RunContext
 from factory.framework.executor import Step, run_steps_inline
-from factory.framework.stage import Stage
+from factory.framework.stage import RunContext, Stage
 from factory.framework.units import read_unit, unit_meta, write_plan
 from factory.progress import HOUR, LogLines, ProgressWatch, StageProgress, watch_progress
 from filters.rules import RULES, first_failure, funnel_counts, rule_flags

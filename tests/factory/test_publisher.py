@@ -16,8 +16,7 @@ from factory.dataset.manifest import VersionError, VersionSpec, load_manifest, v
 from factory.dataset.publisher import PartialRun, publish_run, publish_samples, sample_from_row
 from factory.framework import layout
 from factory.framework.config import StorageConfig, load_config
-from factory.framework.context import RunContext
-from factory.framework.stage import fingerprint
+from factory.framework.stage import RunContext, fingerprint
 from factory.framework.storage import open_storage
 from factory.framework.units import write_plan, write_unit
 from tests.factory.conftest import jpeg

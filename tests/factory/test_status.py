@@ -10,8 +10,8 @@ import pyarrow as pa
 
 from factory.framework import layout
 from factory.framework.config import load_config
-from factory.framework.context import RunContext
 from factory.framework.executor import Step, run_steps_inline
+from factory.framework.stage import RunContext
 from factory.framework.units import read_unit, unit_meta, write_plan
 from factory.status import HOUR, run_status
 from factory.versions import main as versions_main

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from factory.dataset.pool import ImagePool, build_pool
-from factory.framework import image_parts, layout
-from factory.framework.image_parts import store_images
+from factory.framework import images as stored_images
+from factory.framework import layout
+from factory.framework.images import store_images
 from factory.framework.units import ImageJoin, without_images
 from tests.factory.conftest import jpeg
 
@@ -44,8 +45,8 @@ def unit_rows(pairs: list[tuple[str | None, str | None]]) -> pd.DataFrame:
 def test_w_is_joined_by_id_from_the_pool_and_the_drawn_set(storage, stored, monkeypatch):
     pool_images, drawn = stored
     reads = []
-    real = image_parts.read_part_rows
-    monkeypatch.setattr(image_parts, "read_part_rows", lambda s, key, rows: reads.append((key, sorted(rows)))
+    real = stored_images.read_part_rows
+    monkeypatch.setattr(stored_images, "read_part_rows", lambda s, key, rows: reads.append((key, sorted(rows)))
                         or real(s, key, rows))
     rows = unit_rows([("pool:img5", "p"), ("sd:12-bbb", None), (None, None), ("pool:img0", "p"),
                       ("sd:11-aaa", None), ("pool:img5", "p")])

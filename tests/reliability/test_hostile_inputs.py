@@ -28,7 +28,7 @@ import jobs.__main__
 from factory.dataset.manifest import VersionSpec
 from factory.dataset.publisher import publish_samples
 from factory.framework.config import FactoryConfig, demo_config_path
-from factory.framework.names import BadName, check_name
+from factory.framework.layout import BadName, check_name
 from factory.framework.storage import LocalStorage
 from factory.rethreshold import ThresholdError, parse_thresholds
 from tests.factory.conftest import make_samples

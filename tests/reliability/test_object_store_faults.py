@@ -23,7 +23,7 @@ from factory.dataset.manifest import (
 from factory.dataset.publisher import publish_samples
 from factory.dataset.shards import Sample
 from factory.framework.config import StorageConfig
-from factory.framework.keys import sample_key
+from factory.framework.layout import sample_key
 from factory.framework.storage import StorageError, open_storage
 from tests.conftest import S3_TEST_KEYS
 from tests.reliability.s3proxy import Fault, FaultProxy

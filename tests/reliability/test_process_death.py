@@ -25,7 +25,7 @@ from PIL import Image
 
 from factory.dataset.manifest import VersionError, load_manifest, version_exists
 from factory.framework.config import StorageConfig, load_config
-from factory.framework.context import RunContext
+from factory.framework.stage import RunContext
 from factory.framework.storage import LocalStorage, open_storage
 from tests.conftest import S3_TEST_KEYS
 from tests.reliability.harness import (

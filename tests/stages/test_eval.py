@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from factory.framework.config import FactoryConfig, StorageConfig
-from factory.framework.context import RunContext
+from factory.framework.stage import RunContext
 from factory.framework.storage import open_storage
 
 

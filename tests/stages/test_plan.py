@@ -6,7 +6,7 @@ import yaml
 from factory.dataset import planning
 from factory.framework import layout
 from factory.framework.config import load_config
-from factory.framework.context import RunContext
+from factory.framework.stage import RunContext
 from factory.framework.units import PlanFormatError, plan_index, read_plan, read_plan_unit
 from stages import plan, references
 from stages.plan import PlanError

@@ -22,7 +22,7 @@ from factory.dataset.reference_sources import (
     unsafe_member_name,
 )
 from factory.framework.config import ConfigError, FactoryConfig, validate_config
-from factory.framework.context import RunContext
+from factory.framework.stage import RunContext
 from models.sd_drawer import StableDiffusionDrawer
 from stages import references
 

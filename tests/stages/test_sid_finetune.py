@@ -15,7 +15,7 @@ from factory.dataset.manifest import VersionSpec, load_manifest
 from factory.dataset.publisher import publish_samples
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, StorageConfig
-from factory.framework.context import RunContext
+from factory.framework.stage import RunContext
 from factory.framework.storage import open_storage
 from factory.framework.units import write_plan
 from factory.run import UNIT_STEPS

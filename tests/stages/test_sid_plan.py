@@ -12,7 +12,7 @@ from factory.dataset.pool import build_pool
 from factory.dataset.reference_sets import write_parts
 from factory.framework import layout
 from factory.framework.config import FactoryConfig
-from factory.framework.context import RunContext
+from factory.framework.stage import RunContext
 from factory.framework.units import plan_index, read_plan
 from tests.factory.conftest import jpeg
 

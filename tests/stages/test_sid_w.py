@@ -11,8 +11,8 @@ import pytest
 from factory.dataset.pool import ImagePool, build_pool
 from factory.framework import layout
 from factory.framework.config import FactoryConfig
-from factory.framework.context import RunContext
 from factory.framework.images import decode_image
+from factory.framework.stage import RunContext
 from factory.framework.units import ImageJoin
 from tests.factory.conftest import jpeg
 

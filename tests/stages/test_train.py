@@ -188,7 +188,7 @@ def test_assistant_trains_checkpoints_and_resumes_on_s3(s3_bucket, tiny):
 
 def test_sid_trains_and_fine_tunes_g_through_the_helpers(tmp_path, tiny):
     from factory.dataset.checkpoints import latest_generator_checkpoint
-    from factory.framework.context import RunContext
+    from factory.framework.stage import RunContext
     from models.cafe import CafeUNet
     from stages.train import train_generator_on
 
@@ -263,7 +263,7 @@ def test_a_finished_run_returns_its_checkpoint_without_training_again(tmp_path, 
     import ray
 
     import models.training.runner as runner
-    from factory.framework.context import RunContext
+    from factory.framework.stage import RunContext
     from stages.train import train_generator_on
 
     storage_config = StorageConfig(root=str(tmp_path / "root"))

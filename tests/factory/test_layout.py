@@ -1,6 +1,6 @@
 import pytest
 
-from factory.framework.keys import safe_id, sample_key
+from factory.framework.layout import safe_id, sample_key
 
 
 def test_same_job_same_key_and_no_dots():
@@ -31,7 +31,7 @@ def test_safe_id_never_carries_path_parts(name):
 
 
 def test_portable_ref_keeps_keys_across_working_folders(tmp_path, monkeypatch):
-    from factory.framework.keys import portable_ref
+    from factory.framework.layout import portable_ref
 
     for folder in ("job-a", "job-b"):
         (tmp_path / folder).mkdir()
