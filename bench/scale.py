@@ -303,9 +303,8 @@ def own_memory() -> dict[str, float]:
     return {"peak_mib": mib(fields["VmHWM"]), "rss_mib": mib(fields["VmRSS"])}
 
 
-def plan_case(size: int, unit_size: int, scratch: Path, workers: int = 1) -> dict:
-    """The plan stage for `size` candidates (plan.total_jobs, 12 per reference) in this process,
-    `workers` partitions drawn at once (threads)."""
+def plan_case(size: int, unit_size: int, scratch: Path) -> dict:
+    """The plan stage for `size` candidates (plan.total_jobs, 12 per reference) in this process."""
     from factory.framework.stage import RunContext
     from factory.framework.units import plan_index
     from stages import plan
@@ -315,10 +314,10 @@ def plan_case(size: int, unit_size: int, scratch: Path, workers: int = 1) -> dic
     before = own_memory()["rss_mib"]
     planning_peak_reset()
     started = time.perf_counter()
-    written = plan.run(ctx, workers=workers)
+    written = plan.run(ctx)
     seconds = time.perf_counter() - started
     index = plan_index(ctx.storage, ctx.config.run_id)
-    return {"case": f"plan x{workers}" if workers > 1 else "plan", "size": size, **written,
+    return {"case": "plan", "size": size, **written,
             "partitions": index.meta["partitions"], "plan_s": seconds,
             "us_per_job": 1e6 * seconds / written["jobs"], "before_mib": before, **own_memory(),
             "load": os.getloadavg()[0]}
@@ -365,13 +364,13 @@ def sid_case(jobs: int, unit_size: int, scratch: Path, jobs_per_reference: int =
             "load": os.getloadavg()[0]}
 
 
-def planning_in_fresh_process(case: str, size: int, unit_size: int, workers: int = 1) -> dict:
+def planning_in_fresh_process(case: str, size: int, unit_size: int) -> dict:
     """Run one planning case in a new Python process (its own peak RSS) and return its result."""
     import subprocess
 
     with tempfile.TemporaryDirectory() as scratch:
         done = subprocess.run([sys.executable, __file__, f"--{case}-case", str(size), "--unit-size", str(unit_size),
-                               "--scratch", scratch, "--plan-workers", str(workers)],
+                               "--scratch", scratch],
                               capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -414,11 +413,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plan-case", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--sid-case", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
-    parser.add_argument("--plan-workers", type=int, default=1, help="partitions drawn at once (threads)")
     args = parser.parse_args(argv)
     if args.plan_case or args.sid_case:
         scratch = Path(args.scratch)
-        result = (plan_case(args.plan_case, args.unit_size, scratch, args.plan_workers) if args.plan_case
+        result = (plan_case(args.plan_case, args.unit_size, scratch) if args.plan_case
                   else sid_case(args.sid_case, args.unit_size, scratch))
         print(json.dumps(result), flush=True)
         return
@@ -459,7 +457,7 @@ def planning_main(args: argparse.Namespace) -> None:
     cases = [("plan", size) for size in args.sizes] if args.plan_only else []
     cases += [("sid", args.sid_jobs)] if args.sid_jobs else []
     for case, size in cases:
-        results.append(planning_in_fresh_process(case, size, args.unit_size, args.plan_workers))
+        results.append(planning_in_fresh_process(case, size, args.unit_size))
         print(json.dumps(results[-1]), flush=True)
     lines = planning_table(results)
     plans = [r for r in results if r["case"].startswith("plan")]

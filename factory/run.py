@@ -182,6 +182,8 @@ def timed(label: str, entry: Callable[[RunContext], dict[str, Any]], ctx: RunCon
 def needs_ray(stage: str, config: FactoryConfig) -> bool:
     if stage == "publish":
         return config.publish.executor != "local"
+    if stage == "plan":
+        return config.plan.executor == "ray"
     if stage == "references":
         return config.references.drawn_on_actors() and any(s.kind == "generated" for s in config.references.sources)
     return stage in NEEDS_RAY

@@ -40,6 +40,10 @@ class Generate(Stage):
         self.device = pick_device(config.generate.num_gpus)
         self._generators: dict[str, Any] = {}
 
+    def setup(self) -> None:
+        """The run's generator (a SID round's config names SID's: `stages.sid.round_context`)."""
+        self.generator(self.config.plan.generator)
+
     def generator(self, name: str):
         if name not in self._generators:
             spec = self.config.generate.generators.get(name)

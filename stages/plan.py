@@ -9,6 +9,7 @@ however many partitions are drawn at once, and no process holds more than a part
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,9 +30,10 @@ from factory.dataset.planning import (
     write_partitions,
 )
 from factory.framework import layout
+from factory.framework.config import FactoryConfig
 from factory.framework.layout import portable_ref, sample_key
 from factory.framework.stage import RunContext
-from factory.framework.storage import DamagedFile
+from factory.framework.storage import DamagedFile, Storage
 from factory.framework.units import PlanIndex, plan_exists, plan_index
 
 log = logging.getLogger(__name__)
@@ -51,12 +53,24 @@ def partitions(ctx: RunContext, parts: list[tuple[str, int]]) -> list[Partition]
     return partitions_of(parts, jobs.tolist(), plan.unit_size)
 
 
-def draw_partition(ctx: RunContext, partition: Partition, instructions: pd.DataFrame) -> pd.DataFrame:
+@dataclass(frozen=True)
+class PlanDraw:
+    """Draws one partition's jobs (`draw_partition`); pickles, so a Ray task can draw it."""
+
+    config: FactoryConfig
+    instructions: pd.DataFrame
+
+    def __call__(self, storage: Storage, partition: Partition) -> pd.DataFrame:
+        return draw_partition(self.config, storage, partition, self.instructions)
+
+
+def draw_partition(config: FactoryConfig, storage: Storage, partition: Partition,
+                   instructions: pd.DataFrame) -> pd.DataFrame:
     """One partition's jobs, in unit order, vectorised: references (every one `jobs_per_reference`
     times, or drawn uniformly), an instruction of each reference's domain, a seed, then the keys."""
-    plan = ctx.config.plan
+    plan = config.plan
     rng = np.random.default_rng([plan.seed, partition.index])
-    catalog = partition_catalog(ctx.storage, partition)
+    catalog = partition_catalog(storage, partition)
     if plan.total_jobs is not None:
         picks = rng.integers(0, len(catalog), size=partition.jobs)
     else:
@@ -66,9 +80,9 @@ def draw_partition(ctx: RunContext, partition: Partition, instructions: pd.DataF
     if (chosen < 0).any():
         raise PlanError(f"the instruction bank has no templates for domain {domains[chosen < 0][0]!r}")
     seeds = rng.integers(0, 2**31 - 1, size=len(picks)).tolist()
-    jobs = pd.DataFrame({**job_columns(catalog, picks, instructions, chosen, ctx.config.references.set),
+    jobs = pd.DataFrame({**job_columns(catalog, picks, instructions, chosen, config.references.set),
                          "seed": seeds, "generator": plan.generator, "round": 0, "alpha": None, "w_id": None})
-    checkpoint = generator_checkpoint(ctx)
+    checkpoint = generator_checkpoint(config)
     jobs.insert(0, "key", [
         sample_key(reference_id=reference_id, instruction_id=instruction_id, instruction=text, seed=seed,
                    generator=plan.generator, checkpoint=checkpoint, round=0)
@@ -77,23 +91,25 @@ def draw_partition(ctx: RunContext, partition: Partition, instructions: pd.DataF
     return cut_units(jobs, plan.unit_size, partition.first_unit)
 
 
-def generator_checkpoint(ctx: RunContext) -> str | None:
-    spec = ctx.config.generate.generators.get(ctx.config.plan.generator)
+def generator_checkpoint(config: FactoryConfig) -> str | None:
+    spec = config.generate.generators.get(config.plan.generator)
     if spec is None:
-        raise PlanError(f"plan.generator {ctx.config.plan.generator!r} is not configured under generate.generators")
+        raise PlanError(f"plan.generator {config.plan.generator!r} is not configured under generate.generators")
     return portable_ref(spec.checkpoint or spec.model)
 
 
 def fingerprint(ctx: RunContext, instructions: pd.DataFrame, parts: list[tuple[str, int]]) -> str:
-    settings = {"plan": ctx.config.plan.model_dump(exclude={"instructions"}), "checkpoint": generator_checkpoint(ctx),
+    settings = {"plan": ctx.config.plan.model_dump(exclude={"instructions", "executor"}),
+                "checkpoint": generator_checkpoint(ctx.config),
                 "references.set": ctx.config.references.set}
     return plan_fingerprint(settings, instructions, parts)
 
 
-def run(ctx: RunContext, workers: int = 1) -> dict[str, Any]:
+def run(ctx: RunContext) -> dict[str, Any]:
     """Write the run's plan, or check that the stored one is what this config draws (a plan of
     another format, or drawn from other settings or references, is refused: use a new run_id).
-    Partitions already stored with the same settings (a plan stopped half-way) are kept."""
+    Partitions already stored with the same settings (a plan stopped half-way) are kept. With
+    `plan.executor: ray` each partition is drawn by a Ray task, else one after another here."""
     parts = reference_parts(ctx)
     instructions = instruction_table(ctx.config.plan.instructions)
     digest = fingerprint(ctx, instructions, parts)
@@ -104,9 +120,9 @@ def run(ctx: RunContext, workers: int = 1) -> dict[str, Any]:
             raise PlanError(f"{ctx.storage.url(layout.plan(run_id))} exists and differs from the plan this config "
                             "draws; use a new run_id for a new plan")
         return {"jobs": sum(index.rows.values()), "units": len(index.rows)}
-    return write_partitions(ctx.storage, run_id, partitions(ctx, parts),
-                            lambda partition: draw_partition(ctx, partition, instructions),
-                            PLAN_SCHEMA, ctx.config.plan.unit_size, digest, workers)
+    on_ray = ctx.config.storage if ctx.config.plan.executor == "ray" else None
+    return write_partitions(ctx.storage, run_id, partitions(ctx, parts), PlanDraw(ctx.config, instructions),
+                            PLAN_SCHEMA, ctx.config.plan.unit_size, digest, on_ray)
 
 
 def stored_index(ctx: RunContext) -> PlanIndex | None:

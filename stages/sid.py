@@ -57,6 +57,7 @@ from factory.framework.images import store_images
 from factory.framework.layout import BadName, check_name, portable_ref, sample_key
 from factory.framework.models_cache import loader_paths
 from factory.framework.stage import RunContext, settings_named
+from factory.framework.storage import Storage
 from factory.framework.units import finished_units, plan_exists, read_plan, read_unit
 from filters.clip import clip_scorer_from_config
 from models.sd_drawer import StableDiffusionDrawer
@@ -334,9 +335,11 @@ def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> l
     return drawn["image"].tolist()
 
 
-def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str, workers: int = 1) -> dict[str, int]:
+def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> dict[str, int]:
     """Draw and write the round's plan partition by partition (like the bootstrap's plan), each
-    with its `w` and keys; an SD-drawn `w` is drawn once per distinct id after the partitions."""
+    with its `w` and keys; an SD-drawn `w` is drawn once per distinct id after the partitions.
+    Partitions are drawn in this process, one after another: the retrieval search (CLIP and the
+    pool's neighbours) is held here, searched once per distinct instruction of the round."""
     sid = ctx.config.sid
     parts = reference_parts(ctx)
     partitions, chosen = round_partitions(ctx, round_, parts)
@@ -347,7 +350,7 @@ def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str, worke
     starts = dict(zip((key for key, _ in parts), np.cumsum([0] + [rows for _, rows in parts]).tolist()))
     search = WSearch(ctx, parent) if sid.w_source == "retrieve" else None
 
-    def draw(partition: Partition) -> pd.DataFrame:
+    def draw(storage: Storage, partition: Partition) -> pd.DataFrame:
         jobs = draw_round_jobs(ctx, partition, round_, instructions, weights, chosen, starts[partition.parts[0]])
         jobs = attach_retrieved_w(ctx, jobs, parent, search) if search else with_drawn_w_ids(jobs)
         jobs.insert(0, "key", round_keys(jobs, portable_ref(checkpoint), round_))
@@ -356,7 +359,7 @@ def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str, worke
     settings = {"sid": sid.model_dump(), "round": round_, "parent": parent, "checkpoint": portable_ref(checkpoint),
                 "references.set": ctx.config.references.set}
     written = write_partitions(ctx.storage, ctx.config.run_id, partitions, draw, plan_schema(), sid.unit_size,
-                               plan_fingerprint(settings, instructions, parts), workers)
+                               plan_fingerprint(settings, instructions, parts))
     if sid.w_source == "generate":
         drawn = planned_drawn_w(ctx)
         store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
@@ -392,11 +395,13 @@ def planned_w_variety(ctx: RunContext) -> dict[str, int]:
 
 
 def round_context(ctx: RunContext, round_: int, checkpoint: str) -> RunContext:
-    """The config a round runs under: its own run id and version, G's checkpoint as the generator."""
+    """The config a round runs under: its own run id and version, G's checkpoint as the generator
+    (`plan.generator` names it: the round's plan is drawn by SID, and generate loads that one)."""
     snapshot = ctx.config.snapshot()
     name = round_context_name(ctx, round_)
     snapshot["run_id"] = name
     snapshot["publish"]["version"] = name
+    snapshot["plan"]["generator"] = ctx.config.sid.generator
     generator = snapshot["generate"]["generators"].setdefault(ctx.config.sid.generator, {"kind": "cafe"})
     generator["model"] = checkpoint
     return RunContext(FactoryConfig.model_validate(snapshot), storage=ctx.storage, unit_steps=ctx.unit_steps,

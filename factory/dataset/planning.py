@@ -15,7 +15,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -25,8 +25,10 @@ import pyarrow as pa
 from factory.dataset.instructions import load_bank, render
 from factory.dataset.reference_sets import list_parts, set_complete
 from factory.framework import layout
+from factory.framework.config import StorageConfig
+from factory.framework.executor import MapStep, run_map
 from factory.framework.stage import RunContext
-from factory.framework.storage import Storage
+from factory.framework.storage import Storage, opened
 from factory.framework.units import PLAN_FORMAT, plan_part_meta, plan_part_rows, write_plan_index, write_plan_part
 
 PARTITION_JOBS = 65_536  # jobs a partition holds, about (at least one reference part); part of the plan's format
@@ -162,31 +164,42 @@ def plan_fingerprint(settings: dict[str, Any], instructions: pd.DataFrame, parts
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def write_partitions(storage: Storage, run_id: str, partitions: list[Partition],
-                     draw: Callable[[Partition], pd.DataFrame], schema: pa.Schema, unit_size: int,
-                     fingerprint: str, workers: int = 1) -> dict[str, int]:
-    """Draw and write every partition not yet stored with this fingerprint (`workers` at a time, each
-    held only while it is drawn and written), then the plan's index; returns jobs and units."""
+PartitionDraw = Callable[[Storage, Partition], pd.DataFrame]  # a partition's jobs, from the stored references
+
+
+def write_partitions(storage: Storage, run_id: str, partitions: list[Partition], draw: PartitionDraw,
+                     schema: pa.Schema, unit_size: int, fingerprint: str,
+                     on_ray: StorageConfig | None = None) -> dict[str, int]:
+    """Draw and write every partition not yet stored with this fingerprint (each held only while it
+    is drawn and written), then the plan's index; returns jobs and units. With `on_ray` (the storage
+    config the tasks open) each partition is a Ray task (`draw` must then pickle); else this process
+    draws them one after another."""
     meta = {"fingerprint": fingerprint}
-
-    def one(partition: Partition) -> None:
-        stored = plan_part_meta(storage, run_id, partition.index)
-        if stored is not None and stored.get("fingerprint") == fingerprint:
-            return
-        jobs = draw(partition)
-        table = pa.Table.from_pandas(jobs[schema.names], schema=schema, preserve_index=False)
-        write_plan_part(storage, run_id, partition.index, table, unit_size, meta)
-
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(one, partitions))
-    else:
-        for partition in partitions:
-            one(partition)
+    rows = pd.DataFrame({"partition": [asdict(partition) for partition in partitions]})
+    step = MapStep(write_partition, (draw, on_ray or storage, run_id, schema, unit_size, meta))
+    for _ in run_map(rows, [step], on_ray=on_ray is not None):
+        pass
     if not any(plan_part_rows(storage, run_id, partition.index) for partition in partitions):
         raise PlanError("the plan drew no jobs: no reference has instructions in its domain")
     index = write_plan_index(storage, run_id, [partition.index for partition in partitions], meta)
     return {"jobs": sum(index.rows.values()), "units": len(index.rows)}
+
+
+def write_partition(batch: pd.DataFrame, draw: PartitionDraw, where: Storage | StorageConfig, run_id: str,
+                    schema: pa.Schema, unit_size: int, meta: dict[str, Any]) -> pd.DataFrame:
+    """Each partition of `batch` drawn and written, unless already stored with `meta`'s fingerprint."""
+    storage = opened(where)
+    written = []
+    for fields in batch["partition"]:
+        partition = Partition(int(fields["index"]), tuple(str(part) for part in fields["parts"]),
+                              int(fields["jobs"]), int(fields["first_unit"]))
+        stored = plan_part_meta(storage, run_id, partition.index)
+        if stored is None or stored.get("fingerprint") != meta["fingerprint"]:
+            jobs = draw(storage, partition)
+            table = pa.Table.from_pandas(jobs[schema.names], schema=schema, preserve_index=False)
+            write_plan_part(storage, run_id, partition.index, table, unit_size, meta)
+            written.append(partition.index)
+    return pd.DataFrame({"written": written}, dtype="int64")
 
 
 def instruction_table(path: str | None) -> pd.DataFrame:

@@ -67,7 +67,7 @@ from factory.framework.executor import (
 )
 from factory.framework.models_cache import model_fingerprint
 from factory.framework.stage import RunContext
-from factory.framework.storage import Storage, open_storage
+from factory.framework.storage import Storage, open_storage, opened
 from factory.framework.units import ImageJoin, finished_units, plan_units, read_unit, whole_unit_metas
 from filters.rules import RULES, SCORE_COLUMNS
 
@@ -270,7 +270,7 @@ def write_planned_shards(batch: pd.DataFrame, source: SampleSource, target: Shar
                          where: Storage | StorageConfig) -> pd.DataFrame:
     """Each planned shard of `batch` written (or its finished chunk read back): its index rows.
     `where` is the storage, or on a Ray worker its config (a storage client does not pickle)."""
-    storage = where if isinstance(where, Storage) else open_storage(where)
+    storage = opened(where)
     return pd.concat([planned_shard(storage, source, target, int(row["shard"]), list(row["keys"]), list(row["parts"]))
                       for row in batch.to_dict("records")], ignore_index=True)
 

@@ -174,6 +174,8 @@ class PlanConfig(Section):
     unit_size: int = Field(16, ge=1, description="jobs per work unit")
     generator: str = "profusion"
     seed: Seed = 0
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: partitions drawn one after another in this process; ray: a Ray task each")
 
     @model_validator(mode="after")
     def _one_count(self) -> PlanConfig:

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from factory.framework.executor import Step  # the executor builds on this module
 
 REJECT_COLUMNS = ("reject_stage", "reject_reason")
-POOL_SETTINGS = ("concurrency", "num_cpus", "num_gpus", "memory", "resources")  # where a stage runs, not what it makes
+# where a stage runs, not what it makes
+POOL_SETTINGS = ("concurrency", "num_cpus", "num_gpus", "memory", "resources", "executor")
 
 
 @dataclass

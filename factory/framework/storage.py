@@ -464,6 +464,12 @@ class S3RangeReader(io.RawIOBase):
         return len(data)
 
 
+def opened(where: Storage | StorageConfig) -> Storage:
+    """`where` itself, or the storage its config opens: a Ray task is given the config (a storage
+    client does not pickle), work done in this process the storage."""
+    return where if isinstance(where, Storage) else open_storage(where)
+
+
 def open_storage(config: StorageConfig) -> Storage:
     if config.root.startswith("s3://"):
         return S3Storage(config.root, config)

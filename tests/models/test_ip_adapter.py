@@ -219,7 +219,8 @@ def test_images_the_safety_checker_flags_are_rejected_by_the_stage_not_passed_on
 
     flagging = with_safety_checker(tiny_sd, tmp_path / "sd-with-checker")
     spec = make_spec(flagging, tiny_adapter).model_dump()
-    stage = Generate(FactoryConfig.model_validate({"generate": {"generators": {"ipa": spec}}}))
+    config = {"plan": {"generator": "ipa"}, "generate": {"generators": {"ipa": spec}}}
+    stage = Generate(FactoryConfig.model_validate(config))
     rows = pd.DataFrame({
         "key": ["k0", "k1"], "unit": 0, "reference_id": "r0", "subject": "dog", "domain": "object",
         "template": "a photo of {subject}", "instruction": "a photo of dog", "seed": [0, 1], "generator": "ipa",

@@ -108,16 +108,16 @@ def many_parts(ctx_factory, monkeypatch):
 
 @pytest.mark.parametrize("overrides", [("plan.jobs_per_reference=5", "plan.unit_size=3"),
                                        ("plan.total_jobs=40", "plan.unit_size=4")])
-def test_the_partitioned_plan_is_the_same_however_many_partitions_are_drawn_at_once(ctx_factory, many_parts,
-                                                                                     overrides):
+@pytest.mark.usefixtures("ray_local")
+def test_the_partitioned_plan_is_the_same_drawn_here_or_by_ray_tasks(ctx_factory, many_parts, overrides):
     plans = {}
-    for workers in (1, 3):
-        ctx = ctx_factory("references.part_size=1", *overrides, f"run_id=w{workers}")
-        plan.run(ctx, workers=workers)
-        plans[workers] = {key.rsplit("/", 1)[-1]: ctx.storage.read_bytes(key)
-                          for key in ctx.storage.list(layout.run_dir(ctx.config.run_id))}
-    assert plans[1] == plans[3]
-    assert len([name for name in plans[1] if name.startswith("part-")]) > 2  # several partitions
+    for executor in ("local", "ray"):
+        ctx = ctx_factory("references.part_size=1", *overrides, f"run_id={executor}", f"plan.executor={executor}")
+        plan.run(ctx)
+        plans[executor] = {key.rsplit("/", 1)[-1]: ctx.storage.read_bytes(key)
+                           for key in ctx.storage.list(layout.run_dir(ctx.config.run_id))}
+    assert plans["local"] == plans["ray"]
+    assert len([name for name in plans["local"] if name.startswith("part-")]) > 2  # several partitions
     index = plan_index(ctx.storage, ctx.config.run_id)
     jobs = stored(ctx)
     assert jobs["key"].is_unique and sorted(jobs["unit"].unique()) == index.units()
