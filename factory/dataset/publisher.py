@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory.dataset.manifest import (
@@ -65,10 +66,11 @@ from factory.framework.executor import (
     run_map,
     write_chunk,
 )
+from factory.framework.images import read_part_rows
 from factory.framework.models_cache import model_fingerprint
 from factory.framework.stage import RunContext
 from factory.framework.storage import Storage, open_storage, opened
-from factory.framework.units import ImageJoin, finished_units, plan_units, read_unit, whole_unit_metas
+from factory.framework.units import ImageJoin, finished_units, plan_units, whole_unit_metas
 from filters.rules import RULES, SCORE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,6 @@ class StoredSource:
 class RunSamples(StoredSource):
     """A run's accepted candidates: dialogue rows joined with their images by reference."""
 
-    sizes_are_metadata = True  # sizes come from the dialogue rows alone, no image is read
     storage_config: StorageConfig
     run_id: str
     dataset: str
@@ -130,28 +131,38 @@ class RunSamples(StoredSource):
             return [str(unit) for unit in sorted(self.units)]
         return [str(unit) for unit in sorted(finished_units(self.storage, self.run_id, "dialogue"))]
 
-    def rows(self, part: str) -> pd.DataFrame:
-        """The unit's accepted rows; the index is each row's place in the unit's files."""
-        rows = read_unit(self.storage, self.run_id, "dialogue", int(part))
-        rows = rows[rows["reject_reason"].isna()]
-        return rows[[column for column in ROW_COLUMNS if column in rows]]
+    def accepted(self, part: str) -> pa.Table:
+        """The unit's accepted rows (`ROW_COLUMNS`), with `position`: each one's place in the unit's files."""
+        table = self.storage.read_parquet(layout.unit_file(self.run_id, "dialogue", int(part)))
+        table = table.append_column("position", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+        table = table.filter(pc.is_null(table["reject_reason"]))
+        return table.select([column for column in (*ROW_COLUMNS, "position") if column in table.column_names])
 
     def sizes(self, part: str) -> pd.DataFrame:
-        rows = self.rows(part)
-        if rows.empty:
+        table = self.accepted(part)
+        if table.num_rows == 0:  # its text columns may be of the null type
             return pd.DataFrame({"key": pd.Series(dtype=str), "bytes": pd.Series(dtype="int64")})
-        sizes = (rows["input_bytes"] + rows["target_bytes"] + rows["user"].str.len() + rows["assistant"].str.len())
-        return pd.DataFrame({"key": rows["key"], "bytes": estimated_bytes(sizes.to_numpy(dtype=np.int64))})
+        texts = pc.add(pc.utf8_length(table["user"]), pc.utf8_length(table["assistant"]))  # characters, as `len`
+        payload = pc.add(pc.add(table["input_bytes"], table["target_bytes"]), texts.cast(pa.int64()))
+        return pd.DataFrame({"key": table["key"].to_numpy(zero_copy_only=False),
+                             "bytes": estimated_bytes(payload.to_numpy(zero_copy_only=False).astype(np.int64))})
 
     def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
-        rows = self.rows(part)
+        table = self.accepted(part)
         if keys is not None:
-            rows = rows[rows["key"].isin(keys)]
-        if rows.empty:
+            table = table.filter(pc.is_in(table["key"], pa.array(list(keys), pa.string())))
+        if table.num_rows == 0:
             return []
-        images = ImageJoin(self.storage, self.run_id)
-        rows = images.add(rows, ("input_image", "target_image"), positions=list(rows.index))
-        return [sample_from_row(row, self.dataset, self.version) for row in rows.to_dict("records")]
+        rows = table.to_pylist()
+        targets = read_part_rows(self.storage, layout.unit_file(self.run_id, "generate", int(part)),
+                                 [row["position"] for row in rows], ("key", "target_image"))
+        references, inputs = ImageJoin(self.storage, self.run_id), {}
+        for reference_part in sorted({row["reference_part"] for row in rows}):
+            wanted = {row["reference_id"] for row in rows if row["reference_part"] == reference_part}
+            inputs[reference_part] = references.reference_images(reference_part, wanted)
+        return [sample_from_row({**row, "input_image": inputs[row["reference_part"]].get(row["reference_id"]),
+                                 "target_image": targets.get(row["key"])}, self.dataset, self.version)
+                for row in rows]
 
 
 @dataclass
@@ -228,7 +239,7 @@ def sample_from_row(row: dict[str, Any], dataset: str, version: str) -> Sample:
             **{k: info[k] for k in ("model", "scale") if k in info},  # the generators that report them
             "seed": int(row["seed"]),
             "alpha": None if alpha is None or pd.isna(alpha) else float(alpha),
-            "w": row.get("w_id"),
+            "w": row.get("w_id") if isinstance(row.get("w_id"), str) else None,  # never NaN: the member is JSON
         },
         "scores": {name: float(row[name]) for name in SCORE_COLUMNS},
     }
@@ -390,10 +401,9 @@ def delete_written(storage: Storage, spec: VersionSpec) -> None:
 
 
 class RayPasses:
-    """The passes as executor jobs on Ray: the size pass reads small metadata when the source says
-    so (a run's dialogue rows): threads in the driver then, which costs less than scheduling a
-    task per unit; else (parent shards) Ray tasks. The shard pass is one task per shard. Workers
-    open storage from `storage_config`; each task reserves `task_memory` bytes."""
+    """The passes as executor jobs on Ray: the size pass, up to 64 parts per task (pyarrow and
+    pandas hold the GIL: threads in the driver were slower); the shard pass, one task per shard.
+    Workers open storage from `storage_config`; each task reserves `task_memory` bytes."""
 
     def __init__(self, storage_config: StorageConfig, task_memory: int = 0):
         self.storage_config = storage_config
@@ -402,8 +412,6 @@ class RayPasses:
     def sizes(self, source: SampleSource, parts: list[str]) -> Iterator[pd.DataFrame]:
         if not parts:
             return iter(())
-        if getattr(source, "sizes_are_metadata", False):
-            return LocalPasses().sizes(source, parts)
         blocks = blocks_for(parts, int(cluster_resources().get("CPU", 1)))
         return run_map(pd.DataFrame({"part": parts}), [MapStep(part_sizes, (source,), None, options=self.options)],
                        blocks=blocks)

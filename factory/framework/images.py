@@ -105,18 +105,21 @@ def fetch_images(storage: Storage, ids: pd.DataFrame, part_key: Callable[[int], 
     return found
 
 
-def read_part_rows(storage: Storage, key: str, rows: list[int]) -> dict[str, bytes]:
-    """{image_id: bytes} of the given rows of one part, reading only their row groups."""
+def read_part_rows(storage: Storage, key: str, rows: list[int], columns: tuple[str, str] = ("image_id", "image")
+                   ) -> dict[str, bytes]:
+    """{id: bytes} of the given rows of one Parquet file (`columns`: its id and image columns),
+    reading only their row groups."""
     with storage.parquet(key) as parquet:
         starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
         groups = sorted({int(np.searchsorted(starts, row, side="right")) - 1 for row in rows})
-        table = parquet.read_row_groups(groups, columns=["image_id", "image"], use_threads=storage.parquet_threads)
+        table = parquet.read_row_groups(groups, columns=list(columns), use_threads=storage.parquet_threads)
     offsets = {group: int(sum(starts[g + 1] - starts[g] for g in groups[:n])) for n, group in enumerate(groups)}
+    ids, images = table.column(columns[0]), table.column(columns[1])
     out = {}
     for row in rows:
         group = int(np.searchsorted(starts, row, side="right")) - 1
         at = offsets[group] + row - int(starts[group])
-        out[table.column("image_id")[at].as_py()] = table.column("image")[at].as_py()
+        out[ids[at].as_py()] = images[at].as_py()
     return out
 
 

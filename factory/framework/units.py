@@ -8,6 +8,7 @@ Each unit file's footer records the stage's counters and the config settings tha
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 from collections import OrderedDict
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory.framework import layout
@@ -291,16 +293,20 @@ class ImageJoin:
     def references(self, rows: pd.DataFrame) -> list[bytes | None]:
         found: dict[tuple[str, str], bytes] = {}
         for part, group in rows.groupby("reference_part", sort=False):
-            images = self._part_images(part, set(group["reference_id"]))
+            images = self.reference_images(part, set(group["reference_id"]))
             found.update(((part, reference_id), images.get(reference_id)) for reference_id in group["reference_id"])
         return [found.get(pair) for pair in zip(rows["reference_part"], rows["reference_id"])]
 
-    def _part_images(self, part: str, wanted: set[str]) -> dict[str, bytes]:
+    def reference_images(self, part: str, wanted: set[str]) -> dict[str, bytes]:
+        """{reference_id: bytes} of a reference part's `wanted` ids (those it holds), the last parts' kept."""
         cached = self._parts.get(part, {})
         missing = sorted(wanted - cached.keys())
         if missing:
-            table = self.storage.read_parquet(part, columns=["reference_id", "image"],
-                                              filters=[("reference_id", "in", missing)])
+            with self.storage.parquet(part) as parquet:  # parts are sorted by id: few row groups hold them
+                groups = row_groups_holding(parquet.metadata, "reference_id", missing)
+                table = parquet.read_row_groups(groups, columns=["reference_id", "image"],
+                                                use_threads=self.storage.parquet_threads)
+            table = table.filter(pc.is_in(table["reference_id"], pa.array(missing, pa.string())))
             fetched = zip(table.column("reference_id").to_pylist(), table.column("image").to_pylist())
             cached = {**cached, **dict(fetched)}
             self._parts[part] = cached
@@ -366,6 +372,19 @@ class ImageJoin:
                 self._w_ids.popitem(last=False)
         self._w_ids.move_to_end(ids_key)
         return self._w_ids[ids_key]
+
+
+def row_groups_holding(footer: pq.FileMetaData, column: str, values: list[str]) -> list[int]:
+    """The row groups whose statistics of `column` can hold one of the sorted `values` (all, without statistics)."""
+    groups = []
+    for number in range(footer.num_row_groups):
+        group = footer.row_group(number)
+        at = next(n for n in range(group.num_columns) if group.column(n).path_in_schema == column)
+        stats = group.column(at).statistics
+        first = bisect.bisect_left(values, stats.min) if stats is not None and stats.has_min_max else None
+        if first is None or (first < len(values) and values[first] <= stats.max):
+            groups.append(number)
+    return groups
 
 
 def row_groups_of(parquet: pq.ParquetFile, positions: list[int]) -> list[int]:

@@ -1,6 +1,7 @@
 """The embedded demo, run exactly as the README says: `python -m factory.run --stage all`."""
 
 import json
+import tarfile
 
 import pytest
 
@@ -76,9 +77,10 @@ def test_the_demo_in_another_folder_publishes_byte_identical_shards(demo, machin
 
 # The demo's shards, pinned: a change to the demo's plan (format 2, the partitioned plan, drew new
 # jobs), its models or the shard writer changes them; update them on purpose, never to make a test pass.
+# Last changed: a bootstrap sample's `generator.w` is JSON null, no longer NaN (not JSON).
 DEMO_SHARDS = [
-    ("shards/demo-000000.tar", "2ce82055589673dc20467051b4a558d28c41a46c18c5021a32d7289a4e5a8c28"),
-    ("shards/demo-000001.tar", "de75dece76d888d37ec8bd44ffebabbd38585072fd883b08119caba0f41b7cb7"),
+    ("shards/demo-000000.tar", "1c1698fb184a1838fa49882e0f773b694751e8f167c609f26d09fc37ec53f62e"),
+    ("shards/demo-000001.tar", "bd837bf393fe790bf49e92d304abc3d592f879cdb1526338facce4ef3c42bafb"),
 ]
 
 
@@ -86,6 +88,24 @@ def test_the_demo_publishes_its_pinned_shards(demo):
     cwd, _ = demo
     manifest = json.loads((cwd / "factory-data/datasets/demo/demo/manifest.json").read_text())
     assert [(shard["path"], shard["sha256"]) for shard in manifest["shards"]] == DEMO_SHARDS
+
+
+def test_every_metadata_member_is_strict_json(demo):
+    """No NaN or Infinity (Python's json writes them by default; JSON has neither): a bootstrap
+    sample's `generator.w` was NaN until the publisher read its rows without pandas."""
+    cwd, _ = demo
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    members = 0
+    for shard in sorted((cwd / "factory-data/datasets/demo/demo/shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    json.loads(tar.extractfile(member).read(), parse_constant=refuse)
+                    members += 1
+    assert members > 0
 
 
 def test_bad_input_gives_clear_exit_codes(tmp_path):
