@@ -55,6 +55,9 @@ from factory.framework.units import (
 log = logging.getLogger(__name__)
 
 CHUNK_META = b"factory.chunk"  # a resumable job's chunk footer: the settings that made it, its inputs' digest
+# Ray Data keeps a statistics record per output block in the driver until its dataset ends (ray #66016):
+# a job over more input rows than this gets this many blocks of several rows, so the driver stays flat.
+MAX_BLOCKS = 1024
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class MapStep:
 def run_map(rows: pd.DataFrame, steps: Sequence[MapStep], *, blocks: int | None = None, ordered: bool = False,
             on_ray: bool = True) -> Iterator[pd.DataFrame]:
     """The steps' output, a frame at a time: on Ray Data over `blocks` input blocks (default: one
-    per first batch, at most 1024), in input order when `ordered`; or inline, lazily, in this process."""
+    per first batch; at most `MAX_BLOCKS`), in input order when `ordered`; or inline, lazily, in this process."""
     if rows.empty:
         return iter(())
     if not on_ray:
@@ -185,7 +188,7 @@ def map_on_ray(rows: pd.DataFrame, steps: Sequence[MapStep], blocks: int, ordere
     saved = context.execution_options.preserve_order
     context.execution_options.preserve_order = ordered
     try:
-        dataset = ray.data.from_items(rows.to_dict("records"), override_num_blocks=min(blocks, len(rows)))
+        dataset = ray.data.from_items(rows.to_dict("records"), override_num_blocks=min(blocks, len(rows), MAX_BLOCKS))
         for step in steps:
             dataset = dataset.map_batches(step.fn, batch_size=step.batch_size, batch_format="pandas",
                                           **ray_step_arguments(ray, step))
@@ -204,7 +207,7 @@ def ray_step_arguments(ray: Any, step: MapStep) -> dict[str, Any]:
 
 def default_blocks(rows: pd.DataFrame, steps: Sequence[MapStep]) -> int:
     size = steps[0].batch_size if steps else None
-    return max(1, min(1024, -(-len(rows) // size) if size else 1))
+    return max(1, min(MAX_BLOCKS, -(-len(rows) // size) if size else 1))
 
 
 def map_inline(rows: pd.DataFrame, steps: Sequence[MapStep]) -> Iterator[pd.DataFrame]:
@@ -386,7 +389,8 @@ def run_steps(ctx: RunContext, steps: list[Step]) -> dict[str, Any]:
     if not pending:
         return summary
     snapshot = ctx.config.snapshot()
-    chains = [MapStep.on_pool(UnitChain, (group, snapshot), group[0].pool(ctx.config))
+    # a chain takes a whole block of units per call: Ray Data keeps ~4 KB in the driver per call
+    chains = [MapStep.on_pool(UnitChain, (group, snapshot), group[0].pool(ctx.config), batch_size=None)
               for group in pool_groups(steps, ctx.config)]
     started = time.perf_counter()
     with ctx.watch([step.name for step in steps]):

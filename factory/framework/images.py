@@ -20,6 +20,7 @@ from itertools import islice
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from factory.framework.storage import Storage
@@ -110,17 +111,20 @@ def read_part_rows(storage: Storage, key: str, rows: list[int], columns: tuple[s
     """{id: bytes} of the given rows of one Parquet file (`columns`: its id and image columns),
     reading only their row groups."""
     with storage.parquet(key) as parquet:
-        starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
-        groups = sorted({int(np.searchsorted(starts, row, side="right")) - 1 for row in rows})
+        sizes = [parquet.metadata.row_group(number).num_rows for number in range(parquet.num_row_groups)]
+        groups = row_groups_of(parquet.metadata, rows)
         table = parquet.read_row_groups(groups, columns=list(columns), use_threads=storage.parquet_threads)
-    offsets = {group: int(sum(starts[g + 1] - starts[g] for g in groups[:n])) for n, group in enumerate(groups)}
-    ids, images = table.column(columns[0]), table.column(columns[1])
-    out = {}
-    for row in rows:
-        group = int(np.searchsorted(starts, row, side="right")) - 1
-        at = offsets[group] + row - int(starts[group])
-        out[ids[at].as_py()] = images[at].as_py()
-    return out
+    starts = np.cumsum([0, *sizes])
+    read_from = dict(zip(groups, np.cumsum([0, *(sizes[group] for group in groups)])))
+    group_of = np.searchsorted(starts, rows, side="right") - 1
+    picked = table.take([int(read_from[group] + row - starts[group]) for row, group in zip(rows, group_of)])
+    return dict(zip(picked.column(columns[0]).to_pylist(), picked.column(columns[1]).to_pylist()))
+
+
+def row_groups_of(footer: pq.FileMetaData, positions: list[int]) -> list[int]:
+    """The row groups of a Parquet file (its footer) that hold the rows at `positions`."""
+    ends = np.cumsum([footer.row_group(number).num_rows for number in range(footer.num_row_groups)])
+    return sorted({int(number) for number in np.searchsorted(ends, positions, side="right")})
 
 
 def write_image_part(storage: Storage, key: str, image_ids: list[str], images: list[bytes]) -> None:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from factory.framework import layout
 from factory.framework.config import ConfigError
-from factory.framework.images import fetch_images
+from factory.framework.images import fetch_images, read_part_rows
 from factory.framework.storage import DamagedFile, Storage
 
 log = logging.getLogger(__name__)
@@ -321,11 +321,10 @@ class ImageJoin:
         places = rows.assign(_position=positions if positions is not None else -1)
         for unit, group in places.groupby(places["unit"].astype(int)):
             key = layout.unit_file(self.run_id, stage, int(unit))
-            with self.storage.parquet(key) as parquet:
-                groups = row_groups_of(parquet, group["_position"].tolist()) if positions is not None else None
-                threads = self.storage.parquet_threads
-                table = (parquet.read_row_groups(groups, columns=["key", column], use_threads=threads)
-                         if groups is not None else parquet.read(columns=["key", column], use_threads=threads))
+            if positions is not None:
+                found.update(read_part_rows(self.storage, key, group["_position"].tolist(), ("key", column)))
+                continue
+            table = self.storage.read_parquet(key, columns=["key", column])
             found.update(zip(table.column("key").to_pylist(), table.column(column).to_pylist()))
         return [found.get(key) for key in rows["key"]]
 
@@ -385,9 +384,3 @@ def row_groups_holding(footer: pq.FileMetaData, column: str, values: list[str]) 
         if first is None or (first < len(values) and values[first] <= stats.max):
             groups.append(number)
     return groups
-
-
-def row_groups_of(parquet: pq.ParquetFile, positions: list[int]) -> list[int]:
-    """The row groups of a Parquet file that hold the rows at `positions`."""
-    ends = np.cumsum([parquet.metadata.row_group(number).num_rows for number in range(parquet.num_row_groups)])
-    return sorted({int(number) for number in np.searchsorted(ends, positions, side="right")})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from factory.framework import layout
+from factory.framework import executor, layout
 from factory.framework.executor import MapStep, Resume, RunChanged, run_map, run_resumable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,6 +64,16 @@ def test_ray_gives_the_inline_rows_with_a_setup_per_actor_and_ordered_output():
     assert 1 <= there["setup"].nunique() <= 2  # an actor pool of 2: never a setup per batch
     ordered = pd.concat(run_map(rows(), STEPS, blocks=6, ordered=True), ignore_index=True)
     assert ordered["order"].tolist() == list(range(12))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_job_over_more_rows_than_max_blocks_gets_max_blocks_blocks_of_several_rows(monkeypatch):
+    # Ray Data keeps a record per block and per call in the driver: the unit pipeline's driver stays flat
+    monkeypatch.setattr(executor, "MAX_BLOCKS", 4)
+    whole_blocks = [MapStep(Tagger, ("t",), batch_size=None, actors=1)]
+    out = pd.concat(run_map(rows(40), whole_blocks, blocks=40, ordered=True), ignore_index=True)
+    assert out["order"].tolist() == list(range(40))
+    assert out.groupby(["setup", "call"]).ngroups == 4  # one call per block, four blocks of ten rows
 
 
 def ray_data_calls(path: Path) -> list[str]:

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pytest
 
 from factory.framework import layout
+from factory.framework.images import read_part_rows
 from factory.framework.storage import LocalStorage
-from factory.framework.units import ImageJoin, read_plan_unit, row_groups_of, write_plan, write_unit
+from factory.framework.units import ImageJoin, read_plan_unit, write_plan, write_unit
 
 
 class CountingStorage(LocalStorage):
@@ -35,6 +36,9 @@ class CountingStorage(LocalStorage):
                 return count
 
         return Counted(data)
+
+    def parquet_source(self, key):  # Parquet readers too, not LocalStorage's Arrow file
+        return self.open(key)
 
 
 @pytest.fixture
@@ -72,14 +76,11 @@ def test_images_are_joined_from_their_homes_reading_only_the_groups_that_hold_th
     assert joined["input_image"].tolist() == [references["ref002"], references["ref060"]]
 
 
-def test_row_groups_of_maps_positions_to_groups():
-    class Meta:
-        def __init__(self, sizes):
-            self.sizes = sizes
-            self.num_row_groups = len(sizes)
-            self.metadata = self
-
-        def row_group(self, number):
-            return type("Group", (), {"num_rows": self.sizes[number]})
-
-    assert row_groups_of(Meta([4, 4, 4, 2]), [0, 3, 4, 13]) == [0, 1, 3]
+def test_rows_of_a_part_are_read_from_their_row_groups_only(tmp_path):
+    storage = CountingStorage(str(tmp_path))
+    ids = [f"id{n:02d}" for n in range(14)]
+    images = [os.urandom(100_000) for _ in range(14)]  # row groups of 4, 4, 4, 2 rows
+    storage.write_parquet("part.parquet", pa.table({"image_id": ids, "image": images}), row_group_size=4)
+    storage.read = 0
+    assert read_part_rows(storage, "part.parquet", [13, 0, 3]) == {ids[n]: images[n] for n in (13, 0, 3)}
+    assert 600_000 < storage.read < 700_000  # groups 0 and 3: six images, not fourteen
