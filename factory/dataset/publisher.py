@@ -70,7 +70,7 @@ from factory.framework.images import read_part_rows
 from factory.framework.models_cache import model_fingerprint
 from factory.framework.stage import RunContext
 from factory.framework.storage import Storage, open_storage, opened
-from factory.framework.units import ImageJoin, finished_units, plan_units, whole_unit_metas
+from factory.framework.units import ImageJoin, SortedFooters, finished_units, plan_units, whole_unit_metas
 from filters.rules import RULES, SCORE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ class SampleSource(Protocol):
 
 class StoredSource:
     """A source read from storage: opened from `storage_config` once per process (an S3 client takes
-    a fifth of a second to make, and does not pickle: a Ray worker opens its own)."""
+    a fifth of a second to make, and does not pickle: a Ray worker opens its own), with the footers
+    of the reference parts it reads (kept per process too)."""
 
     storage_config: StorageConfig
 
@@ -112,8 +113,13 @@ class StoredSource:
     def storage(self) -> Storage:
         return open_storage(self.storage_config)
 
+    @cached_property
+    def reference_footers(self) -> SortedFooters:
+        return SortedFooters(self.storage, "reference_id")
+
     def __getstate__(self) -> dict[str, Any]:
-        return {name: value for name, value in self.__dict__.items() if name != "storage"}
+        return {name: value for name, value in self.__dict__.items()
+                if name not in ("storage", "reference_footers")}
 
 
 @dataclass
@@ -136,7 +142,8 @@ class RunSamples(StoredSource):
         table = self.storage.read_parquet(layout.unit_file(self.run_id, "dialogue", int(part)))
         table = table.append_column("position", pa.array(np.arange(table.num_rows, dtype=np.int64)))
         table = table.filter(pc.is_null(table["reject_reason"]))
-        return table.select([column for column in (*ROW_COLUMNS, "position") if column in table.column_names])
+        stored = set(table.column_names)
+        return table.select([column for column in (*ROW_COLUMNS, "position") if column in stored])
 
     def sizes(self, part: str) -> pd.DataFrame:
         table = self.accepted(part)
@@ -156,7 +163,7 @@ class RunSamples(StoredSource):
         rows = table.to_pylist()
         targets = read_part_rows(self.storage, layout.unit_file(self.run_id, "generate", int(part)),
                                  [row["position"] for row in rows], ("key", "target_image"))
-        references, inputs = ImageJoin(self.storage, self.run_id), {}
+        references, inputs = ImageJoin(self.storage, self.run_id, footers=self.reference_footers), {}
         for reference_part in sorted({row["reference_part"] for row in rows}):
             wanted = {row["reference_id"] for row in rows if row["reference_part"] == reference_part}
             inputs[reference_part] = references.reference_images(reference_part, wanted)

@@ -129,11 +129,12 @@ class Storage:
             return parquet.metadata
 
     @contextlib.contextmanager
-    def parquet(self, key: str) -> Iterator[pq.ParquetFile]:
-        """The open Parquet file at `key` (read it with `use_threads=self.parquet_threads`): a torn
-        or corrupt one, found at its footer or later inside the block, is a DamagedFile naming the key."""
+    def parquet(self, key: str, metadata: pq.FileMetaData | None = None) -> Iterator[pq.ParquetFile]:
+        """The open Parquet file at `key` (read it with `use_threads=self.parquet_threads`; its footer
+        not read again when `metadata` is given): a torn or corrupt one, found at its footer or
+        later inside the block, is a DamagedFile naming the key."""
         with self.parquet_source(key) as source, damaged_as_error(self.url(key)):
-            yield pq.ParquetFile(source, pre_buffer=self.parquet_threads)
+            yield pq.ParquetFile(source, metadata=metadata, pre_buffer=self.parquet_threads)
 
     def write_parquet(self, key: str, table: pa.Table, **kwargs) -> None:
         buffer = io.BytesIO()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -270,9 +271,11 @@ class ImageJoin:
     and keeping a few reference parts' fetched images in memory. `w` images are fetched by
     `w_id`, only those the unit names; what is kept is where ids are (a few id tables)."""
 
-    def __init__(self, storage: Storage, run_id: str | None, cached_parts: int = 2):
+    def __init__(self, storage: Storage, run_id: str | None, cached_parts: int = 2,
+                 footers: SortedFooters | None = None):
         self.storage, self.run_id = storage, run_id
         self.cached_parts = cached_parts
+        self.footers = footers or SortedFooters(storage, "reference_id")  # reference parts' footers
         self._parts: OrderedDict[str, dict[str, bytes]] = OrderedDict()
         self._w_ids: OrderedDict[str, pd.DataFrame | None] = OrderedDict()
 
@@ -302,17 +305,14 @@ class ImageJoin:
         cached = self._parts.get(part, {})
         missing = sorted(wanted - cached.keys())
         if missing:
-            with self.storage.parquet(part) as parquet:  # parts are sorted by id: few row groups hold them
-                groups = row_groups_holding(parquet.metadata, "reference_id", missing)
-                table = parquet.read_row_groups(groups, columns=["reference_id", "image"],
+            footer = self.footers.get(part)  # parts are sorted by id: few row groups hold them
+            with self.storage.parquet(part, footer.metadata) as parquet:
+                table = parquet.read_row_groups(footer.groups_holding(missing), columns=["reference_id", "image"],
                                                 use_threads=self.storage.parquet_threads)
             table = table.filter(pc.is_in(table["reference_id"], pa.array(missing, pa.string())))
             fetched = zip(table.column("reference_id").to_pylist(), table.column("image").to_pylist())
             cached = {**cached, **dict(fetched)}
-            self._parts[part] = cached
-            while len(self._parts) > self.cached_parts:
-                self._parts.popitem(last=False)
-        self._parts.move_to_end(part)
+        remember(self._parts, part, cached, self.cached_parts)
         return cached
 
     def candidates(self, rows: pd.DataFrame, stage: str, column: str,
@@ -366,21 +366,64 @@ class ImageJoin:
             stored = self.storage.read_parquet(ids_key).to_pandas() if self.storage.exists(ids_key) else None
             if stored is None:
                 log.warning("no stored w images at %s: rows naming them are rejected", self.storage.url(ids_key))
-            self._w_ids[ids_key] = stored
-            while len(self._w_ids) > self.cached_parts:
-                self._w_ids.popitem(last=False)
+            remember(self._w_ids, ids_key, stored, self.cached_parts)
+            return stored
         self._w_ids.move_to_end(ids_key)
         return self._w_ids[ids_key]
 
 
-def row_groups_holding(footer: pq.FileMetaData, column: str, values: list[str]) -> list[int]:
-    """The row groups whose statistics of `column` can hold one of the sorted `values` (all, without statistics)."""
-    groups = []
-    for number in range(footer.num_row_groups):
-        group = footer.row_group(number)
-        at = next(n for n in range(group.num_columns) if group.column(n).path_in_schema == column)
-        stats = group.column(at).statistics
-        first = bisect.bisect_left(values, stats.min) if stats is not None and stats.has_min_max else None
-        if first is None or (first < len(values) and values[first] <= stats.max):
-            groups.append(number)
-    return groups
+def remember(cache: OrderedDict, key: Any, value: Any, size: int) -> None:
+    """`value` kept as the newest of at most `size` entries of `cache` (the oldest go)."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class SortedFooter:
+    """A Parquet file's footer, and each row group's (min, max) of the column the file is sorted by
+    (None where a group has no statistics), taken from it once."""
+
+    metadata: pq.FileMetaData
+    bounds: tuple[tuple[Any, Any] | None, ...]
+
+    @classmethod
+    def of(cls, metadata: pq.FileMetaData, column: str) -> SortedFooter:
+        bounds = []
+        for number in range(metadata.num_row_groups):
+            group = metadata.row_group(number)
+            at = next(n for n in range(group.num_columns) if group.column(n).path_in_schema == column)
+            stats = group.column(at).statistics
+            bounds.append((stats.min, stats.max) if stats is not None and stats.has_min_max else None)
+        return cls(metadata, tuple(bounds))
+
+    def groups_holding(self, values: list[Any]) -> list[int]:
+        """The row groups whose bounds can hold one of the sorted `values` (every group without bounds)."""
+        groups = []
+        for number, bound in enumerate(self.bounds):
+            first = bisect.bisect_left(values, bound[0]) if bound is not None else 0
+            if bound is None or (first < len(values) and values[first] <= bound[1]):
+                groups.append(number)
+        return groups
+
+
+class SortedFooters:
+    """The footers of Parquet files sorted by `column` (`SortedFooter`), each read once and the last
+    `kept` kept: a file looked up again costs no footer read. Safe to share between threads."""
+
+    def __init__(self, storage: Storage, column: str, kept: int = 64):
+        self.storage, self.column, self.kept = storage, column, kept
+        self._footers: OrderedDict[str, SortedFooter] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> SortedFooter:
+        with self._lock:
+            footer = self._footers.get(key)
+            if footer is not None:
+                self._footers.move_to_end(key)
+                return footer
+        footer = SortedFooter.of(self.storage.parquet_footer(key), self.column)
+        with self._lock:
+            remember(self._footers, key, footer, self.kept)
+        return footer

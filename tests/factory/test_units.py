@@ -12,7 +12,7 @@ import pytest
 from factory.framework import layout
 from factory.framework.images import read_part_rows
 from factory.framework.storage import LocalStorage
-from factory.framework.units import ImageJoin, read_plan_unit, write_plan, write_unit
+from factory.framework.units import ImageJoin, SortedFooters, read_plan_unit, write_plan, write_unit
 
 
 class CountingStorage(LocalStorage):
@@ -74,6 +74,20 @@ def test_images_are_joined_from_their_homes_reading_only_the_groups_that_hold_th
     assert joined["target_image"].tolist() == by_key["target_image"].tolist() == drawn["target_image"][[5, 30]].tolist()
     references = references.to_pandas().set_index("reference_id")["image"]
     assert joined["input_image"].tolist() == [references["ref002"], references["ref060"]]
+
+
+def test_joins_that_share_footers_read_a_reference_part_footer_once(storage):
+    part = layout.reference_part("s", 0)
+    ids = [f"ref{n:03d}" for n in range(64)]
+    images = [os.urandom(2000) for _ in ids]
+    storage.write_parquet(part, pa.table({"reference_id": ids, "image": images}), row_group_size=4)
+    footer_bytes = int.from_bytes(storage.read_bytes(part)[-8:-4], "little")
+    footers = SortedFooters(storage, "reference_id")
+    assert ImageJoin(storage, "r", footers=footers).reference_images(part, {"ref002", "ref060"}) == {
+        "ref002": images[2], "ref060": images[60]}
+    storage.read = 0
+    assert ImageJoin(storage, "r", footers=footers).reference_images(part, {"ref033"}) == {"ref033": images[33]}
+    assert storage.read < footer_bytes  # the second join read its row group (8 KB), not the footer again
 
 
 def test_rows_of_a_part_are_read_from_their_row_groups_only(tmp_path):
