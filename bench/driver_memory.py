@@ -10,7 +10,8 @@ and one call per unit (`MAX_BLOCKS` raised to the unit count, `batch_size=1`). A
 candidates, so 1,563 units are 100k candidates, 15,625 are 1M and 234,375 are 15M.
 
 Prints the driver's private memory (`RssAnon`) after Ray starts and at the end, and the job's
-wall time. Not a test.
+wall time, and appends them to bench/RESULTS.md with the machine named (`--no-results`: print only).
+Not a test.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +28,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.publish_s3 import machine  # noqa: E402
 from factory.framework import executor  # noqa: E402
 from factory.framework.executor import MapStep, run_map  # noqa: E402
 
@@ -66,18 +69,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--units", type=int, nargs="*", default=[1563, 15625, 234375])
     parser.add_argument("--before", type=int, nargs="*", default=[1563, 6250])
+    parser.add_argument("--no-results", action="store_true", help="print only; do not append to bench/RESULTS.md")
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)  # units, shape: one case, in this process
     args = parser.parse_args()
     if args.case:
         print(one_case(int(args.case[0]), args.case[1]), flush=True)
         return
-    print("| shape | units | driver MiB after Ray starts | driver MiB at the end | wall s |")
-    print("|---|---|---|---|---|")
+    lines = ["| shape | units | driver MiB after Ray starts | driver MiB at the end | wall s |",
+             "|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
     cases = [(units, "before") for units in args.before] + [(units, "now") for units in args.units]
     for units, shape in cases:
         done = subprocess.run([sys.executable, __file__, "--case", str(units), shape], capture_output=True,
                               text=True, check=True)
-        print(done.stdout.strip().splitlines()[-1], flush=True)
+        lines.append(done.stdout.strip().splitlines()[-1])
+        print(lines[-1], flush=True)
+    if not args.no_results:
+        with (REPO / "bench" / "RESULTS.md").open("a") as results:
+            results.write(f"\n## driver_memory: {machine()}, {date.today()}\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
