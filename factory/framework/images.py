@@ -20,7 +20,6 @@ from itertools import islice
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from factory.framework.storage import Storage
@@ -112,19 +111,13 @@ def read_part_rows(storage: Storage, key: str, rows: list[int], columns: tuple[s
     reading only their row groups."""
     with storage.parquet(key) as parquet:
         sizes = [parquet.metadata.row_group(number).num_rows for number in range(parquet.num_row_groups)]
-        groups = row_groups_of(parquet.metadata, rows)
+        starts = np.cumsum([0, *sizes])
+        group_of = np.searchsorted(starts, rows, side="right") - 1
+        groups = sorted({int(group) for group in group_of})
         table = parquet.read_row_groups(groups, columns=list(columns), use_threads=storage.parquet_threads)
-    starts = np.cumsum([0, *sizes])
     read_from = dict(zip(groups, np.cumsum([0, *(sizes[group] for group in groups)])))
-    group_of = np.searchsorted(starts, rows, side="right") - 1
     picked = table.take([int(read_from[group] + row - starts[group]) for row, group in zip(rows, group_of)])
     return dict(zip(picked.column(columns[0]).to_pylist(), picked.column(columns[1]).to_pylist()))
-
-
-def row_groups_of(footer: pq.FileMetaData, positions: list[int]) -> list[int]:
-    """The row groups of a Parquet file (its footer) that hold the rows at `positions`."""
-    ends = np.cumsum([footer.row_group(number).num_rows for number in range(footer.num_row_groups)])
-    return sorted({int(number) for number in np.searchsorted(ends, positions, side="right")})
 
 
 def write_image_part(storage: Storage, key: str, image_ids: list[str], images: list[bytes]) -> None:
