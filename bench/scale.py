@@ -34,6 +34,7 @@ shard bytes. Goals (issue 13): largest-process peak at 100k <= 1.3x that at 1k; 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -56,14 +57,22 @@ from stages.dialogue import Dialogue  # noqa: E402
 from stages.filter import Filter  # noqa: E402
 from stages.generate import Generate  # noqa: E402
 
-JPEGS = [photo_like_jpeg(seed, 512) for seed in range(8)]
+
+def image_px() -> int:
+    """The side of every drawn and reference image (`--image-px`, passed to Ray workers by environment)."""
+    return int(os.environ.get("SCALE_IMAGE_PX", "512"))
+
+
+@functools.cache
+def drawn_jpegs() -> list[bytes]:
+    return [photo_like_jpeg(seed, image_px()) for seed in range(8)]
 
 
 # --- stages that cost nothing (benchmark only) -----------------------------------------------
 
 
 class FreeGenerate(Stage):
-    """Benchmark-only: "draws" a stored 512-px JPEG per job; no model runs."""
+    """Benchmark-only: "draws" a stored JPEG (`image_px()` a side) per job; no model runs."""
 
     name = "generate"
     adds = Generate.adds
@@ -73,7 +82,8 @@ class FreeGenerate(Stage):
     shaped_by = ("plan",)
 
     def process(self, rows: pd.DataFrame) -> pd.DataFrame:
-        rows["target_image"] = [JPEGS[int(seed) % len(JPEGS)] for seed in rows["seed"]]
+        jpegs = drawn_jpegs()
+        rows["target_image"] = [jpegs[int(seed) % len(jpegs)] for seed in rows["seed"]]
         rows["input_bytes"] = rows["input_image"].map(len)
         rows["target_bytes"] = rows["target_image"].map(len)
         rows["generator_info"] = json.dumps({"name": "free", "kind": "free", "checkpoint": None, "steps": 0})
@@ -217,10 +227,11 @@ def write_references(storage, count: int, images: list[bytes] | None = None, par
     from factory.dataset.reference_sets import write_parts
     from factory.framework import layout
 
-    pictures = images or [photo_like_jpeg(10_000 + n, 512) for n in range(64)]
+    pictures = images or [photo_like_jpeg(10_000 + n, image_px()) for n in range(64)]
     subjects = [("object", "dog")] if images is None else [(domain, subject) for domain, names in SUBJECTS.items()
                                                            for subject in names]
-    rows = ({"reference_id": f"ref{n:07d}", "image": pictures[n % len(pictures)], "width": 512, "height": 512,
+    side = image_px() if images is None else 32
+    rows = ({"reference_id": f"ref{n:07d}", "image": pictures[n % len(pictures)], "width": side, "height": side,
              "subject": subjects[n % len(subjects)][1], "domain": subjects[n % len(subjects)][0], "source": "bench",
              "origin": f"bench/{n}", "prompt": None, "seed": n} for n in range(count))
     write_parts(storage, set_name, rows, part_size)
@@ -330,10 +341,12 @@ def plan_case(size: int, unit_size: int, scratch: Path) -> dict:
 def sid_case(jobs: int, unit_size: int, scratch: Path, jobs_per_reference: int = 6) -> dict:
     """One SID round's planning (`stages.sid.plan_round`) of about `jobs` jobs in this process."""
     import numpy as np
+    import pyarrow as pa
 
     import stages.sid as sid
     from factory.dataset.planning import instruction_table
     from factory.dataset.pool import build_pool
+    from factory.framework import layout
     from factory.framework.config import load_config
     from factory.framework.stage import RunContext
     from factory.framework.units import plan_index
@@ -352,11 +365,11 @@ def sid_case(jobs: int, unit_size: int, scratch: Path, jobs_per_reference: int =
     build_pool(ctx.storage, "benchpool", list(pool.items()), sid.clip_scorer(config))
     rng = np.random.default_rng(0)
     categories = instruction_table(None)["category"].to_numpy()
-    parent = pd.DataFrame({"key": [f"key{n:06d}" for n in range(148_000)],
-                           "category": rng.choice(categories, size=148_000)})
-    traced = {image_id: f"ref{int(n):07d}" for image_id, n in zip(pool, rng.integers(0, references, size=len(pool)))}
-    sid.parent_rows = lambda ctx, parent_name: parent  # the parent version's index, given in memory
-    sid.drawn_from = lambda ctx, parent_name: traced
+    parent = pa.table({"key": [f"key{n:05d}" for n in range(148_000)],  # the first 1000 are the pool's ids
+                       "category": rng.choice(categories, size=148_000),
+                       "reference_id": [f"ref{int(n):07d}" for n in rng.integers(0, references, size=148_000)]})
+    ctx.storage.write_parquet(layout.index(config.dataset, "parent"), parent)
+    ctx.storage.write_bytes(layout.manifest(config.dataset, "parent"), b"{}")
     before = own_memory()["rss_mib"]
     planning_peak_reset()
     started = time.perf_counter()
@@ -411,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--unit-size", type=int, default=64)
     parser.add_argument("--alive-every", type=int, default=14)
+    parser.add_argument("--image-px", type=int, default=512,
+                        help="side of the drawn and reference JPEGs (small: a 1M run fits this machine's disk)")
     parser.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     parser.add_argument("--no-results", action="store_true")
     parser.add_argument("--plan-only", action="store_true", help="the plan stage alone at each size")
@@ -429,11 +444,13 @@ def main(argv: list[str] | None = None) -> None:
         planning_main(args)
         return
     os.environ.update(FAKE_KEYS)
+    os.environ["SCALE_IMAGE_PX"] = str(args.image_px)
     os.environ["SCALE_ALIVE_EVERY"] = str(args.alive_every)
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "SCALE_ALIVE_EVERY": str(args.alive_every)}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "SCALE_ALIVE_EVERY": str(args.alive_every),
+                                       "SCALE_IMAGE_PX": str(args.image_px)}})
     results = []
     with MotoProcess() as moto, tempfile.TemporaryDirectory() as scratch:
         s3_client(moto.endpoint).create_bucket(Bucket=BUCKET)
@@ -453,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.results, "a", encoding="utf-8") as out:
             out.write(f"\n## Scale: the data flow at {', '.join(f'{s:,}' for s in args.sizes)} candidates "
                       f"(bench/scale.py, {date.today()})\n\nMachine: {machine()}; units of {args.unit_size}, one "
-                      f"candidate in {args.alive_every} accepted, 512-px JPEGs, stages that cost nothing.\n\n")
+                      f"candidate in {args.alive_every} accepted, {args.image_px}-px JPEGs, stages that cost "
+                      "nothing.\n\n")
             out.write("\n".join(lines) + "\n")
 
 

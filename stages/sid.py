@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from factory.dataset.checkpoints import latest_assistant_checkpoint, latest_generator_checkpoint
@@ -43,6 +43,7 @@ from factory.dataset.planning import (
     instruction_table,
     job_columns,
     partition_catalog,
+    partition_rows,
     partitions_of,
     plan_fingerprint,
     reference_parts,
@@ -51,13 +52,13 @@ from factory.dataset.planning import (
 from factory.dataset.pool import ImagePool, build_pool_from_shards
 from factory.dataset.publisher import publish_run
 from factory.framework import layout
-from factory.framework.config import ConfigError, FactoryConfig, validate_config
-from factory.framework.executor import MapStep, Resume, run_resumable, run_steps
+from factory.framework.config import ConfigError, FactoryConfig, StorageConfig, validate_config
+from factory.framework.executor import MapStep, Resume, run_map, run_resumable, run_steps
 from factory.framework.images import store_images
 from factory.framework.layout import BadName, check_name, portable_ref, sample_key
 from factory.framework.models_cache import loader_paths
 from factory.framework.stage import RunContext, settings_named
-from factory.framework.storage import Storage
+from factory.framework.storage import Storage, open_storage, opened
 from factory.framework.units import finished_units, plan_exists, read_plan, read_unit
 from filters.clip import clip_scorer_from_config
 from models.sd_drawer import StableDiffusionDrawer
@@ -147,14 +148,15 @@ def round_partitions(ctx: RunContext, round_: int,
     return partitions_of(parts, (per_part * per_reference).tolist(), sid.unit_size), chosen
 
 
-def draw_round_jobs(ctx: RunContext, partition: Partition, round_: int, instructions: pd.DataFrame,
-                    weights: np.ndarray, chosen: np.ndarray | None, first_reference: int) -> pd.DataFrame:
+def draw_round_jobs(config: FactoryConfig, storage: Storage, partition: Partition, round_: int,
+                    instructions: pd.DataFrame, weights: np.ndarray, chosen: np.ndarray | None,
+                    first_reference: int) -> pd.DataFrame:
     """One partition of a round, vectorised: each (chosen) reference's `jobs_per_reference` jobs,
     an instruction of its domain weighted by rarity (references whose domain has none are left out),
     a seed, and one alpha drawn (or every alpha, `alpha_mode: sweep`, with one seed)."""
-    sid = ctx.config.sid
+    sid = config.sid
     rng = np.random.default_rng([sid.seed, round_, partition.index])
-    catalog = partition_catalog(ctx.storage, partition)
+    catalog = partition_catalog(storage, partition)
     if chosen is not None:
         mine = chosen[(chosen >= first_reference) & (chosen < first_reference + len(catalog))] - first_reference
         catalog = catalog.iloc[mine].reset_index(drop=True)
@@ -167,73 +169,95 @@ def draw_round_jobs(ctx: RunContext, partition: Partition, round_: int, instruct
         picks, picked, seeds = (np.repeat(column, len(sid.alphas)) for column in (picks, picked, seeds))
     else:
         alphas = rng.choice(np.asarray(sid.alphas, dtype=float), size=len(picks))
-    return pd.DataFrame({**job_columns(catalog, picks, instructions, picked, ctx.config.references.set),
+    return pd.DataFrame({**job_columns(catalog, picks, instructions, picked, config.references.set),
                          "seed": seeds.tolist(), "generator": sid.generator, "round": round_,
                          "alpha": alphas.tolist()})
 
 
-def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str, search: WSearch | None = None) -> pd.DataFrame:
+@dataclass(frozen=True)
+class Retrieval:
+    """A round's retrieval, found before its partitions are drawn: each distinct instruction
+    text's nearest pool images (ids, best first), deep enough (`w_top_k` plus the most exclusions
+    a reference has) to serve every job. A few thousand texts: it pickles into the tasks that
+    draw the partitions, which choose each job's `w` from it."""
+
+    pool: str
+    nearest: dict[str, list[str]]
+    dataset: str
+    parent: str
+    top_k: int
+    seed: int
+
+    def attach(self, storage: Storage, jobs: pd.DataFrame) -> pd.DataFrame:
+        """`pool:<id>` per job: a pick seeded by the job among the `top_k` nearest images to its
+        instruction, never its own reference nor an image drawn from it (pool ids that are the
+        parent's sample keys are traced to their reference). Jobs left with no eligible image
+        are dropped, with a warning."""
+        references = set(jobs["reference_id"].dropna()) if "reference_id" in jobs else set()
+        sources = drawn_from(storage, self.dataset, self.parent, references)
+        seeds = [[self.seed, int(seed)] for seed in jobs["seed"]]
+        chosen = choose_w([self.nearest[text] for text in jobs["instruction"]], excluded_w(jobs, sources),
+                          self.top_k, seeds)
+        missing = [n for n, image_id in enumerate(chosen) if image_id is None]
+        if missing:
+            log.warning("%d of %d SID jobs have no pool image but their own reference's: dropped",
+                        len(missing), len(jobs))
+        jobs["w_id"] = [None if image_id is None else f"pool:{image_id}" for image_id in chosen]
+        jobs["w_pool"] = self.pool
+        return jobs.drop(index=jobs.index[missing]).reset_index(drop=True)
+
+
+TEXTS_PER_SEARCH = 256  # instruction texts a retrieval actor encodes and searches per call
+
+
+class PoolSearch:
+    """An actor of a round's retrieval (on the filter's actor pool): the filter's CLIP and the
+    pool, loaded once; a batch of texts -> each one's `depth` nearest pool ids, best first."""
+
+    def __init__(self, config_snapshot: dict[str, Any], pool: str, depth: int):
+        config = validate_config(config_snapshot)
+        self.scorer = clip_scorer_from_snapshot(config_snapshot)
+        self.pool = ImagePool.load(open_storage(config.storage), pool)
+        self.depth = depth
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        found, _ = self.pool.search_ids(embed_texts(self.scorer, batch["text"].tolist()), k=self.depth)
+        return batch.assign(nearest=pd.Series([[str(image_id) for image_id in ids] for ids in found],
+                                              index=batch.index, dtype=object))
+
+
+def find_retrieval(ctx: RunContext, parent: str, texts: list[str]) -> Retrieval:
+    """The retrieval of `texts`: the round's pool (built from the parent when missing) searched once
+    per distinct text by `PoolSearch` actors (on Ray with `plan.executor: ray`, else here)."""
+    sid = ctx.config.sid
+    pool = ensure_pool(ctx, parent)
+    depth = sid.w_top_k + 1 + most_drawn(ctx.storage, ctx.config.dataset, parent)
+    search = MapStep.on_pool(PoolSearch, (ctx.config.snapshot(), pool, depth), ctx.config.filter,
+                             batch_size=TEXTS_PER_SEARCH)
+    rows = pd.DataFrame({"text": sorted(set(texts))})
+    nearest: dict[str, list[str]] = {}
+    for found in run_map(rows, [search], on_ray=ctx.config.plan.executor == "ray"):
+        nearest.update((text, list(ids)) for text, ids in zip(found["text"], found["nearest"], strict=True))
+    log.info("SID w: %d distinct instructions searched in pool %s, %d deep", len(rows), pool, depth)
+    return Retrieval(pool, nearest, ctx.config.dataset, parent, sid.w_top_k, sid.seed)
+
+
+def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
     """Give every job its `w` by id: the pool image closest to the instruction (`pool:<id>`, the
-    pool in `w_pool`; `search`: the round's, shared by its partitions), or an SD drawing of it
-    (`sd:<id>`, drawn once per instruction and seed and stored once under the run,
-    `factory.framework.layout.run_w_dir`)."""
+    pool in `w_pool`), or an SD drawing of it (`sd:<id>`, drawn once per instruction and seed and
+    stored once under the run, `factory.framework.layout.run_w_dir`)."""
     if ctx.config.sid.w_source == "generate":
         jobs = with_drawn_w_ids(jobs)
         drawn = jobs.drop_duplicates("w_id")
         store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
         return jobs
-    return attach_retrieved_w(ctx, jobs, parent, search)
+    return find_retrieval(ctx, parent, jobs["instruction"].tolist()).attach(ctx.storage, jobs)
 
 
 def with_drawn_w_ids(jobs: pd.DataFrame) -> pd.DataFrame:
     jobs["w_id"] = [drawn_w_id(instruction, seed) for instruction, seed in zip(jobs["instruction"], jobs["seed"])]
     jobs["w_pool"] = None
     return jobs
-
-
-class WSearch:
-    """The round's retrieval: the pool, the parent's images traced to their references, and each
-    distinct instruction text's nearest pool images, encoded and searched once for the whole round,
-    deep enough (`w_top_k` plus the most exclusions any reference has) to serve every job."""
-
-    def __init__(self, ctx: RunContext, parent: str):
-        self.pool = load_or_build_pool(ctx, parent)
-        self.scorer = clip_scorer(ctx.config)
-        self.sources = drawn_from(ctx, parent)
-        most = max(Counter(self.sources.values()).values(), default=0)
-        self.depth = min(len(self.pool), ctx.config.sid.w_top_k + 1 + most)
-        self.nearest: dict[str, list[str]] = {}
-
-    def lookup(self, texts: list[str]) -> list[list[str]]:
-        """The nearest pool ids of each text, best first (texts not seen yet encoded in one call)."""
-        missing = sorted(set(texts) - self.nearest.keys())
-        if missing:
-            found, _ = self.pool.search_ids(embed_texts(self.scorer, missing), k=self.depth)
-            self.nearest.update(zip(missing, found))
-        return [self.nearest[text] for text in texts]
-
-
-def attach_retrieved_w(ctx: RunContext, jobs: pd.DataFrame, parent: str, search: WSearch | None = None) -> pd.DataFrame:
-    """`pool:<id>` per job: a pick seeded by the job among the `sid.w_top_k` pool images nearest
-    to its instruction, never its own reference nor an image drawn from it (pool ids that are
-    the parent's sample keys are traced to their reference). Jobs left with no eligible image
-    are dropped from the round, with a warning.
-
-    Each distinct instruction text is encoded and searched once (`WSearch`: a round of 1.5M jobs
-    has a few thousand texts, instructions x subjects); its jobs share the one list of neighbours."""
-    sid = ctx.config.sid
-    search = search or WSearch(ctx, parent)
-    texts, text_of_job = np.unique(jobs["instruction"].to_numpy(dtype=str), return_inverse=True)
-    nearest_by_text = search.lookup(texts.tolist())
-    excluded = excluded_w(jobs, search.sources)
-    seeds = [[sid.seed, int(seed)] for seed in jobs["seed"]]
-    chosen = choose_w([nearest_by_text[text] for text in text_of_job.reshape(-1)], excluded, sid.w_top_k, seeds)
-    missing = [n for n, image_id in enumerate(chosen) if image_id is None]
-    if missing:
-        log.warning("%d of %d SID jobs have no pool image but their own reference's: dropped", len(missing), len(jobs))
-    jobs["w_id"] = [None if image_id is None else f"pool:{image_id}" for image_id in chosen]
-    jobs["w_pool"] = search.pool.name
-    return jobs.drop(index=jobs.index[missing]).reset_index(drop=True)
 
 
 def embed_texts(scorer, texts: list[str], batch: int = 256) -> np.ndarray:
@@ -264,12 +288,24 @@ def excluded_w(jobs: pd.DataFrame, sources: dict[str, str]) -> list[set[str]]:
             for reference_id in references]
 
 
-def drawn_from(ctx: RunContext, parent: str) -> dict[str, str]:
-    """{sample key: reference id} of the parent's samples (the ids of a pool built from it)."""
-    if not version_exists(ctx.storage, ctx.config.dataset, parent):
+def drawn_from(storage: Storage, dataset: str, parent: str, references: set[str]) -> dict[str, str]:
+    """{sample key: reference id} of the parent's samples drawn from `references` (the ids a pool
+    built from the parent gives them), read from the parent's index by those references only."""
+    if not version_exists(storage, dataset, parent) or not references:
         return {}
-    index = read_index(ctx.storage, ctx.config.dataset, parent, columns=["key", "reference_id"]).to_pandas()
-    return dict(zip(index["key"], index["reference_id"]))
+    index = read_index(storage, dataset, parent, columns=["key", "reference_id"],
+                       filters=[("reference_id", "in", sorted(references))])
+    return dict(zip(index.column("key").to_pylist(), index.column("reference_id").to_pylist()))
+
+
+def most_drawn(storage: Storage, dataset: str, parent: str) -> int:
+    """The most samples the parent has of one reference (0 when it has none): the most pool ids a
+    job can be barred from."""
+    if not version_exists(storage, dataset, parent):
+        return 0
+    references = read_index(storage, dataset, parent, columns=["reference_id"]).column("reference_id")
+    counts = pc.value_counts(references.drop_null()).field("counts")
+    return int(pc.max(counts).as_py() or 0)
 
 
 def w_variety(plan: pd.DataFrame) -> dict[str, int]:
@@ -300,22 +336,21 @@ def pool_name(ctx: RunContext, parent: str) -> str:
     return ctx.config.sid.pool or f"{ctx.config.dataset}-{parent}"
 
 
-def load_or_build_pool(ctx: RunContext, parent: str):
-    """The configured pool, or one built by a Ray Data job from the parent's target images
-    (CLIP on an actor pool sized like the filter's)."""
+def ensure_pool(ctx: RunContext, parent: str) -> str:
+    """The round's pool: the configured one, or one built by a Ray Data job from the parent's target
+    images (CLIP on an actor pool sized like the filter's) unless built already."""
     name = pool_name(ctx, parent)
-    try:
-        return ImagePool.load(ctx.storage, name)
-    except FileNotFoundError:
-        if ctx.config.sid.pool:
-            raise
+    if ctx.storage.exists(layout.pool_index(name)):
+        return name
+    if ctx.config.sid.pool:
+        raise FileNotFoundError(f"no image pool at {ctx.storage.url(layout.pool_dir(name))} (no index file)")
     manifest = load_manifest(ctx.storage, ctx.config.dataset, parent)
     shards = shard_checksums(manifest)
     log.info("building image pool %s from the target images of %s (%d shards)", name, parent, len(shards))
     clip_settings = settings_named(ctx.config, "filter.clip_")
     build_pool_from_shards(ctx.storage, ctx.config.storage, name, shards,
                            partial(clip_scorer_from_snapshot, ctx.config.snapshot()), ctx.config.filter, clip_settings)
-    return ImagePool.load(ctx.storage, name)
+    return name
 
 
 def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> list[bytes | None]:
@@ -335,11 +370,37 @@ def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> l
     return drawn["image"].tolist()
 
 
+@dataclass(frozen=True)
+class RoundDraw:
+    """Draws one partition of a round (pickles, so a Ray task can draw it): its jobs, each one's
+    `w` (from `retrieval`, or the id of an SD drawing) and key, cut into units."""
+
+    config: FactoryConfig
+    round_: int
+    instructions: pd.DataFrame
+    weights: np.ndarray
+    chosen: np.ndarray | None  # the round's references, by catalog position (None: all)
+    starts: dict[str, int]  # each reference part's first catalog position
+    checkpoint: str
+    retrieval: Retrieval | None = None
+
+    def jobs(self, storage: Storage, partition: Partition) -> pd.DataFrame:
+        return draw_round_jobs(self.config, storage, partition, self.round_, self.instructions, self.weights,
+                               self.chosen, self.starts[partition.parts[0]])
+
+    def __call__(self, storage: Storage, partition: Partition) -> pd.DataFrame:
+        jobs = self.jobs(storage, partition)
+        jobs = self.retrieval.attach(storage, jobs) if self.retrieval else with_drawn_w_ids(jobs)
+        jobs.insert(0, "key", round_keys(jobs, portable_ref(self.checkpoint), self.round_))
+        return cut_units(jobs, self.config.sid.unit_size, partition.first_unit)
+
+
 def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> dict[str, int]:
-    """Draw and write the round's plan partition by partition (like the bootstrap's plan), each
-    with its `w` and keys; an SD-drawn `w` is drawn once per distinct id after the partitions.
-    Partitions are drawn in this process, one after another: the retrieval search (CLIP and the
-    pool's neighbours) is held here, searched once per distinct instruction of the round."""
+    """Draw and write the round's plan partition by partition (like the bootstrap's plan, by Ray
+    tasks with `plan.executor: ray`), each with its `w` and keys. A retrieved `w` needs the
+    round's distinct instructions first: a first pass over the partitions collects them, and
+    `find_retrieval` searches each once. An SD-drawn `w` is drawn once per distinct id after the
+    partitions."""
     sid = ctx.config.sid
     parts = reference_parts(ctx)
     partitions, chosen = round_partitions(ctx, round_, parts)
@@ -348,22 +409,37 @@ def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> di
     instructions = instruction_table(ctx.config.plan.instructions)
     weights = instruction_weights(instructions, parent_rows(ctx, parent), sid.rarity_power)
     starts = dict(zip((key for key, _ in parts), np.cumsum([0] + [rows for _, rows in parts]).tolist()))
-    search = WSearch(ctx, parent) if sid.w_source == "retrieve" else None
-
-    def draw(storage: Storage, partition: Partition) -> pd.DataFrame:
-        jobs = draw_round_jobs(ctx, partition, round_, instructions, weights, chosen, starts[partition.parts[0]])
-        jobs = attach_retrieved_w(ctx, jobs, parent, search) if search else with_drawn_w_ids(jobs)
-        jobs.insert(0, "key", round_keys(jobs, portable_ref(checkpoint), round_))
-        return cut_units(jobs, sid.unit_size, partition.first_unit)
-
+    draw = RoundDraw(ctx.config, round_, instructions, weights, chosen, starts, checkpoint)
+    on_ray = ctx.config.storage if ctx.config.plan.executor == "ray" else None
+    if sid.w_source == "retrieve":
+        texts = round_instructions(draw, partitions, on_ray or ctx.storage)
+        draw = replace(draw, retrieval=find_retrieval(ctx, parent, texts))
     settings = {"sid": sid.model_dump(), "round": round_, "parent": parent, "checkpoint": portable_ref(checkpoint),
                 "references.set": ctx.config.references.set}
     written = write_partitions(ctx.storage, ctx.config.run_id, partitions, draw, plan_schema(), sid.unit_size,
-                               plan_fingerprint(settings, instructions, parts))
+                               plan_fingerprint(settings, instructions, parts), on_ray)
     if sid.w_source == "generate":
         drawn = planned_drawn_w(ctx)
         store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
     return written
+
+
+def round_instructions(draw: RoundDraw, partitions: list[Partition], where: Storage | StorageConfig) -> list[str]:
+    """The distinct instruction texts of the round's jobs, each partition's drawn where its plan is
+    (a Ray task each when `where` is a storage config)."""
+    step = MapStep(partition_instructions, (draw, where))
+    texts: set[str] = set()
+    for found in run_map(partition_rows(partitions), [step], on_ray=not isinstance(where, Storage)):
+        texts.update(found["text"])
+    return sorted(texts)
+
+
+def partition_instructions(batch: pd.DataFrame, draw: RoundDraw, where: Storage | StorageConfig) -> pd.DataFrame:
+    storage = opened(where)
+    texts: set[str] = set()
+    for fields in batch["partition"]:
+        texts.update(draw.jobs(storage, Partition.from_row(fields))["instruction"])
+    return pd.DataFrame({"text": sorted(texts)}, dtype=object)
 
 
 def round_keys(jobs: pd.DataFrame, checkpoint: str | None, round_: int) -> list[str]:

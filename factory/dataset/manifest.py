@@ -225,8 +225,10 @@ def index_schema() -> pa.Schema:
     )
 
 
-def read_index(storage: Storage, dataset: str, version: str, columns: list[str] | None = None) -> pa.Table:
-    return storage.read_parquet(layout.index(dataset, version), columns=columns)
+def read_index(storage: Storage, dataset: str, version: str, columns: list[str] | None = None,
+               filters: list | None = None) -> pa.Table:
+    """A version's index, or some columns of it, or the rows `filters` keeps (`Storage.read_parquet`)."""
+    return storage.read_parquet(layout.index(dataset, version), columns=columns, filters=filters)
 
 
 def version_keys(storage: Storage, manifest: dict[str, Any]) -> frozenset[str] | None:

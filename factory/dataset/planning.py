@@ -70,6 +70,17 @@ class Partition:
     jobs: int
     first_unit: int
 
+    @classmethod
+    def from_row(cls, fields: dict[str, Any]) -> Partition:
+        """The partition a row of `partition_rows` holds (its fields, as Ray Data gives them back)."""
+        return cls(int(fields["index"]), tuple(str(part) for part in fields["parts"]), int(fields["jobs"]),
+                   int(fields["first_unit"]))
+
+
+def partition_rows(partitions: list[Partition]) -> pd.DataFrame:
+    """One row per partition: the input of a job that maps over partitions."""
+    return pd.DataFrame({"partition": [asdict(partition) for partition in partitions]})
+
 
 def reference_parts(ctx: RunContext) -> list[tuple[str, int]]:
     """(part key, references in it) of the complete reference set, in id order, from the footers."""
@@ -175,9 +186,8 @@ def write_partitions(storage: Storage, run_id: str, partitions: list[Partition],
     config the tasks open) each partition is a Ray task (`draw` must then pickle); else this process
     draws them one after another."""
     meta = {"fingerprint": fingerprint}
-    rows = pd.DataFrame({"partition": [asdict(partition) for partition in partitions]})
     step = MapStep(write_partition, (draw, on_ray or storage, run_id, schema, unit_size, meta))
-    for _ in run_map(rows, [step], on_ray=on_ray is not None):
+    for _ in run_map(partition_rows(partitions), [step], on_ray=on_ray is not None):
         pass
     if not any(plan_part_rows(storage, run_id, partition.index) for partition in partitions):
         raise PlanError("the plan drew no jobs: no reference has instructions in its domain")
@@ -191,8 +201,7 @@ def write_partition(batch: pd.DataFrame, draw: PartitionDraw, where: Storage | S
     storage = opened(where)
     written = []
     for fields in batch["partition"]:
-        partition = Partition(int(fields["index"]), tuple(str(part) for part in fields["parts"]),
-                              int(fields["jobs"]), int(fields["first_unit"]))
+        partition = Partition.from_row(fields)
         stored = plan_part_meta(storage, run_id, partition.index)
         if stored is None or stored.get("fingerprint") != meta["fingerprint"]:
             jobs = draw(storage, partition)

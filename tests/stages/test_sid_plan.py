@@ -1,8 +1,8 @@
 """A SID round is planned per partition like the bootstrap's plan: the same plan, byte for byte,
-however many partitions are drawn at once; an alpha sweep keeps one job's seed and `w` for every
-alpha; no job's `w` is its own reference's image."""
+however many partitions are drawn at once, here or by Ray tasks with the retrieval on an actor
+pool; an alpha sweep keeps one job's seed and `w` for every alpha; no job's `w` is its own
+reference's image."""
 
-import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -26,9 +26,9 @@ def tiny_clip(tmp_path_factory):
     return build_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
-def round_context(root, tiny_clip, **sid_settings) -> RunContext:
+def round_context(root, tiny_clip, executor="local", **sid_settings) -> RunContext:
     ctx = RunContext(FactoryConfig.model_validate({
-        "run_id": "r", "storage": {"root": str(root)}, "references": {"set": "refs"},
+        "run_id": "r", "storage": {"root": str(root)}, "references": {"set": "refs"}, "plan": {"executor": executor},
         "filter": {"clip_model": tiny_clip.model_name, "clip_pretrained": tiny_clip.pretrained,
                    "clip_model_config": tiny_clip.model_config},
         "sid": {"pool": "given", "jobs_per_reference": 2, "unit_size": 3, **sid_settings}}))
@@ -39,14 +39,22 @@ def round_context(root, tiny_clip, **sid_settings) -> RunContext:
     ctx.storage.write_bytes(layout.reference_complete("refs"), b"{}")
     images = [(f"img{n:02d}", jpeg(50 + n, size=32)) for n in range(10)] + [("ref003", jpeg(3, size=16))]
     build_pool(ctx.storage, "given", images, sid.clip_scorer(ctx.config), part_size=4)
+    store_parent(ctx)
     return ctx
+
+
+def store_parent(ctx: RunContext) -> None:
+    """The parent version's index and manifest: two samples drawn from ref003 (in the pool as img00, img01)."""
+    dataset = ctx.config.dataset
+    index = pa.table({"key": ["img00", "img01", "k2"], "category": ["scene"] * 3,
+                      "reference_id": ["ref003", "ref003", "ref005"]})
+    ctx.storage.write_parquet(layout.index(dataset, "parent"), index)
+    ctx.storage.write_bytes(layout.manifest(dataset, "parent"), b"{}")
 
 
 @pytest.fixture
 def parent(monkeypatch):
     monkeypatch.setattr(planning, "PARTITION_JOBS", 6)  # several partitions of eight references
-    monkeypatch.setattr(sid, "parent_rows", lambda ctx, name: pd.DataFrame({"key": ["k"], "category": ["scene"]}))
-    monkeypatch.setattr(sid, "drawn_from", lambda ctx, name: {"img00": "ref003", "img01": "ref003"})
 
 
 def run_files(ctx: RunContext) -> dict[str, bytes]:
@@ -72,6 +80,37 @@ def test_a_round_is_drawn_the_same_in_partitions_every_time(tmp_path, tiny_clip,
     own = jobs.loc[jobs["reference_id"] == "ref003", "w_id"]
     assert not set(own) & {"pool:img00", "pool:img01", "pool:ref003"}
     assert set(jobs["round"]) == {1} and jobs["instruction"].str.contains("person|dog|teapot").all()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_round_drawn_by_ray_tasks_and_searched_on_an_actor_pool_is_the_one_drawn_here(tmp_path, tiny_clip,
+                                                                                        parent):
+    drawn = {}
+    for executor in ("local", "ray"):
+        ctx = round_context(tmp_path / executor, tiny_clip, executor, w_top_k=2)
+        sid.plan_round(ctx, "parent", 1, "g")
+        drawn[executor] = run_files(ctx)
+    assert drawn["local"] == drawn["ray"]
+    jobs = pa.concat_tables(read_plan(ctx.storage, "r")).to_pandas()
+    assert plan_index(ctx.storage, "r").meta["partitions"] > 2 and jobs["w_id"].nunique() > 2
+    own = jobs.loc[jobs["reference_id"] == "ref003", "w_id"]
+    assert len(own) and not set(own) & {"pool:img00", "pool:img01", "pool:ref003"}
+
+
+def test_the_retrieval_is_searched_once_per_distinct_instruction_of_the_round(tmp_path, tiny_clip, parent,
+                                                                              monkeypatch):
+    searched = []
+    search = sid.PoolSearch.__call__
+
+    def counting(self, batch):
+        searched.extend(batch["text"])
+        return search(self, batch)
+
+    monkeypatch.setattr(sid.PoolSearch, "__call__", counting)
+    ctx = round_context(tmp_path, tiny_clip)
+    sid.plan_round(ctx, "parent", 1, "g")
+    jobs = pa.concat_tables(read_plan(ctx.storage, "r")).to_pandas()
+    assert sorted(searched) == sorted(jobs["instruction"].unique()) and len(searched) < len(jobs)
 
 
 def test_an_sd_drawn_round_draws_each_w_once_after_its_partitions(tmp_path, tiny_clip, parent, monkeypatch):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from factory.dataset.pool import ImagePool, build_pool
@@ -35,6 +36,13 @@ def make_ctx(root: Path, tiny_clip=None, **sections) -> RunContext:
 def joined_w(ctx: RunContext, planned: pd.DataFrame) -> list:
     """The `w` bytes generate gets for these plan rows."""
     return ImageJoin(ctx.storage, ctx.config.run_id).add(planned.copy(), ("w_image",))["w_image"].tolist()
+
+
+def store_parent(ctx: RunContext, drawn: dict[str, str]) -> None:
+    """A stored parent version whose samples (by key) were drawn from the references `drawn` names."""
+    index = pa.table({"key": list(drawn), "reference_id": list(drawn.values())})
+    ctx.storage.write_parquet(layout.index(ctx.config.dataset, "parent"), index)
+    ctx.storage.write_bytes(layout.manifest(ctx.config.dataset, "parent"), b"{}")
 
 
 def jobs(count: int) -> pd.DataFrame:
@@ -145,7 +153,6 @@ def test_excluded_w_is_the_reference_and_what_was_drawn_from_it():
 
 
 def test_retrieval_varies_w_and_never_uses_the_jobs_own_images(tmp_path, tiny_clip, monkeypatch):
-    import stages.sid as sid
     from stages.sid import attach_w, clip_scorer, w_variety
 
     ctx = make_ctx(tmp_path, tiny_clip, sid={"pool": "given", "w_top_k": 4})
@@ -153,12 +160,12 @@ def test_retrieval_varies_w_and_never_uses_the_jobs_own_images(tmp_path, tiny_cl
     images["refB"] = jpeg(40, size=32)  # the reference itself sits in the pool
     build_pool(ctx.storage, "given", list(images.items()), clip_scorer(ctx.config), part_size=4)
     drawn = {"img00": "refA", "img01": "refA", "img02": "refA", "img03": "refB"}
-    monkeypatch.setattr(sid, "drawn_from", lambda ctx, parent: drawn)
+    store_parent(ctx, drawn)
     planned = pd.DataFrame({"instruction": ["a dog on the beach"] * 40, "instruction_id": ["beach"] * 40,
                             "reference_id": ["refA", "refB"] * 20, "seed": range(40)})
 
-    out = attach_w(ctx, planned.copy(), parent="unused")
-    again = attach_w(ctx, planned.copy(), parent="unused")
+    out = attach_w(ctx, planned.copy(), parent="parent")
+    again = attach_w(ctx, planned.copy(), parent="parent")
 
     assert out["w_id"].tolist() == again["w_id"].tolist()  # seeded by the job
     for reference, own in [("refA", {"img00", "img01", "img02", "refA"}), ("refB", {"img03", "refB"})]:
@@ -178,7 +185,7 @@ def test_one_search_per_distinct_instruction_chooses_what_a_search_per_job_choos
     build_pool(ctx.storage, "given", list(images.items()), scorer, part_size=4)
     pool = ImagePool.load(ctx.storage, "given")
     drawn = {"img00": "refA", "img01": "refA", "img05": "refB", "img07": "refC"}  # each job's own images
-    monkeypatch.setattr(sid, "drawn_from", lambda ctx, parent: drawn)
+    store_parent(ctx, drawn)
     encoded = []
 
     def counting(scorer, texts):
@@ -188,7 +195,7 @@ def test_one_search_per_distinct_instruction_chooses_what_a_search_per_job_choos
     monkeypatch.setattr(sid, "embed_texts", counting)
     planned = jobs(30).assign(reference_id=[("refA", "refB", "refC")[n % 3] for n in range(30)])
 
-    out = attach_w(ctx, planned.copy(), parent="unused")
+    out = attach_w(ctx, planned.copy(), parent="parent")
 
     assert encoded == [4]  # four distinct instructions for thirty jobs
     excluded = excluded_w(planned, drawn)
