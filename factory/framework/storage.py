@@ -173,8 +173,7 @@ class LocalStorage(Storage):
 
     def write_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        fd, tmp = self._temp_file_beside(target)
         try:
             os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: others read as the umask allows
             with os.fdopen(fd, "wb") as handle:
@@ -185,6 +184,16 @@ class LocalStorage(Storage):
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    @staticmethod
+    def _temp_file_beside(target: Path) -> tuple[int, str]:
+        for _ in range(3):  # a delete can prune the empty folder between mkdir and mkstemp
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            except FileNotFoundError:
+                continue
+        raise StorageError(f"{target.parent} keeps disappearing while written to")
 
     def open(self, key: str) -> BinaryIO:
         try:
@@ -227,7 +236,16 @@ class LocalStorage(Storage):
         return sorted(keys)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        """The file, then each folder above it left empty (as an S3 prefix ends with its last key)."""
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == self.base or self.base not in folder.parents:
+                return
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or written to meanwhile): it stays
+                return
 
     def url(self, key: str) -> str:
         return str(self.base / clean_key(key))

@@ -20,6 +20,22 @@ def test_write_read_list_delete(storage):
         storage.read_bytes("a/two.bin")
 
 
+def test_deleting_a_folders_last_file_leaves_no_empty_folder(tmp_path):
+    storage = open_storage(StorageConfig(root=str(tmp_path / "root")))
+    storage.write_bytes("v/_written/a/one.bin", b"1")
+    storage.write_bytes("v/_written/two.bin", b"2")
+    storage.write_bytes("v/keep.bin", b"3")
+    storage.delete("v/_written/a/one.bin")
+    assert not (tmp_path / "root/v/_written/a").exists() and (tmp_path / "root/v/_written").is_dir()
+    storage.delete("v/_written/two.bin")
+    assert sorted(p.name for p in (tmp_path / "root/v").iterdir()) == ["keep.bin"]
+    storage.delete("v/keep.bin")
+    storage.delete("v/keep.bin")  # a second delete of a gone key is no error
+    assert (tmp_path / "root").is_dir() and not any((tmp_path / "root").iterdir())
+    storage.write_bytes("v/_written/two.bin", b"2")  # a pruned folder is made again on write
+    assert storage.read_bytes("v/_written/two.bin") == b"2"
+
+
 def test_create_only_refuses_an_existing_object(storage):
     storage.write_bytes("m.json", b"first", create_only=True)
     with pytest.raises(AlreadyExists):
