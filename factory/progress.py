@@ -27,7 +27,7 @@ from factory.estimate import unit_stage_hours
 from factory.framework import layout
 from factory.framework.stage import RunContext
 from factory.framework.units import plan_unit_rows
-from factory.status import HOUR, Footers, run_status, unit_footers
+from factory.status import HOUR, RunCounters, run_counters, run_status
 
 log = logging.getLogger("factory.progress")
 
@@ -91,7 +91,7 @@ class ProgressWatch:
     def __init__(self, ctx: RunContext, stages: list[str], display: Display, every: float,
                  estimate: dict[str, float] | None):
         self.ctx, self.stages, self.display, self.every, self.estimate = ctx, stages, display, every, estimate
-        self.known: Footers = {}
+        self.known: RunCounters = {}
         self.started = time.time()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop, name="factory-progress", daemon=True)
@@ -99,8 +99,8 @@ class ProgressWatch:
     def snapshot(self) -> list[StageProgress]:
         """The lines now, from the footers of the unit files written since the last snapshot."""
         config = self.ctx.config
-        self.known = unit_footers(self.ctx.storage, config.run_id, self.known)
-        status = run_status(self.ctx.storage, config, config.run_id, since=self.started, metas=self.known)
+        self.known = run_counters(self.ctx.storage, config.run_id, self.known)
+        status = run_status(self.ctx.storage, config, config.run_id, since=self.started, counters=self.known)
         return progress_of(status, self.stages, self.estimate)
 
     def loop(self) -> None:

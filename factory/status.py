@@ -13,34 +13,35 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pandas as pd
+
 from factory.dataset.manifest import version_exists
-from factory.dataset.publisher import MODEL_STAGES, cost, funnel
+from factory.dataset.publisher import MODEL_STAGES, cost, counter_total, funnel
 from factory.framework import layout
 from factory.framework.config import FactoryConfig
 from factory.framework.storage import Storage
-from factory.framework.units import plan_exists, plan_unit_rows, whole_unit_metas
+from factory.framework.units import plan_exists, plan_unit_rows, unit_counters
 from filters.rules import RULES
 
 HOUR = 3600.0
 
 
-Footers = dict[str, dict[int, dict[str, Any]]]  # stage -> unit -> what its unit file's footer says
+RunCounters = dict[str, pd.DataFrame]  # stage -> its whole units' counters (`unit_counters`)
 
 
 def run_status(storage: Storage, config: FactoryConfig, run_id: str, now: float | None = None,
-               since: float | None = None, metas: Footers | None = None) -> dict[str, Any]:
+               since: float | None = None, counters: RunCounters | None = None) -> dict[str, Any]:
     """Everything `status` prints, as one JSON-ready dict. Throughput and ETA count the units
     finished in the last hour, or since `since` when that is later (a watch that started then);
-    `metas`: the footers `unit_footers` read (default: read now)."""
+    `counters`: what `run_counters` read (default: read now)."""
     now = time.time() if now is None else now
     planned = len(plan_unit_rows(storage, run_id)) if plan_exists(storage, run_id) else 0  # the plan index
-    metas = unit_footers(storage, run_id) if metas is None else metas
-    ordered = {stage: [metas[stage][unit] for unit in sorted(metas[stage])] for stage in MODEL_STAGES}
+    counters = run_counters(storage, run_id) if counters is None else counters
     window_start = now - HOUR if since is None else max(now - HOUR, since)
-    costs = cost(ordered, config)
-    stages = {stage: stage_status(ordered[stage], planned, now, window_start, costs[stage]["gpu_seconds"])
+    costs = cost(counters, config)
+    stages = {stage: stage_status(counters[stage], planned, now, window_start, costs[stage]["gpu_seconds"])
               for stage in MODEL_STAGES}
-    funnel_now = funnel(ordered)
+    funnel_now = funnel(counters)
     version = config.publish.version or run_id
     return {
         "run": run_id,
@@ -56,26 +57,25 @@ def run_status(storage: Storage, config: FactoryConfig, run_id: str, now: float 
     }
 
 
-def unit_footers(storage: Storage, run_id: str, known: Footers | None = None) -> Footers:
-    """The footer of every whole unit file of each model stage (one read each; `known` ones not again)."""
+def run_counters(storage: Storage, run_id: str, known: RunCounters | None = None) -> RunCounters:
+    """The counters of every whole unit file of each model stage (one footer read each; `known` ones
+    not again)."""
     known = known or {}
-    return {stage: whole_unit_metas(storage, run_id, stage, known.get(stage)) for stage in MODEL_STAGES}
+    return {stage: unit_counters(storage, run_id, stage, known.get(stage)) for stage in MODEL_STAGES}
 
 
-def stage_status(metas: list[dict[str, Any]], planned: int, now: float, window_start: float,
+def stage_status(counters: pd.DataFrame, planned: int, now: float, window_start: float,
                  gpu_seconds: float) -> dict[str, Any]:
     """One stage's units done, candidates and pass rate so far, and its pace since `window_start`."""
-    recent = [meta for meta in metas if meta.get("finished_at", float("-inf")) >= window_start]
+    recent = counters[counters["finished_at"] >= window_start]  # a unit with no time is never recent
     window = max(now - window_start, 1.0)
-    rows = sum(meta.get("counters", {}).get("rows", 0) for meta in recent)
-    live_in, live_out = (int(sum(meta.get("counters", {}).get(name, 0) for meta in metas))
-                         for name in ("live_in", "live_out"))
-    return {"done": len(metas), "planned": planned, "units_last_hour": len(recent),
-            "candidates_per_second": round(rows / window, 4),
-            "candidates": int(sum(meta.get("counters", {}).get("rows", 0) for meta in metas)),
+    live_in, live_out = (int(counter_total(counters, name)) for name in ("live_in", "live_out"))
+    return {"done": len(counters), "planned": planned, "units_last_hour": len(recent),
+            "candidates_per_second": round(counter_total(recent, "rows") / window, 4),
+            "candidates": int(counter_total(counters, "rows")),
             "live_in": live_in, "accepted": live_out, "pass_rate": ratio(live_out, live_in),
             "gpu_hours": round(gpu_seconds / HOUR, 4),
-            "eta_seconds": eta(planned - len(metas), len(recent), window)}
+            "eta_seconds": eta(planned - len(counters), len(recent), window)}
 
 
 def ratio(part: float, whole: float) -> float | None:

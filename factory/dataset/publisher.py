@@ -70,7 +70,14 @@ from factory.framework.images import read_part_rows
 from factory.framework.models_cache import model_fingerprint
 from factory.framework.stage import RunContext
 from factory.framework.storage import Storage, open_storage, opened
-from factory.framework.units import ImageJoin, SortedFooters, finished_units, plan_units, whole_unit_metas
+from factory.framework.units import (
+    ImageJoin,
+    SortedFooters,
+    finished_units,
+    plan_units,
+    unit_counters,
+    unit_meta,
+)
 from filters.rules import RULES, SCORE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -481,21 +488,22 @@ def publish_run(ctx: RunContext, kind: str = "bootstrap", parents: list[str] | N
         release_stale_lock(storage, config.dataset, ctx.version)
         log.info("version %s/%s is already published", config.dataset, ctx.version)
         return manifest
-    whole = {stage: whole_unit_metas(storage, config.run_id, stage) for stage in MODEL_STAGES}
-    done = set.intersection(*(set(units) for units in whole.values()))
+    whole = {stage: unit_counters(storage, config.run_id, stage) for stage in MODEL_STAGES}
+    done = sorted(set.intersection(*(set(counters.index) for counters in whole.values())))
     check_reference_parts(storage, config.references.set)
     if not done:
         raise VersionError(f"nothing to publish: no dialogue output under {storage.url(layout.run_dir(config.run_id))}")
-    partial = partial_units(ctx, done)
-    metas = {stage: [whole[stage][unit] for unit in sorted(done)] for stage in MODEL_STAGES}
-    check_units_made_with(ctx, metas["dialogue"][0])
-    source = RunSamples(config.storage, config.run_id, config.dataset, ctx.version, sorted(done))
+    partial = partial_units(ctx, set(done))
+    first = unit_meta(storage, config.run_id, "dialogue", done[0])
+    check_units_made_with(ctx, first)
+    counters = {stage: whole[stage].loc[done] for stage in MODEL_STAGES}
+    source = RunSamples(config.storage, config.run_id, config.dataset, ctx.version, done)
     spec = VersionSpec(
         dataset=config.dataset, version=ctx.version, kind=kind, parents=parents or [], config=config.snapshot(),
         config_sha256=config.sha256(), models=models_used(config), thresholds=dict(config.filter.thresholds),
-        funnel=funnel(metas), cost=cost(metas, config),
-        extra={"run_id": config.run_id, "dialogue_prompt": metas["dialogue"][0].get("describe", {}).get(
-            "dialogue_prompt", {}), **({"partial": partial} if partial else {}), **(extra or {})},
+        funnel=funnel(counters), cost=cost(counters, config),
+        extra={"run_id": config.run_id, "dialogue_prompt": first.get("describe", {}).get("dialogue_prompt", {}),
+               **({"partial": partial} if partial else {}), **(extra or {})},
     )
     manifest = write_version(storage, spec, source, config.publish.shard_max_bytes, config.publish.shard_max_samples,
                              passes_for(config))
@@ -533,46 +541,47 @@ def check_units_made_with(ctx: RunContext, dialogue_meta: dict[str, Any]) -> Non
                            + "\npublish with the config the run was made with, or start a new run")
 
 
-def funnel(metas: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Counts at each gate, and every rejection as `stage:reason`, summed from unit counters."""
-    def total(stage: str, name: str) -> int:
-        return int(sum(meta.get("counters", {}).get(name, 0) for meta in metas[stage]))
-
+def funnel(counters: dict[str, pd.DataFrame]) -> dict[str, Any]:
+    """Counts at each gate, and every rejection as `stage:reason`, summed from the units' counters
+    (`unit_counters`: one row per unit of each stage)."""
     rejections: dict[str, int] = {}
     for stage in MODEL_STAGES:
-        for meta in metas[stage]:
-            for name, count in meta.get("counters", {}).items():
-                if name.startswith("rejected:"):
-                    reason = f"{stage}:{name[len('rejected:'):]}"
-                    rejections[reason] = rejections.get(reason, 0) + int(count)
+        for name in counters[stage].columns:
+            if name.startswith("rejected:"):
+                reason = f"{stage}:{name[len('rejected:'):]}"
+                rejections[reason] = rejections.get(reason, 0) + int(counter_total(counters[stage], name))
     return {
-        "planned": total("dialogue", "rows"),
-        "generated": total("generate", "live_out"),
-        **{rule.funnel: total("filter", rule.funnel) for rule in RULES.values()},
-        "dialogue_accepted": total("dialogue", "live_out"),
+        "planned": int(counter_total(counters["dialogue"], "rows")),
+        "generated": int(counter_total(counters["generate"], "live_out")),
+        **{rule.funnel: int(counter_total(counters["filter"], rule.funnel)) for rule in RULES.values()},
+        "dialogue_accepted": int(counter_total(counters["dialogue"], "live_out")),
         "written": 0,
         "rejections": dict(sorted(rejections.items())),
     }
 
 
-def cost(metas: dict[str, list[dict[str, Any]]], config: FactoryConfig) -> dict[str, Any]:
+def counter_total(counters: pd.DataFrame, name: str) -> float:
+    """One counter summed over the units (0 when none has it)."""
+    return float(counters[name].sum()) if name in counters else 0.0
+
+
+def cost(counters: dict[str, pd.DataFrame], config: FactoryConfig) -> dict[str, Any]:
     """Actor-seconds and GPU-seconds per model stage, from the units' counters."""
     per_stage = {}
     for stage in MODEL_STAGES:
-        seconds = float(sum(meta.get("counters", {}).get("seconds", 0.0) for meta in metas[stage]))
+        seconds = counter_total(counters[stage], "seconds")
         gpus = getattr(config, stage).num_gpus
         per_stage[stage] = {"actor_seconds": round(seconds, 3), "gpu_seconds": round(seconds * gpus, 3)}
-    generate = [meta.get("counters", {}) for meta in metas["generate"]]
-    per_stage["generate"]["generator_gpu_seconds"] = round(float(sum(c.get("gpu_seconds", 0.0) for c in generate)), 3)
-    per_stage["generate"].update(generator_work(generate, accepted=funnel(metas)["dialogue_accepted"]))
+    generate = counters["generate"]
+    per_stage["generate"]["generator_gpu_seconds"] = round(counter_total(generate, "gpu_seconds"), 3)
+    per_stage["generate"].update(generator_work(generate, accepted=funnel(counters)["dialogue_accepted"]))
     return per_stage
 
 
-def generator_work(counters: list[dict[str, Any]], accepted: int) -> dict[str, Any]:
+def generator_work(counters: pd.DataFrame, accepted: int) -> dict[str, Any]:
     """UNet evaluations of every candidate drawn (sampling, and test-time fine-tuning apart),
     and their sum per accepted sample: the generator's cost in units no machine changes."""
-    sampling = float(sum(c.get("unet_evals", 0) for c in counters))
-    finetune = float(sum(c.get("finetune_unet_evals", 0) for c in counters))
+    sampling, finetune = counter_total(counters, "unet_evals"), counter_total(counters, "finetune_unet_evals")
     per_sample = round((sampling + finetune) / accepted, 3) if accepted else None
     return {"unet_evals": round(sampling, 3), "finetune_unet_evals": round(finetune, 3),
             "unet_evals_per_accepted_sample": per_sample}

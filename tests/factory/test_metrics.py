@@ -18,7 +18,7 @@ from factory.demo import prepare_demo
 from factory.framework.config import QUIET_ENV, load_config
 from factory.framework.metrics import prometheus_names
 from factory.framework.stage import RunContext
-from factory.framework.units import read_unit, whole_unit_metas
+from factory.framework.units import read_unit, unit_counters
 from factory.progress import ProgressWatch
 from factory.run import UNIT_STEPS, run_all
 from filters.rules import RULES
@@ -63,8 +63,8 @@ def scrape(port: int, run_id: str) -> dict[tuple[str, ...], float]:
 def expected_metrics(ctx: RunContext, funnel: dict) -> dict[tuple[str, ...], float]:
     """What the manifest's funnel and the unit files say the endpoint must serve."""
     run_id = ctx.config.run_id
-    metas = {step.name: list(whole_unit_metas(ctx.storage, run_id, step.name).values()) for step in UNIT_STEPS}
-    units = len(metas["generate"])
+    counters = {step.name: unit_counters(ctx.storage, run_id, step.name) for step in UNIT_STEPS}
+    units = len(counters["generate"])
     expected = {
         ("ray_factory_candidates_accepted_total", "generate", ""): funnel["generated"],
         ("ray_factory_candidates_accepted_total", "dialogue", ""): funnel["dialogue_accepted"],
@@ -72,15 +72,14 @@ def expected_metrics(ctx: RunContext, funnel: dict) -> dict[tuple[str, ...], flo
         **{("ray_factory_candidates_rejected_total", *reason.split(":", 1)): count
            for reason, count in funnel["rejections"].items()},
         ("ray_factory_attempts_total", "dialogue", ""): sum(
-            read_unit(ctx.storage, run_id, "dialogue", meta["unit"])["dialogue_attempts"].fillna(0).sum()
-            for meta in metas["dialogue"]),
+            read_unit(ctx.storage, run_id, "dialogue", unit)["dialogue_attempts"].fillna(0).sum()
+            for unit in counters["dialogue"].index),
     }
-    for stage in metas:
+    for stage in counters:
         expected.update({("ray_factory_candidates_total", stage, ""): funnel["planned"],
                          ("ray_factory_units_total", stage, ""): units,
                          ("ray_factory_unit_seconds_count", stage, ""): units})
-    expected[("ray_factory_candidates_accepted_total", "filter", "")] = sum(
-        meta["counters"]["live_out"] for meta in metas["filter"])
+    expected[("ray_factory_candidates_accepted_total", "filter", "")] = counters["filter"]["live_out"].sum()
     return {key: float(value) for key, value in expected.items() if value}
 
 
@@ -102,8 +101,7 @@ def test_rays_endpoint_serves_the_demos_counters_equal_to_its_manifest(tmp_path,
         served = scrape(ray_metrics_port, config.run_id)
     assert {key: served.get(key) for key in expected} == expected
     for step in UNIT_STEPS:  # actor seconds, as the manifest's cost counts them
-        metas = whole_unit_metas(ctx.storage, config.run_id, step.name).values()
-        seconds = sum(meta["counters"]["seconds"] for meta in metas)
+        seconds = unit_counters(ctx.storage, config.run_id, step.name)["seconds"].sum()
         assert served[("ray_factory_stage_seconds_total", step.name, "")] == pytest.approx(seconds, rel=1e-6)
     assert not any(name == "ray_factory_gpu_seconds_total" for name, *_ in served)  # the demo runs on no GPU
 

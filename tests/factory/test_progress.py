@@ -115,7 +115,7 @@ def test_the_watch_reads_only_new_footers_and_drops_lost_ones(tmp_path):
     ctx.storage.write_bytes(layout.unit_file("r", "dialogue", 4), b"torn")
     filter_line, dialogue_line = watch.snapshot()
     assert (filter_line.done, dialogue_line.done) == (5, 3)
-    assert sorted(watch.known["filter"]) == [1, 2, 3, 4, 5]
+    assert sorted(watch.known["filter"].index) == [1, 2, 3, 4, 5]
 
 
 def test_a_run_under_the_watch_ends_with_its_last_lines(tmp_path, caplog):

@@ -175,7 +175,8 @@ def test_rethreshold_through_the_local_passes_keeps_a_stricter_subset(tmp_path):
 def test_generator_work_sums_unet_evaluations_per_accepted_sample():
     from factory.dataset.publisher import generator_work
 
-    units = [{"unet_evals": 30.0, "finetune_unet_evals": 4.0}, {"unet_evals": 15.0}, {}]
+    units = pd.DataFrame([{"unet_evals": 30.0, "finetune_unet_evals": 4.0}, {"unet_evals": 15.0}, {}]).fillna(0)
     work = generator_work(units, accepted=5)
     assert work == {"unet_evals": 45.0, "finetune_unet_evals": 4.0, "unet_evals_per_accepted_sample": (45 + 4) / 5}
     assert generator_work(units, accepted=0)["unet_evals_per_accepted_sample"] is None
+    assert generator_work(units.drop(columns="finetune_unet_evals"), accepted=5)["finetune_unet_evals"] == 0

@@ -72,3 +72,27 @@ def test_status_sees_a_held_publish_lock_and_prints_json(tmp_path, capsys):
     assert versions_main(["--set", f"storage.root={tmp_path}", "status", "r"]) == 0
     assert re.search(r"dialogue +2/4 units", capsys.readouterr().out)
     assert versions_main(["--set", f"storage.root={tmp_path}", "status", "../r"]) == 2
+
+
+def test_unit_counters_keep_each_units_time_and_counters_in_columns_and_nothing_else(tmp_path, monkeypatch):
+    import factory.framework.units as units
+
+    monkeypatch.setattr(units, "COUNTER_CHUNK", 2)  # footers parsed in several chunks
+    storage = RunContext(load_config(None, [f"storage.root={tmp_path}"])).storage
+    plan = pd.DataFrame({"key": [f"k{n}" for n in range(10)], "unit": [n // 2 for n in range(10)]})
+    write_plan(storage, "r", pa.Table.from_pandas(plan, preserve_index=False), 2)
+    for unit in range(5):
+        counters = {"rows": 2, "seconds": 0.5 * unit, **({"rejected:blurry": 1} if unit % 2 else {})}
+        meta = {"stage": "filter", "unit": unit, "counters": counters, "finished_at": 100.0 + unit,
+                "shaped_by": {"filter": {"model": "x" * 1000}}, "describe": {"prompt": "y" * 1000}}
+        units.write_unit(storage, "r", "filter", unit, plan[plan["unit"] == unit].copy(), meta)
+    storage.write_bytes(layout.unit_file("r", "filter", 3), b"torn")  # a damaged file is not counted
+
+    counted = units.unit_counters(storage, "r", "filter")
+
+    assert sorted(counted.index) == [0, 1, 2, 4]
+    assert set(counted.columns) == {"finished_at", "rows", "seconds", "rejected:blurry"}
+    assert all(dtype.kind == "f" for dtype in counted.dtypes)  # numbers only: no footer dict is kept
+    assert counted.loc[[0, 1, 2, 4], "rejected:blurry"].tolist() == [0, 1, 0, 0]
+    assert counted["seconds"].sum() == 0.5 * (0 + 1 + 2 + 4)
+    assert counted.loc[4, "finished_at"] == 104.0
