@@ -175,7 +175,8 @@ class PlanConfig(Section):
     generator: str = "profusion"
     seed: Seed = 0
     executor: Literal["local", "ray"] = Field(
-        "local", description="local: partitions drawn one after another in this process; ray: a Ray task each")
+        "local", description="local: plan and SID-round partitions drawn one after another in this process; "
+                             "ray: a Ray task each (SID's retrieval on the filter's actor pool)")
 
     @model_validator(mode="after")
     def _one_count(self) -> PlanConfig:
