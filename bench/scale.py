@@ -36,11 +36,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import date
 from pathlib import Path
 
@@ -234,6 +236,17 @@ def write_references(storage, count: int, images: list[bytes] | None = None, par
     storage.write_bytes(layout.reference_complete(set_name), b"{}")
 
 
+def prepare_run(root: Path, size: int, unit_size: int) -> None:
+    """The references and the plan of one size, in a process of their own: the driver's peak is then
+    the pipeline's and publish's, not what writing them left in its allocator."""
+    from factory.framework.stage import RunContext
+    from stages import plan
+
+    ctx = RunContext(config_for(root, size, unit_size))
+    write_references(ctx.storage, max(8, size // 12))
+    plan.run(ctx)
+
+
 def run_size(size: int, unit_size: int, endpoint: str, moto_pid: int, scratch: Path) -> dict:
     from factory.dataset.manifest import VersionSpec
     from factory.dataset.publisher import RayPasses, RunSamples, write_version
@@ -242,12 +255,11 @@ def run_size(size: int, unit_size: int, endpoint: str, moto_pid: int, scratch: P
     from factory.framework.stage import RunContext
     from factory.framework.storage import S3Storage
     from factory.framework.units import finished_units, unit_meta
-    from stages import plan
 
     root = scratch / f"root{size}"
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as setup:
+        setup.submit(prepare_run, root, size, unit_size).result()
     ctx = RunContext(config_for(root, size, unit_size))
-    write_references(ctx.storage, max(8, size // 12))
-    plan.run(ctx)
     steps = [Step("generate", FreeGenerate), Step("filter", FreeFilter), Step("dialogue", FreeDialogue)]
     with PeakRss({moto_pid}) as pipeline_rss:
         started = time.perf_counter()
