@@ -1,14 +1,15 @@
 """The one shard writer: accepted samples -> shards, index, manifest, as a Ray job or in this process.
 
-Three passes, none of which holds more than one part or one shard of image bytes:
+Three passes, none of which holds more than a few parts' image bytes:
 
 1. **sizes**: each part (a run's work unit, a parent version's shard, or samples in memory) gives
    the key and estimated tar size of every accepted sample in it;
 2. **cut** (driver, keys and sizes only): keys sorted, the first part of a repeated key wins,
    shards cut in key order under both limits (`factory.dataset.shards.cut_points`);
-3. **write**: one task per shard reads its own samples from the parts that hold them (a run's
-   images by row group from the unit files: no image moves through Ray's object store), writes the
-   tar to a local file, hashes and uploads it, and keeps its index rows as a chunk under
+3. **write**: a task per run of consecutive shards reads their samples from the parts that hold
+   them, each part once (a run's images by row group from the unit files: no image moves through
+   Ray's object store), parks them on local disk, then writes each shard's tar to a local file,
+   hashes and uploads it, and keeps its index rows as a chunk under
    `_written/` (`layout.publish_written`), so a publisher stopped half-way, run again, writes only
    the shards still missing.
 
@@ -23,10 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import pickle
 import tempfile
+import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -83,6 +87,7 @@ from filters.rules import RULES, SCORE_COLUMNS
 log = logging.getLogger(__name__)
 
 INDEX_ROWS_PER_GROUP = 4096  # the index's Parquet row groups, whatever the executor's batches
+SPOOL_BYTES = 4 * 2**30  # the most sample bytes a shard task parks on its node's disk
 
 MODEL_STAGES = ("generate", "filter", "dialogue")
 ROW_COLUMNS = ("key", "unit", "reference_set", "reference_part", "reference_id", "subject", "domain", "instruction",
@@ -282,61 +287,126 @@ class ShardTarget:
 
 
 def shard_plan(won: pa.Table, firsts: list[int]) -> pd.DataFrame:
-    """One row per shard: its number and its samples' keys (in key order) with the part each comes from."""
+    """One row per shard: its number, its samples' keys (in key order) with the part each comes
+    from, and its estimated bytes."""
     keys = won.column("key").to_numpy(zero_copy_only=False)
     parts = won.column("part").to_numpy(zero_copy_only=False)
+    sizes = won.column("bytes").to_numpy()
     ends = [*firsts[1:], len(keys)]
     return pd.DataFrame({"shard": range(len(firsts)),
                          "keys": [keys[start:end].tolist() for start, end in zip(firsts, ends)],
-                         "parts": [parts[start:end].tolist() for start, end in zip(firsts, ends)]})
+                         "parts": [parts[start:end].tolist() for start, end in zip(firsts, ends)],
+                         "bytes": [int(sizes[start:end].sum()) for start, end in zip(firsts, ends)]})
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    number: int
+    keys: list[str]
+    parts: list[str]
+
+    def chunk(self, target: ShardTarget) -> tuple[str, dict[str, Any]]:
+        """Its chunk under `_written/` and the footer that says the chunk is this shard's."""
+        folder = layout.publish_written(target.dataset, target.version)
+        return layout.chunk_file(folder, self.number), chunk_meta(target.made_with, {"keys": self.keys,
+                                                                                     "parts": self.parts})
 
 
 def write_planned_shards(batch: pd.DataFrame, source: SampleSource, target: ShardTarget,
                          where: Storage | StorageConfig) -> pd.DataFrame:
-    """Each planned shard of `batch` written (or its finished chunk read back): its index rows.
+    """The planned shards of `batch` written (or their finished chunks read back): their index rows.
+    Their samples are read first, each part once for all of them, and parked on local disk, so a
+    task writing several shards reads a part once, not once per shard it feeds.
     `where` is the storage, or on a Ray worker its config (a storage client does not pickle)."""
     storage = opened(where)
-    return pd.concat([planned_shard(storage, source, target, int(row["shard"]), list(row["keys"]), list(row["parts"]))
-                      for row in batch.to_dict("records")], ignore_index=True)
+    shards = [PlannedShard(int(row["shard"]), list(row["keys"]), list(row["parts"]))
+              for row in batch.to_dict("records")]
+    written = {shard.number: finished_shard(storage, target, shard) for shard in shards}
+    todo = [shard for shard in shards if written[shard.number] is None]
+    if todo:
+        with SampleSpool() as spool:
+            spool.gather(source, todo)
+            for shard in todo:
+                written[shard.number] = write_and_mark(storage, target, shard, spool.samples(shard.keys))
+    return pd.concat([written[shard.number] for shard in shards], ignore_index=True)
 
 
-def planned_shard(storage: Storage, source: SampleSource, target: ShardTarget, number: int, keys: list[str],
-                  parts: list[str]) -> pd.DataFrame:
-    chunk = layout.chunk_file(layout.publish_written(target.dataset, target.version), number)
-    meta = chunk_meta(target.made_with, {"keys": keys, "parts": parts})
+def finished_shard(storage: Storage, target: ShardTarget, shard: PlannedShard) -> pd.DataFrame | None:
+    """The index rows of a shard an earlier publisher wrote, from its chunk; None if not written."""
+    chunk, meta = shard.chunk(target)
     if storage.exists(chunk) and chunk_is_finished(storage, chunk, meta):
         return storage.read_parquet(chunk).to_pandas()
-    index = write_shard(storage, target, number, gathered(source, keys, parts))
+    return None
+
+
+def write_and_mark(storage: Storage, target: ShardTarget, shard: PlannedShard,
+                   samples: Iterable[Sample]) -> pd.DataFrame:
+    index = write_shard(storage, target, shard.number, samples)
+    chunk, meta = shard.chunk(target)
     write_chunk(storage, chunk, pa.Table.from_pandas(index, preserve_index=False), meta)
     return index
 
 
-def gathered(source: SampleSource, keys: list[str], parts: list[str], threads: int = 8) -> list[Sample]:
-    """The samples `keys` name, in that order, each read from its part (parts read concurrently: I/O)."""
-    wanted: dict[str, set[str]] = {}
-    for key, part in zip(keys, parts):
-        wanted.setdefault(part, set()).add(key)
-    found: dict[str, Sample] = {}
-    with ThreadPoolExecutor(min(threads, len(wanted))) as pool:
-        for samples in pool.map(lambda part: source.samples(part, wanted[part]), wanted):
-            found.update((sample.key, sample) for sample in samples)
-    missing = [key for key in keys if key not in found]
-    if missing:
-        raise VersionError(f"{len(missing)} samples changed while publishing (first: {missing[0]}): "
-                           "their parts no longer hold them; publish again")
-    return [found[key] for key in keys]
+class SampleSpool:
+    """Samples parked in a local temporary file (pickled, in the order read) and taken back one at
+    a time by key: a task holds one part's samples while reading and one sample while writing."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()
+        self.places: dict[str, tuple[int, int]] = {}
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> SampleSpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def gather(self, source: SampleSource, shards: list[PlannedShard], threads: int = 8) -> None:
+        """Every sample the shards name, each part read once (parts read concurrently: I/O)."""
+        wanted: dict[str, set[str]] = {}
+        for shard in shards:
+            for key, part in zip(shard.keys, shard.parts):
+                wanted.setdefault(part, set()).add(key)
+        with ThreadPoolExecutor(min(threads, len(wanted))) as pool:
+            for samples in pool.map(lambda part: source.samples(part, wanted[part]), wanted):
+                self.add(samples)
+        self.file.flush()
+        missing = [key for shard in shards for key in shard.keys if key not in self.places]
+        if missing:
+            raise VersionError(f"{len(missing)} samples changed while publishing (first: {missing[0]}): "
+                               "their parts no longer hold them; publish again")
+
+    def add(self, samples: list[Sample]) -> None:
+        with self.lock:
+            for sample in samples:
+                data = pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)
+                self.places[sample.key] = (self.file.tell(), len(data))
+                self.file.write(data)
+
+    def samples(self, keys: list[str]) -> Iterator[Sample]:
+        for key in keys:
+            offset, size = self.places[key]
+            yield pickle.loads(os.pread(self.file.fileno(), size, offset))
 
 
-def write_shard(storage: Storage, target: ShardTarget, number: int, samples: list[Sample]) -> pd.DataFrame:
+def write_shard(storage: Storage, target: ShardTarget, number: int, samples: Iterable[Sample]) -> pd.DataFrame:
     """Encode one shard's samples (in key order) to a local file, upload it; return its index rows."""
     relative = layout.shard_relative(target.version, number)
+    rows: list[dict[str, Any]] = []
+
+    def indexed() -> Iterator[Sample]:
+        for sample in samples:
+            rows.append(index_row(sample, relative))
+            yield sample
+
     with tempfile.NamedTemporaryFile(suffix=".tar") as local:
-        write_shard_file(samples, local)
+        write_shard_file(indexed(), local)
         local.flush()
         size, sha256 = local.tell(), file_sha256(local.name)
         storage.upload_file(local.name, layout.shard(target.dataset, target.version, relative))
-    index = pd.DataFrame([index_row(sample, relative) for sample in samples])
-    return index.assign(shard_number=number, shard_samples=len(samples), shard_bytes=size, shard_sha256=sha256)
+    return pd.DataFrame(rows).assign(shard_number=number, shard_samples=len(rows), shard_bytes=size,
+                                     shard_sha256=sha256)
 
 
 def file_sha256(path: str) -> str:
@@ -416,7 +486,7 @@ def delete_written(storage: Storage, spec: VersionSpec) -> None:
 
 class RayPasses:
     """The passes as executor jobs on Ray: the size pass, up to 64 parts per task (pyarrow and
-    pandas hold the GIL: threads in the driver were slower); the shard pass, one task per shard.
+    pandas hold the GIL: threads in the driver were slower); the shard pass, `shards_per_task` shards a task.
     Workers open storage from `storage_config`; each task reserves `task_memory` bytes."""
 
     def __init__(self, storage_config: StorageConfig, task_memory: int = 0):
@@ -433,8 +503,17 @@ class RayPasses:
     def shards(self, source: SampleSource, plan: pd.DataFrame, storage: Storage,
                target: ShardTarget) -> Iterator[pd.DataFrame]:
         """`storage` is this process's; the tasks open theirs from `storage_config`."""
-        step = MapStep(write_planned_shards, (source, target, self.storage_config), 1, options=self.options)
+        per_task = shards_per_task(plan, int(cluster_resources().get("CPU", 1)))
+        step = MapStep(write_planned_shards, (source, target, self.storage_config), per_task, options=self.options)
         return run_map(plan, [step], ordered=True)
+
+
+def shards_per_task(plan: pd.DataFrame, cpus: int, spool_bytes: int = SPOOL_BYTES) -> int:
+    """Consecutive shards a task writes: as few tasks as keep every CPU busy (keys are hashes,
+    so a part feeds most shards, and a task reads each part once whatever its shards), with no
+    more than `spool_bytes` of samples parked on a task's local disk."""
+    spread = -(-len(plan) // max(cpus, 1))
+    return max(1, min(spread, spool_bytes // max(int(plan["bytes"].max()), 1)))
 
 
 def blocks_for(parts: list[str], cpus: int, per_cpu: int = 4, most_parts_per_block: int = 64) -> int:

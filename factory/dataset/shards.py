@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -51,7 +51,7 @@ class Sample:
         }
 
 
-def write_shard_file(samples: list[Sample], stream: BinaryIO) -> None:
+def write_shard_file(samples: Iterable[Sample], stream: BinaryIO) -> None:
     """One shard's tar, its samples in the order given, written to an open binary file."""
     with wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
         for sample in samples:

@@ -5,6 +5,8 @@ rethreshold through the same passes."""
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -14,6 +16,7 @@ import pytest
 from factory.dataset import publisher
 from factory.dataset.manifest import VersionError, VersionSpec, load_manifest, verify_version, version_exists
 from factory.dataset.publisher import PartialRun, publish_run, publish_samples, sample_from_row
+from factory.dataset.shards import cut_points
 from factory.framework import layout
 from factory.framework.config import StorageConfig, load_config
 from factory.framework.stage import RunContext, fingerprint
@@ -180,3 +183,41 @@ def test_generator_work_sums_unet_evaluations_per_accepted_sample():
     assert work == {"unet_evals": 45.0, "finetune_unet_evals": 4.0, "unet_evals_per_accepted_sample": (45 + 4) / 5}
     assert generator_work(units, accepted=0)["unet_evals_per_accepted_sample"] is None
     assert generator_work(units.drop(columns="finetune_unet_evals"), accepted=5)["finetune_unet_evals"] == 0
+
+
+@dataclass
+class CountedReads(publisher.RunSamples):
+    """The run's samples, counting how often each part is read."""
+
+    reads: Counter = field(default_factory=Counter)
+
+    def samples(self, part, keys=None):
+        self.reads[part] += 1
+        return super().samples(part, keys)
+
+
+def test_a_task_writing_several_shards_reads_each_part_once_and_writes_the_same_shards(storage_config, tmp_path):
+    ctx = context(storage_config, "publish.executor=local")
+    rows = grow_run(ctx)
+    source = CountedReads(ctx.config.storage, ctx.config.run_id, ctx.config.dataset, "grown")
+    parts = source.parts()
+    won = publisher.first_of_each_key(publisher.accepted_keys(publisher.LocalPasses().sizes(source, parts), parts))
+    plan = publisher.shard_plan(won, cut_points(won.column("bytes").to_numpy(), ctx.config.publish.shard_max_bytes,
+                                                ctx.config.publish.shard_max_samples))
+    feeds = plan.explode("parts").groupby("parts")["shard"].nunique()
+    assert len(plan) > 3 and feeds.max() > 1, "a part must feed several shards for the test to mean anything"
+    source.reads.clear()
+    target = publisher.ShardTarget("demo", "grown", {"by": "test"})
+    index = publisher.write_planned_shards(plan, source, target, ctx.storage)
+    assert source.reads == Counter(dict.fromkeys(parts, 1))
+    written = index.drop_duplicates("shard_number").sort_values("shard_number")
+    assert written["shard_sha256"].tolist() == expected_shards(ctx, rows, tmp_path / "memory")
+    assert index["key"].tolist() == won.column("key").to_pylist()
+
+
+def test_shard_tasks_keep_every_cpu_busy_and_park_at_most_the_spool_on_disk():
+    plan = pd.DataFrame({"shard": range(27), "bytes": 64 * 2**20})
+    assert publisher.shards_per_task(plan, cpus=2) == 14
+    assert publisher.shards_per_task(plan, cpus=64) == 1
+    assert publisher.shards_per_task(plan, cpus=1, spool_bytes=2**30) == 16
+    assert publisher.shards_per_task(plan.assign(bytes=2**31), cpus=1, spool_bytes=2**30) == 1
