@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from filters import CPU_DTYPE_VARIABLE
+from filters.precision import CPU_DTYPE_VARIABLE
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

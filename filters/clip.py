@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from filters import inference_context
+from filters.precision import inference_context
 
 
 class ClipScorer:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoImageProcessor, ViTModel
 
-from filters import inference_context
 from filters.clip import paired_cosines
+from filters.precision import inference_context
 
 
 class DinoScorer:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 
-from filters import cpu_half_precision  # the one switch lives in the lowest layer
+from filters.precision import cpu_half_precision  # the one switch lives in the lowest layer
 
 # without accelerate, diffusers falls back to full-memory loading anyway (and warns each time)
 DIFFUSERS_LOADING = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}

@@ -93,6 +93,7 @@ MODEL_STAGES = ("generate", "filter", "dialogue")
 ROW_COLUMNS = ("key", "unit", "reference_set", "reference_part", "reference_id", "subject", "domain", "instruction",
                "instruction_id", "category", "style", "round", "seed", "alpha", "w_id", "generator_info",
                *SCORE_COLUMNS, "user", "assistant", "input_bytes", "target_bytes", "reject_reason")
+SIZE_COLUMNS = ["key", "user", "assistant", "input_bytes", "target_bytes", "reject_reason"]  # a sample's size
 
 
 class PartialRun(VersionError):
@@ -158,7 +159,8 @@ class RunSamples(StoredSource):
         return table.select([column for column in (*ROW_COLUMNS, "position") if column in stored])
 
     def sizes(self, part: str) -> pd.DataFrame:
-        table = self.accepted(part)
+        table = self.storage.read_parquet(layout.unit_file(self.run_id, "dialogue", int(part)), columns=SIZE_COLUMNS)
+        table = table.filter(pc.is_null(table["reject_reason"]))
         if table.num_rows == 0:  # its text columns may be of the null type
             return pd.DataFrame({"key": pd.Series(dtype=str), "bytes": pd.Series(dtype="int64")})
         texts = pc.add(pc.utf8_length(table["user"]), pc.utf8_length(table["assistant"]))  # characters, as `len`

@@ -8,7 +8,7 @@ import pytest
 from factory.dataset.manifest import load_manifest, verify_version
 from factory.framework.config import StorageConfig
 from factory.framework.storage import open_storage
-from filters import CPU_DTYPE_VARIABLE
+from filters.precision import CPU_DTYPE_VARIABLE
 from tests.e2e.conftest import run_cli
 
 pytestmark = pytest.mark.slow

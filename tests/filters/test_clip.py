@@ -7,8 +7,8 @@ import open_clip
 import pytest
 import torch
 
-from filters import autocast_dtype
 from filters.clip import ClipScorer, needs_quick_gelu
+from filters.precision import autocast_dtype
 from tests.filters.helpers import noise_image
 
 TEXTS = ["a photo of a dog on the beach", "a red car", "an astronaut riding a horse on the moon"]

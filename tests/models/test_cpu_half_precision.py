@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from factory.framework.config import FactoryConfig, GeneratorSpec
-from filters import CPU_DTYPE_VARIABLE, autocast_dtype, cpu_half_precision
+from filters.precision import CPU_DTYPE_VARIABLE, autocast_dtype, cpu_half_precision
 from models.base import GenJob, half_dtype, resolve_dtype
 from models.training.loop import autocast
 from tests.filters.helpers import jpeg
