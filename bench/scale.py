@@ -118,6 +118,7 @@ class FreeDialogue(Stage):
 
     name = "dialogue"
     adds = Dialogue.adds
+    keeps_images = Dialogue.keeps_images
     source = "filter"
     shaped_by = ("plan",)
 

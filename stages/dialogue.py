@@ -295,6 +295,7 @@ class Dialogue(Stage):
     name = "dialogue"
     source = "filter"
     adds = ("user", "assistant", "style", "dialogue_attempts")
+    keeps_images = ("input_image", "target_image")  # its accepted rows are the samples publish reads
     shaped_by = ("references", "plan", "generate", "filter", "dialogue")
 
     def __init__(self, config: FactoryConfig, engine: Engine | None = None):

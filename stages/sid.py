@@ -216,7 +216,7 @@ class PoolSearch:
 
     def __init__(self, config_snapshot: dict[str, Any], pool: str, depth: int):
         config = validate_config(config_snapshot)
-        self.scorer = clip_scorer_from_snapshot(config_snapshot)
+        self.scorer = clip_scorer_for(config)
         self.pool = ImagePool.load(open_storage(config.storage), pool)
         self.depth = depth
 
@@ -240,18 +240,6 @@ def find_retrieval(ctx: RunContext, parent: str, texts: list[str]) -> Retrieval:
         nearest.update((text, list(ids)) for text, ids in zip(found["text"], found["nearest"], strict=True))
     log.info("SID w: %d distinct instructions searched in pool %s, %d deep", len(rows), pool, depth)
     return Retrieval(pool, nearest, ctx.config.dataset, parent, sid.w_top_k, sid.seed)
-
-
-def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
-    """Give every job its `w` by id: the pool image closest to the instruction (`pool:<id>`, the
-    pool in `w_pool`), or an SD drawing of it (`sd:<id>`, drawn once per instruction and seed and
-    stored once under the run, `factory.framework.layout.run_w_dir`)."""
-    if ctx.config.sid.w_source == "generate":
-        jobs = with_drawn_w_ids(jobs)
-        drawn = jobs.drop_duplicates("w_id")
-        store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
-        return jobs
-    return find_retrieval(ctx, parent, jobs["instruction"].tolist()).attach(ctx.storage, jobs)
 
 
 def with_drawn_w_ids(jobs: pd.DataFrame) -> pd.DataFrame:
@@ -603,9 +591,12 @@ def round_models(ctx: RunContext, parent: str, done: int) -> RoundModels:
 
 
 def clip_scorer_from_snapshot(snapshot: dict, device: str | None = None):
-    """The filter's CLIP scorer from a config snapshot (what a Ray actor is given); `device`
-    defaults to cuda when present."""
+    """The filter's CLIP scorer from a config snapshot (what a Ray actor is given)."""
+    return clip_scorer_for(validate_config(snapshot), device)
+
+
+def clip_scorer_for(config: FactoryConfig, device: str | None = None):
+    """The filter's CLIP scorer; `device` defaults to cuda when present."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = validate_config(snapshot)
     return clip_scorer_from_config(config, device, loader_paths(config.storage))

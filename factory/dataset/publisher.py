@@ -7,9 +7,10 @@ Three passes, none of which holds more than a few parts' image bytes:
 2. **cut** (driver, keys and sizes only): keys sorted, the first part of a repeated key wins,
    shards cut in key order under both limits (`factory.dataset.shards.cut_points`);
 3. **write**: a task per run of consecutive shards reads their samples from the parts that hold
-   them, each part once (a run's images by row group from the unit files: no image moves through
-   Ray's object store), parks them on local disk, then writes each shard's tar to a local file,
-   hashes and uploads it, and keeps its index rows as a chunk under
+   them, each part once (a run's dialogue unit files keep their samples' images: one file a unit;
+   no image moves through Ray's object store) and parks them on local disk; as soon as a shard's
+   parts are read, a thread writes its tar to a local file, hashes and uploads it, and keeps its
+   index rows as a chunk under
    `_written/` (`layout.publish_written`), so a publisher stopped half-way, run again, writes only
    the shards still missing.
 
@@ -25,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import tempfile
 import threading
 import time
@@ -93,6 +93,7 @@ MODEL_STAGES = ("generate", "filter", "dialogue")
 ROW_COLUMNS = ("key", "unit", "reference_set", "reference_part", "reference_id", "subject", "domain", "instruction",
                "instruction_id", "category", "style", "round", "seed", "alpha", "w_id", "generator_info",
                *SCORE_COLUMNS, "user", "assistant", "input_bytes", "target_bytes", "reject_reason")
+SAMPLE_IMAGES = ("input_image", "target_image")
 SIZE_COLUMNS = ["key", "user", "assistant", "input_bytes", "target_bytes", "reject_reason"]  # a sample's size
 
 
@@ -137,7 +138,8 @@ class StoredSource:
 
 @dataclass
 class RunSamples(StoredSource):
-    """A run's accepted candidates: dialogue rows joined with their images by reference."""
+    """A run's accepted candidates: the dialogue unit files' accepted rows with the images they keep
+    (a unit written before dialogue kept them: joined by reference from the candidates and references)."""
 
     storage_config: StorageConfig
     run_id: str
@@ -151,12 +153,13 @@ class RunSamples(StoredSource):
         return [str(unit) for unit in sorted(finished_units(self.storage, self.run_id, "dialogue"))]
 
     def accepted(self, part: str) -> pa.Table:
-        """The unit's accepted rows (`ROW_COLUMNS`), with `position`: each one's place in the unit's files."""
+        """The unit's accepted rows (`ROW_COLUMNS`, and their images where the unit file keeps them),
+        with `position`: each one's place in the unit's files."""
         table = self.storage.read_parquet(layout.unit_file(self.run_id, "dialogue", int(part)))
         table = table.append_column("position", pa.array(np.arange(table.num_rows, dtype=np.int64)))
         table = table.filter(pc.is_null(table["reject_reason"]))
         stored = set(table.column_names)
-        return table.select([column for column in (*ROW_COLUMNS, "position") if column in stored])
+        return table.select([column for column in (*ROW_COLUMNS, *SAMPLE_IMAGES, "position") if column in stored])
 
     def sizes(self, part: str) -> pd.DataFrame:
         table = self.storage.read_parquet(layout.unit_file(self.run_id, "dialogue", int(part)), columns=SIZE_COLUMNS)
@@ -175,6 +178,8 @@ class RunSamples(StoredSource):
         if table.num_rows == 0:
             return []
         rows = table.to_pylist()
+        if set(SAMPLE_IMAGES) <= set(table.column_names):  # a unit file that keeps its samples' images
+            return [sample_from_row(row, self.dataset, self.version) for row in rows]
         targets = read_part_rows(self.storage, layout.unit_file(self.run_id, "generate", int(part)),
                                  [row["position"] for row in rows], ("key", "target_image"))
         references, inputs = ImageJoin(self.storage, self.run_id, footers=self.reference_footers), {}
@@ -317,8 +322,8 @@ class PlannedShard:
 def write_planned_shards(batch: pd.DataFrame, source: SampleSource, target: ShardTarget,
                          where: Storage | StorageConfig) -> pd.DataFrame:
     """The planned shards of `batch` written (or their finished chunks read back): their index rows.
-    Their samples are read first, each part once for all of them, and parked on local disk, so a
-    task writing several shards reads a part once, not once per shard it feeds.
+    Each part is read once for all of them, its samples parked on local disk; a shard is written
+    (in a thread, while the next one's parts are read) as soon as every part it needs is read.
     `where` is the storage, or on a Ray worker its config (a storage client does not pickle)."""
     storage = opened(where)
     shards = [PlannedShard(int(row["shard"]), list(row["keys"]), list(row["parts"]))
@@ -326,10 +331,13 @@ def write_planned_shards(batch: pd.DataFrame, source: SampleSource, target: Shar
     written = {shard.number: finished_shard(storage, target, shard) for shard in shards}
     todo = [shard for shard in shards if written[shard.number] is None]
     if todo:
-        with SampleSpool() as spool:
-            spool.gather(source, todo)
+        with SampleSpool(source, todo) as spool, ThreadPoolExecutor(1) as writer:
+            writes = []
             for shard in todo:
-                written[shard.number] = write_and_mark(storage, target, shard, spool.samples(shard.keys))
+                spool.gather(shard)
+                writes.append(writer.submit(write_and_mark, storage, target, shard, spool.samples(shard.keys)))
+            for shard, write in zip(todo, writes):
+                written[shard.number] = write.result()
     return pd.concat([written[shard.number] for shard in shards], ignore_index=True)
 
 
@@ -350,10 +358,17 @@ def write_and_mark(storage: Storage, target: ShardTarget, shard: PlannedShard,
 
 
 class SampleSpool:
-    """Samples parked in a local temporary file (pickled, in the order read) and taken back one at
-    a time by key: a task holds one part's samples while reading and one sample while writing."""
+    """The samples a task's shards take from `source`, parked in a local temporary file (in the
+    order read) and taken back one at a time by key. A part is read once, for all the shards:
+    the task holds one part's samples while reading and one sample while writing."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: SampleSource, shards: list[PlannedShard]) -> None:
+        self.source = source
+        self.wanted: dict[str, set[str]] = {}
+        for shard in shards:
+            for key, part in zip(shard.keys, shard.parts):
+                self.wanted.setdefault(part, set()).add(key)
+        self.read: set[str] = set()
         self.file = tempfile.TemporaryFile()
         self.places: dict[str, tuple[int, int]] = {}
         self.lock = threading.Lock()
@@ -364,32 +379,39 @@ class SampleSpool:
     def __exit__(self, *exc: object) -> None:
         self.file.close()
 
-    def gather(self, source: SampleSource, shards: list[PlannedShard], threads: int = 8) -> None:
-        """Every sample the shards name, each part read once (parts read concurrently: I/O)."""
-        wanted: dict[str, set[str]] = {}
-        for shard in shards:
-            for key, part in zip(shard.keys, shard.parts):
-                wanted.setdefault(part, set()).add(key)
-        with ThreadPoolExecutor(min(threads, len(wanted))) as pool:
-            for samples in pool.map(lambda part: source.samples(part, wanted[part]), wanted):
-                self.add(samples)
-        self.file.flush()
-        missing = [key for shard in shards for key in shard.keys if key not in self.places]
+    def gather(self, shard: PlannedShard, threads: int = 8) -> None:
+        """Read the parts `shard` needs that are not read yet (parts read concurrently: I/O)."""
+        parts = [part for part in dict.fromkeys(shard.parts) if part not in self.read]
+        if parts:
+            with ThreadPoolExecutor(min(threads, len(parts))) as pool:
+                for samples in pool.map(lambda part: self.source.samples(part, self.wanted[part]), parts):
+                    self.add(samples)
+            self.read.update(parts)
+            with self.lock:
+                self.file.flush()
+        missing = [key for key in shard.keys if key not in self.places]
         if missing:
             raise VersionError(f"{len(missing)} samples changed while publishing (first: {missing[0]}): "
                                "their parts no longer hold them; publish again")
 
     def add(self, samples: list[Sample]) -> None:
+        """Each sample as its texts and metadata in JSON, then its two images' bytes (nothing read
+        back from a file is unpickled)."""
         with self.lock:
             for sample in samples:
-                data = pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)
-                self.places[sample.key] = (self.file.tell(), len(data))
-                self.file.write(data)
+                texts = json.dumps([sample.user, sample.assistant, sample.meta]).encode()
+                self.places[sample.key] = (self.file.tell(), len(texts), len(sample.input_image),
+                                           len(sample.target_image))
+                self.file.write(texts)
+                self.file.write(sample.input_image)
+                self.file.write(sample.target_image)
 
     def samples(self, keys: list[str]) -> Iterator[Sample]:
         for key in keys:
-            offset, size = self.places[key]
-            yield pickle.loads(os.pread(self.file.fileno(), size, offset))
+            offset, texts, input_bytes, target_bytes = self.places[key]
+            data = os.pread(self.file.fileno(), texts + input_bytes + target_bytes, offset)
+            user, assistant, meta = json.loads(data[:texts])
+            yield Sample(key, data[texts:texts + input_bytes], data[texts + input_bytes:], user, assistant, meta)
 
 
 def write_shard(storage: Storage, target: ShardTarget, number: int, samples: Iterable[Sample]) -> pd.DataFrame:
@@ -655,7 +677,8 @@ def cost(counters: dict[str, pd.DataFrame], config: FactoryConfig) -> dict[str, 
         per_stage[stage] = {"actor_seconds": round(seconds, 3), "gpu_seconds": round(seconds * gpus, 3)}
     generate = counters["generate"]
     per_stage["generate"]["generator_gpu_seconds"] = round(counter_total(generate, "gpu_seconds"), 3)
-    per_stage["generate"].update(generator_work(generate, accepted=funnel(counters)["dialogue_accepted"]))
+    accepted = int(counter_total(counters["dialogue"], "live_out"))  # the funnel's dialogue_accepted
+    per_stage["generate"].update(generator_work(generate, accepted=accepted))
     return per_stage
 
 

@@ -331,10 +331,25 @@ class UnitWorker:
         out[f"seconds_{self.step.name}"] = seconds / max(len(out), 1)
         meta = {"stage": self.step.name, "unit": unit, "shaped_by": self.shaped_by,
                 "counters": dict(self.stage.counters), "describe": self.stage.describe(), "finished_at": time.time()}
-        write_unit(self.storage, self.run_id, self.step.name, unit, without_images(out, self.stage.draws_images), meta)
+        kept = (*self.stage.draws_images, *self.stage.keeps_images)
+        write_unit(self.storage, self.run_id, self.step.name, unit, without_images(self.with_kept_images(out), kept),
+                   meta)
         if self.metrics:
             self.metrics.record(meta["counters"], seconds)
         return seconds, len(out)
+
+    def with_kept_images(self, out: pd.DataFrame) -> pd.DataFrame:
+        """`out` with the images its stage keeps joined into the rows it accepted (None elsewhere):
+        the last stage's unit file then holds whole samples, and a publisher reads one file a unit."""
+        needed = [column for column in self.stage.keeps_images if column not in out]
+        if not needed:
+            return out
+        accepted = out["reject_reason"].isna().to_numpy()
+        joined = self.images.add(out[accepted].copy(), tuple(needed), np.flatnonzero(accepted).tolist())
+        for column in needed:
+            out[column] = pd.Series([None] * len(out), index=out.index, dtype=object)
+            out.loc[accepted, column] = joined[column]
+        return out
 
     def unit_key(self, unit: int) -> str:
         return layout.unit_file(self.run_id, self.step.name, unit)

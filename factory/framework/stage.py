@@ -84,6 +84,7 @@ class Stage:
     source: ClassVar[str] = "plan"  # the stage whose unit files are this stage's input
     needs_images: ClassVar[tuple[str, ...]] = ()  # image columns joined into its input rows
     draws_images: ClassVar[tuple[str, ...]] = ()  # image columns it makes; stored once, in its own files
+    keeps_images: ClassVar[tuple[str, ...]] = ()  # image columns stored with the rows it accepts (publish's read)
     adds: ClassVar[tuple[str, ...]] = ()  # every column it adds to the rows (its drawn images included)
     shaped_by: ClassVar[tuple[str, ...]] = ()  # config sections its output depends on (upstream ones too)
 

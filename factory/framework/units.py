@@ -39,8 +39,8 @@ IMAGE_HOMES = {"input_image": "references", "target_image": "generate", "w_image
 # where a `w_id` is stored, by its prefix: `pool:<image id>` in the pool the row's `w_pool` names,
 # `sd:<drawn id>` in the run's SD-drawn set; (ids key, part key) of the set's name
 W_SETS = {"pool": (layout.pool_ids, layout.pool_part), "sd": (layout.run_w_ids, layout.run_w_part)}
-# Rows per row group in a unit file that holds images: a reader that needs a few of them
-# (publish takes about one candidate in 14) reads only their groups.
+# Images per row group in a unit file that holds images: a reader that needs a few of them
+# (the dialogue stage joins about one candidate in 14) reads only their groups.
 IMAGE_ROW_GROUP = 4
 FOOTER_THREADS = 16  # footers read at once when a run looks for its finished units (S3 round trips)
 COUNTER_CHUNK = 4096  # unit footers parsed before their counters are put into columns
@@ -254,9 +254,16 @@ def write_unit(storage: Storage, run_id: str, stage: str, unit: int, rows: pd.Da
     table = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            UNIT_META: json.dumps(meta, sort_keys=True, default=str).encode()})
-    holds_images = any(column in table.column_names for column in IMAGE_HOMES)
-    storage.write_parquet(layout.unit_file(run_id, stage, unit), table,
-                          row_group_size=IMAGE_ROW_GROUP if holds_images else None)
+    storage.write_parquet(layout.unit_file(run_id, stage, unit), table, row_group_size=rows_per_group(table))
+
+
+def rows_per_group(table: pa.Table) -> int | None:
+    """Rows per row group such that a group holds about IMAGE_ROW_GROUP images (all of a
+    candidate file's rows hold one; a dialogue file keeps its accepted rows' only, so its rows
+    stay in one or two groups); None, one group, for a file with no image."""
+    held = max((table.num_rows - table[column].null_count for column in IMAGE_HOMES if column in table.column_names),
+               default=0)
+    return max(IMAGE_ROW_GROUP, IMAGE_ROW_GROUP * table.num_rows // held) if held else None
 
 
 def read_unit(storage: Storage, run_id: str, stage: str, unit: int, columns: list[str] | None = None) -> pd.DataFrame:

@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from factory.dataset.manifest import VersionError, load_manifest
 from factory.framework import layout
@@ -70,11 +68,10 @@ def candidate_files(storage: Storage, run_id: str) -> list[str]:
 
 def read_columns(storage: Storage, key: str, columns: tuple[str, ...], keys: list[str] | None = None) -> pd.DataFrame:
     """The named columns of one Parquet file, optionally only the rows of `keys`."""
-    data = storage.read_bytes(key)
-    names = pq.read_schema(pa.BufferReader(data)).names
-    present = [name for name in columns if name in names]
+    with storage.parquet(key) as parquet:  # a dialogue unit file keeps its samples' images: not read here
+        present = [name for name in columns if name in parquet.schema_arrow.names]
     filters = [("key", "in", list(keys))] if keys is not None else None
-    return pq.read_table(pa.BufferReader(data), columns=present, filters=filters).to_pandas()
+    return storage.read_parquet(key, columns=present, filters=filters).to_pandas()
 
 
 def summarise_candidates(storage: Storage, manifest: dict[str, Any]) -> tuple[CandidateSummary | None, str]:

@@ -19,9 +19,11 @@ from factory.dataset.publisher import PartialRun, publish_run, publish_samples, 
 from factory.dataset.shards import cut_points
 from factory.framework import layout
 from factory.framework.config import StorageConfig, load_config
-from factory.framework.stage import RunContext, fingerprint
+from factory.framework.executor import Step, run_steps_inline
+from factory.framework.stage import RunContext, Stage, fingerprint
 from factory.framework.storage import open_storage
-from factory.framework.units import write_plan, write_unit
+from factory.framework.units import read_unit, unit_meta, write_plan, write_unit
+from stages.dialogue import Dialogue
 from tests.factory.conftest import jpeg
 
 UNITS, PER_UNIT = 24, 6
@@ -221,3 +223,44 @@ def test_shard_tasks_keep_every_cpu_busy_and_park_at_most_the_spool_on_disk():
     assert publisher.shards_per_task(plan, cpus=64) == 1
     assert publisher.shards_per_task(plan, cpus=1, spool_bytes=2**30) == 16
     assert publisher.shards_per_task(plan.assign(bytes=2**31), cpus=1, spool_bytes=2**30) == 1
+
+
+class GrownDialogue(Stage):
+    """The grown run's dialogue as a stage on the base: the texts `grow_run` writes, every live row
+    accepted, and the images kept with the accepted rows as the real dialogue stage keeps them."""
+
+    name, source = "dialogue", "filter"
+    adds = ("user", "assistant", "style")
+    keeps_images = Dialogue.keeps_images
+    shaped_by = SHAPED
+
+    def process(self, rows: pd.DataFrame) -> pd.DataFrame:
+        number = rows["key"].str.split("k").str[-1]
+        rows["user"] = "Put my dog on a beach (" + number + ") ✓"
+        rows["assistant"] = "Here is your dog on a beach, take " + number + "."
+        rows["style"], rows["reject"] = "command", None
+        return rows
+
+
+def test_dialogue_units_keep_their_samples_images_and_publish_reads_them_there_alone(storage_config, tmp_path):
+    ctx = context(storage_config, "publish.executor=local")
+    rows = grow_run(ctx)
+    for unit in range(UNITS):
+        ctx.storage.delete(layout.unit_file(ctx.config.run_id, "dialogue", unit))
+    run_steps_inline(ctx, [Step("dialogue", GrownDialogue)])
+    kept = pd.concat([read_unit(ctx.storage, ctx.config.run_id, "dialogue", unit) for unit in range(UNITS)],
+                     ignore_index=True)
+    accepted = rows["reject_reason"].isna().to_numpy()
+    assert kept.loc[accepted, "target_image"].tolist() == rows.loc[accepted, "target_image"].tolist()
+    assert kept.loc[accepted, "input_image"].tolist() == rows.loc[accepted, "input_image"].tolist()
+    assert kept.loc[~accepted, ["input_image", "target_image"]].isna().all().all(), "only accepted rows keep images"
+
+    part = layout.reference_part("grown", 0)  # other pictures under the same ids, and other candidates
+    references = ctx.storage.read_parquet(part).to_pandas().assign(image=[jpeg(90 + n) for n in range(5)])
+    ctx.storage.write_parquet(part, pa.Table.from_pandas(references, preserve_index=False))
+    for unit in range(UNITS):
+        generated = read_unit(ctx.storage, ctx.config.run_id, "generate", unit)
+        write_unit(ctx.storage, ctx.config.run_id, "generate", unit, generated.assign(target_image=jpeg(99)),
+                   unit_meta(ctx.storage, ctx.config.run_id, "generate", unit))
+    manifest = publish_run(ctx)
+    assert [shard["sha256"] for shard in manifest["shards"]] == expected_shards(ctx, rows, tmp_path / "memory")

@@ -38,6 +38,19 @@ def joined_w(ctx: RunContext, planned: pd.DataFrame) -> list:
     return ImageJoin(ctx.storage, ctx.config.run_id).add(planned.copy(), ("w_image",))["w_image"].tolist()
 
 
+def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
+    """Every job's `w` as `plan_round` gives it: the pool image retrieved for its instruction
+    (`pool:<id>`), or an SD drawing (`sd:<id>`) drawn once per id and stored under the run."""
+    from stages.sid import draw_w_images, find_retrieval, store_drawn_w, with_drawn_w_ids
+
+    if ctx.config.sid.w_source == "generate":
+        jobs = with_drawn_w_ids(jobs)
+        drawn = jobs.drop_duplicates("w_id")
+        store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
+        return jobs
+    return find_retrieval(ctx, parent, jobs["instruction"].tolist()).attach(ctx.storage, jobs)
+
+
 def store_parent(ctx: RunContext, drawn: dict[str, str]) -> None:
     """A stored parent version whose samples (by key) were drawn from the references `drawn` names."""
     index = pa.table({"key": list(drawn), "reference_id": list(drawn.values())})
@@ -51,7 +64,7 @@ def jobs(count: int) -> pd.DataFrame:
 
 
 def test_retrieved_w_with_top_k_1_is_the_nearest_pool_image(tmp_path, tiny_clip):
-    from stages.sid import attach_w, clip_scorer
+    from stages.sid import clip_scorer
 
     ctx = make_ctx(tmp_path, tiny_clip, sid={"pool": "given", "w_top_k": 1})
     scorer = clip_scorer(ctx.config)
@@ -69,7 +82,6 @@ def test_retrieved_w_with_top_k_1_is_the_nearest_pool_image(tmp_path, tiny_clip)
 
 
 def test_a_named_pool_that_is_missing_is_an_error(tmp_path, tiny_clip):
-    from stages.sid import attach_w
 
     with pytest.raises(FileNotFoundError, match="no image pool"):
         attach_w(make_ctx(tmp_path, tiny_clip, sid={"pool": "absent"}), jobs(1), parent="unused")
@@ -85,7 +97,7 @@ def tiny_sd(tmp_path_factory):
 
 def test_sd_w_is_drawn_on_an_actor_pool_with_each_jobs_seed(tmp_path, tiny_sd, ray_local):
     from models.sd_drawer import StableDiffusionDrawer
-    from stages.sid import attach_w, drawn_w_id
+    from stages.sid import drawn_w_id
 
     ctx = make_ctx(tmp_path, sid={"w_source": "generate"},
                    references={"sd_model": tiny_sd, "sd_steps": 2, "sd_size": 64})
@@ -153,7 +165,7 @@ def test_excluded_w_is_the_reference_and_what_was_drawn_from_it():
 
 
 def test_retrieval_varies_w_and_never_uses_the_jobs_own_images(tmp_path, tiny_clip, monkeypatch):
-    from stages.sid import attach_w, clip_scorer, w_variety
+    from stages.sid import clip_scorer, w_variety
 
     ctx = make_ctx(tmp_path, tiny_clip, sid={"pool": "given", "w_top_k": 4})
     images = {f"img{n:02d}": jpeg(n, size=32) for n in range(9)}
@@ -177,7 +189,7 @@ def test_retrieval_varies_w_and_never_uses_the_jobs_own_images(tmp_path, tiny_cl
 
 def test_one_search_per_distinct_instruction_chooses_what_a_search_per_job_chooses(tmp_path, tiny_clip, monkeypatch):
     import stages.sid as sid
-    from stages.sid import attach_w, choose_w, clip_scorer, embed_texts, excluded_w
+    from stages.sid import choose_w, clip_scorer, embed_texts, excluded_w
 
     ctx = make_ctx(tmp_path, tiny_clip, sid={"pool": "given", "w_top_k": 3})
     scorer = clip_scorer(ctx.config)
