@@ -13,7 +13,7 @@ counted) and splits them into:
 - per sample: a function of the file ran while a sample was being made or moved: a reference drawn,
   read or stored (`Drawer.pull`, `Drawer.draw`, `load_one`, `write_parts`), a plan partition drawn
   (`write_partitions`), a unit processed (`UnitWorker.run_unit`), a sample read for or written into
-  a shard (`part_sizes`, `planned_shard`);
+  a shard (`part_sizes`, `write_planned_shards`, and in its threads `RunSamples.samples`, `write_shard`);
 - set-up only: every other file that ran (config loading, opening storage, loading models, the
   stages' entry points, the manifest).
 
@@ -69,8 +69,9 @@ SAMPLE_WORK = {
     ("factory/dataset/reference_sets.py", "write_parts"),
     ("factory/dataset/planning.py", "write_partitions"),
     ("factory/framework/executor.py", "UnitWorker.run_unit"),
-    ("factory/dataset/publisher.py", "part_sizes"), ("factory/dataset/publisher.py", "planned_shard"),
-    ("factory/dataset/publisher.py", "write_shard"),
+    ("factory/dataset/publisher.py", "part_sizes"), ("factory/dataset/publisher.py", "write_planned_shards"),
+    ("factory/dataset/publisher.py", "RunSamples.samples"),  # in a shard task's reader threads
+    ("factory/dataset/publisher.py", "write_shard"),  # in its writer thread
 }
 
 

@@ -15,8 +15,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import webdataset as wds
-
 from factory.framework.storage import Storage
 
 MEMBERS = ("input.jpg", "target.jpg", "user.txt", "assistant.txt", "json")
@@ -53,6 +51,8 @@ class Sample:
 
 def write_shard_file(samples: Iterable[Sample], stream: BinaryIO) -> None:
     """One shard's tar, its samples in the order given, written to an open binary file."""
+    import webdataset as wds  # imports torch (1.4 s): only a process that writes a tar pays it
+
     with wds.TarWriter(stream, encoder=False, mtime=TAR_MTIME) as writer:
         for sample in samples:
             writer.write(sample.members())
