@@ -370,7 +370,7 @@ class SampleSpool:
                 self.wanted.setdefault(part, set()).add(key)
         self.read: set[str] = set()
         self.file = tempfile.TemporaryFile()
-        self.places: dict[str, tuple[int, int]] = {}
+        self.places: dict[str, tuple[int, int, int, int]] = {}  # key -> offset, texts, input, target bytes
         self.lock = threading.Lock()
 
     def __enter__(self) -> SampleSpool:
