@@ -380,12 +380,12 @@ class SampleSpool:
         self.file.close()
 
     def gather(self, shard: PlannedShard, threads: int = 8) -> None:
-        """Read the parts `shard` needs that are not read yet (parts read concurrently: I/O)."""
+        """Read the parts `shard` needs that are not read yet (parts read concurrently: I/O), each
+        part's samples parked by the thread that read them (none wait in memory for the others)."""
         parts = [part for part in dict.fromkeys(shard.parts) if part not in self.read]
         if parts:
             with ThreadPoolExecutor(min(threads, len(parts))) as pool:
-                for samples in pool.map(lambda part: self.source.samples(part, self.wanted[part]), parts):
-                    self.add(samples)
+                list(pool.map(lambda part: self.add(self.source.samples(part, self.wanted[part])), parts))
             self.read.update(parts)
             with self.lock:
                 self.file.flush()

@@ -198,8 +198,9 @@ def unit_counters(storage: Storage, run_id: str, stage: str, known: pd.DataFrame
     `finished_at` and every counter its footer holds (0 where it has none), from one read of each
     footer, several at a time. `known`: rows an earlier call returned, not read again (a whole unit
     file is never rewritten while its run goes on) but kept only while their file is still listed.
-    Footers are parsed `COUNTER_CHUNK` at a time into columns: a unit costs its process a few
-    dozen bytes here, where its footer's JSON (the settings that shaped it) is ~16 KB in Python."""
+    Each footer becomes its counter row in the thread that read it, and the rows are put into
+    columns `COUNTER_CHUNK` at a time: a unit costs its process a few dozen bytes here, where its
+    footer is ~50 KB (its JSON, the settings that shaped it, ~16 KB in Python)."""
     known = no_unit_counters() if known is None else known
     files = {number: key for key in storage.list(layout.stage_dir(run_id, stage))
              if (number := layout.unit_number(key)) is not None}
@@ -208,13 +209,15 @@ def unit_counters(storage: Storage, run_id: str, stage: str, known: pd.DataFrame
     if not new:
         return kept
     expected = plan_unit_rows(storage, run_id)
+
+    def read_row(number: int) -> dict[str, Any] | None:
+        footer = whole_footer(storage, files[number], expected.get(number))
+        return None if footer is None else counter_row(number, footer_meta(footer))
+
     frames = [kept]
     with ThreadPoolExecutor(min(FOOTER_THREADS, len(new))) as pool:
         for start in range(0, len(new), COUNTER_CHUNK):
-            chunk = new[start : start + COUNTER_CHUNK]
-            footers = pool.map(lambda number: whole_footer(storage, files[number], expected.get(number)), chunk)
-            rows = [counter_row(number, footer_meta(footer)) for number, footer in zip(chunk, footers)
-                    if footer is not None]
+            rows = [row for row in pool.map(read_row, new[start : start + COUNTER_CHUNK]) if row is not None]
             frames.append(pd.DataFrame.from_records(rows, index="unit") if rows else no_unit_counters())
     counters = pd.concat(frames)
     counted = [column for column in counters.columns if column != "finished_at"]
