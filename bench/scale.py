@@ -119,6 +119,7 @@ class FreeDialogue(Stage):
     name = "dialogue"
     adds = Dialogue.adds
     keeps_images = Dialogue.keeps_images
+    unit_facts = Dialogue.unit_facts
     source = "filter"
     shaped_by = ("plan",)
 

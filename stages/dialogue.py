@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import yaml
 
+from factory.dataset.shards import sample_sizes_fact
 from factory.framework.config import DialogueConfig, FactoryConfig
 from factory.framework.executor import Step, run_steps
 from factory.framework.stage import Stage
@@ -312,6 +313,9 @@ class Dialogue(Stage):
 
     def describe(self) -> dict[str, Any]:
         return {"dialogue_prompt": prompt_fingerprint(self.config)}
+
+    def unit_facts(self, out: pd.DataFrame) -> dict[str, Any]:
+        return sample_sizes_fact(out)
 
     def process(self, rows: pd.DataFrame) -> pd.DataFrame:
         records = rows.to_dict("records")

@@ -57,7 +57,14 @@ from factory.dataset.manifest import (
     shard_checksums,
     version_exists,
 )
-from factory.dataset.shards import Sample, cut_points, estimated_bytes, write_shard_file
+from factory.dataset.shards import (
+    SAMPLE_SIZES,
+    Sample,
+    cut_points,
+    estimated_bytes,
+    sample_sizes_fact,
+    write_shard_file,
+)
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, StorageConfig
 from factory.framework.executor import (
@@ -94,6 +101,7 @@ ROW_COLUMNS = ("key", "unit", "reference_set", "reference_part", "reference_id",
                "instruction_id", "category", "style", "round", "seed", "alpha", "w_id", "generator_info",
                *SCORE_COLUMNS, "user", "assistant", "input_bytes", "target_bytes", "reject_reason")
 SAMPLE_IMAGES = ("input_image", "target_image")
+SIZES = pa.schema([("key", pa.string()), ("bytes", pa.int64())])  # a sample's key and estimated tar bytes
 SIZE_COLUMNS = ["key", "user", "assistant", "input_bytes", "target_bytes", "reject_reason"]  # a sample's size
 
 
@@ -107,10 +115,12 @@ class PartialRun(VersionError):
 class SampleSource(Protocol):
     """The accepted samples of a version to be, read one part at a time."""
 
+    sizes_in_footers: bool  # `sizes` reads a footer a part: the driver reads them, as it reads unit counters
+
     def parts(self) -> list[str]: ...
 
-    def sizes(self, part: str) -> pd.DataFrame:
-        """`key`, `bytes` (estimated tar size) of each accepted sample of the part."""
+    def sizes(self, part: str) -> pa.Table:
+        """`SIZES`: key and estimated tar bytes of each accepted sample of the part."""
 
     def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
         """The part's accepted samples (those of `keys` only, when given), images included."""
@@ -146,6 +156,7 @@ class RunSamples(StoredSource):
     dataset: str
     version: str
     units: list[int] | None = None  # the units to publish; default: every whole dialogue unit
+    sizes_in_footers = True
 
     def parts(self) -> list[str]:
         if self.units is not None:
@@ -155,21 +166,21 @@ class RunSamples(StoredSource):
     def accepted(self, part: str) -> pa.Table:
         """The unit's accepted rows (`ROW_COLUMNS`, and their images where the unit file keeps them),
         with `position`: each one's place in the unit's files."""
-        table = self.storage.read_parquet(layout.unit_file(self.run_id, "dialogue", int(part)))
+        with self.storage.parquet(layout.unit_file(self.run_id, "dialogue", int(part))) as parquet:
+            stored = set(parquet.schema_arrow.names)
+            table = parquet.read(columns=[column for column in (*ROW_COLUMNS, *SAMPLE_IMAGES) if column in stored],
+                                 use_threads=self.storage.parquet_threads)
         table = table.append_column("position", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-        table = table.filter(pc.is_null(table["reject_reason"]))
-        stored = set(table.column_names)
-        return table.select([column for column in (*ROW_COLUMNS, *SAMPLE_IMAGES, "position") if column in stored])
+        return table.filter(pc.is_null(table["reject_reason"]))
 
-    def sizes(self, part: str) -> pd.DataFrame:
-        table = self.storage.read_parquet(layout.unit_file(self.run_id, "dialogue", int(part)), columns=SIZE_COLUMNS)
-        table = table.filter(pc.is_null(table["reject_reason"]))
-        if table.num_rows == 0:  # its text columns may be of the null type
-            return pd.DataFrame({"key": pd.Series(dtype=str), "bytes": pd.Series(dtype="int64")})
-        texts = pc.add(pc.utf8_length(table["user"]), pc.utf8_length(table["assistant"]))  # characters, as `len`
-        payload = pc.add(pc.add(table["input_bytes"], table["target_bytes"]), texts.cast(pa.int64()))
-        return pd.DataFrame({"key": table["key"].to_numpy(zero_copy_only=False),
-                             "bytes": estimated_bytes(payload.to_numpy(zero_copy_only=False).astype(np.int64))})
+    def sizes(self, part: str) -> pa.Table:
+        """From the unit's footer (its `sample_sizes` fact); a unit written before dialogue kept
+        that fact: from its rows' size columns."""
+        key = layout.unit_file(self.run_id, "dialogue", int(part))
+        fact = unit_meta(self.storage, self.run_id, "dialogue", int(part)).get("facts", {}).get(SAMPLE_SIZES)
+        if fact is None:
+            fact = sample_sizes_fact(self.storage.read_parquet(key, columns=SIZE_COLUMNS).to_pandas())[SAMPLE_SIZES]
+        return sizes_table(fact["key"], fact["payload_bytes"])
 
     def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
         table = self.accepted(part)
@@ -199,12 +210,13 @@ class VersionSamples(StoredSource):
     manifest: dict[str, Any]
     keep: frozenset[str]
     version: str
+    sizes_in_footers = False
 
     def parts(self) -> list[str]:
         return [layout.shard(self.manifest["dataset"], self.manifest["version"], shard["path"])
                 for shard in self.manifest["shards"]]
 
-    def sizes(self, part: str) -> pd.DataFrame:
+    def sizes(self, part: str) -> pa.Table:
         return sample_sizes(self.samples(part))
 
     def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
@@ -218,6 +230,8 @@ class SampleList:
     """Samples in memory (tests, tools). Part n holds the n-th repeat of each key, so the
     first sample of a repeated key wins by the passes' own rule (the first part wins)."""
 
+    sizes_in_footers = False
+
     def __init__(self, samples: list[Sample]):
         self.groups: list[list[Sample]] = []
         seen: Counter[str] = Counter()
@@ -230,7 +244,7 @@ class SampleList:
     def parts(self) -> list[str]:
         return [str(number) for number in range(len(self.groups))]
 
-    def sizes(self, part: str) -> pd.DataFrame:
+    def sizes(self, part: str) -> pa.Table:
         return sample_sizes(self.samples(part))
 
     def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
@@ -238,10 +252,16 @@ class SampleList:
         return group if keys is None else [sample for sample in group if sample.key in keys]
 
 
-def sample_sizes(samples: list[Sample]) -> pd.DataFrame:
-    """`key` and `bytes` (estimated tar size) of samples whose bytes are in hand."""
-    payload = np.asarray([sample.payload_bytes() for sample in samples], dtype=np.int64)
-    return pd.DataFrame({"key": [sample.key for sample in samples], "bytes": estimated_bytes(payload)})
+def sample_sizes(samples: list[Sample]) -> pa.Table:
+    """`SIZES` of samples whose bytes are in hand."""
+    return sizes_table([sample.key for sample in samples], [sample.payload_bytes() for sample in samples])
+
+
+def sizes_table(keys: list[str], payload_bytes: list[int]) -> pa.Table:
+    """`SIZES` from samples' keys and payload bytes (in Arrow: a part costs microseconds, where
+    a pandas frame cost milliseconds)."""
+    payload = np.asarray(payload_bytes, dtype=np.int64)
+    return pa.table([pa.array(keys, pa.string()), pa.array(estimated_bytes(payload), pa.int64())], schema=SIZES)
 
 
 def sample_from_row(row: dict[str, Any], dataset: str, version: str) -> Sample:
@@ -276,8 +296,12 @@ def sample_from_row(row: dict[str, Any], dataset: str, version: str) -> Sample:
 
 
 def part_sizes(batch: pd.DataFrame, source: SampleSource) -> pd.DataFrame:
-    frames = [source.sizes(str(part)).assign(part=str(part)) for part in batch["part"]]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["key", "bytes", "part"])
+    """`SIZES` and `part` of the accepted samples of the batch's parts."""
+    parts = [str(part) for part in batch["part"]]
+    tables = [source.sizes(part) for part in parts]
+    of_part = np.repeat(np.asarray(parts, dtype=object), [table.num_rows for table in tables])
+    sizes = pa.concat_tables(tables) if tables else SIZES.empty_table()
+    return sizes.append_column("part", pa.array(of_part, pa.string())).to_pandas()
 
 
 @dataclass(frozen=True)
@@ -509,15 +533,18 @@ def delete_written(storage: Storage, spec: VersionSpec) -> None:
 
 
 class RayPasses:
-    """The passes as executor jobs on Ray: the size pass, up to 64 parts per task (pyarrow and
-    pandas hold the GIL: threads in the driver were slower); the shard pass, `shards_per_task` shards a task.
-    Workers open storage from `storage_config`; each task reserves `task_memory` bytes."""
+    """The passes as executor jobs on Ray: the size pass, up to 64 parts per task (sizes read from
+    footers are read in this process, as its unit counters are: 0.3 ms a unit here, against the ~5 s
+    a Ray job takes to start); the shard pass, `shards_per_task` shards a task. Workers open storage
+    from `storage_config`; each task reserves `task_memory` bytes."""
 
     def __init__(self, storage_config: StorageConfig, task_memory: int = 0):
         self.storage_config = storage_config
         self.options = {"memory": task_memory} if task_memory else {}
 
     def sizes(self, source: SampleSource, parts: list[str]) -> Iterator[pd.DataFrame]:
+        if source.sizes_in_footers:
+            return LocalPasses().sizes(source, parts)
         if not parts:
             return iter(())
         blocks = blocks_for(parts, int(cluster_resources().get("CPU", 1)))
@@ -550,9 +577,12 @@ def blocks_for(parts: list[str], cpus: int, per_cpu: int = 4, most_parts_per_blo
 class LocalPasses:
     """The same passes in this process, for small runs and tests: one shard at a time."""
 
-    def sizes(self, source: SampleSource, parts: list[str], threads: int = 16) -> Iterator[pd.DataFrame]:
+    def sizes(self, source: SampleSource, parts: list[str], threads: int = 16,
+              parts_per_call: int = 64) -> Iterator[pd.DataFrame]:
+        per_call = max(1, min(parts_per_call, -(-len(parts) // threads)))
+        calls = [parts[start : start + per_call] for start in range(0, len(parts), per_call)]
         with ThreadPoolExecutor(threads) as pool:  # reads are I/O: small files, or S3 round trips
-            yield from pool.map(lambda part: part_sizes(pd.DataFrame({"part": [part]}), source), parts)
+            yield from pool.map(lambda some: part_sizes(pd.DataFrame({"part": some}), source), calls)
 
     def shards(self, source: SampleSource, plan: pd.DataFrame, storage: Storage,
                target: ShardTarget) -> Iterator[pd.DataFrame]:

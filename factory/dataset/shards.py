@@ -15,6 +15,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+import numpy as np
+import pandas as pd
+
 from factory.framework.storage import Storage
 
 MEMBERS = ("input.jpg", "target.jpg", "user.txt", "assistant.txt", "json")
@@ -64,7 +67,23 @@ def encode_shard(samples: list[Sample]) -> bytes:
     return buffer.getvalue()
 
 
+SAMPLE_SIZES = "sample_sizes"  # the unit fact listing a unit's samples and their payload bytes
 MEMBER_OVERHEAD = 4096  # tar headers and the metadata member, per sample
+
+
+def stored_payload_bytes(rows: pd.DataFrame) -> np.ndarray:
+    """`Sample.payload_bytes` of samples' stored rows, images unread: their `input_bytes` and
+    `target_bytes`, and their texts' characters."""
+    texts = rows["user"].str.len() + rows["assistant"].str.len()
+    return (rows["input_bytes"] + rows["target_bytes"] + texts).to_numpy(dtype=np.int64)
+
+
+def sample_sizes_fact(rows: pd.DataFrame) -> dict[str, Any]:
+    """The unit fact (`Stage.unit_facts`) of a stage whose accepted rows are whole samples: their
+    keys and payload bytes, so publish cuts shards from footers, reading no rows."""
+    accepted = rows[rows["reject_reason"].isna()]
+    payload = stored_payload_bytes(accepted) if len(accepted) else []
+    return {SAMPLE_SIZES: {"key": accepted["key"].tolist(), "payload_bytes": list(map(int, payload))}}
 
 
 def estimated_bytes(payload: Any) -> Any:

@@ -330,7 +330,8 @@ class UnitWorker:
         seconds = time.perf_counter() - started
         out[f"seconds_{self.step.name}"] = seconds / max(len(out), 1)
         meta = {"stage": self.step.name, "unit": unit, "shaped_by": self.shaped_by,
-                "counters": dict(self.stage.counters), "describe": self.stage.describe(), "finished_at": time.time()}
+                "counters": dict(self.stage.counters), "describe": self.stage.describe(),
+                "facts": self.stage.unit_facts(out), "finished_at": time.time()}
         kept = (*self.stage.draws_images, *self.stage.keeps_images)
         write_unit(self.storage, self.run_id, self.step.name, unit, without_images(self.with_kept_images(out), kept),
                    meta)

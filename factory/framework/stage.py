@@ -110,6 +110,11 @@ class Stage:
         """Facts about what this stage runs with (prompt hashes, ...), kept with each unit file."""
         return {}
 
+    def unit_facts(self, out: pd.DataFrame) -> dict[str, Any]:
+        """Facts about a unit's output rows kept in its file's footer, for readers that need them
+        without reading the rows (publish's shard cut reads the samples' sizes there)."""
+        return {}
+
     def count(self, name: str, value: float = 1) -> None:
         self.counters[name] += value
 

@@ -232,6 +232,7 @@ class GrownDialogue(Stage):
     name, source = "dialogue", "filter"
     adds = ("user", "assistant", "style")
     keeps_images = Dialogue.keeps_images
+    unit_facts = Dialogue.unit_facts
     shaped_by = SHAPED
 
     def process(self, rows: pd.DataFrame) -> pd.DataFrame:
@@ -240,6 +241,36 @@ class GrownDialogue(Stage):
         rows["assistant"] = "Here is your dog on a beach, take " + number + "."
         rows["style"], rows["reject"] = "command", None
         return rows
+
+
+def test_dialogue_footers_list_their_samples_sizes_and_publish_cuts_shards_by_them(storage_config, tmp_path):
+    ctx = context(storage_config, "publish.executor=local")
+    rows = grow_run(ctx)
+    run_id = ctx.config.run_id
+    for unit in range(UNITS):
+        ctx.storage.delete(layout.unit_file(run_id, "dialogue", unit))
+    run_steps_inline(ctx, [Step("dialogue", GrownDialogue)])
+    source = publisher.RunSamples(ctx.config.storage, run_id, ctx.config.dataset, "grown")
+    from_footers = {}
+    for unit in range(UNITS):
+        samples = source.samples(str(unit))
+        fact = unit_meta(ctx.storage, run_id, "dialogue", unit)["facts"]["sample_sizes"]
+        assert fact == {"key": [sample.key for sample in samples],
+                        "payload_bytes": [sample.payload_bytes() for sample in samples]}
+        from_footers[unit] = source.sizes(str(unit))
+    for unit in range(0, UNITS, 2):  # units written before dialogue kept the fact: sizes from their rows
+        meta = unit_meta(ctx.storage, run_id, "dialogue", unit)
+        del meta["facts"]
+        write_unit(ctx.storage, run_id, "dialogue", unit, read_unit(ctx.storage, run_id, "dialogue", unit), meta)
+        assert source.sizes(str(unit)).equals(from_footers[unit])
+    manifest = publish_run(ctx)
+    assert [shard["sha256"] for shard in manifest["shards"]] == expected_shards(ctx, rows, tmp_path / "memory")
+
+    meta = unit_meta(ctx.storage, run_id, "dialogue", 1)  # a footer is what the shard cut reads
+    meta["facts"]["sample_sizes"]["payload_bytes"] = [10**6] * len(meta["facts"]["sample_sizes"]["key"])
+    write_unit(ctx.storage, run_id, "dialogue", 1, read_unit(ctx.storage, run_id, "dialogue", 1), meta)
+    inflated = source.sizes("1").column("bytes").to_pylist()
+    assert len(inflated) == from_footers[1].num_rows > 0 and min(inflated) > 10**6
 
 
 def test_dialogue_units_keep_their_samples_images_and_publish_reads_them_there_alone(storage_config, tmp_path):
