@@ -27,6 +27,20 @@ def test_same_samples_give_byte_identical_shards(samples):
     assert encode_shard(samples) == encode_shard(list(make_samples(11)))
 
 
+def test_shards_are_the_bytes_webdataset_writes_for_the_same_samples(samples):
+    import io
+
+    import webdataset as wds
+
+    from factory.dataset.shards import TAR_MTIME
+
+    written = io.BytesIO()
+    with wds.TarWriter(written, encoder=False, mtime=TAR_MTIME) as writer:
+        for sample in samples:
+            writer.write(sample.members())
+    assert encode_shard(samples) == written.getvalue()
+
+
 def test_write_and_stream_back_all_members(storage, samples):
     shards = publish_samples(storage, VersionSpec("d", "v1", "bootstrap"), samples, shard_max_samples=5)["shards"]
     assert [shard["path"] for shard in shards] == [layout.shard_relative("v1", n) for n in range(3)]
