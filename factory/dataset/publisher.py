@@ -176,10 +176,10 @@ class RunSamples(StoredSource):
     def sizes(self, part: str) -> pa.Table:
         """From the unit's footer (its `sample_sizes` fact); a unit written before dialogue kept
         that fact: from its rows' size columns."""
-        key = layout.unit_file(self.run_id, "dialogue", int(part))
         fact = unit_meta(self.storage, self.run_id, "dialogue", int(part)).get("facts", {}).get(SAMPLE_SIZES)
         if fact is None:
-            fact = sample_sizes_fact(self.storage.read_parquet(key, columns=SIZE_COLUMNS).to_pandas())[SAMPLE_SIZES]
+            rows = self.storage.read_parquet(layout.unit_file(self.run_id, "dialogue", int(part)), columns=SIZE_COLUMNS)
+            fact = sample_sizes_fact(rows.to_pandas())[SAMPLE_SIZES]
         return sizes_table(fact["key"], fact["payload_bytes"])
 
     def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
