@@ -80,7 +80,7 @@ from factory.framework.executor import (
 from factory.framework.images import read_part_rows
 from factory.framework.models_cache import model_fingerprint
 from factory.framework.stage import RunContext
-from factory.framework.storage import Storage, open_storage, opened
+from factory.framework.storage import DamagedFile, Storage, open_storage, opened
 from factory.framework.units import (
     ImageJoin,
     SortedFooters,
@@ -176,11 +176,25 @@ class RunSamples(StoredSource):
     def sizes(self, part: str) -> pa.Table:
         """From the unit's footer (its `sample_sizes` fact); a unit written before dialogue kept
         that fact: from its rows' size columns."""
-        fact = unit_meta(self.storage, self.run_id, "dialogue", int(part)).get("facts", {}).get(SAMPLE_SIZES)
+        meta = unit_meta(self.storage, self.run_id, "dialogue", int(part))
+        fact = meta.get("facts", {}).get(SAMPLE_SIZES)
         if fact is None:
             rows = self.storage.read_parquet(layout.unit_file(self.run_id, "dialogue", int(part)), columns=SIZE_COLUMNS)
             fact = sample_sizes_fact(rows.to_pandas())[SAMPLE_SIZES]
+        else:
+            self.check_sizes_fact(part, fact, meta.get("counters", {}).get("live_out", 0))
         return sizes_table(fact["key"], fact["payload_bytes"])
+
+    def check_sizes_fact(self, part: str, fact: dict[str, Any], accepted: float) -> None:
+        """A footer's sizes must list each of the unit's accepted samples once: one left out
+        would never be published, and nothing else would notice."""
+        keys, payload = fact.get("key", []), fact.get("payload_bytes", [])
+        if len(keys) == len(payload) == accepted and len(set(keys)) == len(keys):
+            return
+        unit_file = self.storage.url(layout.unit_file(self.run_id, "dialogue", int(part)))
+        raise DamagedFile(f"{unit_file}: its footer's {SAMPLE_SIZES} lists {len(keys)} keys "
+                          f"({len(set(keys))} distinct) and {len(payload)} sizes for {int(accepted)} accepted samples; "
+                          "run dialogue again for this unit (delete the file) or restore it")
 
     def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
         table = self.accepted(part)

@@ -21,7 +21,7 @@ from factory.framework import layout
 from factory.framework.config import StorageConfig, load_config
 from factory.framework.executor import Step, run_steps_inline
 from factory.framework.stage import RunContext, Stage, fingerprint
-from factory.framework.storage import open_storage
+from factory.framework.storage import DamagedFile, open_storage
 from factory.framework.units import read_unit, unit_meta, write_plan, write_unit
 from stages.dialogue import Dialogue
 from tests.factory.conftest import jpeg
@@ -271,6 +271,31 @@ def test_dialogue_footers_list_their_samples_sizes_and_publish_cuts_shards_by_th
     write_unit(ctx.storage, run_id, "dialogue", 1, read_unit(ctx.storage, run_id, "dialogue", 1), meta)
     inflated = source.sizes("1").column("bytes").to_pylist()
     assert len(inflated) == from_footers[1].num_rows > 0 and min(inflated) > 10**6
+
+
+@pytest.mark.parametrize("tamper", ["one left out", "one listed twice", "a size missing"])
+def test_a_footer_whose_sizes_disagree_with_its_accepted_count_stops_publish_naming_the_unit(
+        storage_config, tamper):
+    ctx = context(storage_config, "publish.executor=local")
+    grow_run(ctx)
+    run_id = ctx.config.run_id
+    for unit in range(UNITS):
+        ctx.storage.delete(layout.unit_file(run_id, "dialogue", unit))
+    run_steps_inline(ctx, [Step("dialogue", GrownDialogue)])
+    unit = next(unit for unit in range(UNITS)
+                if len(unit_meta(ctx.storage, run_id, "dialogue", unit)["facts"]["sample_sizes"]["key"]) >= 2)
+    meta = unit_meta(ctx.storage, run_id, "dialogue", unit)
+    fact = meta["facts"]["sample_sizes"]
+    if tamper == "one left out":
+        fact["key"], fact["payload_bytes"] = fact["key"][1:], fact["payload_bytes"][1:]
+    elif tamper == "one listed twice":
+        fact["key"][1] = fact["key"][0]
+    else:
+        fact["payload_bytes"].pop()
+    write_unit(ctx.storage, run_id, "dialogue", unit, read_unit(ctx.storage, run_id, "dialogue", unit), meta)
+    with pytest.raises(DamagedFile, match=rf"dialogue/unit-{unit:06d}.parquet: .*sample_sizes.*accepted samples"):
+        publish_run(ctx)
+    assert not ctx.storage.exists(layout.manifest(ctx.config.dataset, ctx.version))
 
 
 def test_dialogue_units_keep_their_samples_images_and_publish_reads_them_there_alone(storage_config, tmp_path):
