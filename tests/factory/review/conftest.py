@@ -4,7 +4,8 @@ Label Studio pins numpy and pyarrow below the versions this project runs on and 
 of Django and cloud clients, so it lives in its own virtual environment, built once per machine
 under a stable path (`$FACTORY_LABEL_STUDIO_HOME`, default ~/.cache/cafe-factory/label-studio-1.23.2)
 with pip from the same package index as the project (a few minutes, once; CI builds it on its
-first run). The project itself needs only `label-studio-sdk` (the `review` and `dev` extras).
+first run, and again when `LABEL_STUDIO_REQUIREMENTS` change). The project itself needs only
+`label-studio-sdk` (the `review` and `dev` extras).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from pathlib import Path
 import pytest
 
 LABEL_STUDIO_VERSION = "1.23.2"
+# what its venv is built from: sentry-sdk 3.0 (2026-12) refuses the `send_default_pii` option that
+# Label Studio 1.23.2 passes at start, and its dependencies are otherwise unpinned
+LABEL_STUDIO_REQUIREMENTS = (f"label-studio=={LABEL_STUDIO_VERSION}", "sentry-sdk<3")
 START_TIMEOUT_S = 300
 REVIEWERS = ("reviewer-one@example.com", "reviewer-two@example.com")
 OFFLINE = {"LATEST_VERSION_CHECK": "false"}  # no look-up of the newest release on start
@@ -43,16 +47,20 @@ def provision_label_studio() -> tuple[Path, Path]:
     executable, template = home / "bin" / "label-studio", home / "data-template"
     with open(home.parent / f".{home.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one build per machine, however many sessions start at once
-        if not (home / ".complete").exists():
+        built_from = " ".join(LABEL_STUDIO_REQUIREMENTS)
+        complete = home / ".complete"
+        if not complete.exists() or complete.read_text() != built_from:  # a venv built otherwise is rebuilt
             shutil.rmtree(home, ignore_errors=True)
             subprocess.run([sys.executable, "-m", "venv", str(home)], check=True)
-            subprocess.run([str(home / "bin" / "python"), "-m", "pip", "install", "-q",
-                            f"label-studio=={LABEL_STUDIO_VERSION}"], check=True)
-            (home / ".complete").write_text(LABEL_STUDIO_VERSION)
+            subprocess.run([str(home / "bin" / "python"), "-m", "pip", "install", "-q", *LABEL_STUDIO_REQUIREMENTS],
+                           check=True)
+            complete.write_text(built_from)
         if not (template / ".migrated").exists():
             shutil.rmtree(template, ignore_errors=True)
-            subprocess.run([str(executable), "version", "--data-dir", str(template)], check=True,
-                           capture_output=True, env={**os.environ, **OFFLINE})
+            migrated = subprocess.run([str(executable), "version", "--data-dir", str(template)],
+                                      capture_output=True, text=True, env={**os.environ, **OFFLINE})
+            if migrated.returncode != 0:
+                raise RuntimeError(f"Label Studio could not start in {home}: {migrated.stderr[-2000:]}")
             (template / ".migrated").write_text(LABEL_STUDIO_VERSION)
     return executable, template
 
