@@ -166,10 +166,8 @@ class RunSamples(StoredSource):
     def accepted(self, part: str) -> pa.Table:
         """The unit's accepted rows (`ROW_COLUMNS`, and their images where the unit file keeps them),
         with `position`: each one's place in the unit's files."""
-        with self.storage.parquet(layout.unit_file(self.run_id, "dialogue", int(part))) as parquet:
-            stored = set(parquet.schema_arrow.names)
-            table = parquet.read(columns=[column for column in (*ROW_COLUMNS, *SAMPLE_IMAGES) if column in stored],
-                                 use_threads=self.storage.parquet_threads)
+        table = self.storage.read_present_columns(layout.unit_file(self.run_id, "dialogue", int(part)),
+                                                  [*ROW_COLUMNS, *SAMPLE_IMAGES])
         table = table.append_column("position", pa.array(np.arange(table.num_rows, dtype=np.int64)))
         return table.filter(pc.is_null(table["reject_reason"]))
 

@@ -124,6 +124,15 @@ class Storage:
                 raise pa.ArrowInvalid(f"no column {', '.join(missing)}")
             return parquet.read(columns=columns, use_threads=self.parquet_threads)
 
+    def read_present_columns(self, key: str, columns: list[str], filters: list | None = None) -> pa.Table:
+        """`read_parquet` of those `columns` the file has (a unit file written before its stage kept
+        a column lacks it), opening the file once where no filter is given."""
+        with self.parquet(key) as parquet:
+            present = [name for name in columns if name in parquet.schema_arrow.names]
+            if filters is None:
+                return parquet.read(columns=present, use_threads=self.parquet_threads)
+        return self.read_parquet(key, columns=present, filters=filters)
+
     def parquet_metadata(self, key: str) -> dict[bytes, bytes]:
         """A Parquet file's key-value metadata, read from its footer alone."""
         with self.parquet(key) as parquet:

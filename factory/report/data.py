@@ -68,10 +68,8 @@ def candidate_files(storage: Storage, run_id: str) -> list[str]:
 
 def read_columns(storage: Storage, key: str, columns: tuple[str, ...], keys: list[str] | None = None) -> pd.DataFrame:
     """The named columns of one Parquet file, optionally only the rows of `keys`."""
-    with storage.parquet(key) as parquet:  # a dialogue unit file keeps its samples' images: not read here
-        present = [name for name in columns if name in parquet.schema_arrow.names]
     filters = [("key", "in", list(keys))] if keys is not None else None
-    return storage.read_parquet(key, columns=present, filters=filters).to_pandas()
+    return storage.read_present_columns(key, list(columns), filters).to_pandas()
 
 
 def summarise_candidates(storage: Storage, manifest: dict[str, Any]) -> tuple[CandidateSummary | None, str]:

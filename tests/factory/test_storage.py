@@ -69,6 +69,16 @@ def test_parquet_round_trip(storage):
     assert storage.read_parquet("t/x.parquet").equals(table)
 
 
+def test_a_missing_column_is_refused_by_read_parquet_and_left_out_by_read_present_columns(storage):
+    table = pa.table({"key": ["a", "b", "c"], "score": [0.1, 0.5, 0.9]})
+    storage.write_parquet("t/x.parquet", table)
+    with pytest.raises(StorageError, match="no column image"):
+        storage.read_parquet("t/x.parquet", columns=["key", "image"])
+    assert storage.read_present_columns("t/x.parquet", ["image", "score"]).equals(table.select(["score"]))
+    kept = storage.read_present_columns("t/x.parquet", ["key", "image"], filters=[("key", "in", ["a", "c"])])
+    assert kept.to_pydict() == {"key": ["a", "c"]}
+
+
 def test_keys_cannot_escape_the_root(storage):
     for bad in ["../outside", "a/../../outside", "x\x00y"]:
         with pytest.raises(StorageError):

@@ -69,7 +69,8 @@ def test_reading_any_damaged_parquet_names_its_key(tmp_path):
     storage = LocalStorage(tmp_path)
     storage.write_parquet("runs/r/filter/unit-000000.parquet", pa.table({"key": ["a", "b"]}))
     truncate(tmp_path / "runs/r/filter/unit-000000.parquet")
-    for read in (storage.read_parquet, storage.parquet_metadata, storage.parquet_footer):
+    for read in (storage.read_parquet, storage.parquet_metadata, storage.parquet_footer,
+                 lambda key: storage.read_present_columns(key, ["key"])):
         with pytest.raises(DamagedFile, match="runs/r/filter/unit-000000.parquet") as raised:
             read("runs/r/filter/unit-000000.parquet")
         assert "<Buffer>" not in str(raised.value)
