@@ -61,6 +61,8 @@ class StorageConfig(Section):
     @field_validator("root")
     @classmethod
     def _absolute_local_root(cls, root: str) -> str:
+        if not root.strip():  # an unset variable in `--set storage.root=$ROOT`: not the job's working folder
+            raise ValueError("the storage root is empty: name a folder or an s3://bucket/prefix")
         # Ray workers (Ray Train especially) run in other folders: a local root must be absolute
         return root if "://" in root else os.path.abspath(os.path.expanduser(root))
 

@@ -72,6 +72,14 @@ def test_relative_paths_become_absolute_so_workers_agree(tmp_path, monkeypatch):
     assert load_config(None, ["storage.root=s3://bucket/x"]).storage.root == "s3://bucket/x"
 
 
+def test_an_empty_storage_root_is_refused_not_taken_as_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="storage.root: .*the storage root is empty"):
+        load_config(None, ["storage.root="])
+    with pytest.raises(ConfigError, match="storage.root: .*the storage root is empty"):
+        load_config(write(tmp_path, "storage:\n  root: '  '\n"))
+
+
 def test_production_config_names_the_papers_checkpoints():
     from pathlib import Path
 
