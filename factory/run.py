@@ -45,7 +45,7 @@ from factory.framework.config import (
     missing_promptnet_hint,
     untrained_promptnet,
 )
-from factory.framework.executor import Step, run_steps, show_progress_bars
+from factory.framework.executor import Step, raised_error, run_steps, show_progress_bars
 from factory.framework.models_cache import ModelUnavailable, describe_s3, is_s3
 from factory.framework.stage import RunContext
 from factory.progress import LOG_EVERY_SECONDS, progress_display
@@ -285,11 +285,12 @@ def main(argv: list[str] | None = None) -> int:
             bootstrap_demo(ctx)
         result = timed(args.stage, entry, ctx)
     except ConfigError as err:  # a refusal found once the stage looked at what is stored (settings, formats)
-        print(f"error: stage {args.stage} refused: {err}", file=sys.stderr)
+        print(f"error: stage {args.stage} refused: {raised_error(err)[1]}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as err:
         log.exception("stage %s failed", args.stage)
-        print(f"error: stage {args.stage} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        kind, message = raised_error(err)
+        print(f"error: stage {args.stage} failed: {kind}: {message}", file=sys.stderr)
         return EXIT_FAILED
     print_outcome(args.stage, result)
     return 0

@@ -25,6 +25,7 @@ from factory.dataset.manifest import (
     verify_version,
 )
 from factory.framework.config import ConfigError, load_config
+from factory.framework.executor import raised_error
 from factory.framework.layout import check_name
 from factory.framework.storage import StorageError, open_storage
 from factory.report import write_report
@@ -225,10 +226,11 @@ def main(argv=None) -> int:
         storage = open_storage(config.storage)
         return COMMANDS[args.command](storage, config, args)
     except (ConfigError, VersionError, StorageError, ValueError, ReviewError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {raised_error(err)[1]}", file=sys.stderr)
         return 2
     except Exception as err:  # the work failed: say what, no traceback (bad input is refused above)
-        print(f"error: {args.command} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        kind, message = raised_error(err)
+        print(f"error: {args.command} failed: {kind}: {message}", file=sys.stderr)
         return 1
 
 

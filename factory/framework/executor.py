@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 CHUNK_META = b"factory.chunk"  # a resumable job's chunk footer: the settings that made it, its inputs' digest
 # Ray Data keeps a statistics record per output block in the driver until its dataset ends (ray #66016):
 # a job over more input rows than this gets this many blocks of several rows, so the driver stays flat.
+RAY_DATA_RETRY_ADVICE = "\nFailed to apply UDF transform after"  # what Ray Data adds to a map step's error
 MAX_BLOCKS = 1024
 
 
@@ -185,8 +186,9 @@ def map_on_ray(rows: pd.DataFrame, steps: Sequence[MapStep], blocks: int, ordere
     import ray  # ray: only here (the inline executor runs without it)
 
     context = ray.data.DataContext.get_current()  # a dataset copies the context when it is created
-    saved = context.execution_options.preserve_order
+    saved = context.execution_options.preserve_order, context.raise_original_map_exception
     context.execution_options.preserve_order = ordered
+    context.raise_original_map_exception = True  # a step's own error, not Ray Data's UserCodeException
     try:
         dataset = ray.data.from_items(rows.to_dict("records"), override_num_blocks=min(blocks, len(rows), MAX_BLOCKS))
         for step in steps:
@@ -194,7 +196,18 @@ def map_on_ray(rows: pd.DataFrame, steps: Sequence[MapStep], blocks: int, ordere
                                           **ray_step_arguments(ray, step))
         yield from dataset.iter_batches(batch_format="pandas", batch_size=None)
     finally:
-        context.execution_options.preserve_order = saved
+        context.execution_options.preserve_order, context.raise_original_map_exception = saved
+
+
+def raised_error(err: BaseException) -> tuple[str, str]:
+    """(type name, message) of the error a step raised. Raised in a Ray task or actor, it arrives
+    wrapped in a RayTaskError whose text is the remote traceback: the error is its cause, less the
+    retry advice Ray Data appends to a map step's message."""
+    import ray.exceptions  # ray: only here (the inline executor runs without it)
+
+    if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
+        return type(err.cause).__name__, str(err.cause).split(RAY_DATA_RETRY_ADVICE)[0]
+    return type(err).__name__, str(err)
 
 
 def ray_step_arguments(ray: Any, step: MapStep) -> dict[str, Any]:

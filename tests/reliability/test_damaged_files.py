@@ -20,7 +20,7 @@ from factory.dataset.manifest import load_manifest, verify_version
 from factory.framework import layout
 from factory.framework.executor import run_steps_inline
 from factory.framework.storage import DamagedFile, LocalStorage
-from factory.framework.units import read_unit, write_unit
+from factory.framework.units import read_unit, unit_meta, write_unit
 from tests.factory.test_pipeline import STAMP, make_ctx, read_stage
 from tests.reliability.harness import copy_tree, demo_args, hidden_temp_files
 
@@ -32,6 +32,20 @@ def truncate(path: Path) -> None:
 
 def not_parquet(path: Path) -> None:
     path.write_bytes(b"this is not a parquet file at all")
+
+
+def damage_inside(path: Path, column: str) -> None:
+    """Garbage over the first page header of `column`'s first chunk: the footer still reads, so the
+    file passes every check made from footers, and reading that column fails."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(path).metadata
+    chunk = next(metadata.row_group(0).column(number) for number in range(metadata.num_columns)
+                 if metadata.row_group(0).column(number).path_in_schema == column)
+    offset = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
 
 
 def short(ctx, unit: int) -> None:
@@ -128,3 +142,22 @@ def test_a_damaged_plan_is_named_and_drawn_again_then_the_run_publishes(fork_ser
     published = fork_server.run_one(tmp_path / "logs" / "publish", demo_args("publish", str(root)))
     assert published.rc == 0, published.output()[-3000:]
     assert verify_version(LocalStorage(root), "demo", "demo") == []
+
+
+@pytest.mark.slow
+def test_a_unit_damaged_inside_fails_publish_on_ray_with_one_line_naming_it(fork_server, publish_inputs, tmp_path):
+    """Its footer reads, so the shard task that reads its rows is the first to find it: the command's
+    error line is that task's error, not Ray's wrapper (the remote traceback stays in the log)."""
+    root = copy_tree(publish_inputs, tmp_path / "root")
+    unit = next(unit for unit in range(100)  # one that holds samples: publish reads no other's rows
+                if unit_meta(LocalStorage(root), "demo", "dialogue", unit)["facts"]["sample_sizes"]["key"])
+    damaged = root / layout.unit_file("demo", "dialogue", unit)
+    damage_inside(damaged, "user")
+    result = fork_server.run_one(tmp_path / "logs" / "publish",
+                                 demo_args("publish", str(root), "publish.executor=ray"))
+    said = result.output()
+    assert result.rc == 1, said[-3000:]
+    (error,) = [line for line in said.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: stage publish failed: DamagedFile: damaged Parquet file {damaged}: "), error
+    assert "ray::" not in error and "Failed to apply UDF" not in error, error
+    assert not list(root.glob("datasets/**/_publishing.json")) and not list(root.glob("datasets/**/manifest.json"))
