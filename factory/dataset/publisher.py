@@ -125,6 +125,9 @@ class SampleSource(Protocol):
     def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
         """The part's accepted samples (those of `keys` only, when given), images included."""
 
+    def where(self, part: str) -> str:
+        """The part, as an operator finds it (a file's URL)."""
+
 
 class StoredSource:
     """A source read from storage: opened from `storage_config` once per process (an S3 client takes
@@ -171,6 +174,9 @@ class RunSamples(StoredSource):
         table = table.append_column("position", pa.array(np.arange(table.num_rows, dtype=np.int64)))
         return table.filter(pc.is_null(table["reject_reason"]))
 
+    def where(self, part: str) -> str:
+        return self.storage.url(layout.unit_file(self.run_id, "dialogue", int(part)))
+
     def sizes(self, part: str) -> pa.Table:
         """From the unit's footer (its `sample_sizes` fact); a unit written before dialogue kept
         that fact: from its rows' size columns."""
@@ -189,8 +195,7 @@ class RunSamples(StoredSource):
         keys, payload = fact.get("key", []), fact.get("payload_bytes", [])
         if len(keys) == len(payload) == accepted and len(set(keys)) == len(keys):
             return
-        unit_file = self.storage.url(layout.unit_file(self.run_id, "dialogue", int(part)))
-        raise DamagedFile(f"{unit_file}: its footer's {SAMPLE_SIZES} lists {len(keys)} keys "
+        raise DamagedFile(f"{self.where(part)}: its footer's {SAMPLE_SIZES} lists {len(keys)} keys "
                           f"({len(set(keys))} distinct) and {len(payload)} sizes for {int(accepted)} accepted samples; "
                           "run dialogue again for this unit (delete the file) or restore it")
 
@@ -231,6 +236,9 @@ class VersionSamples(StoredSource):
     def sizes(self, part: str) -> pa.Table:
         return sample_sizes(self.samples(part))
 
+    def where(self, part: str) -> str:
+        return self.storage.url(part)
+
     def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
         sha256 = shard_checksums(self.manifest).get(part)
         wanted = self.keep if keys is None else self.keep.intersection(keys)
@@ -258,6 +266,9 @@ class SampleList:
 
     def sizes(self, part: str) -> pa.Table:
         return sample_sizes(self.samples(part))
+
+    def where(self, part: str) -> str:
+        return f"samples in memory, part {part}"
 
     def samples(self, part: str, keys: Collection[str] | None = None) -> list[Sample]:
         group = self.groups[int(part)]
@@ -425,10 +436,13 @@ class SampleSpool:
             self.read.update(parts)
             with self.lock:
                 self.file.flush()
-        missing = [key for key in shard.keys if key not in self.places]
+        missing = [(key, part) for key, part in zip(shard.keys, shard.parts) if key not in self.places]
         if missing:
-            raise VersionError(f"{len(missing)} samples changed while publishing (first: {missing[0]}): "
-                               "their parts no longer hold them; publish again")
+            key, part = missing[0]
+            raise VersionError(f"{len(missing)} samples whose sizes were read are not among their parts' samples "
+                               f"(first: {key}, of {self.source.where(part)}): the part changed while publishing, "
+                               "or its sizes disagree with its rows; publish again, and if this repeats, write that "
+                               "part again")
 
     def add(self, samples: list[Sample]) -> None:
         """Each sample as its texts and metadata in JSON, then its two images' bytes (nothing read

@@ -273,7 +273,7 @@ def test_dialogue_footers_list_their_samples_sizes_and_publish_cuts_shards_by_th
     assert len(inflated) == from_footers[1].num_rows > 0 and min(inflated) > 10**6
 
 
-@pytest.mark.parametrize("tamper", ["one left out", "one listed twice", "a size missing"])
+@pytest.mark.parametrize("tamper", ["one left out", "one listed twice", "a size missing", "one not among its rows"])
 def test_a_footer_whose_sizes_disagree_with_its_accepted_count_stops_publish_naming_the_unit(
         storage_config, tamper):
     ctx = context(storage_config, "publish.executor=local")
@@ -286,14 +286,19 @@ def test_a_footer_whose_sizes_disagree_with_its_accepted_count_stops_publish_nam
                 if len(unit_meta(ctx.storage, run_id, "dialogue", unit)["facts"]["sample_sizes"]["key"]) >= 2)
     meta = unit_meta(ctx.storage, run_id, "dialogue", unit)
     fact = meta["facts"]["sample_sizes"]
-    if tamper == "one left out":
+    if tamper == "one not among its rows":
+        fact["key"][0] = "0" * 24
+    elif tamper == "one left out":
         fact["key"], fact["payload_bytes"] = fact["key"][1:], fact["payload_bytes"][1:]
     elif tamper == "one listed twice":
         fact["key"][1] = fact["key"][0]
     else:
         fact["payload_bytes"].pop()
     write_unit(ctx.storage, run_id, "dialogue", unit, read_unit(ctx.storage, run_id, "dialogue", unit), meta)
-    with pytest.raises(DamagedFile, match=rf"dialogue/unit-{unit:06d}.parquet: .*sample_sizes.*accepted samples"):
+    refusal = DamagedFile, rf"dialogue/unit-{unit:06d}.parquet: .*sample_sizes.*accepted samples"
+    if tamper == "one not among its rows":  # found where the shard's samples are read
+        refusal = VersionError, rf"first: 0{{24}}, of .*dialogue/unit-{unit:06d}.parquet\).*sizes disagree"
+    with pytest.raises(refusal[0], match=refusal[1]):
         publish_run(ctx)
     assert not ctx.storage.exists(layout.manifest(ctx.config.dataset, ctx.version))
 
