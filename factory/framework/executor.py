@@ -55,9 +55,9 @@ from factory.framework.units import (
 log = logging.getLogger(__name__)
 
 CHUNK_META = b"factory.chunk"  # a resumable job's chunk footer: the settings that made it, its inputs' digest
+RAY_DATA_RETRY_ADVICE = "\nFailed to apply UDF transform after"  # what Ray Data adds to a map step's error
 # Ray Data keeps a statistics record per output block in the driver until its dataset ends (ray #66016):
 # a job over more input rows than this gets this many blocks of several rows, so the driver stays flat.
-RAY_DATA_RETRY_ADVICE = "\nFailed to apply UDF transform after"  # what Ray Data adds to a map step's error
 MAX_BLOCKS = 1024
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from factory.dataset.manifest import load_manifest, verify_version
@@ -37,11 +38,9 @@ def not_parquet(path: Path) -> None:
 def damage_inside(path: Path, column: str) -> None:
     """Garbage over the first page header of `column`'s first chunk: the footer still reads, so the
     file passes every check made from footers, and reading that column fails."""
-    import pyarrow.parquet as pq
-
-    metadata = pq.ParquetFile(path).metadata
-    chunk = next(metadata.row_group(0).column(number) for number in range(metadata.num_columns)
-                 if metadata.row_group(0).column(number).path_in_schema == column)
+    first_group = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(first_group.column(number) for number in range(first_group.num_columns)
+                 if first_group.column(number).path_in_schema == column)
     offset = chunk.dictionary_page_offset or chunk.data_page_offset
     data = bytearray(path.read_bytes())
     data[offset : offset + 16] = b"\xff" * 16
