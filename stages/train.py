@@ -1,8 +1,9 @@
 """train: G or the assistant heads on a published version, on Ray Train (`TorchTrainer`).
 
-`run` is the stage. How training runs (`train_on_ray`, the in-process `train_generator` /
-`train_assistant`, SID's `train_generator_on` / `train_assistant_on`), the per-worker loop, its
-data and the two tasks are `models.training`; checkpoints are read back through `factory.dataset.checkpoints`.
+`run` is the stage. How training runs is `models.training.runner` (`train_on_ray`, the in-process
+`train_generator` / `train_assistant`, and `train_generator_on` / `train_assistant_on`, which SID
+and eval call too); the per-worker loop, its data and the two tasks are the rest of
+`models.training`; checkpoints are read back through `factory.dataset.checkpoints`.
 """
 
 from __future__ import annotations
@@ -13,14 +14,7 @@ from factory.dataset.manifest import latest_version
 from factory.framework.config import FactoryConfig
 from factory.framework.stage import RunContext
 from factory.framework.storage import Storage
-from models.training.runner import (  # noqa: F401  (the stage's public entry points)
-    train_assistant,
-    train_assistant_on,
-    train_generator,
-    train_generator_on,
-    train_in_process,
-    train_on_ray,
-)
+from models.training.runner import train_on_ray
 
 
 def resolve_version(config: FactoryConfig, storage: Storage) -> str:

@@ -1,6 +1,7 @@
 """Training G and the assistant heads: the loop every worker runs, the data it reads, the two tasks.
 
-`stages.train` is the entry (on Ray Train, or in this process); this package is what it runs:
+`runner` is how training runs (on Ray Train, or in this process), for the train stage, SID and eval;
+this package is also what it runs:
 - `job`: the `TrainJob`, everything a worker needs as plain data;
 - `loop`: the per-worker loop, its steps and its checkpoints (`factory.dataset.checkpoints` reads them);
 - `data`: which samples each rank reads in an epoch (`EpochPlan`), batches, shard prefetch;

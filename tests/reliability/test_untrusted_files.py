@@ -103,7 +103,7 @@ def weight_files(folder: Path) -> dict[str, list[str]]:
 @pytest.mark.slow
 def test_the_projects_own_checkpoints_are_safetensors(reference_run, workdir, tmp_path):
     """PromptNet (models/promptnet.py, as the demo built it), the CAFE generator G and the
-    assistant heads (models/cafe.py, models/assistant.py; stages/train.py saves them the same way)."""
+    assistant heads (models/cafe.py, models/assistant.py; models/training/loop.py saves them the same way)."""
     from factory.tiny.cafe import build_tiny_cafe_assistant, build_tiny_cafe_generator, build_tiny_cafe_parts
 
     promptnet = workdir / "factory-data" / "models" / "tiny-promptnet"

@@ -141,7 +141,7 @@ def trainable_weights(job, folder) -> dict[str, torch.Tensor]:
 def train_resume_and_compare(storage_config, tiny, model: str, steps: int):
     from factory.framework import layout
     from models.training.job import make_job
-    from stages.train import train_in_process
+    from models.training.runner import train_in_process
 
     storage = open_storage(storage_config)
     publish(storage)
@@ -178,7 +178,7 @@ def test_assistant_trains_checkpoints_and_resumes_on_s3(s3_bucket, tiny):
     config = StorageConfig(root=f"s3://{bucket}/factory", endpoint_url=endpoint, max_attempts=2)
     storage = train_resume_and_compare(config, tiny, "assistant", steps=4)
     from models.training.job import make_job
-    from stages.train import train_in_process
+    from models.training.runner import train_in_process
 
     publish(storage, "v2", count=4)
     other = make_config(config, tiny, "resumed", max_steps=6)
@@ -190,7 +190,7 @@ def test_sid_trains_and_fine_tunes_g_through_the_helpers(tmp_path, tiny):
     from factory.dataset.checkpoints import latest_generator_checkpoint
     from factory.framework.stage import RunContext
     from models.cafe import CafeUNet
-    from stages.train import train_generator_on
+    from models.training.runner import train_generator_on
 
     storage_config = StorageConfig(root=str(tmp_path / "root"))
     storage = open_storage(storage_config)
@@ -234,7 +234,7 @@ def ray_cluster():
 
 @pytest.mark.slow
 def test_train_on_ray_reads_every_sample_once_per_epoch(ray_cluster, tmp_path, tiny):
-    from stages.train import train_on_ray
+    from models.training.runner import train_on_ray
 
     storage_config = StorageConfig(root=str(tmp_path / "root"))
     storage = open_storage(storage_config)
@@ -264,7 +264,7 @@ def test_a_finished_run_returns_its_checkpoint_without_training_again(tmp_path, 
 
     import models.training.runner as runner
     from factory.framework.stage import RunContext
-    from stages.train import train_generator_on
+    from models.training.runner import train_generator_on
 
     storage_config = StorageConfig(root=str(tmp_path / "root"))
     storage = open_storage(storage_config)
