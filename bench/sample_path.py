@@ -17,8 +17,10 @@ counted) and splits them into:
 - set-up only: every other file that ran (config loading, opening storage, loading models, the
   stages' entry points, the manifest).
 
-Prints both counts and lists grouped by package. The demo's tiny models are built once under
-`--work` (seconds; not traced); each run stores into a fresh temporary root. Not a test.
+Prints both counts and lists grouped by package, and how many of the per-sample files are
+orchestration (`factory/framework`, `factory/dataset`, `stages`) rather than models and scorers.
+The demo's tiny models are built once under `--work` (seconds; not traced); each run stores into a
+fresh temporary root. Not a test.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ from factory.framework.executor import Step, run_steps_inline  # noqa: E402
 from factory.framework.stage import RunContext  # noqa: E402
 
 PACKAGES = ("factory", "stages", "models", "filters")
+# the orchestration a sample crosses: the framework, the dataset services and the stages, not the
+# models and scorers that draw and judge it (the count proposed for issue 25 in the session notes)
+ORCHESTRATION = ("factory/framework/", "factory/dataset/", "stages/")
 SETTINGS = [
     "references.sources=[{kind: generated, domain: object, prompts: [dog, teapot], per_prompt: 2, seed: 0}]",
     "plan.total_jobs=4", "plan.unit_size=2",
@@ -153,7 +158,9 @@ def main() -> None:
     if missing:
         print(f"warning: sample work that never ran (renamed?): {', '.join(missing)}", file=sys.stderr)
     setup = tracer.anywhere - tracer.per_sample
-    print(f"per sample: {len(tracer.per_sample)} files\n{grouped(tracer.per_sample)}")
+    orchestration = {file for file in tracer.per_sample if file.startswith(ORCHESTRATION)}
+    print(f"per sample: {len(tracer.per_sample)} files, {len(orchestration)} of them orchestration "
+          f"(framework, dataset services, stages)\n{grouped(tracer.per_sample)}")
     print(f"set-up only: {len(setup)} files\n{grouped(setup)}")
     print(f"all: {len(tracer.anywhere)} files")
 
