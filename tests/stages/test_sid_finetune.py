@@ -38,7 +38,8 @@ def rounds_without_drawing(monkeypatch):
         return publish_samples(rctx.storage, spec, make_samples(4, start=100 * round_))
 
     monkeypatch.setattr(stages.sid, "plan_exists", plan_exists)
-    monkeypatch.setattr(stages.sid, "run_steps", lambda rctx, steps: None)
+    # what the real `run_steps` returns when every unit of the plan is already done
+    monkeypatch.setattr(stages.sid, "run_steps", lambda rctx, steps: {"units": 1, "skipped": 1, "ran": 0})
     monkeypatch.setattr(stages.sid, "publish_run", publish_run)
 
 
