@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import yaml
 
 from factory.dataset.shards import sample_sizes_fact
-from factory.framework.config import DialogueConfig, FactoryConfig
+from factory.framework.config import DialogueConfig, FactoryConfig, load_yaml
 from factory.framework.executor import Step, run_steps
 from factory.framework.stage import Stage
 from models.engines import build_engine
@@ -210,7 +209,7 @@ def load_prompt(config: DialogueConfig) -> DialoguePrompt:
     else:
         source = f"builtin:stages/{BUILTIN_PROMPT}"
         raw = (resources.files("stages") / BUILTIN_PROMPT).read_text("utf-8")
-    data = yaml.safe_load(raw)
+    data = load_yaml(raw)
     if not isinstance(data, dict) or not {"system", "user", "styles"} <= data.keys():
         raise ValueError(f"prompt file {source} needs 'system', 'user' and 'styles'")
     styles = {str(name): " ".join(str(text).split()) for name, text in dict(data["styles"]).items()}

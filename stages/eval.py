@@ -32,14 +32,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
 from factory.dataset.checkpoints import fetch_checkpoint, newest_checkpoint
 from factory.dataset.eval_sets import eval_set_name, reference_set_pairs
 from factory.dataset.manifest import latest_version
 from factory.framework import layout
-from factory.framework.config import EvalConfig, EvalPair, FactoryConfig, GeneratorSpec, StorageConfig, validate_config
+from factory.framework.config import (
+    EvalConfig,
+    EvalPair,
+    FactoryConfig,
+    GeneratorSpec,
+    StorageConfig,
+    load_yaml,
+    validate_config,
+)
 from factory.framework.executor import MapStep, Resume, cluster_resources, run_resumable
 from factory.framework.images import decode_image
 from factory.framework.layout import safe_id
@@ -160,7 +167,7 @@ class Located:
 def eval_pairs(config: EvalConfig) -> list[EvalPair]:
     pairs = list(config.pairs)
     if config.pairs_file:
-        listed = yaml.safe_load(Path(config.pairs_file).read_text()) or []
+        listed = load_yaml(Path(config.pairs_file).read_text()) or []
         pairs.extend(EvalPair.model_validate(item) for item in listed)
     return pairs
 

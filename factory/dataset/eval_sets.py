@@ -15,11 +15,10 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from factory.dataset.reference_sets import load_references, set_complete
 from factory.framework import layout
-from factory.framework.config import EvalConfig, EvalPair
+from factory.framework.config import EvalConfig, EvalPair, load_yaml
 from factory.framework.storage import Storage
 
 
@@ -50,7 +49,7 @@ def load_prompt_lists(name_or_path: str) -> PromptLists:
         path = Path(name_or_path)
     if not path.is_file():
         raise ValueError(f"eval.prompts: {name_or_path!r} is neither a shipped prompt list nor a file")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text()) or {}
     for key in ("object", "live"):
         templates = raw.get(key) or []
         if not templates or any(t.count("{subject}") != 1 for t in templates):

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from factory.framework.config import UnsafeYaml, load_yaml
+
 SLOT = "{subject}"
 DOMAINS = ("human", "object")
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
@@ -87,9 +89,11 @@ def read_bank(path: str | Path | None = None) -> BankReport:
     """Load a bank and split it into valid instructions and (id, reason) problems."""
     source = Path(path) if path else shipped_bank_path()
     try:
-        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+        raw = load_yaml(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BankError(str(source), [("(file)", "not found")]) from None
+    except UnsafeYaml as err:
+        raise BankError(str(source), [("(file)", f"refused: {err}")]) from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise BankError(str(source), [("(file)", f"not valid YAML: {err}")]) from None
     return parse_bank(raw)

@@ -562,14 +562,70 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("factory") / "demo" / "demo.yaml"))
 
 
-def read_yaml_file(source: Path, what: str, error: type[Exception] = ConfigError) -> Any:
-    """The YAML in `source`; a missing, unreadable or malformed file is `error`, naming it as `what`."""
+# values that aliases may add to a YAML document: far above any config or bank, far below a
+# "billion laughs" (lists of nine aliases, nine deep: about a billion values, which would hang every reader)
+YAML_ALIAS_LIMIT = 1_000_000
+
+
+class UnsafeYaml(yaml.YAMLError):
+    """YAML refused before anything reads it: aliases that expand it past `YAML_ALIAS_LIMIT`
+    values, an alias to itself, or nesting too deep to read."""
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, refusing what would hang or crash whoever walks the result (`UnsafeYaml`)."""
     try:
-        return yaml.safe_load(source.read_text())
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise UnsafeYaml("it is nested too deeply") from None
+    added = alias_expansion(data)
+    if added > YAML_ALIAS_LIMIT:
+        raise UnsafeYaml(f"its aliases expand it by {added:,} values (at most {YAML_ALIAS_LIMIT:,})")
+    return data
+
+
+def alias_expansion(data: Any) -> int:
+    """How many more values `data` holds when every shared list or mapping is counted each time it
+    appears (what walking it costs) than when counted once (what the file spells). Iterative, so a
+    deep document cannot overflow the stack; an alias to itself is `UnsafeYaml`."""
+    def children(node: Any) -> list[Any] | None:
+        if isinstance(node, dict):
+            return [*node.keys(), *node.values()]
+        return node if isinstance(node, list) else None
+
+    expanded: dict[int, int] = {}  # id of a finished list or mapping -> values under it, aliases expanded
+    entered: set[int] = set()
+    spelled = 1
+    stack: list[tuple[Any, bool]] = [(data, False)]
+    while stack:
+        node, finished = stack.pop()
+        below = children(node)
+        if below is None:
+            continue
+        if finished:
+            expanded[id(node)] = 1 + sum(expanded.get(id(child), 1) for child in below)
+            continue
+        if id(node) in expanded:
+            continue
+        if id(node) in entered:
+            raise UnsafeYaml("an alias refers to the list or mapping that holds it")
+        entered.add(id(node))
+        spelled += len(below)
+        stack.append((node, True))
+        stack.extend((child, False) for child in below)
+    return expanded.get(id(data), 1) - spelled
+
+
+def read_yaml_file(source: Path, what: str, error: type[Exception] = ConfigError) -> Any:
+    """The YAML in `source`; a missing, unreadable, malformed or unsafe file is `error`, naming it as `what`."""
+    try:
+        return load_yaml(source.read_text())
     except FileNotFoundError:
         raise error(f"{what} not found: {source}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise error(f"{what} {source} cannot be read: {getattr(err, 'strerror', None) or err}") from None
+    except UnsafeYaml as err:
+        raise error(f"{what} {source} is refused: {err}") from None
     except yaml.YAMLError as err:
         raise error(f"{what} {source} is not valid YAML: {err}") from None
 
@@ -637,7 +693,9 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     if not all(keys):
         raise ConfigError(f"--set has an empty key segment in {dotted!r}")
     try:
-        value = yaml.safe_load(value_text) if value_text else ""
+        value = load_yaml(value_text) if value_text else ""
+    except UnsafeYaml as err:
+        raise ConfigError(f"--set {dotted.strip()}: the value is refused: {err}") from None
     except yaml.YAMLError:
         value = value_text
     node = raw

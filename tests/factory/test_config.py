@@ -110,3 +110,54 @@ def test_the_demos_model_pools_reserve_memory_that_its_ray_holds():
     assert all(pools) and max(pools) <= config.ray.memory <= 12 * 2**30  # half of a 24 GiB machine at most
     assert config.generate.memory == config.filter.memory == config.dialogue.memory  # one shared actor
     assert config.ray.local_cluster() == {"num_cpus": 2, "_memory": config.ray.memory}  # ray.init's arguments
+
+
+def laughs(depth: int, width: int = 9) -> str:
+    """A "billion laughs": lists of `width` aliases to the list before, `depth` deep (width**depth strings)."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * width)}]" for n in range(1, depth)]
+    return "\n".join(lines) + "\n"
+
+
+def one_line_laughs(depth: int) -> str:
+    """The same in one flow sequence, as a `--set` value could hold it."""
+    levels = ["&l0 [" + ", ".join(["lol"] * 9) + "]"]
+    levels += [f"&l{n} [" + ", ".join([f"*l{n - 1}"] * 9) + "]" for n in range(1, depth)]
+    return "[" + ", ".join(levels) + "]"
+
+
+def test_yaml_whose_aliases_would_expand_past_the_limit_is_refused_before_anything_walks_it(tmp_path):
+    from factory.framework.config import YAML_ALIAS_LIMIT, UnsafeYaml, load_yaml
+
+    with pytest.raises(UnsafeYaml, match=r"its aliases expand it by [\d,]+ values \(at most 1,000,000\)"):
+        load_yaml(laughs(9) + "plan: {seed: *l8}\n")  # about 430 million strings once expanded
+    assert 9**6 < YAML_ALIAS_LIMIT < 9**7
+    assert len(load_yaml(laughs(6))["l5"]) == 9  # 9**6 (531,441) once expanded: under the limit
+    with pytest.raises(UnsafeYaml, match="aliases expand"):
+        load_yaml(laughs(7))
+    with pytest.raises(ConfigError, match=r"config file .*config.yaml is refused: its aliases expand it by"):
+        load_config(write(tmp_path, laughs(9)))
+    with pytest.raises(ConfigError, match=r"--set plan.seed: the value is refused: its aliases expand"):
+        load_config(None, [f"plan.seed={one_line_laughs(8)}"])
+
+
+def test_yaml_anchors_a_config_may_use_are_kept_and_a_self_reference_or_deep_nesting_refused(tmp_path):
+    from factory.framework.config import UnsafeYaml, load_yaml
+
+    shared = load_yaml("base: &base {steps: 4, size: 64}\na: *base\nb: {<<: *base, size: 128}\n")
+    assert shared["a"] == {"steps": 4, "size": 64} and shared["b"] == {"steps": 4, "size": 128}
+    with pytest.raises(UnsafeYaml, match="refers to the list or mapping that holds it"):
+        load_yaml("a: &a [1, *a]\n")
+    with pytest.raises(UnsafeYaml, match="nested too deeply"):
+        load_yaml("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"config file .* is refused: it is nested too deeply"):
+        load_config(write(tmp_path, "plan: {seed: " + "[" * 5000 + "]" * 5000 + "}\n"))
+
+
+def test_an_instruction_bank_of_laughs_is_a_bank_error_naming_the_file(tmp_path):
+    from factory.dataset.instructions import BankError, load_bank
+
+    bank = tmp_path / "bank.yaml"
+    bank.write_text(laughs(9) + "instructions: {human: [], object: *l8}\n")
+    with pytest.raises(BankError, match=r"bank.yaml .*refused: its aliases expand it by"):
+        load_bank(bank)
