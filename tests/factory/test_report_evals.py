@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 from factory.framework import layout
 from factory.framework.config import StorageConfig
 from factory.framework.storage import open_storage
+from factory.report.data import VersionData
 from factory.report.evals import evals_of_version
 from factory.report.page import evals_section
+from factory.report.summary import IndexSummary
+
+
+def version_data(version: str, evals: list[dict]) -> VersionData:
+    """The report's own VersionData, with only the evals filled in."""
+    manifest = {"dataset": "demo", "version": version}
+    return VersionData(manifest, IndexSummary(version), None, "no candidates kept", evals=evals)
 
 
 def eval_report(version: str, created: str, clip_t: float) -> bytes:
@@ -32,7 +39,7 @@ def test_the_report_lists_the_evals_of_generators_trained_on_the_version_newest_
 
     found = evals_of_version(storage, "demo", "v1")
     assert [r["metrics"]["clip_t"] for r in found] == [0.375, 0.125]
-    html = evals_section(SimpleNamespace(evals=found))
+    html = evals_section(version_data("v1", found))
     assert "CLIP-T" in html and "0.375" in html and "0.125" in html and "0.875" not in html
     assert "checkpoints/generator/g-v1/step-00000002" in html
 
@@ -40,4 +47,4 @@ def test_the_report_lists_the_evals_of_generators_trained_on_the_version_newest_
 def test_a_version_without_evals_says_how_to_run_one(tmp_path):
     storage = open_storage(StorageConfig(root=str(tmp_path)))
     assert evals_of_version(storage, "demo", "v1") == []
-    assert "--stage eval" in evals_section(SimpleNamespace(evals=[]))
+    assert "--stage eval" in evals_section(version_data("v1", []))

@@ -1,4 +1,4 @@
-"""Token lookup (Ray's order), redaction, and fetching the cluster token from SSM (moto)."""
+"""Token lookup (Ray's order), redaction, and fetching the cluster token from SSM (moto's server)."""
 
 from __future__ import annotations
 
@@ -46,18 +46,20 @@ def test_redact_hides_the_token():
     assert redact("no token here", None) == "no token here"
 
 
-def test_token_is_fetched_from_ssm_and_written_owner_only(home, monkeypatch, capsys):
+def test_token_is_fetched_from_ssm_and_written_owner_only(home, s3_server, monkeypatch, capsys):
+    """`jobs token` reads SSM over HTTP from moto's server (which serves SSM beside S3); the command takes
+    no endpoint, so botocore finds the server through AWS_ENDPOINT_URL_SSM."""
+    import uuid
+
     import boto3
-    from moto import mock_aws
 
     from jobs.__main__ import main
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        ssm = boto3.client("ssm", region_name="us-west-2")
-        ssm.put_parameter(Name="/cafe-factory/ray-auth-token", Value="tok-123456", Type="SecureString")
-        assert main(["token", "--ssm-parameter", "/cafe-factory/ray-auth-token", "--region", "us-west-2"]) == 0
+    parameter = f"/cafe-factory/ray-auth-token-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SSM", s3_server)
+    ssm = boto3.client("ssm", region_name="us-west-2", endpoint_url=s3_server)
+    ssm.put_parameter(Name=parameter, Value="tok-123456\n", Type="SecureString")
+    assert main(["token", "--ssm-parameter", parameter, "--region", "us-west-2"]) == 0
     written = home / ".ray" / "auth_token"
     assert written.read_text() == "tok-123456"
     assert stat.S_IMODE(written.stat().st_mode) == 0o600

@@ -201,12 +201,29 @@ def run_submitter(rayjob: dict, tmp_path: Path) -> list[list[str]]:
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls)}
     command = kuberay_submitter_command(rayjob, "http://nightly-sid-head-svc.cafe-factory:8265", "nightly-sid-x7k2p")
     subprocess.run(command, env=env, cwd=tmp_path, check=True, timeout=60)
-    return [json.loads(line) for line in calls.read_text().splitlines()]
+    recorded = [json.loads(line) for line in calls.read_text().splitlines()]
+    for call in recorded:
+        if call[:2] == ["ray", "job"]:
+            ray_job_params(call)  # the fake `ray` takes any argv: Ray's own parser must take it too
+    return recorded
+
+
+def ray_job_params(call: list[str]) -> dict:
+    """A recorded `ray job SUBCOMMAND ...` argv parsed by Ray's own click command: an option Ray does not
+    know, a missing argument or a value of the wrong type raises click's UsageError."""
+    from ray.dashboard.modules.job.cli import job_cli_group
+
+    assert call[:2] == ["ray", "job"], call
+    return job_cli_group.commands[call[2]].make_context(call[2], call[3:]).params
+
+
+def submitted(calls: list[list[str]]) -> dict:
+    (submit,) = [call for call in calls if call[:3] == ["ray", "job", "submit"]]
+    return ray_job_params(submit)
 
 
 def submitted_entrypoint(calls: list[list[str]]) -> list[str]:
-    (submit,) = [call for call in calls if call[:3] == ["ray", "job", "submit"]]
-    return submit[submit.index("--") + 1:]
+    return list(submitted(calls)["entrypoint"])
 
 
 def test_the_whole_pipeline_command_is_the_ray_job(rayjob, tmp_path):
@@ -215,9 +232,10 @@ def test_the_whole_pipeline_command_is_the_ray_job(rayjob, tmp_path):
     assert submitted_entrypoint(calls) == shlex.split(spec.entrypoint)
     assert [call for call in calls if call[0] == "python" and call[1] != "-c"] == []  # nothing ran beside it
     assert calls[-1][:4] == ["ray", "job", "logs", "--address"]
-    (submit,) = [call for call in calls if call[:3] == ["ray", "job", "submit"]]
-    assert json.loads(submit[submit.index("--entrypoint-resources") + 1]) == spec.resources.entrypoint_resources
-    runtime_env = json.loads(submit[submit.index("--runtime-env-json") + 1])
+    submit = submitted(calls)
+    assert submit["submission_id"] == "nightly-sid-x7k2p" and submit["no_wait"] is True
+    assert json.loads(submit["entrypoint_resources"]) == spec.resources.entrypoint_resources
+    runtime_env = json.loads(submit["runtime_env_json"])
     assert runtime_env["working_dir"] == "/home/ray/cafe-factory"
     assert runtime_env["env_vars"] == spec.runtime_env.env_vars
 

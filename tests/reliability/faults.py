@@ -116,7 +116,7 @@ def install(spec: dict[str, Any]) -> Injector:
             real_fdopen = os.fdopen
             os.fdopen = lambda fd, mode="r", *a, **k: TornFile(real_fdopen(fd, mode, *a, **k))
         if target and when == "commit":
-            storage.LocalStorage._commit = staticmethod(lambda *args: die())
+            storage.LocalStorage._commit = staticmethod(lambda tmp, target, create_only: die())
         try:
             local_write(self, key, data, create_only=create_only)
         finally:

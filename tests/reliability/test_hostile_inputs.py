@@ -263,12 +263,16 @@ def test_list_shows_the_good_versions_beside_the_bad_ones(world, capsys):
 
 
 def test_failed_work_exits_1_with_one_line_and_no_traceback(world, monkeypatch, capsys):
-    def broken(*args, **kwargs):
+    # each double takes the real function's parameters, so a wrong call raises TypeError and the lines differ
+    def broken_verify(storage, dataset, version):
         raise RuntimeError("the disk went away")
 
-    monkeypatch.setattr(factory.versions, "verify_version", broken)
+    def broken_fetch(parameter, region=None, endpoint_url=None):
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(factory.versions, "verify_version", broken_verify)
     assert call("versions", ["verify", "v1"], world) == 1
-    monkeypatch.setattr("jobs.auth_token.fetch_token", broken)
+    monkeypatch.setattr("jobs.auth_token.fetch_token", broken_fetch)
     assert call("jobs", ["token", "--ssm-parameter", "/cluster/token"], world) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == ["error: verify failed: RuntimeError: the disk went away",
