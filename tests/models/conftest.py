@@ -47,11 +47,31 @@ def good_dialogue(body: dict) -> str:
     })
 
 
+# The request fields of OpenAI's chat completions API (POST /v1/chat/completions); OpenAI answers 400
+# "Unrecognized request argument supplied" to any other.
+OPENAI_CHAT_FIELDS = frozenset({
+    "model", "messages", "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "metadata", "modalities", "n", "parallel_tool_calls", "prediction",
+    "presence_penalty", "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier", "seed",
+    "service_tier", "stop", "store", "stream", "stream_options", "temperature", "tool_choice", "tools",
+    "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
+})
+# vLLM's OpenAI server extras, only those the openai engine sends (its `structured_output` setting)
+VLLM_CHAT_EXTRAS = frozenset({"structured_outputs", "guided_json"})
+
+
 class ChatServer:
     """Serves POST /v1/chat/completions. A request whose last message contains a rule's marker
-    gets that rule's next reply (the last one repeats); other requests get a good dialogue."""
+    gets that rule's next reply (the last one repeats); other requests get a good dialogue.
 
-    def __init__(self):
+    Like a server started with an API key (`vllm serve --api-key`), it answers 401 unless the request
+    carries `Authorization: Bearer <api_key>`; with `api_key=None` (no key configured) it takes any request,
+    as vLLM does. A body that is not a JSON object with `model` and `messages`, or that holds a field outside
+    the chat completions API and the vLLM extras above, gets 400. Every request is kept in `requests`,
+    refused ones too; only accepted ones reach the rules."""
+
+    def __init__(self, api_key: str | None = None):
+        self.api_key = api_key
         self.rules: dict[str, list[Reply]] = {}
         self.calls: dict[str, int] = {}
         self.requests: list[tuple[dict, dict]] = []  # (headers, body)
@@ -87,7 +107,11 @@ class ChatServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = raw
                 with server._lock:
                     server.requests.append((dict(self.headers), body))
                     server.in_flight += 1
@@ -108,6 +132,12 @@ class ChatServer:
             def _answer(self, body):
                 if self.path != "/v1/chat/completions":
                     return self._send(404, b"{}")
+                if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    return self._send(401, b'{"error": "Unauthorized"}')
+                problem = request_problem(body)
+                if problem:
+                    return self._send(400, json.dumps({"error": {"message": problem, "type": "BadRequestError",
+                                                                 "code": 400}}).encode())
                 _, reply = server._reply_for(body)
                 time.sleep(reply.delay_s)
                 if reply.raw is not None:
@@ -147,7 +177,29 @@ class ChatServer:
         self._http.server_close()
 
 
+def request_problem(body) -> str | None:
+    """Why the chat completions API refuses `body` (the parts the openai engine could get wrong), or None."""
+    if not isinstance(body, dict):
+        return "the body is not a JSON object"
+    unknown = sorted(body.keys() - OPENAI_CHAT_FIELDS - VLLM_CHAT_EXTRAS)
+    if unknown:
+        return f"Unrecognized request argument supplied: {', '.join(unknown)}"
+    if not isinstance(body.get("model"), str):
+        return "'model' is a required string"
+    messages = body.get("messages")
+    if not (isinstance(messages, list) and messages
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages)):
+        return "'messages' must be a non-empty list of {role, content} objects"
+    return None
+
+
 @pytest.fixture
-def chat_server():
-    with ChatServer() as server:
+def llm_api_key() -> str | None:
+    """The key the chat server expects (None: no key configured); a test module that configures one overrides this."""
+    return None
+
+
+@pytest.fixture
+def chat_server(llm_api_key):
+    with ChatServer(api_key=llm_api_key) as server:
         yield server

@@ -36,6 +36,12 @@ def api_key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
 
 
+@pytest.fixture
+def llm_api_key() -> str:
+    """The chat server answers 401 unless a request carries this module's key."""
+    return SECRET
+
+
 def test_request_carries_model_sampling_seed_schema_and_key(chat_server):
     engine = build_engine(dialogue_config(chat_server.url, temperature=0.5, top_p=0.8, max_new_tokens=99))
     texts = engine.generate([chat("first"), chat("second")], [11, 22], SCHEMA)

@@ -242,39 +242,29 @@ def test_release_checkpoint_with_an_unknown_key_or_shape_is_refused_by_name(tmp_
         PromptNet.from_profusion_release(tmp_path)
 
 
-class WordTokenizer:
-    """Just enough tokenizer for PlaceholderPrompts: one id per word, padded to 8."""
-
-    model_max_length = 8
-
-    def __init__(self):
-        self.vocab = {"<pad>": 0}
-
-    def add_tokens(self, tokens):
-        for token in tokens:
-            self.vocab.setdefault(token, len(self.vocab))
-
-    def convert_tokens_to_ids(self, token):
-        return self.vocab[token]
-
-    def __call__(self, prompts, **_):
-        rows = [[self.vocab.setdefault(w, len(self.vocab)) for w in p.split()] for p in prompts]
-        ids = torch.tensor([(row + [0] * self.model_max_length)[: self.model_max_length] for row in rows])
-        return type("Encoding", (), {"input_ids": ids})()
-
-
 @pytest.mark.parametrize("position_embedding", [True, False])
-def test_s_star_takes_the_position_embedding_only_where_ours_did(position_embedding):
+def test_s_star_takes_the_position_embedding_only_where_ours_did(tmp_path, position_embedding):
     """ProFusion's pipeline writes S* over the whole input embedding (token + position); ours adds
     the position embedding to S*. The release loader marks its PromptNet so."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from factory.tiny.sd import build_tiny_clip_tokenizer
     from models.promptnet import PlaceholderPrompts
 
     torch.manual_seed(0)
-    encoder = CLIPTextModel(CLIPTextConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                           num_attention_heads=2, max_position_embeddings=8)).eval()
-    prompts = PlaceholderPrompts(WordTokenizer(), encoder, position_embedding=position_embedding)
+    tokenizer = build_tiny_clip_tokenizer(tmp_path / "tokenizer")  # a real CLIPTokenizer, tiny BPE vocabulary
+    tokenizer.model_max_length = 8  # the encoder's positions
+    # sized before the placeholder is added: its id is out of the table, so it must never reach the lookup
+    encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)).eval()
+    prompts = PlaceholderPrompts(tokenizer, encoder, position_embedding=position_embedding)
+    prompt = prompts.render("a photo of {subject} here")
+    # <|startoftext|> a photo of S* here <|endoftext|> <pad>: the start token puts S* at position 4
+    ids = prompts.token_ids([prompt])
+    assert ids.shape == (1, 8) and (ids == prompts.placeholder_id).nonzero().tolist() == [[0, 4]]
+    assert ids[0, 0] == tokenizer.bos_token_id and ids[0, 6] == tokenizer.eos_token_id
     s_star = torch.randn(1, 1, 16)
     text_model = getattr(encoder, "text_model", encoder)  # transformers 5 dropped the inner module
     seen = {}
@@ -282,10 +272,10 @@ def test_s_star_takes_the_position_embedding_only_where_ours_did(position_embedd
         lambda _m, args, kwargs: seen.update(x=kwargs.get("inputs_embeds", args[0] if args else None)),
         with_kwargs=True)
     with torch.no_grad():
-        prompts.encode([prompts.render("a photo of {subject} here")], s_star)
+        prompts.encode([prompt], s_star)
     hook.remove()
-    at_slot = seen["x"][0, 3]
-    position = text_model.embeddings.position_embedding.weight[3]
+    at_slot = seen["x"][0, 4]
+    position = text_model.embeddings.position_embedding.weight[4]
     torch.testing.assert_close(at_slot, s_star[0, 0] + position if position_embedding else s_star[0, 0])
     assert not PromptNet.from_profusion_release(
         ReleaseShaped(RELEASE_CONFIG).state_dict(), RELEASE_CONFIG).config.s_star_position_embedding

@@ -23,13 +23,22 @@ TOKEN = secrets.token_hex(20)  # a legacy (non-JWT) token: the SDK sends it as i
 
 class StandIn(BaseHTTPRequestHandler):
     """Label Studio's project and task endpoints; `fail_on(path, page)` gives the status of an error answer
-    (whose body echoes the request's token) or None."""
+    (whose body echoes the request's token) or None. Like Label Studio, it answers 401 to a request whose
+    `Authorization` is not `Token <TOKEN>`, before any scripted failure; `seen` keeps each request's header."""
 
     fail_on = staticmethod(lambda path, page: None)
+    seen: list[str] = []
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         url = urlparse(self.path)
         page = int(parse_qs(url.query).get("page", ["1"])[0])
+        said = self.headers.get("Authorization")
+        self.seen.append(said)
+        if said != f"Token {TOKEN}":
+            # Django REST framework's answer, as Label Studio gives it
+            self.answer(401, {"detail": "Invalid token." if said else
+                              "Authentication credentials were not provided."})
+            return
         failure = self.fail_on(url.path, page)
         if failure:
             self.answer(failure, self.echo())
@@ -63,10 +72,11 @@ def stand_in():
     servers = []
 
     def start(fail_on):
-        handler = type("Handler", (StandIn,), {"fail_on": staticmethod(fail_on)})
+        handler = type("Handler", (StandIn,), {"fail_on": staticmethod(fail_on), "seen": []})
         server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
+        start.seen = handler.seen
         return f"http://127.0.0.1:{server.server_port}"
 
     yield start
@@ -75,13 +85,13 @@ def stand_in():
         server.server_close()
 
 
-def review_import(tmp_path, url, monkeypatch, capsys) -> tuple[int, str]:
+def review_import(tmp_path, url, monkeypatch, capsys, token: str = TOKEN) -> tuple[int, str]:
     """`versions review import demo/v1` against `url`, from a review record written by hand."""
     root = tmp_path / "root"
     record = {"dataset": "demo", "version": "v1", "project_id": 1, "url": url, "created": "2026-12-06T00:00:00",
               "tasks": 3, "published_samples": 3, "frame": {"size": 0}, "origins": {"k1": "published"}}
     LocalStorage(root).write_bytes(layout.review_record("demo", "v1", 1), json.dumps(record).encode())
-    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", token)
     code = main(["--set", f"storage.root={root}", "--set", "dataset=demo", "review", "import", "demo/v1"])
     out, err = capsys.readouterr()
     return code, out + err
@@ -100,6 +110,7 @@ def test_a_server_failing_on_page_two_is_a_clear_error_without_the_token(stand_i
     assert "list the tasks of project 1: HTTP 500" in said and len(said.strip().splitlines()) == 1
     assert "Traceback" not in said
     assert leaked_pieces(said + caplog.text) == []
+    assert len(stand_in.seen) >= 3 and set(stand_in.seen) == {f"Token {TOKEN}"}  # project, page 1, page 2
 
 
 def test_a_401_that_echoes_the_token_is_one_line_saying_the_token_was_refused(stand_in, tmp_path, monkeypatch,
@@ -109,6 +120,7 @@ def test_a_401_that_echoes_the_token_is_one_line_saying_the_token_was_refused(st
     assert code == 2
     assert "refused the token in LABEL_STUDIO_API_KEY (HTTP 401)" in said and len(said.strip().splitlines()) == 1
     assert leaked_pieces(said + caplog.text) == []
+    assert stand_in.seen and set(stand_in.seen) == {f"Token {TOKEN}"}  # the body echoed the real token
 
 
 def test_an_error_body_cut_to_300_characters_never_holds_a_piece_of_the_token(stand_in, tmp_path, monkeypatch,
@@ -117,3 +129,13 @@ def test_an_error_body_cut_to_300_characters_never_holds_a_piece_of_the_token(st
     code, said = review_import(tmp_path, url, monkeypatch, capsys)
     assert code == 2 and "open project 1: HTTP 502" in said
     assert leaked_pieces(said) == []
+    assert stand_in.seen and set(stand_in.seen) == {f"Token {TOKEN}"}
+
+
+def test_a_wrong_token_is_refused_by_the_server_and_said_so_in_one_line(stand_in, tmp_path, monkeypatch, capsys):
+    url = stand_in(lambda path, page: None)
+    code, said = review_import(tmp_path, url, monkeypatch, capsys, token=secrets.token_hex(20))
+    assert code == 2
+    assert "refused the token in LABEL_STUDIO_API_KEY (HTTP 401) when trying to open project 1" in said
+    assert len(said.strip().splitlines()) == 1 and "Invalid token" not in said
+    assert stand_in.seen and f"Token {TOKEN}" not in stand_in.seen
