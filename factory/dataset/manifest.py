@@ -123,6 +123,8 @@ def parse_manifest(body: bytes, where: str) -> dict[str, Any]:
         manifest = json.loads(body)
     except (ValueError, UnicodeDecodeError) as err:
         raise VersionError(f"manifest {where} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise VersionError(f"manifest {where} is not valid JSON: it is nested too deeply") from None
     problem = manifest_problem(manifest)
     if problem:
         raise VersionError(f"manifest {where} is malformed: {problem}")

@@ -47,7 +47,7 @@ BAD_NAMES = ["../x", "x/../../evil2", "../../evilds", "a/b", "", LONG, ".", ".."
 def world(tmp_path_factory):
     """A storage root holding `demo/v1` (10 samples), `demo/v2` (4) and a `broken` dataset with one
     good version, one manifest that is not JSON, one without `shards` and one that lists a shard of
-    another dataset; a run config file on it."""
+    another dataset; a `nested` dataset whose one manifest nests too deeply for json; a run config file on it."""
     base = tmp_path_factory.mktemp("hostile")
     storage = LocalStorage(base / "root")
     publish(storage, "demo", "v1", make_samples(10))
@@ -61,6 +61,7 @@ def world(tmp_path_factory):
     elsewhere["version"] = "elsewhere"  # lists a shard of another dataset, root-relative
     elsewhere["shards"][0]["path"] = "datasets/demo/v1/shards/v1-000000.tar"
     storage.write_bytes("datasets/broken/elsewhere/manifest.json", json.dumps(elsewhere).encode())
+    storage.write_bytes("datasets/nested/deep/manifest.json", b"[" * 100_000 + b"]" * 100_000)  # past json's recursion
     config = yaml.safe_load(demo_config_path().read_text())
     config["storage"]["root"] = storage.root
     config["publish"] = {"executor": "local"}
@@ -209,6 +210,9 @@ def malformed_cases():
         named("versions", ["--set", "dataset=broken", "union", "u-ok", "good", "notjson"], 2, "not valid JSON",
               "union-of-a-malformed-manifest"),
         named("versions", ["--set", "dataset=broken", "list"], 1, "BAD noshards: manifest", "list-marks-bad"),
+        named("versions", ["--set", "dataset=nested", "show", "deep"], 2, "deep/manifest.json is not valid JSON: it "
+              "is nested too deeply", "show-manifest-nested-too-deeply"),
+        named("versions", ["--set", "dataset=nested", "list"], 1, "BAD deep: manifest", "list-marks-nested-bad"),
         named("versions", ["--set", "dataset=broken", "verify", "elsewhere"], 2, "leaves its folder 'datasets/broken'",
               "verify-a-shard-of-another-dataset"),
         named("versions", ["--set", "dataset=broken", "union", "u-ok", "elsewhere"], 2, "leaves its folder",
