@@ -346,7 +346,7 @@ def member_subject(members: dict[str, tarfile.TarInfo], archive: tarfile.TarFile
         if suffix == "json":
             try:
                 meta = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past json's recursion limit
                 continue
             text = meta.get("subject") or meta.get("class") if isinstance(meta, dict) else None
         subject = clean_subject(text)

@@ -335,6 +335,19 @@ def test_webdataset_damaged_shards_are_counted_and_the_good_samples_kept(tmp_pat
     assert summary["rejected"] == {"truncated_shard": 1, "unreadable_shard": 1, "read_error": 1}
 
 
+def test_a_metadata_member_nested_past_jsons_limit_is_skipped_like_any_unreadable_one(tmp_path):
+    shards = tmp_path / "shards"
+    write_shard(shards / "shard-000.tar", [
+        ("000.png", encoded(noise(seed=1))), ("000.json", b"[" * 30_000 + b"]" * 30_000), ("000.cls", b"dog"),
+        ("001.png", encoded(noise(seed=2))), ("001.json", json.dumps({"subject": "red teapot"}).encode()),
+    ])
+    config = config_for(tmp_path, [{"kind": "webdataset", "path": f"{shards}/shard-*.tar"}])
+    summary, ctx = run_stage(config)
+    stored = load_references(ctx.storage, "refs").set_index("origin")
+    assert dict(stored["subject"]) == {"shard-000.tar/000": "dog", "shard-000.tar/001": "red teapot"}
+    assert summary["rejected"] == {}
+
+
 def test_webdataset_without_shards_fails_before_work(tmp_path):
     config = config_for(tmp_path, [{"kind": "webdataset", "path": str(tmp_path / "none-*.tar")}])
     with pytest.raises(ReferencesError, match="no WebDataset shards"):
