@@ -18,20 +18,21 @@ from tests.factory.conftest import jpeg
 RUN = "r-sid1"
 
 
-class FakeScorer:
-    """Embeddings are not what is tested here: any vector per image builds a real pool."""
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    """The pool's embeddings come from a real (tiny, random-weight) CLIP, as `build_pool` gets them in a run."""
+    from factory.tiny.clip import build_tiny_clip
+    from filters.clip import ClipScorer
 
-    def embed_images(self, images):
-        import torch
-
-        return torch.arange(len(images) * 4, dtype=torch.float32).reshape(len(images), 4) + 1
+    tiny = build_tiny_clip(tmp_path_factory.mktemp("clip"))
+    return ClipScorer(tiny.model_name, tiny.pretrained, model_config=tiny.model_config)
 
 
 @pytest.fixture
-def stored(storage):
+def stored(storage, scorer):
     """A pool `p` of 10 images (parts of 4) and a drawn set of 3 images under the run."""
     pool_images = {f"img{n}": jpeg(n) for n in range(10)}
-    build_pool(storage, "p", list(pool_images.items()), FakeScorer(), part_size=4)
+    build_pool(storage, "p", list(pool_images.items()), scorer, part_size=4)
     drawn = {"11-aaa": jpeg(100), "12-bbb": jpeg(101), "13-ccc": jpeg(102)}
     store_images(storage, partial(layout.run_w_part, RUN), layout.run_w_ids(RUN), list(drawn.items()), part_size=2)
     return pool_images, drawn

@@ -1,112 +1,117 @@
-"""eval's DINO, CLIP-I and CLIP-T against cosines computed here from fixed embeddings.
+"""eval's DINO, CLIP-I and CLIP-T against cosines computed here, in float64, from the tiny models' raw outputs.
 
-The scorers and `EvalWorker` run their own code; only the networks are replaced by tables of
-fixed, unnormalised embeddings, looked up by a tag painted into each image (its red value)."""
+`EvalWorker` is built by its own constructor: a tiny CAFE generator G (the prompt's CLIP text
+embedding as its condition), and the filter's scorers loaded from a tiny open_clip CLIP and a tiny
+DINO ViT. G's drawings are recorded on their way to the scorers; the expected scores come from
+the networks themselves (open_clip `encode_image` / `encode_text`, the ViT's CLS token), each loaded
+again here, not from the scorers' methods."""
 
 from __future__ import annotations
 
 import io
-from types import SimpleNamespace
 
 import numpy as np
+import open_clip
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, ViTModel
 
-from factory.framework.config import EvalConfig
+from factory.framework.config import FactoryConfig
 
-CLIP_IMAGE = torch.tensor([[1.0, 2.0, 0.0], [2.0, -1.0, 1.0], [0.5, 0.5, 3.0]])  # rows: reference, image 1, image 2
-CLIP_TEXT = torch.tensor([[0.0, 1.0, 1.0], [-3.0, 1.0, 0.5]])  # rows: the two prompts
-DINO_CLS = torch.tensor([[0.2, -1.0, 4.0, 1.0], [1.0, 1.0, 1.0, -1.0], [-2.0, 0.5, 3.0, 0.0]])
 PROMPTS = ["a dog on the beach", "a dog in the snow"]
 
 
-def tagged(tag: int) -> Image.Image:
-    return Image.new("RGB", (8, 8), (tag, 0, 0))
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from factory.tiny.cafe import build_tiny_cafe_generator, build_tiny_cafe_parts
+    from factory.tiny.clip import build_tiny_clip
+    from factory.tiny.dino import build_tiny_dino
+
+    root = tmp_path_factory.mktemp("eval-metrics-models")
+    return {"generator": build_tiny_cafe_generator(root, build_tiny_cafe_parts(root)),
+            "clip": build_tiny_clip(root / "scorer-clip"), "dino": build_tiny_dino(root / "scorer-dino")}
 
 
-def tags_of(images) -> torch.Tensor:
-    return torch.tensor([image.getpixel((0, 0))[0] for image in images])
-
-
-def fixed_clip_scorer():
-    from filters.clip import ClipScorer
-
-    scorer = ClipScorer.__new__(ClipScorer)
-    scorer.device, scorer.dtype = "cpu", None
-    scorer.preprocess = lambda image: tags_of([image]).float()
-    scorer.tokenizer = lambda texts: torch.tensor([PROMPTS.index(text) for text in texts])
-    scorer.model = SimpleNamespace(encode_image=lambda pixels: CLIP_IMAGE[pixels[:, 0].long()],
-                                   encode_text=lambda tokens: CLIP_TEXT[tokens])
-    return scorer
-
-
-def fixed_dino_scorer():
-    from filters.dino import DinoScorer
-
-    def vit(pixel_values):
-        cls = DINO_CLS[pixel_values]
-        return SimpleNamespace(last_hidden_state=torch.stack([cls, torch.ones_like(cls)], dim=1))  # CLS, a patch
-
-    scorer = DinoScorer.__new__(DinoScorer)
-    scorer.device, scorer.dtype = "cpu", None
-    scorer.processor = lambda images, return_tensors: {"pixel_values": tags_of(images)}
-    scorer.model = vit
-    return scorer
-
-
-class TaggedImagesGenerator:
-    """Draws image 1 then image 2 for every prompt, whatever the condition."""
-
-    encoders = SimpleNamespace(dino_features=lambda images: torch.zeros(1, 2, 4))
-
-    def draw(self, dino_x, condition, seeds):
-        return [tagged(1 + n % 2) for n in range(len(seeds))]
-
-    def describe(self):
-        return {"kind": "fixed"}
-
-
-def worker():
-    from stages.eval import EvalWorker
-
-    evaluator = EvalWorker.__new__(EvalWorker)
-    evaluator.generator = TaggedImagesGenerator()
-    evaluator.semantics = lambda dino_x, prompt: torch.zeros(1, 3)
-    evaluator.clip, evaluator.dino = fixed_clip_scorer(), fixed_dino_scorer()
-    return evaluator
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().numpy(), b.double().numpy()
-    return float(a @ b / (np.sqrt(a @ a) * np.sqrt(b @ b)))
+def make_config(root, tiny) -> FactoryConfig:
+    clip = tiny["clip"]
+    return FactoryConfig.model_validate({
+        "run_id": "metrics", "storage": {"root": str(root)},
+        "filter": {"clip_model": clip.model_name, "clip_pretrained": clip.pretrained,
+                   "clip_model_config": clip.model_config, "dino_model": tiny["dino"]},
+        "eval": {"semantic": "clip_text", "images_per_pair": 2, "image_size": 16, "steps": 2, "use_gpu": False},
+    })
 
 
 def reference_png() -> bytes:
+    pixels = np.random.default_rng(7).integers(0, 255, (40, 40, 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    tagged(0).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def test_each_metric_is_the_cosine_of_its_own_embeddings():
-    from stages.eval import report_from_scored
+@torch.no_grad()
+def raw_clip(tiny_clip, images: list[Image.Image], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Unnormalised float64 image and text embeddings from open_clip's model, loaded here."""
+    open_clip.add_model_config(tiny_clip.model_config)
+    model, _, preprocess = open_clip.create_model_and_transforms(tiny_clip.model_name, pretrained=tiny_clip.pretrained)
+    model = model.double().eval()
+    pixels = torch.stack([preprocess(image) for image in images]).double()
+    tokens = open_clip.get_tokenizer(tiny_clip.model_name)(texts)
+    return model.encode_image(pixels).numpy(), model.encode_text(tokens).numpy()
 
+
+@torch.no_grad()
+def raw_dino_cls(folder: str, images: list[Image.Image]) -> np.ndarray:
+    """The ViT's CLS token (last hidden state, position 0) in float64."""
+    model = ViTModel.from_pretrained(folder, add_pooling_layer=False).double().eval()
+    pixels = AutoImageProcessor.from_pretrained(folder)(images=images, return_tensors="pt")["pixel_values"]
+    return model(pixel_values=pixels.double()).last_hidden_state[:, 0].numpy()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_each_metric_is_the_cosine_of_its_own_embeddings(tmp_path, tiny):
+    from stages.eval import EvalWorker, Located, report_from_scored
+
+    config = make_config(tmp_path, tiny)
+    worker = EvalWorker(config.snapshot(), Located(tiny["generator"], False))
+    drawn: list[list[Image.Image]] = []
+    real_draw = worker.generator.draw
+
+    def recording(dino_x, semantics, seeds):  # G's own drawings, kept on their way to the scorers
+        images = real_draw(dino_x, semantics, seeds)
+        drawn.append(list(images))
+        return images
+
+    worker.generator.draw = recording
     rows = pd.DataFrame({"order": [0, 1], "reference": ["dog.png"] * 2, "subject": ["dog"] * 2, "prompt": PROMPTS,
                          "reference_image": [reference_png()] * 2, "seeds": [[1, 2], [3, 4]]})
-    scored = worker()(rows)
+    scored = worker(rows)
 
+    reference = Image.open(io.BytesIO(reference_png())).convert("RGB")
+    images = [image for row in drawn for image in row]  # prompt 0's two images, then prompt 1's
+    assert len(images) == 4
+    clip_images, clip_texts = raw_clip(tiny["clip"], [reference, *images], PROMPTS)
+    dino = raw_dino_cls(tiny["dino"], [reference, *images])
     for prompt in range(2):  # row n of the batch is prompt n
+        mine = [1 + 2 * prompt + n for n in range(2)]  # rows of this prompt's images in the raw outputs
         expected = {
-            "dino": [cosine(DINO_CLS[image], DINO_CLS[0]) for image in (1, 2)],
-            "clip_i": [cosine(CLIP_IMAGE[image], CLIP_IMAGE[0]) for image in (1, 2)],
-            "clip_t": [cosine(CLIP_IMAGE[image], CLIP_TEXT[prompt]) for image in (1, 2)],
+            "dino": [cosine(dino[i], dino[0]) for i in mine],
+            "clip_i": [cosine(clip_images[i], clip_images[0]) for i in mine],
+            "clip_t": [cosine(clip_images[i], clip_texts[prompt]) for i in mine],
         }
         for metric, values in expected.items():
-            np.testing.assert_allclose(scored[metric][prompt], values, rtol=1e-6, err_msg=metric)
+            np.testing.assert_allclose(scored[metric][prompt], values, rtol=0, atol=1e-5, err_msg=metric)
+    # the scores tell the images and prompts apart, so a swapped input would show
+    assert abs(cosine(clip_images[1], clip_texts[0]) - cosine(clip_images[1], clip_texts[1])) > 1e-3
+    assert np.ptp([cosine(dino[i], dino[0]) for i in range(1, 5)]) > 1e-3
 
-    report = report_from_scored(scored, EvalConfig(images_per_pair=2), seconds=1.0)
-    dino_mean = np.mean([cosine(DINO_CLS[image], DINO_CLS[0]) for image in (1, 2)])
-    clip_t_mean = np.mean([cosine(CLIP_IMAGE[i], CLIP_TEXT[p]) for i in (1, 2) for p in (0, 1)])
-    assert report["metrics"]["dino"] == pytest.approx(dino_mean, abs=1e-6)
-    assert report["metrics"]["clip_t"] == pytest.approx(clip_t_mean, abs=1e-6)
+    report = report_from_scored(scored, config.eval, seconds=1.0)
+    dino_mean = np.mean([cosine(dino[i], dino[0]) for i in range(1, 5)])
+    clip_t_mean = np.mean([cosine(clip_images[1 + n], clip_texts[n // 2]) for n in range(4)])
+    assert report["metrics"]["dino"] == pytest.approx(dino_mean, abs=1e-5)
+    assert report["metrics"]["clip_t"] == pytest.approx(clip_t_mean, abs=1e-5)

@@ -3,6 +3,8 @@ however many partitions are drawn at once, here or by Ray tasks with the retriev
 pool; an alpha sweep keeps one job's seed and `w` for every alpha; no job's `w` is its own
 reference's image."""
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
@@ -12,8 +14,9 @@ from factory.dataset.pool import build_pool
 from factory.dataset.reference_sets import write_parts
 from factory.framework import layout
 from factory.framework.config import FactoryConfig
+from factory.framework.images import decode_image
 from factory.framework.stage import RunContext
-from factory.framework.units import plan_index, read_plan
+from factory.framework.units import ImageJoin, plan_index, read_plan
 from tests.factory.conftest import jpeg
 
 SUBJECTS = [("object", "dog"), ("object", "teapot"), ("human", "person")]
@@ -26,9 +29,10 @@ def tiny_clip(tmp_path_factory):
     return build_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
-def round_context(root, tiny_clip, executor="local", **sid_settings) -> RunContext:
+def round_context(root, tiny_clip, executor="local", references=None, **sid_settings) -> RunContext:
     ctx = RunContext(FactoryConfig.model_validate({
-        "run_id": "r", "storage": {"root": str(root)}, "references": {"set": "refs"}, "plan": {"executor": executor},
+        "run_id": "r", "storage": {"root": str(root)}, "references": {"set": "refs", **(references or {})},
+        "plan": {"executor": executor},
         "filter": {"clip_model": tiny_clip.model_name, "clip_pretrained": tiny_clip.pretrained,
                    "clip_model_config": tiny_clip.model_config},
         "sid": {"pool": "given", "jobs_per_reference": 2, "unit_size": 3, **sid_settings}}))
@@ -113,15 +117,27 @@ def test_the_retrieval_is_searched_once_per_distinct_instruction_of_the_round(tm
     assert sorted(searched) == sorted(jobs["instruction"].unique()) and len(searched) < len(jobs)
 
 
-def test_an_sd_drawn_round_draws_each_w_once_after_its_partitions(tmp_path, tiny_clip, parent, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from factory.tiny.sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "sd")
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_an_sd_drawn_round_draws_each_w_once_after_its_partitions(tmp_path, tiny_clip, tiny_sd, parent, monkeypatch):
+    from models.sd_drawer import StableDiffusionDrawer
+
     calls = []
+    real_draw = sid.draw_w_images
 
-    def draw_w_images(ctx, drawn):  # the SD actor pool's answer, without Ray: one image per row
-        calls.append(len(drawn))
-        return [jpeg(int(seed) % 200, size=16) for seed in drawn["seed"]]
+    def counting(ctx, jobs, batch_size=4):  # the real SD actor pool, its calls counted
+        calls.append(len(jobs))
+        return real_draw(ctx, jobs, batch_size)
 
-    monkeypatch.setattr(sid, "draw_w_images", draw_w_images)
-    ctx = round_context(tmp_path, tiny_clip, w_source="generate", alpha_mode="sweep")
+    monkeypatch.setattr(sid, "draw_w_images", counting)
+    ctx = round_context(tmp_path, tiny_clip, w_source="generate", alpha_mode="sweep",
+                        references={"sd_model": tiny_sd, "sd_steps": 1, "sd_size": 32})
     sid.plan_round(ctx, "parent", 1, "g")
     jobs = pa.concat_tables(read_plan(ctx.storage, "r")).to_pandas()
     assert plan_index(ctx.storage, "r").meta["partitions"] > 2
@@ -129,3 +145,12 @@ def test_an_sd_drawn_round_draws_each_w_once_after_its_partitions(tmp_path, tiny
     assert calls == [jobs["w_id"].nunique()] == [len(jobs) // len(ctx.config.sid.alphas)]  # once, for the round
     stored = ctx.storage.read_parquet(layout.run_w_ids("r")).column("image_id").to_pylist()
     assert sorted(stored) == sorted(w_id[len("sd:"):] for w_id in jobs["w_id"].unique())
+    # each stored w is the tiny SD's drawing of its job's instruction and seed
+    first = jobs.drop_duplicates("w_id").iloc[:2]
+    joined = ImageJoin(ctx.storage, "r").add(first[["key", "unit", "w_id", "w_pool"]].copy(), ("w_image",))
+    drawn = [np.asarray(decode_image(data)).astype(int) for data in joined["w_image"]]
+    direct = StableDiffusionDrawer(ctx.config.references)(
+        pd.DataFrame({"prompt": first["instruction"].tolist(), "seed": first["seed"].tolist()}))
+    for data, image in zip(direct["image"], drawn, strict=True):
+        assert image.shape == (32, 32, 3) and np.abs(np.asarray(decode_image(data)).astype(int) - image).max() <= 2
+    assert np.abs(drawn[0] - drawn[1]).mean() > 1  # another instruction and seed, another drawing
