@@ -13,6 +13,7 @@ only the row groups that hold them.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import islice
@@ -23,6 +24,8 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from factory.framework.storage import Storage
+
+PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}  # alpha-premultiplied modes (TIFF's associated alpha)
 
 
 class ImageRejected(ValueError):
@@ -47,18 +50,21 @@ def decode_image(data: bytes | None, max_pixels: int = 40_000_000, min_side: int
             if min(width, height) < min_side:
                 raise ImageRejected("image_too_small", f"{width}x{height}")
             image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageRejected("image_too_large", str(err)) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    # struct.error and TypeError: EXIF whose entries lie about their types, met by exif_transpose
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, struct.error) as err:
         raise ImageRejected("corrupt_image", f"{type(err).__name__}: {err}") from None
-    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
+    if image.mode in PREMULTIPLIED:  # PIL converts these only to their straight-alpha twins
+        image = image.convert(PREMULTIPLIED[image.mode])
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         peak = array.max() or 1.0
