@@ -148,15 +148,28 @@ def annotation_vote(key: Any, record: dict[str, Any]) -> Vote | str:
     if reviewer is None or reviewer == "":
         return "no_reviewer"
     choices, reason = [], ""
-    for region in record.get("result") or []:
-        value = region.get("value") or {}
-        if region.get("from_name") == VERDICT_FIELD:
-            choices += list(value.get("choices") or [])
-        elif region.get("from_name") == REASON_FIELD and value.get("text"):
-            reason = "\n".join(str(line) for line in value["text"])
+    for name, value in result_values(record.get("result")):
+        if name == VERDICT_FIELD:
+            choices += as_list(value.get("choices"))
+        elif name == REASON_FIELD and value.get("text"):
+            reason = "\n".join(str(line) for line in as_list(value["text"]))
     if len(choices) > 1:
         return "several_choices"
     if not choices or choices[0] not in VERDICTS:
         return "no_verdict"
     return Vote(key=key if isinstance(key, str) else "", reviewer=f"user-{reviewer}", verdict=choices[0],
                 reason=reason)
+
+
+def result_values(result: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(from_name, value) of each region of an annotation's result; the server's JSON is not trusted
+    to have the shape Label Studio gives it, so anything else reads as no region."""
+    for region in result if isinstance(result, list) else []:
+        if isinstance(region, dict) and isinstance(region.get("value"), dict):
+            yield region.get("from_name"), region["value"]
+
+
+def as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]

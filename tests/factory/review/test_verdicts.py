@@ -90,6 +90,18 @@ def test_every_ignored_annotation_is_counted_by_its_reason():
                                             "several_choices": 1, "no_reviewer": 2, "no_verdict": 2}
 
 
+def test_results_of_another_shape_than_label_studios_are_no_verdict_not_an_error():
+    def with_result(result):
+        return {**annotation(), "result": result}
+
+    malformed = [with_result(5), with_result(["keep"]), with_result([{"from_name": "verdict", "value": ["keep"]}]),
+                 with_result([{"from_name": "verdict", "value": {"choices": 5}}]),
+                 with_result([{"from_name": "verdict", "value": {"choices": [{"keep": 1}]}}])]
+    assert [annotation_vote("a", record) for record in malformed] == ["no_verdict"] * 5
+    odd_reason = with_result([*annotation()["result"], {"from_name": "reason", "value": {"text": 42}}])
+    assert annotation_vote("a", odd_reason).reason == "42"
+
+
 def test_a_reviewer_given_as_an_object_is_named_by_its_id():
     vote = annotation_vote("a", annotation(reviewer={"id": 12, "email": "r@example.com"}))
     assert vote.reviewer == "user-12"
