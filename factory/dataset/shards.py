@@ -122,6 +122,8 @@ def read_shard_bytes(data: bytes) -> Iterator[Sample]:
         for member in tar:
             if not member.isfile():
                 continue
+            if member.issparse() or member.size > len(data):  # a GNU sparse member reads back as its full size
+                raise ValueError(f"member {member.name} says it holds {member.size} bytes in a {len(data)}-byte shard")
             key, _, suffix = member.name.partition(".")
             if key not in grouped:
                 grouped[key] = {}

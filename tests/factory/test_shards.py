@@ -85,3 +85,30 @@ def test_shards_load_with_webdataset_and_hf_datasets(tmp_path, samples):
     assert row["input.jpg"].size == (24, 24) and row["target.jpg"].size == (24, 24)
     assert row["user.txt"] == samples[0].user and row["assistant.txt"] == samples[0].assistant
     assert row["json"]["scores"]["clip_t"] == pytest.approx(samples[0].meta["scores"]["clip_t"])
+
+
+def sparse_member_tar(name: str, real_size: int) -> bytes:
+    """A tar of one GNU sparse member: 4 KiB stored, `real_size` bytes once read back."""
+    import tarfile
+
+    def octal(number: int) -> bytes:
+        return f"{number:011o}".encode() + b"\0"
+
+    info = tarfile.TarInfo(name)
+    info.size = 4096
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    header[156:157] = tarfile.GNUTYPE_SPARSE
+    header[386:410] = octal(0) + octal(4096)  # the first (offset, bytes) of the sparse map
+    header[483:495] = octal(real_size)  # the size it reads back as
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}".encode() + b"\0 "
+    return bytes(header) + b"\0" * (4096 + 1024)
+
+
+def test_a_member_larger_than_its_shard_is_refused_before_it_is_read():
+    """A tampered shard (verify reads it after a sha256 mismatch) must not make a reader allocate gigabytes."""
+    from factory.dataset.shards import read_shard_bytes
+
+    data = sparse_member_tar("k1.json", 3 * 2**30)
+    with pytest.raises(ValueError, match=r"member k1.json says it holds 3221225472 bytes in a 5632-byte shard"):
+        list(read_shard_bytes(data))
