@@ -27,8 +27,11 @@ def evals_of_version(storage: Storage, dataset: str, version: str) -> list[dict[
             continue
         try:
             report = json.loads(storage.read_bytes(key))
-        except (StorageError, ValueError) as err:
+        except (StorageError, ValueError, RecursionError) as err:
             log.warning("report: skipping unreadable eval report %s: %s", key, err)
+            continue
+        if not isinstance(report, dict) or not isinstance(report.get("trained_on") or {}, dict):
+            log.warning("report: skipping eval report %s: not an eval report's shape", key)
             continue
         trained_on = report.get("trained_on") or {}
         if trained_on.get("version") == version and trained_on.get("dataset") in (dataset, None):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from factory.framework import layout
 from factory.framework.config import StorageConfig
 from factory.framework.storage import open_storage
@@ -48,3 +50,14 @@ def test_a_version_without_evals_says_how_to_run_one(tmp_path):
     storage = open_storage(StorageConfig(root=str(tmp_path)))
     assert evals_of_version(storage, "demo", "v1") == []
     assert "--stage eval" in evals_section(version_data("v1", []))
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b'{"trained_on": "v1"}'],
+                         ids=["not-json", "nested-too-deep", "not-an-object", "trained-on-not-an-object"])
+def test_an_eval_report_of_another_shape_is_skipped_and_the_good_ones_listed(tmp_path, body, caplog):
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    storage.write_bytes(layout.eval_result("generator", "g-v1/step-00000002", "dreambench-bench"),
+                        eval_report("v1", "2026-12-01T01:00:00+00:00", 0.125))
+    storage.write_bytes(layout.eval_result("generator", "g-v1/step-00000004", "dreambench-bench"), body)
+    assert [r["metrics"]["clip_t"] for r in evals_of_version(storage, "demo", "v1")] == [0.125]
+    assert "skipping" in caplog.text and "step-00000004" in caplog.text
