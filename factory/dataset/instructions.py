@@ -94,6 +94,8 @@ def read_bank(path: str | Path | None = None) -> BankReport:
         raise BankError(str(source), [("(file)", "not found")]) from None
     except UnsafeYaml as err:
         raise BankError(str(source), [("(file)", f"refused: {err}")]) from None
+    except OSError as err:  # a folder, no permission
+        raise BankError(str(source), [("(file)", f"cannot be read: {err.strerror or err}")]) from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise BankError(str(source), [("(file)", f"not valid YAML: {err}")]) from None
     return parse_bank(raw)
@@ -109,6 +111,9 @@ def parse_bank(raw: object) -> BankReport:
     for domain, entries in sections.items():
         if domain not in DOMAINS:
             problems.append((str(domain), f"bad_domain: expected one of {DOMAINS}"))
+            continue
+        if not isinstance(entries, list | None):
+            problems.append((str(domain), "bad_layout: expected a list of entries"))
             continue
         for position, entry in enumerate(entries or []):
             label = f"{domain}[{position}]"

@@ -578,6 +578,8 @@ def load_yaml(text: str) -> Any:
         data = yaml.safe_load(text)
     except RecursionError:
         raise UnsafeYaml("it is nested too deeply") from None
+    except ValueError as err:  # an int of more digits than Python converts (sys.get_int_max_str_digits)
+        raise UnsafeYaml(str(err).split(";")[0]) from None
     added = alias_expansion(data)
     if added > YAML_ALIAS_LIMIT:
         raise UnsafeYaml(f"its aliases expand it by {added:,} values (at most {YAML_ALIAS_LIMIT:,})")
@@ -675,9 +677,16 @@ def describe_errors(err: ValidationError) -> str:
         else:
             message = problem["msg"].removeprefix("Value error, ")
             if "input" in problem and problem["type"] not in ("value_error",):
-                message += f" (got {shorten(repr(problem['input']))})"
+                message += f" (got {shown(problem['input'])})"
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)
+
+
+def shown(value: Any) -> str:
+    try:
+        return shorten(repr(value))
+    except ValueError:  # a hex int too long to write in decimal
+        return "a number too long to print"
 
 
 def shorten(text: str, limit: int = 60) -> str:

@@ -161,3 +161,10 @@ def test_an_instruction_bank_of_laughs_is_a_bank_error_naming_the_file(tmp_path)
     bank.write_text(laughs(9) + "instructions: {human: [], object: *l8}\n")
     with pytest.raises(BankError, match=r"bank.yaml .*refused: its aliases expand it by"):
         load_bank(bank)
+
+
+def test_a_number_too_long_for_python_is_named_with_its_file_or_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*config.yaml is refused: Exceeds the limit \(4300 digits\)"):
+        load_config(write(tmp_path, "plan: {seed: " + "9" * 5000 + "}\n"))
+    with pytest.raises(ConfigError, match=r"plan.seed: .*\(got a number too long to print\)"):
+        load_config(None, ["plan.seed=0x" + "f" * 5000])  # YAML reads hex past the limit; only printing it fails

@@ -127,6 +127,8 @@ def test_a_valid_external_bank_loads(tmp_path):
     ("nothing: here", "bad_layout"),
     ("instructions: {robot: []}", "bad_domain"),
     ("instructions: {human: [\n", "not valid YAML"),
+    ("instructions: {object: 5}", "object: bad_layout: expected a list of entries"),
+    ("instructions: {object: " + "9" * 5000 + "}", r"refused: Exceeds the limit \(4300 digits\)"),
 ])
 def test_a_malformed_bank_file_is_refused(tmp_path, text, problem):
     path = tmp_path / "bank.yaml"
@@ -138,3 +140,5 @@ def test_a_malformed_bank_file_is_refused(tmp_path, text, problem):
 def test_a_missing_bank_file_is_a_clear_error(tmp_path):
     with pytest.raises(BankError, match="not found"):
         load_bank(tmp_path / "absent.yaml")
+    with pytest.raises(BankError, match="cannot be read: Is a directory"):
+        load_bank(tmp_path)
