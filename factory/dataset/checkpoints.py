@@ -8,6 +8,8 @@ step; keys come from `factory.framework.layout`.
 from __future__ import annotations
 
 import json
+import logging
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +18,8 @@ from factory.framework.storage import Storage, StorageError
 
 if TYPE_CHECKING:
     from factory.framework.stage import RunContext
+
+log = logging.getLogger(__name__)
 
 
 def latest_checkpoint(storage: Storage, model: str, run_id: str) -> str | None:
@@ -28,16 +32,22 @@ def latest_checkpoint(storage: Storage, model: str, run_id: str) -> str | None:
 
 
 def newest_checkpoint(storage: Storage, model: str) -> str | None:
-    """The most recently written checkpoint folder of `model` over all runs, or None."""
-    newest: tuple[str, int, str] | None = None
-    for key in storage.list(layout.checkpoints(model)):
-        if not layout.is_checkpoint_latest(key):
-            continue
-        folder = json.loads(storage.read_bytes(key))["path"]
+    """The most recently written checkpoint folder of `model` over all runs, or None. A run whose
+    `latest.json` or newest `meta.json` cannot be read (a step folder deleted by hand) is skipped, named."""
+    runs = [key for key in storage.list(layout.checkpoints(model)) if layout.is_checkpoint_latest(key)]
+    found = [newest for newest in map(partial(run_newest, storage), runs) if newest]
+    return max(found)[2] if found else None
+
+
+def run_newest(storage: Storage, latest_key: str) -> tuple[str, int, str] | None:
+    """(created, step, folder) of the checkpoint a run's `latest.json` points at, or None (warned)."""
+    try:
+        folder = json.loads(storage.read_bytes(latest_key))["path"]
         meta = json.loads(storage.read_bytes(layout.checkpoint_meta(folder)))
-        candidate = (meta["created"], meta["step"], folder)
-        newest = max(newest, candidate) if newest else candidate
-    return newest[2] if newest else None
+        return str(meta["created"]), int(meta["step"]), folder
+    except (StorageError, ValueError, RecursionError, KeyError, TypeError) as err:
+        log.warning("skipping the checkpoints of %s: %s: %s", storage.url(latest_key), type(err).__name__, err)
+        return None
 
 
 def fetch_checkpoint(storage: Storage, folder: str, destination: str | Path) -> str:
