@@ -25,6 +25,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from factory.framework.storage import Storage
 
+# the formats of the files references take (PIL's JPEG opener also gives a camera's MPO); never a
+# plugin that runs another program on the bytes (EPS hands them to Ghostscript)
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}  # alpha-premultiplied modes (TIFF's associated alpha)
 
 
@@ -43,7 +46,7 @@ def decode_image(data: bytes | None, max_pixels: int = 40_000_000, min_side: int
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageRejected("image_too_large", f"{width}x{height} > {max_pixels} pixels")

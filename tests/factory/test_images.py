@@ -52,3 +52,13 @@ def test_a_premultiplied_alpha_tiff_is_kept_as_rgb_on_white():
     assert image.mode == "RGB" and image.size == (8, 8)
     assert image.getpixel((0, 0)) == (255, 255, 255)  # fully transparent: the white background
     assert image.getpixel((1, 1))[0] < 255  # grey, over white
+
+
+def test_only_the_formats_references_take_are_decoded_so_eps_never_reaches_ghostscript():
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nnewpath 0 0 moveto 16 16 lineto stroke\nshowpage\n"
+    with pytest.raises(ImageRejected, match="corrupt_image: UnidentifiedImageError"):
+        decode_image(eps)
+    for format_name in ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(buffer, format_name)
+        assert decode_image(buffer.getvalue()).size == (8, 8), format_name
