@@ -2,8 +2,10 @@
 a Ray Serve LLM deployment, a hosted API), over the standard library's HTTP client.
 
 - Up to `max_concurrency` requests in flight (a thread pool), each with `request_timeout_s`.
-- Retries with exponential backoff on 429, 5xx, timeouts and connection errors (honouring a
-  numeric `Retry-After`); other 4xx answers fail that prompt alone, without retry.
+- Retries with exponential backoff on 429, 5xx, timeouts, connection errors and broken HTTP
+  (honouring a numeric `Retry-After`); other 4xx answers fail that prompt alone, without retry.
+- `request_timeout_s` bounds the whole request (a server dripping its answer is cut off), and a
+  body larger than any answer of `max_new_tokens` is refused unread.
 - The API key is read from the environment variable named by `api_key_env` and sent only in
   the `Authorization` header: never logged, never put into an error.
 - The JSON schema goes into the field named by `structured_output`: OpenAI's
@@ -13,6 +15,7 @@ a Ray Serve LLM deployment, a hosted API), over the standard library's HTTP clie
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -33,6 +36,9 @@ log = logging.getLogger(__name__)
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_BACKOFF_S = 60.0
+READ_CHUNK_BYTES = 64 * 1024
+ENVELOPE_BYTES = 64 * 1024  # the answer's envelope (id, usage, ...) around its text
+BYTES_PER_TOKEN = 128  # a long token (~20 chars) with every char JSON-escaped (\uXXXX, 6 bytes)
 
 
 class TransientError(EngineError):
@@ -56,6 +62,7 @@ class OpenAIEngine(BatchEngine):
         self.config = config
         self.url = config.endpoint_url.rstrip("/") + "/chat/completions"
         self.safe_url = redact_url(self.url)
+        self.max_body_bytes = ENVELOPE_BYTES + BYTES_PER_TOKEN * config.max_new_tokens
         self._api_key = os.environ.get(config.api_key_env) if config.api_key_env else None
         if config.api_key_env and not self._api_key:
             log.info("no API key in $%s; sending requests without one", config.api_key_env)
@@ -106,7 +113,7 @@ class OpenAIEngine(BatchEngine):
                 if attempt == self.config.max_retries:
                     raise
                 delay = err.retry_after if err.retry_after is not None else self._backoff(attempt)
-                log.info("LLM request: %s; retry %d in %.2fs", err, attempt + 1, delay)
+                log.info("LLM request to %s: %s; retry %d in %.2fs", self.safe_url, err, attempt + 1, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -115,9 +122,10 @@ class OpenAIEngine(BatchEngine):
 
     def _post(self, payload: bytes) -> str:
         request = urllib.request.Request(self.url, data=payload, method="POST", headers=self._headers())
+        deadline = time.monotonic() + self.config.request_timeout_s
         try:
             with urllib.request.urlopen(request, timeout=self.config.request_timeout_s) as response:
-                raw = response.read()
+                raw = self._read_body(response, deadline)
         except urllib.error.HTTPError as err:
             raise http_failure(err) from None
         except TimeoutError:
@@ -125,7 +133,22 @@ class OpenAIEngine(BatchEngine):
         except (urllib.error.URLError, ConnectionError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise TransientError(f"connection failed: {type(reason).__name__}: {reason}") from None
+        except http.client.HTTPException as err:  # cut-short body, not HTTP at all, ...
+            raise TransientError(f"broken HTTP answer: {type(err).__name__}") from None
         return completion_text(raw)
+
+    def _read_body(self, response: http.client.HTTPResponse, deadline: float) -> bytes:
+        """The whole body, unless it outgrows `max_body_bytes` or the request's deadline."""
+        body = bytearray()
+        while chunk := response.read1(READ_CHUNK_BYTES):
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise TransientError(f"answer larger than {self.max_body_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise TransientError(f"no whole answer within {self.config.request_timeout_s}s")
+        if response.length:  # read1 ends quietly where a server closes short of its Content-Length
+            raise http.client.IncompleteRead(bytes(body), response.length)
+        return bytes(body)
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -164,7 +187,7 @@ def completion_text(raw: bytes) -> str:
     """The first choice's message content; a malformed envelope is the server's fault (retry)."""
     try:
         content = json.loads(raw)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, RecursionError, KeyError, IndexError, TypeError):
         raise TransientError("malformed completion envelope") from None
     if not isinstance(content, str):
         raise TransientError("completion content is not a string")

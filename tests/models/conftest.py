@@ -34,6 +34,9 @@ class Reply:
     delay_s: float = 0.0
     raw: bytes | None = None  # a whole response body, sent as is
     retry_after: str | None = None
+    length: int | None = None  # a Content-Length other than the body's (then the server closes)
+    drip_s: float = 0.0  # send the body a byte at a time, this far apart
+    wire: bytes | None = None  # the whole answer, sent as is instead of HTTP (no status line, no headers)
 
 
 def good_dialogue(body: dict) -> str:
@@ -68,7 +71,7 @@ class ChatServer:
     carries `Authorization: Bearer <api_key>`; with `api_key=None` (no key configured) it takes any request,
     as vLLM does. A body that is not a JSON object with `model` and `messages`, or that holds a field outside
     the chat completions API and the vLLM extras above, gets 400. Every request is kept in `requests`,
-    refused ones too; only accepted ones reach the rules."""
+    refused ones too; only accepted ones reach the rules. `cut_off` counts answers the client stopped reading."""
 
     def __init__(self, api_key: str | None = None):
         self.api_key = api_key
@@ -77,6 +80,7 @@ class ChatServer:
         self.requests: list[tuple[dict, dict]] = []  # (headers, body)
         self.in_flight = 0
         self.max_in_flight = 0
+        self.cut_off = 0
         self._lock = threading.Lock()
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._http.daemon_threads = True
@@ -140,28 +144,40 @@ class ChatServer:
                                                                  "code": 400}}).encode())
                 _, reply = server._reply_for(body)
                 time.sleep(reply.delay_s)
+                if reply.wire is not None:
+                    self._close_request()
+                    return self.wfile.write(reply.wire)
                 if reply.raw is not None:
-                    return self._send(reply.status, reply.raw)
+                    return self._send(reply.status, reply.raw, reply)
                 if reply.status != 200:
-                    return self._send(reply.status, b'{"error": {"message": "scripted failure"}}', reply.retry_after)
+                    return self._send(reply.status, b'{"error": {"message": "scripted failure"}}', reply)
                 content = reply.content if reply.content is not None else good_dialogue(body)
                 answer = {"id": "cmpl-test", "object": "chat.completion", "model": body["model"],
                           "choices": [{"index": 0, "finish_reason": "stop",
                                        "message": {"role": "assistant", "content": content}}]}
-                self._send(200, json.dumps(answer).encode())
+                self._send(200, json.dumps(answer).encode(), reply)
 
-            def _send(self, status, payload, retry_after=None):
+            def _send(self, status, payload, reply=None):
+                reply = reply or Reply()
                 self._close_request()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    if retry_after is not None:
-                        self.send_header("Retry-After", retry_after)
+                    self.send_header("Content-Length", str(len(payload) if reply.length is None else reply.length))
+                    if reply.retry_after is not None:
+                        self.send_header("Retry-After", reply.retry_after)
                     self.end_headers()
-                    self.wfile.write(payload)
+                    self._write(payload, reply.drip_s)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (a timeout test)
+                    with server._lock:
+                        server.cut_off += 1
+
+            def _write(self, payload, drip_s):
+                if not drip_s:
+                    return self.wfile.write(payload)
+                for byte in payload:
+                    time.sleep(drip_s)
+                    self.wfile.write(bytes([byte]))
 
             def log_message(self, *args):
                 pass

@@ -164,3 +164,70 @@ def test_dialogue_stage_over_openai_retries_and_rejects_malformed(chat_server):
     assert pd.isna(out.loc["k-dead", "user"]) and pd.isna(out.loc["k-dead", "style"])
     seeds = [body["seed"] for _, body in chat_server.requests if "in the snow" in body["messages"][-1]["content"]]
     assert len(set(seeds)) == 3  # each attempt draws with a new seed
+
+
+def dialogue_rows(instructions: dict[str, str]) -> pd.DataFrame:
+    n = len(instructions)
+    return pd.DataFrame({"key": list(instructions), "subject": ["dog"] * n, "domain": ["object"] * n,
+                         "instruction": list(instructions.values()), "reject_stage": [None] * n,
+                         "reject_reason": [None] * n})
+
+
+def test_answer_cut_short_is_retried_then_that_rows_engine_error(chat_server, caplog):
+    from stages.dialogue import Dialogue
+
+    chat_server.rule("cut short", Reply(raw=b'{"choices": [{"message"', length=4096))  # then the server closes
+    dialogue = dialogue_config(chat_server.url, max_attempts=1, max_retries=2, batch_size=2)
+    config = FactoryConfig.model_validate({"dialogue": dialogue.model_dump()})
+
+    with caplog.at_level(logging.INFO):
+        out = Dialogue(config)(dialogue_rows({"k-cut": "a dog with a cut short tail", "k-park": "a dog in a park"}))
+
+    out = out.set_index("key")
+    assert out.loc["k-cut", "reject_reason"] == "engine_error"
+    assert chat_server.calls["cut short"] == 3 and "IncompleteRead" in caplog.text
+    assert pd.isna(out.loc["k-park", "reject_reason"]) and out.loc["k-park", "user"].startswith("Could you")
+
+
+def test_endpoint_that_does_not_speak_http_fails_that_prompt_naming_it_not_the_key(chat_server, caplog):
+    chat_server.rule("not http", Reply(wire=b"SSH-2.0-OpenSSH_9.6\r\n"))
+    engine = build_engine(dialogue_config(chat_server.url, max_retries=1))
+    with caplog.at_level(logging.INFO):
+        texts = engine.generate([chat("not http"), chat("ok")], [1, 2])
+
+    assert texts[0] is None and json.loads(texts[1])
+    assert chat_server.calls["not http"] == 2
+    assert "BadStatusLine" in caplog.text and engine.safe_url in caplog.text and SECRET not in caplog.text
+
+
+def test_deeply_nested_envelope_is_malformed(chat_server):
+    chat_server.rule("nested", Reply(raw=b"[" * 20_000 + b"]" * 20_000))
+    texts = build_engine(dialogue_config(chat_server.url, max_retries=1)).generate([chat("nested"), chat("ok")], [1, 2])
+
+    assert texts[0] is None and json.loads(texts[1])
+    assert chat_server.calls["nested"] == 2
+
+
+def test_dripping_answer_is_cut_off_at_the_request_timeout(chat_server, caplog):
+    chat_server.rule("drip", Reply(drip_s=0.05))  # each byte well inside the timeout, the whole answer ~10 s
+    engine = build_engine(dialogue_config(chat_server.url, request_timeout_s=0.5, max_retries=1))
+    started = time.monotonic()
+    texts = engine.generate([chat("drip"), chat("ok")], [1, 2])
+
+    assert texts[0] is None and json.loads(texts[1])
+    assert chat_server.calls["drip"] == 2 and "no whole answer within 0.5s" in caplog.text
+    assert time.monotonic() - started < 2.5
+
+
+def test_oversized_answer_is_refused_unread(chat_server, caplog):
+    envelope = json.dumps({"choices": [{"message": {"role": "assistant", "content": "{}"}}]}).encode()
+    chat_server.rule("huge", Reply(raw=envelope + b" " * 32 * 2**20))  # valid JSON, far past any 512-token answer
+    engine = build_engine(dialogue_config(chat_server.url, max_retries=1, max_new_tokens=512))
+    texts = engine.generate([chat("huge"), chat("ok")], [1, 2])
+
+    assert texts[0] is None and json.loads(texts[1])
+    assert chat_server.calls["huge"] == 2 and "answer larger than" in caplog.text
+    deadline = time.monotonic() + 2
+    while chat_server.cut_off < 2 and time.monotonic() < deadline:  # the server sees the client hang up
+        time.sleep(0.01)
+    assert chat_server.cut_off == 2
