@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -29,6 +27,7 @@ import pandas as pd
 
 from factory.dataset.reference_sets import write_parts, write_rejections
 from factory.dataset.reference_sources import (
+    SHARD_ERRORS,
     Candidate,
     ReferencesError,
     folder_candidates,
@@ -62,11 +61,10 @@ def run(ctx: RunContext) -> dict:
     cfg = ctx.config.references
     ctx.storage.delete(layout.reference_complete(cfg.set))  # the set is incomplete until this run finishes
     rejections: list[dict] = []
-    with ExitStack() as stack:
-        candidates = usable_candidates(list_candidates(ctx, stack), rejections)
-        generated = [c for c in candidates if c.source == "generated"]
-        drawer = Drawer(ctx.config, ctx.storage, generated) if generated else None
-        parts = write_parts(ctx.storage, cfg.set, ingest(candidates, cfg, drawer, rejections), cfg.part_size)
+    candidates = usable_candidates(list_candidates(ctx), rejections)
+    generated = [c for c in candidates if c.source == "generated"]
+    drawer = Drawer(ctx.config, ctx.storage, generated) if generated else None
+    parts = write_parts(ctx.storage, cfg.set, ingest(candidates, cfg, drawer, rejections), cfg.part_size)
     write_rejections(ctx.storage, cfg.set, rejections)
     summary = {
         "set": cfg.set,
@@ -80,7 +78,7 @@ def run(ctx: RunContext) -> dict:
     return summary
 
 
-def list_candidates(ctx: RunContext, stack: ExitStack) -> list[Candidate]:
+def list_candidates(ctx: RunContext) -> list[Candidate]:
     """Every candidate of every source, sorted by id; listing errors are raised here, before any work."""
     cfg = ctx.config.references
     found: list[Candidate] = []
@@ -90,7 +88,7 @@ def list_candidates(ctx: RunContext, stack: ExitStack) -> list[Candidate]:
         elif source.kind == "s3":
             found.extend(s3_candidates(source, S3Storage(source.path, ctx.config.storage), cfg))
         elif source.kind == "webdataset":
-            found.extend(webdataset_candidates(source, cfg, stack))
+            found.extend(webdataset_candidates(source, cfg))
         else:
             found.extend(generated_candidates(source, cfg))
     return sorted(found, key=lambda c: (c.reference_id, c.origin))
@@ -142,7 +140,7 @@ def load_one(candidate: Candidate, drawn: dict[str, bytes | Rejected], cfg: Refe
         return err
     except ImageRejected as err:
         return Rejected(err.reason)
-    except (StorageError, OSError, tarfile.TarError) as err:
+    except (StorageError, *SHARD_ERRORS) as err:
         log.warning("cannot read reference %s: %s", candidate.reference_id, type(err).__name__)
         return Rejected("read_error")
     except Exception:  # one bad file never stops the stage

@@ -5,10 +5,12 @@ Sources (config `references.sources`):
   not followed); files without an image extension are counted as "not_an_image_file".
 - s3: every object under `s3://bucket/prefix`, read with the run's storage settings
   (endpoint, retries); a key the storage layer would normalise (`..`, `//`) is "unsafe_name".
-- webdataset: local tar shards (a glob and/or `{000..009}` braces), read with tarfile and
-  never extracted; a member named to escape (absolute, `..`, NUL, drive letter) is
+- webdataset: local tar shards, plain or gz/bz2/xz (a glob and/or `{000..009}` braces), read with
+  tarfile and never extracted; a member named to escape (absolute, `..`, NUL, drive letter) is
   "unsafe_member_name", a link or device "unsupported_member". A sample's image is its first
-  jpg/jpeg/png/webp member, its subject the `.json` "subject"/"class", `.cls` or `.txt`.
+  jpg/jpeg/png/webp member, its subject the `.json` "subject"/"class", `.cls` or `.txt`. A shard
+  damaged partway is "truncated_shard" (the samples before the damage kept), one that cannot be
+  opened "unreadable_shard".
 - generated: one candidate per image to draw (`models.sd_drawer` draws them): `per_prompt`
   for each class in `prompts`, each with its own seed (a hash of the source seed, the class and
   the image's index, so adding classes changes no other seed); subject = the class.
@@ -34,12 +36,13 @@ import glob
 import hashlib
 import json
 import logging
+import lzma
 import os
 import re
 import tarfile
-import threading
+import zlib
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +65,8 @@ TAR_SUBJECT_SUFFIXES = ("json", "cls", "txt")
 MAX_SUBJECT_CHARS = 64
 MAX_METADATA_BYTES = 64 * 1024
 HUMAN_DEFAULT_SUBJECT = "person"
+# what a damaged shard raises: tarfile passes on the decompressors' EOFError (truncated), LZMAError and zlib.error
+SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, lzma.LZMAError, zlib.error)
 
 
 class ReferencesError(RuntimeError):
@@ -191,12 +196,12 @@ def s3_candidates(source: ReferenceSource, storage: Storage, cfg: ReferencesConf
     except StorageError as err:
         raise ReferencesError(f"cannot list the reference source {source.path}: {err}") from None
     found = []
-    for relative, etag, _ in objects:
+    for relative, etag, size in objects:
         if relative.endswith("/"):  # a console-made "folder" marker
             continue
         unsafe = not is_clean_s3_name(relative)
         read = None if unsafe else (lambda k=relative: storage.read_bytes(k))
-        found.append(file_candidate("s3", source, relative, read, None, cfg, reject="unsafe_name" if unsafe else None,
+        found.append(file_candidate("s3", source, relative, read, size, cfg, reject="unsafe_name" if unsafe else None,
                                     content=etag))
     if not found:
         log.warning("no objects under %s", source.path)
@@ -213,17 +218,33 @@ def is_clean_s3_name(name: str) -> bool:
 # --- webdataset -------------------------------------------------------------------------------
 
 
-def webdataset_candidates(source: ReferenceSource, cfg: ReferencesConfig, stack: ExitStack) -> list[Candidate]:
+def webdataset_candidates(source: ReferenceSource, cfg: ReferencesConfig) -> list[Candidate]:
     found = []
     for relative, path in shard_paths(source.path):
         try:
-            archive = stack.enter_context(tarfile.open(path, "r:*"))
-            found.extend(shard_candidates(source, cfg, relative, archive, threading.Lock()))
-        except (tarfile.TarError, OSError) as err:  # one bad shard is counted, the others go on
+            with open_shard(path) as archive:
+                found.extend(shard_candidates(source, cfg, relative, path, archive))
+        except SHARD_ERRORS as err:  # one bad shard is counted, the others go on
             log.warning("cannot read WebDataset shard %s: %s", relative, type(err).__name__)
             found.append(Candidate(reference_id("webdataset", relative), "webdataset",
                                    printable(relative), source.domain, reject="unreadable_shard"))
     return found
+
+
+@contextmanager
+def open_shard(path: str) -> Iterator[tarfile.TarFile]:
+    with open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r:*") as archive:
+        yield archive
+
+
+def member_reader(path: str, member: tarfile.TarInfo) -> Callable[[], bytes]:
+    """Reads `member`, opening its shard for that read only: open files stay few however many shards."""
+
+    def read() -> bytes:
+        with open_shard(path) as archive:
+            return archive.extractfile(member).read()
+
+    return read
 
 
 def shard_paths(pattern: str) -> list[tuple[str, str]]:
@@ -249,8 +270,8 @@ def fixed_folder(pattern: str) -> str:
     return "/".join(fixed) or ("/" if pattern.startswith("/") else ".")
 
 
-def shard_candidates(source: ReferenceSource, cfg: ReferencesConfig, shard: str,
-                     archive: tarfile.TarFile, lock: threading.Lock) -> list[Candidate]:
+def shard_candidates(source: ReferenceSource, cfg: ReferencesConfig, shard: str, path: str,
+                     archive: tarfile.TarFile) -> list[Candidate]:
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     members, complete = read_members(archive)
     found = [] if complete else [Candidate(reference_id("webdataset", shard), "webdataset",
@@ -267,7 +288,7 @@ def shard_candidates(source: ReferenceSource, cfg: ReferencesConfig, shard: str,
         key, suffix = split_member_name(member.name)
         samples.setdefault(key, {}).setdefault(suffix.lower(), member)
     for key in sorted(samples):
-        found.append(sample_candidate(source, cfg, shard, key, samples[key], archive, lock))
+        found.append(sample_candidate(source, cfg, shard, path, key, samples[key], archive))
     return found
 
 
@@ -277,7 +298,7 @@ def read_members(archive: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], bool]
     try:
         while (member := archive.next()) is not None:
             members.append(member)
-    except (tarfile.TarError, OSError):
+    except SHARD_ERRORS:
         return members, False
     return members, True
 
@@ -306,17 +327,15 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), (suffix if dot else "")
 
 
-def sample_candidate(source: ReferenceSource, cfg: ReferencesConfig, shard: str, key: str,
-                     members: dict[str, tarfile.TarInfo], archive: tarfile.TarFile,
-                     lock: threading.Lock) -> Candidate:
+def sample_candidate(source: ReferenceSource, cfg: ReferencesConfig, shard: str, path: str, key: str,
+                     members: dict[str, tarfile.TarInfo], archive: tarfile.TarFile) -> Candidate:
     origin = f"{shard}/{key}"
     image = next((members[s] for s in sorted(members) if s.rsplit(".", 1)[-1] in TAR_IMAGE_SUFFIXES), None)
     content = ""
     if image is not None and image.size <= cfg.max_file_mb * 2**20:
         try:
-            with lock:
-                content = content_digest(archive.extractfile(image).read())
-        except (tarfile.TarError, OSError):
+            content = content_digest(archive.extractfile(image).read())
+        except SHARD_ERRORS:
             pass  # reading it again in the ingest counts the failure
     ident = reference_id("webdataset", origin, content)
     found = None if source.subject else member_subject(members, archive)
@@ -325,11 +344,7 @@ def sample_candidate(source: ReferenceSource, cfg: ReferencesConfig, shard: str,
         reject = "no_image_member"
     elif image.size > cfg.max_file_mb * 2**20:
         reject = "file_too_large"
-
-    def read(member=image) -> bytes:
-        with lock:  # one TarFile shares one file handle
-            return archive.extractfile(member).read()
-
+    read = member_reader(path, image) if image is not None else None
     return Candidate(ident, "webdataset", printable(origin), source.domain, subject, read, reject=reject)
 
 
@@ -341,7 +356,7 @@ def member_subject(members: dict[str, tarfile.TarInfo], archive: tarfile.TarFile
             continue
         try:
             text = archive.extractfile(member).read().decode("utf-8", "replace")
-        except (tarfile.TarError, OSError):
+        except SHARD_ERRORS:
             continue
         if suffix == "json":
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import resource
 import struct
 import tarfile
 import zlib
@@ -23,6 +24,7 @@ from factory.dataset.reference_sources import (
 )
 from factory.framework.config import ConfigError, FactoryConfig, validate_config
 from factory.framework.stage import RunContext
+from factory.framework.storage import S3Storage
 from models.sd_drawer import StableDiffusionDrawer
 from stages import references
 
@@ -260,6 +262,28 @@ def test_s3_source_reads_through_the_configured_endpoint(tmp_path, s3_bucket):
     assert set(rejected[rejected.reason == "unsafe_name"]["origin"]) == {"../escape.png", "a//double.png"}
 
 
+def test_s3_objects_over_max_file_mb_are_refused_from_their_listed_size_never_read(tmp_path, s3_bucket, monkeypatch):
+    endpoint, bucket = s3_bucket
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.put_object(Bucket=bucket, Key="refs/dog/small.png", Body=encoded(noise(seed=1)))
+    client.put_object(Bucket=bucket, Key="refs/dog/big.png", Body=encoded(noise((200, 200), seed=2)))
+    real_read, reads = S3Storage.read_bytes, []
+
+    def recorded_read(self, key: str) -> bytes:
+        reads.append(key)
+        return real_read(self, key)
+
+    monkeypatch.setattr(S3Storage, "read_bytes", recorded_read)
+    storage = {"root": str(tmp_path / "root"), "endpoint_url": endpoint, "max_attempts": 2}
+    config = config_for(tmp_path, [{"kind": "s3", "path": f"s3://{bucket}/refs"}], storage=storage, max_file_mb=0.05)
+    summary, ctx = run_stage(config)
+    assert summary["references"] == 1 and summary["rejected"] == {"file_too_large": 1}
+    assert load_rejections(ctx.storage, "refs")["origin"].tolist() == ["dog/big.png"]
+    assert reads == ["dog/small.png"]
+
+
 @pytest.mark.parametrize("name,clean", [
     ("dog/a.jpg", True), ("日本/猫.png", True), ("a b/c.jpg", True),
     ("../a.jpg", False), ("a/../b.jpg", False), ("a//b.jpg", False), ("./a.jpg", False),
@@ -286,9 +310,9 @@ def add_member(archive: tarfile.TarFile, name: str, data: bytes = b"", kind: byt
     archive.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
 
 
-def write_shard(path: Path, members: list[tuple]) -> Path:
+def write_shard(path: Path, members: list[tuple], mode: str = "w") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+    with tarfile.open(path, mode, format=tarfile.PAX_FORMAT) as archive:
         for member in members:
             add_member(archive, *member)
     return path
@@ -333,6 +357,42 @@ def test_webdataset_damaged_shards_are_counted_and_the_good_samples_kept(tmp_pat
     stored = load_references(ctx.storage, "refs")
     assert sorted(stored["origin"]) == ["cut.tar/000", "whole.tar/000", "whole.tar/001", "whole.tar/002"]
     assert summary["rejected"] == {"truncated_shard": 1, "unreadable_shard": 1, "read_error": 1}
+
+
+def test_damaged_compressed_shards_are_counted_and_the_good_samples_kept(tmp_path):
+    shards = tmp_path / "shards"
+    members = [(f"{i:03d}.png", encoded(noise(seed=i))) for i in range(3)]
+    write_shard(shards / "whole.tar", members)
+    gz = write_shard(tmp_path / "whole.tar.gz", members, "w:gz").read_bytes()
+    xz = bytearray(write_shard(tmp_path / "whole.tar.xz", members, "w:xz").read_bytes())
+    (shards / "cut.tar.gz").write_bytes(gz[: len(gz) // 2])  # ends inside the second member's data
+    (shards / "head.tar.gz").write_bytes(gz[:100])  # ends inside the first header
+    xz[len(xz) // 2 : len(xz) // 2 + 16] = b"\xff" * 16  # corrupt inside the second member's data
+    (shards / "corrupt.tar.xz").write_bytes(bytes(xz))
+    config = config_for(tmp_path, [{"kind": "webdataset", "path": f"{shards}/*.tar*", "subject": "dog"}])
+    summary, ctx = run_stage(config)
+    stored = load_references(ctx.storage, "refs")
+    assert sorted(stored["origin"]) == [
+        "corrupt.tar.xz/000", "cut.tar.gz/000", "whole.tar/000", "whole.tar/001", "whole.tar/002"]
+    assert summary["rejected"] == {"truncated_shard": 2, "unreadable_shard": 1, "read_error": 2}
+    rejected = load_rejections(ctx.storage, "refs").groupby("reason")["origin"].apply(sorted).to_dict()
+    assert rejected == {"truncated_shard": ["corrupt.tar.xz", "cut.tar.gz"], "unreadable_shard": ["head.tar.gz"],
+                        "read_error": ["corrupt.tar.xz/001", "cut.tar.gz/001"]}
+
+
+def test_more_shards_than_open_files_allowed_keeps_every_sample(tmp_path):
+    shards = tmp_path / "shards"
+    for i in range(64):
+        write_shard(shards / f"shard-{i:03d}.tar", [("000.png", encoded(noise((16, 16), seed=i)))])
+    config = config_for(tmp_path, [{"kind": "webdataset", "path": f"{shards}/shard-*.tar", "subject": "dog"}],
+                        io_threads=2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 32, hard))
+    try:
+        summary, _ = run_stage(config)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert summary["references"] == 64 and summary["rejected"] == {}
 
 
 def test_a_metadata_member_nested_past_jsons_limit_is_skipped_like_any_unreadable_one(tmp_path):
