@@ -26,7 +26,7 @@ from factory.dataset.manifest import (
 )
 from factory.framework.config import ConfigError, load_config
 from factory.framework.executor import raised_error
-from factory.framework.layout import check_name
+from factory.framework.layout import check_name, dataset_dir
 from factory.framework.storage import StorageError, open_storage
 from factory.report import write_report
 from factory.rethreshold import parse_thresholds, rethreshold_version
@@ -45,6 +45,9 @@ def cmd_list(storage, config, args) -> int:
               f"parents {parents}  {manifest['created']}")
     for version, reason in sorted(bad.items()):
         print(f"BAD {version}: {reason}")
+    if not manifests and not bad:  # a mistyped root or dataset would otherwise print nothing at all
+        print(f"no versions of dataset {config.dataset!r} in {storage.url(dataset_dir(config.dataset))}",
+              file=sys.stderr)
     return 1 if bad else 0
 
 

@@ -29,6 +29,12 @@ def test_list_show_verify(root, capsys):
     assert "OK (10 samples, 3 shards)" in capsys.readouterr().out
 
 
+def test_list_of_a_dataset_without_versions_says_so_and_where_it_looked(root, capsys):
+    assert main(root + ["--set", "dataset=nothere", "list"]) == 0
+    said = capsys.readouterr()
+    assert said.out == "" and "no versions of dataset 'nothere' in " in said.err and "datasets/nothere" in said.err
+
+
 def test_verify_fails_with_exit_code_naming_the_shard(root, storage, capsys):
     storage.write_bytes("datasets/demo/v1/shards/v1-000002.tar", b"garbage")
     assert main(root + ["verify", "v1"]) == 1
