@@ -10,7 +10,9 @@ Sources (config `references.sources`):
   "unsafe_member_name", a link or device "unsupported_member". A sample's image is its first
   jpg/jpeg/png/webp member, its subject the `.json` "subject"/"class", `.cls` or `.txt`. A shard
   damaged partway is "truncated_shard" (the samples before the damage kept), one that cannot be
-  opened "unreadable_shard".
+  opened "unreadable_shard". A shard is opened for each sample read, so open files stay few; a
+  compressed one is then decompressed from its start each time: prefer plain .tar (the images in
+  it are compressed already).
 - generated: one candidate per image to draw (`models.sd_drawer` draws them): `per_prompt`
   for each class in `prompts`, each with its own seed (a hash of the source seed, the class and
   the image's index, so adding classes changes no other seed); subject = the class.
