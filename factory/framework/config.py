@@ -578,7 +578,7 @@ def load_yaml(text: str) -> Any:
         data = yaml.safe_load(text)
     except RecursionError:
         raise UnsafeYaml("it is nested too deeply") from None
-    except ValueError as err:  # an int of more digits than Python converts (sys.get_int_max_str_digits)
+    except ValueError as err:  # a scalar Python cannot build: an int past sys.get_int_max_str_digits, 2026-13-45
         raise UnsafeYaml(str(err).split(";")[0]) from None
     added = alias_expansion(data)
     if added > YAML_ALIAS_LIMIT:
