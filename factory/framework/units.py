@@ -238,9 +238,9 @@ def unit_is_whole(storage: Storage, key: str, planned_rows: int | None) -> bool:
 
 
 def whole_footer(storage: Storage, key: str, planned_rows: int | None) -> pq.FileMetaData | None:
-    """The footer of the unit file at `key` if the file is finished: there, its footer reads back,
-    and it holds the plan's rows for its unit; else None, and a torn, corrupt or short file is named
-    in a warning."""
+    """The footer of the unit file at `key` if the file is finished: there, its footer and the metadata
+    in it read back, and it holds the plan's rows for its unit; else None, and a torn, corrupt or
+    short file is named in a warning."""
     try:
         footer = storage.parquet_footer(key)
     except DamagedFile as err:
@@ -249,6 +249,11 @@ def whole_footer(storage: Storage, key: str, planned_rows: int | None) -> pq.Fil
     if footer.num_rows != planned_rows:
         log.warning("unit file %s holds %d rows where the plan has %s: the unit is redone",
                      storage.url(key), footer.num_rows, planned_rows)
+        return None
+    try:
+        footer_meta(footer)
+    except (ValueError, RecursionError):
+        log.warning("unit file %s has a footer whose metadata is not JSON: the unit is redone", storage.url(key))
         return None
     return footer
 

@@ -21,7 +21,7 @@ from factory.dataset.manifest import load_manifest, verify_version
 from factory.framework import layout
 from factory.framework.executor import run_steps_inline
 from factory.framework.storage import DamagedFile, LocalStorage
-from factory.framework.units import read_unit, unit_meta, write_unit
+from factory.framework.units import UNIT_META, read_unit, unit_meta, write_unit
 from tests.factory.test_pipeline import STAMP, make_ctx, read_stage
 from tests.reliability.harness import copy_tree, demo_args, hidden_temp_files
 
@@ -53,14 +53,20 @@ def short(ctx, unit: int) -> None:
     write_unit(ctx.storage, ctx.config.run_id, "filter", unit, rows.iloc[1:], {"stage": "filter"})
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not_parquet", "one_row_short"])
+def footer_not_json(path: Path) -> None:
+    """The same rows, their footer's unit metadata replaced by bytes that are not JSON."""
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, UNIT_META: b'{"stage": '}), path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_parquet", "one_row_short", "footer_not_json"])
 def test_a_damaged_unit_file_is_named_and_redone_and_the_run_goes_on(tmp_path, caplog, damage):
     ctx = make_ctx(tmp_path)
     run_steps_inline(ctx, [STAMP])
     whole = read_stage(ctx, "filter")
     path = Path(ctx.storage.url(layout.unit_file(ctx.config.run_id, "filter", 2)))
     {"truncated": lambda: truncate(path), "not_parquet": lambda: not_parquet(path),
-     "one_row_short": lambda: short(ctx, 2)}[damage]()
+     "one_row_short": lambda: short(ctx, 2), "footer_not_json": lambda: footer_not_json(path)}[damage]()
     with caplog.at_level(logging.WARNING):
         assert run_steps_inline(ctx, [STAMP])["ran"] == 1
     assert str(path) in caplog.text and "redone" in caplog.text and "<Buffer>" not in caplog.text
