@@ -42,6 +42,7 @@ from factory.framework.units import (
     ImageJoin,
     PlanIndex,
     finished_units,
+    metadata_json,
     plan_index,
     plan_units,
     read_plan_unit,
@@ -170,11 +171,10 @@ def chunk_is_finished(storage: Storage, key: str, wanted: dict[str, Any]) -> boo
     """Whether the stored chunk at `key` is whole and made from the inputs `wanted` names (else it is
     done again: damaged, or cut from other rows); refuses one made with other settings."""
     try:
-        raw = (storage.parquet_footer(key).metadata or {}).get(CHUNK_META)
+        stored = metadata_json((storage.parquet_footer(key).metadata or {}).get(CHUNK_META), storage.url(key), {})
     except DamagedFile as err:
         log.warning("%s: the chunk is done again", err)
         return False
-    stored = json.loads(raw) if raw else {}
     changes = changed_keys(stored.get("made_with") or {}, wanted["made_with"])
     if changes:
         raise RunChanged(f"{storage.url(key)} was made with other settings:\n  " + "\n  ".join(changes)

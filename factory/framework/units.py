@@ -95,11 +95,20 @@ def plan_part_meta(storage: Storage, run_id: str, partition: int) -> dict[str, A
     if not storage.exists(key):
         return None
     try:
-        raw = storage.parquet_metadata(key).get(PLAN_META)
+        return metadata_json(storage.parquet_metadata(key).get(PLAN_META), storage.url(key), None)
     except DamagedFile as err:
         log.warning("%s: the partition is drawn again", err)
         return None
-    return json.loads(raw) if raw else None
+
+
+def metadata_json(raw: bytes | None, url: str, default: Any) -> Any:
+    """A Parquet footer's JSON metadata value (`default` when absent); not JSON is a `DamagedFile`."""
+    if not raw:
+        return default
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise DamagedFile(f"damaged Parquet file {url}: its footer metadata is not JSON") from None
 
 
 def part_unit_rows(storage: Storage, key: str) -> dict[int, int]:
@@ -141,8 +150,7 @@ def plan_exists(storage: Storage, run_id: str) -> bool:
 
 def check_plan_format(url: str, metadata: dict[bytes, bytes] | None) -> dict[str, Any]:
     """The plan's recorded metadata; a plan of another format (or none: format 1) is refused."""
-    raw = (metadata or {}).get(PLAN_META)
-    meta = json.loads(raw) if raw else {"format": 1}
+    meta = metadata_json((metadata or {}).get(PLAN_META), url, {"format": 1})
     if meta.get("format") != PLAN_FORMAT:
         raise PlanFormatError(
             f"{url} is a plan of format {meta.get('format')}; this factory reads and writes plan format "
@@ -251,9 +259,9 @@ def whole_footer(storage: Storage, key: str, planned_rows: int | None) -> pq.Fil
                      storage.url(key), footer.num_rows, planned_rows)
         return None
     try:
-        footer_meta(footer)
-    except (ValueError, RecursionError):
-        log.warning("unit file %s has a footer whose metadata is not JSON: the unit is redone", storage.url(key))
+        metadata_json((footer.metadata or {}).get(UNIT_META), storage.url(key), {})
+    except DamagedFile as err:
+        log.warning("%s: the unit is redone", err)
         return None
     return footer
 

@@ -150,3 +150,20 @@ def test_a_resumable_chunk_of_other_input_rows_is_done_again(storage):
     other = rows(10).assign(value=lambda frame: frame["value"].where(frame["order"] != 5, 50))
     assert resumed(storage, given=other)["value"].tolist() == [3 * n if n != 5 else 150 for n in range(10)]
     assert FailsAt.seen == [4, 5, 6, 7]  # the chunk holding the changed row, alone
+
+
+def test_a_chunk_whose_footer_metadata_is_not_json_is_named_and_done_again(tmp_path, caplog):
+    import pyarrow.parquet as pq
+
+    from factory.framework.executor import CHUNK_META
+    from factory.framework.storage import LocalStorage
+
+    storage = LocalStorage(tmp_path)
+    resumed(storage)
+    path = storage.url(layout.chunk_file("jobs/x", 1))
+    table = pq.read_table(path)
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, CHUNK_META: b"{not json"}), path)
+    FailsAt.seen = []
+    assert resumed(storage)["value"].tolist() == [3 * n for n in range(10)]
+    assert FailsAt.seen == [4, 5, 6, 7]
+    assert f"damaged Parquet file {path}: its footer metadata is not JSON" in caplog.text

@@ -98,3 +98,21 @@ def test_rows_of_a_part_are_read_from_their_row_groups_only(tmp_path):
     storage.read = 0
     assert read_part_rows(storage, "part.parquet", [13, 0, 3]) == {ids[n]: images[n] for n in (13, 0, 3)}
     assert 600_000 < storage.read < 700_000  # groups 0 and 3: six images, not fourteen
+
+
+def test_plan_metadata_that_is_not_json_is_a_damaged_file_naming_it(tmp_path, caplog):
+    import pyarrow.parquet as pq
+
+    from factory.framework.storage import DamagedFile
+    from factory.framework.units import PLAN_META, plan_part_meta, plan_units
+
+    storage = LocalStorage(tmp_path)
+    write_plan(storage, "r", pa.table({"key": ["a", "b"], "unit": [0, 0]}), 2, {"fingerprint": "f"})
+    for key in (layout.plan_part("r", 0), layout.plan("r")):
+        table = pq.read_table(storage.url(key))
+        pq.write_table(table.replace_schema_metadata({**table.schema.metadata, PLAN_META: b"[" * 5000}),
+                       storage.url(key))
+    assert plan_part_meta(storage, "r", 0) is None  # the partition is drawn again
+    assert "its footer metadata is not JSON: the partition is drawn again" in caplog.text
+    with pytest.raises(DamagedFile, match=f"damaged Parquet file {storage.url(layout.plan('r'))}: its footer"):
+        plan_units(storage, "r")
