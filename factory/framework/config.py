@@ -362,6 +362,9 @@ class TrainConfig(TrainWorkers):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps in all")
     weight_decay: float = Field(0.01, ge=0)
     checkpoint_every: int = Field(1000, ge=1, description="optimizer steps between checkpoints")
+    keep_steps: int = Field(2, ge=0, description="checkpoints a run keeps, newest first: an older step folder "
+                            "(a G step with its optimizer state is ~10 GB) is deleted once a newer one is complete; "
+                            "0: keep every one")
     resume: bool = Field(True, description="continue from checkpoints/<model>/<run-id>/latest.json when present")
     seed: Seed = 0
     log_sample_keys: bool = Field(False, description="write the keys each worker trained on, per epoch")

@@ -287,6 +287,13 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"  # in a step folder, beside model/ a
 OPTIMIZER_GROUPS = "optimizer.json"
 
 
+def checkpoint_step_number(key: str) -> int | None:
+    """The step of a key inside a run's step folder (`checkpoints/<model>/<run-id>/step-<n>/...`), else None."""
+    parts = key.split("/")
+    named = len(parts) > 4 and parts[0] == "checkpoints" and parts[3].startswith("step-")
+    return int(parts[3][5:]) if named and parts[3][5:].isdigit() else None
+
+
 def is_checkpoint_latest(key: str) -> bool:
     """True for a run's `latest.json` (`checkpoints/<model>/<run-id>/latest.json`)."""
     parts = key.split("/")

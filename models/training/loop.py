@@ -241,9 +241,29 @@ def save_checkpoint(storage: Storage, job: TrainJob, task, model, optimizer, sta
         pointer = {"step": state.step, "path": folder, "version": job.version}
         storage.write_bytes(layout.checkpoint_latest(job.model, job.run_id), json.dumps(pointer, indent=2).encode())
         log.info("checkpoint %s (loss %.4f)", storage.url(folder), loss or float("nan"))
+        drop_older_steps(storage, job, state.step)
     worker.barrier()
     checkpoint = layout.checkpoint_step(job.model, job.run_id, state.step)
     worker.report({"step": state.step, "epoch": state.epoch, "loss": loss, "checkpoint": checkpoint})
+
+
+def drop_older_steps(storage: Storage, job: TrainJob, newest: int) -> None:
+    """Delete the run's step folders older than its `keep_steps` newest complete ones (step `newest`,
+    just written, is one). A step's `meta.json` goes first: a deletion cut short leaves a step that
+    reads as incomplete, which nothing loads."""
+    keep = job.settings.keep_steps
+    if not keep:
+        return
+    older: dict[int, list[str]] = {}
+    for key in storage.list(layout.checkpoint_run(job.model, job.run_id)):
+        step = layout.checkpoint_step_number(key)
+        if step is not None and step < newest:
+            older.setdefault(step, []).append(key)
+    metas = {step: layout.checkpoint_meta(layout.checkpoint_step(job.model, job.run_id, step)) for step in older}
+    complete = sorted((step for step, keys in older.items() if metas[step] in keys), reverse=True)
+    for step in sorted(set(older) - set(complete[: keep - 1])):
+        for key in sorted(older[step], key=lambda key, meta=metas[step]: key != meta):
+            storage.delete(key)
 
 
 def load_checkpoint(storage: Storage, folder: str, task) -> dict[str, Any]:

@@ -169,6 +169,36 @@ def train_resume_and_compare(storage_config, tiny, model: str, steps: int):
     return storage
 
 
+@pytest.mark.parametrize("keep", [2, 0])
+def test_a_run_keeps_its_newest_complete_steps_and_resumes_from_them(tmp_path, tiny, keep):
+    """keep_steps 2: each checkpoint deletes the steps older than the two newest (meta.json first);
+    a step folder left incomplete by a kill goes with them. 0 keeps every step."""
+    from factory.framework import layout
+    from models.training.job import make_job
+    from models.training.runner import train_in_process
+
+    storage = open_storage(StorageConfig(root=str(tmp_path / "root")))
+    publish(storage)
+    torn = layout.checkpoint_file(layout.checkpoint_step("assistant", "kept", 1), "model/torn.bin")
+    storage.write_bytes(torn, b"a save killed before its meta.json")
+    config = make_config(StorageConfig(root=str(tmp_path / "root")), tiny, "kept", checkpoint_every=2, max_steps=3,
+                         keep_steps=keep)
+    assert train_in_process(make_job(config, "v1", "assistant"), storage)["step"] == 3
+
+    def steps() -> dict[int, bool]:  # step -> complete
+        listed = storage.list(layout.checkpoint_run("assistant", "kept"))
+        found = {layout.checkpoint_step_number(key) for key in listed} - {None}
+        return {step: layout.checkpoint_meta(layout.checkpoint_step("assistant", "kept", step)) in listed
+                for step in found}
+
+    assert steps() == ({2: True, 3: True} if keep else {1: False, 2: True, 3: True})
+    longer = make_config(StorageConfig(root=str(tmp_path / "root")), tiny, "kept", checkpoint_every=2, max_steps=4,
+                         keep_steps=keep)
+    resumed = train_in_process(make_job(longer, "v1", "assistant"), storage)
+    assert resumed["step"] == 4 and resumed["checkpoint"].endswith("step-00000004")
+    assert steps() == ({3: True, 4: True} if keep else {1: False, 2: True, 3: True, 4: True})
+
+
 def test_generator_trains_checkpoints_and_resumes(tmp_path, tiny):
     train_resume_and_compare(StorageConfig(root=str(tmp_path / "root")), tiny, "generator", steps=4)
 
