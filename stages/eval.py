@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,7 +33,7 @@ import pandas as pd
 import torch
 from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-from factory.dataset.checkpoints import fetch_checkpoint, newest_checkpoint
+from factory.dataset.checkpoints import newest_checkpoint
 from factory.dataset.eval_sets import eval_set_name, reference_set_pairs
 from factory.dataset.manifest import latest_version
 from factory.framework import layout
@@ -136,17 +135,13 @@ class Located:
             raise ValueError(f"{model} checkpoint {given!r} is neither a local folder nor in {storage.url(key)}")
         return cls(key, True)
 
-    def materialize(self, storage: Storage, scratch: Path, settings: StorageConfig | None = None) -> str:
-        """A local folder holding the model (a copy under `scratch` when it is in storage)."""
+    def materialize(self, storage: Storage, settings: StorageConfig | None = None) -> str:
+        """A local folder holding the model: the folder itself on local storage; from S3, the node's
+        cached copy, which every actor on the node shares and no killed actor leaves behind."""
         if not self.in_storage:
             return local_model(self.name, settings, "eval.checkpoint")
-        if self.step:
-            return fetch_checkpoint(storage, self.name, scratch)
-        for item in storage.list(self.name):
-            target = scratch / item[len(self.name) + 1 :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(storage.read_bytes(item))
-        return str(scratch)
+        folder = layout.checkpoint_model(self.name) if self.step else self.name
+        return local_model(storage.url(folder), settings, "eval.checkpoint")
 
     def result_id(self) -> str:
         """The checkpoint's folder under `evals/<model>/`: `<run-id>/step-<n>` for a trained step,
@@ -212,19 +207,17 @@ class EvalWorker:
         config = validate_config(config_snapshot)
         settings = config.eval
         device = "cuda" if settings.use_gpu and torch.cuda.is_available() else "cpu"
-        self.scratch = tempfile.TemporaryDirectory(prefix="cafe-eval-")
         storage = open_storage(config.storage)
         spec = GeneratorSpec(
             kind="cafe",
-            model=generator.materialize(storage, Path(self.scratch.name) / "g", config.storage),
+            model=generator.materialize(storage, config.storage),
             image_size=settings.image_size,
             steps=settings.steps,
             guidance_scale=settings.clip_guidance_scale,
             options={"dino_guidance_scale": settings.dino_guidance_scale},
         )
         self.generator = CafeGenerator("eval", spec, device, storage=config.storage)
-        assistant_folder = (assistant.materialize(storage, Path(self.scratch.name) / "a", config.storage)
-                            if assistant else None)
+        assistant_folder = assistant.materialize(storage, config.storage) if assistant else None
         self.semantics = semantic_source(settings, self.generator, assistant_folder, device, config.storage)
         local = loader_paths(config.storage)
         self.clip = ClipScorer(
