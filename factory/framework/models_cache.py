@@ -8,8 +8,8 @@ once per node into the model cache and its local path returned.
 - The cache folder is `$FACTORY_MODEL_CACHE` (default `~/.cache/cafe-factory/models`); an entry is
   named after the URL and a digest of its objects' ETags, so a changed model is a new entry.
 - An entry is downloaded into `.<entry>.partial-<pid>-<n>` and renamed into place when every
-  object is there with its listed size: a half-finished download is never used (a leftover one is
-  removed by the next download of that entry).
+  object is there with its listed size: a half-finished download is never used, and the next
+  download on the node removes every leftover one whose entry no process is downloading.
 - Actors on one node share one download: the download holds an exclusive `fcntl.flock` on
   `.<entry>.lock`, and whoever waited on it finds the finished entry.
 - S3 settings (endpoint, region, retries) are the run's `storage` section; credentials come from
@@ -129,6 +129,7 @@ def local_model(ref: str | None, storage: StorageConfig | None = None, key: str 
 def _download(model: S3Model, storage: StorageConfig | None, root: Path, key: str) -> None:
     for stale in root.glob(f".{model.entry}.partial-*"):  # a killed download's leftovers (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
+    remove_abandoned_downloads(root)
     partial = root / f".{model.entry}.partial-{os.getpid()}-{next(_partial_names)}"
     partial.mkdir()
     try:
@@ -150,6 +151,22 @@ def _download(model: S3Model, storage: StorageConfig | None, root: Path, key: st
         partial.rename(root / model.entry)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def remove_abandoned_downloads(root: Path) -> None:
+    """Remove the half downloads of other entries that no process is downloading (their downloader
+    was killed): a nightly model is a new entry each night, so its leftover is never downloaded again."""
+    for partial in root.glob(".*.partial-*"):
+        entry = partial.name[1:].rpartition(".partial-")[0]
+        with open(root / f".{entry}.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being downloaded now
+            try:
+                shutil.rmtree(partial, ignore_errors=True)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def model_fingerprint(source: str | None, storage: StorageConfig | None = None) -> dict[str, Any]:

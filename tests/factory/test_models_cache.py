@@ -96,6 +96,28 @@ def test_a_killed_half_download_is_never_used(tiny_dino, s3_bucket, model_cache,
     DinoScorer(local)
 
 
+def test_the_next_download_removes_other_entries_half_downloads_unless_one_is_under_way(tiny_dino, s3_bucket,
+                                                                                       model_cache):
+    import fcntl
+
+    from factory.framework.models_cache import local_model
+
+    endpoint, bucket = s3_bucket
+    url = f"s3://{bucket}/models/tiny-dino"
+    settings = upload(tiny_dino, endpoint, url)
+    model_cache.mkdir(parents=True, exist_ok=True)
+    abandoned = model_cache / ".last-nights-g-0a1b.partial-4242-0"  # killed, of an entry never asked for again
+    under_way = model_cache / ".tonights-g-2c3d.partial-4343-0"  # another process downloads it now, holding its lock
+    for partial in (abandoned, under_way):
+        partial.mkdir()
+        (partial / "unet.safetensors").write_bytes(b"half")
+    with open(model_cache / ".tonights-g-2c3d.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        local_model(url, settings, "filter.dino_model")
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert not abandoned.exists() and under_way.exists()
+
+
 def test_two_threads_resolving_at_once_download_once(tiny_dino, s3_bucket, counted_gets):
     from factory.framework.models_cache import local_model
 
