@@ -229,10 +229,11 @@ def load_prompt(config: DialogueConfig) -> DialoguePrompt:
     return prompt
 
 
-def prompt_fingerprint(config: FactoryConfig) -> dict[str, Any]:
-    """What identifies the prompting for a version's manifest: template and schema hashes."""
+def prompt_fingerprint(config: FactoryConfig, prompt: DialoguePrompt | None = None) -> dict[str, Any]:
+    """What identifies the prompting for a version's manifest: template and schema hashes (of
+    `prompt` where given: the one a stage loaded and drafts with)."""
     dialogue = config.dialogue
-    prompt = load_prompt(dialogue)
+    prompt = prompt or load_prompt(dialogue)
     schema = json.dumps(dialogue_schema(DialogueLimits.from_config(dialogue)), sort_keys=True)
     return {
         "source": prompt.source,
@@ -311,7 +312,7 @@ class Dialogue(Stage):
             self.engine = build_engine(self.settings, self.config.storage)
 
     def describe(self) -> dict[str, Any]:
-        return {"dialogue_prompt": prompt_fingerprint(self.config)}
+        return {"dialogue_prompt": prompt_fingerprint(self.config, self.prompt)}
 
     def unit_facts(self, out: pd.DataFrame) -> dict[str, Any]:
         return sample_sizes_fact(out)

@@ -147,6 +147,20 @@ def test_prompt_fingerprint_follows_the_template(tmp_path):
     assert first["sha256"] != shipped["sha256"] != prompt_fingerprint(config)["sha256"] != first["sha256"]
 
 
+def test_units_record_the_prompt_the_stage_drafts_with(tmp_path):
+    """A prompt file edited while a run drafts: the stage keeps the prompt it loaded, and each unit
+    it writes says that prompt's hash, not the hash of the file as it is now."""
+    custom = tmp_path / "prompt.yaml"
+    custom.write_text("system: Be brief.\nuser: Draw $subject for $instruction ($style_guide).\n"
+                      "styles: {command: Order., question: Ask., ambiguous: Hint.}\n")
+    config = FactoryConfig.model_validate({"dialogue": {"prompt_file": str(custom)}})
+    loaded = prompt_fingerprint(config)
+    stage = Dialogue(config)
+    custom.write_text(custom.read_text().replace("brief", "short"))
+    assert stage.describe()["dialogue_prompt"] == loaded
+    assert stage.prompt.system == "Be brief."
+
+
 @pytest.mark.parametrize("text, problem", [
     ("system: s\nuser: Draw $subjekt\nstyles: {command: c, question: q, ambiguous: a}\n", "subjekt"),
     ("system: s\nuser: Draw $subject\nstyles: {command: c}\n", "does not describe"),
