@@ -114,7 +114,7 @@ def metadata_json(raw: bytes | None, url: str, default: Any) -> Any:
 def part_unit_rows(storage: Storage, key: str) -> dict[int, int]:
     """Rows per unit of one partition file, from its footer: row group g is unit `first_unit + g`."""
     footer = storage.parquet_footer(key)
-    first = json.loads((footer.metadata or {})[PLAN_META])["first_unit"]
+    first = metadata_json((footer.metadata or {}).get(PLAN_META), storage.url(key), {})["first_unit"]
     return {first + number: footer.row_group(number).num_rows
             for number in range(footer.num_row_groups) if footer.row_group(number).num_rows}
 
@@ -196,7 +196,7 @@ def plan_unit_rows(storage: Storage, run_id: str) -> dict[int, int]:
 
 
 def finished_units(storage: Storage, run_id: str, stage: str) -> set[int]:
-    """The units whose `stage` file is whole (see `whole_footer`); a damaged one is named in a
+    """The units whose `stage` file is whole (see `whole_unit_meta`); a damaged one is named in a
     warning and left out, so the run redoes it. Reads footers only, several at a time."""
     return set(unit_counters(storage, run_id, stage).index)
 
@@ -219,8 +219,8 @@ def unit_counters(storage: Storage, run_id: str, stage: str, known: pd.DataFrame
     expected = plan_unit_rows(storage, run_id)
 
     def read_row(number: int) -> dict[str, Any] | None:
-        footer = whole_footer(storage, files[number], expected.get(number))
-        return None if footer is None else counter_row(number, footer_meta(footer))
+        meta = whole_unit_meta(storage, files[number], expected.get(number))
+        return None if meta is None else counter_row(number, meta)
 
     frames = [kept]
     with ThreadPoolExecutor(min(FOOTER_THREADS, len(new))) as pool:
@@ -242,28 +242,23 @@ def no_unit_counters() -> pd.DataFrame:
 
 
 def unit_is_whole(storage: Storage, key: str, planned_rows: int | None) -> bool:
-    return whole_footer(storage, key, planned_rows) is not None
+    return whole_unit_meta(storage, key, planned_rows) is not None
 
 
-def whole_footer(storage: Storage, key: str, planned_rows: int | None) -> pq.FileMetaData | None:
-    """The footer of the unit file at `key` if the file is finished: there, its footer and the metadata
-    in it read back, and it holds the plan's rows for its unit; else None, and a torn, corrupt or
-    short file is named in a warning."""
+def whole_unit_meta(storage: Storage, key: str, planned_rows: int | None) -> dict[str, Any] | None:
+    """What the unit file at `key` says about itself if the file is finished: there, its footer and
+    the metadata in it read back, and it holds the plan's rows for its unit; else None, and a torn,
+    corrupt or short file is named in a warning."""
     try:
         footer = storage.parquet_footer(key)
+        if footer.num_rows != planned_rows:
+            log.warning("unit file %s holds %d rows where the plan has %s: the unit is redone",
+                        storage.url(key), footer.num_rows, planned_rows)
+            return None
+        return metadata_json((footer.metadata or {}).get(UNIT_META), storage.url(key), {})
     except DamagedFile as err:
         log.warning("%s: the unit is redone", err)
         return None
-    if footer.num_rows != planned_rows:
-        log.warning("unit file %s holds %d rows where the plan has %s: the unit is redone",
-                     storage.url(key), footer.num_rows, planned_rows)
-        return None
-    try:
-        metadata_json((footer.metadata or {}).get(UNIT_META), storage.url(key), {})
-    except DamagedFile as err:
-        log.warning("%s: the unit is redone", err)
-        return None
-    return footer
 
 
 def write_unit(storage: Storage, run_id: str, stage: str, unit: int, rows: pd.DataFrame, meta: dict[str, Any]) -> None:
@@ -288,14 +283,8 @@ def read_unit(storage: Storage, run_id: str, stage: str, unit: int, columns: lis
 
 def unit_meta(storage: Storage, run_id: str, stage: str, unit: int) -> dict[str, Any]:
     """What a unit file says about itself: stage, counters, the settings that shaped it."""
-    raw = storage.parquet_metadata(layout.unit_file(run_id, stage, unit)).get(UNIT_META)
-    return json.loads(raw) if raw else {}
-
-
-def footer_meta(footer: pq.FileMetaData) -> dict[str, Any]:
-    """`unit_meta` from a footer already read (the key-value metadata holds the schema's)."""
-    raw = (footer.metadata or {}).get(UNIT_META)
-    return json.loads(raw) if raw else {}
+    key = layout.unit_file(run_id, stage, unit)
+    return metadata_json(storage.parquet_metadata(key).get(UNIT_META), storage.url(key), {})
 
 
 def without_images(rows: pd.DataFrame, keep: tuple[str, ...] = ()) -> pd.DataFrame:
