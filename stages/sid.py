@@ -406,10 +406,17 @@ def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> di
                 "references.set": ctx.config.references.set}
     written = write_partitions(ctx.storage, ctx.config.run_id, partitions, draw, plan_schema(), sid.unit_size,
                                plan_fingerprint(settings, instructions, parts), on_ray)
-    if sid.w_source == "generate":
-        drawn = planned_drawn_w(ctx)
-        store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
+    draw_round_w(ctx)
     return written
+
+
+def draw_round_w(ctx: RunContext) -> None:
+    """The round's SD-drawn `w`, once per distinct id, unless they are stored already: a round
+    killed while drawing them (its plan written) draws the rest when it is run again."""
+    if ctx.config.sid.w_source != "generate" or ctx.storage.exists(layout.run_w_ids(ctx.config.run_id)):
+        return
+    drawn = planned_drawn_w(ctx)
+    store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
 
 
 def round_instructions(draw: RoundDraw, partitions: list[Partition], where: Storage | StorageConfig) -> list[str]:
@@ -477,6 +484,7 @@ def run_round(ctx: RunContext, parent: str, round_: int, models: RoundModels) ->
     rctx = round_context(ctx, round_, checkpoint)
     if not plan_exists(rctx.storage, rctx.config.run_id):
         plan_round(rctx, parent, round_, checkpoint)
+    draw_round_w(rctx)  # a round killed after its plan, while SD drew its `w`, draws them now
     run_steps(rctx, list(rctx.unit_steps))
     alphas = round_alphas(rctx)
     round_manifest = publish_run(rctx, kind="sid", parents=[parent], extra={

@@ -154,3 +154,34 @@ def test_an_sd_drawn_round_draws_each_w_once_after_its_partitions(tmp_path, tiny
     for data, image in zip(direct["image"], drawn, strict=True):
         assert image.shape == (32, 32, 3) and np.abs(np.asarray(decode_image(data)).astype(int) - image).max() <= 2
     assert np.abs(drawn[0] - drawn[1]).mean() > 1  # another instruction and seed, another drawing
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_round_killed_while_sd_draws_its_w_draws_them_when_run_again(tmp_path, tiny_clip, tiny_sd, monkeypatch):
+    """The plan is written before its `w` are drawn: run again, the round finds its plan and must
+    still draw and store every `w` before any unit runs (else generate rejects every job as w_missing)."""
+    ctx = round_context(tmp_path, tiny_clip, w_source="generate",
+                        references={"sd_model": tiny_sd, "sd_steps": 1, "sd_size": 32})
+    real_draw = sid.draw_w_images
+
+    def node_lost(ctx, jobs, batch_size=4):
+        raise KeyboardInterrupt("node lost while SD draws w")
+
+    class UnitsStart(Exception):
+        pass
+
+    def units_start(rctx, steps):
+        raise UnitsStart(rctx.config.run_id)
+
+    monkeypatch.setattr(sid, "draw_w_images", node_lost)
+    monkeypatch.setattr(sid, "run_steps", units_start)
+    with pytest.raises(KeyboardInterrupt):
+        sid.run_round(ctx, "parent", 1, sid.RoundModels("g"))
+    run_id = sid.round_context_name(ctx, 1)
+    assert plan_index(ctx.storage, run_id) and not ctx.storage.exists(layout.run_w_ids(run_id))
+    monkeypatch.setattr(sid, "draw_w_images", real_draw)
+    with pytest.raises(UnitsStart):
+        sid.run_round(ctx, "parent", 1, sid.RoundModels("g"))
+    planned = {w_id[len("sd:"):] for part in read_plan(ctx.storage, run_id, columns=["w_id"])
+               for w_id in part.column("w_id").to_pylist()}
+    assert set(ctx.storage.read_parquet(layout.run_w_ids(run_id)).column("image_id").to_pylist()) == planned
