@@ -7,7 +7,8 @@ a Ray Serve LLM deployment, a hosted API), over the standard library's HTTP clie
 - `request_timeout_s` bounds the whole request (a server dripping its answer is cut off), and a
   body larger than any answer of `max_new_tokens` is refused unread.
 - The API key is read from the environment variable named by `api_key_env` and sent only in
-  the `Authorization` header: never logged, never put into an error.
+  the `Authorization` header, only to `endpoint_url`: never logged, never put into an error, never
+  sent on to where a redirect points (a redirect fails that prompt, naming the status).
 - The JSON schema goes into the field named by `structured_output`: OpenAI's
   `response_format: {"type": "json_schema", ...}` (also understood by vLLM's server), vLLM's
   `structured_outputs: {"json": ...}` (vLLM >= 0.12) or `guided_json` (older vLLM).
@@ -124,7 +125,7 @@ class OpenAIEngine(BatchEngine):
         request = urllib.request.Request(self.url, data=payload, method="POST", headers=self._headers())
         deadline = time.monotonic() + self.config.request_timeout_s
         try:
-            with urllib.request.urlopen(request, timeout=self.config.request_timeout_s) as response:
+            with OPENER.open(request, timeout=self.config.request_timeout_s) as response:
                 raw = self._read_body(response, deadline)
         except urllib.error.HTTPError as err:
             raise http_failure(err) from None
@@ -157,6 +158,17 @@ class OpenAIEngine(BatchEngine):
         return headers
 
 
+class RefuseRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib follows a 301/302/303 to a POST as a GET to the new address, with the Authorization
+    header: here a redirect stays the HTTP error it is."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+OPENER = urllib.request.build_opener(RefuseRedirect)
+
+
 def structured_output_fields(kind: str, json_schema: dict[str, Any]) -> dict[str, Any]:
     if kind == "response_format":
         schema = {"name": "dialogue", "schema": json_schema, "strict": True}
@@ -173,6 +185,9 @@ def http_failure(err: urllib.error.HTTPError) -> EngineError:
     err.close()
     if status in RETRY_STATUS or status >= 500:
         return TransientError(f"HTTP {status}", retry_after_seconds(headers.get("Retry-After") if headers else None))
+    if 300 <= status < 400:
+        return RequestRefused(f"HTTP {status}: the endpoint redirects, and requests are not sent on "
+                              "(set dialogue.endpoint_url to the address it points to)")
     return RequestRefused(f"HTTP {status}")
 
 

@@ -37,6 +37,7 @@ class Reply:
     length: int | None = None  # a Content-Length other than the body's (then the server closes)
     drip_s: float = 0.0  # send the body a byte at a time, this far apart
     wire: bytes | None = None  # the whole answer, sent as is instead of HTTP (no status line, no headers)
+    location: str | None = None  # a Location header (with a 3xx status: a redirect)
 
 
 def good_dialogue(body: dict) -> str:
@@ -71,7 +72,8 @@ class ChatServer:
     carries `Authorization: Bearer <api_key>`; with `api_key=None` (no key configured) it takes any request,
     as vLLM does. A body that is not a JSON object with `model` and `messages`, or that holds a field outside
     the chat completions API and the vLLM extras above, gets 400. Every request is kept in `requests`,
-    refused ones too; only accepted ones reach the rules. `cut_off` counts answers the client stopped reading."""
+    refused ones too (a GET is kept and answered 405); only accepted ones reach the rules. `cut_off` counts
+    answers the client stopped reading."""
 
     def __init__(self, api_key: str | None = None):
         self.api_key = api_key
@@ -126,6 +128,12 @@ class ChatServer:
                 finally:
                     self._close_request()
 
+            def do_GET(self):  # noqa: N802
+                self._open = False
+                with server._lock:
+                    server.requests.append((dict(self.headers), None))
+                self._send(405, b'{"error": "Method Not Allowed"}')
+
             def _close_request(self):
                 # before the answer is written: once the client has it, it may send its next request
                 if self._open:
@@ -166,6 +174,8 @@ class ChatServer:
                     self.send_header("Content-Length", str(len(payload) if reply.length is None else reply.length))
                     if reply.retry_after is not None:
                         self.send_header("Retry-After", reply.retry_after)
+                    if reply.location is not None:
+                        self.send_header("Location", reply.location)
                     self.end_headers()
                     self._write(payload, reply.drip_s)
                 except (BrokenPipeError, ConnectionResetError):

@@ -13,7 +13,7 @@ import pytest
 from factory.framework.config import DialogueConfig, FactoryConfig
 from models.engines import build_engine
 from models.llm import EngineUnavailable
-from tests.models.conftest import Reply
+from tests.models.conftest import ChatServer, Reply
 
 KEY_ENV = "FACTORY_TEST_LLM_KEY"
 SECRET = "sk-test-not-for-logs-0123456789"
@@ -99,6 +99,18 @@ def test_client_error_fails_that_prompt_only_without_retry(chat_server):
 
     assert texts[0] is None and json.loads(texts[1])
     assert chat_server.calls["too long"] == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_fails_that_prompt_and_the_key_never_goes_where_it_points(chat_server, status, caplog):
+    with ChatServer() as elsewhere:
+        chat_server.rule("moved", Reply(status=status, location=elsewhere.url + "/chat/completions"))
+        engine = build_engine(dialogue_config(chat_server.url))
+        texts = engine.generate([chat("moved"), chat("ok")], [1, 2])
+
+    assert texts[0] is None and json.loads(texts[1])
+    assert chat_server.calls["moved"] == 1 and elsewhere.requests == []
+    assert f"HTTP {status}: the endpoint redirects" in caplog.text and SECRET not in caplog.text
 
 
 def test_malformed_envelope_is_retried_then_fails_that_prompt(chat_server):
