@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import types
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 from pydantic import (
@@ -21,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -40,6 +44,70 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     # every float finite: NaN passes no `ge`/`le` bound by itself and is not valid JSON in a manifest
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic takes True as 1 and False as 0, and YAML reads yes/no/on/off as booleans:
+        `dino: off` would be a threshold of 0."""
+        if contains_bool(value) and numbers_only(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a boolean (YAML reads yes/no/on/off/true/false as one) where a number belongs")
+        return value
+
+
+def numbers_only(annotation: Any) -> bool:
+    """Whether a field's type holds ints or floats (in containers too) and nothing a boolean could be."""
+    leaves = leaf_types(annotation)
+    open_ended = any(leaf in (bool, Any, object) or (isinstance(leaf, type) and issubclass(leaf, BaseModel))
+                     for leaf in leaves)
+    return bool(leaves & {int, float}) and not open_ended
+
+
+def leaf_types(annotation: Any) -> set[Any]:
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return leaf_types(get_args(annotation)[0])
+    if origin in (Union, types.UnionType, list, tuple, set, frozenset, dict):
+        return {leaf for arg in get_args(annotation) if arg is not Ellipsis for leaf in leaf_types(arg)}
+    return {annotation}
+
+
+def contains_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, dict):
+        return any(contains_bool(item) for item in value.values())
+    return isinstance(value, (list, tuple)) and any(contains_bool(item) for item in value)
+
+
+SECRET_QUERY_NAME = re.compile(r"key|token|secret|passw|sig|auth|cred", re.I)
+
+
+def no_credentials(url: str | None) -> str | None:
+    """A URL goes into manifests, unit footers and logs: it may not carry a user name, password or
+    a query parameter named like a key (the value is never repeated in the error)."""
+    if url is None:
+        return url
+    parts = urlsplit(url)
+    secret_names = sorted({name for name, _ in parse_qsl(parts.query, keep_blank_values=True)
+                           if SECRET_QUERY_NAME.search(name)})
+    if parts.username is not None or parts.password is not None or secret_names:
+        held = "a user name or password" if not secret_names else f"the query parameter(s) {', '.join(secret_names)}"
+        raise ValueError(f"a URL with {held}, which would be written into manifests and logs: "
+                         "credentials come from the environment")
+    return url
+
+
+# A URL kept in the config (so in manifests and unit footers): no credentials in it.
+PlainUrl = Annotated[str, AfterValidator(no_credentials)]
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_name(name: str | None) -> str | None:
+    if name is not None and not ENV_NAME.fullmatch(name):
+        raise ValueError("is not the name of an environment variable (name the variable that holds the key, "
+                         "never the key itself)")
+    return name
 
 
 # A name that becomes part of a storage key: the one rule of factory.framework.layout.check_name.
@@ -66,7 +134,7 @@ class StorageConfig(Section):
         # Ray workers (Ray Train especially) run in other folders: a local root must be absolute
         return root if "://" in root else os.path.abspath(os.path.expanduser(root))
 
-    endpoint_url: str | None = None
+    endpoint_url: PlainUrl | None = None
     region: str | None = None
     multipart_threshold_mb: int = Field(64, ge=5)
     multipart_chunk_mb: int = Field(16, ge=5)
@@ -278,8 +346,9 @@ class DialogueConfig(ActorPool):
     max_model_len: int | None = Field(None, ge=64, description="vllm context length; default: the model's")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     # openai (any OpenAI-compatible /v1/chat/completions server, e.g. `vllm serve`)
-    endpoint_url: str | None = Field(None, description="base URL, e.g. http://llm:8000/v1")
-    api_key_env: str | None = Field("OPENAI_API_KEY", description="env var holding the API key (never the key itself)")
+    endpoint_url: PlainUrl | None = Field(None, description="base URL, e.g. http://llm:8000/v1 (no credentials)")
+    api_key_env: Annotated[str | None, AfterValidator(env_name)] = Field(
+        "OPENAI_API_KEY", description="env var holding the API key (never the key itself)")
     request_timeout_s: float = Field(120.0, gt=0)
     max_concurrency: int = Field(16, ge=1, description="requests in flight per actor")
     max_retries: int = Field(4, ge=0, description="retries on 429, 5xx, timeouts and connection errors")

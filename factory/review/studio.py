@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from factory.framework.config import no_credentials
 from factory.review.verdicts import VERDICTS, Vote
 
 URL_VARIABLE = "LABEL_STUDIO_URL"
@@ -60,7 +61,10 @@ def server_url(url: str | None) -> str:
     url = url or os.environ.get(URL_VARIABLE)
     if not url:
         raise ReviewError(f"name the Label Studio server with --url or {URL_VARIABLE}")
-    return url.rstrip("/")
+    try:
+        return no_credentials(url).rstrip("/")
+    except ValueError as err:  # the server's URL goes into the review record and the manifest
+        raise ReviewError(f"the Label Studio URL (--url or {URL_VARIABLE}) is {err} ({TOKEN_VARIABLE})") from None
 
 
 def connect(url: str | None):

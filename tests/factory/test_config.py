@@ -168,3 +168,50 @@ def test_a_number_too_long_for_python_is_named_with_its_file_or_key(tmp_path):
         load_config(write(tmp_path, "plan: {seed: " + "9" * 5000 + "}\n"))
     with pytest.raises(ConfigError, match=r"plan.seed: .*\(got a number too long to print\)"):
         load_config(None, ["plan.seed=0x" + "f" * 5000])  # YAML reads hex past the limit; only printing it fails
+
+
+@pytest.mark.parametrize("override, file_text, key", [
+    ("filter.thresholds.dino=off", None, "filter.thresholds"),  # YAML's off: a threshold of 0 passes every image
+    (None, "filter:\n  thresholds: {clip_t: yes}\n", "filter.thresholds"),
+    ("plan.seed=true", None, "plan.seed"),
+    ("sid.alphas=[0.5, on]", None, "sid.alphas"),
+    ("dialogue.batch_size=yes", None, "dialogue.batch_size"),
+])
+def test_a_yaml_boolean_where_a_number_belongs_is_refused(tmp_path, override, file_text, key):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, file_text) if file_text else None, [override] if override else [])
+    assert f"{key}: a boolean (YAML reads yes/no/on/off/true/false as one) where a number belongs" in str(caught.value)
+
+
+def test_booleans_stay_where_they_belong():
+    config = load_config(None, ["dialogue.constrained=false", "filter.clip_quick_gelu=true",
+                                "generate.generators.profusion.options.finetune_steps=1"])
+    assert config.dialogue.constrained is False and config.filter.clip_quick_gelu is True
+
+
+SECRET = "s3cr3t-0123456789"
+
+
+@pytest.mark.parametrize("settings, key, held", [
+    (["dialogue.engine=openai", f"dialogue.endpoint_url=https://svc:{SECRET}@llm.internal/v1"],
+     "dialogue.endpoint_url", "a user name or password"),
+    (["dialogue.engine=openai", f"dialogue.endpoint_url=https://llm.internal/v1?api-version=2&api_key={SECRET}"],
+     "dialogue.endpoint_url", "the query parameter(s) api_key"),
+    ([f"storage.endpoint_url=http://minio:{SECRET}@127.0.0.1:9000"], "storage.endpoint_url", "a user name or password"),
+])
+def test_a_url_with_credentials_is_refused_without_repeating_them(settings, key, held):
+    """URLs in the config go into every manifest, unit footer and refusal message."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, settings)
+    assert f"{key}: a URL with {held}, which would be written into manifests and logs" in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+def test_a_plain_query_and_an_env_var_name_are_taken_but_a_key_in_api_key_env_is_refused_unrepeated():
+    config = load_config(None, ["dialogue.engine=openai", "dialogue.endpoint_url=https://llm/v1?api-version=2",
+                                "dialogue.api_key_env=LLM_KEY_2"])
+    assert config.dialogue.api_key_env == "LLM_KEY_2"
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [f"dialogue.api_key_env=sk-proj-{SECRET}"])
+    assert "dialogue.api_key_env: is not the name of an environment variable" in str(caught.value)
+    assert SECRET not in str(caught.value)

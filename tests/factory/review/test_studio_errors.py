@@ -139,3 +139,12 @@ def test_a_wrong_token_is_refused_by_the_server_and_said_so_in_one_line(stand_in
     assert "refused the token in LABEL_STUDIO_API_KEY (HTTP 401) when trying to open project 1" in said
     assert len(said.strip().splitlines()) == 1 and "Invalid token" not in said
     assert stand_in.seen and f"Token {TOKEN}" not in stand_in.seen
+
+
+def test_a_label_studio_url_with_a_password_is_refused_and_never_repeated(stand_in, tmp_path, monkeypatch, capsys):
+    """The server's URL is kept in the review record and the reviewed version's manifest."""
+    host = stand_in(lambda path, page: None).removeprefix("http://")
+    code, said = review_import(tmp_path, f"http://reviewer:BasicAuthPw-0123@{host}", monkeypatch, capsys)
+    assert code == 2
+    assert "the Label Studio URL (--url or LABEL_STUDIO_URL) is a URL with a user name or password" in said
+    assert "BasicAuthPw" not in said and stand_in.seen == []
