@@ -21,7 +21,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,11 +31,12 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
 
 from factory.framework.models_cache import local_model, model_ref
-from models.base import EvaluationCounter, GenJob, GenResult, half_dtype
+from models.base import EvaluationCounter, GenJob, GenResult, parse_options, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -405,16 +406,19 @@ def mix_semantics(clip_x: torch.Tensor, clip_w: torch.Tensor | None, alpha: floa
 
 # --- the generator interface (models/base.py) ----------------------------------------
 
-GENERATOR_OPTIONS = {
-    "clip_guidance_scale",
-    "dino_guidance_scale",
-    "sampler",
-    "batch_size",
-    "dtype",
-    "base_model",
-    "clip_model",
-    "dino_model",
-}
+class CafeOptions(BaseModel):
+    """`GeneratorSpec.options` for kind "cafe"."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN guidance draws black images
+
+    clip_guidance_scale: float | None = Field(None, ge=0, description="default: the spec's guidance_scale")
+    dino_guidance_scale: float = Field(Guidance.dino, ge=0)
+    sampler: Literal["ddim", "dpmsolver"] = "ddim"
+    batch_size: int = Field(4, ge=1, description="jobs per UNet call")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="auto: float16 on CUDA")
+    base_model: str | None = Field(None, description="default: the base SD the G folder names")
+    clip_model: str | None = None
+    dino_model: str | None = None
 
 
 class CafeGenerator:
@@ -422,45 +426,33 @@ class CafeGenerator:
 
     `spec.model` is a G folder saved by `CafeUNet.save_pretrained` (it names its base SD,
     CLIP and DINOv2); when `spec.checkpoint` is set, that is the G folder and `spec.model`
-    the base SD folder. `spec.options`: `clip_guidance_scale` (default `spec.guidance_scale`),
-    `dino_guidance_scale` (2.0), `sampler` (`ddim` or `dpmsolver`), `batch_size` (4),
-    `dtype`, and `base_model` / `clip_model` / `dino_model` to override the recorded paths.
+    the base SD folder. `spec.options`: `CafeOptions`.
     """
 
     def __init__(self, name: str, spec: Any, device: str = "cpu", storage: Any = None):
-        unknown = set(spec.options) - GENERATOR_OPTIONS
-        if unknown:
-            raise ValueError(
-                f"generator {name!r}: unknown cafe options {sorted(unknown)} (known: {sorted(GENERATOR_OPTIONS)})"
-            )
         self.name = name
         self.spec = spec
+        self.options = options = parse_options(name, CafeOptions, spec.options)
         self.device = torch.device(device)
-        options = spec.options
-        self.dtype = _dtype(options.get("dtype"), self.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
         self.folder = spec.checkpoint or spec.model
         key = f"generate.generators.{name}.{'checkpoint' if spec.checkpoint else 'model'}"
         self.model = CafeUNet.from_pretrained(local_model(self.folder, storage, key)).to(self.device, self.dtype).eval()
         recorded = self.model.config
-        base = options.get("base_model") or (spec.model if spec.checkpoint else None) or recorded.base_model
+        base = options.base_model or (spec.model if spec.checkpoint else None) or recorded.base_model
         self.paths = {
             "base_model": base,
-            "clip_model": options.get("clip_model") or recorded.clip_model,
-            "dino_model": options.get("dino_model") or recorded.dino_model,
+            "clip_model": options.clip_model or recorded.clip_model,
+            "dino_model": options.dino_model or recorded.dino_model,
         }
         self.encoders = ImageEncoders(self.paths["clip_model"], self.paths["dino_model"], self.device, self.dtype,
                                       storage)
         base = local_model(base, storage, f"generate.generators.{name}.model")
         self.vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=self.dtype).to(self.device).eval()
-        sampler = options.get("sampler", "ddim")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"generator {name!r}: sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-        self.scheduler = SAMPLERS[sampler].from_pretrained(base, subfolder="scheduler")
-        self.guidance = Guidance(
-            clip=float(options.get("clip_guidance_scale", spec.guidance_scale)),
-            dino=float(options.get("dino_guidance_scale", Guidance.dino)),
-        )
-        self.batch_size = int(options.get("batch_size", 4))
+        self.scheduler = SAMPLERS[options.sampler].from_pretrained(base, subfolder="scheduler")
+        clip_scale = spec.guidance_scale if options.clip_guidance_scale is None else options.clip_guidance_scale
+        self.guidance = Guidance(clip=clip_scale, dino=options.dino_guidance_scale)
+        self.batch_size = options.batch_size
         self.unet_evals = EvaluationCounter(self.model)
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_size = spec.image_size // vae_factor
@@ -473,7 +465,7 @@ class CafeGenerator:
             **{name: model_ref(path) for name, path in self.paths.items()},
             "steps": self.spec.steps,
             "guidance": {"clip": self.guidance.clip, "dino": self.guidance.dino},
-            "sampler": self.spec.options.get("sampler", "ddim"),
+            "sampler": self.options.sampler,
             "image_size": self.spec.image_size,
         }
 
@@ -523,15 +515,6 @@ class CafeGenerator:
             "guidance": {"clip": self.guidance.clip, "dino": self.guidance.dino},
             "uses_w": job.w_image is not None,
         }
-
-
-def _dtype(name: str | None, device: torch.device) -> torch.dtype:
-    if name is None:
-        return half_dtype(device, torch.float16)
-    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in choices:
-        raise ValueError(f"dtype must be one of {sorted(choices)}, got {name!r}")
-    return choices[name]
 
 
 def read_generator_config(folder: str | Path) -> dict[str, Any]:

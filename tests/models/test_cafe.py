@@ -215,12 +215,20 @@ def test_cafe_generator_draws_one_image_per_job(g_folder):
     assert np.array_equal(np.asarray(again.image, dtype=np.int16), arrays[0])  # same seed, same image
 
 
-def test_cafe_generator_refuses_unknown_options(g_folder):
+@pytest.mark.parametrize("options, named", [
+    ({"guidance": 3}, "guidance"),
+    ({"dino_guidance_scale": float("nan")}, "dino_guidance_scale"),  # drew black images
+    ({"clip_guidance_scale": float("inf")}, "clip_guidance_scale"),
+    ({"batch_size": 0}, "batch_size"),  # failed every reference
+    ({"batch_size": -1}, "batch_size"),  # drew nothing, and said nothing
+    ({"sampler": "euler"}, "sampler"),
+])
+def test_cafe_generator_refuses_bad_options_before_loading_anything(g_folder, options, named):
     from models.cafe import CafeGenerator
 
-    spec = GeneratorSpec(kind="cafe", model=g_folder, options={"guidance": 3})
-    with pytest.raises(ValueError, match="unknown cafe options"):
-        CafeGenerator("g", spec)
+    spec = GeneratorSpec(kind="cafe", model=g_folder, options=options)
+    with pytest.raises(ValueError, match=f"(?s)generator 'g': invalid options: .*{named}"):
+        CafeGenerator("g", spec, storage=object())  # a storage that loading anything would fail on
 
 
 def test_a_g_folder_in_s3_is_fetched_to_local_disk(g_folder, s3_bucket):
