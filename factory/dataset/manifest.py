@@ -404,10 +404,18 @@ def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:
     if duplicates:
         raise VersionError(f"parents {spec.parents} share {duplicates} sample keys; a union must not repeat a sample")
     spec.funnel = spec.funnel or {"written": index.num_rows, "from_parents": funnel_totals}
+    spec.thresholds = spec.thresholds or loosest_thresholds(manifests)
     if any(manifest.get("shards_superset") for manifest in manifests):
         spec.extra["shards_superset"] = True  # a reviewed parent's shards hold samples its index left out
     with publishing(storage, spec):  # after every check on the parents: a refused union leaves no lock
         return commit_version(storage, spec, shards, index)
+
+
+def loosest_thresholds(manifests: list[dict[str, Any]]) -> dict[str, float]:
+    """Per rule every parent has, the loosest parent's threshold: what every sample of their union
+    passed (so a rethreshold of the union knows what is stricter)."""
+    rules = set.intersection(*(set(manifest["thresholds"]) for manifest in manifests))
+    return {rule: min(manifest["thresholds"][rule] for manifest in manifests) for rule in sorted(rules)}
 
 
 def verify_version(storage: Storage, dataset: str, version: str) -> list[str]:

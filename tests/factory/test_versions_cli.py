@@ -65,3 +65,19 @@ def test_rethreshold_selects_the_stricter_subset(root, storage):
 def test_rethreshold_refuses_looser_thresholds(root, capsys):
     assert main(root + ["rethreshold", "v1", "v1-loose", "--threshold", "dino=0.5"]) == 2
     assert "looser" in capsys.readouterr().err
+
+
+def test_a_union_holds_its_loosest_parents_thresholds_and_a_rethreshold_of_it_compares_with_them(root, storage,
+                                                                                                 capsys):
+    looser_clip = VersionSpec(dataset="demo", version="v2", kind="sid", thresholds={"clip_t": 0.25, "dino": 0.7},
+                              config={"filter": {}})
+    publish_samples(storage, looser_clip, make_samples(10, start=10), shard_max_samples=4)
+    assert main(root + ["union", "u", "v1", "v2"]) == 0
+    assert load_manifest(storage, "demo", "u")["thresholds"] == {"clip_t": 0.25, "dino": 0.6}
+    local = ["--set", "publish.executor=local"]
+    loosest = ["--threshold", "clip_t=-1", "--threshold", "dino=-1"]
+    assert main(root + local + ["rethreshold", "u", "u-loose", *loosest]) == 2
+    assert "looser" in capsys.readouterr().err
+    assert main(root + local + ["rethreshold", "u", "u-strict", "--threshold", "clip_t=0.305"]) == 0  # one rule alone
+    child = load_manifest(storage, "demo", "u-strict")
+    assert child["thresholds"] == {"clip_t": 0.305, "dino": 0.6} and child["samples"] == 15  # n >= 5 of 0..19
