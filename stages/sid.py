@@ -34,6 +34,7 @@ from factory.dataset.manifest import (
     shard_checksums,
     union_versions,
     version_exists,
+    version_keys,
 )
 from factory.dataset.planning import (
     PLAN_SCHEMA,
@@ -337,7 +338,8 @@ def ensure_pool(ctx: RunContext, parent: str) -> str:
     log.info("building image pool %s from the target images of %s (%d shards)", name, parent, len(shards))
     clip_settings = settings_named(ctx.config, "filter.clip_")
     build_pool_from_shards(ctx.storage, ctx.config.storage, name, shards,
-                           partial(clip_scorer_from_snapshot, ctx.config.snapshot()), ctx.config.filter, clip_settings)
+                           partial(clip_scorer_from_snapshot, ctx.config.snapshot()), ctx.config.filter, clip_settings,
+                           keep=version_keys(ctx.storage, manifest))  # never a sample people dropped
     return name
 
 

@@ -237,12 +237,15 @@ def build_pool(storage: Storage, name: str, images: Iterable[tuple[str, bytes]],
 class ShardEmbedder:
     """Executor step, one shard per call: write the shard's target images as pool part `part`
     and embed them; returns the shard's row with its images' ids, rows and embeddings (None where
-    an image does not decode). Each shard is checked against the sha256 its manifest lists."""
+    an image does not decode). Each shard is checked against the sha256 its manifest lists.
+    `keep`: the sample keys to take (`manifest.version_keys`), None for every sample of a shard."""
 
-    def __init__(self, storage_config: StorageConfig, name: str, make_scorer: Callable[[], Any], batch_size: int):
+    def __init__(self, storage_config: StorageConfig, name: str, make_scorer: Callable[[], Any], batch_size: int,
+                 keep: frozenset[str] | None = None):
         self.storage = open_storage(storage_config)
         self.name = name
         self.embedder = PoolEmbedder(make_scorer, batch_size)
+        self.keep = keep
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         embedded = [self.embed_shard(shard, sha256, int(part))
@@ -252,7 +255,8 @@ class ShardEmbedder:
                             embedding=[list(frame["embedding"]) for frame in embedded])
 
     def embed_shard(self, shard: str, sha256: str, part: int) -> pd.DataFrame:
-        samples = [(sample.key, sample.target_image) for sample in read_checked_shard(self.storage, shard, sha256)]
+        samples = [(sample.key, sample.target_image) for sample in read_checked_shard(self.storage, shard, sha256)
+                   if self.keep is None or sample.key in self.keep]
         image_ids, images = [key for key, _ in samples], [data for _, data in samples]
         write_part(self.storage, self.name, part, image_ids, images)
         return self.embedder(pd.DataFrame({"image_id": image_ids, "row": range(len(samples)), "image": images}))
@@ -260,18 +264,20 @@ class ShardEmbedder:
 
 def build_pool_from_shards(storage: Storage, storage_config: StorageConfig, name: str, shard_keys: dict[str, str],
                            make_scorer: Callable[[], Any], actors: ActorPool, made_with: dict[str, Any],
-                           batch_size: int = 64, exact_limit: int = EXACT_LIMIT) -> dict[str, int]:
+                           batch_size: int = 64, exact_limit: int = EXACT_LIMIT,
+                           keep: frozenset[str] | None = None) -> dict[str, int]:
     """The executor job: each shard -> its part and CLIP embeddings (an actor pool; a shard's
     images in one actor's memory at a time) -> ids and index, written by the driver from the small
     (id, part, row, embedding) rows. Finished chunks of shards are kept (`pools/<name>/embedded/`),
     so a build run again after a kill embeds only the shards still missing (`made_with`: the
     scorer's settings; a chunk embedded with others is refused).
-    `shard_keys`: storage key -> the sha256 the version's manifest lists (`manifest.shard_checksums`)."""
+    `shard_keys`: storage key -> the sha256 the version's manifest lists (`manifest.shard_checksums`);
+    `keep`: the samples of them to take (a reviewed version's shards also hold those people dropped)."""
     if not shard_keys:
         raise ValueError(f"pool {name}: no shards to build it from")
     shards = pd.DataFrame({"shard": list(shard_keys), "sha256": list(shard_keys.values()),
                            "part": range(len(shard_keys))})
-    step = MapStep.on_pool(ShardEmbedder, (storage_config, name, make_scorer, batch_size), actors)
+    step = MapStep.on_pool(ShardEmbedder, (storage_config, name, make_scorer, batch_size, keep), actors)
     resume = Resume(storage, layout.pool_embedded(name), made_with, inputs=("shard", "sha256", "part"), chunk_rows=1)
     embedded = pd.concat(run_resumable(shards, [step], resume), ignore_index=True)
     rows = embedded.explode(["image_id", "row", "embedding"], ignore_index=True).dropna(subset=["image_id"])

@@ -70,3 +70,30 @@ def test_the_report_shows_precision_agreement_and_the_disagreements(reviewed, tm
     assert "&lt;b&gt;blurry&lt;/b&gt; &amp; odd" in page and "<b>blurry" not in page
     assert load_manifest(storage, "demo", "v1-reviewed")["review"]["table"] == "review.parquet"
     assert storage.exists(layout.review_verdicts("demo", "v1-reviewed"))
+
+
+def test_sids_pool_of_a_reviewed_version_holds_only_the_samples_people_kept(reviewed, ray_local, tmp_path_factory):
+    """A dropped sample is never a `w`, and one drawn from a job's own reference could not be traced
+    to it: the parent's index, which maps pool ids to references, holds only the kept ones."""
+    import stages.sid as sid
+    from factory.dataset.pool import ImagePool
+    from factory.framework.config import FactoryConfig
+    from factory.framework.stage import RunContext
+    from factory.tiny.clip import build_tiny_clip
+
+    storage, _, published = reviewed
+    dropped = set(published[::4])  # one in each of v1's first three shards, listed still for their kept samples
+    origins = {key: PUBLISHED for key in published}
+    votes = [Vote(key, reviewer, "drop" if key in dropped else "keep") for key in published
+             for reviewer in ("user-1", "user-2")]
+    record = {"dataset": "demo", "version": "v1", "project_id": 8, "url": "http://127.0.0.1:1", "created": "now",
+              "frame": {"size": 0}, "origins": origins}
+    manifest = publish_reviewed(storage, record, tally(origins, votes), "v1-spread", "1" * 64)
+    assert manifest["shards_superset"] and len(manifest["shards"]) == 4
+    clip = build_tiny_clip(tmp_path_factory.mktemp("clip"))
+    config = FactoryConfig.model_validate({
+        "dataset": "demo", "storage": {"root": storage.root},
+        "filter": {"clip_model": clip.model_name, "clip_pretrained": clip.pretrained,
+                   "clip_model_config": clip.model_config}})
+    name = sid.ensure_pool(RunContext(config), "v1-spread")
+    assert ImagePool.load(storage, name).image_ids == sorted(set(published) - dropped)
