@@ -356,6 +356,7 @@ def commit_version(storage: Storage, spec: VersionSpec, shards: list[dict[str, A
     table = index if isinstance(index, pa.Table) else pq.read_table(index, columns=list(SCORE_COLUMNS))
     manifest = _manifest(spec, shards, table)
     body = manifest_bytes(manifest)  # before any write: a manifest that cannot be JSON writes nothing
+    refuse_committed(storage, spec.dataset, spec.version)
     key = layout.index(spec.dataset, spec.version)
     if isinstance(index, pa.Table):
         storage.write_parquet(key, index)
@@ -372,6 +373,15 @@ def commit_version(storage: Storage, spec: VersionSpec, shards: list[dict[str, A
             raise VersionError(f"version {spec.dataset}/{spec.version} was published by another run first") from None
     storage.delete(layout.publish_lock(spec.dataset, spec.version))
     return manifest
+
+
+def refuse_committed(storage: Storage, dataset: str, version: str) -> None:
+    """Before a publisher writes into its version: the version must not have been committed meanwhile.
+    Two live publishers of one config (a job submitted twice) both hold its lock, which only names
+    the config; whichever commits first keeps its shards, index and card, and the other stops."""
+    if version_exists(storage, dataset, version):
+        raise VersionError(f"version {dataset}/{version} was published by another run while this one wrote it; "
+                           "nothing of it was overwritten")
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:

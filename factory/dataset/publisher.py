@@ -53,6 +53,7 @@ from factory.dataset.manifest import (
     publish_owner,
     publishing,
     read_checked_shard,
+    refuse_committed,
     release_stale_lock,
     shard_checksums,
     version_exists,
@@ -478,6 +479,7 @@ def write_shard(storage: Storage, target: ShardTarget, number: int, samples: Ite
         write_shard_file(indexed(), local)
         local.flush()
         size, sha256 = local.tell(), file_sha256(local.name)
+        refuse_committed(storage, target.dataset, target.version)
         storage.upload_file(local.name, layout.shard(target.dataset, target.version, relative))
     return pd.DataFrame(rows).assign(shard_number=number, shard_samples=len(rows), shard_bytes=size,
                                      shard_sha256=sha256)

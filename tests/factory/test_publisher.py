@@ -24,7 +24,7 @@ from factory.framework.stage import RunContext, Stage, fingerprint
 from factory.framework.storage import DamagedFile, open_storage
 from factory.framework.units import read_unit, unit_meta, write_plan, write_unit
 from stages.dialogue import Dialogue
-from tests.factory.conftest import jpeg
+from tests.factory.conftest import jpeg, make_samples
 
 UNITS, PER_UNIT = 24, 6
 SHAPED = ("references", "plan", "generate", "filter", "dialogue")
@@ -126,6 +126,27 @@ def test_a_publisher_stopped_halfway_writes_only_the_missing_shards_when_run_aga
     assert [shard["sha256"] for shard in manifest["shards"]] == expected_shards(ctx, rows, tmp_path / "memory")
     assert verify_version(ctx.storage, ctx.config.dataset, "grown") == []
     assert ctx.storage.list(layout.publish_written(ctx.config.dataset, "grown")) == []
+
+
+def test_a_second_live_publisher_of_the_same_config_never_overwrites_the_version_the_first_committed(tmp_path):
+    """A job submitted twice: both publishers hold the lock (it names the config, so a run resumed
+    after a crash takes its own back). The one that commits first keeps its shards, index and card."""
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    first, second = make_samples(4), make_samples(6)  # the second started later, with two more units done
+
+    def spec() -> VersionSpec:
+        return VersionSpec(dataset="demo", version="v1", kind="bootstrap", config_sha256="same-config")
+
+    class FirstCommitsMeanwhile(publisher.LocalPasses):
+        def shards(self, *args):
+            publisher.write_version(storage, spec(), publisher.SampleList(first), 2**20, 2, publisher.LocalPasses())
+            return super().shards(*args)
+
+    with pytest.raises(VersionError, match="was published by another run while this one wrote it"):
+        publisher.write_version(storage, spec(), publisher.SampleList(second), 2**20, 2, FirstCommitsMeanwhile())
+    assert load_manifest(storage, "demo", "v1")["samples"] == 4 and verify_version(storage, "demo", "v1") == []
+    index = storage.read_parquet(layout.index("demo", "v1")).column("key").to_pylist()
+    assert index == sorted(sample.key for sample in first)
 
 
 @pytest.mark.slow
