@@ -68,12 +68,13 @@ def run(ctx: RunContext) -> dict[str, Any]:
     config = ctx.config
     inputs = eval_inputs(ctx.storage, config.eval)
     generator = locate_generator(ctx)
+    trained_on = generator.trained_on(ctx.storage)  # now: hours on, training may have deleted the step
     assistant = None
     if config.eval.semantic == "assistant":
         assistant = Located.resolve(ctx.storage, config.eval.assistant_checkpoint, "assistant")
     report = evaluate(config, generator, inputs, scoring_resume(ctx, generator, assistant), assistant)
     report.update(checkpoint=generator.name, assistant_checkpoint=assistant.name if assistant else None,
-                  eval_set=eval_set_name(config.eval), trained_on=generator.trained_on(ctx.storage),
+                  eval_set=eval_set_name(config.eval), trained_on=trained_on,
                   config_sha256=config.sha256())
     key = layout.eval_result("generator", generator.result_id(), report["eval_set"])
     ctx.storage.write_bytes(key, json.dumps(report, indent=2, sort_keys=True).encode())

@@ -77,7 +77,8 @@ def check_metrics(report: dict, images: int) -> None:
         assert len(row["dino"]) == len(row["clip_i"]) == len(row["clip_t"]) == 2
 
 
-def test_eval_scores_the_latest_checkpoint_with_the_assistant(tmp_path, tiny, ray_local):
+def test_eval_scores_the_latest_checkpoint_with_the_assistant(tmp_path, tiny, ray_local, monkeypatch):
+    import stages.eval
     from stages.eval import run
 
     root = tmp_path / "root"
@@ -90,6 +91,13 @@ def test_eval_scores_the_latest_checkpoint_with_the_assistant(tmp_path, tiny, ra
         storage.write_bytes(f"{step}/meta.json", json.dumps(meta).encode())
         storage.write_bytes(f"checkpoints/{model}/evalrun/latest.json", json.dumps({"step": 3, "path": step}).encode())
 
+    scoring = stages.eval.evaluate
+
+    def training_drops_the_step_meanwhile(*args, **kwargs):  # train.keep_steps deletes meta.json first
+        storage.delete("checkpoints/generator/evalrun/step-00000003/meta.json")
+        return scoring(*args, **kwargs)
+
+    monkeypatch.setattr(stages.eval, "evaluate", training_drops_the_step_meanwhile)
     result = run(RunContext(make_config(root, tiny), storage))
     assert result["images"] == 4  # 1 reference x 2 prompts x 2 images
     key = "evals/generator/evalrun/step-00000003/pairs.json"
@@ -98,7 +106,7 @@ def test_eval_scores_the_latest_checkpoint_with_the_assistant(tmp_path, tiny, ra
     check_metrics(report, 4)
     assert report["metrics"] == result["metrics"]
     assert report["semantic"] == "assistant" and report["eval_set"] == "pairs"
-    assert report["trained_on"] == {"dataset": "demo", "version": "v1", "step": 3}
+    assert report["trained_on"] == {"dataset": "demo", "version": "v1", "step": 3}  # read when the step was chosen
     assert report["assistant_checkpoint"] == "checkpoints/assistant/evalrun/step-00000003"
     assert [row["prompt"] for row in report["per_prompt"]] == ["a dog on the beach", "a dog in the snow"]
 
