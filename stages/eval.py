@@ -327,7 +327,8 @@ def build_report(rows: list[dict[str, Any]], settings: EvalConfig, generator: di
         "images": sum(len(r["dino"]) for r in rows),
         "metrics": means(rows),
         "per_subject": [
-            {"reference": ref, "subject": subj, **means([r for r in rows if r["reference"] == ref])}
+            {"reference": ref, "subject": subj,
+             **means([r for r in rows if (r["reference"], r["subject"]) == (ref, subj)])}
             for ref, subj in subjects
         ],
         "per_prompt": [

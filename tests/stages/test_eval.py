@@ -163,6 +163,18 @@ def test_eval_report_keeps_pair_and_prompt_order_and_means_every_image(tmp_path,
     assert report["images"] == 3 and report["pairs"] == 2 and report["generator"] == {"kind": "cafe"}
 
 
+def test_one_reference_listed_under_two_subjects_is_scored_apart_per_subject():
+    from factory.framework.config import EvalConfig
+    from stages.eval import report_from_scored
+
+    scored = pd.DataFrame({
+        "order": [0, 1], "reference": ["pet.jpg", "pet.jpg"], "subject": ["dog", "cat"], "prompt": ["p0", "p1"],
+        "dino": [[0.9], [0.1]], "clip_i": [[0.8], [0.2]], "clip_t": [[0.3], [0.1]], "generator": ["{}"] * 2,
+    })
+    per_subject = {row["subject"]: row["dino"] for row in report_from_scored(scored, EvalConfig(), 1.0)["per_subject"]}
+    assert per_subject == {"dog": 0.9, "cat": 0.1}
+
+
 def test_eval_needs_pairs(tmp_path, tiny):
     from stages.eval import run
 
