@@ -30,13 +30,22 @@ def evals_of_version(storage: Storage, dataset: str, version: str) -> list[dict[
         except (StorageError, ValueError, RecursionError) as err:
             log.warning("report: skipping unreadable eval report %s: %s", key, err)
             continue
-        if not isinstance(report, dict) or not isinstance(report.get("trained_on") or {}, dict):
+        if not has_eval_shape(report):
             log.warning("report: skipping eval report %s: not an eval report's shape", key)
             continue
         trained_on = report.get("trained_on") or {}
         if trained_on.get("version") == version and trained_on.get("dataset") in (dataset, None):
             found.append({**report, "key": key})
     return sorted(found, key=lambda r: str(r.get("created")), reverse=True)
+
+
+def has_eval_shape(report: Any) -> bool:
+    """An object whose `trained_on` is an object (or absent) and whose `metrics` holds each metric as a number."""
+    if not isinstance(report, dict) or not isinstance(report.get("trained_on") or {}, dict):
+        return False
+    metrics = report.get("metrics")
+    return isinstance(metrics, dict) and all(
+        isinstance(metrics.get(m), (int, float)) and not isinstance(metrics.get(m), bool) for m in EVAL_METRICS)
 
 
 def eval_rows(reports: list[dict[str, Any]]) -> list[list[Any]]:

@@ -52,8 +52,14 @@ def test_a_version_without_evals_says_how_to_run_one(tmp_path):
     assert "--stage eval" in evals_section(version_data("v1", []))
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b'{"trained_on": "v1"}'],
-                         ids=["not-json", "nested-too-deep", "not-an-object", "trained-on-not-an-object"])
+TRAINED_ON_V1 = b'"trained_on": {"dataset": "demo", "version": "v1"}'
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[" * 100_000 + b"]" * 100_000, b"[1, 2]", b'{"trained_on": "v1"}',
+                                  b"{" + TRAINED_ON_V1 + b"}",
+                                  b"{" + TRAINED_ON_V1 + b', "metrics": {"dino": "high", "clip_i": 0, "clip_t": 0}}'],
+                         ids=["not-json", "nested-too-deep", "not-an-object", "trained-on-not-an-object",
+                              "no-metrics", "a-metric-not-a-number"])
 def test_an_eval_report_of_another_shape_is_skipped_and_the_good_ones_listed(tmp_path, body, caplog):
     storage = open_storage(StorageConfig(root=str(tmp_path)))
     storage.write_bytes(layout.eval_result("generator", "g-v1/step-00000002", "dreambench-bench"),
