@@ -161,8 +161,14 @@ def annotation_vote(key: Any, record: dict[str, Any]) -> Vote | str:
         return "several_choices"
     if not choices or choices[0] not in VERDICTS:
         return "no_verdict"
-    return Vote(key=key if isinstance(key, str) else "", reviewer=f"user-{reviewer}", verdict=choices[0],
-                reason=reason)
+    return Vote(key=key if isinstance(key, str) else "", reviewer=utf8_text(f"user-{reviewer}"), verdict=choices[0],
+                reason=utf8_text(reason))
+
+
+def utf8_text(text: str) -> str:
+    """`text` with any lone surrogate (JSON's "\\ud800", which UTF-8 cannot hold) as "?": it goes
+    into the votes' digest, the verdicts table and the report."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def result_values(result: Any) -> Iterator[tuple[Any, dict[str, Any]]]:

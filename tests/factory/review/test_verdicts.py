@@ -108,6 +108,15 @@ def test_a_reviewer_given_as_an_object_is_named_by_its_id():
     assert annotation_vote("a", annotation(reviewer={"email": "r@example.com"})) == "no_reviewer"
 
 
+def test_a_lone_surrogate_in_a_reason_or_reviewer_is_replaced_and_the_votes_still_digest():
+    from factory.review.publish import votes_digest
+
+    vote = annotation_vote("a", annotation(reviewer="r\ud800", reason="blurry \udfff edge"))
+    assert (vote.reviewer, vote.reason) == ("user-r?", "blurry ? edge")
+    record = {"version": "v1", "project_id": 1, "url": "http://127.0.0.1:1"}
+    assert len(votes_digest(record, [vote])) == 64
+
+
 def test_a_reason_past_the_cap_is_cut_and_counted():
     long = "x" * (5 * 1024 * 1024)
     ballots = [annotation_vote("a", annotation(reason=long)), annotation_vote("b", annotation(reason="short"))]
