@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from factory.framework.config import read_yaml_file
+from factory.framework.config import no_credentials, read_yaml_file
 
 DEFAULT_SPECS = Path(__file__).with_name("specs.yaml")
 
@@ -21,12 +21,23 @@ DEFAULT_SPECS = Path(__file__).with_name("specs.yaml")
 DEFAULT_EXCLUDES = [".git", ".venv", "factory-data", "bench/out", "*.egg-info", "**/__pycache__", ".pytest_cache"]
 
 SECRET_NAME = re.compile(
-    r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|ACCESS_KEY|PRIVATE_KEY|API_KEY)(_|$)", re.I
+    r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|ACCESS_KEY|PRIVATE_KEY|API_?KEY)(_|$)|(^|_)(KEY|PAT)$", re.I
 )
-SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|\bhf_[A-Za-z0-9]{20,}\b")
+# AWS key ids, Hugging Face, GitHub, OpenAI-style and Slack tokens
+SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|\bhf_[A-Za-z0-9]{20,}"
+                          r"|\b(ghp|gho|ghs|github_pat)_[A-Za-z0-9_]{20,}|\bsk-[A-Za-z0-9_-]{20,}"
+                          r"|\bxox[abpr]-[A-Za-z0-9-]{10,}")
 
 CRON_FIELDS = [("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7)]
 CRON_ITEM = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?$")
+
+
+def url_with_credentials(value: str) -> bool:
+    try:
+        no_credentials(value)
+    except ValueError:
+        return True
+    return False
 
 
 class SpecError(ValueError):
@@ -49,7 +60,7 @@ class RuntimeEnvSpec(Strict):
     @classmethod
     def _no_secrets(cls, env_vars: dict[str, str]) -> dict[str, str]:
         for name, value in env_vars.items():
-            if SECRET_NAME.search(name) or SECRET_VALUE.search(value):
+            if SECRET_NAME.search(name) or SECRET_VALUE.search(value) or url_with_credentials(value):
                 raise ValueError(
                     f"{name!r} looks like a secret: credentials come from the instance role "
                     "or a secret store on the cluster, never from a job spec"
