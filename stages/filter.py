@@ -78,6 +78,9 @@ class Filter(Stage):
             if prepared.positions:
                 scores["clip_t"][prepared.positions], scores["dino"][prepared.positions] = self.score(prepared)
                 scored[prepared.positions] = True
+        finite = np.isfinite(scores["clip_t"]) & np.isfinite(scores["dino"])
+        reasons[scored & ~finite] = "non_finite_score"  # an embedding that overflowed: no score, not a miss
+        scored &= finite
         flags = rule_flags(scores, self.settings.thresholds)
         for column, values in {**scores, **flags}.items():
             rows[column] = values

@@ -100,6 +100,22 @@ def test_mixed_batch_rejects_bad_ones_by_reason_and_scores_the_rest(stage):
     assert not rejected["pass_clip_t"].any() and not rejected["pass_dino"].any()
 
 
+def test_a_score_that_is_not_finite_is_its_own_rejection_not_a_threshold_miss(tiny_models, monkeypatch):
+    stage = Filter(make_config(tiny_models), device="cpu")
+    stage.ensure_setup()
+    embed_pixels = stage.clip.embed_pixels
+
+    def overflowing_first_image(pixels):  # what float16 gives past its range
+        features = embed_pixels(pixels)
+        features[0] = float("inf")
+        return features
+
+    monkeypatch.setattr(stage.clip, "embed_pixels", overflowing_first_image)
+    out = stage(candidates([jpeg(number) for number in range(3)]))
+    assert out["reject_reason"].tolist()[0] == "non_finite_score" and np.isnan(out["clip_t"][0])
+    assert np.isfinite(out["clip_t"][1:]).all() and stage.counters["scored"] == 2
+
+
 def test_bad_input_image_and_bad_instruction_are_rejected(stage):
     rows = candidates(
         [jpeg(number) for number in range(6)],
