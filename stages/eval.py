@@ -38,6 +38,8 @@ from factory.dataset.eval_sets import eval_set_name, reference_set_pairs
 from factory.dataset.manifest import latest_version
 from factory.framework import layout
 from factory.framework.config import (
+    IMAGES_PER_PROMPT,
+    PROMPTS_PER_PAIR,
     EvalConfig,
     EvalPair,
     FactoryConfig,
@@ -193,7 +195,7 @@ def eval_rows(config: FactoryConfig, inputs: list[tuple[EvalPair, bytes]]) -> pd
     for pair_index, (pair, reference) in enumerate(inputs):
         decode_image(reference)  # an unreadable reference fails here, before any model loads
         for prompt_index, template in enumerate(pair.prompts):
-            first = settings.seed + 1000 * (pair_index * 100 + prompt_index)
+            first = settings.seed + IMAGES_PER_PROMPT * (pair_index * PROMPTS_PER_PAIR + prompt_index)
             rows.append({"order": len(rows), "reference": pair.reference, "subject": pair.subject,
                          "prompt": template.replace("{subject}", pair.subject), "reference_image": reference,
                          "seeds": list(range(first, first + settings.images_per_pair))})

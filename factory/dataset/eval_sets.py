@@ -18,7 +18,7 @@ import numpy as np
 
 from factory.dataset.reference_sets import load_references, set_complete
 from factory.framework import layout
-from factory.framework.config import EvalConfig, EvalPair, load_yaml
+from factory.framework.config import PROMPTS_PER_PAIR, EvalConfig, EvalPair, load_yaml
 from factory.framework.storage import Storage
 
 
@@ -54,6 +54,9 @@ def load_prompt_lists(name_or_path: str) -> PromptLists:
         templates = raw.get(key) or []
         if not templates or any(t.count("{subject}") != 1 for t in templates):
             raise ValueError(f"eval prompts {path}: '{key}' needs templates with '{{subject}}' exactly once")
+        if len(templates) > PROMPTS_PER_PAIR:
+            raise ValueError(f"eval prompts {path}: '{key}' holds {len(templates)} templates; at most "
+                             f"{PROMPTS_PER_PAIR} (each prompt of a reference has its own seeds)")
     return PromptLists(
         name=str(raw.get("name") or path.stem),
         object=list(raw["object"]),

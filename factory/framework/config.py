@@ -472,12 +472,18 @@ class SidConfig(Section):
         return self
 
 
+# eval seeds: eval.seed + IMAGES_PER_PROMPT * (PROMPTS_PER_PAIR * pair + prompt) + image, none repeated
+PROMPTS_PER_PAIR = 100
+IMAGES_PER_PROMPT = 1000
+
+
 class EvalPair(Section):
     """A DreamBench-style subject: one reference image and the prompts to draw it in."""
 
     reference: str = Field(..., description="image file, or a key under the storage root")
     subject: str = Field(..., description="class word put into the prompts' {subject}")
-    prompts: list[str] = Field(..., min_length=1)
+    prompts: list[str] = Field(..., min_length=1, max_length=PROMPTS_PER_PAIR, description="each prompt of a pair "
+                               "has its own seeds: eval.seed + 1000 * (100 * pair + prompt) + image")
 
 
 class EvalConfig(Section):
@@ -504,7 +510,7 @@ class EvalConfig(Section):
     name: Name | None = Field(
         None, description="the eval set's name in results; default: <prompts>-<set>"
     )
-    images_per_pair: int = Field(4, ge=1)
+    images_per_pair: int = Field(4, ge=1, le=IMAGES_PER_PROMPT, description="per prompt (at most 1000: see EvalPair)")
     image_size: int = Field(512, ge=8)
     steps: int = Field(50, ge=1)
     clip_guidance_scale: float = Field(7.5, ge=0)

@@ -175,6 +175,21 @@ def test_one_reference_listed_under_two_subjects_is_scored_apart_per_subject():
     assert per_subject == {"dog": 0.9, "cat": 0.1}
 
 
+def test_no_two_eval_images_share_a_seed_and_settings_that_would_repeat_one_are_refused():
+    from factory.framework.config import ConfigError, EvalPair, load_config
+    from stages.eval import eval_rows
+
+    config = load_config(None, ["eval.images_per_pair=1000"])
+    pairs = [(EvalPair(reference=f"{n}.jpg", subject="dog", prompts=[f"{{subject}} {p}" for p in range(100)]),
+              reference_jpeg()) for n in range(2)]
+    seeds = [seed for row in eval_rows(config, pairs)["seeds"] for seed in row]
+    assert len(seeds) == 2 * 100 * 1000 == len(set(seeds))
+    with pytest.raises(ConfigError, match="images_per_pair"):
+        load_config(None, ["eval.images_per_pair=1001"])
+    with pytest.raises(ValueError, match="at most 100 items"):
+        EvalPair(reference="0.jpg", subject="dog", prompts=["{subject}"] * 101)
+
+
 def test_eval_needs_pairs(tmp_path, tiny):
     from stages.eval import run
 
