@@ -31,6 +31,7 @@ from jobs.spec import JobSpec, SpecError
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_ERROR, EXIT_STOPPED = 0, 1, 2, 3
 LOG_TAIL_LINES = 40
+STATUS_ATTEMPTS = 8  # status requests in a row that may fail before the submitter gives up on its job
 
 
 class SubmitError(RuntimeError):
@@ -217,11 +218,38 @@ def log(out: TextIO, message: str) -> None:
     print(f"[{stamp}] {message}", file=out, flush=True)
 
 
+def unfinished_runs(client, spec: JobSpec) -> list[str]:
+    """The submission ids of this spec's jobs that the cluster has not finished (pending or running)."""
+    return sorted(job.submission_id or job.job_id for job in client.list_jobs()
+                  if (job.metadata or {}).get("job_spec") == spec.name and not job.status.is_terminal())
+
+
+def refuse_overlap(client, spec: JobSpec) -> None:
+    """A spec's job never runs twice at once: two nightly SID drivers would redo the same round, publish
+    the same versions and train the same runs (the cron guard lasts only while its submitter waits)."""
+    running = unfinished_runs(client, spec)
+    if running:
+        raise SubmitError(f"job {spec.name} is still running on the cluster ({', '.join(running)}); not "
+                          f"submitting another. Wait for it, or stop it: ray job stop {running[0]}")
+
+
+def job_status(client, job_id: str, poll_s: float):
+    """The job's status, asking again through a few failed requests (a dashboard restart, a dropped
+    connection): the job goes on meanwhile, and a watcher that gave up would stop enforcing its timeout."""
+    for attempt in range(STATUS_ATTEMPTS):
+        try:
+            return client.get_job_status(job_id)
+        except Exception:
+            if attempt == STATUS_ATTEMPTS - 1:
+                raise
+            time.sleep(min(60.0, poll_s * 2**attempt))
+
+
 def wait_for_end(client, job_id: str, timeout_s: int | None, poll_s: float, out: TextIO) -> str:
     """Poll until the job is terminal, printing each status change; stop it past `timeout_s`."""
     started, last, stop_sent = time.monotonic(), None, False
     while True:
-        status = client.get_job_status(job_id)
+        status = job_status(client, job_id, poll_s)
         if status != last:
             log(out, f"{job_id}: {status.value}")
             last = status
@@ -279,7 +307,10 @@ def submit_spec(
     token = find_token()
     client = connect(address, token)
     try:
+        refuse_overlap(client, spec)
         job_id = client.submit_job(**kwargs)
+    except SubmitError as err:
+        raise SubmitError(redact(str(err), token)) from None
     except Exception as err:
         raise SubmitError(redact(f"the cluster refused job {spec.name}: {err}", token)) from None
     log(out, f"submitted {spec.name} as {job_id}: {kwargs['entrypoint']}")

@@ -71,6 +71,22 @@ def test_a_job_past_its_timeout_is_stopped(ray_head, tmp_path):
     assert ray_head.client().get_job_status(job_id(done.stdout)).value == "STOPPED"
 
 
+def test_a_spec_whose_job_still_runs_is_not_submitted_again(ray_head, tmp_path):
+    """Two nightly SID drivers at once would redo one round and write the same versions and runs."""
+    specs = spec_file(tmp_path, "nightly", "python -c \"import time; time.sleep(300)\"", tmp_path)
+    first = submit(ray_head, specs, "nightly", "--no-wait")
+    assert first.returncode == 0, first.stdout + first.stderr
+    running = job_id(first.stdout)
+    try:
+        second = submit(ray_head, specs, "nightly")
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"job nightly is still running on the cluster ({running}); not submitting another" in second.stderr
+        assert [job.submission_id for job in ray_head.client().list_jobs()
+                if (job.metadata or {}).get("job_spec") == "nightly"] == [running]
+    finally:
+        ray_head.client().stop_job(running)
+
+
 def test_without_the_token_the_head_refuses(ray_head, tmp_path):
     specs = spec_file(tmp_path, "hello", "python -c 1", tmp_path)
     env = ray_head.client_env(RAY_AUTH_TOKEN_PATH=None, HOME=str(tmp_path))
