@@ -32,8 +32,10 @@ def latest_checkpoint(storage: Storage, model: str, run_id: str) -> str | None:
 
 
 def newest_checkpoint(storage: Storage, model: str) -> str | None:
-    """The most recently written checkpoint folder of `model` over all runs, or None. A run whose
-    `latest.json` or newest `meta.json` cannot be read (a step folder deleted by hand) is skipped, named."""
+    """The most recently written checkpoint folder of `model` over the runs that finished training,
+    or None. A run still training is passed over (its steps are deleted as it goes on: `train.keep_steps`),
+    and so is one whose `latest.json` or newest `meta.json` cannot be read (a step folder deleted by
+    hand), named in a warning."""
     runs = [key for key in storage.list(layout.checkpoints(model)) if layout.is_checkpoint_latest(key)]
     found = [newest for newest in map(partial(run_newest, storage), runs) if newest]
     return max(found)[2] if found else None
@@ -44,10 +46,25 @@ def run_newest(storage: Storage, latest_key: str) -> tuple[str, int, str] | None
     try:
         folder = json.loads(storage.read_bytes(latest_key))["path"]
         meta = json.loads(storage.read_bytes(layout.checkpoint_meta(folder)))
-        return str(meta["created"]), int(meta["step"]), folder
+        newest = str(meta["created"]), int(meta["step"]), folder
+        finished = finished_training(meta)
     except (StorageError, ValueError, RecursionError, KeyError, TypeError) as err:
         log.warning("skipping the checkpoints of %s: %s: %s", storage.url(latest_key), type(err).__name__, err)
         return None
+    if not finished:
+        log.info("passing over %s: its run is still training", storage.url(folder))
+        return None
+    return newest
+
+
+def finished_training(meta: dict[str, Any]) -> bool:
+    """Whether a run's newest checkpoint is its last: taken after its last epoch or at `max_steps`. A
+    checkpoint whose meta does not say (placed by hand) is taken as finished."""
+    train = meta.get("train")
+    if not isinstance(train, dict) or "epochs_completed" not in meta:
+        return True
+    max_steps = train.get("max_steps")
+    return meta["epochs_completed"] >= train["epochs"] or (max_steps is not None and meta["step"] >= max_steps)
 
 
 def fetch_checkpoint(storage: Storage, folder: str, destination: str | Path) -> str:

@@ -35,3 +35,20 @@ def test_a_run_whose_checkpoint_cannot_be_read_is_skipped_naming_it(tmp_path, da
         storage.write_bytes(layout.checkpoint_meta(newer), b"[" * 100_000 + b"]" * 100_000)
     assert newest_checkpoint(storage, "generator") == older
     assert "skipping the checkpoints of" in caplog.text and "night-2" in caplog.text
+
+
+@pytest.mark.parametrize("train, meta, finished", [
+    ({"epochs": 3, "max_steps": None}, {"epochs_completed": 1}, False),
+    ({"epochs": 3, "max_steps": None}, {"epochs_completed": 3}, True),
+    ({"epochs": 3, "max_steps": 2000}, {"epochs_completed": 1, "step": 2000}, True),
+    ({"epochs": 3, "max_steps": 2000}, {"epochs_completed": 1, "step": 1000}, False),
+])
+def test_a_run_still_training_is_passed_over_for_the_newest_finished_one(tmp_path, train, meta, finished):
+    """Tonight's fine-tune, still going, deletes its older steps as it saves: the weekly eval and
+    SID take the newest run that finished."""
+    storage = LocalStorage(tmp_path)
+    done = write_run(storage, "night-1", 4, "2026-12-01T00:00:00")
+    going = write_run(storage, "night-2", 1000, "2026-12-02T00:00:00")
+    saved = json.loads(storage.read_bytes(layout.checkpoint_meta(going)))
+    storage.write_bytes(layout.checkpoint_meta(going), json.dumps({**saved, "train": train, **meta}).encode())
+    assert newest_checkpoint(storage, "generator") == (going if finished else done)
