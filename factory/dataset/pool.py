@@ -23,6 +23,7 @@ killed build resumes. Both use the same `PoolEmbedder` callable and `finish_pool
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -58,20 +59,27 @@ def require_faiss():
     return faiss
 
 
-def normalise(vectors: np.ndarray) -> np.ndarray:
+def normalise(vectors: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """Unit rows, as float32; `in_place` divides a float32 C-contiguous matrix itself (a pool's
+    million rows are not copied)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise ValueError(f"expected a (rows, dim) matrix of vectors, got shape {vectors.shape}")
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    norms = np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    if in_place:
+        vectors /= norms
+        return vectors
+    return vectors / norms
 
 
 # --- the index ---------------------------------------------------------------------------
 
 
-def build_index(vectors: np.ndarray, exact_limit: int = EXACT_LIMIT):
-    """A faiss inner-product index over the normalised `vectors`: exact (flat) up to `exact_limit` rows, else HNSW."""
+def build_index(vectors: np.ndarray, exact_limit: int = EXACT_LIMIT, in_place: bool = False):
+    """A faiss inner-product index over the normalised `vectors`: exact (flat) up to `exact_limit` rows,
+    else HNSW (`in_place`: normalise the caller's float32 matrix itself)."""
     faiss = require_faiss()
-    vectors = normalise(vectors)
+    vectors = normalise(vectors, in_place)
     dim = vectors.shape[1]
     if len(vectors) <= exact_limit:
         index = faiss.IndexFlatIP(dim)
@@ -96,12 +104,13 @@ def search_index(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     return indices.astype(np.int64), scores
 
 
-def index_bytes(index) -> bytes:
-    return require_faiss().serialize_index(index).tobytes()
-
-
-def index_from_bytes(data: bytes):
-    return require_faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
+def read_index(storage: Storage, key: str):
+    """The stored index, through a local file: its bytes are not held beside the index it becomes."""
+    with tempfile.NamedTemporaryFile(suffix=".faiss") as local:
+        for chunk in storage.iter_chunks(key):
+            local.write(chunk)
+        local.flush()
+        return require_faiss().read_index(local.name)
 
 
 # --- the pool as stored ------------------------------------------------------------------
@@ -120,7 +129,7 @@ class ImagePool:
     def load(cls, storage: Storage, name: str) -> ImagePool:
         if not storage.exists(layout.pool_index(name)):
             raise FileNotFoundError(f"no image pool at {storage.url(layout.pool_dir(name))} (no index file)")
-        index = index_from_bytes(storage.read_bytes(layout.pool_index(name)))
+        index = read_index(storage, layout.pool_index(name))
         ids = storage.read_parquet(layout.pool_ids(name)).to_pandas()
         if len(ids) != index.ntotal:
             raise RuntimeError(f"pool {name}: {len(ids)} ids but {index.ntotal} vectors in the index")
@@ -171,10 +180,23 @@ def finish_pool(storage: Storage, name: str, embedded: pd.DataFrame, exact_limit
     if kept.empty:
         raise RuntimeError(f"pool {name}: no image could be embedded ({rejected} rejected)")
     ids = pa.Table.from_pandas(kept[["image_id", "part", "row"]], schema=IDS_SCHEMA, preserve_index=False)
-    index = build_index(np.asarray(kept["embedding"].tolist(), dtype=np.float32), exact_limit)
+    index = build_index(stacked(kept.pop("embedding")), exact_limit, in_place=True)
     storage.write_parquet(layout.pool_ids(name), ids)
-    storage.write_bytes(layout.pool_index(name), index_bytes(index))
+    with tempfile.NamedTemporaryFile(suffix=".faiss") as local:  # a million vectors: not another copy in memory
+        require_faiss().write_index(index, local.name)
+        storage.upload_file(local.name, layout.pool_index(name))
     return {"images": len(kept), "rejected": rejected, "duplicates": duplicates}
+
+
+def stacked(embeddings: pd.Series) -> np.ndarray:
+    """One float32 matrix from the embeddings (float32 bytes, as `PoolEmbedder` gives them; lists of
+    floats in chunks embedded before), filled row by row."""
+    first = embeddings.iloc[0]
+    width = len(first) // 4 if isinstance(first, bytes) else len(first)
+    matrix = np.empty((len(embeddings), width), dtype=np.float32)
+    for row, value in enumerate(embeddings):
+        matrix[row] = np.frombuffer(value, dtype=np.float32) if isinstance(value, bytes) else value
+    return matrix
 
 
 # --- embedding -----------------------------------------------------------------------------
@@ -199,12 +221,12 @@ class PoolEmbedder:
             except ImageRejected:
                 decoded.append(None)
         good = [n for n, image in enumerate(decoded) if image is not None]
-        embeddings: list[list[float] | None] = [None] * len(batch)  # lists: Arrow keeps the nulls
+        embeddings: list[bytes | None] = [None] * len(batch)  # float32 bytes: ~2 KB a 512-d row, not ~16 KB of floats
         for start in range(0, len(good), self.batch_size):
             chosen = good[start : start + self.batch_size]
             vectors = self.scorer.embed_images([decoded[n] for n in chosen]).float().cpu().numpy()
             for n, vector in zip(chosen, vectors):
-                embeddings[n] = vector.astype(np.float32).tolist()
+                embeddings[n] = vector.astype(np.float32).tobytes()
         out = batch.drop(columns=["image"]).reset_index(drop=True)
         out["embedding"] = embeddings
         return out
