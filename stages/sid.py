@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -309,11 +311,12 @@ def drawn_w_id(instruction: str, seed: int) -> str:
     return f"sd:{int(seed)}-{hashlib.sha256(instruction.encode()).hexdigest()[:12]}"
 
 
-def store_drawn_w(ctx: RunContext, w_ids: list[str], images: list[bytes | None]) -> None:
-    """The drawn images, once each, as a pool-like set of parts and ids under the run (ids written last)."""
+def store_drawn_w(ctx: RunContext, drawn: Iterable[tuple[str, bytes | None]]) -> None:
+    """The drawn `(w_id, image)` pairs, once each, as a pool-like set of parts and ids under the
+    run (ids written last); a failed drawing (None) is not stored."""
     run_id = ctx.config.run_id
     stored = store_images(ctx.storage, partial(layout.run_w_part, run_id), layout.run_w_ids(run_id),
-                          ((w_id[len("sd:"):], image) for w_id, image in zip(w_ids, images) if image is not None))
+                          ((w_id[len("sd:"):], image) for w_id, image in drawn if image is not None))
     log.info("stored %d SD-drawn w images under %s", stored, ctx.storage.url(layout.run_w_dir(run_id)))
 
 
@@ -343,21 +346,25 @@ def ensure_pool(ctx: RunContext, parent: str) -> str:
     return name
 
 
-def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> list[bytes | None]:
+def draw_w_images(ctx: RunContext, jobs: pd.DataFrame, batch_size: int = 4) -> Iterator[tuple[str, bytes | None]]:
     """SD drawings of the jobs' instructions by the references' drawer (`models.sd_drawer`), on an
-    actor pool sized like the reference ingest's; None where a drawing failed (its jobs are then
-    rejected by generate, counted, for want of a stored `w`). Finished chunks of drawings are kept
-    under the run, so a killed round redraws only the rest."""
+    actor pool sized like the reference ingest's: `(w_id, image)` in the jobs' order, a chunk of
+    drawings at a time (a round's drawings are never held at once), None where a drawing failed
+    (its jobs are then rejected by generate, counted, for want of a stored `w`). Finished chunks of
+    drawings are kept under the run, so a killed round redraws only the rest."""
     refs = ctx.config.references
+    w_ids = jobs["w_id"].tolist()
     frame = pd.DataFrame({"order": np.arange(len(jobs)), "prompt": jobs["instruction"].to_numpy(),
                           "seed": jobs["seed"].to_numpy(dtype=np.int64)})
     drawer = MapStep.on_pool(StableDiffusionDrawer, (refs, ctx.config.storage), refs, batch_size=batch_size)
     settings = settings_named(ctx.config, "references.sd_")
     resume = Resume(ctx.storage, layout.run_w_drawn(ctx.config.run_id), settings, inputs=("prompt", "seed"))
-    drawn = pd.concat(run_resumable(frame, [drawer], resume), ignore_index=True).sort_values("order")
-    for error, count in drawn["error"].value_counts().items():
+    failures: Counter[str] = Counter()
+    for chunk in run_resumable(frame, [drawer], resume):  # in order
+        failures.update(error for error in chunk["error"] if error is not None)
+        yield from zip((w_ids[order] for order in chunk["order"]), chunk["image"])
+    for error, count in failures.items():
         log.warning("SID w: %d drawings not stored (%s)", count, error)
-    return drawn["image"].tolist()
 
 
 @dataclass(frozen=True)
@@ -417,8 +424,7 @@ def draw_round_w(ctx: RunContext) -> None:
     killed while drawing them (its plan written) draws the rest when it is run again."""
     if ctx.config.sid.w_source != "generate" or ctx.storage.exists(layout.run_w_ids(ctx.config.run_id)):
         return
-    drawn = planned_drawn_w(ctx)
-    store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
+    store_drawn_w(ctx, draw_w_images(ctx, planned_drawn_w(ctx)))
 
 
 def round_instructions(draw: RoundDraw, partitions: list[Partition], where: Storage | StorageConfig) -> list[str]:

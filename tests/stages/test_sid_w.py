@@ -46,7 +46,7 @@ def attach_w(ctx: RunContext, jobs: pd.DataFrame, parent: str) -> pd.DataFrame:
     if ctx.config.sid.w_source == "generate":
         jobs = with_drawn_w_ids(jobs)
         drawn = jobs.drop_duplicates("w_id")
-        store_drawn_w(ctx, drawn["w_id"].tolist(), draw_w_images(ctx, drawn))
+        store_drawn_w(ctx, draw_w_images(ctx, drawn))
         return jobs
     return find_retrieval(ctx, parent, jobs["instruction"].tolist()).attach(ctx.storage, jobs)
 
