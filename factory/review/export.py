@@ -69,14 +69,18 @@ def rejected_frame(storage: Storage, manifest: dict[str, Any], count: int, margi
     run_id = manifest.get("run_id")
     if count <= 0 or not run_id:
         return [], frame
-    drawn: list[tuple[str, str, str]] = []  # (rank, key, unit file): the `count` smallest ranks
+    drawn: list[tuple[str, str, str]] = []  # (rank, key, unit file): the `count` smallest ranks so far
+    pending: list[tuple[str, str, str]] = []  # ranks that beat drawn's largest, merged `count` at a time
     for unit_file in candidate_files(storage, run_id):
         rows = read_columns(storage, unit_file, FRAME_COLUMNS)
         rows = rows[rows["reject_reason"].isin(FILTER_REASONS)]
         near = rows[threshold_miss(rows, thresholds) <= margin]
         frame["size"] += len(near)
-        ranked = [(rank(f"review-{seed}", key), key, unit_file) for key in near["key"]]
-        drawn = heapq.nsmallest(count, drawn + ranked)
+        ranked = ((rank(f"review-{seed}", key), key, unit_file) for key in near["key"])
+        pending += ranked if len(drawn) < count else (item for item in ranked if item < drawn[-1])
+        if len(pending) >= count:  # a merge per `count` new ranks, not one per unit file
+            drawn, pending = heapq.nsmallest(count, drawn + pending), []
+    drawn = heapq.nsmallest(count, drawn + pending)
     frame["sampled"] = len(drawn)
     return [(key, unit_file) for _, key, unit_file in drawn], frame
 
