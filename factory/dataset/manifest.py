@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import subprocess
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -402,23 +403,42 @@ def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:
     manifests = [load_manifest(storage, spec.dataset, parent) for parent in spec.parents]
     for manifest in manifests:
         check_shards(storage, manifest)  # a union copies nothing: a tampered parent would carry into it
-    shards, indexes, funnel_totals = [], [], {}
-    for parent, manifest in zip(spec.parents, manifests):
-        shards.extend({**shard, "path": shard_key(manifest, shard["path"])} for shard in manifest["shards"])
-        index = read_index(storage, spec.dataset, parent).cast(index_schema())
-        paths = pa.array([shard_key(manifest, path) for path in index.column("shard").to_pylist()], pa.string())
-        indexes.append(index.set_column(index.schema.get_field_index("shard"), "shard", paths))
-        funnel_totals[parent] = manifest["samples"]
-    index = pa.concat_tables(indexes)
-    duplicates = index.num_rows - pc.count_distinct(index.column("key")).as_py()
-    if duplicates:
-        raise VersionError(f"parents {spec.parents} share {duplicates} sample keys; a union must not repeat a sample")
-    spec.funnel = spec.funnel or {"written": index.num_rows, "from_parents": funnel_totals}
-    spec.thresholds = spec.thresholds or loosest_thresholds(manifests)
-    if any(manifest.get("shards_superset") for manifest in manifests):
-        spec.extra["shards_superset"] = True  # a reviewed parent's shards hold samples its index left out
-    with publishing(storage, spec):  # after every check on the parents: a refused union leaves no lock
-        return commit_version(storage, spec, shards, index)
+    shards = [{**shard, "path": shard_key(manifest, shard["path"])}
+              for manifest in manifests for shard in manifest["shards"]]
+    with tempfile.TemporaryDirectory(prefix="union-") as scratch:
+        index = Path(scratch) / "index.parquet"
+        keys = write_union_index(storage, spec.dataset, dict(zip(spec.parents, manifests)), index)
+        duplicates = len(keys) - pc.count_distinct(keys).as_py()
+        if duplicates:
+            raise VersionError(f"parents {spec.parents} share {duplicates} sample keys; "
+                               "a union must not repeat a sample")
+        spec.funnel = spec.funnel or {"written": len(keys),
+                                      "from_parents": {parent: manifest["samples"]
+                                                       for parent, manifest in zip(spec.parents, manifests)}}
+        spec.thresholds = spec.thresholds or loosest_thresholds(manifests)
+        if any(manifest.get("shards_superset") for manifest in manifests):
+            spec.extra["shards_superset"] = True  # a reviewed parent's shards hold samples its index left out
+        with publishing(storage, spec):  # after every check on the parents: a refused union leaves no lock
+            return commit_version(storage, spec, shards, index)
+
+
+def write_union_index(storage: Storage, dataset: str, manifests: dict[str, dict[str, Any]],
+                      path: Path) -> pa.ChunkedArray:
+    """The parents' index rows, a row group at a time, into the local Parquet file at `path`, each
+    shard path made root-relative; returns the keys (a union of millions of samples holds its keys
+    in memory, not its rows)."""
+    keys = []
+    with pq.ParquetWriter(path, index_schema()) as writer:
+        for parent, manifest in manifests.items():
+            with storage.parquet(layout.index(dataset, parent)) as parquet:
+                for group in range(parquet.num_row_groups):
+                    rows = parquet.read_row_group(group).cast(index_schema())
+                    listed = pc.unique(rows.column("shard"))
+                    rooted = pa.array([shard_key(manifest, shard) for shard in listed.to_pylist()], pa.string())
+                    paths = pc.take(rooted, pc.index_in(rows.column("shard"), listed))
+                    writer.write_table(rows.set_column(rows.schema.get_field_index("shard"), "shard", paths))
+                    keys.extend(rows.column("key").chunks)
+    return pa.chunked_array(keys, pa.string())
 
 
 def loosest_thresholds(manifests: list[dict[str, Any]]) -> dict[str, float]:
