@@ -292,9 +292,10 @@ def cafe_models(bench: Bench) -> dict[str, Any]:
     """G, its encoders and the VAE, built once for the sampling and the training parts."""
     if "cafe" not in bench.shared:
         from bench.published_models import filled, model_config
-        from models.cafe import CafeUNet, _dtype
+        from models.base import resolve_dtype
+        from models.cafe import CafeUNet
 
-        dtype = _dtype(bench.config.generate.generators["cafe"].options.get("dtype"), bench.device)
+        dtype = resolve_dtype(bench.config.generate.generators["cafe"].options.get("dtype", "auto"), bench.device)
         encoders = random_encoders(bench, dtype)
         model = filled(lambda: CafeUNet(unet_config=model_config("sd2_unet", bench.counts.tiny),
                                         clip_dim=encoders.clip.config.projection_dim,
