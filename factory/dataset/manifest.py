@@ -403,8 +403,7 @@ def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:
     manifests = [load_manifest(storage, spec.dataset, parent) for parent in spec.parents]
     for manifest in manifests:
         check_shards(storage, manifest)  # a union copies nothing: a tampered parent would carry into it
-    shards = [{**shard, "path": shard_key(manifest, shard["path"])}
-              for manifest in manifests for shard in manifest["shards"]]
+    shards = union_shards(manifests)
     with tempfile.TemporaryDirectory(prefix="union-") as scratch:
         index = Path(scratch) / "index.parquet"
         keys = write_union_index(storage, spec.dataset, dict(zip(spec.parents, manifests)), index)
@@ -420,6 +419,23 @@ def union_versions(storage: Storage, spec: VersionSpec) -> dict[str, Any]:
             spec.extra["shards_superset"] = True  # a reviewed parent's shards hold samples its index left out
         with publishing(storage, spec):  # after every check on the parents: a refused union leaves no lock
             return commit_version(storage, spec, shards, index)
+
+
+def union_shards(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parents' shards by root-relative path, each listed once: two reviewed children of one
+    version list the same shards (each for its own kept samples), and a shard listed twice would be
+    read twice by every reader."""
+    shards: dict[str, dict[str, Any]] = {}
+    for manifest in manifests:
+        for shard in manifest["shards"]:
+            entry = {**shard, "path": shard_key(manifest, shard["path"])}
+            if entry["path"] in shards:
+                listed = shards[entry["path"]]
+                listed["version_samples"] = (listed.get("version_samples", listed["samples"])
+                                             + entry.get("version_samples", entry["samples"]))
+            else:
+                shards[entry["path"]] = entry
+    return list(shards.values())
 
 
 def write_union_index(storage: Storage, dataset: str, manifests: dict[str, dict[str, Any]],

@@ -97,3 +97,27 @@ def test_sids_pool_of_a_reviewed_version_holds_only_the_samples_people_kept(revi
                    "clip_model_config": clip.model_config}})
     name = sid.ensure_pool(RunContext(config), "v1-spread")
     assert ImagePool.load(storage, name).image_ids == sorted(set(published) - dropped)
+
+
+def test_a_union_of_two_reviewed_children_of_one_version_lists_each_shard_once(reviewed):
+    """Two review projects over one version keep different samples of the same shards: the union
+    reads each shard once, so training sees every kept sample once."""
+    from factory.dataset.manifest import version_keys
+    from models.training.data import EpochPlan
+
+    storage, _, published = reviewed
+    halves = {"v1-left": set(published[:5]), "v1-right": set(published[5:])}
+    for project, (name, kept) in enumerate(halves.items(), start=20):
+        origins = {key: PUBLISHED for key in published}
+        votes = [Vote(key, reviewer, "keep" if key in kept else "drop") for key in published
+                 for reviewer in ("user-1", "user-2")]
+        record = {"dataset": "demo", "version": "v1", "project_id": project, "url": "http://127.0.0.1:1",
+                  "created": "now", "frame": {"size": 0}, "origins": origins}
+        publish_reviewed(storage, record, tally(origins, votes), name, f"{project}" * 32)
+    union = union_versions(storage, VersionSpec("demo", "both-halves", "union", parents=list(halves)))
+    paths = [shard["path"] for shard in union["shards"]]
+    assert len(paths) == len(set(paths)) and union["samples"] == len(published)
+    assert verify_version(storage, "demo", "both-halves") == []
+    plan = EpochPlan.build(union, 1, 0, seed=0, keep=version_keys(storage, union))
+    keys = [key for batch in plan.batches(storage, 0, 2, plan.steps(2)) for key in batch.keys]
+    assert sorted(keys) == published
