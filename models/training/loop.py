@@ -86,6 +86,7 @@ def train_loop(job: TrainJob, storage: Storage, worker: Worker) -> TrainState:
     task = build_task(job, worker.device)
     state = TrainState()
     if meta is not None:
+        refuse_other_epoch_plan(meta, job, task)
         optimizer_state = load_checkpoint(storage, folder, task)
         state = resumed_state(meta, worker.world)
         log.info("resuming %s/%s at step %d (epoch %d)", job.model, job.run_id, state.step, state.epoch)
@@ -95,6 +96,8 @@ def train_loop(job: TrainJob, storage: Storage, worker: Worker) -> TrainState:
     )
     if meta is not None:
         set_optimizer_state(model, optimizer, optimizer_state)
+        for group in optimizer.param_groups:  # the saved groups bring the old run's; these are the ones recorded
+            group["lr"], group["weight_decay"] = task.lr, settings.weight_decay
     per_worker = math.ceil(task.batch_size / worker.world)
     keep = version_keys(storage, manifest)  # a reviewed version's shards hold the samples people dropped too
     for epoch in range(state.epoch, settings.epochs):
@@ -107,6 +110,18 @@ def train_loop(job: TrainJob, storage: Storage, worker: Worker) -> TrainState:
             continue  # the checkpoint was taken at this epoch's last step
         run_epoch(job, storage, task, model, optimizer, worker, plan, per_worker, state)
     return state
+
+
+def refuse_other_epoch_plan(meta: dict[str, Any], job: TrainJob, task) -> None:
+    """A resumed run goes on from its saved batch index: with another batch size or seed, the rest of
+    the epoch would repeat some samples and skip others."""
+    saved = meta.get("train") or {}
+    now = {f"{job.model}_batch_size": task.batch_size, "seed": job.settings.seed}
+    changed = [f"{key} {saved[key]} -> {value}" for key, value in now.items() if key in saved and saved[key] != value]
+    if changed:
+        raise ValueError(f"run {job.run_id!r} was trained with other settings ({', '.join(changed)}): resumed, its "
+                         "epoch would repeat some samples and skip others; use another run id "
+                         "(or set train.resume: false)")
 
 
 def resumed_state(meta: dict[str, Any], world: int) -> TrainState:

@@ -199,6 +199,28 @@ def test_a_run_keeps_its_newest_complete_steps_and_resumes_from_them(tmp_path, t
     assert steps() == ({3: True, 4: True} if keep else {1: False, 2: True, 3: True, 4: True})
 
 
+def test_a_resume_refuses_another_batch_size_or_seed_and_takes_the_new_learning_rate(tmp_path, tiny):
+    """The saved batch index means another batch size or shuffle would repeat some samples and skip
+    others; a new learning rate or weight decay is what the operator asked for, and what meta.json says."""
+    from factory.framework import layout
+    from models.training.job import make_job
+    from models.training.runner import train_in_process
+
+    root = StorageConfig(root=str(tmp_path / "root"))
+    storage = open_storage(root)
+    publish(storage)
+    assert train_in_process(make_job(make_config(root, tiny, "r", max_steps=1, checkpoint_every=1), "v1",
+                                     "assistant"), storage)["step"] == 1
+    for changed, said in (({"assistant_batch_size": 2}, "assistant_batch_size 4 -> 2"), ({"seed": 9}, "seed 0 -> 9")):
+        config = make_config(root, tiny, "r", max_steps=2, checkpoint_every=1, **changed)
+        with pytest.raises(ValueError, match=f"other settings \\({said}\\)"):
+            train_in_process(make_job(config, "v1", "assistant"), storage)
+    config = make_config(root, tiny, "r", max_steps=2, checkpoint_every=1, assistant_lr=5e-4, weight_decay=0.0)
+    resumed = train_in_process(make_job(config, "v1", "assistant"), storage)
+    groups = json.loads(storage.read_bytes(layout.checkpoint_file(resumed["checkpoint"], layout.OPTIMIZER_GROUPS)))
+    assert {(group["lr"], group["weight_decay"]) for group in groups["param_groups"]} == {(5e-4, 0.0)}
+
+
 def test_generator_trains_checkpoints_and_resumes(tmp_path, tiny):
     train_resume_and_compare(StorageConfig(root=str(tmp_path / "root")), tiny, "generator", steps=4)
 
