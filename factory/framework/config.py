@@ -426,7 +426,6 @@ class TrainConfig(TrainWorkers):
     assistant_batch_size: int = Field(128, ge=1, description="global batch, split over workers")
     clip_loss_weight: float = Field(0.2, ge=0, description="lambda of equation 2")
     max_text_tokens: int = Field(256, ge=8, description="prompt and answer are each cut to this many tokens")
-    fsdp: bool = Field(False, description="shard the assistant with FSDP instead of DDP")
     epochs: int = Field(5, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps in all")
     weight_decay: float = Field(0.01, ge=0)

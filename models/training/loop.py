@@ -41,16 +41,13 @@ class Worker:
     device: Any
     distributed: bool = False
 
-    def wrap(self, model, fsdp: bool = False):
-        """DDP (or FSDP) through Ray Train on a distributed run; the model itself otherwise."""
+    def wrap(self, model):
+        """DDP through Ray Train on a distributed run (the assistant's frozen LLM is replicated, and
+        only its heads' gradients are synchronised); the model itself otherwise."""
         if not self.distributed:
             return model.to(self.device)
         import ray.train.torch  # ray: only on a distributed run (the in-process path runs without it)
 
-        if fsdp:
-            return ray.train.torch.prepare_model(
-                model, parallel_strategy="fsdp", parallel_strategy_kwargs={"use_orig_params": True}
-            )
         return ray.train.torch.prepare_model(model, parallel_strategy="ddp")
 
     def report(self, metrics: dict[str, Any]) -> None:
@@ -90,7 +87,7 @@ def train_loop(job: TrainJob, storage: Storage, worker: Worker) -> TrainState:
         optimizer_state = load_checkpoint(storage, folder, task)
         state = resumed_state(meta, worker.world)
         log.info("resuming %s/%s at step %d (epoch %d)", job.model, job.run_id, state.step, state.epoch)
-    model = worker.wrap(task.model, fsdp=settings.fsdp and job.model == "assistant")
+    model = worker.wrap(task.model)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=task.lr, weight_decay=settings.weight_decay
     )
@@ -227,7 +224,7 @@ def log_keys(storage: Storage, job: TrainJob, epoch: int, rank: int, first_batch
 
 def save_checkpoint(storage: Storage, job: TrainJob, task, model, optimizer, state: TrainState, worker: Worker) -> None:
     """Write `step-<n>/` (model, optimizer, meta.json last) and then `latest.json` (rank 0)."""
-    model_state = task.gather_state(model)  # collectives under FSDP: every rank calls them
+    model_state = task.gather_state(model)  # every rank calls it: it may run collectives
     optimizer_state = get_optimizer_state(model, optimizer)
     loss = float(np.mean(state.losses[-10:])) if state.losses else None
     if worker.rank == 0:

@@ -91,7 +91,7 @@ class AssistantTask:
         return assistant_loss(output, clip, self.settings.clip_loss_weight)
 
     def gather_state(self, model) -> dict[str, Any]:
-        """The trainable layers, whole (gathered from the shards under FSDP)."""
+        """The trainable layers, whole."""
         state = get_model_state_dict(model, options=full_state_options(ignore_frozen_params=True))
         new_layers = set(unwrap(model).new_layers())
         return {name: value for name, value in state.items() if name in new_layers}  # tied frozen weights slip in
