@@ -12,7 +12,7 @@ import numpy as np
 
 from factory.dataset.manifest import checked_shard, shard_key
 from factory.dataset.shards import Sample, read_shard_bytes
-from factory.framework.images import decode_image
+from factory.framework.images import ImageRejected, decode_image
 from factory.framework.storage import Storage
 
 
@@ -128,5 +128,13 @@ def prefetched(storage: Storage, keys: list[str]) -> Iterator[bytes]:
             yield data
 
 
-def decode_images(blobs: list[bytes]):
-    return [decode_image(blob) for blob in blobs]
+def sample_images(samples: list[Sample], member: str) -> list:
+    """Each sample's `member` image ("input_image" or "target_image"), decoded; one that does not
+    decode stops the training naming the sample (every retry would stop there again)."""
+    images = []
+    for sample in samples:
+        try:
+            images.append(decode_image(getattr(sample, member)))
+        except ImageRejected as err:
+            raise ValueError(f"sample {sample.key} of the version: its {member} does not decode ({err})") from None
+    return images

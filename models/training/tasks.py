@@ -15,7 +15,7 @@ from factory.framework.models_cache import local_model
 from models.assistant import WEIGHTS_FILE, CafeAssistant, assistant_loss
 from models.base import half_dtype
 from models.cafe import CafeUNet, ImageEncoders, diffusion_loss, encode_latents, images_to_pixels, local_folder
-from models.training.data import decode_images
+from models.training.data import sample_images
 from models.training.optimizer_state import full_state_options
 
 if TYPE_CHECKING:
@@ -46,8 +46,7 @@ class GeneratorTask:
         self.image_size = s.image_size or self.model.unet.config.sample_size * vae_factor
 
     def loss(self, model, samples: list[Sample], generator):
-        inputs = decode_images([s.input_image for s in samples])
-        targets = decode_images([s.target_image for s in samples])
+        inputs, targets = sample_images(samples, "input_image"), sample_images(samples, "target_image")
         dino = self.encoders.dino_features(inputs)
         clip = self.encoders.clip_embeds(targets)
         latents = encode_latents(self.vae, images_to_pixels(targets, self.image_size), generator)
@@ -83,8 +82,7 @@ class AssistantTask:
         self.encoders = ImageEncoders(s.clip_model, s.dino_model, device, llm_dtype, storage)
 
     def loss(self, model, samples: list[Sample], generator):
-        inputs = decode_images([s.input_image for s in samples])
-        targets = decode_images([s.target_image for s in samples])
+        inputs, targets = sample_images(samples, "input_image"), sample_images(samples, "target_image")
         dino = self.encoders.dino_features(inputs)
         clip = self.encoders.clip_embeds(targets)
         output = model(dino, [s.user for s in samples], [s.assistant for s in samples])

@@ -221,6 +221,21 @@ def test_a_resume_refuses_another_batch_size_or_seed_and_takes_the_new_learning_
     assert {(group["lr"], group["weight_decay"]) for group in groups["param_groups"]} == {(5e-4, 0.0)}
 
 
+def test_a_sample_whose_image_does_not_decode_stops_training_naming_it(tmp_path, tiny):
+    from dataclasses import replace
+
+    from models.training.job import make_job
+    from models.training.runner import train_in_process
+
+    root = StorageConfig(root=str(tmp_path / "root"))
+    storage = open_storage(root)
+    samples = make_samples()
+    samples[1] = replace(samples[1], target_image=samples[1].target_image[:200])  # a truncated JPEG
+    publish_samples(storage, VersionSpec("tiny", "v1", "bootstrap"), samples, shard_max_samples=SHARD_SAMPLES)
+    with pytest.raises(ValueError, match=f"sample {samples[1].key} of the version: its target_image does not decode"):
+        train_in_process(make_job(make_config(root, tiny, "bad", max_steps=2), "v1", "assistant"), storage)
+
+
 def test_generator_trains_checkpoints_and_resumes(tmp_path, tiny):
     train_resume_and_compare(StorageConfig(root=str(tmp_path / "root")), tiny, "generator", steps=4)
 
