@@ -110,8 +110,11 @@ def train_loop(job: TrainJob, storage: Storage, worker: Worker) -> TrainState:
 
 
 def refuse_other_epoch_plan(meta: dict[str, Any], job: TrainJob, task) -> None:
-    """A resumed run goes on from its saved batch index: with another batch size or seed, the rest of
-    the epoch would repeat some samples and skip others."""
+    """A run resumed inside an epoch goes on from its saved batch index: with another batch size or
+    seed, the rest of the epoch would repeat some samples and skip others. (At an epoch's end the
+    next epoch is planned afresh.)"""
+    if meta.get("epochs_completed", 0) > meta["epoch"] or meta["batch_in_epoch"] == 0:
+        return
     saved = meta.get("train") or {}
     now = {f"{job.model}_batch_size": task.batch_size, "seed": job.settings.seed}
     changed = [f"{key} {saved[key]} -> {value}" for key, value in now.items() if key in saved and saved[key] != value]
@@ -125,7 +128,9 @@ def resumed_state(meta: dict[str, Any], world: int) -> TrainState:
     """Where a checkpoint left off. The data split depends on the number of workers, so on
     another number the interrupted epoch is cut short rather than partly repeated."""
     state = TrainState(step=meta["step"], epoch=meta["epoch"], batch_in_epoch=meta["batch_in_epoch"])
-    if meta["world_size"] != world and state.batch_in_epoch > 0:
+    if meta.get("epochs_completed", 0) > state.epoch:  # taken at its epoch's last batch: the next one is new
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    elif meta["world_size"] != world and state.batch_in_epoch > 0:
         log.warning(
             "checkpoint was taken with %d workers, now %d: epoch %d ends here, training goes on with epoch %d",
             meta["world_size"], world, state.epoch, state.epoch + 1,

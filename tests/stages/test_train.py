@@ -219,6 +219,13 @@ def test_a_resume_refuses_another_batch_size_or_seed_and_takes_the_new_learning_
     resumed = train_in_process(make_job(config, "v1", "assistant"), storage)
     groups = json.loads(storage.read_bytes(layout.checkpoint_file(resumed["checkpoint"], layout.OPTIMIZER_GROUPS)))
     assert {(group["lr"], group["weight_decay"]) for group in groups["param_groups"]} == {(5e-4, 0.0)}
+    # at an epoch's end (10 samples, batch 4: 3 steps) the next epoch is planned with the new batch size
+    config = make_config(root, tiny, "r", max_steps=3, checkpoint_every=1)
+    assert train_in_process(make_job(config, "v1", "assistant"), storage)["step"] == 3
+    config = make_config(root, tiny, "r", max_steps=5, checkpoint_every=1, assistant_batch_size=2)
+    after = train_in_process(make_job(config, "v1", "assistant"), storage)
+    meta = json.loads(storage.read_bytes(layout.checkpoint_meta(after["checkpoint"])))
+    assert (meta["step"], meta["epoch"], meta["batch_in_epoch"]) == (5, 1, 2)
 
 
 def test_a_sample_whose_image_does_not_decode_stops_training_naming_it(tmp_path, tiny):
