@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from factory.dataset.checkpoints import checkpoint_meta, fetch_checkpoint, latest_checkpoint
+from factory.dataset.checkpoints import checkpoint_meta, fetch_checkpoint, finished_training, latest_checkpoint
 from factory.dataset.manifest import load_manifest, version_keys
 from factory.framework import layout
 from factory.framework.config import TrainConfig
@@ -113,7 +113,7 @@ def refuse_other_epoch_plan(meta: dict[str, Any], job: TrainJob, task) -> None:
     """A run resumed inside an epoch goes on from its saved batch index: with another batch size or
     seed, the rest of the epoch would repeat some samples and skip others. (At an epoch's end the
     next epoch is planned afresh.)"""
-    if meta.get("epochs_completed", 0) > meta["epoch"] or meta["batch_in_epoch"] == 0:
+    if at_epoch_end(meta) or meta["batch_in_epoch"] == 0:
         return
     saved = meta.get("train") or {}
     now = {f"{job.model}_batch_size": task.batch_size, "seed": job.settings.seed}
@@ -124,11 +124,16 @@ def refuse_other_epoch_plan(meta: dict[str, Any], job: TrainJob, task) -> None:
                          "(or set train.resume: false)")
 
 
+def at_epoch_end(meta: dict[str, Any]) -> bool:
+    """Whether a checkpoint was taken at its epoch's last batch."""
+    return meta.get("epochs_completed", 0) > meta["epoch"]
+
+
 def resumed_state(meta: dict[str, Any], world: int) -> TrainState:
     """Where a checkpoint left off. The data split depends on the number of workers, so on
     another number the interrupted epoch is cut short rather than partly repeated."""
     state = TrainState(step=meta["step"], epoch=meta["epoch"], batch_in_epoch=meta["batch_in_epoch"])
-    if meta.get("epochs_completed", 0) > state.epoch:  # taken at its epoch's last batch: the next one is new
+    if at_epoch_end(meta):  # the next epoch is planned afresh
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     elif meta["world_size"] != world and state.batch_in_epoch > 0:
         log.warning(
@@ -151,7 +156,7 @@ def finished_run(storage: Storage, job: TrainJob, world: int) -> bool:
     meta = json.loads(storage.read_bytes(layout.checkpoint_meta(folder)))
     if (meta.get("version"), meta.get("train"), meta.get("world_size")) != (job.version, job.train, world):
         return False  # the loop decides (and refuses a run trained on another version)
-    return meta["epochs_completed"] >= settings.epochs or reached_max_steps(settings, resumed_state(meta, world))
+    return finished_training(meta)
 
 
 def reached_max_steps(settings: TrainConfig, state: TrainState) -> bool:
