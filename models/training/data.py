@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -67,18 +68,27 @@ class EpochPlan:
         """Real samples over all ranks in batch `index`."""
         return sum(min(per_worker, max(0, count - index * per_worker)) for count in self.counts)
 
-    def samples(self, storage: Storage, rank: int) -> Iterator[Sample]:
+    def samples(self, storage: Storage, rank: int, skip: int = 0) -> Iterator[Sample]:
+        """This rank's samples in order, from the `skip`-th on. In shard mode the shards wholly before it
+        are not read, so a run resumed late in an epoch does not read the epoch's data again first."""
         if self.shard_mode:
-            yield from self._shard_samples(storage, rank)
+            yield from self._shard_samples(storage, rank, skip)
         else:
-            yield from self._dealt_samples(storage, rank)
+            yield from itertools.islice(self._dealt_samples(storage, rank), skip, None)
 
-    def _shard_samples(self, storage: Storage, rank: int) -> Iterator[Sample]:
+    def _shard_samples(self, storage: Storage, rank: int, skip: int) -> Iterator[Sample]:
         shards = self.rank_shards[rank]
+        while shards and skip >= self.shard_sizes[shards[0]]:
+            skip -= self.shard_sizes[shards[0]]
+            shards = shards[1:]
         for shard_index, data in zip(shards, self.shard_bytes(storage, shards)):
             samples = list(self._read(data))
+            if len(samples) != self.shard_sizes[shard_index]:
+                raise ValueError(f"shard {self.shard_keys[shard_index]} holds {len(samples)} samples of the version, "
+                                 f"its manifest says {self.shard_sizes[shard_index]}")
             order = np.random.default_rng([self.seed, self.epoch, shard_index]).permutation(len(samples))
-            yield from (samples[i] for i in order)
+            yield from (samples[i] for i in order[skip:])
+            skip = 0
 
     def _dealt_samples(self, storage: Storage, rank: int) -> Iterator[Sample]:
         total = sum(self.shard_sizes)
@@ -102,11 +112,14 @@ class EpochPlan:
     def _read(self, data: bytes) -> Iterator[Sample]:
         return (s for s in read_shard_bytes(data) if self.keep is None or s.key in self.keep)
 
-    def batches(self, storage: Storage, rank: int, per_worker: int, steps: int) -> Iterator[Batch]:
-        """Exactly `steps` batches; once this rank's share runs out, one zero-weight sample each."""
-        stream = self.samples(storage, rank)
-        last: Sample | None = None
-        for _ in range(steps):
+    def batches(self, storage: Storage, rank: int, per_worker: int, steps: int, start: int = 0) -> Iterator[Batch]:
+        """Batches `start` to `steps - 1` of exactly `steps`; once this rank's share runs out, one
+        zero-weight sample each (its last real one)."""
+        wanted = start * per_worker
+        skip = max(0, min(wanted, self.counts[rank] - 1))  # resumed past this rank's share: read its last sample
+        stream = self.samples(storage, rank, skip)
+        last = next(stream, None) if skip < wanted else None
+        for _ in range(start, steps):
             samples = [s for _, s in zip(range(per_worker), stream)]
             if samples:
                 last = samples[-1]

@@ -172,9 +172,7 @@ def run_epoch(
     seen: list[str] = []
     trained = 0
     first = state.batch_in_epoch
-    for index, batch in enumerate(plan.batches(storage, worker.rank, per_worker, steps)):
-        if index < first:
-            continue
+    for index, batch in enumerate(plan.batches(storage, worker.rank, per_worker, steps, start=first), start=first):
         if reached_max_steps(settings, state):
             break
         batch_loss = train_step(task, model, optimizer, batch, plan.global_count(index, per_worker), worker,

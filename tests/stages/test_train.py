@@ -95,6 +95,41 @@ def test_each_epoch_deals_every_sample_to_exactly_one_worker(tmp_path, world):
     assert orders[0] != orders[1]  # reshuffled per epoch
 
 
+@pytest.mark.parametrize("world", [1, 2, 5])
+def test_a_resumed_epoch_gives_the_same_batches_and_skips_the_shards_before_them(tmp_path, world):
+    from models.training.data import EpochPlan
+
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    manifest = publish(storage)
+    reads: list[str] = []
+    read_bytes = storage.read_bytes
+    storage.read_bytes = lambda key: reads.append(key) or read_bytes(key)
+    per_worker = 2
+    plan = EpochPlan.build(manifest, world, epoch=1, seed=0)
+    steps = plan.steps(per_worker)
+    for rank in range(world):
+        whole = [(b.samples, b.weights) for b in plan.batches(storage, rank, per_worker, steps)]
+        for start in range(steps):
+            reads.clear()
+            resumed = [(b.samples, b.weights) for b in plan.batches(storage, rank, per_worker, steps, start=start)]
+            assert resumed == whole[start:]  # padding included: the same last sample, weight 0
+            if plan.shard_mode and start * per_worker >= plan.shard_sizes[plan.rank_shards[rank][0]]:
+                assert plan.shard_keys[plan.rank_shards[rank][0]] not in reads
+        assert plan.shard_mode == (world <= 4)
+
+
+def test_a_shard_holding_other_than_its_listed_count_stops_the_epoch_naming_it(tmp_path):
+    from models.training.data import EpochPlan
+
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    manifest = publish(storage)
+    manifest["shards"][0]["samples"] += 1  # the batches and the loss scale are planned from these counts
+    plan = EpochPlan.build(manifest, 1, epoch=0, seed=0)
+    listed = manifest["shards"][0]["path"]
+    with pytest.raises(ValueError, match=f"{listed} holds 3 samples of the version, its manifest says 4"):
+        list(plan.batches(storage, 0, 2, plan.steps(2)))
+
+
 def test_a_union_is_read_through_its_parents_shards(tmp_path):
     from factory.dataset.manifest import union_versions
     from models.training.data import EpochPlan
