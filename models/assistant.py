@@ -84,6 +84,15 @@ class CafeAssistant(nn.Module):
         model.load_new_layers(load_file(str(path / WEIGHTS_FILE)))
         return model
 
+    def take_settings(self, clip_model: str, dino_model: str, max_text_tokens: int, storage: Any = None) -> None:
+        """A fine-tune from a saved folder trains with the configured encoders and text limit, and records
+        them; encoders of other widths than the saved heads were built for are refused."""
+        dims = encoder_dims(clip_model, dino_model, storage)
+        if dims != (self.config["clip_dim"], self.config["dino_dim"]):
+            raise ValueError(f"the saved assistant's heads take CLIP {self.config['clip_dim']} and DINO "
+                             f"{self.config['dino_dim']} wide features; {clip_model} and {dino_model} give {dims}")
+        self.config.update(clip_model=clip_model, dino_model=dino_model, max_text_tokens=max_text_tokens)
+
     def new_layers(self) -> dict[str, torch.Tensor]:
         """The trainable state: `vision_proj.*`, `signal_token`, `clip_head.*`."""
         return {name: p for name, p in self.named_parameters() if not name.startswith("llm.")}

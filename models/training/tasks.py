@@ -76,6 +76,7 @@ class AssistantTask:
         if s.init_from:
             folder = local_folder(s.init_from, storage)
             self.model = CafeAssistant.from_pretrained(folder, llm_model=s.llm_model, dtype=llm_dtype, storage=storage)
+            self.model.take_settings(s.clip_model, s.dino_model, s.max_text_tokens, storage)
         else:
             self.model = CafeAssistant.from_parts(s.llm_model, s.clip_model, s.dino_model, s.max_text_tokens, llm_dtype,
                                                   storage)

@@ -315,6 +315,30 @@ def test_sid_trains_and_fine_tunes_g_through_the_helpers(tmp_path, tiny):
     assert CafeUNet.from_pretrained(tuned).config.base_model == tiny["base_model"]
 
 
+def test_an_assistant_fine_tune_takes_the_configured_text_limit_and_refuses_encoders_of_other_widths(tmp_path, tiny):
+    import shutil
+
+    from factory.framework.stage import RunContext
+    from models.assistant import CONFIG_FILE
+    from models.training.runner import train_assistant_on
+
+    storage_config = StorageConfig(root=str(tmp_path / "root"))
+    storage = open_storage(storage_config)
+    publish(storage)
+    first = train_assistant_on(RunContext(make_config(storage_config, tiny, "sid", max_steps=1), storage), "v1")
+    ctx = RunContext(make_config(storage_config, tiny, "sid", max_steps=1, max_text_tokens=12), storage)
+    tuned = train_assistant_on(ctx, "v1", init_from=first, run_id="sid-a-round1")
+    assert json.loads((Path(first) / CONFIG_FILE).read_text())["max_text_tokens"] == 256
+    assert json.loads((Path(tuned) / CONFIG_FILE).read_text())["max_text_tokens"] == 12
+    wider = tmp_path / "wider-dino"
+    shutil.copytree(tiny["dino_model"], wider)
+    dino_config = json.loads((wider / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps({**dino_config, "hidden_size": dino_config["hidden_size"] * 2}))
+    ctx = RunContext(make_config(storage_config, tiny, "sid", max_steps=1, dino_model=str(wider)), storage)
+    with pytest.raises(ValueError, match=f"DINO {dino_config['hidden_size']} wide features"):
+        train_assistant_on(ctx, "v1", init_from=first, run_id="sid-a-round2")
+
+
 def test_resolve_version_takes_the_latest(tmp_path, tiny):
     from stages.train import resolve_version
 
