@@ -16,11 +16,15 @@ a Ray Serve LLM deployment, a hosted API), over the standard library's HTTP clie
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import http.client
 import json
 import logging
 import os
 import random
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -123,30 +127,27 @@ class OpenAIEngine(BatchEngine):
 
     def _post(self, payload: bytes) -> str:
         request = urllib.request.Request(self.url, data=payload, method="POST", headers=self._headers())
-        deadline = time.monotonic() + self.config.request_timeout_s
+        request.watchdog = watchdog = Watchdog(self.config.request_timeout_s)
         try:
             with OPENER.open(request, timeout=self.config.request_timeout_s) as response:
-                raw = self._read_body(response, deadline)
+                raw = self._read_body(response)
         except urllib.error.HTTPError as err:
             raise http_failure(err) from None
-        except TimeoutError:
-            raise TransientError(f"no answer within {self.config.request_timeout_s}s") from None
-        except (urllib.error.URLError, ConnectionError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise TransientError(f"connection failed: {type(reason).__name__}: {reason}") from None
-        except http.client.HTTPException as err:  # cut-short body, not HTTP at all, ...
-            raise TransientError(f"broken HTTP answer: {type(err).__name__}") from None
+        except (TimeoutError, urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            raise watchdog.failure(err) from None
+        finally:
+            watchdog.cancel()
+        if watchdog.fired:  # a cut connection can read as an answer that ended early
+            raise watchdog.failure()
         return completion_text(raw)
 
-    def _read_body(self, response: http.client.HTTPResponse, deadline: float) -> bytes:
-        """The whole body, unless it outgrows `max_body_bytes` or the request's deadline."""
+    def _read_body(self, response: http.client.HTTPResponse) -> bytes:
+        """The whole body, unless it outgrows `max_body_bytes`."""
         body = bytearray()
         while chunk := response.read1(READ_CHUNK_BYTES):
             body += chunk
             if len(body) > self.max_body_bytes:
                 raise TransientError(f"answer larger than {self.max_body_bytes} bytes")
-            if time.monotonic() > deadline:
-                raise TransientError(f"no whole answer within {self.config.request_timeout_s}s")
         if response.length:  # read1 ends quietly where a server closes short of its Content-Length
             raise http.client.IncompleteRead(bytes(body), response.length)
         return bytes(body)
@@ -166,7 +167,72 @@ class RefuseRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-OPENER = urllib.request.build_opener(RefuseRedirect)
+class Watchdog:
+    """Cuts a request's connection at its deadline. A socket timeout bounds each read alone, so a
+    server dripping its headers or its body a byte at a time would hold the request for ever."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.fired = False
+        self._timer: threading.Timer | None = None
+
+    def arm(self, sock: socket.socket) -> None:
+        self._timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), self._cut, (sock,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _cut(self, sock: socket.socket) -> None:
+        self.fired = True
+        with contextlib.suppress(OSError):  # closed already
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def failure(self, err: Exception | None = None) -> TransientError:
+        """What a failed request says: cut at the deadline, timed out, or why it broke."""
+        if self.fired or isinstance(err, TimeoutError):
+            return TransientError(f"no whole answer within {self.timeout_s}s")
+        if isinstance(err, http.client.HTTPException):  # cut-short body, not HTTP at all, ...
+            return TransientError(f"broken HTTP answer: {type(err).__name__}")
+        reason = getattr(err, "reason", err)
+        return TransientError(f"connection failed: {type(reason).__name__}: {reason}")
+
+
+class WatchedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, watchdog: Watchdog, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.watchdog = watchdog
+
+    def connect(self) -> None:
+        super().connect()
+        self.watchdog.arm(self.sock)
+
+
+class WatchedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, watchdog: Watchdog, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.watchdog = watchdog
+
+    def connect(self) -> None:
+        super().connect()
+        self.watchdog.arm(self.sock)
+
+
+class WatchedHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(functools.partial(WatchedHTTPConnection, watchdog=req.watchdog), req)
+
+
+class WatchedHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(functools.partial(WatchedHTTPSConnection, watchdog=req.watchdog), req,
+                            context=self._context)
+
+
+OPENER = urllib.request.build_opener(RefuseRedirect, WatchedHTTPHandler, WatchedHTTPSHandler)
 
 
 def structured_output_fields(kind: str, json_schema: dict[str, Any]) -> dict[str, Any]:

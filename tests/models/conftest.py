@@ -36,6 +36,7 @@ class Reply:
     retry_after: str | None = None
     length: int | None = None  # a Content-Length other than the body's (then the server closes)
     drip_s: float = 0.0  # send the body a byte at a time, this far apart
+    header_drip_s: float = 0.0  # after the status line, send header bytes this far apart, without end
     wire: bytes | None = None  # the whole answer, sent as is instead of HTTP (no status line, no headers)
     location: str | None = None  # a Location header (with a 3xx status: a redirect)
 
@@ -152,6 +153,8 @@ class ChatServer:
                                                                  "code": 400}}).encode())
                 _, reply = server._reply_for(body)
                 time.sleep(reply.delay_s)
+                if reply.header_drip_s:
+                    return self._drip_headers(reply.header_drip_s)
                 if reply.wire is not None:
                     self._close_request()
                     return self.wfile.write(reply.wire)
@@ -178,6 +181,18 @@ class ChatServer:
                         self.send_header("Location", reply.location)
                     self.end_headers()
                     self._write(payload, reply.drip_s)
+                except (BrokenPipeError, ConnectionResetError):
+                    with server._lock:
+                        server.cut_off += 1
+
+            def _drip_headers(self, drip_s):
+                self._close_request()
+                try:
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                    for _ in range(int(30 / drip_s)):
+                        time.sleep(drip_s)
+                        self.wfile.write(b"a")
+                        self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
                     with server._lock:
                         server.cut_off += 1

@@ -231,6 +231,17 @@ def test_dripping_answer_is_cut_off_at_the_request_timeout(chat_server, caplog):
     assert time.monotonic() - started < 2.5
 
 
+def test_headers_dripped_without_end_are_cut_off_at_the_request_timeout(chat_server, caplog):
+    chat_server.rule("slow headers", Reply(header_drip_s=0.05))  # one header line, a byte every 50 ms, for ever
+    engine = build_engine(dialogue_config(chat_server.url, request_timeout_s=0.5, max_retries=1))
+    started = time.monotonic()
+    texts = engine.generate([chat("slow headers"), chat("ok")], [1, 2])
+
+    assert texts[0] is None and json.loads(texts[1])
+    assert chat_server.calls["slow headers"] == 2 and "no whole answer within 0.5s" in caplog.text
+    assert time.monotonic() - started < 2.5
+
+
 def test_oversized_answer_is_refused_unread(chat_server, caplog):
     envelope = json.dumps({"choices": [{"message": {"role": "assistant", "content": "{}"}}]}).encode()
     chat_server.rule("huge", Reply(raw=envelope + b" " * 32 * 2**20))  # valid JSON, far past any 512-token answer
