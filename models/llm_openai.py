@@ -4,6 +4,8 @@ a Ray Serve LLM deployment, a hosted API), over the standard library's HTTP clie
 - Up to `max_concurrency` requests in flight (a thread pool), each with `request_timeout_s`.
 - Retries with exponential backoff on 429, 5xx, timeouts, connection errors and broken HTTP
   (honouring a numeric `Retry-After`); other 4xx answers fail that prompt alone, without retry.
+  A call whose every request failed that way, or met 401, 403 or 404 (a wrong key, model or
+  address), raises `EngineUnavailable`: the unit fails, rather than rejecting every sample.
 - `request_timeout_s` bounds the whole request (a server dripping its answer is cut off), and a
   body larger than any answer of `max_new_tokens` is refused unread.
 - The API key is read from the environment variable named by `api_key_env` and sent only in
@@ -58,6 +60,10 @@ class RequestRefused(EngineError):
     """The server refused this request (4xx): retrying the same request will not help."""
 
 
+class EndpointRefused(RequestRefused):
+    """401, 403 or 404: the key, the model or the address is wrong, for every request alike."""
+
+
 class OpenAIEngine(BatchEngine):
     name = "openai"
 
@@ -83,7 +89,7 @@ class OpenAIEngine(BatchEngine):
         workers = min(self.config.max_concurrency, len(bodies))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm-http") as pool:
             results = list(pool.map(self._complete_or_error, bodies))
-        if all(isinstance(result, TransientError) for result in results):
+        if all(isinstance(result, (TransientError, EndpointRefused)) for result in results):
             raise EngineUnavailable(f"{self.safe_url}: every request failed; last: {results[-1]}")
         return [None if isinstance(result, EngineError) else result for result in results]
 
@@ -254,6 +260,11 @@ def http_failure(err: urllib.error.HTTPError) -> EngineError:
     if 300 <= status < 400:
         return RequestRefused(f"HTTP {status}: the endpoint redirects, and requests are not sent on "
                               "(set dialogue.endpoint_url to the address it points to)")
+    if status in (401, 403):
+        return EndpointRefused(f"HTTP {status}: the endpoint refused the API key (dialogue.api_key_env)")
+    if status == 404:
+        return EndpointRefused("HTTP 404: the endpoint serves no such model there "
+                               "(dialogue.model, dialogue.endpoint_url)")
     return RequestRefused(f"HTTP {status}")
 
 

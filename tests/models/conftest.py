@@ -71,13 +71,14 @@ class ChatServer:
 
     Like a server started with an API key (`vllm serve --api-key`), it answers 401 unless the request
     carries `Authorization: Bearer <api_key>`; with `api_key=None` (no key configured) it takes any request,
-    as vLLM does. A body that is not a JSON object with `model` and `messages`, or that holds a field outside
-    the chat completions API and the vLLM extras above, gets 400. Every request is kept in `requests`,
-    refused ones too (a GET is kept and answered 405); only accepted ones reach the rules. `cut_off` counts
-    answers the client stopped reading."""
+    as vLLM does. A request for a model other than `model` gets 404, as vLLM's. A body that is not a JSON
+    object with `model` and `messages`, or that holds a field outside the chat completions API and the vLLM
+    extras above, gets 400. Every request is kept in `requests`, refused ones too (a GET is kept and
+    answered 405); only accepted ones reach the rules. `cut_off` counts answers the client stopped reading."""
 
-    def __init__(self, api_key: str | None = None):
+    def __init__(self, api_key: str | None = None, model: str = "llama-test"):
         self.api_key = api_key
+        self.model = model
         self.rules: dict[str, list[Reply]] = {}
         self.calls: dict[str, int] = {}
         self.requests: list[tuple[dict, dict]] = []  # (headers, body)
@@ -148,6 +149,10 @@ class ChatServer:
                 if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     return self._send(401, b'{"error": "Unauthorized"}')
                 problem = request_problem(body)
+                if not problem and body["model"] != server.model:  # as `vllm serve` answers another model name
+                    message = f"The model `{body['model']}` does not exist."
+                    return self._send(404, json.dumps({"error": {"message": message, "type": "NotFoundError",
+                                                                 "param": "model", "code": 404}}).encode())
                 if problem:
                     return self._send(400, json.dumps({"error": {"message": problem, "type": "BadRequestError",
                                                                  "code": 400}}).encode())

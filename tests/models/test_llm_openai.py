@@ -113,6 +113,20 @@ def test_a_redirect_fails_that_prompt_and_the_key_never_goes_where_it_points(cha
     assert f"HTTP {status}: the endpoint redirects" in caplog.text and SECRET not in caplog.text
 
 
+@pytest.mark.parametrize("setting, said", [
+    ({"model": "llama-2-70b"}, "HTTP 404: the endpoint serves no such model"),
+    ({"api_key_env": "OTHER_KEY"}, "HTTP 401: the endpoint refused the API key"),
+])
+def test_a_wrong_model_or_key_fails_the_call_instead_of_rejecting_every_prompt(chat_server, monkeypatch, setting, said):
+    monkeypatch.setenv("OTHER_KEY", "not-the-key")
+    engine = build_engine(dialogue_config(chat_server.url, **setting))
+    with pytest.raises(EngineUnavailable, match=said) as raised:
+        engine.generate([chat("one"), chat("two")], [1, 2])
+
+    assert len(chat_server.requests) == 2  # not retried
+    assert SECRET not in str(raised.value) and "not-the-key" not in str(raised.value)
+
+
 def test_malformed_envelope_is_retried_then_fails_that_prompt(chat_server):
     chat_server.rule("broken", Reply(raw=b"<html>bad gateway</html>"))
     texts = build_engine(dialogue_config(chat_server.url, max_retries=2)).generate([chat("broken"), chat("ok")], [1, 2])
