@@ -10,6 +10,7 @@ the server by URL only. The SDK trades the token for short-lived access tokens i
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -46,9 +47,15 @@ BODY_LIMIT = 300  # characters of a server's error body quoted in a message
 _END = object()
 
 
+# What a server's error body may quote of a request's credentials besides the configured token: the SDK
+# trades a personal access token (a JWT) for short-lived access tokens, sent as `Bearer <access token>`.
+CREDENTIALS = re.compile(r"\b(Bearer|Token)(\s+)[\w.~+/=-]{16,}|eyJ[\w-]+\.[\w-]+\.[\w-]*")
+
+
 def masked(text: str) -> str:
     token = os.environ.get(TOKEN_VARIABLE)
-    return text.replace(token, "***") if token else text
+    text = text.replace(token, "***") if token else text
+    return CREDENTIALS.sub(lambda found: f"{found[1]}{found[2]}***" if found[1] else "***", text)
 
 
 def one_line(text: str, limit: int = BODY_LIMIT) -> str:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+import jwt
 import pytest
 
 from factory.framework import layout
@@ -21,10 +23,31 @@ from factory.versions import main
 TOKEN = secrets.token_hex(20)  # a legacy (non-JWT) token: the SDK sends it as it is, `Token <key>`
 
 
+def signed(token_type: str) -> str:
+    claims = {"token_type": token_type, "exp": int(time.time()) + 3600, "jti": secrets.token_hex(8)}
+    return jwt.encode(claims, secrets.token_bytes(32), algorithm="HS256")
+
+
+# A personal access token (Label Studio >= 1.19): the SDK trades it at /api/token/refresh/ for an access
+# token, and sends that, `Bearer <access token>`
+PERSONAL_TOKEN, ACCESS_TOKEN = signed("refresh"), signed("access")
+ACCEPTED = {f"Token {TOKEN}", f"Bearer {ACCESS_TOKEN}"}
+
+
 class StandIn(BaseHTTPRequestHandler):
     """Label Studio's project and task endpoints; `fail_on(path, page)` gives the status of an error answer
     (whose body echoes the request's token) or None. Like Label Studio, it answers 401 to a request whose
-    `Authorization` is not `Token <TOKEN>`, before any scripted failure; `seen` keeps each request's header."""
+    `Authorization` is neither `Token <TOKEN>` nor `Bearer <ACCESS_TOKEN>`, before any scripted failure, and
+    trades PERSONAL_TOKEN for ACCESS_TOKEN at /api/token/refresh/; `seen` keeps each GET's header."""
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        if urlparse(self.path).path != "/api/token/refresh/":
+            self.answer(404, {"detail": "not found"})
+        elif body.get("refresh") == PERSONAL_TOKEN:
+            self.answer(200, {"access": ACCESS_TOKEN})
+        else:  # simplejwt's answer
+            self.answer(401, {"detail": "Token is invalid or expired", "code": "token_not_valid"})
 
     fail_on = staticmethod(lambda path, page: None)
     seen: list[str] = []
@@ -34,7 +57,7 @@ class StandIn(BaseHTTPRequestHandler):
         page = int(parse_qs(url.query).get("page", ["1"])[0])
         said = self.headers.get("Authorization")
         self.seen.append(said)
-        if said != f"Token {TOKEN}":
+        if said not in ACCEPTED:
             # Django REST framework's answer, as Label Studio gives it
             self.answer(401, {"detail": "Invalid token." if said else
                               "Authentication credentials were not provided."})
@@ -97,9 +120,9 @@ def review_import(tmp_path, url, monkeypatch, capsys, token: str = TOKEN) -> tup
     return code, out + err
 
 
-def leaked_pieces(text: str) -> list[str]:
-    """Every run of 8 characters of the token that `text` holds."""
-    return [TOKEN[i:i + 8] for i in range(len(TOKEN) - 7) if TOKEN[i:i + 8] in text]
+def leaked_pieces(text: str, secrets: tuple[str, ...] = (TOKEN,)) -> list[str]:
+    """Every run of 8 characters of a secret that `text` holds."""
+    return [secret[i:i + 8] for secret in secrets for i in range(len(secret) - 7) if secret[i:i + 8] in text]
 
 
 def test_a_server_failing_on_page_two_is_a_clear_error_without_the_token(stand_in, tmp_path, monkeypatch, capsys,
@@ -111,6 +134,15 @@ def test_a_server_failing_on_page_two_is_a_clear_error_without_the_token(stand_i
     assert "Traceback" not in said
     assert leaked_pieces(said + caplog.text) == []
     assert len(stand_in.seen) >= 3 and set(stand_in.seen) == {f"Token {TOKEN}"}  # project, page 1, page 2
+
+
+def test_a_failing_server_echoing_the_access_token_traded_for_a_personal_token_never_shows_it(
+        stand_in, tmp_path, monkeypatch, capsys, caplog):
+    url = stand_in(lambda path, page: 500 if path == "/api/tasks/" and page == 2 else None)
+    code, said = review_import(tmp_path, url, monkeypatch, capsys, token=PERSONAL_TOKEN)
+    assert code == 2 and "list the tasks of project 1: HTTP 500" in said
+    assert leaked_pieces(said + caplog.text, (PERSONAL_TOKEN, ACCESS_TOKEN)) == []
+    assert len(stand_in.seen) >= 3 and set(stand_in.seen) == {f"Bearer {ACCESS_TOKEN}"}  # the body echoed it
 
 
 def test_a_401_that_echoes_the_token_is_one_line_saying_the_token_was_refused(stand_in, tmp_path, monkeypatch,
