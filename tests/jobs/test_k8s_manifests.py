@@ -259,23 +259,44 @@ def test_the_config_path_resolves_in_the_jobs_working_dir(rayjob):
 # --- the CronJob's wait -------------------------------------------------------------------------
 
 
-FAKE_KUBECTL = """import json, os, sys
+# kubectl as the CronJob's script uses it: the verbs and flags it knows (an unknown flag is kubectl's
+# error), and `get -o jsonpath=` read from a RayJob whose status holds the scripted state: fields of
+# KubeRay's RayJobStatus, a template key that names no field prints nothing (kubectl's
+# --allow-missing-template-keys), so a misspelt field leaves the wait without a status.
+FAKE_KUBECTL = """import json, os, re, sys
 from pathlib import Path
+args = sys.argv[1:]
 with open(os.environ["CALLS"], "a") as log:
-    log.write(json.dumps(sys.argv[1:]) + "\\n")
-verb = sys.argv[1]
+    log.write(json.dumps(args) + "\\n")
+FLAGS = {"delete": {"-l", "--ignore-not-found", "--wait=false"}, "create": {"-f", "-o"}, "get": {"-o"}}
+verb, words = args[0], args[1:]
+for word in words:
+    if word.startswith("-") and word.split("=")[0] not in {f.split("=")[0] for f in FLAGS.get(verb, ())}:
+        sys.exit(f"error: unknown flag: {word}")
 if verb == "create":
+    assert words[words.index("-o") + 1] == "name", words
     print("rayjob.ray.io/nightly-sid-x7k2p")
-elif verb == "get" and "{.status.message}" not in sys.argv[-1]:
+elif verb == "get":
+    assert words[0] == "rayjob.ray.io/nightly-sid-x7k2p" and words[1] == "-o", words
     states = Path(os.environ["STATES"])
     lines = states.read_text().splitlines()
-    if len(lines) > 1:
-        states.write_text("\\n".join(lines[1:]) + "\\n")
-    if lines[0] == "ERROR":
-        sys.exit("The connection to the server was refused")
-    print(lines[0], end="")
-elif verb == "get":
-    print("the job's message", end="")
+    if "{.status.message}" != words[2].removeprefix("jsonpath="):
+        if len(lines) > 1:
+            states.write_text("\\n".join(lines[1:]) + "\\n")
+        if lines[0] == "ERROR":
+            sys.exit("The connection to the server was refused")
+    deployment, job, reason = (lines[0].split("/") + ["", ""])[:3]
+    status = {"jobDeploymentStatus": deployment, "jobStatus": job, "reason": reason,
+              "message": "the job's message", "jobId": "nightly-sid-x7k2p-abcde"}
+    rayjob = {"kind": "RayJob", "status": {k: v for k, v in status.items() if v}}
+
+    def field(path):
+        value = rayjob
+        for name in path.strip(".").split("."):
+            value = value.get(name, "") if isinstance(value, dict) else ""
+        return str(value)
+
+    print(re.sub(r"\\{([^}]*)\\}", lambda m: field(m[1]), words[2].removeprefix("jsonpath=")), end="")
 """
 
 
