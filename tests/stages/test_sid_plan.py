@@ -164,7 +164,9 @@ def test_a_round_killed_while_sd_draws_its_w_draws_them_when_run_again(tmp_path,
                         references={"sd_model": tiny_sd, "sd_steps": 1, "sd_size": 32})
     real_draw = sid.draw_w_images
 
-    def node_lost(ctx, jobs, batch_size=4):
+    def node_lost(ctx, jobs, batch_size=4):  # as the real one, a generator: dies after its first drawing is stored
+        drawings = real_draw(ctx, jobs, batch_size)
+        yield next(drawings)
         raise KeyboardInterrupt("node lost while SD draws w")
 
     class UnitsStart(Exception):
