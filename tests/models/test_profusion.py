@@ -209,13 +209,15 @@ UNCOND, STAR, PLAIN = (torch.full((2, 4, 2, 2), value) for value in (0.3, -1.1, 
 
 class FixedPredictions:
     """Stands in for `_predict`: fixed UNet outputs, the S* one scaled by the S* scale it is given,
-    so a refinement that forgets to weaken S* gives another number."""
+    so a refinement that forgets to weaken S* gives another number. Each call keeps what it was asked
+    for: the timestep, the latents' values and which conditions (the context's own, or how many)."""
 
     def __init__(self):
         self.calls: list[dict] = []
 
     def __call__(self, scheduler, context, latents, t, conditions, s_star_scale=1.0):
-        self.calls.append({"conditions": len(conditions), "s_star_scale": s_star_scale})
+        self.calls.append({"t": int(t), "latents": latents.tolist(), "conditions": conditions,
+                           "s_star_scale": s_star_scale})
         return (UNCOND, STAR * s_star_scale, *([PLAIN] * len(conditions)))
 
 
@@ -251,7 +253,8 @@ def test_final_step_guides_towards_s_star_and_the_class_prompt_with_their_own_we
     if fusion:
         expected += 2.5 * (0.8 - 0.3)  # + w_class (plain - uncond)
     torch.testing.assert_close(guided, torch.full_like(UNCOND, expected))
-    assert predictions.calls == [{"conditions": int(fusion), "s_star_scale": 1.0}]
+    assert predictions.calls == [{"t": 500, "latents": torch.zeros(2, 4, 2, 2).tolist(),
+                                  "conditions": ["class prompt states"] if fusion else [], "s_star_scale": 1.0}]
 
 
 @pytest.mark.parametrize("eta", [1.0, 0.4, 0.0])
@@ -276,7 +279,7 @@ def test_refinement_is_a_ddim_step_with_eta_then_noise_back_to_t(monkeypatch, et
     alpha_next = scheduler.alphas_cumprod[int(following)].item()
     expected = (alpha_t / alpha_next) ** 0.5 * stepped + (1 - alpha_t / alpha_next) ** 0.5 * back_noise
     torch.testing.assert_close(refined, expected, rtol=1e-5, atol=1e-5)
-    assert predictions.calls == [{"conditions": 0, "s_star_scale": 0.6}]
+    assert predictions.calls == [{"t": int(t), "latents": latents.tolist(), "conditions": [], "s_star_scale": 0.6}]
 
 
 def test_refinement_by_hand_for_one_number():
