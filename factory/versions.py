@@ -1,4 +1,4 @@
-"""`python -m factory.versions {list,show,verify,union,rethreshold,report,review}`: manage dataset versions.
+"""`python -m factory.versions {list,show,verify,union,rethreshold,report,review,status}`: manage dataset versions.
 
 Exit codes: 0 done; 1 the work failed or found a problem (`verify` found a damaged shard, `list`
 met an unreadable manifest: it prints the other versions and a `BAD <version>: <reason>` line);
