@@ -9,11 +9,16 @@ published version is never overwritten and of two concurrent publishers exactly 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
+import socket
 import subprocess
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -276,36 +282,163 @@ def publish_owner(spec: VersionSpec) -> dict[str, Any]:
     return {"config_sha256": spec.config_sha256, "kind": spec.kind}
 
 
-def claim_version(storage: Storage, spec: VersionSpec) -> None:
-    """Take the version's publish lock, or fail clearly if another publisher holds it.
+LEASE_S = 120.0  # a publisher renews its lock every third of this; one on another host silent this long is dead
 
-    The lock names its owner (the config hash): the same run resuming after a crash takes
-    its own lock back; a different run is refused, so no version is ever mixed.
-    """
-    lock = layout.publish_lock(spec.dataset, spec.version)
-    owner = json.dumps(publish_owner(spec), sort_keys=True).encode()
+
+@dataclass(frozen=True)
+class Holder:
+    """The process holding a publish lock."""
+
+    id: str
+    host: str
+    pid: int
+    started: float  # the process's start time: a pid used again by another process is not it
+
+    @classmethod
+    def this_process(cls) -> Holder:
+        process = psutil.Process()
+        return cls(uuid.uuid4().hex, socket.gethostname(), process.pid, process.create_time())
+
+    def alive_here(self) -> bool:
+        """Whether this process, on this host, still runs."""
+        try:
+            process = psutil.Process(self.pid)
+            return abs(process.create_time() - self.started) < 1 and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+
+class PublishLease:
+    """A publisher's hold on its version's lock: the lock names the config and the holding process and
+    is renewed every `LEASE_S / 3` seconds while the version is written. A second publisher of the same
+    config takes the lock over only from a holder that is dead: a process no longer running on this
+    host, or, on another host, a lock not renewed for `LEASE_S`. The same run resumed after a crash
+    thus takes its lock back, and two live publishers never write one version."""
+
+    def __init__(self, storage: Storage, spec: VersionSpec):
+        self.storage = storage
+        self.key = layout.publish_lock(spec.dataset, spec.version)
+        self.owner = publish_owner(spec)
+        self.holder = Holder.this_process()
+        self._mutex = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def body(self) -> bytes:
+        return json.dumps({**self.owner, "holder": dataclasses.asdict(self.holder), "renewed": time.time()},
+                          sort_keys=True).encode()
+
+    def start(self) -> None:
+        LEASES[self.key] = self
+        self._thread = threading.Thread(target=self._renew, name="publish-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stopped.wait(LEASE_S / 3):
+            with self._mutex:
+                if self._stopped.is_set():
+                    return
+                try:
+                    holder = holder_in(lock_body(self.storage.read_bytes(self.key)))
+                    if holder is None or holder.id != self.holder.id:
+                        log.warning("the publish lock %s was taken over by another run", self.storage.url(self.key))
+                        return
+                    self.storage.write_bytes(self.key, self.body())
+                except StorageError as err:  # the next renewal tries again, well inside the lease
+                    log.warning("could not renew the publish lock %s: %s", self.storage.url(self.key), err)
+
+    def stop(self) -> None:
+        """Stop renewing; once this returns no renewal writes the lock again."""
+        with self._mutex:
+            self._stopped.set()
+        LEASES.pop(self.key, None)
+
+
+LEASES: dict[str, PublishLease] = {}  # this process's held publish locks, by lock key
+
+
+def lock_holder_id(storage: Storage, key: str) -> str | None:
+    """The id of the process holding the publish lock at `key`: None when there is no lock, "" when
+    it names none."""
+    try:
+        body = storage.read_bytes(key)
+    except StorageError:
+        return None
+    holder = holder_in(lock_body(body))
+    return holder.id if holder else ""
+
+
+def claim_version(storage: Storage, spec: VersionSpec) -> PublishLease:
+    """Take the version's publish lock (`PublishLease`), or fail clearly if another run holds it."""
+    lease = PublishLease(storage, spec)
     for _ in range(3):
         if version_exists(storage, spec.dataset, spec.version):
             raise _already_exists(spec)
         try:
-            storage.write_bytes(lock, owner, create_only=True)
+            storage.write_bytes(lease.key, lease.body(), create_only=True)
         except AlreadyExists:
-            try:
-                holder = storage.read_bytes(lock)
-            except StorageError:  # released between the two calls: look again
+            if not take_over(storage, spec, lease):
                 continue
-            if holder != owner:
-                raise VersionError(
-                    f"version {spec.dataset}/{spec.version} is being published by another run "
-                    f"(lock {storage.url(lock)}); choose another version name, or delete the lock if that run is dead"
-                ) from None
         # A publisher that finished just before we took the lock wrote its manifest before
         # releasing the lock, so one more look sees it: we must not write into its version.
         if version_exists(storage, spec.dataset, spec.version):
-            storage.delete(lock)
+            storage.delete(lease.key)
             raise _already_exists(spec)
-        return
-    raise VersionError(f"could not take the publish lock {storage.url(lock)}: it keeps changing hands")
+        lease.start()
+        return lease
+    raise VersionError(f"could not take the publish lock {storage.url(lease.key)}: it keeps changing hands")
+
+
+def take_over(storage: Storage, spec: VersionSpec, lease: PublishLease) -> bool:
+    """Take the lock from a dead publisher of the same config; False when the lock went meanwhile or
+    another taker won (look again). Refuses a live holder, and another config's lock."""
+    name = f"{spec.dataset}/{spec.version}"
+    renewed_before = None
+    while True:
+        try:
+            held = lock_body(storage.read_bytes(lease.key))
+        except StorageError:  # released between the two calls: look again
+            return False
+        if {field_: held.get(field_) for field_ in lease.owner} != lease.owner:
+            raise VersionError(
+                f"version {name} is being published by another run (lock {storage.url(lease.key)}); choose another "
+                "version name, or delete the lock if that run is dead")
+        holder = holder_in(held)
+        if holder is None:
+            break  # a lock of this config naming no process (written before locks did): none holds it
+        if holder.host == socket.gethostname():
+            if holder.alive_here():
+                raise VersionError(f"version {name} is being published by a live run of this config "
+                                   f"(pid {holder.pid} on this host); it goes on alone")
+            break
+        renewed = held.get("renewed")
+        if renewed_before is not None and renewed != renewed_before:
+            raise VersionError(f"version {name} is being published by a live run of this config on host "
+                               f"{holder.host} (it renewed its lock); it goes on alone")
+        silent = time.time() - float(renewed) if isinstance(renewed, (int, float)) else LEASE_S
+        if silent >= LEASE_S:
+            break
+        log.info("the publish lock of %s is held by host %s, renewed %.0fs ago: waiting up to %.0fs to see "
+                 "whether it renews it (a live run) or not (a dead one)", name, holder.host, silent, LEASE_S - silent)
+        renewed_before = renewed
+        time.sleep(min(LEASE_S - silent, LEASE_S / 3 + 1))
+    storage.write_bytes(lease.key, lease.body())
+    return lock_holder_id(storage, lease.key) == lease.holder.id
+
+
+def lock_body(body: bytes) -> dict[str, Any]:
+    try:
+        held = json.loads(body)
+    except ValueError:
+        return {}
+    return held if isinstance(held, dict) else {}
+
+
+def holder_in(held: dict[str, Any]) -> Holder | None:
+    try:
+        return Holder(**held["holder"])
+    except (KeyError, TypeError):
+        return None
 
 
 @contextlib.contextmanager
@@ -313,13 +446,17 @@ def publishing(storage: Storage, spec: VersionSpec) -> Iterator[None]:
     """Hold the version's publish lock over the block. An error inside it (a damaged input, a refused
     union) releases the lock, so no lock outlives a publisher that failed cleanly; a killed one
     leaves it for the same run to take back."""
-    claim_version(storage, spec)
+    lease = claim_version(storage, spec)
     try:
         yield
     except BaseException:
+        lease.stop()
         with contextlib.suppress(StorageError):
-            storage.delete(layout.publish_lock(spec.dataset, spec.version))
+            if lock_holder_id(storage, lease.key) == lease.holder.id:  # not a lock another run took over
+                storage.delete(lease.key)
         raise
+    finally:
+        lease.stop()
 
 
 def _already_exists(spec: VersionSpec) -> VersionError:
@@ -357,7 +494,8 @@ def commit_version(storage: Storage, spec: VersionSpec, shards: list[dict[str, A
     table = index if isinstance(index, pa.Table) else pq.read_table(index, columns=list(SCORE_COLUMNS))
     manifest = _manifest(spec, shards, table)
     body = manifest_bytes(manifest)  # before any write: a manifest that cannot be JSON writes nothing
-    refuse_committed(storage, spec.dataset, spec.version)
+    lease = LEASES.get(layout.publish_lock(spec.dataset, spec.version))
+    refuse_committed(storage, spec.dataset, spec.version, lease.holder.id if lease else None)
     key = layout.index(spec.dataset, spec.version)
     if isinstance(index, pa.Table):
         storage.write_parquet(key, index)
@@ -372,17 +510,22 @@ def commit_version(storage: Storage, spec: VersionSpec, shards: list[dict[str, A
         # A retried PUT whose first answer was lost meets our own manifest: that is success.
         if storage.read_bytes(key) != body:
             raise VersionError(f"version {spec.dataset}/{spec.version} was published by another run first") from None
+    if lease is not None:
+        lease.stop()
     storage.delete(layout.publish_lock(spec.dataset, spec.version))
     return manifest
 
 
-def refuse_committed(storage: Storage, dataset: str, version: str) -> None:
-    """Before a publisher writes into its version: the version must not have been committed meanwhile.
-    Two live publishers of one config (a job submitted twice) both hold its lock, which only names
-    the config; whichever commits first keeps its shards, index and card, and the other stops."""
+def refuse_committed(storage: Storage, dataset: str, version: str, holder_id: str | None = None) -> None:
+    """Before a publisher writes into its version: the version must not have been committed meanwhile,
+    and (given its holder id) its lock must still be its own: a publisher silent past its lease (a
+    stalled node) may have lost it to a run of the same config, and then stops."""
     if version_exists(storage, dataset, version):
         raise VersionError(f"version {dataset}/{version} was published by another run while this one wrote it; "
                            "nothing of it was overwritten")
+    if holder_id is not None and lock_holder_id(storage, layout.publish_lock(dataset, version)) != holder_id:
+        raise VersionError(f"the publish lock of {dataset}/{version} was taken over by another run of this config "
+                           f"(this one was silent past its {LEASE_S:.0f}s lease); this one stops")
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:

@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory.dataset.manifest import (
+    LEASES,
     VersionError,
     VersionSpec,
     commit_version,
@@ -335,10 +336,12 @@ class ShardTarget:
     dataset: str
     version: str
     made_with: dict[str, Any]
+    holder_id: str | None = None  # the publish lease's holder: a shard is written only while it holds the lock
 
     @classmethod
     def of(cls, spec: VersionSpec) -> ShardTarget:
-        return cls(spec.dataset, spec.version, publish_owner(spec))
+        lease = LEASES.get(layout.publish_lock(spec.dataset, spec.version))
+        return cls(spec.dataset, spec.version, publish_owner(spec), lease.holder.id if lease else None)
 
 
 def shard_plan(won: pa.Table, firsts: list[int]) -> pd.DataFrame:
@@ -479,7 +482,7 @@ def write_shard(storage: Storage, target: ShardTarget, number: int, samples: Ite
         write_shard_file(indexed(), local)
         local.flush()
         size, sha256 = local.tell(), file_sha256(local.name)
-        refuse_committed(storage, target.dataset, target.version)
+        refuse_committed(storage, target.dataset, target.version, target.holder_id)
         storage.upload_file(local.name, layout.shard(target.dataset, target.version, relative))
     return pd.DataFrame(rows).assign(shard_number=number, shard_samples=len(rows), shard_bytes=size,
                                      shard_sha256=sha256)

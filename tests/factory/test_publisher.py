@@ -5,15 +5,19 @@ rethreshold through the same passes."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
+import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
 
-from factory.dataset import publisher
+from factory.dataset import manifest, publisher
 from factory.dataset.manifest import VersionError, VersionSpec, load_manifest, verify_version, version_exists
 from factory.dataset.publisher import PartialRun, publish_run, publish_samples, sample_from_row
 from factory.dataset.shards import cut_points
@@ -128,25 +132,107 @@ def test_a_publisher_stopped_halfway_writes_only_the_missing_shards_when_run_aga
     assert ctx.storage.list(layout.publish_written(ctx.config.dataset, "grown")) == []
 
 
-def test_a_second_live_publisher_of_the_same_config_never_overwrites_the_version_the_first_committed(tmp_path):
-    """A job submitted twice: both publishers hold the lock (it names the config, so a run resumed
-    after a crash takes its own back). The one that commits first keeps its shards, index and card."""
+def same_config_spec() -> VersionSpec:
+    return VersionSpec(dataset="demo", version="v1", kind="bootstrap", config_sha256="same-config")
+
+
+def lock_of(holder: manifest.Holder, renewed: float) -> bytes:
+    """A publish lock of `same_config_spec`'s config, as `PublishLease` writes it."""
+    return json.dumps({"config_sha256": "same-config", "kind": "bootstrap", "holder": asdict(holder),
+                       "renewed": renewed}).encode()
+
+
+def test_a_second_live_publisher_of_the_same_config_is_refused_and_the_first_publishes_whole(tmp_path):
+    """A job submitted twice: the lock names the config and the live process holding it, so the second
+    stops at once and the first writes the whole version."""
     storage = open_storage(StorageConfig(root=str(tmp_path)))
-    first, second = make_samples(4), make_samples(6)  # the second started later, with two more units done
+    first, second = make_samples(6), make_samples(4)
+    refused = []
 
-    def spec() -> VersionSpec:
-        return VersionSpec(dataset="demo", version="v1", kind="bootstrap", config_sha256="same-config")
-
-    class FirstCommitsMeanwhile(publisher.LocalPasses):
+    class SecondStartsMeanwhile(publisher.LocalPasses):
         def shards(self, *args):
-            publisher.write_version(storage, spec(), publisher.SampleList(first), 2**20, 2, publisher.LocalPasses())
+            with pytest.raises(VersionError, match="being published by a live run of this config") as raised:
+                publish_samples(storage, same_config_spec(), second, shard_max_samples=2)
+            refused.append(raised.value)
             return super().shards(*args)
 
-    with pytest.raises(VersionError, match="was published by another run while this one wrote it"):
-        publisher.write_version(storage, spec(), publisher.SampleList(second), 2**20, 2, FirstCommitsMeanwhile())
-    assert load_manifest(storage, "demo", "v1")["samples"] == 4 and verify_version(storage, "demo", "v1") == []
-    index = storage.read_parquet(layout.index("demo", "v1")).column("key").to_pylist()
-    assert index == sorted(sample.key for sample in first)
+    publisher.write_version(storage, same_config_spec(), publisher.SampleList(first), 2**20, 2, SecondStartsMeanwhile())
+    assert refused and load_manifest(storage, "demo", "v1")["samples"] == 6
+    assert verify_version(storage, "demo", "v1") == []
+    assert not storage.exists(layout.publish_lock("demo", "v1"))
+
+
+def test_a_publisher_that_lost_its_lock_to_a_run_of_its_config_stops_before_its_next_shard(tmp_path):
+    """A publisher silent past its lease (a stalled node) has lost the lock to another run of the same
+    config: it writes no shard more, and leaves the new holder's lock."""
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    lock = layout.publish_lock("demo", "v1")
+    taker = manifest.Holder("taker", "another-node", 1, 0.0)
+
+    class LockTakenOver(publisher.LocalPasses):
+        def shards(self, *args):
+            storage.write_bytes(lock, lock_of(taker, time.time()))
+            return super().shards(*args)
+
+    with pytest.raises(VersionError, match="taken over by another run of this config"):
+        publisher.write_version(storage, same_config_spec(), publisher.SampleList(make_samples(4)), 2**20, 2,
+                                LockTakenOver())
+    assert not storage.list(layout.version_dir("demo", "v1") + "/shards")
+    assert manifest.lock_holder_id(storage, lock) == "taker"
+
+
+@pytest.mark.parametrize("holder", ["a process gone from this host", "another host, silent past the lease",
+                                    "a lock naming no process"])
+def test_the_lock_of_a_dead_publisher_of_the_same_config_is_taken_over(tmp_path, holder):
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    if holder == "a process gone from this host":  # this pid, but not this process's start time: reused
+        body = lock_of(manifest.Holder("dead", socket.gethostname(), os.getpid(), 0.0), time.time())
+    elif holder == "another host, silent past the lease":
+        body = lock_of(manifest.Holder("dead", "another-node", 1, 0.0), time.time() - manifest.LEASE_S - 1)
+    else:
+        body = json.dumps({"config_sha256": "same-config", "kind": "bootstrap"}).encode()
+    storage.write_bytes(layout.publish_lock("demo", "v1"), body)
+    started = time.monotonic()
+    publish_samples(storage, same_config_spec(), make_samples(4), shard_max_samples=2)
+    assert verify_version(storage, "demo", "v1") == [] and time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("renews", [True, False])
+def test_a_lock_renewed_lately_on_another_host_is_waited_on_until_it_renews_or_its_lease_ends(
+        tmp_path, monkeypatch, renews):
+    monkeypatch.setattr(manifest, "LEASE_S", 1.5)
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    lock = layout.publish_lock("demo", "v1")
+    elsewhere = manifest.Holder("elsewhere", "another-node", 1, 0.0)
+    storage.write_bytes(lock, lock_of(elsewhere, time.time()))
+    if renews:
+        renewal = threading.Timer(0.3, lambda: storage.write_bytes(lock, lock_of(elsewhere, time.time())))
+        renewal.start()
+        with pytest.raises(VersionError, match="live run of this config on host another-node"):
+            publish_samples(storage, same_config_spec(), make_samples(4), shard_max_samples=2)
+        assert manifest.lock_holder_id(storage, lock) == "elsewhere" and not version_exists(storage, "demo", "v1")
+    else:
+        started = time.monotonic()
+        publish_samples(storage, same_config_spec(), make_samples(4), shard_max_samples=2)
+        assert time.monotonic() - started >= 1.0 and verify_version(storage, "demo", "v1") == []
+
+
+def test_a_publisher_renews_its_lock_while_it_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest, "LEASE_S", 0.6)
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    lock = layout.publish_lock("demo", "v1")
+    seen = []
+
+    class SlowShards(publisher.LocalPasses):
+        def shards(self, *args):
+            for _ in range(4):
+                seen.append(json.loads(storage.read_bytes(lock))["renewed"])
+                time.sleep(0.3)
+            return super().shards(*args)
+
+    publish_samples_with = publisher.SampleList(make_samples(4))
+    publisher.write_version(storage, same_config_spec(), publish_samples_with, 2**20, 2, SlowShards())
+    assert len(set(seen)) >= 2 and not storage.exists(lock)
 
 
 @pytest.mark.slow
