@@ -57,6 +57,7 @@ from factory.framework.storage import Storage, open_storage
 from filters.clip import ClipScorer
 from filters.dino import DinoScorer
 from models.assistant import CafeAssistant
+from models.base import half_dtype
 from models.cafe import CafeGenerator
 from models.training.runner import train_generator_on
 
@@ -293,7 +294,8 @@ def semantic_source(settings: EvalConfig, generator, assistant_folder: str | Non
     if settings.semantic == "assistant":
         if assistant_folder is None:
             raise ValueError("eval.semantic 'assistant' needs an assistant checkpoint")
-        assistant = CafeAssistant.from_pretrained(assistant_folder, storage=storage).to(device).eval()
+        llm_dtype = half_dtype(torch.device(device), torch.bfloat16)  # as it was trained
+        assistant = CafeAssistant.from_pretrained(assistant_folder, dtype=llm_dtype, storage=storage).to(device).eval()
 
         def from_assistant(dino_x, prompt):
             _, embedding = assistant.respond(dino_x, prompt, max_new_tokens=settings.max_new_tokens)

@@ -251,3 +251,26 @@ def test_an_unbuilt_reference_set_is_refused_saying_how_to_build_it(tmp_path):
     storage = open_storage(StorageConfig(root=str(tmp_path / "root")))
     with pytest.raises(ValueError, match="--stage references --set references.set=absent"):
         reference_set_pairs(storage, EvalConfig(reference_set="absent"))
+
+
+def test_the_assistant_answers_in_the_precision_it_was_trained_in(tiny, monkeypatch):
+    """bfloat16 on CUDA, as training loads its LLM (rehearsed on the CPU): float32 would take twice the
+    memory (a 13B LLM: 52 GB)."""
+    import torch
+
+    import stages.eval
+    from factory.framework.config import EvalConfig
+    from filters.precision import CPU_DTYPE_VARIABLE
+    from models.assistant import CafeAssistant
+
+    monkeypatch.setenv(CPU_DTYPE_VARIABLE, "bfloat16")
+    loaded = []
+    from_pretrained = CafeAssistant.from_pretrained
+
+    def recorded(*args, **kwargs):
+        loaded.append(from_pretrained(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(CafeAssistant, "from_pretrained", recorded)
+    stages.eval.semantic_source(EvalConfig(semantic="assistant"), None, tiny["assistant"], "cpu")
+    assert [assistant.llm.dtype for assistant in loaded] == [torch.bfloat16]
