@@ -72,6 +72,14 @@ def parse_options(name: str, options_model: type[Options], options: dict[str, An
         raise ValueError(f"generator {name!r}: invalid options: {err}") from None
 
 
+def lost_device(err: BaseException) -> bool:
+    """A CUDA error after which this process's device is unusable (a device-side assert, an illegal
+    address): every later batch would fail too, so it must stop the stage, naming the error (finished
+    units are kept: a run again resumes), rather than count a rejection per row."""
+    return isinstance(err, RuntimeError) and (type(err).__name__ == "AcceleratorError"  # torch >= 2.8
+                                              or str(err).startswith("CUDA error"))
+
+
 def half_dtype(device: Any, cuda: torch.dtype) -> torch.dtype:
     """The reduced precision a model runs in on `device`: `cuda` on CUDA; on the CPU bfloat16 when
     half precision is rehearsed (CPUs have no fast float16), else float32."""

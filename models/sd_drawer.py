@@ -19,7 +19,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from factory.framework.models_cache import local_model
-from models.base import DIFFUSERS_LOADING, resolve_dtype
+from models.base import DIFFUSERS_LOADING, lost_device, resolve_dtype
 
 if TYPE_CHECKING:
     from factory.framework.config import ReferencesConfig, StorageConfig
@@ -59,6 +59,8 @@ class StableDiffusionDrawer:
                 generator=[torch.Generator("cpu").manual_seed(int(seed)) for seed in out["seed"]],
             )
         except Exception as err:  # a failed batch is counted by the caller, the work goes on
+            if lost_device(err):
+                raise
             log.warning("Stable Diffusion failed for %d prompts: %s", len(out), type(err).__name__)
             return out.assign(image=None, error=FAILED)
         flagged = result.nsfw_content_detected or [False] * len(out)

@@ -17,7 +17,7 @@ from factory.framework.config import FactoryConfig
 from factory.framework.executor import Step, run_steps
 from factory.framework.images import ImageRejected, decode_image, encode_jpeg
 from factory.framework.stage import RunContext, Stage
-from models.base import GenJob, pick_device
+from models.base import GenJob, lost_device, pick_device
 from models.registry import build_generator
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class Generate(Stage):
         try:
             results = generator.generate(reference, jobs)
         except Exception as err:  # one failing reference must not stop the unit
+            if lost_device(err):
+                raise
             log.warning("generator %s failed on reference %s: %s", generator_name, first["reference_id"], err)
             rows.loc[group.index, "reject"] = f"generator_error({type(err).__name__})"
             return

@@ -6,6 +6,8 @@ import io
 
 import numpy as np
 import pandas as pd
+import pytest
+import torch
 from PIL import Image
 
 from factory.framework.config import ReferencesConfig
@@ -42,3 +44,16 @@ def test_a_failed_batch_and_flagged_images_come_back_as_reasons(tiny_sd, tmp_pat
     flagging = StableDiffusionDrawer(settings(with_safety_checker(tiny_sd, tmp_path / "flags")))
     flagged = flagging(pd.DataFrame({"prompt": ["a dog"], "seed": [0]}))
     assert flagged["image"].isna().all() and list(flagged["error"]) == [FLAGGED]  # no blacked-out image
+
+
+def test_a_lost_device_is_raised_where_a_failed_batch_is_counted(tiny_sd):
+    """A CUDA error after which the device is unusable must stop the stage, naming it, not turn every
+    later batch into a counted failure."""
+    drawer = StableDiffusionDrawer(settings(tiny_sd))
+
+    def device_side_assert(module, args):
+        raise torch.AcceleratorError("CUDA error: device-side assert triggered")
+
+    drawer.pipe.unet.register_forward_pre_hook(device_side_assert)
+    with pytest.raises(torch.AcceleratorError):
+        drawer(pd.DataFrame({"prompt": ["a dog"], "seed": [0]}))

@@ -8,6 +8,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from factory.framework.config import FactoryConfig
@@ -120,3 +121,25 @@ def test_generate_batch_size_reaches_the_generator_unless_it_sets_its_own():
     assert with_batch_size(generators["own"], 5).options["batch_size"] == 2
     assert with_batch_size(generators["default"], 5).options["batch_size"] == 5
     assert "batch_size" not in generators["default"].options  # the config itself is left alone
+
+
+@pytest.mark.parametrize("error, rejected", [
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), True),  # this reference's: counted, work goes on
+    (torch.AcceleratorError("CUDA error: device-side assert triggered"), False),  # the device is lost: raised
+])
+def test_a_generator_error_rejects_its_reference_unless_the_device_is_lost(stage, error, rejected):
+    def fails(module, args):
+        raise error
+
+    hook = stage.generator("profusion").unet.register_forward_pre_hook(fails)
+    try:
+        if rejected:
+            out = stage(plan_rows())
+            live = out[out["key"].isin(["k0", "k1", "k2"])]
+            reasons = set(zip(live["reject_stage"], live["reject_reason"]))
+            assert reasons == {("generate", "generator_error(RuntimeError)")}
+        else:
+            with pytest.raises(type(error), match="device-side assert"):
+                stage(plan_rows())
+    finally:
+        hook.remove()
