@@ -3,8 +3,9 @@
     python bench/pool_memory.py [--rows 20000 40000] [--dim 512]
 
 Builds the pool's ids and index (`finish_pool`, as `build_pool_from_shards` calls it) from
-synthetic embedded chunks shaped as the shard embedders return them after Ray's Arrow round trip:
-one row per shard with lists of ids, rows and embeddings. Each case runs in a fresh process on
+synthetic embedded chunks shaped as the shard embedders return them after Ray's Arrow round trip
+(one row per shard with lists of ids, rows and embeddings), handed over one at a time as the
+executor yields them. Each case runs in a fresh process on
 local storage and prints the process's peak RSS above its start, per pool image. "bytes" is the
 embedding as `PoolEmbedder` returns it now (float32 bytes); "floats" is a list of Python floats,
 as it returned them until 2026-12-07 (and as chunks embedded before then are still read).
@@ -40,19 +41,18 @@ def one_case(rows: int, dim: int, form: str) -> None:
 
     start = rss_mib()
     rng = np.random.default_rng(0)
-    frames = []
-    for shard in range(rows // SHARD_ROWS):
-        vectors = rng.standard_normal((SHARD_ROWS, dim)).astype(np.float32)
-        embeddings = [v.tobytes() for v in vectors] if form == "bytes" else [v.tolist() for v in vectors]
-        frame = pd.DataFrame({"part": [shard], "image_id": [[f"{shard:06d}{n:018d}" for n in range(SHARD_ROWS)]],
-                              "row": [list(range(SHARD_ROWS))], "embedding": [embeddings]})
-        frames.append(pa.Table.from_pandas(frame, preserve_index=False).to_pandas())  # as run_resumable yields
-    embedded = pd.concat(frames, ignore_index=True)
-    del frames
-    exploded = embedded.explode(["image_id", "row", "embedding"], ignore_index=True)
-    del embedded
+
+    def embedded():  # a shard's chunk at a time, as run_resumable yields them, exploded as the builder does
+        for shard in range(rows // SHARD_ROWS):
+            vectors = rng.standard_normal((SHARD_ROWS, dim)).astype(np.float32)
+            embeddings = [v.tobytes() for v in vectors] if form == "bytes" else [v.tolist() for v in vectors]
+            frame = pd.DataFrame({"part": [shard], "image_id": [[f"{shard:06d}{n:018d}" for n in range(SHARD_ROWS)]],
+                                  "row": [list(range(SHARD_ROWS))], "embedding": [embeddings]})
+            chunk = pa.Table.from_pandas(frame, preserve_index=False).to_pandas()
+            yield chunk.explode(["image_id", "row", "embedding"], ignore_index=True)
+
     with tempfile.TemporaryDirectory() as root:
-        summary = finish_pool(LocalStorage(root), "bench", exploded, exact_limit=10**9)
+        summary = finish_pool(LocalStorage(root), "bench", embedded(), exact_limit=10**9)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - start
     print(f"{form:>6}: {summary['images']:>7} images, dim {dim}: peak {peak:7.0f} MiB above start, "
           f"{peak * 2**20 / rows:6.0f} B per image")

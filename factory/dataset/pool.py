@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -49,6 +49,7 @@ EXACT_LIMIT = 200_000  # up to this many images the index is exact; beyond, HNSW
 HNSW_M = 32  # graph degree: about 4 * M * 4 bytes per image on top of the vectors
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
+INDEX_BATCH_ROWS = 8192  # rows read back, normalised and added to the index at a time (16 MiB at 512-d)
 
 
 def require_faiss():
@@ -59,35 +60,44 @@ def require_faiss():
     return faiss
 
 
-def normalise(vectors: np.ndarray, in_place: bool = False) -> np.ndarray:
-    """Unit rows, as float32; `in_place` divides a float32 C-contiguous matrix itself (a pool's
-    million rows are not copied)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Unit rows, as float32."""
+    vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise ValueError(f"expected a (rows, dim) matrix of vectors, got shape {vectors.shape}")
-    norms = np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    if in_place:
-        vectors /= norms
-        return vectors
-    return vectors / norms
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 # --- the index ---------------------------------------------------------------------------
 
 
-def build_index(vectors: np.ndarray, exact_limit: int = EXACT_LIMIT, in_place: bool = False):
-    """A faiss inner-product index over the normalised `vectors`: exact (flat) up to `exact_limit` rows,
-    else HNSW (`in_place`: normalise the caller's float32 matrix itself)."""
+def build_index(vectors: np.ndarray | Iterable[np.ndarray], exact_limit: int = EXACT_LIMIT, rows: int | None = None):
+    """A faiss inner-product index over the normalised rows of `vectors`: a matrix, or (with their count
+    `rows`) its blocks in order, each normalised and added as it comes, so a million of them need not
+    be in memory at once. Exact (flat) up to `exact_limit` rows, else HNSW."""
     faiss = require_faiss()
-    vectors = normalise(vectors, in_place)
-    dim = vectors.shape[1]
-    if len(vectors) <= exact_limit:
-        index = faiss.IndexFlatIP(dim)
+    blocks = iter([vectors] if isinstance(vectors, np.ndarray) else vectors)
+    first = normalise(next(blocks))
+    rows = len(first) if rows is None else rows
+    if rows <= exact_limit:
+        index = faiss.IndexFlatIP(first.shape[1])
     else:
-        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWFlat(first.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    index.add(vectors)
+    reserve(index, rows)
+    index.add(first)
+    for block in blocks:
+        index.add(normalise(block))
     return index
+
+
+def reserve(index, rows: int) -> None:
+    """Size the index's vector storage for `rows` vectors once: added block by block, it would grow as a
+    std::vector does, doubling, with the old and the new buffer held at each step (1.5-2x the vectors).
+    A resize down keeps the capacity."""
+    flat = require_faiss().downcast_index(index.storage) if hasattr(index, "storage") else index
+    flat.codes.resize(rows * flat.code_size)
+    flat.codes.resize(0)
 
 
 def search_index(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,22 +180,61 @@ def write_part(storage: Storage, name: str, part: int, image_ids: list[str], ima
     write_image_part(storage, layout.pool_part(name, part), image_ids, images)
 
 
-def finish_pool(storage: Storage, name: str, embedded: pd.DataFrame, exact_limit: int = EXACT_LIMIT) -> dict[str, int]:
-    """Write the ids and, last, the index from embedded rows (image_id, part, row, embedding or None)."""
-    rejected = int(embedded["embedding"].isna().sum())
-    kept = embedded[embedded["embedding"].notna()]
-    kept = kept.sort_values(["image_id", "part", "row"], kind="stable")
-    duplicates = int(kept["image_id"].duplicated().sum())
-    kept = kept.drop_duplicates("image_id").reset_index(drop=True)
-    if kept.empty:
-        raise RuntimeError(f"pool {name}: no image could be embedded ({rejected} rejected)")
+def finish_pool(storage: Storage, name: str, embedded: Iterable[pd.DataFrame],
+                exact_limit: int = EXACT_LIMIT) -> dict[str, int]:
+    """Write the ids and, last, the index from frames of embedded rows (image_id, part, row, embedding
+    or None) in part order, taken one at a time: the embeddings go to a local file as they come and
+    the index is built from it a block at a time, so the driver holds the ids and the index, not the
+    embeddings too. A repeated image id keeps its first row."""
+    with tempfile.TemporaryFile() as spill:
+        placed, rejected, width = spilled(embedded, spill)
+        if placed.empty:
+            raise RuntimeError(f"pool {name}: no image could be embedded ({rejected} rejected)")
+        first = ~placed["image_id"].duplicated().to_numpy()
+        kept = placed[first].reset_index(drop=True)
+        index = build_index(kept_blocks(spill, width, first), exact_limit, rows=len(kept))
     ids = pa.Table.from_pandas(kept[["image_id", "part", "row"]], schema=IDS_SCHEMA, preserve_index=False)
-    index = build_index(stacked(kept.pop("embedding")), exact_limit, in_place=True)
     storage.write_parquet(layout.pool_ids(name), ids)
     with tempfile.NamedTemporaryFile(suffix=".faiss") as local:  # a million vectors: not another copy in memory
         require_faiss().write_index(index, local.name)
         storage.upload_file(local.name, layout.pool_index(name))
-    return {"images": len(kept), "rejected": rejected, "duplicates": duplicates}
+    return {"images": len(kept), "rejected": rejected, "duplicates": int((~first).sum())}
+
+
+def spilled(embedded: Iterable[pd.DataFrame], spill: BinaryIO) -> tuple[pd.DataFrame, int, int]:
+    """Each embedded row's vector appended to `spill` (float32 rows), in the order given; returns the
+    rows that have one (image_id, part, row), how many had none, and the vectors' width."""
+    placed, rejected, width, last_part = [], 0, 0, -1
+    for frame in embedded:
+        good = frame[frame["embedding"].notna()]
+        rejected += len(frame) - len(good)
+        if good.empty:
+            continue
+        if good["part"].min() < last_part:  # the ids keep the first row of an image: the parts' order must hold
+            raise ValueError(f"embedded rows came out of part order (part {good['part'].min()} after {last_part})")
+        last_part = int(good["part"].max())
+        vectors = stacked(good["embedding"])
+        spill.write(vectors.tobytes())
+        placed.append(pd.DataFrame({  # copies: a view of `good` would keep its block, embeddings and all
+            "image_id": np.array(good["image_id"], dtype=object), "part": np.array(good["part"], dtype=np.int64),
+            "row": np.array(good["row"], dtype=np.int64)}))
+        width = vectors.shape[1]
+    spill.flush()
+    rows = pd.concat(placed, ignore_index=True) if placed else pd.DataFrame(columns=["image_id", "part", "row"])
+    return rows, rejected, width
+
+
+def kept_blocks(spill: BinaryIO, width: int, keep: np.ndarray) -> Iterator[np.ndarray]:
+    """The spilled vectors whose `keep` is set, read back in order a block of rows at a time."""
+    spill.seek(0)
+    for start in range(0, len(keep), INDEX_BATCH_ROWS):
+        count = min(INDEX_BATCH_ROWS, len(keep) - start)
+        block = np.fromfile(spill, dtype=np.float32, count=count * width).reshape(count, width)
+        wanted = keep[start:start + count]
+        if wanted.all():
+            yield block
+        elif wanted.any():
+            yield block[wanted]
 
 
 def stacked(embeddings: pd.Series) -> np.ndarray:
@@ -250,7 +299,7 @@ def build_pool(storage: Storage, name: str, images: Iterable[tuple[str, bytes]],
         part += 1
     if not frames:
         raise ValueError(f"pool {name}: no images given")
-    return finish_pool(storage, name, pd.concat(frames, ignore_index=True), exact_limit)
+    return finish_pool(storage, name, frames, exact_limit)
 
 
 # --- building on Ray Data --------------------------------------------------------------------
@@ -301,8 +350,8 @@ def build_pool_from_shards(storage: Storage, storage_config: StorageConfig, name
                            "part": range(len(shard_keys))})
     step = MapStep.on_pool(ShardEmbedder, (storage_config, name, make_scorer, batch_size, keep), actors)
     resume = Resume(storage, layout.pool_embedded(name), made_with, inputs=("shard", "sha256", "part"), chunk_rows=1)
-    embedded = pd.concat(run_resumable(shards, [step], resume), ignore_index=True)
-    rows = embedded.explode(["image_id", "row", "embedding"], ignore_index=True).dropna(subset=["image_id"])
-    summary = finish_pool(storage, name, rows[["image_id", "part", "row", "embedding"]], exact_limit)
+    embedded = (chunk.explode(["image_id", "row", "embedding"], ignore_index=True).dropna(subset=["image_id"])
+                for chunk in run_resumable(shards, [step], resume))
+    summary = finish_pool(storage, name, embedded, exact_limit)
     log.info("pool %s: %s from %d shards", name, summary, len(shard_keys))
     return summary

@@ -11,8 +11,9 @@ import contextlib
 import io
 import os
 import posixpath
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -187,12 +188,16 @@ class LocalStorage(Storage):
             raise StorageError(f"not found: {self.url(key)}") from None
 
     def write_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        self._write(key, lambda handle: handle.write(data), create_only)
+
+    def _write(self, key: str, fill: Callable[[BinaryIO], Any], create_only: bool = False) -> None:
+        """A temp file beside the target, filled, synced, then renamed (linked, `create_only`) into place."""
         target = self._path(key)
         fd, tmp = self._temp_file_beside(target)
         try:
             os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: others read as the umask allows
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                fill(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             self._commit(tmp, target, create_only)
@@ -225,7 +230,9 @@ class LocalStorage(Storage):
             raise StorageError(f"not found: {self.url(key)}") from None
 
     def upload_file(self, local_path: str | Path, key: str) -> None:
-        self.write_bytes(key, Path(local_path).read_bytes())
+        """Copied a block at a time: a shard or an index file is never held whole in memory."""
+        with open(local_path, "rb") as source:
+            self._write(key, lambda handle: shutil.copyfileobj(source, handle, 1 << 20))
 
     @staticmethod
     def _commit(tmp: str, target: Path, create_only: bool) -> None:
