@@ -207,7 +207,9 @@ class Watchdog:
         return TransientError(f"connection failed: {type(reason).__name__}: {reason}")
 
 
-class WatchedHTTPConnection(http.client.HTTPConnection):
+class Watched:
+    """A connection whose socket its request's `Watchdog` cuts at the deadline."""
+
     def __init__(self, *args, watchdog: Watchdog, **kwargs):
         super().__init__(*args, **kwargs)
         self.watchdog = watchdog
@@ -217,14 +219,12 @@ class WatchedHTTPConnection(http.client.HTTPConnection):
         self.watchdog.arm(self.sock)
 
 
-class WatchedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, watchdog: Watchdog, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.watchdog = watchdog
+class WatchedHTTPConnection(Watched, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        self.watchdog.arm(self.sock)
+
+class WatchedHTTPSConnection(Watched, http.client.HTTPSConnection):
+    pass
 
 
 class WatchedHTTPHandler(urllib.request.HTTPHandler):
