@@ -322,7 +322,6 @@ class PublishLease:
         self.holder = Holder.this_process()
         self._mutex = threading.Lock()
         self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def body(self) -> bytes:
         return json.dumps({**self.owner, "holder": dataclasses.asdict(self.holder), "renewed": time.time()},
@@ -330,8 +329,7 @@ class PublishLease:
 
     def start(self) -> None:
         LEASES[self.key] = self
-        self._thread = threading.Thread(target=self._renew, name="publish-lease", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._renew, name="publish-lease", daemon=True).start()
 
     def _renew(self) -> None:
         while not self._stopped.wait(LEASE_S / 3):
@@ -399,7 +397,7 @@ def take_over(storage: Storage, spec: VersionSpec, lease: PublishLease) -> bool:
             held = lock_body(storage.read_bytes(lease.key))
         except StorageError:  # released between the two calls: look again
             return False
-        if {field_: held.get(field_) for field_ in lease.owner} != lease.owner:
+        if {key: held.get(key) for key in lease.owner} != lease.owner:
             raise VersionError(
                 f"version {name} is being published by another run (lock {storage.url(lease.key)}); choose another "
                 "version name, or delete the lock if that run is dead")
