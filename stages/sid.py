@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from factory.dataset.checkpoints import latest_assistant_checkpoint, latest_generator_checkpoint
+from factory.dataset.checkpoints import latest_assistant_checkpoint, latest_generator_checkpoint, run_newest
 from factory.dataset.manifest import (
     VersionSpec,
     latest_version,
@@ -524,16 +524,23 @@ def round_alphas(rctx: RunContext) -> pd.Series:
 def run(ctx: RunContext) -> dict[str, Any]:
     """This night's rounds: they follow the published ones (round k+1 after `<run-id>-union<k>`),
     so a nightly job needs no hand-set run id, and a failed night, submitted again, resumes its
-    round (its unit files are kept; its settings are the same)."""
+    round (its unit files are kept; its settings are the same). One that failed after publishing its
+    union, in its fine-tunes, ends them and counts that round as its own: it starts no new one."""
     if not ctx.unit_steps:
         raise ValueError("SID runs generate -> filter -> dialogue each round: give them as RunContext.unit_steps "
                          "(factory.run.UNIT_STEPS)")
     done = completed_rounds(ctx)
+    # a night stopped after publishing its last union, before that union's fine-tunes ended: submitted
+    # again, it ends them (`round_models`) and counts that round as one of its own
+    resumed = done > 0 and not round_finetuned(ctx, done)
+    first, last = done + 1, done + ctx.config.sid.rounds - resumed
     parent = union_name(ctx, done) if done else ensure_parent(ctx)
-    check_derived_names(ctx, parent, range(done + 1, done + ctx.config.sid.rounds + 1))
+    check_derived_names(ctx, parent, range(first, last + 1))
     models = round_models(ctx, parent, done)
+    if first > last:
+        return resumed_night(ctx, done, models)
     rounds = []
-    for round_ in range(done + 1, done + ctx.config.sid.rounds + 1):
+    for round_ in range(first, last + 1):
         result = run_round(ctx, parent, round_, models)
         rounds.append(result)
         print(f"[sid] round {round_}: {result['samples']} samples in {result['version']}, union {result['union']}",
@@ -544,6 +551,29 @@ def run(ctx: RunContext) -> dict[str, Any]:
     return {"rounds": rounds, "checkpoint": models.generator, "assistant_checkpoint": models.assistant,
             "publish": {"version": last["version"], "samples": last["samples"], "funnel": last["funnel"],
                         "manifest": last["manifest"]}}
+
+
+def round_finetuned(ctx: RunContext, round_: int) -> bool:
+    """Whether the fine-tunes switched on (`sid.finetune`, `sid.finetune_assistant`) ended their training
+    on round `round_`'s union."""
+    union = union_name(ctx, round_)
+    runs = [("generator", f"{ctx.config.run_id}-g-{union}")] * ctx.config.sid.finetune + [
+        ("assistant", f"{ctx.config.run_id}-a-{union}")] * ctx.config.sid.finetune_assistant
+    return all(ctx.storage.exists(layout.checkpoint_latest(model, run_id))
+               and run_newest(ctx.storage, layout.checkpoint_latest(model, run_id)) is not None
+               for model, run_id in runs)
+
+
+def resumed_night(ctx: RunContext, round_: int, models: RoundModels) -> dict[str, Any]:
+    """What a night that ended round `round_`'s fine-tunes, and ran no round of its own, reports."""
+    version = round_context_name(ctx, round_)
+    manifest = load_manifest(ctx.storage, ctx.config.dataset, version)
+    print(f"[sid] round {round_} (published by the night this one resumes): its fine-tunes ended, no new round",
+          flush=True)
+    return {"rounds": [], "resumed_round": round_, "checkpoint": models.generator,
+            "assistant_checkpoint": models.assistant,
+            "publish": {"version": version, "samples": manifest["samples"], "funnel": manifest["funnel"],
+                        "manifest": ctx.storage.url(layout.manifest(ctx.config.dataset, version))}}
 
 
 def check_derived_names(ctx: RunContext, parent: str, rounds: range) -> None:

@@ -87,6 +87,32 @@ def test_a_round_fine_tunes_g_and_the_assistant_on_the_union(tmp_path, tiny, rou
         assert len(trained_runs(ctx, model)) == 3
 
 
+def test_a_night_stopped_in_its_fine_tune_ends_it_when_submitted_again_and_starts_no_round(
+        tmp_path, tiny, rounds_without_drawing, monkeypatch):  # noqa: F811
+    from factory.dataset.manifest import version_exists
+    from stages import sid
+
+    ctx = sid_context(tmp_path, tiny, finetune=True)
+    train = sid.train_generator_on
+
+    def node_lost_in_the_fine_tune(ctx, version, init_from=None, run_id=None):
+        if version == "night-union1":
+            raise KeyboardInterrupt("node lost while G is fine-tuned on union 1")
+        return train(ctx, version, init_from=init_from, run_id=run_id)
+
+    monkeypatch.setattr(sid, "train_generator_on", node_lost_in_the_fine_tune)
+    with pytest.raises(KeyboardInterrupt):
+        sid.run(ctx)
+    assert version_exists(ctx.storage, "tiny", "night-union1")
+    monkeypatch.setattr(sid, "train_generator_on", train)
+    resumed = sid.run(ctx)  # the same night, submitted again
+    assert resumed["rounds"] == [] and resumed["resumed_round"] == 1
+    assert resumed["publish"]["version"] == "night-sid1" and not version_exists(ctx.storage, "tiny", "night-sid2")
+    assert checkpoint_meta(resumed["checkpoint"])["version"] == "night-union1"
+    following = sid.run(ctx)  # the next night
+    assert [night["round"] for night in following["rounds"]] == [2]
+
+
 def test_with_the_assistant_switched_off_only_g_is_trained(tmp_path, tiny, rounds_without_drawing):  # noqa: F811
     from stages import sid
 
