@@ -62,7 +62,7 @@ from factory.framework.layout import BadName, check_name, portable_ref, sample_k
 from factory.framework.models_cache import loader_paths
 from factory.framework.stage import RunContext, settings_named
 from factory.framework.storage import Storage, open_storage, opened
-from factory.framework.units import finished_units, plan_exists, read_plan, read_unit
+from factory.framework.units import finished_units, plan_exists, plan_index, read_plan, read_unit
 from filters.clip import clip_scorer_from_config
 from models.sd_drawer import StableDiffusionDrawer
 from models.training.runner import train_assistant_on, train_generator_on
@@ -87,6 +87,17 @@ def ensure_parent(ctx: RunContext) -> str:
         return parent
     raise RuntimeError(f"no bootstrap or union version of dataset {config.dataset!r} to start SID from; "
                        "run --stage all first or set sid.parent")
+
+
+def first_parent(ctx: RunContext) -> str:
+    """Round 1's parent: the one its plan was drawn from, once it is (a newer version published while
+    the night was down does not change it); else `ensure_parent`'s."""
+    round_run = round_context_name(ctx, 1)
+    planned = plan_index(ctx.storage, round_run).meta.get("parent") if plan_exists(ctx.storage, round_run) else None
+    if planned and ctx.config.sid.parent and ctx.config.sid.parent != planned:
+        raise ConfigError(f"SID round 1 ({round_run}) was planned from parent {planned!r}, and sid.parent is now "
+                          f"{ctx.config.sid.parent!r}: set it back, or start another run (--set run_id=NEW)")
+    return planned or ensure_parent(ctx)
 
 
 @dataclass(frozen=True)
@@ -414,7 +425,7 @@ def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> di
     settings = {"sid": sid.model_dump(), "round": round_, "parent": parent, "checkpoint": portable_ref(checkpoint),
                 "references.set": ctx.config.references.set}
     written = write_partitions(ctx.storage, ctx.config.run_id, partitions, draw, plan_schema(), sid.unit_size,
-                               plan_fingerprint(settings, instructions, parts), on_ray)
+                               plan_fingerprint(settings, instructions, parts), on_ray, {"parent": parent})
     draw_round_w(ctx)
     return written
 
@@ -534,7 +545,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     # again, it ends them (`round_models`) and counts that round as one of its own
     resumed = done > 0 and not round_finetuned(ctx, done)
     first, last = done + 1, done + ctx.config.sid.rounds - resumed
-    parent = union_name(ctx, done) if done else ensure_parent(ctx)
+    parent = union_name(ctx, done) if done else first_parent(ctx)
     check_derived_names(ctx, parent, range(first, last + 1))
     models = round_models(ctx, parent, done)
     if first > last:

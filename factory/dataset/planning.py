@@ -180,12 +180,13 @@ PartitionDraw = Callable[[Storage, Partition], pd.DataFrame]  # a partition's jo
 
 def write_partitions(storage: Storage, run_id: str, partitions: list[Partition], draw: PartitionDraw,
                      schema: pa.Schema, unit_size: int, fingerprint: str,
-                     on_ray: StorageConfig | None = None) -> dict[str, int]:
+                     on_ray: StorageConfig | None = None, drawn_from: dict[str, Any] | None = None) -> dict[str, int]:
     """Draw and write every partition not yet stored with this fingerprint (each held only while it
     is drawn and written), then the plan's index; returns jobs and units. With `on_ray` (the storage
     config the tasks open) each partition is a Ray task (`draw` must then pickle); else this process
-    draws them one after another."""
-    meta = {"fingerprint": fingerprint}
+    draws them one after another. `drawn_from`: facts the plan's index keeps for whoever resumes it
+    (SID's parent version)."""
+    meta = {"fingerprint": fingerprint, **(drawn_from or {})}
     step = MapStep(write_partition, (draw, on_ray or storage, run_id, schema, unit_size, meta))
     for _ in run_map(partition_rows(partitions), [step], on_ray=on_ray is not None):
         pass

@@ -187,3 +187,21 @@ def test_a_round_killed_while_sd_draws_its_w_draws_them_when_run_again(tmp_path,
     planned = {w_id[len("sd:"):] for part in read_plan(ctx.storage, run_id, columns=["w_id"])
                for w_id in part.column("w_id").to_pylist()}
     assert set(ctx.storage.read_parquet(layout.run_w_ids(run_id)).column("image_id").to_pylist()) == planned
+
+
+def test_a_resumed_round_one_keeps_the_parent_its_plan_was_drawn_from(tmp_path, tiny_clip, parent):
+    """A newer version published while the night was down (sid.parent unset: the latest) must not
+    become round 1's parent once its plan, pool and rarity weights came from another."""
+    from factory.dataset.manifest import VersionSpec
+    from factory.dataset.publisher import publish_samples
+    from factory.framework.config import ConfigError
+    from tests.factory.conftest import make_samples
+
+    ctx = round_context(tmp_path, tiny_clip)
+    sid.plan_round(sid.round_context(ctx, 1, "g"), "parent", 1, "g")
+    assert plan_index(ctx.storage, "r-sid1").meta["parent"] == "parent"
+    publish_samples(ctx.storage, VersionSpec(ctx.config.dataset, "newer", "bootstrap"), make_samples(2))
+    assert sid.ensure_parent(ctx) == "newer" and sid.first_parent(ctx) == "parent"
+    moved = ctx.config.model_copy(update={"sid": ctx.config.sid.model_copy(update={"parent": "newer"})})
+    with pytest.raises(ConfigError, match="planned from parent 'parent', and sid.parent is now 'newer'"):
+        sid.first_parent(RunContext(moved, ctx.storage))
