@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import heapq
 import json
+import logging
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -30,6 +31,9 @@ from factory.report.gallery import CARD_COLUMNS, JOIN_COLUMNS
 from factory.report.summary import FILTER_REASONS, rank, threshold_miss
 from factory.review import studio
 from factory.review.verdicts import PUBLISHED, REJECTED
+
+log = logging.getLogger(__name__)
+EXPORTING = "exporting"  # a review record's status while its tasks are sent: the export did not finish
 
 IMAGE_SIDE = 512
 FRAME_COLUMNS = ("key", "clip_t", "dino", "reject_reason")
@@ -105,6 +109,25 @@ def export_review(storage: Storage, dataset: str, version: str, url: str | None,
     picked, frame = rejected_frame(storage, manifest, rejected, margin, seed)
     client = studio.connect(url)
     project_id = studio.create_project(client, f"{dataset}/{version} review", review_description(manifest, frame))
+    key = layout.review_record(dataset, version, project_id)
+    made = {"dataset": dataset, "version": version, "project_id": project_id, "url": studio.server_url(url),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    storage.write_bytes(key, json.dumps({**made, "status": EXPORTING}, sort_keys=True).encode())  # a kill names it
+    try:
+        sent, origins = send_tasks(client, project_id, storage, manifest, picked)
+    except Exception as err:
+        raise studio.ReviewError(f"the export to Label Studio project {project_id} stopped after the project was "
+                                 f"made ({studio.one_line(f'{type(err).__name__}: {err}')}): delete that project "
+                                 "and export again") from None
+    record = {**made, "tasks": sent, "published_samples": int(manifest["samples"]), "frame": frame, "origins": origins}
+    storage.write_bytes(key, json.dumps(record, indent=1, sort_keys=True).encode("utf-8"))
+    return record
+
+
+def send_tasks(client, project_id: int, storage: Storage, manifest: dict[str, Any],
+               picked: list[tuple[str, str]]) -> tuple[int, dict[str, str]]:
+    """The version's samples, then the picked rejected candidates, as tasks of the project; returns how
+    many were sent and each key's origin."""
     origins: dict[str, str] = {}
 
     def tagged(tasks: Iterator[dict[str, Any]], origin: str) -> Iterator[dict[str, Any]]:
@@ -116,12 +139,7 @@ def export_review(storage: Storage, dataset: str, version: str, url: str | None,
     if picked:
         sent += studio.import_tasks(client, project_id,
                                     tagged(rejected_tasks(storage, manifest["run_id"], picked), REJECTED))
-    record = {"dataset": dataset, "version": version, "project_id": project_id, "url": studio.server_url(url),
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "tasks": sent,
-              "published_samples": int(manifest["samples"]), "frame": frame, "origins": origins}
-    storage.write_bytes(layout.review_record(dataset, version, project_id),
-                        json.dumps(record, indent=1, sort_keys=True).encode("utf-8"))
-    return record
+    return sent, origins
 
 
 def review_description(manifest: dict[str, Any], frame: dict[str, Any]) -> str:
@@ -136,8 +154,16 @@ def latest_record(storage: Storage, dataset: str, version: str, project_id: int 
         keys = [layout.review_record(dataset, version, project_id)]
     else:
         keys = sorted(key for key in storage.list(layout.review_records(dataset, version)) if key.endswith(".json"))
-    if not keys or not storage.exists(keys[-1]):
-        which = f"project {project_id}" if project_id is not None else "any project"
-        raise studio.ReviewError(f"version {dataset}/{version} has no review exported to {which}: "
-                                 "run `review export` first")
-    return json.loads(storage.read_bytes(keys[-1]))
+    for key in reversed(keys):
+        if not storage.exists(key):
+            break
+        record = json.loads(storage.read_bytes(key))
+        if record.get("status") != EXPORTING:
+            return record
+        if project_id is not None:
+            raise studio.ReviewError(f"the export of {dataset}/{version} to project {project_id} did not finish: "
+                                     "delete that project in Label Studio and export again")
+        log.warning("passing over Label Studio project %s: its export did not finish", record["project_id"])
+    which = f"project {project_id}" if project_id is not None else "any project"
+    raise studio.ReviewError(f"version {dataset}/{version} has no review exported to {which}: "
+                             "run `review export` first")

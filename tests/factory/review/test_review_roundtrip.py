@@ -142,6 +142,32 @@ def test_import_before_anyone_voted_is_a_clear_error_and_publishes_nothing(label
     assert [m["kind"] for m in list_versions(storage, "demo")].count("reviewed") == 0
 
 
+def test_an_export_stopped_after_making_its_project_names_it_and_import_passes_it_over(label_studio, tmp_path,
+                                                                                        capsys, monkeypatch):
+    from itertools import islice
+
+    from factory.review import studio
+
+    root = tmp_path / "root"
+    storage = build_root(LocalStorage(root))
+    send = studio.import_tasks
+
+    def connection_lost_after_two(client, project_id, tasks):
+        send(client, project_id, islice(tasks, 2))
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(studio, "import_tasks", connection_lost_after_two)
+    code, said = run(capsys, monkeypatch, label_studio, root, "review", "export", "v1", "--url", label_studio.url)
+    pending = newest_record(storage)
+    assert code == 2 and pending["status"] == "exporting"
+    assert f"export to Label Studio project {pending['project_id']} stopped" in said and "delete that project" in said
+    code, said = run(capsys, monkeypatch, label_studio, root, "review", "import", "v1",
+                     "--project", str(pending["project_id"]))
+    assert code == 2 and "did not finish: delete that project in Label Studio and export again" in said
+    code, said = run(capsys, monkeypatch, label_studio, root, "review", "import", "v1")
+    assert code == 2 and "has no review exported to any project" in said
+
+
 def test_a_wrong_token_is_refused_without_echoing_it(label_studio, tmp_path, capsys, monkeypatch):
     root = tmp_path / "root"
     build_root(LocalStorage(root))
