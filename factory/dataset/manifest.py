@@ -382,6 +382,8 @@ def claim_version(storage: Storage, spec: VersionSpec) -> PublishLease:
         if version_exists(storage, spec.dataset, spec.version):
             storage.delete(lease.key)
             raise _already_exists(spec)
+        for name in CARD_FILES:  # a card without its manifest is a dead attempt's: it would name its shards
+            storage.delete(layout.version_file(spec.dataset, spec.version, name))
         lease.start()
         return lease
     raise VersionError(f"could not take the publish lock {storage.url(lease.key)}: it keeps changing hands")
@@ -499,6 +501,8 @@ def commit_version(storage: Storage, spec: VersionSpec, shards: list[dict[str, A
         storage.write_parquet(key, index)
     else:
         storage.upload_file(index, key)
+    for stale in unlisted_shards(storage, manifest):  # under the lock, the version not committed: a dead attempt's
+        storage.delete(stale)
     for name, data in card_files(manifest).items():
         storage.write_bytes(layout.version_file(spec.dataset, spec.version, name), data)
     key = manifest_key(spec.dataset, spec.version)
@@ -625,7 +629,17 @@ def verify_version(storage: Storage, dataset: str, version: str) -> list[str]:
     extra = set(seen) - {row["key"] for row in index}
     if extra and not manifest.get("shards_superset"):
         problems.append(f"{len(extra)} shard samples have no index row (e.g. {sorted(extra)[0]})")
+    problems.extend(f"shard file {key.rsplit('/', 1)[-1]} in the version's folder is not in its manifest"
+                    for key in unlisted_shards(storage, manifest))
     return problems
+
+
+def unlisted_shards(storage: Storage, manifest: dict[str, Any]) -> list[str]:
+    """Shard files in the version's own shard folder its manifest does not list (left by a publisher
+    that died writing another attempt at the version)."""
+    folder = layout.shard(manifest["dataset"], manifest["version"], layout.shard_relative(manifest["version"], 0))
+    listed = {shard_key(manifest, shard["path"]) for shard in manifest["shards"]}
+    return [key for key in storage.list(folder.rsplit("/", 1)[0]) if key.endswith(".tar") and key not in listed]
 
 
 def _verify_shard(storage: Storage, key: str, shard: dict[str, Any], seen: dict[str, str]) -> list[str]:

@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import pytest
 
+from factory.dataset import publisher
 from factory.dataset.manifest import (
     SCHEMA,
     VersionError,
@@ -130,3 +131,31 @@ def test_a_manifest_holding_nan_or_infinity_is_refused_before_index_and_manifest
     with pytest.raises(VersionError, match="NaN or an infinity"):
         publish_samples(storage, nan_spec, samples)
     assert not storage.exists("datasets/d/v1/manifest.json") and not storage.exists("datasets/d/v1/index.parquet")
+
+
+def test_a_dead_attempts_card_and_shards_do_not_outlive_the_version_published_after_it(storage, samples):
+    """An attempt at v1 killed after its card and three shards (its lock then deleted by hand, say, to
+    publish other samples): the version published next keeps none of them, and verify names a stray."""
+    dead = publish_samples(storage, spec("dead"), samples, shard_max_samples=2)
+    folder = "datasets/d/v1"
+    for name in ("README.md", "croissant.json"):
+        storage.write_bytes(f"{folder}/{name}", storage.read_bytes(f"datasets/d/dead/{name}"))
+    for number in range(3):
+        storage.write_bytes(f"{folder}/shards/v1-{number:06d}.tar",
+                            storage.read_bytes(shard_key(dead, dead["shards"][number]["path"])))
+    cards_while_writing = []
+
+    class Passes(publisher.LocalPasses):
+        def shards(self, *args):
+            cards_while_writing.extend(storage.exists(f"{folder}/{name}") for name in ("README.md", "croissant.json"))
+            return super().shards(*args)
+
+    published = publisher.write_version(storage, spec("v1"), publisher.SampleList(samples[:3]), 2**20, 2, Passes())
+    assert cards_while_writing == [False, False]  # removed when the lock was taken: no card names a half version
+    listed = sorted(shard_key(published, shard["path"]) for shard in published["shards"])
+    assert sorted(storage.list(f"{folder}/shards")) == listed
+    assert "dead" not in storage.read_bytes(f"{folder}/README.md").decode()
+    assert verify_version(storage, "d", "v1") == []
+    storage.write_bytes(f"{folder}/shards/v1-000009.tar", b"left over")
+    stray = "shard file v1-000009.tar in the version's folder is not in its manifest"
+    assert verify_version(storage, "d", "v1") == [stray]
