@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from factory.cost import version_estimates
-from factory.framework.storage import Storage, StorageError
+from factory.framework.storage import LocalStorage, Storage, StorageError
 from factory.report.data import VersionData, default_out_dir, load_version_data, text
 from factory.report.evals import eval_rows
 from factory.report.gallery import Card, accepted_cards, near_threshold_cards
@@ -264,11 +264,11 @@ def write_report(storage: Storage, dataset: str, version: str, out_dir: str | Pa
         data.candidates_note += f" (reading candidate images failed: {err})"
         rejected = []
     disagreements = disagreement_cards(storage, data.manifest)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = LocalStorage(out)  # each file written whole, then renamed: a killed run leaves the last report
     for name, png in plots.items():
-        (out / f"{name}.png").write_bytes(png)
+        folder.write_bytes(f"{name}.png", png)
+    folder.write_bytes("report.html", render_html(data, plots, accepted, rejected, disagreements).encode("utf-8"))
     path = out / "report.html"
-    path.write_text(render_html(data, plots, accepted, rejected, disagreements), encoding="utf-8")
     log.info("report %s/%s: %d samples, %s, %d plots, %d+%d gallery cards, %.1f s", dataset, version,
              data.index.rows, data.candidates_note, len(plots), len(accepted), len(rejected),
              time.perf_counter() - started)

@@ -244,6 +244,24 @@ def test_cli_writes_the_report(factory_root, tmp_path, capsys, monkeypatch):
     assert main(root + ["report", "nope"]) == 2
 
 
+def test_a_report_killed_while_written_leaves_the_last_one_whole(factory_root, tmp_path, monkeypatch):
+    import os
+
+    import factory.report.page
+
+    first = write_report(factory_root, "demo", "v1", tmp_path).read_bytes()
+    monkeypatch.setattr(factory.report.page, "render_html", lambda *args: "<html>the next report")
+
+    def killed_before_the_rename(source, target):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(os, "replace", killed_before_the_rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(factory_root, "demo", "v1", tmp_path)
+    assert (tmp_path / "report.html").read_bytes() == first
+    assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
+
+
 def comparable(page: str) -> str:
     """The page without what differs between two builds of the same rows: times and the unit-file count."""
     page = re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00", "TIME", page)
