@@ -371,7 +371,8 @@ def claim_version(storage: Storage, spec: VersionSpec) -> PublishLease:
     lease = PublishLease(storage, spec)
     for _ in range(3):
         if version_exists(storage, spec.dataset, spec.version):
-            raise _already_exists(spec)
+            release_stale_lock(storage, spec.dataset, spec.version)  # its publisher died before removing it
+            raise _already_exists(spec, storage)
         try:
             storage.write_bytes(lease.key, lease.body(), create_only=True)
         except AlreadyExists:
@@ -381,7 +382,7 @@ def claim_version(storage: Storage, spec: VersionSpec) -> PublishLease:
         # releasing the lock, so one more look sees it: we must not write into its version.
         if version_exists(storage, spec.dataset, spec.version):
             storage.delete(lease.key)
-            raise _already_exists(spec)
+            raise _already_exists(spec, storage)
         for name in CARD_FILES:  # a card without its manifest is a dead attempt's: it would name its shards
             storage.delete(layout.version_file(spec.dataset, spec.version, name))
         lease.start()
@@ -459,8 +460,18 @@ def publishing(storage: Storage, spec: VersionSpec) -> Iterator[None]:
         lease.stop()
 
 
-def _already_exists(spec: VersionSpec) -> VersionError:
-    return VersionError(f"version {spec.dataset}/{spec.version} already exists; publishing never overwrites")
+def _already_exists(spec: VersionSpec, storage: Storage) -> VersionError:
+    """The refusal to publish an existing version, saying when it is this same publish done before (a
+    command run again after it finished, or after it was killed between its manifest and its lock)."""
+    try:
+        existing = load_manifest(storage, spec.dataset, spec.version)
+    except VersionError:
+        existing = {}
+    same = (existing.get("config_sha256"), existing.get("kind"), existing.get("parents")) == (
+        spec.config_sha256, spec.kind, list(spec.parents))
+    return VersionError(f"version {spec.dataset}/{spec.version} already exists"
+                        + (", published by this same config from the same parents: nothing to do" if same else
+                           "; publishing never overwrites"))
 
 
 def _manifest(spec: VersionSpec, shards: list[dict[str, Any]], index: pa.Table) -> dict[str, Any]:

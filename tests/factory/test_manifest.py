@@ -159,3 +159,17 @@ def test_a_dead_attempts_card_and_shards_do_not_outlive_the_version_published_af
     storage.write_bytes(f"{folder}/shards/v1-000009.tar", b"left over")
     stray = "shard file v1-000009.tar in the version's folder is not in its manifest"
     assert verify_version(storage, "d", "v1") == [stray]
+
+
+def test_a_union_run_again_after_it_was_killed_before_its_lock_went_says_so_and_removes_the_lock(storage):
+    publish_samples(storage, spec("v1"), make_samples(3))
+    publish_samples(storage, spec("r1", kind="sid"), make_samples(2, start=100))
+    union = spec("u1", kind="union", parents=["v1", "r1"])
+    union_versions(storage, union)
+    lock = "datasets/d/u1/_publishing.json"
+    storage.write_bytes(lock, b"{}")  # killed between its manifest and the lock's removal
+    with pytest.raises(VersionError, match="u1 already exists, published by this same config from the same parents"):
+        union_versions(storage, spec("u1", kind="union", parents=["v1", "r1"]))
+    assert not storage.exists(lock)
+    with pytest.raises(VersionError, match="u1 already exists; publishing never overwrites"):
+        union_versions(storage, spec("u1", kind="union", parents=["r1", "v1"]))
