@@ -229,4 +229,6 @@ def test_export_refuses_a_version_whose_shard_was_changed_naming_it(label_studio
     shard = flip_a_byte(storage, load_manifest(storage, "demo", "v1"))
     code, said = run(capsys, monkeypatch, label_studio, root, "review", "export", "v1", "--url", label_studio.url)
     assert code == 2 and shard in said and "does not match its manifest" in said, said
-    assert not storage.list(layout.review_records("demo", "v1"))  # no record: nothing can be imported from it
+    assert "delete that project and export again" in said  # the project was made before the shard was read
+    records = [json.loads(storage.read_bytes(key)) for key in storage.list(layout.review_records("demo", "v1"))]
+    assert [record["status"] for record in records] == ["exporting"]  # an unfinished export: nothing imports it
