@@ -65,7 +65,7 @@ from factory.framework.storage import Storage, open_storage, opened
 from factory.framework.units import finished_units, plan_exists, plan_index, read_plan, read_unit
 from filters.clip import clip_scorer_from_config
 from models.sd_drawer import StableDiffusionDrawer
-from models.training.runner import train_assistant_on, train_generator_on
+from models.training.runner import model_run_id, train_assistant_on, train_generator_on
 
 log = logging.getLogger(__name__)
 
@@ -568,11 +568,9 @@ def round_finetuned(ctx: RunContext, round_: int) -> bool:
     """Whether the fine-tunes switched on (`sid.finetune`, `sid.finetune_assistant`) ended their training
     on round `round_`'s union."""
     union = union_name(ctx, round_)
-    runs = [("generator", f"{ctx.config.run_id}-g-{union}")] * ctx.config.sid.finetune + [
-        ("assistant", f"{ctx.config.run_id}-a-{union}")] * ctx.config.sid.finetune_assistant
-    return all(ctx.storage.exists(layout.checkpoint_latest(model, run_id))
-               and run_newest(ctx.storage, layout.checkpoint_latest(model, run_id)) is not None
-               for model, run_id in runs)
+    models = ["generator"] * ctx.config.sid.finetune + ["assistant"] * ctx.config.sid.finetune_assistant
+    latest = [layout.checkpoint_latest(model, model_run_id(ctx, model, union)) for model in models]
+    return all(ctx.storage.exists(key) and run_newest(ctx.storage, key) is not None for key in latest)
 
 
 def resumed_night(ctx: RunContext, round_: int, models: RoundModels) -> dict[str, Any]:

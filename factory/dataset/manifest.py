@@ -355,6 +355,17 @@ class PublishLease:
 LEASES: dict[str, PublishLease] = {}  # this process's held publish locks, by lock key
 
 
+def held_lease(spec: VersionSpec) -> PublishLease | None:
+    """This process's publish lease on `spec`'s version (None: it holds none)."""
+    return LEASES.get(layout.publish_lock(spec.dataset, spec.version))
+
+
+def held_lease_id(spec: VersionSpec) -> str | None:
+    """The holder id of this process's publish lease on `spec`'s version (None: it holds none)."""
+    lease = held_lease(spec)
+    return lease.holder.id if lease else None
+
+
 def lock_holder_id(storage: Storage, key: str) -> str | None:
     """The id of the process holding the publish lock at `key`: None when there is no lock, "" when
     it names none."""
@@ -505,8 +516,8 @@ def commit_version(storage: Storage, spec: VersionSpec, shards: list[dict[str, A
     table = index if isinstance(index, pa.Table) else pq.read_table(index, columns=list(SCORE_COLUMNS))
     manifest = _manifest(spec, shards, table)
     body = manifest_bytes(manifest)  # before any write: a manifest that cannot be JSON writes nothing
-    lease = LEASES.get(layout.publish_lock(spec.dataset, spec.version))
-    refuse_committed(storage, spec.dataset, spec.version, lease.holder.id if lease else None)
+    lease = held_lease(spec)
+    refuse_committed(storage, spec.dataset, spec.version, held_lease_id(spec))
     key = layout.index(spec.dataset, spec.version)
     if isinstance(index, pa.Table):
         storage.write_parquet(key, index)

@@ -44,10 +44,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory.dataset.manifest import (
-    LEASES,
     VersionError,
     VersionSpec,
     commit_version,
+    held_lease_id,
     index_row,
     index_schema,
     load_manifest,
@@ -340,8 +340,7 @@ class ShardTarget:
 
     @classmethod
     def of(cls, spec: VersionSpec) -> ShardTarget:
-        lease = LEASES.get(layout.publish_lock(spec.dataset, spec.version))
-        return cls(spec.dataset, spec.version, publish_owner(spec), lease.holder.id if lease else None)
+        return cls(spec.dataset, spec.version, publish_owner(spec), held_lease_id(spec))
 
 
 def shard_plan(won: pa.Table, firsts: list[int]) -> pd.DataFrame:

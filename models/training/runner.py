@@ -79,14 +79,22 @@ def train_assistant(
     return train_in_process(make_job(config, version, "assistant", run_id), storage, device)
 
 
+RUN_LETTERS = {"generator": "g", "assistant": "a"}
+
+
+def model_run_id(ctx: RunContext, model: str, version: str) -> str:
+    """The run id of `model`'s training on `version`: `<run-id>-g-<version>` or `<run-id>-a-<version>`."""
+    return f"{ctx.config.run_id}-{RUN_LETTERS[model]}-{version}"
+
+
 def train_generator_on(ctx: RunContext, version: str, init_from: str | None = None, run_id: str | None = None) -> str:
     """Train (or, from `init_from`, fine-tune) G on `version` (run `<run-id>-g-<version>`)."""
-    return train_model_on(ctx, "generator", version, init_from, run_id or f"{ctx.config.run_id}-g-{version}")
+    return train_model_on(ctx, "generator", version, init_from, run_id or model_run_id(ctx, "generator", version))
 
 
 def train_assistant_on(ctx: RunContext, version: str, init_from: str | None = None, run_id: str | None = None) -> str:
     """Train (or, from `init_from`, fine-tune) the assistant heads on `version` (run `<run-id>-a-<version>`)."""
-    return train_model_on(ctx, "assistant", version, init_from, run_id or f"{ctx.config.run_id}-a-{version}")
+    return train_model_on(ctx, "assistant", version, init_from, run_id or model_run_id(ctx, "assistant", version))
 
 
 def train_model_on(ctx: RunContext, model: str, version: str, init_from: str | None, run_id: str) -> str:
