@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shlex
 
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, plain_address
 
 DEFAULT_PROJECT_DIR = "/home/ray/cafe-factory"
 DEFAULT_PYTHON = "python"
@@ -19,7 +19,7 @@ DEFAULT_CRON_ADDRESS = "http://127.0.0.1:8265"
 
 
 def submit_args(name: str, python: str, address: str | None) -> str:
-    target = f" --address {shlex.quote(address)}" if address else ""
+    target = f" --address {shlex.quote(plain_address(address))}" if address else ""
     return f"{shlex.quote(python)} -m jobs submit {name}{target}"
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from factory.framework.config import no_credentials, read_yaml_file
+from factory.framework.config import SECRET_VALUE, credentials_in_url, read_yaml_file
 
 DEFAULT_SPECS = Path(__file__).with_name("specs.yaml")
 
@@ -23,25 +23,42 @@ DEFAULT_EXCLUDES = [".git", ".venv", "factory-data", "bench/out", "*.egg-info", 
 SECRET_NAME = re.compile(
     r"(^|_)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|ACCESS_KEY|PRIVATE_KEY|API_?KEY)(_|$)|(^|_)(KEY|PAT)$", re.I
 )
-# AWS key ids, Hugging Face, GitHub, OpenAI-style and Slack tokens
-SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|\bhf_[A-Za-z0-9]{20,}"
-                          r"|\b(ghp|gho|ghs|github_pat)_[A-Za-z0-9_]{20,}|\bsk-[A-Za-z0-9_-]{20,}"
-                          r"|\bxox[abpr]-[A-Za-z0-9-]{10,}")
+URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
+ENV_ASSIGNMENT = re.compile(r"(?:^|\s)([A-Za-z_][A-Za-z0-9_]*)=")
 
 CRON_FIELDS = [("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7)]
 CRON_ITEM = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?$")
 
 
 def url_with_credentials(value: str) -> bool:
-    try:
-        no_credentials(value)
-    except ValueError:
-        return True
-    return False
+    return credentials_in_url(value) is not None
+
+
+def secret_in_text(text: str) -> bool:
+    """Whether a command line or free text holds a token, a URL with credentials or a secret env var set inline."""
+    return bool(SECRET_VALUE.search(text) or any(url_with_credentials(url) for url in URL_IN_TEXT.findall(text))
+                or any(SECRET_NAME.search(name) for name in ENV_ASSIGNMENT.findall(text)))
+
+
+def refuse_secret(text: str, what: str) -> str:
+    if secret_in_text(text):
+        raise ValueError(f"{what} holds what looks like a secret, which the cluster stores and `jobs list` prints: "
+                         "credentials come from the instance role or a secret store on the cluster, never from a job")
+    return text
 
 
 class SpecError(ValueError):
     """A job spec problem, phrased for the person who wrote the spec."""
+
+
+def plain_address(address: str) -> str:
+    """The job server's address, refused (without repeating it) when it carries credentials."""
+    held = credentials_in_url(address)
+    if held:
+        raise SpecError(f"the Ray job server address (--address, $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS) has "
+                        f"{held}, which errors and crontabs would print: the job server takes the token "
+                        "from RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH")
+    return address
 
 
 class Strict(BaseModel):
@@ -55,6 +72,11 @@ class RuntimeEnvSpec(Strict):
     excludes: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDES))
     env_vars: dict[str, str] = Field(default_factory=dict)
     pip: list[str] | None = None
+
+    @field_validator("working_dir")
+    @classmethod
+    def _plain_working_dir(cls, working_dir: str) -> str:
+        return refuse_secret(working_dir, "working_dir")
 
     @field_validator("env_vars")
     @classmethod
@@ -86,6 +108,18 @@ class JobSpec(Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     timeout_s: int | None = Field(None, ge=1, description="stop the job when it runs longer")
     metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _plain_entrypoint(cls, entrypoint: str) -> str:
+        return refuse_secret(entrypoint, "the entrypoint")
+
+    @field_validator("metadata")
+    @classmethod
+    def _plain_metadata(cls, metadata: dict[str, str]) -> dict[str, str]:
+        for name, value in metadata.items():
+            refuse_secret(f"{name}={value}", f"metadata {name!r}")
+        return metadata
 
     @field_validator("schedule")
     @classmethod

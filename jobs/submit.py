@@ -26,7 +26,7 @@ from ray.job_submission import JobSubmissionClient
 
 from factory.framework.config import ConfigError, load_config
 from jobs.auth_token import default_token_path
-from jobs.spec import JobSpec, SpecError
+from jobs.spec import JobSpec, SpecError, plain_address, secret_in_text
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_ERROR, EXIT_STOPPED = 0, 1, 2, 3
@@ -82,7 +82,8 @@ class StreamRedactor:
     """Redact `token` from a text that arrives in chunks, also where a chunk boundary cuts it.
 
     Each `feed` holds back the last len(token) - 1 characters (they may be the start of a token
-    the next chunk completes); `flush` releases them at the end of the stream.
+    the next chunk completes); `flush` releases them at the end of the stream, less a cut-off start
+    of the token (a log cut mid-token) longer than 3 characters.
     """
 
     def __init__(self, token: str | None):
@@ -99,7 +100,9 @@ class StreamRedactor:
 
     def flush(self) -> str:
         held, self.held = self.held, ""
-        return held
+        cut = next((start for start in range(len(held) - 3)  # a start of 3 characters or fewer tells nothing
+                    if self.token and self.token.startswith(held[start:])), None)
+        return held if cut is None else held[:cut] + "<redacted>"
 
 
 # --- building the submission ----------------------------------------------------------
@@ -111,7 +114,11 @@ def entrypoint_with_overrides(spec: JobSpec, overrides: list[str], config: str |
     for override in overrides:
         key = override.split("=", 1)[0]
         if "=" not in override or not key.strip():
-            raise SpecError(f"--set expects key=value, got {override!r}")
+            raise SpecError(f"--set expects key=value, got {override!r}" if not secret_in_text(override)
+                            else "--set expects key=value")
+        if secret_in_text(override):
+            raise SpecError(f"--set {key} holds what looks like a secret, which the cluster stores and `jobs list` "
+                            "prints: credentials come from the instance role or a secret store on the cluster")
     entrypoint = spec.entrypoint if config is None else with_config(spec.entrypoint, config)
     return entrypoint + "".join(f" --set {shlex.quote(item)}" for item in overrides)
 
@@ -182,7 +189,7 @@ def submit_kwargs(spec: JobSpec, overrides: list[str], config: str | None = None
 
 def resolve_address(address: str | None) -> str:
     """--address, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else the local dashboard."""
-    return (
+    return plain_address(
         address
         or os.environ.get("RAY_API_SERVER_ADDRESS")
         or os.environ.get("RAY_ADDRESS")

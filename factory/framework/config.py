@@ -80,22 +80,47 @@ def contains_bool(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and any(contains_bool(item) for item in value)
 
 
-SECRET_QUERY_NAME = re.compile(r"key|token|secret|passw|sig|auth|cred", re.I)
+SECRET_QUERY_NAME = re.compile(r"key|token|secret|pass|pwd|sig|auth|cred|session|jwt|bearer", re.I)
+# AWS key ids, Hugging Face, GitHub, OpenAI-style and Slack tokens
+SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|\bhf_[A-Za-z0-9]{20,}"
+                          r"|\b(ghp|gho|ghs|github_pat)_[A-Za-z0-9_]{20,}|\bsk-[A-Za-z0-9_-]{20,}"
+                          r"|\bxox[abpr]-[A-Za-z0-9-]{10,}")
+
+
+def credentials_in_url(url: str) -> str | None:
+    """What in `url` looks like a credential (a user name or password, a query or fragment parameter
+    named like a key, a token-shaped value), or None; never the value itself."""
+    parts = urlsplit(url)
+    parameters = [name for text in (parts.query, parts.fragment) for item in re.split(r"[&;]", text)
+                  for name, _ in parse_qsl(item, keep_blank_values=True)]
+    secret_names = sorted({name for name in parameters if SECRET_QUERY_NAME.search(name)})
+    if secret_names:
+        return f"the parameter(s) {', '.join(secret_names)}"
+    authority = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*://", "", url).split("/")[0]  # also of `user:pass@host`, `https:u:p@h`
+    if parts.username is not None or parts.password is not None or "@" in authority:
+        return "a user name or password"
+    if SECRET_VALUE.search(url):
+        return "a token"
+    return None
 
 
 def no_credentials(url: str | None) -> str | None:
-    """A URL goes into manifests, unit footers and logs: it may not carry a user name, password or
-    a query parameter named like a key (the value is never repeated in the error)."""
-    if url is None:
-        return url
-    parts = urlsplit(url)
-    secret_names = sorted({name for name, _ in parse_qsl(parts.query, keep_blank_values=True)
-                           if SECRET_QUERY_NAME.search(name)})
-    if parts.username is not None or parts.password is not None or secret_names:
-        held = "a user name or password" if not secret_names else f"the query parameter(s) {', '.join(secret_names)}"
+    """A URL goes into manifests, unit footers and logs: it may not carry a credential (the value is
+    never repeated in the error)."""
+    held = None if url is None else credentials_in_url(url)
+    if held:
         raise ValueError(f"a URL with {held}, which would be written into manifests and logs: "
                          "credentials come from the environment")
     return url
+
+
+def secret_settings(node: Any, where: str = "") -> list[str]:
+    """The dotted keys of `node` (a config snapshot) whose string value holds a token-shaped secret."""
+    if isinstance(node, dict):
+        return [key for name, value in node.items() for key in secret_settings(value, f"{where}.{name}".lstrip("."))]
+    if isinstance(node, list):
+        return [key for index, value in enumerate(node) for key in secret_settings(value, f"{where}.{index}")]
+    return [where] if isinstance(node, str) and SECRET_VALUE.search(node) else []
 
 
 # A URL kept in the config (so in manifests and unit footers): no credentials in it.
@@ -104,7 +129,7 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def env_name(name: str | None) -> str | None:
-    if name is not None and not ENV_NAME.fullmatch(name):
+    if name is not None and (not ENV_NAME.fullmatch(name) or SECRET_VALUE.search(name)):
         raise ValueError("is not the name of an environment variable (name the variable that holds the key, "
                          "never the key itself)")
     return name
@@ -124,7 +149,7 @@ RayResources = dict[str, Annotated[float, Field(ge=0)]]
 
 
 class StorageConfig(Section):
-    root: str = "./factory-data"
+    root: PlainUrl = "./factory-data"
 
     @field_validator("root")
     @classmethod
@@ -559,7 +584,7 @@ class PromptNetConfig(TrainWorkers):
 
 
 class RayConfig(Section):
-    address: str | None = Field(None, description="cluster address; default: $RAY_ADDRESS or local")
+    address: PlainUrl | None = Field(None, description="cluster address; default: $RAY_ADDRESS or local")
     num_cpus: int | None = Field(None, ge=1, description="for a local cluster only")
     memory: int | None = Field(
         None, ge=1, description="for a local cluster only: Ray's memory resource in bytes; default: Ray's share of "
@@ -588,6 +613,14 @@ class FactoryConfig(Section):
     sid: SidConfig = Field(default_factory=SidConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     promptnet: PromptNetConfig = Field(default_factory=PromptNetConfig)
+
+    @model_validator(mode="after")
+    def _no_secret_values(self) -> FactoryConfig:
+        secret = secret_settings(self.snapshot())
+        if secret:
+            raise ValueError(f"{', '.join(secret)} holds what looks like a key or token, which would be written "
+                             "into manifests and logs: credentials come from the environment")
+        return self
 
     def snapshot(self) -> dict[str, Any]:
         """The resolved config as plain JSON data (what goes into manifests)."""

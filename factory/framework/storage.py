@@ -347,7 +347,8 @@ class S3Storage(Storage):
                 raise AlreadyExists(f"already exists: {self.url(key)}") from None
             raise StorageError(f"S3 {what} failed for {self.url(key)}: {code}") from None
         except BotoCoreError as err:
-            raise StorageError(f"S3 {what} failed for {self.url(key)}: {type(err).__name__}: {err}") from None
+            # only the error's type: botocore's text repeats the endpoint URL, with any credentials in it
+            raise StorageError(f"S3 {what} failed for {self.url(key)}: {type(err).__name__}") from None
 
     def read_bytes(self, key: str) -> bytes:
         response = self._call("get", key, self.client.get_object, Key=self._key(key))

@@ -196,8 +196,19 @@ SECRET = "s3cr3t-0123456789"
     (["dialogue.engine=openai", f"dialogue.endpoint_url=https://svc:{SECRET}@llm.internal/v1"],
      "dialogue.endpoint_url", "a user name or password"),
     (["dialogue.engine=openai", f"dialogue.endpoint_url=https://llm.internal/v1?api-version=2&api_key={SECRET}"],
-     "dialogue.endpoint_url", "the query parameter(s) api_key"),
+     "dialogue.endpoint_url", "the parameter(s) api_key"),
     ([f"storage.endpoint_url=http://minio:{SECRET}@127.0.0.1:9000"], "storage.endpoint_url", "a user name or password"),
+    ([f"storage.root=s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@bucket/prefix"], "storage.root", "a user name or password"),
+    ([f"ray.address=http://admin:{SECRET}@head:8265"], "ray.address", "a user name or password"),
+    ([f"storage.endpoint_url=http://127.0.0.1:9/?pwd={SECRET}"], "storage.endpoint_url", "the parameter(s) pwd"),
+    (["dialogue.engine=openai", f"dialogue.endpoint_url=https://llm/v1#access_token={SECRET}"],
+     "dialogue.endpoint_url", "the parameter(s) access_token"),
+    (["dialogue.engine=openai", f"dialogue.endpoint_url=https://llm/v1?a=1;token={SECRET}"],
+     "dialogue.endpoint_url", "the parameter(s) token"),
+    (["dialogue.engine=openai", f"dialogue.endpoint_url=svc:{SECRET}@llm:8000/v1"],
+     "dialogue.endpoint_url", "a user name or password"),
+    (["dialogue.engine=openai", f"dialogue.endpoint_url=https:svc:{SECRET}@llm/v1"],
+     "dialogue.endpoint_url", "a user name or password"),
 ])
 def test_a_url_with_credentials_is_refused_without_repeating_them(settings, key, held):
     """URLs in the config go into every manifest, unit footer and refusal message."""
@@ -211,7 +222,18 @@ def test_a_plain_query_and_an_env_var_name_are_taken_but_a_key_in_api_key_env_is
     config = load_config(None, ["dialogue.engine=openai", "dialogue.endpoint_url=https://llm/v1?api-version=2",
                                 "dialogue.api_key_env=LLM_KEY_2"])
     assert config.dialogue.api_key_env == "LLM_KEY_2"
+    for key in [f"sk-proj-{SECRET}", "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123"]:
+        with pytest.raises(ConfigError) as caught:
+            load_config(None, [f"dialogue.api_key_env={key}"])
+        assert "dialogue.api_key_env: is not the name of an environment variable" in str(caught.value)
+        assert key not in str(caught.value)
+    local = load_config(None, ["storage.root=/srv/data@night/factory", "ray.address=ray://head:10001"])
+    assert (local.storage.root, local.ray.address) == ("/srv/data@night/factory", "ray://head:10001")
+
+
+def test_a_token_in_any_setting_is_refused_naming_the_setting_not_the_token():
+    token = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123"
     with pytest.raises(ConfigError) as caught:
-        load_config(None, [f"dialogue.api_key_env=sk-proj-{SECRET}"])
-    assert "dialogue.api_key_env: is not the name of an environment variable" in str(caught.value)
-    assert SECRET not in str(caught.value)
+        load_config(None, [f"references.sources=[{{kind: folder, path: /data/{token}}}]"])
+    assert "references.sources.0.path holds what looks like a key or token" in str(caught.value)
+    assert token not in str(caught.value)

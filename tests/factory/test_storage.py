@@ -114,6 +114,18 @@ def test_missing_bucket_is_a_clear_error_without_secrets(s3_server, monkeypatch)
     assert "testing-secret-key" not in message and "testing-key-id" not in message
 
 
+def test_an_unreachable_endpoint_from_the_environment_is_named_without_its_credentials(monkeypatch):
+    # boto3 reads it; the config never saw it
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:pw1secret@127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
+    storage = open_storage(StorageConfig(root="s3://bucket/x", max_attempts=1))
+    with pytest.raises(StorageError) as caught:
+        storage.read_bytes("key")
+    assert "S3 get failed for s3://bucket/x/key: EndpointConnectionError" in str(caught.value)
+    assert "pw1secret" not in str(caught.value)
+
+
 def test_unsupported_scheme_is_refused():
     with pytest.raises(StorageError, match="unsupported storage root"):
         open_storage(StorageConfig(root="gs://bucket/x"))

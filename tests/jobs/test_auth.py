@@ -128,6 +128,13 @@ def test_redaction_holds_across_every_chunk_boundary():
             assert out == redact(text, TOKEN), (cut, second_cut)
 
 
+def test_a_log_cut_off_inside_the_token_ends_redacted():
+    redactor = StreamRedactor(TOKEN)
+    assert redactor.feed(f"line\nBearer {TOKEN[:-1]}") + redactor.flush() == "line\nBearer <redacted>"
+    redactor = StreamRedactor(TOKEN)
+    assert redactor.feed(f"ends with {TOKEN[:3]}") + redactor.flush() == f"ends with {TOKEN[:3]}"
+
+
 class TailingClient:
     """Ray's JobSubmissionClient, as far as `stream_logs` uses it: the logs in given chunks."""
 

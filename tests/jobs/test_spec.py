@@ -6,8 +6,9 @@ import textwrap
 
 import pytest
 
+from jobs.schedule import cron_lines
 from jobs.spec import DEFAULT_SPECS, SpecError, check_cron, get_spec, load_specs
-from jobs.submit import entrypoint_with_overrides, submit_kwargs
+from jobs.submit import entrypoint_with_overrides, resolve_address, submit_kwargs
 
 
 def write_specs(tmp_path, text: str):
@@ -59,6 +60,16 @@ def test_a_good_spec_gives_typed_values(tmp_path):
         (('"false"', '"ghp_0123456789abcdefghijABCDEFGHIJ"'), "looks like a secret"),
         (('"false"', '"sk-proj-0123456789abcdefghijKLMN"'), "looks like a secret"),
         (('"false"', '"https://rev:pw@studio.internal"'), "looks like a secret"),
+        (('python -c "print(1)"', 'HF_TOKEN=hf_0123456789abcdefghijKLMN python -c "print(1)"'),
+         "job hello: entrypoint: the entrypoint holds what looks like a secret"),
+        (('python -c "print(1)"', 'DB_PASSWORD=x python -c "print(1)"'),
+         "the entrypoint holds what looks like a secret"),
+        (('python -c "print(1)"', "python -m factory.run --set ray.address=http://admin:pw1@head:8265"),
+         "the entrypoint holds what looks like a secret"),
+        (('working_dir: "."', 'working_dir: "https://user:pw1@git.internal/wd.zip"'),
+         "working_dir holds what looks like a secret"),
+        (("    resources:", "    metadata: {owner_token: abc}\n    resources:"),
+         "metadata 'owner_token' holds what looks like a secret"),
         (("entrypoint_num_cpus: 0.5", "entrypoint_num_cpus: -1"), "greater than or equal to 0"),
         (("name: hello", "name: Hello_World"), "job Hello_World: name: String should match pattern"),
         (('    entrypoint: python -c "print(1)"\n', ""), "job hello: entrypoint: required field is missing"),
@@ -70,6 +81,24 @@ def test_a_bad_spec_names_the_job_and_the_key(tmp_path, change, expected):
     with pytest.raises(SpecError) as err:
         load_specs(write_specs(tmp_path, GOOD_JOB.replace(old, new)))
     assert expected in str(err.value)
+
+
+def test_an_override_or_a_job_server_address_with_a_secret_is_refused_without_repeating_it(monkeypatch):
+    spec = load_specs(DEFAULT_SPECS)["nightly-sid"]
+    for override in ["ray.address=http://admin:pw1secret@head:8265", "plan.instructions=hf_0123456789abcdefghijKLMN"]:
+        with pytest.raises(SpecError) as caught:
+            entrypoint_with_overrides(spec, [override])
+        assert f"--set {override.split('=')[0]} holds what looks like a secret" in str(caught.value)
+        assert "pw1secret" not in str(caught.value) and "hf_0123" not in str(caught.value)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "http://admin:pw1secret@head:8265")
+    with pytest.raises(SpecError) as caught:
+        resolve_address(None)
+    assert "$RAY_API_SERVER_ADDRESS or $RAY_ADDRESS) has a user name or password" in str(caught.value)
+    assert "pw1secret" not in str(caught.value)
+    with pytest.raises(SpecError, match="has a user name or password"):
+        cron_lines({"nightly-sid": spec}, address="http://admin:pw1secret@127.0.0.1:8265")
+    assert resolve_address("http://head:8265") == "http://head:8265"
 
 
 def test_repeated_names_and_missing_files_are_errors(tmp_path):
