@@ -50,6 +50,7 @@ from factory.framework.models_cache import ModelUnavailable, describe_s3, is_s3
 from factory.framework.stage import RunContext
 from factory.progress import LOG_EVERY_SECONDS, progress_display
 from filters.rules import RULES
+from models.registry import options_problems
 
 log = logging.getLogger("factory.run")
 
@@ -132,6 +133,9 @@ def check_inputs(config: FactoryConfig, stage: str) -> None:
                 missing.append(f"  {err}")
     if missing:
         raise ConfigError("models not found:\n" + "\n".join(missing) + missing_promptnet_hint(config, missing))
+    refused = options_problems(config.generate.generators)
+    if refused:
+        raise ConfigError("invalid generator options:\n" + "\n".join(refused))
     if stage in ("generate", "all") and untrained_promptnet(config):
         raise ConfigError(untrained_promptnet(config))
     if stage in ("plan", "all"):

@@ -48,7 +48,7 @@ from factory.framework.config import (
     load_yaml,
     validate_config,
 )
-from factory.framework.executor import MapStep, Resume, cluster_resources, run_resumable
+from factory.framework.executor import MapStep, Resume, run_resumable
 from factory.framework.images import decode_image
 from factory.framework.layout import safe_id
 from factory.framework.models_cache import loader_paths, local_model, model_ref
@@ -255,11 +255,6 @@ class EvalWorker:
         return out
 
 
-def eval_gpus(settings: EvalConfig) -> float:
-    """One GPU per eval actor when asked for and the cluster has GPUs; else CPU actors."""
-    return 1.0 if settings.use_gpu and cluster_resources().get("GPU", 0) >= 1 else 0.0
-
-
 def evaluate(
     config: FactoryConfig,
     generator: Located,
@@ -271,9 +266,8 @@ def evaluate(
     (`resume`: a killed eval scores only the rest); returns the report (metrics are means over all images)."""
     started = time.perf_counter()
     rows = eval_rows(config, inputs)
-    options = {"num_gpus": eval_gpus(config.eval), **({"memory": config.eval.memory} if config.eval.memory else {})}
     worker = MapStep(EvalWorker, (config.snapshot(), generator, assistant), 1,
-                     actors=min(config.eval.concurrency, len(rows)), options=options)
+                     actors=min(config.eval.concurrency, len(rows)), options=config.eval.ray_options())
     scored = pd.concat(run_resumable(rows, [worker], resume), ignore_index=True)
     if len(scored) != len(rows):
         raise RuntimeError(f"eval scored {len(scored)} of {len(rows)} (pair, prompt) rows")

@@ -493,7 +493,8 @@ def round_context(ctx: RunContext, round_: int, checkpoint: str) -> RunContext:
     snapshot["publish"]["version"] = name
     snapshot["plan"]["generator"] = ctx.config.sid.generator
     generator = snapshot["generate"]["generators"].setdefault(ctx.config.sid.generator, {"kind": "cafe"})
-    generator["model"] = checkpoint
+    # CAFE loads `checkpoint or model`: a configured checkpoint is replaced, its `model` (the base) kept
+    generator["checkpoint" if generator.get("checkpoint") else "model"] = checkpoint
     return RunContext(FactoryConfig.model_validate(snapshot), storage=ctx.storage, unit_steps=ctx.unit_steps,
                       progress=ctx.progress)
 

@@ -544,11 +544,23 @@ class EvalConfig(Section):
     clip_pretrained: str | None = Field(None, description="default: filter.clip_pretrained")
     clip_model_config: str | None = Field(None, description="default: filter.clip_model_config")
     dino_model: str | None = Field(None, description="DINO scorer; default: filter.dino_model")
-    use_gpu: bool = True
+    use_gpu: bool = Field(True, description="one GPU per eval actor (Ray waits for, or scales up, a node that has one)")
     seed: Seed = 0
     concurrency: int = Field(
         1, ge=1, description="eval actors, each holding G and the scorers (one GPU each with use_gpu)")
     memory: int = memory_field("actor")
+    resources: RayResources = Field(
+        default_factory=dict,
+        description="custom Ray resources per eval actor, e.g. {a100_40g: 1}: pins the pool to a node type")
+
+    def ray_options(self) -> dict[str, Any]:
+        """What each eval actor asks Ray for."""
+        options: dict[str, Any] = {"num_gpus": 1.0 if self.use_gpu else 0.0}
+        if self.memory:
+            options["memory"] = self.memory
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        return options
 
 
 class PromptNetConfig(TrainWorkers):

@@ -38,7 +38,9 @@ if TYPE_CHECKING:
 
 REJECT_COLUMNS = ("reject_stage", "reject_reason")
 # where a stage runs, not what it makes
-POOL_SETTINGS = ("concurrency", "num_cpus", "num_gpus", "memory", "resources", "executor")
+# where and how fast a stage runs, and how it reaches its server: not what it makes, so a run may change them
+RUNTIME_SETTINGS = ("concurrency", "num_cpus", "num_gpus", "memory", "resources", "executor", "io_threads",
+                    "api_key_env", "request_timeout_s", "max_concurrency", "max_retries", "retry_backoff_s")
 
 
 @dataclass
@@ -178,7 +180,7 @@ def merge_live(rows: pd.DataFrame, done: pd.DataFrame, live: np.ndarray) -> pd.D
 def fingerprint(config: FactoryConfig, sections: tuple[str, ...]) -> dict[str, Any]:
     """The config settings that shape a stage's output, flattened to `section.key` -> value.
 
-    Pool sizes are left out (where a stage runs does not change what it makes), and local
+    `RUNTIME_SETTINGS` are left out (where and how fast a stage runs does not change what it makes), and local
     model paths are written as `factory.framework.layout.portable_ref` writes them.
     """
     snapshot = config.snapshot()
@@ -193,7 +195,7 @@ def fingerprint(config: FactoryConfig, sections: tuple[str, ...]) -> dict[str, A
 
     for section in sections:
         for key, value in sorted(snapshot[section].items()):
-            if key not in POOL_SETTINGS:
+            if key not in RUNTIME_SETTINGS:
                 walk(f"{section}.{key}", value)
     return flat
 

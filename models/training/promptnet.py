@@ -73,7 +73,7 @@ class PromptNetJob:
     def fingerprint(self) -> str:
         """What the progress saves depend on: a resumed training must be the same training."""
         not_defining = ("steps", "log_every", "checkpoint_every", "resume", "num_workers", "use_gpu", "max_failures",
-                        "resources_per_worker", "output", "require_trained",
+                        "resources_per_worker", "memory_per_worker", "output", "require_trained",
                         "generator", "init_from", "image_encoder", "image_size", "reference_set")  # in `made_of`
         settings = {key: value for key, value in self.settings.items() if key not in not_defining}
         made_of = {"model": model_ref(self.model), "init_from": model_ref(self.init_from),

@@ -8,8 +8,8 @@ import pytest
 
 from factory.framework import layout
 from factory.framework.config import load_config
-from factory.framework.executor import RunChanged, Step, run_steps, run_steps_inline
-from factory.framework.stage import RunContext
+from factory.framework.executor import RunChanged, Step, changed_settings, run_steps, run_steps_inline
+from factory.framework.stage import RunContext, fingerprint
 from factory.framework.units import finished_units as finished
 from factory.framework.units import read_plan_unit, read_unit, unit_meta, write_plan
 from factory.run import UNIT_STEPS
@@ -82,6 +82,18 @@ def test_a_run_refuses_units_made_with_other_settings(tmp_path):
     moved = RunContext(load_config(None, [f"storage.root={tmp_path}", "run_id=t", "filter.concurrency=3",
                                           "filter.memory=1073741824"]))
     assert run_steps_inline(moved, [STAMP])["ran"] == 1  # where a stage runs is not what it makes
+
+
+def test_a_run_may_change_how_fast_it_runs_and_reaches_its_server_but_not_what_it_makes():
+    """Raising the LLM timeout after timeouts, or the reader threads, is how a run is rescued."""
+    sections = ("references", "generate", "filter", "dialogue")
+    made_with = fingerprint(load_config(None, []), sections)
+    rescued = load_config(None, ["references.io_threads=2", "dialogue.request_timeout_s=600",
+                                 "dialogue.max_retries=9", "dialogue.retry_backoff_s=5",
+                                 "dialogue.max_concurrency=2", "dialogue.api_key_env=OTHER_KEY"])
+    assert changed_settings(rescued, made_with) == []
+    reshaped = load_config(None, ["dialogue.max_attempts=5", "dialogue.temperature=0.1"])
+    assert len(changed_settings(reshaped, made_with)) == 2
 
 
 def test_a_stage_that_drops_rows_is_an_error(tmp_path):

@@ -426,7 +426,8 @@ def test_cluster_yaml_and_the_rayjob_name_the_same_node_types_and_resources(rayj
 
 def pools(config) -> dict[str, dict]:
     """The Ray resources one actor (or training worker) of each production pool asks for."""
-    asks = {name: getattr(config, name).ray_options() for name in ("references", "generate", "filter", "dialogue")}
+    asks = {name: getattr(config, name).ray_options()
+            for name in ("references", "generate", "filter", "dialogue", "eval")}
     for name in ("train", "promptnet"):
         settings = getattr(config, name)
         asks[name] = {"num_gpus": 1.0 if settings.use_gpu else 0.0, "resources": dict(settings.resources_per_worker),
@@ -468,7 +469,7 @@ def test_a_node_full_of_a_pools_actors_fits_in_its_ray_memory(rayjob, cluster, p
         per_node = int(node_types[node_type]["resources"]["GPU"] // ask["num_gpus"])
         assert ask.get("memory", 0) > 0, f"{name} reserves no memory"
         assert per_node * ask["memory"] <= 0.7 * limits[node_type], name
-    assert 0 < production.publish.task_memory and 0 < production.eval.memory
+    assert 0 < production.publish.task_memory
 
 
 def test_job_drivers_run_only_on_the_head(rayjob, cluster):

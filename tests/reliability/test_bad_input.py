@@ -132,3 +132,16 @@ def test_unknown_config_key_exits_2_naming_it(tmp_path, capsys, tripwires):
     rc, output = run_cli(["--stage", "all", "--config", str(config), "--set", "filter.thresholds.clip_t=high"], capsys)
     assert rc == factory.run.EXIT_CONFIG and "filter.thresholds.clip_t" in output
     assert nothing_written(tmp_path / "root")
+
+
+@pytest.mark.parametrize("stage", ["all", "promptnet"])
+def test_a_misspelt_generator_option_exits_2_before_any_work(stage, tmp_path, capsys, tripwires):
+    """Actors (and PromptNet's days-long training) read the options; the run refuses them at its start."""
+    config = demo_config(tmp_path)
+    rc, output = run_cli(["--stage", stage, "--config", str(config),
+                          "--set", "generate.generators.profusion.options.image_encodr=laion/x",
+                          "--set", "generate.generators.profusion.options.finetune_steps=-1"], capsys)
+    assert rc == factory.run.EXIT_CONFIG, output
+    assert "generate.generators.profusion.options.image_encodr: unknown key" in output
+    assert "generate.generators.profusion.options.finetune_steps: Input should be greater than" in output
+    assert nothing_written(tmp_path / "root")

@@ -182,3 +182,7 @@ def test_progress_fingerprint_is_the_same_from_another_working_folder(tmp_path, 
     assert fingerprints[0] == fingerprints[1]
     other = load_config(None, [f"storage.root={tmp_path / 'root'}", "promptnet.lr=0.001"])
     assert make_promptnet_job(other, open_storage(other.storage)).fingerprint() != fingerprints[0]
+    # more memory per worker, the usual answer to an out-of-memory kill, resumes the same training
+    roomier = load_config(None, [f"storage.root={tmp_path / 'root'}", "promptnet.init_from=./models/tiny-promptnet",
+                                 "promptnet.memory_per_worker=64000000000"])
+    assert make_promptnet_job(roomier, open_storage(roomier.storage)).fingerprint() == fingerprints[1]

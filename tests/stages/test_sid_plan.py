@@ -205,3 +205,15 @@ def test_a_resumed_round_one_keeps_the_parent_its_plan_was_drawn_from(tmp_path, 
     moved = ctx.config.model_copy(update={"sid": ctx.config.sid.model_copy(update={"parent": "newer"})})
     with pytest.raises(ConfigError, match="planned from parent 'parent', and sid.parent is now 'newer'"):
         sid.first_parent(RunContext(moved, ctx.storage))
+
+
+@pytest.mark.parametrize("configured, loaded", [
+    ({"kind": "cafe", "model": "/models/G-old"}, {"model": "/ckpt/G-night5", "checkpoint": None}),
+    # a checkpoint over a base model: CAFE loads `checkpoint or model`, so the round's G replaces the checkpoint
+    ({"kind": "cafe", "model": "/models/sd2-base", "checkpoint": "/models/G-old"},
+     {"model": "/models/sd2-base", "checkpoint": "/ckpt/G-night5"}),
+])
+def test_a_round_draws_with_the_g_it_was_given_however_the_generator_is_configured(configured, loaded):
+    config = FactoryConfig.model_validate({"generate": {"generators": {"cafe": configured}}})
+    spec = sid.round_context(RunContext(config), 1, "/ckpt/G-night5").config.generate.generators["cafe"]
+    assert {"model": spec.model, "checkpoint": spec.checkpoint} == loaded
