@@ -22,6 +22,12 @@ def cpu_half_precision() -> bool:
     return name == "bfloat16"
 
 
+def native_bfloat16() -> bool:
+    """Whether this process's CUDA card computes in bfloat16 natively (Ampere, compute capability 8.0, or
+    newer); torch's default answer also counts an older card's slow emulation."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def autocast_dtype(device: str, dtype: str | None):
     """The torch dtype to autocast to, or None for full float32.
 
@@ -33,7 +39,7 @@ def autocast_dtype(device: str, dtype: str | None):
     if dtype == "auto":
         if torch.device(device).type != "cuda":
             return torch.bfloat16 if cpu_half_precision() else None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bfloat16() else torch.float16
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 
-from filters.precision import cpu_half_precision  # the one switch lives in the lowest layer
+from filters.precision import cpu_half_precision, native_bfloat16  # the one switch lives in the lowest layer
 
 # without accelerate, diffusers falls back to full-memory loading anyway (and warns each time)
 DIFFUSERS_LOADING = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
@@ -81,10 +81,11 @@ def lost_device(err: BaseException) -> bool:
 
 
 def half_dtype(device: Any, cuda: torch.dtype) -> torch.dtype:
-    """The reduced precision a model runs in on `device`: `cuda` on CUDA; on the CPU bfloat16 when
+    """The reduced precision a model runs in on `device`: `cuda` on CUDA, but float16 for bfloat16 on a
+    card without it (before Ampere torch emulates it, several times slower); on the CPU bfloat16 when
     half precision is rehearsed (CPUs have no fast float16), else float32."""
     if device.type == "cuda":
-        return cuda
+        return torch.float16 if cuda == torch.bfloat16 and not native_bfloat16() else cuda
     return torch.bfloat16 if cpu_half_precision() else torch.float32
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from factory.dataset.manifest import load_manifest, version_keys
 from factory.framework import layout
 from factory.framework.config import TrainConfig
 from factory.framework.storage import Storage
+from filters.precision import native_bfloat16
 from models.base import autocast_to, half_dtype
 from models.training.data import Batch, EpochPlan
 from models.training.job import TrainJob
@@ -218,7 +220,23 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def autocast(device):
     """Training's autocast: bfloat16 on CUDA, and on the CPU when half precision is rehearsed."""
     device = torch.device(device)
-    return autocast_to(device, half_dtype(device, torch.bfloat16))
+    return autocast_to(device, training_dtype(device))
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on every CUDA card (float16 would need loss scaling; an older card emulates bfloat16,
+    slowly, which is logged once); on the CPU as `half_dtype`."""
+    if device.type != "cuda":
+        return half_dtype(device, torch.bfloat16)
+    if not native_bfloat16():
+        warn_emulated_bfloat16(torch.cuda.get_device_name(device))
+    return torch.bfloat16
+
+
+@functools.cache
+def warn_emulated_bfloat16(card: str) -> None:
+    log.warning("%s has no native bfloat16 (Ampere or newer has): training's bfloat16 autocast is emulated, "
+                   "several times slower", card)
 
 
 def log_keys(storage: Storage, job: TrainJob, epoch: int, rank: int, first_batch: int, keys: list[str]) -> None:

@@ -122,3 +122,27 @@ def test_bfloat16_filter_scores_agree_with_float32_at_the_real_sizes(monkeypatch
     with tempfile.TemporaryDirectory() as scratch:
         stage = filter_stage(bench, Path(scratch))
         assert_scores_agree(scores_both_ways(stage, make_candidates(4, 224), monkeypatch))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_card_without_native_bfloat16_runs_inference_in_float16_and_trains_in_bfloat16_saying_so(
+        native, monkeypatch, caplog):
+    """Before Ampere torch emulates bfloat16 several times slower: inference takes float16 there; training
+    keeps bfloat16 (float16 would need loss scaling) and logs the card once."""
+    from models.training import loop
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(including_emulation) or native)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    cuda = torch.device("cuda")
+    assert half_dtype(cuda, torch.bfloat16) == (torch.bfloat16 if native else torch.float16)
+    assert half_dtype(cuda, torch.float16) == torch.float16
+    assert autocast_dtype("cuda", "auto") == (torch.bfloat16 if native else torch.float16)  # the filter's scorers
+    loop.warn_emulated_bfloat16.cache_clear()
+    with caplog.at_level("WARNING", logger=loop.__name__):
+        assert loop.training_dtype(cuda) == loop.training_dtype(cuda) == torch.bfloat16
+    warned = [r.getMessage() for r in caplog.records if "no native bfloat16" in r.getMessage()]
+    assert warned == ([] if native else ["Tesla V100-SXM2-32GB has no native bfloat16 (Ampere or newer has): "
+                                         "training's bfloat16 autocast is emulated, several times slower"])
+    assert asked and not any(asked)  # emulation does not count as support
