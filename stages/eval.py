@@ -80,7 +80,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
                   eval_set=eval_set_name(config.eval), trained_on=trained_on,
                   config_sha256=config.sha256())
     key = layout.eval_result("generator", generator.result_id(), report["eval_set"])
-    ctx.storage.write_bytes(key, json.dumps(report, indent=2, sort_keys=True).encode())
+    ctx.storage.write_bytes(key, json.dumps(report, indent=2, sort_keys=True, allow_nan=False).encode())
     log.info("eval of %s on %s: %s", generator.name, report["eval_set"], report["metrics"])
     return {"report": ctx.storage.url(key), "metrics": report["metrics"], "images": report["images"]}
 
@@ -312,8 +312,14 @@ def semantic_source(settings: EvalConfig, generator, assistant_folder: str | Non
 
 
 def build_report(rows: list[dict[str, Any]], settings: EvalConfig, generator: dict[str, Any], seconds: float) -> dict:
-    def means(selected: list[dict[str, Any]]) -> dict[str, float]:
-        return {m: round(float(np.mean(np.concatenate([r[m] for r in selected]))), 6) for m in METRICS}
+    def means(selected: list[dict[str, Any]]) -> dict[str, float | None]:
+        """Each metric's mean over the finite scores (None where no score is finite)."""
+        values = {m: np.concatenate([r[m] for r in selected]) for m in METRICS}
+        return {m: round(float(v[np.isfinite(v)].mean()), 6) if np.isfinite(v).any() else None
+                for m, v in values.items()}
+
+    def finite(value: float) -> float | None:
+        return round(float(value), 6) if np.isfinite(value) else None
 
     subjects = sorted({(r["reference"], r["subject"]) for r in rows})
     return {
@@ -324,13 +330,14 @@ def build_report(rows: list[dict[str, Any]], settings: EvalConfig, generator: di
         "images_per_pair": settings.images_per_pair,
         "images": sum(len(r["dino"]) for r in rows),
         "metrics": means(rows),
+        "non_finite": {m: int(sum((~np.isfinite(r[m])).sum() for r in rows)) for m in METRICS},  # left out of the means
         "per_subject": [
             {"reference": ref, "subject": subj,
              **means([r for r in rows if (r["reference"], r["subject"]) == (ref, subj)])}
             for ref, subj in subjects
         ],
         "per_prompt": [
-            {"reference": r["reference"], "prompt": r["prompt"], **{m: [round(float(v), 6) for v in r[m]] for m in METRICS}}
+            {"reference": r["reference"], "prompt": r["prompt"], **{m: [finite(v) for v in r[m]] for m in METRICS}}
             for r in rows
         ],
         "seconds": round(seconds, 3),

@@ -163,6 +163,23 @@ def test_eval_report_keeps_pair_and_prompt_order_and_means_every_image(tmp_path,
     assert report["images"] == 3 and report["pairs"] == 2 and report["generator"] == {"kind": "cafe"}
 
 
+def test_a_non_finite_score_is_counted_and_left_out_of_the_means_so_the_report_is_strict_json():
+    """A black or overflowed image can score NaN; the report must still read in any JSON parser."""
+    from factory.framework.config import EvalConfig
+    from stages.eval import report_from_scored
+
+    scored = pd.DataFrame({
+        "order": [0, 1], "reference": ["a.jpg", "b.jpg"], "subject": ["dog", "cat"], "prompt": ["p0", "p1"],
+        "dino": [[0.2, float("nan")], [0.4]], "clip_i": [[0.5, 0.5], [float("inf")]], "clip_t": [[0.3, 0.3], [0.1]],
+        "generator": ["{}"] * 2,
+    })
+    report = report_from_scored(scored, EvalConfig(), 1.0)
+    assert report["metrics"]["dino"] == pytest.approx(0.3) and report["metrics"]["clip_i"] == pytest.approx(0.5)
+    assert report["non_finite"] == {"dino": 1, "clip_i": 1, "clip_t": 0}
+    assert report["per_prompt"][0]["dino"] == [0.2, None] and report["per_subject"][1]["clip_i"] is None
+    json.loads(json.dumps(report, allow_nan=False))
+
+
 def test_one_reference_listed_under_two_subjects_is_scored_apart_per_subject():
     from factory.framework.config import EvalConfig
     from stages.eval import report_from_scored
