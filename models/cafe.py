@@ -398,10 +398,11 @@ def mix_semantics(clip_x: torch.Tensor, clip_w: torch.Tensor | None, alpha: floa
     """Equation 4's semantic condition: alpha * F(w) + (1 - alpha) * F(x); F(x) without `w`."""
     if clip_w is None:
         return clip_x
-    weight = 1.0 if alpha is None else float(alpha)
-    if not 0.0 <= weight <= 1.0:
+    if alpha is None:
+        raise ValueError("a job with a w image needs its alpha (equation 4), got none")
+    if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    return weight * clip_w + (1.0 - weight) * clip_x
+    return alpha * clip_w + (1.0 - alpha) * clip_x
 
 
 # --- the generator interface (models/base.py) ----------------------------------------

@@ -10,6 +10,7 @@ from factory.dataset.manifest import (
     VersionSpec,
     list_versions,
     load_manifest,
+    score_stats,
     shard_key,
     union_versions,
     verify_version,
@@ -37,6 +38,14 @@ def test_publish_writes_shards_index_and_manifest_last(storage, samples):
     assert manifest["score_stats"]["dino"]["min"] == pytest.approx(0.6)
     assert verify_version(storage, "d", "v1") == []
     assert not storage.exists("datasets/d/v1/_publishing.json")
+
+
+def test_score_stats_are_the_mean_extremes_and_deciles_of_the_scores_given():
+    """Numpy's default (linear) quantiles of 0.0, 0.1, ..., 1.0 are the values themselves; None is no score."""
+    scores = [0.3, None, 0.0, 1.0, 0.1, 0.9, 0.2, 0.8, 0.4, 0.6, 0.5, 0.7]
+    assert score_stats(scores) == {"mean": 0.5, "min": 0.0, "p10": 0.1, "p50": 0.5, "p90": 0.9, "max": 1.0}
+    assert score_stats([0.2, 0.2, 0.8]) == {"mean": 0.4, "min": 0.2, "p10": 0.2, "p50": 0.2, "p90": 0.68, "max": 0.8}
+    assert score_stats([None]) == {}
 
 
 def test_same_input_gives_identical_shards(storage, samples):

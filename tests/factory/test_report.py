@@ -250,7 +250,10 @@ def test_a_report_killed_while_written_leaves_the_last_one_whole(factory_root, t
     import factory.report.page
 
     first = write_report(factory_root, "demo", "v1", tmp_path).read_bytes()
-    monkeypatch.setattr(factory.report.page, "render_html", lambda *args: "<html>the next report")
+    def render_html(data, plots, accepted, rejected, disagreements=()):  # the real signature
+        return "<html>the next report"
+
+    monkeypatch.setattr(factory.report.page, "render_html", render_html)
 
     def killed_before_the_rename(source, target):
         raise KeyboardInterrupt("killed")

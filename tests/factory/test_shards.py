@@ -23,6 +23,14 @@ def test_shards_cut_by_count_and_bytes(samples):
     assert cut_points([10, 500, 10, 10], max_bytes=100, max_samples=10) == [0, 1, 2]  # too big: a shard alone
 
 
+def test_a_shard_takes_samples_up_to_exactly_max_bytes_and_closes_before_one_byte_more():
+    """The contract's byte rule at its edge: estimates summing to max_bytes share a shard."""
+    assert cut_points([40, 60, 30, 70, 1], max_bytes=100, max_samples=10) == [0, 2, 4]
+    assert cut_points([40, 61, 30, 70], max_bytes=100, max_samples=10) == [0, 1, 3]
+    assert cut_points([25] * 9, max_bytes=100, max_samples=3) == [0, 3, 6]  # the count closes first
+    assert cut_points([25] * 9, max_bytes=50, max_samples=3) == [0, 2, 4, 6, 8]  # the bytes close first
+
+
 def test_same_samples_give_byte_identical_shards(samples):
     assert encode_shard(samples) == encode_shard(list(make_samples(11)))
 

@@ -187,8 +187,10 @@ def test_mix_semantics_follows_equation_4():
     assert torch.equal(mix_semantics(clip_x, clip_w, 0.0), clip_x)
     assert torch.equal(mix_semantics(clip_x, clip_w, 1.0), clip_w)
     torch.testing.assert_close(mix_semantics(clip_x, clip_w, 0.25), torch.full((1, 4), 1.5))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="alpha must lie in"):
         mix_semantics(clip_x, clip_w, 1.5)
+    with pytest.raises(ValueError, match="needs its alpha"):  # never a silent alpha: the sample records one
+        mix_semantics(clip_x, clip_w, None)
 
 
 def test_cafe_generator_draws_one_image_per_job(g_folder):

@@ -77,6 +77,17 @@ def test_live_rows_get_jpeg_targets_and_their_byte_sizes(generated):
     assert all(info and '"seed"' in info for info in live["generator_info"])
 
 
+def test_a_sid_row_gives_g_its_alpha_and_its_w_image():
+    """The alpha a sample records is the one G mixes F(w) and F(x) with (equation 4)."""
+
+    row = plan_rows().iloc[0].copy()
+    row["alpha"], row["w_id"], row["w_image"] = 0.3, "sd:5-0123456789ab", jpeg(9, size=36)
+    job = Generate._job(row)
+    assert job.alpha == 0.3 and job.w_image.size == (36, 36)
+    row["alpha"], row["w_id"], row["w_image"] = float("nan"), None, None
+    assert Generate._job(row).alpha is None and Generate._job(row).w_image is None
+
+
 def test_rows_rejected_upstream_come_back_untouched(generated):
     rows, out = generated
     for key in ("k5", "k6"):
