@@ -40,6 +40,7 @@ from factory.framework import layout
 from factory.framework.config import (
     IMAGES_PER_PROMPT,
     PROMPTS_PER_PAIR,
+    ConfigError,
     EvalConfig,
     EvalPair,
     FactoryConfig,
@@ -52,7 +53,7 @@ from factory.framework.executor import MapStep, Resume, run_resumable
 from factory.framework.images import decode_image
 from factory.framework.layout import safe_id
 from factory.framework.models_cache import loader_paths, local_model, model_ref
-from factory.framework.stage import RunContext, fingerprint
+from factory.framework.stage import RunContext, changed_keys, fingerprint
 from factory.framework.storage import Storage, open_storage
 from filters.clip import ClipScorer
 from filters.dino import DinoScorer
@@ -75,20 +76,40 @@ def run(ctx: RunContext) -> dict[str, Any]:
     assistant = None
     if config.eval.semantic == "assistant":
         assistant = Located.resolve(ctx.storage, config.eval.assistant_checkpoint, "assistant")
-    report = evaluate(config, generator, inputs, scoring_resume(ctx, generator, assistant), assistant)
+    settings = scoring_settings(ctx, generator, assistant)
+    key = layout.eval_result("generator", generator.result_id(), eval_set_name(config.eval))
+    refuse_other_report(ctx.storage, key, settings)  # before hours of scoring
+    report = evaluate(config, generator, inputs, scoring_resume(ctx, generator, settings), assistant)
     report.update(checkpoint=generator.name, assistant_checkpoint=assistant.name if assistant else None,
                   eval_set=eval_set_name(config.eval), trained_on=trained_on,
-                  config_sha256=config.sha256())
-    key = layout.eval_result("generator", generator.result_id(), report["eval_set"])
+                  config_sha256=config.sha256(), settings=settings)
     ctx.storage.write_bytes(key, json.dumps(report, indent=2, sort_keys=True, allow_nan=False).encode())
     log.info("eval of %s on %s: %s", generator.name, report["eval_set"], report["metrics"])
     return {"report": ctx.storage.url(key), "metrics": report["metrics"], "images": report["images"]}
 
 
-def scoring_resume(ctx: RunContext, generator: Located, assistant: Located | None) -> Resume:
+def scoring_settings(ctx: RunContext, generator: Located, assistant: Located | None) -> dict[str, Any]:
+    """What an eval's scores depend on: the eval settings, G and the assistant."""
+    return {**fingerprint(ctx.config, ("eval",)), "generator": generator.name,
+            "assistant": assistant.name if assistant else None}
+
+
+def refuse_other_report(storage: Storage, key: str, settings: dict[str, Any]) -> None:
+    """An eval never replaces the report of the same checkpoint and eval set made with other settings."""
+    if not storage.exists(key):
+        return
+    try:
+        made_with = json.loads(storage.read_bytes(key)).get("settings")
+    except (ValueError, AttributeError):
+        return  # not a report: replaced
+    changed = changed_keys(made_with, settings) if isinstance(made_with, dict) else []
+    if changed:
+        raise ConfigError(f"{storage.url(key)} holds this checkpoint's eval on this set made with other settings ("
+                          + "; ".join(changed) + "): set eval.name to keep both, or delete that report")
+
+
+def scoring_resume(ctx: RunContext, generator: Located, settings: dict[str, Any]) -> Resume:
     """Where the scoring keeps its finished chunks: a folder per checkpoint, eval set and settings."""
-    settings = {**fingerprint(ctx.config, ("eval",)), "generator": generator.name,
-                "assistant": assistant.name if assistant else None}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     folder = layout.eval_scored("generator", generator.result_id(), eval_set_name(ctx.config.eval), digest)
     return Resume(ctx.storage, folder, settings, inputs=("reference", "prompt", "seeds"), chunk_rows=EVAL_CHUNK_ROWS)

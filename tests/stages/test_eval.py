@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from factory.framework.config import FactoryConfig, StorageConfig
+from factory.framework.config import ConfigError, FactoryConfig, StorageConfig
 from factory.framework.stage import RunContext
 from factory.framework.storage import open_storage
 
@@ -133,6 +133,12 @@ def test_eval_with_clip_text_and_a_local_checkpoint(tmp_path, tiny, ray_local):
               if key.endswith(".parquet")}
     assert chunks and run(RunContext(config, storage))["metrics"] == result["metrics"]
     assert {key: (root / key).stat().st_mtime_ns for key in chunks} == chunks
+    # other settings on the same checkpoint and set: refused before scoring, the report kept
+    other = make_config(root, tiny, semantic="clip_text", checkpoint=str(local), pairs=pairs, images_per_pair=1)
+    kept = storage.read_bytes(key)
+    with pytest.raises(ConfigError, match=r"made with other settings \(eval.images_per_pair: 2 -> 1\): set eval.name"):
+        run(RunContext(other, storage))
+    assert storage.read_bytes(key) == kept
     assert report["semantic"] == "clip_text" and report["assistant_checkpoint"] is None
     assert report["trained_on"] is None
 
@@ -193,7 +199,7 @@ def test_one_reference_listed_under_two_subjects_is_scored_apart_per_subject():
 
 
 def test_no_two_eval_images_share_a_seed_and_settings_that_would_repeat_one_are_refused():
-    from factory.framework.config import ConfigError, EvalPair, load_config
+    from factory.framework.config import EvalPair, load_config
     from stages.eval import eval_rows
 
     config = load_config(None, ["eval.images_per_pair=1000"])
