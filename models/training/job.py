@@ -27,6 +27,13 @@ class TrainJob:
         return TrainConfig.model_validate(self.train)
 
     @property
+    def recorded_train(self) -> dict[str, Any]:
+        """The `train` settings as a checkpoint's meta.json records them: a local path under the working
+        folder relative to it (`layout.portable_ref`), so the same job from another folder reads the same."""
+        return {key: layout.portable_ref(value) if isinstance(value, str) else value
+                for key, value in self.train.items()}
+
+    @property
     def prefix(self) -> str:
         return layout.checkpoint_run(self.model, self.run_id)
 

@@ -156,7 +156,7 @@ def finished_run(storage: Storage, job: TrainJob, world: int) -> bool:
     if folder is None:
         return False
     meta = json.loads(storage.read_bytes(layout.checkpoint_meta(folder)))
-    if (meta.get("version"), meta.get("train"), meta.get("world_size")) != (job.version, job.train, world):
+    if (meta.get("version"), meta.get("train"), meta.get("world_size")) != (job.version, job.recorded_train, world):
         return False  # the loop decides (and refuses a run trained on another version)
     return finished_training(meta)
 
@@ -273,7 +273,7 @@ def save_checkpoint(storage: Storage, job: TrainJob, task, model, optimizer, sta
             "world_size": worker.world,
             "loss": loss,
             "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "train": job.train,
+            "train": job.recorded_train,
         }
         storage.write_bytes(layout.checkpoint_meta(folder), json.dumps(meta, indent=2, sort_keys=True).encode())
         pointer = {"step": state.step, "path": folder, "version": job.version}

@@ -295,12 +295,13 @@ def test_assistant_trains_checkpoints_and_resumes_on_s3(s3_bucket, tiny):
         train_in_process(make_job(other, "v2", "assistant"), storage)
 
 
-def test_sid_trains_and_fine_tunes_g_through_the_helpers(tmp_path, tiny):
+def test_sid_trains_and_fine_tunes_g_through_the_helpers(tmp_path, tiny, monkeypatch):
     from factory.dataset.checkpoints import latest_generator_checkpoint
     from factory.framework.stage import RunContext
     from models.cafe import CafeUNet
     from models.training.runner import train_generator_on
 
+    monkeypatch.chdir(tmp_path)  # the storage root lies in the working folder, as the demo's does
     storage_config = StorageConfig(root=str(tmp_path / "root"))
     storage = open_storage(storage_config)
     publish(storage)
@@ -311,7 +312,7 @@ def test_sid_trains_and_fine_tunes_g_through_the_helpers(tmp_path, tiny):
     tuned = train_generator_on(ctx, "v1", init_from=first, run_id="sid-round1")
     assert tuned != first and latest_generator_checkpoint(ctx) == tuned
     meta = json.loads((Path(tuned).parent / "meta.json").read_text())
-    assert meta["train"]["init_from"] == first and meta["step"] == 1
+    assert meta["train"]["init_from"] == str(Path(first).relative_to(tmp_path)) and meta["step"] == 1
     assert CafeUNet.from_pretrained(tuned).config.base_model == tiny["base_model"]
 
 
@@ -413,3 +414,19 @@ def test_a_finished_run_returns_its_checkpoint_without_training_again(tmp_path, 
     resumed = train_generator_on(longer, "v1")
     assert trained == [1, 2] and resumed != first
     assert json.loads((Path(resumed).parent / "meta.json").read_text())["step"] == 2
+
+
+def test_a_checkpoint_records_local_paths_under_the_working_folder_relative_to_it(tmp_path, monkeypatch):
+    """`ray job submit` unpacks each submission into a new folder: meta.json must read the same from each."""
+    from models.training.job import make_job
+
+    recorded = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        job = make_job(load_config(None, ["train.init_from=./factory-data/checkpoints/g/step-1/model"]), "v1")
+        assert job.train["init_from"] == str(tmp_path / folder / "factory-data/checkpoints/g/step-1/model")
+        recorded.append(job.recorded_train)
+    assert recorded[0] == recorded[1] and recorded[0]["init_from"] == "factory-data/checkpoints/g/step-1/model"
+    assert make_job(load_config(None, ["train.init_from=/elsewhere/model"]), "v1").recorded_train["init_from"] == \
+        "/elsewhere/model"
