@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from factory.framework import layout
+from factory.framework.config import ConfigError
 from factory.framework.stage import RunContext
 from models.training.promptnet import make_promptnet_job, refuse_trained_output, train_promptnet_on_ray
 
@@ -21,6 +23,10 @@ log = logging.getLogger(__name__)
 
 def run(ctx: RunContext) -> dict[str, Any]:
     job = make_promptnet_job(ctx.config, ctx.storage)
+    if job.reference_summary is None:
+        raise ConfigError(f"reference set {job.reference_set!r} is not complete (never built, or being rebuilt: "
+                          f"{ctx.storage.url(layout.reference_complete(job.reference_set))} is missing); "
+                          "build it with --stage references first")
     refuse_trained_output(job)
     log.info("training PromptNet for %s on reference set %s: %d steps, %d workers", job.model, job.reference_set,
              job.config.steps, job.config.num_workers)

@@ -8,9 +8,11 @@ a set is usable once `_complete.json` exists (written last by a finished ingest)
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -43,6 +45,14 @@ REJECTION_SCHEMA = pa.schema(
 
 def set_complete(storage: Storage, set_name: str) -> bool:
     return storage.exists(layout.reference_complete(set_name))
+
+
+def set_summary(storage: Storage, set_name: str) -> dict[str, Any] | None:
+    """What the references run that completed the set wrote (its reference and part counts); None while
+    the set is not complete (never built, or being rebuilt)."""
+    if not set_complete(storage, set_name):
+        return None
+    return json.loads(storage.read_bytes(layout.reference_complete(set_name)))
 
 
 # --- writing -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from factory.dataset.reference_sets import list_parts, load_references, read_part
+from factory.dataset.reference_sets import list_parts, load_references, read_part, set_summary
 from factory.framework import layout
 from factory.framework.config import FactoryConfig, PromptNetConfig, StorageConfig
 from factory.framework.images import decode_image
@@ -61,6 +61,7 @@ class PromptNetJob:
     output: str  # a local folder or an s3:// prefix
     settings: dict[str, Any]
     storage: dict[str, Any]
+    reference_summary: dict[str, Any] | None = None  # the set's completion record: what it held when the job began
 
     @property
     def config(self) -> PromptNetConfig:
@@ -70,6 +71,9 @@ class PromptNetJob:
     def storage_config(self) -> StorageConfig:
         return StorageConfig.model_validate(self.storage)
 
+    def reference_count(self) -> int | None:
+        return (self.reference_summary or {}).get("references")
+
     def fingerprint(self) -> str:
         """What the progress saves depend on: a resumed training must be the same training."""
         not_defining = ("steps", "log_every", "checkpoint_every", "resume", "num_workers", "use_gpu", "max_failures",
@@ -78,7 +82,7 @@ class PromptNetJob:
         settings = {key: value for key, value in self.settings.items() if key not in not_defining}
         made_of = {"model": model_ref(self.model), "init_from": model_ref(self.init_from),
                    "image_encoder": model_ref(self.image_encoder), "image_size": self.image_size,
-                   "reference_set": self.reference_set, "settings": settings}
+                   "reference_set": self.reference_set, "references": self.reference_count(), "settings": settings}
         return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()
 
 
@@ -98,6 +102,7 @@ def make_promptnet_job(config: FactoryConfig, storage: Storage) -> PromptNetJob:
         output=settings.output or storage.url(layout.promptnet_checkpoint(config.run_id)),
         settings=settings.model_dump(mode="json"),
         storage=config.storage.model_dump(mode="json"),
+        reference_summary=set_summary(storage, settings.reference_set or config.references.set),
     )
 
 
@@ -208,7 +213,9 @@ def load_progress_weights(storage: Storage, folder: str, promptnet) -> None:
 
 def training_record(job: PromptNetJob, storage: Storage, world: int, recent: list[float]) -> dict[str, Any]:
     settings = job.config
-    references = len(load_references(storage, job.reference_set, ["reference_id"]))
+    references = job.reference_count()
+    if references is None:  # a set completed before the completion record said how many it held
+        references = len(load_references(storage, job.reference_set, ["reference_id"]))
     return {
         "kind": "promptnet", "run_id": job.run_id, "model": model_ref(job.model),
         "init_from": model_ref(job.init_from), "image_encoder": model_ref(job.image_encoder),

@@ -34,8 +34,9 @@ def store_references(storage, name: str, count: int, part_size: int) -> None:
     rows = [{"reference_id": f"r{n}", "image": jpeg(n, size=40), "width": 40, "height": 40, "subject": "dog",
              "domain": "object", "source": "folder", "origin": f"r{n}", "prompt": None, "seed": None}
             for n in range(count)]
-    write_parts(storage, name, rows, part_size)
-    storage.write_bytes(layout.reference_complete(name), b"{}")
+    written = write_parts(storage, name, rows, part_size)
+    summary = {"set": name, "references": written.count, "parts": written.files}  # as the references stage writes it
+    storage.write_bytes(layout.reference_complete(name), json.dumps(summary).encode())
 
 
 def make_config(root: Path, tiny: dict, run_id: str = "pn", **promptnet) -> FactoryConfig:
@@ -109,6 +110,24 @@ def test_a_stopped_training_resumes_from_its_progress_save_as_if_never_stopped(t
     other = make_promptnet_job(make_config(root, tiny, "stopped", steps=3, lr=1e-3), storage)
     with pytest.raises(ValueError, match="progress made with other settings"):
         latest_progress(storage, other)
+    store_references(storage, "refs", 5, part_size=2)  # the set rebuilt larger while the training was down
+    grown = make_promptnet_job(make_config(root, tiny, "stopped", steps=3, checkpoint_every=2), storage)
+    with pytest.raises(ValueError, match="progress made with other settings"):
+        latest_progress(storage, grown)
+
+
+def test_promptnet_refuses_a_reference_set_that_is_not_complete(tmp_path, tiny):
+    """A set being rebuilt has some of its parts: training on it would train on a part of the set."""
+    from factory.framework.config import ConfigError
+    from factory.framework.stage import RunContext
+    from stages.promptnet import run
+
+    config = make_config(tmp_path / "root", tiny)
+    storage = open_storage(config.storage)
+    store_references(storage, "refs", 3, part_size=2)
+    storage.delete(layout.reference_complete("refs"))  # what the references stage does first
+    with pytest.raises(ConfigError, match="reference set 'refs' is not complete"):
+        run(RunContext(config, storage))
 
 
 def test_each_worker_reads_its_share_of_the_references(tmp_path):
