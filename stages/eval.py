@@ -54,7 +54,7 @@ from factory.framework.images import decode_image
 from factory.framework.layout import safe_id
 from factory.framework.models_cache import loader_paths, local_model, model_ref
 from factory.framework.stage import RunContext, changed_keys, fingerprint
-from factory.framework.storage import Storage, open_storage
+from factory.framework.storage import AlreadyExists, Storage, open_storage
 from filters.clip import ClipScorer
 from filters.dino import DinoScorer
 from models.assistant import CafeAssistant
@@ -83,7 +83,12 @@ def run(ctx: RunContext) -> dict[str, Any]:
     report.update(checkpoint=generator.name, assistant_checkpoint=assistant.name if assistant else None,
                   eval_set=eval_set_name(config.eval), trained_on=trained_on,
                   config_sha256=config.sha256(), settings=settings)
-    ctx.storage.write_bytes(key, json.dumps(report, indent=2, sort_keys=True, allow_nan=False).encode())
+    body = json.dumps(report, indent=2, sort_keys=True, allow_nan=False).encode()
+    try:
+        ctx.storage.write_bytes(key, body, create_only=True)
+    except AlreadyExists:  # a report written meanwhile (another eval of this checkpoint and set finished first)
+        refuse_other_report(ctx.storage, key, settings)
+        ctx.storage.write_bytes(key, body)  # made with the same settings: the newer one replaces it
     log.info("eval of %s on %s: %s", generator.name, report["eval_set"], report["metrics"])
     return {"report": ctx.storage.url(key), "metrics": report["metrics"], "images": report["images"]}
 

@@ -433,7 +433,8 @@ class TrainWorkers(Section):
 class TrainConfig(TrainWorkers):
     """Training G or the assistant heads on a published version (paper sections 3.1, 4.1)."""
 
-    version: Name | None = Field(None, description="dataset version to train on; default: latest")
+    version: Name | None = Field(
+        None, description="dataset version to train on; default: the newest that is not a SID round's (its union is)")
     model: Literal["generator", "assistant"] = "generator"
     base_model: str = Field("stabilityai/stable-diffusion-2-base", description="SD folder with unet/, vae/, scheduler/")
     clip_model: str = Field("openai/clip-vit-large-patch14-336", description="F: CLIP image embedding")

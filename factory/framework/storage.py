@@ -252,9 +252,12 @@ class LocalStorage(Storage):
         if not folder.is_dir():
             return []
         keys = []
-        for path in folder.rglob("*"):
-            if path.is_file() and not path.name.startswith("."):
-                keys.append(path.relative_to(self.base).as_posix())
+        # os.walk passes over a folder deleted while it walks (another process's delete), as an S3 listing would
+        for directory, _, names in os.walk(folder):
+            for name in names:
+                path = Path(directory, name)
+                if not name.startswith(".") and path.is_file():
+                    keys.append(path.relative_to(self.base).as_posix())
         return sorted(keys)
 
     def delete(self, key: str) -> None:

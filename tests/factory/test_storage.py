@@ -135,3 +135,23 @@ def test_listing_a_missing_bucket_names_the_bucket(s3_server):
     storage = open_storage(StorageConfig(root="s3://missing-bucket-xyz", endpoint_url=s3_server, max_attempts=1))
     with pytest.raises(StorageError, match="bucket does not exist: s3://missing-bucket-xyz"):
         storage.list("")
+
+
+def test_a_local_listing_passes_over_a_folder_another_process_deletes_meanwhile(tmp_path, monkeypatch):
+    """A training's keep_steps deletes old steps while eval or SID lists the checkpoints."""
+    import os
+    import shutil
+
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    for step in (1, 2, 3):
+        storage.write_bytes(f"checkpoints/g/run/step-{step}/meta.json", b"{}")
+    real_scandir = os.scandir
+
+    def deleted_just_before_it_is_read(path="."):
+        if str(path).endswith("step-2"):
+            shutil.rmtree(path)  # the other process's delete lands between the parent's listing and this one
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", deleted_just_before_it_is_read)
+    assert storage.list("checkpoints/g/run") == ["checkpoints/g/run/step-1/meta.json",
+                                                 "checkpoints/g/run/step-3/meta.json"]

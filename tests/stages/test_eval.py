@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import stages.eval
 from factory.framework.config import ConfigError, FactoryConfig, StorageConfig
 from factory.framework.stage import RunContext
 from factory.framework.storage import open_storage
@@ -78,7 +79,6 @@ def check_metrics(report: dict, images: int) -> None:
 
 
 def test_eval_scores_the_latest_checkpoint_with_the_assistant(tmp_path, tiny, ray_local, monkeypatch):
-    import stages.eval
     from stages.eval import run
 
     root = tmp_path / "root"
@@ -111,7 +111,7 @@ def test_eval_scores_the_latest_checkpoint_with_the_assistant(tmp_path, tiny, ra
     assert [row["prompt"] for row in report["per_prompt"]] == ["a dog on the beach", "a dog in the snow"]
 
 
-def test_eval_with_clip_text_and_a_local_checkpoint(tmp_path, tiny, ray_local):
+def test_eval_with_clip_text_and_a_local_checkpoint(tmp_path, tiny, ray_local, monkeypatch):
     from stages.eval import EvalWorker, Located, eval_inputs, eval_rows, report_from_scored, run
 
     root = tmp_path / "root"
@@ -139,6 +139,20 @@ def test_eval_with_clip_text_and_a_local_checkpoint(tmp_path, tiny, ray_local):
     with pytest.raises(ConfigError, match=r"made with other settings \(eval.images_per_pair: 2 -> 1\): set eval.name"):
         run(RunContext(other, storage))
     assert storage.read_bytes(key) == kept
+    # two evals of this checkpoint and set at once: the other one, with other settings, ends while this one scores
+    scoring = stages.eval.evaluate
+    theirs = json.dumps({"settings": {**report["settings"], "eval.steps": 99}}).encode()
+
+    def the_other_eval_ends_first(*args, **kwargs):
+        scored = scoring(*args, **kwargs)
+        storage.write_bytes(key, theirs)
+        return scored
+
+    monkeypatch.setattr(stages.eval, "evaluate", the_other_eval_ends_first)
+    with pytest.raises(ConfigError, match=r"made with other settings \(eval.steps: 99 -> 2\)"):
+        run(RunContext(config, storage))
+    assert storage.read_bytes(key) == theirs
+    monkeypatch.undo()
     assert report["semantic"] == "clip_text" and report["assistant_checkpoint"] is None
     assert report["trained_on"] is None
 
@@ -281,7 +295,6 @@ def test_the_assistant_answers_in_the_precision_it_was_trained_in(tiny, monkeypa
     memory (a 13B LLM: 52 GB)."""
     import torch
 
-    import stages.eval
     from factory.framework.config import EvalConfig
     from filters.precision import CPU_DTYPE_VARIABLE
     from models.assistant import CafeAssistant

@@ -350,6 +350,9 @@ def test_resolve_version_takes_the_latest(tmp_path, tiny):
         resolve_version(config, storage)
     publish(storage, "v1", 3)
     assert resolve_version(config, storage) == "v1"
+    # a SID round's version holds only its new samples: between it and its union, v1 is still the newest dataset
+    publish_samples(storage, VersionSpec("tiny", "night-sid1", "sid", parents=["v1"]), make_samples(2, 10))
+    assert resolve_version(config, storage) == "v1"
     pinned = make_config(storage_config, tiny, version="v0")
     assert resolve_version(pinned, storage) == "v0"
 
