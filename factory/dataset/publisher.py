@@ -657,9 +657,9 @@ def publish_run(ctx: RunContext, kind: str = "bootstrap", parents: list[str] | N
     if not done:
         raise VersionError(f"nothing to publish: no dialogue output under {storage.url(layout.run_dir(config.run_id))}")
     partial = partial_units(ctx, set(done))
-    first = unit_meta(storage, config.run_id, "dialogue", done[0])
-    check_units_made_with(ctx, first)
     counters = {stage: whole[stage].loc[done] for stage in MODEL_STAGES}
+    check_units_made_with(ctx, counters)
+    first = unit_meta(storage, config.run_id, "dialogue", done[0])
     source = RunSamples(config.storage, config.run_id, config.dataset, ctx.version, done)
     spec = VersionSpec(
         dataset=config.dataset, version=ctx.version, kind=kind, parents=parents or [], config=config.snapshot(),
@@ -695,13 +695,20 @@ def check_reference_parts(storage: Storage, set_name: str) -> None:
             storage.parquet_footer(key)
 
 
-def check_units_made_with(ctx: RunContext, dialogue_meta: dict[str, Any]) -> None:
-    """A manifest states this config's thresholds and models: refuse units made otherwise."""
-    changes = changed_settings(ctx.config, dialogue_meta.get("shaped_by"))
-    if changes:
-        raise VersionError(f"run {ctx.config.run_id!r} was made with other settings than this config:\n  "
-                           + "\n  ".join(changes)
-                           + "\npublish with the config the run was made with, or start a new run")
+def check_units_made_with(ctx: RunContext, counters: dict[str, pd.DataFrame]) -> None:
+    """A manifest states this config's thresholds and models: refuse units made otherwise. Every unit
+    counts (two drivers of one run id with other configs each finish some): one footer is read for each
+    set of settings the units' digests (`shaped_by`) tell apart."""
+    for stage in MODEL_STAGES:
+        for _, units in counters[stage].groupby("shaped_by", dropna=False).groups.items():
+            units = sorted(int(unit) for unit in units)
+            meta = unit_meta(ctx.storage, ctx.config.run_id, stage, units[0])
+            changes = changed_settings(ctx.config, meta.get("shaped_by"))
+            if changes:
+                shown = ", ".join(str(unit) for unit in units[:10]) + (" ..." if len(units) > 10 else "")
+                raise VersionError(f"run {ctx.config.run_id!r}: {len(units)} {stage} unit(s) ({shown}) were made "
+                                   "with other settings than this config:\n  " + "\n  ".join(changes)
+                                   + "\npublish with the config the run was made with, or start a new run")
 
 
 def funnel(counters: dict[str, pd.DataFrame]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ Each unit file's footer records the stage's counters and the config settings tha
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 import threading
@@ -234,7 +235,16 @@ def unit_counters(storage: Storage, run_id: str, stage: str, known: pd.DataFrame
 
 
 def counter_row(unit: int, meta: dict[str, Any]) -> dict[str, Any]:
-    return {"unit": unit, "finished_at": meta.get("finished_at", float("nan")), **meta.get("counters", {})}
+    """The unit's counters, when it finished, and a digest of the settings that shaped it (`shaped_by`:
+    units made with other settings, by two drivers of one run id, have other digests)."""
+    return {"unit": unit, "finished_at": meta.get("finished_at", float("nan")),
+            "shaped_by": settings_digest(meta.get("shaped_by")), **meta.get("counters", {})}
+
+
+def settings_digest(settings: dict[str, Any] | None) -> int:
+    """52 bits of the settings' sha256: a number a float64 counter column holds exactly."""
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return int(hashlib.sha256(canonical.encode()).hexdigest()[:13], 16)
 
 
 def no_unit_counters() -> pd.DataFrame:

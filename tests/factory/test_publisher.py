@@ -269,6 +269,25 @@ def test_a_run_made_with_other_thresholds_is_not_published_under_these(tmp_path)
     assert not stricter.storage.exists(layout.manifest("demo", "grown"))
 
 
+def test_a_run_whose_units_two_drivers_made_with_other_thresholds_is_not_published(tmp_path):
+    """Two drivers of one run id started together both pass the check at their start, then each skips the
+    units the other finished: the run holds units of both configs, whichever unit comes first."""
+    storage_config = StorageConfig(root=str(tmp_path / "root"))
+    ctx = context(storage_config, "publish.executor=local")
+    grow_run(ctx)
+    other = context(storage_config, "publish.executor=local", "filter.thresholds.dino=0.7").config
+    for unit in (4, 9):
+        for stage in ("filter", "dialogue"):
+            rows = read_unit(ctx.storage, "grown", stage, unit)
+            meta = {**unit_meta(ctx.storage, "grown", stage, unit),
+                    "shaped_by": fingerprint(other, SHAPED[: SHAPED.index(stage) + 1])}
+            write_unit(ctx.storage, "grown", stage, unit, rows, meta)
+    with pytest.raises(VersionError, match=r"2 filter unit\(s\) \(4, 9\) were made with other settings than this "
+                                           r"config:\n  filter.thresholds.dino: 0.7 -> 0.6"):
+        publish_run(ctx)
+    assert not ctx.storage.exists(layout.manifest("demo", "grown"))
+
+
 def test_rethreshold_through_the_local_passes_keeps_a_stricter_subset(tmp_path):
     from factory.rethreshold import rethreshold_version
 

@@ -91,7 +91,8 @@ def test_unit_counters_keep_each_units_time_and_counters_in_columns_and_nothing_
     counted = units.unit_counters(storage, "r", "filter")
 
     assert sorted(counted.index) == [0, 1, 2, 4]
-    assert set(counted.columns) == {"finished_at", "rows", "seconds", "rejected:blurry"}
+    assert set(counted.columns) == {"finished_at", "shaped_by", "rows", "seconds", "rejected:blurry"}
+    assert counted["shaped_by"].nunique() == 1  # a digest of the settings that shaped the unit: all alike here
     assert all(dtype.kind == "f" for dtype in counted.dtypes)  # numbers only: no footer dict is kept
     assert counted.loc[[0, 1, 2, 4], "rejected:blurry"].tolist() == [0, 1, 0, 0]
     assert counted["seconds"].sum() == 0.5 * (0 + 1 + 2 + 4)
