@@ -29,6 +29,7 @@ from factory.dataset.planning import (
     reference_parts,
     write_partitions,
 )
+from factory.dataset.reference_sets import set_digest
 from factory.framework import layout
 from factory.framework.config import FactoryConfig
 from factory.framework.layout import portable_ref, sample_key
@@ -122,7 +123,8 @@ def run(ctx: RunContext) -> dict[str, Any]:
         return {"jobs": sum(index.rows.values()), "units": len(index.rows)}
     on_ray = ctx.config.storage if ctx.config.plan.executor == "ray" else None
     return write_partitions(ctx.storage, run_id, partitions(ctx, parts), PlanDraw(ctx.config, instructions),
-                            PLAN_SCHEMA, ctx.config.plan.unit_size, digest, on_ray)
+                            PLAN_SCHEMA, ctx.config.plan.unit_size, digest, on_ray,
+                            {"reference_digest": set_digest(ctx.storage, ctx.config.references.set)})
 
 
 def stored_index(ctx: RunContext) -> PlanIndex | None:

@@ -70,6 +70,7 @@ def run(ctx: RunContext) -> dict:
         "set": cfg.set,
         "references": parts.count,
         "parts": parts.files,
+        "digest": parts.digest,
         "rejected": dict(sorted(Counter(r["reason"] for r in rejections).items())),
     }
     ctx.storage.write_bytes(layout.reference_complete(cfg.set), json.dumps(summary, sort_keys=True).encode())

@@ -54,6 +54,7 @@ from factory.dataset.planning import (
 )
 from factory.dataset.pool import ImagePool, build_pool_from_shards
 from factory.dataset.publisher import publish_run
+from factory.dataset.reference_sets import set_digest
 from factory.framework import layout
 from factory.framework.config import ConfigError, FactoryConfig, StorageConfig, validate_config
 from factory.framework.executor import MapStep, Resume, run_map, run_resumable, run_steps
@@ -424,8 +425,9 @@ def plan_round(ctx: RunContext, parent: str, round_: int, checkpoint: str) -> di
         draw = replace(draw, retrieval=find_retrieval(ctx, parent, texts))
     settings = {"sid": sid.model_dump(), "round": round_, "parent": parent, "checkpoint": portable_ref(checkpoint),
                 "references.set": ctx.config.references.set}
+    drawn_from = {"parent": parent, "reference_digest": set_digest(ctx.storage, ctx.config.references.set)}
     written = write_partitions(ctx.storage, ctx.config.run_id, partitions, draw, plan_schema(), sid.unit_size,
-                               plan_fingerprint(settings, instructions, parts), on_ray, {"parent": parent})
+                               plan_fingerprint(settings, instructions, parts), on_ray, drawn_from)
     draw_round_w(ctx)
     return written
 

@@ -59,6 +59,7 @@ from factory.dataset.manifest import (
     shard_checksums,
     version_exists,
 )
+from factory.dataset.reference_sets import set_digest
 from factory.dataset.shards import (
     SAMPLE_SIZES,
     Sample,
@@ -87,6 +88,7 @@ from factory.framework.units import (
     ImageJoin,
     SortedFooters,
     finished_units,
+    plan_index,
     plan_units,
     unit_counters,
     unit_meta,
@@ -654,6 +656,7 @@ def publish_run(ctx: RunContext, kind: str = "bootstrap", parents: list[str] | N
     whole = {stage: unit_counters(storage, config.run_id, stage) for stage in MODEL_STAGES}
     done = sorted(set.intersection(*(set(counters.index) for counters in whole.values())))
     check_reference_parts(storage, config.references.set)
+    check_references_unchanged(ctx)
     if not done:
         raise VersionError(f"nothing to publish: no dialogue output under {storage.url(layout.run_dir(config.run_id))}")
     partial = partial_units(ctx, set(done))
@@ -693,6 +696,17 @@ def check_reference_parts(storage: Storage, set_name: str) -> None:
     for key in storage.list(layout.reference_set(set_name)):
         if key.rsplit("/", 1)[-1].startswith("part-") and key.endswith(".parquet"):
             storage.parquet_footer(key)
+
+
+def check_references_unchanged(ctx: RunContext) -> None:
+    """A run's units joined the references its plan was drawn from: refuse the run when the set was
+    rebuilt since (or is being rebuilt), whose rows may have joined other references or none."""
+    set_name, run_id = ctx.config.references.set, ctx.config.run_id
+    planned = plan_index(ctx.storage, run_id).meta.get("reference_digest")
+    if planned and set_digest(ctx.storage, set_name) != planned:
+        raise VersionError(f"reference set {set_name!r} was rebuilt (or is being rebuilt) since run {run_id!r} was "
+                           "planned: its units may have joined other references; plan a new run (--set run_id=NEW) "
+                           "once the set is complete")
 
 
 def check_units_made_with(ctx: RunContext, counters: dict[str, pd.DataFrame]) -> None:

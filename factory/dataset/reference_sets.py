@@ -8,6 +8,7 @@ a set is usable once `_complete.json` exists (written last by a finished ingest)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -62,13 +63,17 @@ def set_summary(storage: Storage, set_name: str) -> dict[str, Any] | None:
 class PartsWritten:
     count: int
     files: int
+    digest: str  # of every reference's id and image bytes, in order: the set's content
 
 
 def write_parts(storage: Storage, set_name: str, rows: Iterable[dict], part_size: int) -> PartsWritten:
     """Write rows (already in id order) into parts of `part_size`, then drop parts left from a larger earlier run."""
     count = files = 0
     buffer: list[dict] = []
+    content = hashlib.sha256()
     for row in rows:
+        content.update(f"{row['reference_id']}:{len(row['image'])}:".encode())
+        content.update(row["image"])
         buffer.append(row)
         if len(buffer) == part_size:
             write_table(storage, layout.reference_part(set_name, files), buffer, REFERENCE_SCHEMA)
@@ -78,7 +83,13 @@ def write_parts(storage: Storage, set_name: str, rows: Iterable[dict], part_size
         count, files = count + len(buffer), files + 1
     for key in list_parts(storage, set_name)[files:]:
         storage.delete(key)
-    return PartsWritten(count, files)
+    return PartsWritten(count, files, content.hexdigest())
+
+
+def set_digest(storage: Storage, set_name: str) -> str | None:
+    """The content digest the set's completion record holds; None while the set is not complete (or was
+    completed before records held one)."""
+    return (set_summary(storage, set_name) or {}).get("digest")
 
 
 def write_rejections(storage: Storage, set_name: str, rejections: list[dict]) -> None:

@@ -4,6 +4,9 @@ import pytest
 import yaml
 
 from factory.dataset import planning
+from factory.dataset.manifest import VersionError
+from factory.dataset.publisher import check_references_unchanged, publish_run
+from factory.dataset.reference_sets import set_digest
 from factory.framework import layout
 from factory.framework.config import load_config
 from factory.framework.stage import RunContext
@@ -159,3 +162,23 @@ def test_the_command_line_exits_2_on_a_refusal_found_inside_a_stage(ctx_factory,
     config_file.write_text(yaml.safe_dump(ctx.config.snapshot()))
     assert factory.run.main(["--stage", "plan", "--config", str(config_file)]) == 2
     assert "refused" in capsys.readouterr().err
+
+
+def test_a_run_whose_reference_set_was_rebuilt_since_its_plan_is_refused_at_publish(ctx_factory, tmp_path):
+    """Its units join references by (part, id): a set rebuilt with other images moves them."""
+    ctx = ctx_factory()
+    references.run(ctx)
+    plan.run(ctx)
+    digest = set_digest(ctx.storage, "demo")
+    assert plan_index(ctx.storage, ctx.config.run_id).meta["reference_digest"] == digest
+    references.run(ctx)  # the same images again: the same set
+    assert set_digest(ctx.storage, "demo") == digest
+    check_references_unchanged(ctx)
+    (tmp_path / "images" / "dog" / "new.jpg").write_bytes(jpeg(99, size=64))
+    references.run(ctx)
+    assert set_digest(ctx.storage, "demo") not in (None, digest)
+    with pytest.raises(VersionError, match="reference set 'demo' was rebuilt .* since run 'demo' was planned"):
+        check_references_unchanged(ctx)
+    ctx.storage.delete(layout.reference_complete("demo"))  # being rebuilt
+    with pytest.raises(VersionError, match="was rebuilt \\(or is being rebuilt\\)"):
+        publish_run(ctx)
