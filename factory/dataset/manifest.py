@@ -240,13 +240,42 @@ def read_index(storage: Storage, dataset: str, version: str, columns: list[str] 
     return storage.read_parquet(layout.index(dataset, version), columns=columns, filters=filters)
 
 
-def version_keys(storage: Storage, manifest: dict[str, Any]) -> frozenset[str] | None:
+class KeySet:
+    """Sample keys, sorted in one numpy bytes array: membership by binary search. About 24 bytes a key,
+    where a frozenset of str takes ~190; each training rank and pool actor holds one for its whole run."""
+
+    def __init__(self, keys: np.ndarray):
+        keys.sort()  # in place: no second copy at the peak
+        self.keys = keys
+
+    @classmethod
+    def of(cls, column: pa.ChunkedArray) -> KeySet:
+        """From an Arrow string column, converted a slice at a time (no Python str per key held)."""
+        slices = [np.array(chunk.slice(start, KEY_SLICE_ROWS).cast(pa.binary()).to_pylist(), dtype=np.bytes_)
+                  for chunk in column.chunks for start in range(0, len(chunk), KEY_SLICE_ROWS)]
+        return cls(np.concatenate(slices) if slices else np.array([], dtype=np.bytes_))
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        probe = key.encode()
+        at = int(np.searchsorted(self.keys, probe))  # a probe wider than the keys is cut to them here,
+        return at < len(self.keys) and self.keys[at] == probe  # not here: it never matches a shorter key
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+KEY_SLICE_ROWS = 65536
+
+
+def version_keys(storage: Storage, manifest: dict[str, Any]) -> KeySet | None:
     """The keys a reader keeps from the listed shards: the index's, when the shards hold more
     (`shards_superset`, a reviewed version or a union of one); None when every shard sample counts."""
     if not manifest.get("shards_superset"):
         return None
     index = read_index(storage, manifest["dataset"], manifest["version"], columns=["key"])
-    return frozenset(index.column("key").to_pylist())
+    return KeySet.of(index.column("key"))
 
 
 @dataclass

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from factory.dataset.manifest import read_checked_shard
+from factory.dataset.manifest import KeySet, read_checked_shard
 from factory.framework import layout
 from factory.framework.executor import MapStep, Resume, run_resumable
 from factory.framework.images import IDS_SCHEMA, ImageRejected, decode_image, fetch_images, write_image_part
@@ -319,7 +319,7 @@ class ShardEmbedder:
     `keep`: the sample keys to take (`manifest.version_keys`), None for every sample of a shard."""
 
     def __init__(self, storage_config: StorageConfig, name: str, make_scorer: Callable[[], Any], batch_size: int,
-                 keep: frozenset[str] | None = None):
+                 keep: KeySet | None = None):
         self.storage = open_storage(storage_config)
         self.name = name
         self.embedder = PoolEmbedder(make_scorer, batch_size)
@@ -343,7 +343,7 @@ class ShardEmbedder:
 def build_pool_from_shards(storage: Storage, storage_config: StorageConfig, name: str, shard_keys: dict[str, str],
                            make_scorer: Callable[[], Any], actors: ActorPool, made_with: dict[str, Any],
                            batch_size: int = 64, exact_limit: int = EXACT_LIMIT,
-                           keep: frozenset[str] | None = None) -> dict[str, int]:
+                           keep: KeySet | None = None) -> dict[str, int]:
     """The executor job: each shard -> its part and CLIP embeddings (an actor pool; a shard's
     images in one actor's memory at a time) -> ids and index, written by the driver from the small
     (id, part, row, embedding) rows. Finished chunks of shards are kept (`pools/<name>/embedded/`),

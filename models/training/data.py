@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from factory.dataset.manifest import checked_shard, shard_key
+from factory.dataset.manifest import KeySet, checked_shard, shard_key
 from factory.dataset.shards import Sample, read_shard_bytes
 from factory.framework.images import ImageRejected, decode_image
 from factory.framework.storage import Storage
@@ -40,11 +40,11 @@ class EpochPlan:
     shard_mode: bool
     counts: list[int]  # samples per rank
     rank_shards: list[list[int]]  # shard mode: shard indices per rank, in read order
-    keep: frozenset[str] | None = None  # the version's keys when its shards hold more (`shards_superset`)
+    keep: KeySet | None = None  # the version's keys when its shards hold more (`shards_superset`)
 
     @classmethod
     def build(cls, manifest: dict[str, Any], world: int, epoch: int, seed: int,
-              keep: frozenset[str] | None = None) -> EpochPlan:
+              keep: KeySet | None = None) -> EpochPlan:
         """`keep`: the version's keys (`factory.dataset.manifest.version_keys`) when its shards hold
         other samples too."""
         keys = [shard_key(manifest, shard["path"]) for shard in manifest["shards"]]

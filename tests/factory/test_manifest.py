@@ -1,11 +1,13 @@
 import json
 from dataclasses import replace
 
+import pyarrow as pa
 import pytest
 
 from factory.dataset import publisher
 from factory.dataset.manifest import (
     SCHEMA,
+    KeySet,
     VersionError,
     VersionSpec,
     list_versions,
@@ -46,6 +48,17 @@ def test_score_stats_are_the_mean_extremes_and_deciles_of_the_scores_given():
     assert score_stats(scores) == {"mean": 0.5, "min": 0.0, "p10": 0.1, "p50": 0.5, "p90": 0.9, "max": 1.0}
     assert score_stats([0.2, 0.2, 0.8]) == {"mean": 0.4, "min": 0.2, "p10": 0.2, "p50": 0.2, "p90": 0.68, "max": 0.8}
     assert score_stats([None]) == {}
+
+
+def test_a_key_set_answers_membership_exactly():
+    """Keys of other lengths, prefixes and extensions of stored keys, unicode and non-strings."""
+    column = pa.chunked_array([["b2", "a1", "ccc3"], ["a10", "é-key"]])
+    keys = KeySet.of(column)
+    assert len(keys) == 5
+    assert all(key in keys for key in ["a1", "a10", "b2", "ccc3", "é-key"])
+    assert not any(key in keys for key in ["a", "a100", "ccc", "ccc30", "b", "zz", "", "é"])
+    assert 1 not in keys and None not in keys
+    assert "x" not in KeySet.of(pa.chunked_array([], type=pa.string()))
 
 
 def test_same_input_gives_identical_shards(storage, samples):

@@ -130,7 +130,8 @@ def test_bad_image_catalogue(tmp_path, name):
     stored = load_references(ctx.storage, "refs")
     rejected = load_rejections(ctx.storage, "refs")
     if reason is None:
-        assert summary == {"set": "refs", "references": 2, "parts": 1, "rejected": {}}
+        assert summary == {"set": "refs", "references": 2, "parts": 1, "rejected": {}, "digest": summary["digest"]}
+        assert len(summary["digest"]) == 64  # the set's content (tests/stages/test_plan.py checks what it tells)
         row = stored[stored["origin"] == name].iloc[0]
         assert stored_image(row).size == (row["width"], row["height"])
     else:
