@@ -36,6 +36,7 @@ from factory.dataset.card import FILES as CARD_FILES
 from factory.dataset.card import card_files
 from factory.dataset.shards import Sample, read_shard_bytes
 from factory.framework import layout
+from factory.framework.config import ConfigError
 from factory.framework.storage import AlreadyExists, Storage, StorageError
 from filters.rules import SCORE_COLUMNS
 
@@ -49,6 +50,11 @@ INDEX_COLUMNS = ("key", "shard", "reference_id", "subject", "domain", "instructi
 
 class VersionError(RuntimeError):
     """A version is missing, exists already, or does not verify."""
+
+
+class PublishRefused(VersionError, ConfigError):
+    """A publish refused for what the config and the stored run say (nothing to publish, another config's
+    version, units or references that changed): bad input, as a config error is (`factory.run` exits 2)."""
 
 
 version_dir = layout.version_dir

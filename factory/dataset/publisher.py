@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory.dataset.manifest import (
+    PublishRefused,
     VersionError,
     VersionSpec,
     commit_version,
@@ -535,6 +536,9 @@ def publish_passes(storage: Storage, spec: VersionSpec, source: SampleSource, ma
     started = time.perf_counter()
     parts = source.parts()
     won = first_of_each_key(accepted_keys(run.sizes(source, parts), parts))
+    if won.num_rows == 0:
+        raise PublishRefused(f"version {spec.dataset}/{spec.version} would hold no sample: every candidate was "
+                           f"rejected{rejection_summary(spec.funnel)}; nothing was published")
     plan = shard_plan(won, cut_points(won.column("bytes").to_numpy(), max_bytes, max_samples))
     if "written" in spec.funnel:
         spec.funnel["written"] = won.num_rows
@@ -555,6 +559,12 @@ def publish_passes(storage: Storage, spec: VersionSpec, source: SampleSource, ma
         log.info("%d shards written in %.1f s since the start", len(entries), time.perf_counter() - started)
         delete_written(storage, spec)
         return commit_version(storage, spec, entries, index_path)
+
+
+def rejection_summary(funnel: dict[str, Any]) -> str:
+    """` (most: reason n, ...)`: a funnel's largest rejections, or nothing when it counts none."""
+    counts = sorted((funnel.get("rejections") or {}).items(), key=lambda item: -item[1])[:3]
+    return f" (most: {', '.join(f'{reason} {count}' for reason, count in counts)})" if counts else ""
 
 
 def delete_written(storage: Storage, spec: VersionSpec) -> None:
@@ -648,7 +658,7 @@ def publish_run(ctx: RunContext, kind: str = "bootstrap", parents: list[str] | N
     if version_exists(storage, config.dataset, ctx.version):
         manifest = load_manifest(storage, config.dataset, ctx.version)
         if manifest["config_sha256"] != config.sha256():
-            raise VersionError(f"version {config.dataset}/{ctx.version} already exists from another config; "
+            raise PublishRefused(f"version {config.dataset}/{ctx.version} already exists from another config; "
                                "publishing never overwrites (set publish.version to a new name)")
         release_stale_lock(storage, config.dataset, ctx.version)
         log.info("version %s/%s is already published", config.dataset, ctx.version)
@@ -658,7 +668,8 @@ def publish_run(ctx: RunContext, kind: str = "bootstrap", parents: list[str] | N
     check_reference_parts(storage, config.references.set)
     check_references_unchanged(ctx)
     if not done:
-        raise VersionError(f"nothing to publish: no dialogue output under {storage.url(layout.run_dir(config.run_id))}")
+        raise PublishRefused(
+            f"nothing to publish: no dialogue output under {storage.url(layout.run_dir(config.run_id))}")
     partial = partial_units(ctx, set(done))
     counters = {stage: whole[stage].loc[done] for stage in MODEL_STAGES}
     check_units_made_with(ctx, counters)
@@ -704,7 +715,7 @@ def check_references_unchanged(ctx: RunContext) -> None:
     set_name, run_id = ctx.config.references.set, ctx.config.run_id
     planned = plan_index(ctx.storage, run_id).meta.get("reference_digest")
     if planned and set_digest(ctx.storage, set_name) != planned:
-        raise VersionError(f"reference set {set_name!r} was rebuilt (or is being rebuilt) since run {run_id!r} was "
+        raise PublishRefused(f"reference set {set_name!r} was rebuilt (or is being rebuilt) since run {run_id!r} was "
                            "planned: its units may have joined other references; plan a new run (--set run_id=NEW) "
                            "once the set is complete")
 
@@ -720,7 +731,7 @@ def check_units_made_with(ctx: RunContext, counters: dict[str, pd.DataFrame]) ->
             changes = changed_settings(ctx.config, meta.get("shaped_by"))
             if changes:
                 shown = ", ".join(str(unit) for unit in units[:10]) + (" ..." if len(units) > 10 else "")
-                raise VersionError(f"run {ctx.config.run_id!r}: {len(units)} {stage} unit(s) ({shown}) were made "
+                raise PublishRefused(f"run {ctx.config.run_id!r}: {len(units)} {stage} unit(s) ({shown}) were made "
                                    "with other settings than this config:\n  " + "\n  ".join(changes)
                                    + "\npublish with the config the run was made with, or start a new run")
 

@@ -8,6 +8,7 @@ from factory.dataset import publisher
 from factory.dataset.manifest import (
     SCHEMA,
     KeySet,
+    PublishRefused,
     VersionError,
     VersionSpec,
     list_versions,
@@ -48,6 +49,16 @@ def test_score_stats_are_the_mean_extremes_and_deciles_of_the_scores_given():
     assert score_stats(scores) == {"mean": 0.5, "min": 0.0, "p10": 0.1, "p50": 0.5, "p90": 0.9, "max": 1.0}
     assert score_stats([0.2, 0.2, 0.8]) == {"mean": 0.4, "min": 0.2, "p10": 0.2, "p50": 0.2, "p90": 0.68, "max": 0.8}
     assert score_stats([None]) == {}
+
+
+def test_a_version_that_would_hold_no_sample_is_refused_and_leaves_no_lock(storage):
+    """A run or rethreshold whose every candidate was rejected: a clear refusal, not an empty version."""
+    empty = VersionSpec("d", "empty", "bootstrap", funnel={"rejections": {"filter:clip_t_below_threshold": 7,
+                                                                         "filter:dino_below_threshold": 2}})
+    with pytest.raises(PublishRefused, match=r"d/empty would hold no sample: every candidate was rejected \(most: "
+                                             r"filter:clip_t_below_threshold 7, filter:dino_below_threshold 2\)"):
+        publish_samples(storage, empty, [])
+    assert storage.list("datasets/d/empty") == []
 
 
 def test_a_key_set_answers_membership_exactly():

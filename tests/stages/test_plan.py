@@ -182,3 +182,19 @@ def test_a_run_whose_reference_set_was_rebuilt_since_its_plan_is_refused_at_publ
     ctx.storage.delete(layout.reference_complete("demo"))  # being rebuilt
     with pytest.raises(VersionError, match="was rebuilt \\(or is being rebuilt\\)"):
         publish_run(ctx)
+
+
+def test_publishing_a_run_with_nothing_to_publish_exits_2_without_a_traceback(ctx_factory, tmp_path, capsys,
+                                                                               monkeypatch):
+    import factory.run
+
+    monkeypatch.setattr(factory.run, "check_inputs", lambda config, stage: None)
+    ctx = ctx_factory()
+    references.run(ctx)
+    plan.run(ctx)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(ctx.config.snapshot()))
+    assert factory.run.main(["--stage", "publish", "--config", str(config_file)]) == 2
+    err = capsys.readouterr().err
+    assert "error: stage publish refused: nothing to publish: no dialogue output under" in err
+    assert "Traceback" not in err
