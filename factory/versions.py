@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -26,8 +27,9 @@ from factory.dataset.manifest import (
 )
 from factory.framework.config import ConfigError, load_config
 from factory.framework.executor import raised_error
-from factory.framework.layout import check_name, dataset_dir
+from factory.framework.layout import check_name, dataset_dir, run_dir
 from factory.framework.storage import StorageError, open_storage
+from factory.framework.units import plan_exists
 from factory.report import write_report
 from factory.rethreshold import parse_thresholds, rethreshold_version
 from factory.review.export import export_review
@@ -97,6 +99,9 @@ def cmd_rethreshold(storage, config, args) -> int:
 
 
 def cmd_status(storage, config, args) -> int:
+    if not plan_exists(storage, args.run) and not storage.list(run_dir(args.run)):
+        raise ValueError(f"run {args.run!r} has nothing under {storage.url(run_dir(args.run))}: "
+                         "no such run in this storage root")
     status = run_status(storage, config, args.run)
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else "\n".join(status_lines(status)))
     return 0
@@ -228,6 +233,9 @@ def main(argv=None) -> int:
         config = load_config(args.config, args.overrides)
         storage = open_storage(config.storage)
         return COMMANDS[args.command](storage, config, args)
+    except BrokenPipeError:  # the reader went away (`show --full | head`): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not raise again
+        return 0
     except (ConfigError, VersionError, StorageError, ValueError, ReviewError) as err:
         print(f"error: {raised_error(err)[1]}", file=sys.stderr)
         return 2

@@ -186,6 +186,8 @@ class LocalStorage(Storage):
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise StorageError(f"not found: {self.url(key)}") from None
+        except OSError as err:  # unreadable (permissions, a folder where a file belongs), as S3's 403 is a StorageError
+            raise StorageError(f"cannot read {self.url(key)}: {err.strerror or type(err).__name__}") from None
 
     def write_bytes(self, key: str, data: bytes, *, create_only: bool = False) -> None:
         self._write(key, lambda handle: handle.write(data), create_only)

@@ -255,6 +255,8 @@ def write_report(storage: Storage, dataset: str, version: str, out_dir: str | Pa
     """Write `report.html` and its PNG plots into `out_dir` (default reports/<dataset>/<version>/)."""
     started = time.perf_counter()
     out = Path(out_dir) if out_dir else default_out_dir(dataset, version)
+    if out.exists() and not out.is_dir():  # before the version is read
+        raise ValueError(f"--out {out} is a file: name a folder for report.html and its plots")
     data = load_version_data(storage, dataset, version)
     plots = render_plots(data)
     accepted = accepted_cards(storage, data)

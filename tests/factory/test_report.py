@@ -242,6 +242,11 @@ def test_cli_writes_the_report(factory_root, tmp_path, capsys, monkeypatch):
     assert main(root + ["report", "v0"]) == 0
     assert (tmp_path / "reports" / "demo" / "v0" / "report.html").is_file()
     assert main(root + ["report", "nope"]) == 2
+    (tmp_path / "a-file").write_text("mine")
+    capsys.readouterr()
+    assert main(root + ["report", "v1", "--out", str(tmp_path / "a-file")]) == 2
+    assert "a-file is a file: name a folder" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "mine"
 
 
 def test_a_report_killed_while_written_leaves_the_last_one_whole(factory_root, tmp_path, monkeypatch):

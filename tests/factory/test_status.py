@@ -72,6 +72,9 @@ def test_status_sees_a_held_publish_lock_and_prints_json(tmp_path, capsys):
     assert versions_main(["--set", f"storage.root={tmp_path}", "status", "r"]) == 0
     assert re.search(r"dialogue +2/4 units", capsys.readouterr().out)
     assert versions_main(["--set", f"storage.root={tmp_path}", "status", "../r"]) == 2
+    capsys.readouterr()
+    assert versions_main(["--set", f"storage.root={tmp_path}", "status", "nope"]) == 2  # a misspelt run id
+    assert "run 'nope' has nothing under" in capsys.readouterr().err
 
 
 def test_unit_counters_keep_each_units_time_and_counters_in_columns_and_nothing_else(tmp_path, monkeypatch):

@@ -155,3 +155,11 @@ def test_a_local_listing_passes_over_a_folder_another_process_deletes_meanwhile(
     monkeypatch.setattr(os, "scandir", deleted_just_before_it_is_read)
     assert storage.list("checkpoints/g/run") == ["checkpoints/g/run/step-1/meta.json",
                                                  "checkpoints/g/run/step-3/meta.json"]
+
+
+def test_a_local_key_that_cannot_be_read_is_a_storage_error_naming_it(tmp_path):
+    """As S3's 403 is: `versions list` then marks that version BAD and lists the others."""
+    storage = open_storage(StorageConfig(root=str(tmp_path)))
+    (tmp_path / "datasets" / "d" / "v1" / "manifest.json").mkdir(parents=True)  # a folder where a file belongs
+    with pytest.raises(StorageError, match=r"cannot read .*datasets/d/v1/manifest.json: Is a directory"):
+        storage.read_bytes("datasets/d/v1/manifest.json")
