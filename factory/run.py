@@ -67,6 +67,7 @@ UNIT_STEPS = (Step("generate", stages.generate.Generate), Step("filter", stages.
 STAGES = (*STAGE_RUNS, "all")
 NEEDS_RAY = {"generate", "filter", "dialogue", "publish", "all", "train", "sid", "eval", "promptnet"}
 EXIT_FAILED, EXIT_CONFIG = 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def stage_entry(name: str) -> EntryPoint:
@@ -291,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # a refusal found once the stage looked at what is stored (settings, formats)
         print(f"error: stage {args.stage} refused: {raised_error(err)[1]}", file=sys.stderr)
         return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print(f"interrupted: stage {args.stage} stopped; what it finished is kept, and the same command goes on "
+              "from there", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:
         log.exception("stage %s failed", args.stage)
         kind, message = raised_error(err)

@@ -177,6 +177,8 @@ class LocalStorage(Storage):
     def __init__(self, root: str | Path):
         self.base = Path(root).expanduser().resolve()
         self.root = str(self.base)
+        if self.base.exists() and not self.base.is_dir():  # every read would say "not found", every list "nothing"
+            raise StorageError(f"storage root {self.root} is a file, not a folder")
 
     def _path(self, key: str) -> Path:
         return self.base / clean_key(key)
@@ -283,8 +285,11 @@ class LocalStorage(Storage):
     def check(self) -> None:
         try:
             self.base.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.base, prefix=".write-check-"):
+                pass  # a read-only root (a read-only mount) fails here, not at a stage's first write
         except OSError as err:
-            raise StorageError(f"storage root {self.root} is not usable: {err.strerror}") from None
+            reason = err.strerror or type(err).__name__
+            raise StorageError(f"storage root {self.root} is not usable: {reason}") from None
 
 
 @dataclass

@@ -163,3 +163,13 @@ def test_a_local_key_that_cannot_be_read_is_a_storage_error_naming_it(tmp_path):
     (tmp_path / "datasets" / "d" / "v1" / "manifest.json").mkdir(parents=True)  # a folder where a file belongs
     with pytest.raises(StorageError, match=r"cannot read .*datasets/d/v1/manifest.json: Is a directory"):
         storage.read_bytes("datasets/d/v1/manifest.json")
+
+
+def test_a_storage_root_that_is_a_file_is_refused_naming_it(tmp_path):
+    """Else every read says "not found" and every listing "no versions"."""
+    (tmp_path / "afile").write_text("not a root")
+    with pytest.raises(StorageError, match=r"storage root .*afile is a file, not a folder"):
+        open_storage(StorageConfig(root=str(tmp_path / "afile")))
+    storage = open_storage(StorageConfig(root=str(tmp_path / "new")))
+    storage.check()  # made, written to and left empty
+    assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())

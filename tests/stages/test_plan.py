@@ -198,3 +198,19 @@ def test_publishing_a_run_with_nothing_to_publish_exits_2_without_a_traceback(ct
     err = capsys.readouterr().err
     assert "error: stage publish refused: nothing to publish: no dialogue output under" in err
     assert "Traceback" not in err
+
+
+def test_ctrl_c_in_a_stage_ends_in_one_line_and_exit_130(ctx_factory, tmp_path, capsys, monkeypatch):
+    import factory.run
+
+    def pressed_ctrl_c(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(factory.run, "check_inputs", lambda config, stage: None)
+    monkeypatch.setitem(factory.run.STAGE_RUNS, "plan", pressed_ctrl_c)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(ctx_factory().config.snapshot()))
+    assert factory.run.main(["--stage", "plan", "--config", str(config_file)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: stage plan stopped; what it finished is kept" in err and "Traceback" not in err
+
