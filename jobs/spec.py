@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from factory.framework.config import SECRET_VALUE, credentials_in_url, read_yaml_file
 
@@ -40,11 +40,25 @@ def secret_in_text(text: str) -> bool:
                 or any(SECRET_NAME.search(name) for name in ENV_ASSIGNMENT.findall(text)))
 
 
-def refuse_secret(text: str, what: str) -> str:
+def no_secret_text(text: str) -> str:
     if secret_in_text(text):
-        raise ValueError(f"{what} holds what looks like a secret, which the cluster stores and `jobs list` prints: "
+        raise ValueError("holds what looks like a secret, which the cluster stores and `jobs list` prints: "
                          "credentials come from the instance role or a secret store on the cluster, never from a job")
     return text
+
+
+def no_secret_entries(entries: dict[str, str]) -> dict[str, str]:
+    """`entries` (env vars, metadata), refused where a name or a value looks like a secret."""
+    for name, value in entries.items():
+        if SECRET_NAME.search(name) or SECRET_VALUE.search(value) or url_with_credentials(value):
+            raise ValueError(f"{name!r} looks like a secret: credentials come from the instance role "
+                             "or a secret store on the cluster, never from a job spec")
+    return entries
+
+
+# what the cluster stores with a job and `jobs list` prints
+PlainText = Annotated[str, AfterValidator(no_secret_text)]
+PlainEntries = Annotated[dict[str, str], AfterValidator(no_secret_entries)]
 
 
 class SpecError(ValueError):
@@ -68,26 +82,10 @@ class Strict(BaseModel):
 class RuntimeEnvSpec(Strict):
     """The Ray runtime_env of the job; `working_dir` is relative to the current directory."""
 
-    working_dir: str = "."
+    working_dir: PlainText = "."
     excludes: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDES))
-    env_vars: dict[str, str] = Field(default_factory=dict)
+    env_vars: PlainEntries = Field(default_factory=dict)
     pip: list[str] | None = None
-
-    @field_validator("working_dir")
-    @classmethod
-    def _plain_working_dir(cls, working_dir: str) -> str:
-        return refuse_secret(working_dir, "working_dir")
-
-    @field_validator("env_vars")
-    @classmethod
-    def _no_secrets(cls, env_vars: dict[str, str]) -> dict[str, str]:
-        for name, value in env_vars.items():
-            if SECRET_NAME.search(name) or SECRET_VALUE.search(value) or url_with_credentials(value):
-                raise ValueError(
-                    f"{name!r} looks like a secret: credentials come from the instance role "
-                    "or a secret store on the cluster, never from a job spec"
-                )
-        return env_vars
 
 
 class ResourcesSpec(Strict):
@@ -103,23 +101,11 @@ class JobSpec(Strict):
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
     description: str = ""
     schedule: str | None = Field(None, description="five-field cron expression, UTC; null: on demand")
-    entrypoint: str = Field(min_length=1)
+    entrypoint: PlainText = Field(min_length=1)
     runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     timeout_s: int | None = Field(None, ge=1, description="stop the job when it runs longer")
-    metadata: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("entrypoint")
-    @classmethod
-    def _plain_entrypoint(cls, entrypoint: str) -> str:
-        return refuse_secret(entrypoint, "the entrypoint")
-
-    @field_validator("metadata")
-    @classmethod
-    def _plain_metadata(cls, metadata: dict[str, str]) -> dict[str, str]:
-        for name, value in metadata.items():
-            refuse_secret(f"{name}={value}", f"metadata {name!r}")
-        return metadata
+    metadata: PlainEntries = Field(default_factory=dict)
 
     @field_validator("schedule")
     @classmethod
