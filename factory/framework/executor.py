@@ -202,11 +202,15 @@ def map_on_ray(rows: pd.DataFrame, steps: Sequence[MapStep], blocks: int, ordere
 def raised_error(err: BaseException) -> tuple[str, str]:
     """(type name, message) of the error a step raised. Raised in a Ray task or actor, it arrives
     wrapped in a RayTaskError whose text is the remote traceback: the error is its cause, less the
-    retry advice Ray Data appends to a map step's message."""
+    retry advice Ray Data appends to a map step's message. Raised in a Ray Train worker, it arrives in
+    a WorkerGroupError: the error is the first failed rank's."""
     import ray.exceptions  # ray: only here (the inline executor runs without it)
 
     if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
         return type(err.cause).__name__, str(err.cause).split(RAY_DATA_RETRY_ADVICE)[0]
+    failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError: each rank's own error
+    if isinstance(failures, dict) and failures:
+        return raised_error(failures[min(failures)])
     return type(err).__name__, str(err)
 
 

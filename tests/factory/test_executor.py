@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from factory.framework import executor, layout
-from factory.framework.executor import MapStep, Resume, RunChanged, run_map, run_resumable
+from factory.framework.executor import MapStep, Resume, RunChanged, raised_error, run_map, run_resumable
 
 REPO = Path(__file__).resolve().parents[2]
 PRODUCT = ("factory", "stages", "models", "filters", "jobs")
@@ -167,3 +167,12 @@ def test_a_chunk_whose_footer_metadata_is_not_json_is_named_and_done_again(tmp_p
     assert resumed(storage)["value"].tolist() == [3 * n for n in range(10)]
     assert FailsAt.seen == [4, 5, 6, 7]
     assert f"damaged Parquet file {path}: its footer metadata is not JSON" in caplog.text
+
+
+def test_an_error_raised_in_a_ray_train_worker_is_stated_as_that_error_not_as_ray_trains_wrapper():
+    from ray.train import WorkerGroupError
+
+    wrapped = WorkerGroupError("[Rank 0 Error Snippet]: Traceback (most recent call last): ...",
+                               {1: KeyError("other rank"), 0: ValueError("version 'demo' has 2 samples, fewer than 4")})
+    assert raised_error(wrapped) == ("ValueError", "version 'demo' has 2 samples, fewer than 4")
+    assert raised_error(ValueError("plain")) == ("ValueError", "plain")
