@@ -235,12 +235,18 @@ def figures_path(path: str | Path | None = None) -> Path:
 
 
 def read_figures(path: str | Path | None = None) -> dict[str, Any]:
-    """{device kind: entry} from the figures file; {} when there is none."""
+    """{device kind: entry} from the figures file; {} when the default one is absent (a file named by
+    `--figures` or $FACTORY_COST_FIGURES must be there)."""
     where = figures_path(path)
     if not where.exists():
+        if path or os.environ.get("FACTORY_COST_FIGURES"):
+            raise ValueError(f"figures file {where} does not exist")
         return {}
-    data = json.loads(where.read_text())
-    if data.get("schema") != FIGURES_SCHEMA:
+    try:
+        data = json.loads(where.read_text())
+    except (ValueError, OSError) as err:  # not JSON, not text, or not a file
+        raise ValueError(f"figures file {where} does not read as JSON: {err}") from None
+    if not isinstance(data, dict) or data.get("schema") != FIGURES_SCHEMA:
         raise ValueError(f"{where} is not a {FIGURES_SCHEMA} file")
     return data.get("devices", {})
 
@@ -249,7 +255,7 @@ def write_device_figures(entry: dict[str, Any], kind: str, path: str | Path | No
     """Put one device kind's entry into the figures file, keeping the other kinds'. An entry that
     covers only some parts keeps the figures of the kind's other parts (each figure says when)."""
     where = figures_path(path)
-    devices = read_figures(where)
+    devices = read_figures(where) if where.exists() else {}
     devices[kind] = merge_entry(devices.get(kind), entry)
     where.write_text(json.dumps({"schema": FIGURES_SCHEMA, "devices": dict(sorted(devices.items()))}, indent=2)
                      + "\n")

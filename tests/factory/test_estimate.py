@@ -166,6 +166,15 @@ def test_unknown_device_kind_is_refused(published, capsys):
     assert "no measured figures for device kind 'TPU'" in capsys.readouterr().err
 
 
+def test_a_figures_file_named_but_absent_or_not_json_is_refused_naming_it(published, tmp_path, capsys):
+    """Else the paper's figures priced the run and nothing said the named file was not read."""
+    absent, broken = tmp_path / "absent.json", tmp_path / "broken.json"
+    broken.write_text('{"schema": 1,')
+    for figures, said in ((absent, "does not exist"), (broken, "does not read as JSON")):
+        assert main(["--dry-run", "--stage", "all", "--config", str(published), "--figures", str(figures)]) == 2
+        assert f"figures file {figures} {said}" in capsys.readouterr().err
+
+
 def test_cost_model_cli_keeps_the_papers_totals():
     assert cost_model_total("per 1M accepted quadruplets") == 48_501
     assert cost_model_total("SID round") == 10_324
