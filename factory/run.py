@@ -121,8 +121,11 @@ def model_settings(config: FactoryConfig, stage: str) -> dict[str, str | None]:
 
 
 def check_inputs(config: FactoryConfig, stage: str) -> None:
-    """Model paths (local, or S3 prefixes: listed, refused when empty) and the instruction bank,
+    """Generator options, model paths (local, or S3 prefixes: listed, refused when empty) and the instruction bank,
     checked before any work; errors name the key."""
+    refused = options_problems(config.generate.generators)  # before the models: a typo is said whatever is missing
+    if refused:
+        raise ConfigError("invalid generator options:\n" + "\n".join(refused))
     missing = []
     for key, value in model_settings(config, stage).items():
         if looks_local(value) and not os.path.exists(os.path.expanduser(value)):
@@ -134,9 +137,6 @@ def check_inputs(config: FactoryConfig, stage: str) -> None:
                 missing.append(f"  {err}")
     if missing:
         raise ConfigError("models not found:\n" + "\n".join(missing) + missing_promptnet_hint(config, missing))
-    refused = options_problems(config.generate.generators)
-    if refused:
-        raise ConfigError("invalid generator options:\n" + "\n".join(refused))
     if stage in ("generate", "all") and untrained_promptnet(config):
         raise ConfigError(untrained_promptnet(config))
     if stage in ("plan", "all"):

@@ -113,7 +113,7 @@ def test_publishing_never_overwrites_an_existing_version(fork_server, publish_in
     folder = root / "datasets" / "demo" / "kept"
     before = sha256_tree(folder)
     other = fork_server.run([publish_job("b", root, "kept", logs)])["b"]
-    assert other["rc"] == 1 and "already exists" in (logs / "b.err").read_text()
+    assert other["rc"] == 2 and "already exists" in (logs / "b.err").read_text()  # a refusal: bad input
     again = fork_server.run([publish_job("a", root, "kept", logs)])["a"]
     assert again["rc"] == 0, (logs / "a.err").read_text()[-1500:]
     assert sha256_tree(folder) == before
